@@ -1,0 +1,365 @@
+//! The EC2 driver: turns a job's targets into EC2 calls against a configured account and region, and
+//! AWS's answers into per-instance results and classified errors.
+//!
+//! This room knows AWS (aws-config, aws-sdk-ec2) and the spec types; it must not know HTTP or SQL.
+//! Credentials are resolved by aws-config on the daemon's side and never leave this crate: they are
+//! not logged, stored or returned. Errors keep AWS's own code and request id, and say whether
+//! retrying could help ([`Ec2Error::transient`]); the runner decides what to do with that.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ec2::config::Credentials;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::RequestId;
+use aws_sdk_ec2::types::{Filter as AwsFilter, Instance};
+use ec2jobd_spec::{InstanceResult, Targets};
+
+/// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.
+#[derive(Debug, Clone, Default)]
+pub struct AccountConfig {
+    /// Default region for jobs that name none.
+    pub region: String,
+    /// Endpoint override (moto, a VPC endpoint, a proxy of ours in tests).
+    pub endpoint_url: Option<String>,
+    /// Named profile from the shared AWS config files.
+    pub profile: Option<String>,
+    /// Names of environment variables holding static keys (the keys themselves are never in config).
+    pub access_key_id_env: Option<String>,
+    /// See `access_key_id_env`.
+    pub secret_access_key_env: Option<String>,
+    /// See `access_key_id_env`; optional session token.
+    pub session_token_env: Option<String>,
+    /// Per-call timeout (one HTTP attempt).
+    pub call_timeout: Duration,
+}
+
+/// A failed EC2 call, classified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Ec2Error {
+    /// AWS's error code (`InvalidInstanceID.NotFound`) or ours (`ConnectionError`, `Timeout`).
+    pub code: String,
+    /// AWS's message, or what went wrong on the way.
+    pub message: String,
+    /// AWS request id, when AWS answered.
+    pub request_id: Option<String>,
+    /// Throttling, 5xx, timeouts and dropped connections: another try may succeed.
+    pub transient: bool,
+}
+
+impl Ec2Error {
+    fn config(message: impl Into<String>) -> Self {
+        Self {
+            code: "AccountConfig".into(),
+            message: message.into(),
+            request_id: None,
+            transient: false,
+        }
+    }
+}
+
+/// Codes that mean "slow down or try again", whatever the HTTP status.
+const TRANSIENT_CODES: &[&str] = &[
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+];
+
+fn classify<E, R>(op: &str, err: SdkError<E, R>) -> Ec2Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+    SdkError<E, R>: RequestId,
+{
+    let request_id = err.request_id().map(String::from);
+    match &err {
+        SdkError::ServiceError(ctx) => {
+            let e = ctx.err();
+            let code = e.code().unwrap_or("Unknown").to_string();
+            let message = e.message().unwrap_or("no message").to_string();
+            let status = format!("{:?}", ctx.raw());
+            let is_5xx = status.contains("StatusCode(5");
+            Ec2Error {
+                transient: TRANSIENT_CODES.contains(&code.as_str()) || is_5xx,
+                code,
+                message,
+                request_id,
+            }
+        }
+        SdkError::TimeoutError(_) => Ec2Error {
+            code: "Timeout".into(),
+            message: format!("{op} timed out"),
+            request_id,
+            transient: true,
+        },
+        SdkError::DispatchFailure(d) => Ec2Error {
+            code: "ConnectionError".into(),
+            message: format!("{op}: could not reach the endpoint ({d:?})"),
+            request_id,
+            transient: true,
+        },
+        SdkError::ResponseError(_) => Ec2Error {
+            code: "ResponseError".into(),
+            message: format!("{op}: the response was cut off or malformed"),
+            request_id,
+            transient: true,
+        },
+        _ => Ec2Error {
+            code: "RequestError".into(),
+            message: format!("{op}: {}", aws_sdk_ec2::error::DisplayErrorContext(&err)),
+            request_id,
+            transient: false,
+        },
+    }
+}
+
+/// Told about every EC2 call, so the server can count calls by operation and outcome without this
+/// crate knowing about metrics.
+pub trait CallObserver: Send + Sync {
+    /// One call to `operation` ended with `outcome` (`ok` or an error code).
+    fn observe(&self, operation: &'static str, outcome: &str);
+}
+
+/// An observer that ignores everything (tools and tests).
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl CallObserver for NoObserver {
+    fn observe(&self, _: &'static str, _: &str) {}
+}
+
+/// Clients per account and region, built on first use and then shared by every job.
+pub struct Ec2Pool {
+    accounts: HashMap<String, AccountConfig>,
+    clients: Mutex<HashMap<(String, String), aws_sdk_ec2::Client>>,
+    observer: Arc<dyn CallObserver>,
+}
+
+impl Ec2Pool {
+    /// A pool over the configured accounts.
+    pub fn new(accounts: HashMap<String, AccountConfig>, observer: Arc<dyn CallObserver>) -> Self {
+        Self {
+            accounts,
+            clients: Mutex::new(HashMap::new()),
+            observer,
+        }
+    }
+
+    /// The driver for one account and region.
+    pub async fn get(&self, account: &str, region: &str) -> Result<Ec2, Ec2Error> {
+        let key = (account.to_string(), region.to_string());
+        if let Some(c) = self.lock().get(&key) {
+            return Ok(self.driver(c.clone()));
+        }
+        let acct = self
+            .accounts
+            .get(account)
+            .ok_or_else(|| Ec2Error::config(format!("no account `{account}` is configured")))?;
+        let client = build_client(acct, region).await?;
+        self.lock().insert(key, client.clone());
+        Ok(self.driver(client))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), aws_sdk_ec2::Client>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn driver(&self, client: aws_sdk_ec2::Client) -> Ec2 {
+        Ec2 {
+            client,
+            observer: self.observer.clone(),
+        }
+    }
+}
+
+fn env_secret(var: &Option<String>, what: &str) -> Result<Option<String>, Ec2Error> {
+    match var {
+        None => Ok(None),
+        Some(name) => std::env::var(name).map(Some).map_err(|_| {
+            Ec2Error::config(format!(
+                "{what}: environment variable `{name}` named in config is not set"
+            ))
+        }),
+    }
+}
+
+async fn build_client(acct: &AccountConfig, region: &str) -> Result<aws_sdk_ec2::Client, Ec2Error> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_string()))
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(acct.call_timeout)
+                .build(),
+        );
+    if let Some(p) = &acct.profile {
+        loader = loader.profile_name(p);
+    }
+    if let Some(url) = &acct.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let ak = env_secret(&acct.access_key_id_env, "access_key_id_env")?;
+    let sk = env_secret(&acct.secret_access_key_env, "secret_access_key_env")?;
+    let st = env_secret(&acct.session_token_env, "session_token_env")?;
+    match (ak, sk) {
+        (Some(ak), Some(sk)) => {
+            loader = loader.credentials_provider(Credentials::new(
+                ak,
+                sk,
+                st,
+                None,
+                "ec2jobd-config-env",
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Ec2Error::config(
+                "access_key_id_env and secret_access_key_env must be set together",
+            ))
+        }
+    }
+    let conf = loader.load().await;
+    Ok(aws_sdk_ec2::Client::new(&conf))
+}
+
+/// What `describe_instances` found.
+#[derive(Debug, Clone, Default)]
+pub struct Described {
+    /// One entry per instance, in EC2's order.
+    pub instances: Vec<InstanceResult>,
+    /// Request id of every page fetched.
+    pub request_ids: Vec<String>,
+    /// `DryRunOperation`: the call would have succeeded.
+    pub dry_run_ok: bool,
+}
+
+/// One account+region's EC2 client with call accounting.
+#[derive(Clone)]
+pub struct Ec2 {
+    client: aws_sdk_ec2::Client,
+    observer: Arc<dyn CallObserver>,
+}
+
+fn aws_filters(t: &Targets) -> Option<Vec<AwsFilter>> {
+    let mut out = Vec::new();
+    if let Some(tags) = &t.tags {
+        for (k, v) in &tags.0 {
+            out.push(
+                AwsFilter::builder()
+                    .name(format!("tag:{k}"))
+                    .values(v)
+                    .build(),
+            );
+        }
+    }
+    for f in t.filters.iter().flatten() {
+        out.push(
+            AwsFilter::builder()
+                .name(&f.name)
+                .set_values(Some(f.values.clone()))
+                .build(),
+        );
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Maps an EC2 instance to a result row.
+pub fn instance_result(i: &Instance) -> InstanceResult {
+    let tags: std::collections::BTreeMap<String, String> = i
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+        .collect();
+    let nonempty = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(String::from);
+    InstanceResult {
+        instance_id: i.instance_id().unwrap_or_default().to_string(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_else(|| "unknown".into()),
+        name: tags.get("Name").cloned(),
+        instance_type: i.instance_type().map(|t| t.as_str().to_string()),
+        availability_zone: nonempty(i.placement().and_then(|p| p.availability_zone())),
+        private_ip: nonempty(i.private_ip_address()),
+        public_ip: nonempty(i.public_ip_address()),
+        private_dns_name: nonempty(i.private_dns_name()),
+        public_dns_name: nonempty(i.public_dns_name()),
+        launch_time: i
+            .launch_time()
+            .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
+        tags,
+    }
+}
+
+impl Ec2 {
+    fn observe<T>(&self, op: &'static str, r: &Result<T, Ec2Error>) {
+        match r {
+            Ok(_) => self.observer.observe(op, "ok"),
+            Err(e) => self.observer.observe(op, &e.code),
+        }
+    }
+
+    /// Every instance matching the targets, following `NextToken` until the last page.
+    pub async fn describe_instances(
+        &self,
+        targets: &Targets,
+        dry_run: bool,
+    ) -> Result<Described, Ec2Error> {
+        let ids = targets.instance_ids.as_ref().map(|l| l.0.clone());
+        let filters = aws_filters(targets);
+        let mut out = Described::default();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self
+                .client
+                .describe_instances()
+                .set_instance_ids(ids.clone())
+                .set_filters(filters.clone())
+                .set_next_token(token.clone());
+            if ids.is_none() {
+                req = req.max_results(1000);
+            }
+            if dry_run {
+                req = req.dry_run(true);
+            }
+            let r = req
+                .send()
+                .await
+                .map_err(|e| classify("DescribeInstances", e));
+            self.observe("DescribeInstances", &r);
+            let page = match r {
+                Ok(p) => p,
+                Err(e) if dry_run && e.code == "DryRunOperation" => {
+                    out.dry_run_ok = true;
+                    out.request_ids.extend(e.request_id);
+                    return Ok(out);
+                }
+                Err(e) => return Err(e),
+            };
+            out.request_ids.extend(page.request_id().map(String::from));
+            for r in page.reservations() {
+                out.instances
+                    .extend(r.instances().iter().map(instance_result));
+            }
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(String::from);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Wiring: builds the store, the EC2 driver, the runner and the router from a [`Config`], and runs
+//! the daemon until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use ec2jobd_ec2::{AccountConfig, Ec2Pool};
+use ec2jobd_spec::{Clock, SystemClock};
+use ec2jobd_store::{SqliteOptions, SqliteStore, Store, Synchronous};
+use tokio_util::sync::CancellationToken;
+use tower_http::compression::CompressionLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth;
+use crate::config::{Config, LogFormat, SyncMode};
+use crate::error::ApiError;
+use crate::executor::Ec2Executor;
+use crate::metrics::Metrics;
+use crate::routes::{jobs, ops, tokens};
+use crate::runner::{Runner, RunnerConfig};
+use crate::state::AppState;
+
+/// Opens the configured store (applying migrations).
+pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<SqliteStore> {
+    let opts = SqliteOptions {
+        url: cfg.database.clone(),
+        synchronous: match cfg.sqlite.synchronous {
+            SyncMode::Normal => Synchronous::Normal,
+            SyncMode::Full => Synchronous::Full,
+        },
+        busy_timeout: cfg.sqlite.busy_timeout.0,
+        max_connections: cfg.sqlite.max_connections,
+        max_batch: cfg.sqlite.max_batch,
+    };
+    SqliteStore::open(opts, clock)
+        .await
+        .with_context(|| format!("opening database `{}`", cfg.database))
+}
+
+/// Logs to stderr as text or JSON; `RUST_LOG` overrides `log.level`.
+pub fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.log.format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took longer than http.request_timeout",
+        )),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+/// The whole HTTP API with its layers.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .merge(jobs::router())
+        .merge(tokens::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    let limit = state.config.http.request_timeout.0;
+    Router::new()
+        .merge(v1)
+        .merge(ops::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.http.body_limit))
+        .layer(CompressionLayer::new())
+        .layer(middleware::from_fn_with_state(limit, deadline))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountConfig> {
+    cfg.accounts
+        .iter()
+        .map(|(name, a)| {
+            (
+                name.clone(),
+                AccountConfig {
+                    region: a.region.clone(),
+                    endpoint_url: a.endpoint_url.clone(),
+                    profile: a.profile.clone(),
+                    access_key_id_env: a.access_key_id_env.clone(),
+                    secret_access_key_env: a.secret_access_key_env.clone(),
+                    session_token_env: a.session_token_env.clone(),
+                    call_timeout: a.call_timeout.0,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let addr = cfg.listen_addr()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store: Arc<dyn Store> = Arc::new(open_store(&cfg, clock.clone()).await?);
+    let metrics = Arc::new(Metrics::new());
+    let pool = Arc::new(Ec2Pool::new(account_configs(&cfg), metrics.clone()));
+    let q = &cfg.queue;
+    let runner = Arc::new(Runner::new(
+        store.clone(),
+        Arc::new(Ec2Executor::new(pool)),
+        RunnerConfig {
+            workers: q.workers,
+            lease: q.lease.0,
+            heartbeat: q.heartbeat.0,
+            poll_interval: q.poll_interval.0,
+            reap_interval: q.reap_interval.0,
+            backoff_base: q.backoff_base.0,
+            backoff_max: q.backoff_max.0,
+            grace: cfg.shutdown_grace.0,
+        },
+        metrics.clone(),
+        clock,
+        rand::random(),
+    ));
+    let shutdown = CancellationToken::new();
+    let state = AppState {
+        config: Arc::new(cfg.clone()),
+        store,
+        metrics,
+        runner: runner.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("config key `listen`: cannot bind {addr}"))?;
+    let local = listener.local_addr()?;
+    // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
+    println!("ec2jobd listening on http://{local}");
+    tracing::info!(%local, workers = cfg.queue.workers, database = %cfg.database, "ec2jobd started");
+    let workers = runner.start(shutdown.clone());
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: no new claims, running jobs get the grace period");
+            shutdown.cancel();
+        }
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("HTTP server")?;
+    workers.await.ok();
+    tracing::info!("ec2jobd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,113 @@
+//! Bearer tokens and roles. A token is shown once at creation; only its SHA-256 is stored, and the
+//! stored hash is compared in constant time. Every `/v1` route runs behind [`authenticate`]; handlers
+//! then ask the [`Caller`] for the role they need.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use ec2jobd_spec::Role;
+use ec2jobd_store::TokenInfo;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// The authenticated token behind a request.
+#[derive(Debug, Clone)]
+pub struct Caller(pub TokenInfo);
+
+impl Caller {
+    /// Passes when the caller's role includes `need`; else `403`.
+    pub fn require(&self, need: Role) -> Result<(), ApiError> {
+        if self.0.role >= need {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "token `{}` has role {}; this needs {need}",
+                    self.0.name, self.0.role
+                ),
+            ))
+        }
+    }
+}
+
+/// A new random token (`ejd_` + 64 hex digits) and its SHA-256 (hex).
+pub fn new_token() -> (String, String) {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = format!("ejd_{}", hex::encode(bytes));
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+/// The stored form of a token.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Middleware: resolves `Authorization: Bearer …` to a [`Caller`] or answers 401.
+pub async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let unauthorized =
+        |d: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", d).field("Authorization");
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>` header"))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    let hash = hash_token(token);
+    let found = state.store.token_by_hash(&hash).await?;
+    let info = match found {
+        Some((info, stored)) if bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) => info,
+        _ => return Err(unauthorized("unknown or revoked token")),
+    };
+    req.extensions_mut().insert(Caller(info));
+    Ok(next.run(req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_and_hash_stably() {
+        let (a, ha) = new_token();
+        let (b, _) = new_token();
+        assert_ne!(a, b);
+        assert!(a.starts_with("ejd_") && a.len() == 68);
+        assert_eq!(hash_token(&a), ha);
+        assert_ne!(ha, a, "the hash is not the token");
+    }
+
+    #[test]
+    fn roles_include_lower_roles() {
+        let c = |role| {
+            Caller(TokenInfo {
+                name: "t".into(),
+                role,
+                created_at: chrono::Utc::now(),
+            })
+        };
+        assert!(c(Role::Admin).require(Role::Operator).is_ok());
+        assert!(c(Role::Operator).require(Role::Operator).is_ok());
+        assert_eq!(
+            c(Role::Viewer).require(Role::Operator).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+    }
+}

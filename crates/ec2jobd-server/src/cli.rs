@@ -1,0 +1,193 @@
+//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, and `token create|list|revoke`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ec2jobd_spec::{Role, SystemClock};
+use ec2jobd_store::Store;
+use utoipa::OpenApi;
+
+use crate::app;
+use crate::auth::new_token;
+use crate::config::{Config, Overrides};
+use crate::openapi::ApiDoc;
+use crate::routes::tokens::valid_token_name;
+
+#[derive(Parser)]
+#[command(
+    name = "ec2jobd",
+    version,
+    about = "Runs EC2 operations as durable, auditable jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArg {
+    /// Config file layered over the built-in defaults (see config/default.toml).
+    #[arg(long, env = "EC2JOBD_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (applies migrations first).
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Overrides `listen`.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Overrides `database`.
+        #[arg(long)]
+        database: Option<String>,
+        /// Overrides `queue.workers`.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (only its SHA-256 is stored; it cannot be shown again).
+    Create {
+        /// viewer, operator or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List tokens.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Revoke a token by name.
+    Revoke {
+        /// Token name.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+}
+
+fn load(config: &ConfigArg, flags: &Overrides) -> anyhow::Result<Config> {
+    Config::load(config.config.as_deref(), std::env::vars(), flags)
+}
+
+async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
+    let cfg = load(config, &Overrides::default())?;
+    Ok(Arc::new(
+        app::open_store(&cfg, Arc::new(SystemClock)).await?,
+    ))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            listen,
+            database,
+            workers,
+        } => {
+            let cfg = load(
+                &config,
+                &Overrides {
+                    listen,
+                    database,
+                    workers,
+                },
+            )?;
+            app::init_tracing(&cfg);
+            app::serve(cfg).await
+        }
+        Cmd::Migrate { config } => {
+            let cfg = load(&config, &Overrides::default())?;
+            app::open_store(&cfg, Arc::new(SystemClock)).await?;
+            eprintln!("migrations applied to {}", cfg.database);
+            Ok(())
+        }
+        Cmd::Openapi => {
+            println!("{}", ApiDoc::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Cmd::Token { cmd } => match cmd {
+            TokenCmd::Create { role, name, config } => {
+                if !valid_token_name(&name) {
+                    bail!("--name: 1-64 letters, digits, `.`, `_` or `-`");
+                }
+                let store = store_for(&config).await?;
+                let (token, hash) = new_token();
+                store
+                    .create_token(&name, role, &hash)
+                    .await
+                    .context("creating token")?;
+                eprintln!("created {role} token `{name}`; it is shown once:");
+                println!("{token}");
+                Ok(())
+            }
+            TokenCmd::List { config } => {
+                let store = store_for(&config).await?;
+                for t in store.list_tokens().await? {
+                    println!("{}\t{}\t{}", t.name, t.role, t.created_at.to_rfc3339());
+                }
+                Ok(())
+            }
+            TokenCmd::Revoke { name, config } => {
+                let store = store_for(&config).await?;
+                if !store.revoke_token(&name).await? {
+                    bail!("no token named `{name}`");
+                }
+                eprintln!("revoked token `{name}`");
+                Ok(())
+            }
+        },
+    }
+}
+
+/// Entry point of the `ec2jobd` binary. Exit code 0 on success, 1 on any error (printed with its
+/// causes, e.g. the config key at fault).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! Typed configuration, loaded in layers: the documented `config/default.toml` (compiled in, so the
+//! file and the defaults can never disagree), an optional file, `EC2JOBD_*` environment variables,
+//! then flags. Every layer is merged as TOML before one strict deserialisation, so an unknown key, a
+//! wrong type or a bad value stops the start with the key's full path in the message.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Deserializer};
+
+/// The defaults, documented key by key.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// `EC2JOBD_*` variables that belong to the command-line client, not to the daemon's config.
+const CLIENT_ENV: &[&str] = &["EC2JOBD_CONFIG", "EC2JOBD_URL", "EC2JOBD_TOKEN"];
+
+/// A humantime duration in config (`"15s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e})")))
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listen address.
+    pub listen: String,
+    /// Store URL (`sqlite://…`).
+    pub database: String,
+    /// Account for jobs that name none.
+    pub default_account: String,
+    /// Grace period for running jobs at shutdown.
+    pub shutdown_grace: Dur,
+    /// AWS accounts by name.
+    pub accounts: BTreeMap<String, AccountSection>,
+    /// Queue and worker settings.
+    pub queue: QueueSection,
+    /// SQLite settings.
+    pub sqlite: SqliteSection,
+    /// HTTP settings.
+    pub http: HttpSection,
+    /// Logging.
+    pub log: LogSection,
+}
+
+/// `[accounts.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSection {
+    /// Default region.
+    pub region: String,
+    /// Endpoint override.
+    pub endpoint_url: Option<String>,
+    /// Shared-config profile.
+    pub profile: Option<String>,
+    /// Env var with the access key id.
+    pub access_key_id_env: Option<String>,
+    /// Env var with the secret key.
+    pub secret_access_key_env: Option<String>,
+    /// Env var with the session token.
+    pub session_token_env: Option<String>,
+    /// Per-attempt call timeout.
+    #[serde(default = "default_call_timeout")]
+    pub call_timeout: Dur,
+}
+
+fn default_call_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+/// `[queue]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    /// Worker tasks.
+    pub workers: usize,
+    /// Lease length.
+    pub lease: Dur,
+    /// Lease renewal interval.
+    pub heartbeat: Dur,
+    /// Attempts before a transient failure is final.
+    pub max_attempts: u32,
+    /// First retry delay.
+    pub backoff_base: Dur,
+    /// Largest retry delay.
+    pub backoff_max: Dur,
+    /// Default per-attempt limit.
+    pub job_timeout: Dur,
+    /// Fallback claim poll.
+    pub poll_interval: Dur,
+    /// Lease reaper interval.
+    pub reap_interval: Dur,
+}
+
+/// `[sqlite]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSection {
+    /// `normal` or `full`.
+    pub synchronous: SyncMode,
+    /// Lock wait.
+    pub busy_timeout: Dur,
+    /// Read pool size.
+    pub max_connections: u32,
+    /// Group-commit batch limit.
+    pub max_batch: usize,
+}
+
+/// `sqlite.synchronous`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// WAL + NORMAL.
+    Normal,
+    /// WAL + FULL.
+    Full,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Response deadline.
+    pub request_timeout: Dur,
+    /// Body size limit in bytes.
+    pub body_limit: usize,
+    /// SSE keep-alive interval.
+    pub sse_keepalive: Dur,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Filter directive (`info`, `ec2jobd=debug`).
+    pub level: String,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line overrides (the last layer).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--database`.
+    pub database: Option<String>,
+    /// `--workers`.
+    pub workers: Option<usize>,
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    // Numbers and booleans keep their type; anything else (addresses, durations, URLs) is a string.
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => match t.remove("v") {
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_)),
+            ) => v,
+            _ => toml::Value::String(raw.to_string()),
+        },
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], v: toml::Value) {
+    let mut cur = root;
+    for (i, seg) in path.iter().enumerate() {
+        let toml::Value::Table(t) = cur else { return };
+        if i + 1 == path.len() {
+            t.insert(seg.clone(), v);
+            return;
+        }
+        cur = t
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+}
+
+impl Config {
+    /// Loads the layers in order. `env` is passed in (not read here) so tests control it.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> anyhow::Result<Config> {
+        let mut root: toml::Value =
+            toml::from_str(DEFAULT_TOML).context("built-in config/default.toml")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("config file {}", path.display()))?;
+            let v: toml::Value =
+                toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+            merge(&mut root, v);
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("EC2JOBD_") && !CLIENT_ENV.contains(&k.as_str()))
+            .collect();
+        env.sort();
+        for (k, v) in env {
+            let path: Vec<String> = k["EC2JOBD_".len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            if path.iter().any(|s| s.is_empty()) {
+                bail!("environment variable {k}: empty key segment");
+            }
+            let known = root
+                .as_table()
+                .is_some_and(|t| t.contains_key(path[0].as_str()));
+            if !known {
+                bail!(
+                    "environment variable {k}: no config key `{}`",
+                    path.join(".")
+                );
+            }
+            set_path(&mut root, &path, env_value(&v));
+        }
+        let mut flag = |key: &[&str], v: toml::Value| {
+            let p: Vec<String> = key.iter().map(|s| s.to_string()).collect();
+            set_path(&mut root, &p, v);
+        };
+        if let Some(l) = &flags.listen {
+            flag(&["listen"], toml::Value::String(l.clone()));
+        }
+        if let Some(d) = &flags.database {
+            flag(&["database"], toml::Value::String(d.clone()));
+        }
+        if let Some(w) = flags.workers {
+            flag(&["queue", "workers"], toml::Value::Integer(w as i64));
+        }
+        let cfg: Config = serde_path_to_error::deserialize(root).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow!("config key `{path}`: {}", e.into_inner())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.listen_addr()?;
+        if !self.database.starts_with("sqlite:") {
+            bail!(
+                "config key `database`: `{}` is not supported (use sqlite://PATH)",
+                self.database
+            );
+        }
+        if !self.accounts.contains_key(&self.default_account) {
+            bail!(
+                "config key `default_account`: no [accounts.{}] table is configured",
+                self.default_account
+            );
+        }
+        for (name, a) in &self.accounts {
+            if a.region.trim().is_empty() {
+                bail!("config key `accounts.{name}.region`: must not be empty");
+            }
+            if let Some(u) = &a.endpoint_url {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    bail!("config key `accounts.{name}.endpoint_url`: `{u}` is not an http(s) URL");
+                }
+            }
+            if a.access_key_id_env.is_some() != a.secret_access_key_env.is_some() {
+                bail!("config key `accounts.{name}.secret_access_key_env`: set both access_key_id_env and secret_access_key_env, or neither");
+            }
+        }
+        let q = &self.queue;
+        if q.workers > 256 {
+            bail!("config key `queue.workers`: at most 256");
+        }
+        if q.max_attempts == 0 || q.max_attempts > 100 {
+            bail!("config key `queue.max_attempts`: must be 1 to 100");
+        }
+        if q.heartbeat.0.is_zero() || q.lease.0 < q.heartbeat.0 * 2 {
+            bail!("config key `queue.lease`: must be at least twice `queue.heartbeat`");
+        }
+        for (k, d) in [
+            ("queue.backoff_base", q.backoff_base),
+            ("queue.job_timeout", q.job_timeout),
+            ("queue.poll_interval", q.poll_interval),
+            ("queue.reap_interval", q.reap_interval),
+            ("http.request_timeout", self.http.request_timeout),
+            ("http.sse_keepalive", self.http.sse_keepalive),
+        ] {
+            if d.0.is_zero() {
+                bail!("config key `{k}`: must be greater than zero");
+            }
+        }
+        if q.backoff_max.0 < q.backoff_base.0 {
+            bail!("config key `queue.backoff_max`: must be at least `queue.backoff_base`");
+        }
+        if self.http.body_limit < 1024 {
+            bail!("config key `http.body_limit`: at least 1024 bytes");
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listen.parse().map_err(|e| {
+            anyhow!(
+                "config key `listen`: `{}` is not host:port ({e})",
+                self.listen
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_match_the_contract() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.database, "sqlite://ec2jobd.db");
+        assert_eq!(c.default_account, "default");
+        assert!(c.accounts["default"].endpoint_url.is_none());
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\n[queue]\nworkers = 2\n[accounts.default]\nregion = \"eu-west-1\"\nendpoint_url = \"http://127.0.0.1:5000\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&f),
+            env(&[
+                ("EC2JOBD_QUEUE__WORKERS", "7"),
+                ("EC2JOBD_ACCOUNTS__DEFAULT__REGION", "ap-northeast-1"),
+                ("EC2JOBD_URL", "http://ignored-client-setting"),
+            ]),
+            &Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:0");
+        assert_eq!(c.queue.workers, 7);
+        assert_eq!(c.accounts["default"].region, "ap-northeast-1");
+        assert_eq!(
+            c.accounts["default"].endpoint_url.as_deref(),
+            Some("http://127.0.0.1:5000")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[queue]\nworkers = \"many\"\n").unwrap();
+        let e = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("queue.workers"), "{e}");
+
+        std::fs::write(&f, "[queue]\nlease_time = \"1s\"\n").unwrap();
+        let e = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("lease_time"), "{e}");
+
+        let e = Config::load(
+            None,
+            env(&[("EC2JOBD_WORKERS", "3")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("EC2JOBD_WORKERS"), "{e}");
+
+        let e = Config::load(
+            None,
+            env(&[("EC2JOBD_DEFAULT_ACCOUNT", "prod")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("default_account"), "{e}");
+
+        let e = Config::load(
+            Some(&dir.path().join("missing.toml")),
+            env(&[]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("missing.toml"), "{e:#}");
+
+        let e = Config::load(
+            None,
+            env(&[("EC2JOBD_QUEUE__LEASE", "soon")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("queue.lease"), "{e}");
+    }
+}

@@ -1,0 +1,15 @@
+//! The ec2jobd daemon: HTTP API (axum), authentication, the job runner and the EC2 executor, config
+//! and the command line. This crate wires the others together: `spec` for the vocabulary, `store`
+//! for the durable queue, `ec2` for AWS. It holds no SQL and no AWS calls of its own.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod executor;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod runner;
+pub mod state;

@@ -1,0 +1,477 @@
+//! `/v1/jobs`: submit (with idempotency keys), list, get, cancel, and the live event stream.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use chrono::DateTime;
+use ec2jobd_spec::{Action, Job, JobEvent, JobSpec, JobState, Role, TERMINAL_EVENT_KINDS};
+use ec2jobd_store::{CancelOutcome, Enqueued, ListQuery, NewJob};
+use futures::Stream;
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, Problem};
+use crate::state::AppState;
+
+/// Routes of this module (all behind authentication).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/events", get(events))
+}
+
+/// A page of `GET /v1/jobs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    /// Jobs, newest first.
+    pub jobs: Vec<Job>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn location(id: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("/v1/jobs/{id}")).unwrap_or(HeaderValue::from_static("/v1/jobs"))
+}
+
+/// Decodes a JSON body into `T`, naming the offending field on failure.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        json_error(&path, &inner)
+    })?;
+    de.end().map_err(|e| json_error(".", &e))?;
+    Ok(value)
+}
+
+fn json_error(path: &str, e: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    if matches!(
+        e.classify(),
+        Category::Syntax | Category::Eof | Category::Io
+    ) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {msg}"),
+        )
+        .field("body");
+    }
+    // serde names the unknown or missing field in its message, not in the path.
+    let named = ["unknown field `", "missing field `"]
+        .iter()
+        .find_map(|p| msg.split_once(p).and_then(|(_, rest)| rest.split_once('`')))
+        .map(|(name, _)| name.to_string());
+    let field = match (path, named) {
+        (".", Some(n)) => n,
+        (p, Some(n)) => format!("{p}.{n}"),
+        (".", None) => "body".to_string(),
+        (p, None) => p.to_string(),
+    };
+    let code = if msg.starts_with("unknown field") {
+        "unknown_field"
+    } else if msg.starts_with("missing field") {
+        "missing_field"
+    } else if field == "action" && msg.starts_with("unknown variant") {
+        "unknown_action"
+    } else {
+        "invalid_field"
+    };
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, msg).field(field)
+}
+
+fn body_error(r: BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the request body is larger than http.body_limit",
+        )
+        .field("body")
+    } else {
+        ApiError::new(r.status(), "bad_body", r.body_text()).field("body")
+    }
+}
+
+/// Requires `Content-Type: application/json` (or none).
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers.get(header::CONTENT_TYPE) {
+        None => Ok(()),
+        Some(v) => {
+            let ok = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.split(';').next())
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+            if ok {
+                Ok(())
+            } else {
+                Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "send the body as `Content-Type: application/json`",
+                )
+                .field("Content-Type"))
+            }
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key",
+            "must be 1-255 visible ASCII characters",
+        )
+    };
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+/// Validates a submitted spec and fills in what config decides (account, region).
+pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError> {
+    let mut spec = spec.normalize()?;
+    let cfg = &state.config;
+    let account = spec
+        .account
+        .clone()
+        .unwrap_or_else(|| cfg.default_account.clone());
+    let acct = cfg.accounts.get(&account).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_account",
+            format!("no account `{account}` is configured"),
+        )
+        .field("account")
+    })?;
+    if spec.region.is_none() {
+        spec.region = Some(acct.region.clone());
+    }
+    spec.account = Some(account);
+    Ok(spec)
+}
+
+/// Submit a job.
+///
+/// Answers `202` with the queued job and its `Location`. With an `Idempotency-Key`, repeating the same
+/// request returns the original job with `200`; the same key with another body is `409`.
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    request_body = JobSpec,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the submission safe to repeat")),
+    responses(
+        (status = 202, description = "Accepted and durably queued", body = Job,
+         headers(("Location" = String, description = "URL of the job"))),
+        (status = 200, description = "Replay of an earlier identical request", body = Job),
+        (status = 400, description = "Malformed JSON or header", body = Problem),
+        (status = 401, description = "Missing or invalid token", body = Problem),
+        (status = 403, description = "Token lacks the operator role", body = Problem),
+        (status = 409, description = "Idempotency key reused with another body", body = Problem),
+        (status = 413, description = "Body too large", body = Problem),
+        (status = 415, description = "Not JSON", body = Problem),
+        (status = 422, description = "Invalid field", body = Problem),
+        (status = 503, description = "Store unavailable; nothing stored", body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    require_json(&headers)?;
+    let body = body.map_err(body_error)?;
+    let key = idempotency_key(&headers)?;
+    let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
+    let q = &state.config.queue;
+    let new = NewJob {
+        max_attempts: spec.max_attempts.unwrap_or(q.max_attempts),
+        timeout_ms: spec
+            .timeout_duration()
+            .unwrap_or(q.job_timeout.0)
+            .as_millis() as i64,
+        spec,
+        idempotency_key: key,
+    };
+    let (status, job) = match state.store.enqueue(new).await? {
+        Enqueued::Created(j) => {
+            state.metrics.submitted(j.action.as_str());
+            (StatusCode::ACCEPTED, j)
+        }
+        Enqueued::Replayed(j) => (StatusCode::OK, j),
+    };
+    Ok((status, [(header::LOCATION, location(&job.id))], Json(job)).into_response())
+}
+
+fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
+    DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            ApiError::bad_request(
+                "invalid_time",
+                field,
+                format!("`{v}` is not an RFC 3339 time ({e})"),
+            )
+        })
+}
+
+/// List jobs, newest first.
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    params(
+        ("state" = Option<JobState>, Query, description = "Only jobs in this state"),
+        ("action" = Option<Action>, Query, description = "Only jobs of this action"),
+        ("since" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("until" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, body = JobPage),
+        (status = 400, description = "Bad query parameter", body = Problem),
+        (status = 401, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let Query(params) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
+    let mut q = ListQuery {
+        limit: 50,
+        ..Default::default()
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "state" => {
+                q.state = Some(
+                    v.parse::<JobState>()
+                        .map_err(|m| ApiError::bad_request("invalid_state", "state", m))?,
+                )
+            }
+            "action" => {
+                let a = Action::parse(&v).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_action",
+                        "action",
+                        format!("`{v}` is not an action"),
+                    )
+                })?;
+                q.action = Some(a.as_str().to_string());
+            }
+            "since" => q.since_ms = Some(parse_time("since", &v)?),
+            "until" => q.until_ms = Some(parse_time("until", &v)?),
+            "limit" => {
+                q.limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=500).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            "limit",
+                            "must be a whole number from 1 to 500",
+                        )
+                    })?
+            }
+            "cursor" => {
+                if ulid::Ulid::from_string(&v).is_err() {
+                    return Err(ApiError::bad_request(
+                        "invalid_cursor",
+                        "cursor",
+                        "not a cursor returned by this API",
+                    ));
+                }
+                q.before_id = Some(v);
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    other,
+                    format!(
+                        "unknown query parameter `{other}` (state, action, since, until, limit, cursor)"
+                    ),
+                ))
+            }
+        }
+    }
+    let page = state.store.list(q).await?;
+    Ok(Json(JobPage {
+        jobs: page.jobs,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// One job.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, body = Job), (status = 404, body = Problem), (status = 401, body = Problem)),
+    security(("bearer" = []))
+)]
+pub async fn get_job(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let job = state
+        .store
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    Ok(Json(job))
+}
+
+/// Cancel a job.
+///
+/// A queued job is cancelled at once (`200`); a running one is flagged and stops at its next step or
+/// wait (`202`), ending as `cancelled`. A job that already ended is `409`.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled", body = Job),
+        (status = 202, description = "Cancel requested; the job stops at its next boundary", body = Job),
+        (status = 404, body = Problem),
+        (status = 409, description = "Already finished", body = Problem),
+        (status = 403, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    match state.store.cancel(&id).await? {
+        None => Err(ApiError::not_found(&format!("job `{id}`"))),
+        Some(CancelOutcome::Cancelled(j)) => Ok((StatusCode::OK, Json(j)).into_response()),
+        Some(CancelOutcome::Requested(j)) => {
+            state.runner.cancel_local(&id);
+            Ok((StatusCode::ACCEPTED, Json(j)).into_response())
+        }
+        Some(CancelOutcome::AlreadyFinished(j)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_finished",
+            format!("job `{id}` already ended as {}", j.state),
+        )),
+    }
+}
+
+/// The job's progress as Server-Sent Events, from the beginning (or after `Last-Event-ID`) until the
+/// job ends. Each event's `event` is the kind, its `id` the sequence number, its `data` a JobEvent.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event"),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream of JobEvent", body = JobEvent, content_type = "text/event-stream"),
+        (status = 404, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_last_event_id", "Last-Event-ID", "must be a number")
+            })?,
+    };
+    // Subscribe before the first read so nothing that happens in between is missed.
+    let mut rx = state.store.subscribe();
+    state
+        .store
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    let (tx, out) = tokio::sync::mpsc::channel::<Event>(64);
+    let (store, shutdown) = (state.store.clone(), state.shutdown.clone());
+    tokio::spawn(async move {
+        let mut last = after;
+        loop {
+            let batch: Vec<JobEvent> = match store.events(&id, last, 500).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event stream read failed");
+                    return;
+                }
+            };
+            let full = batch.len() == 500;
+            for e in batch {
+                last = e.seq;
+                let end = TERMINAL_EVENT_KINDS.contains(&e.kind.as_str());
+                let ev = Event::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind.clone())
+                    .json_data(&e)
+                    .unwrap_or_default();
+                if tx.send(ev).await.is_err() || end {
+                    return;
+                }
+            }
+            if full {
+                continue;
+            }
+            // Wait for news of this job; re-read at least every few seconds as a safety net.
+            let deadline = tokio::time::sleep(Duration::from_secs(5));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(changed) if changed != id => continue,
+                        Ok(_) | Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => return,
+                    },
+                    _ = &mut deadline => break,
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    });
+    let stream = ReceiverStream::new(out).map(Ok);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.config.http.sse_keepalive.0)))
+}

@@ -1,0 +1,5 @@
+//! HTTP routes, one module per feature; each exposes `router()`.
+
+pub mod jobs;
+pub mod ops;
+pub mod tokens;

@@ -1,0 +1,432 @@
+//! The runner: worker tasks that claim jobs, keep their leases alive, run them through an
+//! [`Executor`], and record the outcome, retrying transient failures with backoff.
+//!
+//! Life of one attempt: claim (lease) → heartbeat task renews the lease and picks up cancel requests
+//! → executor runs under the job's time limit → `finish` (fenced by the worker id). A worker whose
+//! lease was taken over writes nothing. On shutdown workers stop claiming, running attempts get the
+//! grace period to finish, and whatever is still running after it is released back to the queue so
+//! the next start resumes it from its last checkpoint.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ec2jobd_spec::{Clock, Job, JobError, JobResults, Progress};
+use ec2jobd_store::{Claimed, Finish, NewEvent, Store, StoreError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Why an attempt did not succeed.
+#[derive(Debug)]
+pub enum ExecError {
+    /// The work failed; `transient` failures are retried while attempts remain.
+    Failed {
+        /// What went wrong.
+        error: JobError,
+        /// Whether another attempt may succeed.
+        transient: bool,
+        /// Results gathered before the failure.
+        results: JobResults,
+    },
+    /// The user cancelled; results gathered so far.
+    Cancelled(JobResults),
+    /// This worker no longer holds the job; nothing may be written.
+    LeaseLost,
+}
+
+impl ExecError {
+    /// A permanent failure with no results.
+    pub fn permanent(code: &str, message: impl Into<String>) -> Self {
+        ExecError::Failed {
+            error: JobError {
+                code: code.into(),
+                message: message.into(),
+                request_id: None,
+            },
+            transient: false,
+            results: JobResults::default(),
+        }
+    }
+}
+
+/// What an executor sees of the job it runs, and how it reports back.
+pub struct ExecCtx {
+    /// The job (state `running`).
+    pub job: Job,
+    /// Resume state from an earlier attempt.
+    pub checkpoint: Option<serde_json::Value>,
+    worker: String,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+}
+
+impl ExecCtx {
+    /// Records progress and an event; fails with `LeaseLost` if the job moved on.
+    pub async fn progress(
+        &self,
+        phase: &str,
+        message: &str,
+        done: Option<u64>,
+        total: Option<u64>,
+    ) -> Result<(), ExecError> {
+        let p = Progress {
+            phase: phase.into(),
+            message: message.into(),
+            done,
+            total,
+        };
+        let ev = NewEvent {
+            kind: "progress".into(),
+            message: message.into(),
+            data: json!({"phase": phase, "done": done, "total": total}),
+        };
+        match self.store.progress(&self.job.id, &self.worker, p, ev).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::LeaseLost) => Err(ExecError::LeaseLost),
+            Err(e) => {
+                // Progress is informative: a failed write must not fail the job.
+                tracing::warn!(job = %self.job.id, error = %e, "could not record progress");
+                Ok(())
+            }
+        }
+    }
+
+    /// Saves resume state; later attempts receive it as `checkpoint`.
+    pub async fn save_checkpoint(&self, state: serde_json::Value) -> Result<(), ExecError> {
+        self.store
+            .checkpoint(&self.job.id, &self.worker, state)
+            .await
+            .map_err(|e| match e {
+                StoreError::LeaseLost => ExecError::LeaseLost,
+                other => ExecError::Failed {
+                    error: JobError {
+                        code: "StoreUnavailable".into(),
+                        message: other.to_string(),
+                        request_id: None,
+                    },
+                    transient: true,
+                    results: JobResults::default(),
+                },
+            })
+    }
+
+    /// Fails with `Cancelled` when a cancel was asked; call at every step or wait boundary.
+    pub fn check_cancel(&self, results: &JobResults) -> Result<(), ExecError> {
+        if self.cancel.is_cancelled() {
+            Err(ExecError::Cancelled(results.clone()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Completes when a cancel is asked (or the lease is lost); for `select!` around waits.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+}
+
+/// Runs one attempt of a job. Implementations check [`ExecCtx::check_cancel`] between steps.
+#[async_trait]
+pub trait Executor: Send + Sync {
+    /// Does the work and returns its results.
+    async fn execute(&self, ctx: &ExecCtx) -> Result<JobResults, ExecError>;
+}
+
+/// Runner settings (from `[queue]` and `shutdown_grace`).
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Worker tasks.
+    pub workers: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Lease renewal interval.
+    pub heartbeat: Duration,
+    /// Fallback claim poll.
+    pub poll_interval: Duration,
+    /// Expired-lease sweep interval.
+    pub reap_interval: Duration,
+    /// First retry delay.
+    pub backoff_base: Duration,
+    /// Largest retry delay.
+    pub backoff_max: Duration,
+    /// Time running attempts get after shutdown begins.
+    pub grace: Duration,
+}
+
+/// The worker pool of one process.
+pub struct Runner {
+    store: Arc<dyn Store>,
+    executor: Arc<dyn Executor>,
+    cfg: RunnerConfig,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    rng: Mutex<StdRng>,
+    active: Mutex<HashMap<String, CancellationToken>>,
+    id_prefix: String,
+}
+
+impl Runner {
+    /// A runner; `seed` fixes the backoff jitter (tests pass a constant, the daemon a random one).
+    pub fn new(
+        store: Arc<dyn Store>,
+        executor: Arc<dyn Executor>,
+        cfg: RunnerConfig,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+        seed: u64,
+    ) -> Self {
+        let id_prefix = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        Self {
+            store,
+            executor,
+            cfg,
+            metrics,
+            clock,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            active: Mutex::new(HashMap::new()),
+            id_prefix,
+        }
+    }
+
+    /// Delay before attempt `attempt + 1`: `base * 2^(attempt-1)` capped at `backoff_max`, with
+    /// "equal jitter" (half fixed, half random) so the delay always grows with the attempt while
+    /// simultaneous failures still spread out.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .cfg
+            .backoff_base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let cap = exp.min(self.cfg.backoff_max);
+        let half = cap / 2;
+        let jitter = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            rng.gen_range(0..=half.as_millis() as u64)
+        };
+        half + Duration::from_millis(jitter)
+    }
+
+    /// Signals a job running in this process to stop at its next boundary.
+    pub fn cancel_local(&self, job_id: &str) {
+        if let Some(t) = self.lock_active().get(job_id) {
+            t.cancel();
+        }
+    }
+
+    /// Jobs running in this process now.
+    pub fn running(&self) -> usize {
+        self.lock_active().len()
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the workers and the lease reaper. The returned task ends once `stop` fired and every
+    /// worker is done (running attempts finished, or released after the grace period).
+    pub fn start(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let hard = CancellationToken::new();
+        let mut set = JoinSet::new();
+        for n in 0..self.cfg.workers {
+            let me = self.clone();
+            let (stop, hard) = (stop.clone(), hard.clone());
+            set.spawn(async move { me.worker(n, stop, hard).await });
+        }
+        let reaper = {
+            let me = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { me.reap(stop).await })
+        };
+        let grace = self.cfg.grace;
+        tokio::spawn(async move {
+            let timer = {
+                let (stop, hard) = (stop.clone(), hard.clone());
+                tokio::spawn(async move {
+                    stop.cancelled().await;
+                    tokio::time::sleep(grace).await;
+                    hard.cancel();
+                })
+            };
+            while set.join_next().await.is_some() {}
+            timer.abort();
+            let _ = reaper.await;
+        })
+    }
+
+    async fn reap(&self, stop: CancellationToken) {
+        loop {
+            match self.store.requeue_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "re-queued jobs whose lease expired"),
+                Err(e) => tracing::warn!(error = %e, "lease sweep failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.reap_interval) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn worker(self: Arc<Self>, n: usize, stop: CancellationToken, hard: CancellationToken) {
+        let worker_id = format!("{}-w{n}", self.id_prefix);
+        let notify = self.store.work_available();
+        let lease_ms = self.cfg.lease.as_millis() as i64;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            // Register for a wake-up before looking, so an enqueue between the claim and the wait
+            // is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.store.claim(&worker_id, lease_ms, 1).await {
+                Ok(mut jobs) if !jobs.is_empty() => {
+                    let c = jobs.remove(0);
+                    self.run_one(&worker_id, c, &hard).await;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "claim failed"),
+            }
+            // Sleep until woken, until the earliest retry becomes due, or at most the poll interval.
+            let idle = match self.store.next_run_after().await {
+                Ok(Some(at)) => {
+                    let ms = (at - self.clock.now_ms()).max(1) as u64;
+                    Duration::from_millis(ms).min(self.cfg.poll_interval)
+                }
+                _ => self.cfg.poll_interval,
+            };
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(idle) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn run_one(&self, worker: &str, claimed: Claimed, hard: &CancellationToken) {
+        let job = claimed.job.clone();
+        let id = job.id.clone();
+        let action = job.action.as_str();
+        let span = tracing::info_span!("job", id = %id, action, attempt = job.attempts);
+        let _g = span.enter();
+        if job.cancel_requested {
+            self.record(worker, &job, Finish::Cancelled(job.results.clone()), 0.0)
+                .await;
+            return;
+        }
+        let cancel = CancellationToken::new();
+        self.lock_active().insert(id.clone(), cancel.clone());
+        let lease_lost = Arc::new(AtomicBool::new(false));
+        let heartbeat = {
+            let (store, id, worker) = (self.store.clone(), id.clone(), worker.to_string());
+            let (cancel, lost) = (cancel.clone(), lease_lost.clone());
+            let (every, lease_ms) = (self.cfg.heartbeat, self.cfg.lease.as_millis() as i64);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match store.heartbeat(&id, &worker, lease_ms).await {
+                        Ok(h) if h.cancel_requested => cancel.cancel(),
+                        Ok(_) => {}
+                        Err(StoreError::LeaseLost) => {
+                            lost.store(true, Ordering::SeqCst);
+                            cancel.cancel();
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                    }
+                }
+            })
+        };
+        let ctx = ExecCtx {
+            job: job.clone(),
+            checkpoint: claimed.checkpoint,
+            worker: worker.to_string(),
+            store: self.store.clone(),
+            cancel,
+        };
+        let limit = Duration::from_millis(claimed.timeout_ms.max(1) as u64);
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(limit, self.executor.execute(&ctx)) => Some(r.unwrap_or_else(|_| {
+                Err(ExecError::permanent(
+                    "JobTimeout",
+                    format!("the attempt exceeded its time limit of {}", humantime::format_duration(limit)),
+                ))
+            })),
+            _ = hard.cancelled() => None,
+        };
+        heartbeat.abort();
+        self.lock_active().remove(&id);
+        let secs = started.elapsed().as_secs_f64();
+        let finish = match outcome {
+            None => {
+                match self.store.release(&id, worker).await {
+                    Ok(()) => tracing::info!("released at shutdown"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not release; the lease will expire")
+                    }
+                }
+                self.metrics.attempt(action, "released", secs);
+                return;
+            }
+            Some(Ok(results)) => Finish::Succeeded(results),
+            Some(Err(ExecError::LeaseLost)) => {
+                tracing::warn!("lease lost; another worker owns the job now");
+                return;
+            }
+            Some(Err(ExecError::Cancelled(results))) => {
+                if lease_lost.load(Ordering::SeqCst) {
+                    tracing::warn!("lease lost; another worker owns the job now");
+                    return;
+                }
+                Finish::Cancelled(results)
+            }
+            Some(Err(ExecError::Failed {
+                error,
+                transient,
+                results,
+            })) => {
+                if transient && job.attempts < job.max_attempts {
+                    let delay = self.backoff(job.attempts);
+                    Finish::Retry {
+                        error,
+                        run_after_ms: self.clock.now_ms() + delay.as_millis() as i64,
+                    }
+                } else {
+                    Finish::Failed(error, results)
+                }
+            }
+        };
+        self.record(worker, &job, finish, secs).await;
+    }
+
+    async fn record(&self, worker: &str, job: &Job, finish: Finish, secs: f64) {
+        let outcome = match &finish {
+            Finish::Succeeded(_) => "succeeded",
+            Finish::Failed(..) => "failed",
+            Finish::Cancelled(_) => "cancelled",
+            Finish::Retry { .. } => "retry",
+        };
+        match self.store.finish(&job.id, worker, finish).await {
+            Ok(_) => {
+                self.metrics.attempt(job.action.as_str(), outcome, secs);
+                tracing::info!(outcome, seconds = secs, "attempt finished");
+            }
+            Err(StoreError::LeaseLost) => tracing::warn!("lease lost before the outcome was saved"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not save the outcome; the lease will expire and the job re-run")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

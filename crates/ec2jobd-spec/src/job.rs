@@ -1,0 +1,213 @@
+//! The job document returned by the API and kept in the store: state, timing, error, results, and
+//! the event log that `GET /v1/jobs/{id}/events` streams.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::spec::{Action, JobSpec};
+
+/// Where a job is in its life. `succeeded`, `failed` and `cancelled` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a worker (also while waiting for a retry's backoff).
+    Queued,
+    /// Claimed by a worker holding a lease.
+    Running,
+    /// Finished; every targeted instance reached the wanted state.
+    Succeeded,
+    /// Finished with an error (see `error`).
+    Failed,
+    /// Cancelled by a user before it finished.
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state, for metrics and validation messages.
+    pub const ALL: &'static [JobState] = &[
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    /// The wire and database name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// True for states a job never leaves.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .iter()
+            .copied()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("`{s}` is not a job state (queued, running, succeeded, failed, cancelled)")
+            })
+    }
+}
+
+/// Why a job failed: a stable code (AWS codes are kept as AWS spells them) and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobError {
+    /// Stable code, e.g. `WaitTimeout`, `NoTargets`, `InvalidInstanceID.NotFound`.
+    pub code: String,
+    /// What happened, for people.
+    pub message: String,
+    /// AWS request id of the failing call, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// What a job is doing now, for people watching it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    /// Short phase name (`queued`, `resolving_targets`, `calling`, `waiting`, `done`).
+    #[serde(default)]
+    pub phase: String,
+    /// A sentence about the current step.
+    #[serde(default)]
+    pub message: String,
+    /// Units done (instances, pages…), when countable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<u64>,
+    /// Units in all, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// One instance's outcome within a job.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct InstanceResult {
+    /// The instance id.
+    pub instance_id: String,
+    /// EC2 instance state name at the end (`running`, `stopped`, …).
+    pub state: String,
+    /// The `Name` tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Instance type, e.g. `t3.micro`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Availability zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_zone: Option<String>,
+    /// Private IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<String>,
+    /// Public IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<String>,
+    /// Private DNS name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_dns_name: Option<String>,
+    /// Public DNS name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_dns_name: Option<String>,
+    /// Launch time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_time: Option<String>,
+    /// All tags of the instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Everything a job produced; stays queryable after the job ends.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct JobResults {
+    /// Per-instance results.
+    #[serde(default)]
+    pub instances: Vec<InstanceResult>,
+    /// One-line summary, e.g. "described 3 instances".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// AWS request ids of the calls made, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
+}
+
+/// The job document of `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    /// Sortable id (a ULID: later jobs sort after earlier ones).
+    pub id: String,
+    /// Current state.
+    pub state: JobState,
+    /// The action (same as `spec.action`), for filtering at a glance.
+    pub action: Action,
+    /// The normalised request.
+    pub spec: JobSpec,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When a worker first started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final state.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Attempts started so far (a retry or a re-queued lease counts).
+    pub attempts: u32,
+    /// Attempts allowed before a transient failure becomes final.
+    pub max_attempts: u32,
+    /// When the next attempt may start, while waiting out a retry's backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// True once a cancel was asked for a running job.
+    pub cancel_requested: bool,
+    /// Why it failed (or the last transient error while retrying); null otherwise.
+    pub error: Option<JobError>,
+    /// What it produced.
+    pub results: JobResults,
+    /// What it is doing now.
+    pub progress: Progress,
+}
+
+/// Event kinds after which a job's event stream ends.
+pub const TERMINAL_EVENT_KINDS: &[&str] = &["succeeded", "failed", "cancelled"];
+
+/// One entry of a job's event log (`GET /v1/jobs/{id}/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobEvent {
+    /// Position in the whole event log; used as the SSE `id` for `Last-Event-ID` resumption.
+    pub seq: i64,
+    /// The job.
+    pub job_id: String,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// `queued`, `started`, `progress`, `retry_scheduled`, `cancel_requested`, `requeued`,
+    /// `succeeded`, `failed`, `cancelled`.
+    pub kind: String,
+    /// A sentence for people.
+    pub message: String,
+    /// Structured detail (progress counts, error, attempt…).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}

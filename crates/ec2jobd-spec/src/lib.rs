@@ -1,0 +1,22 @@
+//! The vocabulary of ec2jobd: what a job asks for ([`JobSpec`]), what it becomes ([`Job`]), what it
+//! produced ([`JobResults`]) and what happened along the way ([`JobEvent`]).
+//!
+//! This room is pure data: serde types, their OpenAPI schemas, and validation that turns a request
+//! into a normalised spec. It must not touch HTTP, SQL or AWS; every other crate depends on it, and
+//! it depends on none of them. The injected [`Clock`] lives here because the store, the runner and the
+//! EC2 waits all need the same notion of "now", and tests need to move it by hand.
+
+mod clock;
+mod job;
+mod role;
+mod spec;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use job::{
+    InstanceResult, Job, JobError, JobEvent, JobResults, JobState, Progress, TERMINAL_EVENT_KINDS,
+};
+pub use role::Role;
+pub use spec::{
+    parse_duration, Action, Filter, IdList, JobSpec, SpecError, TagSet, Targets, WaitSpec,
+    WaitUntil,
+};

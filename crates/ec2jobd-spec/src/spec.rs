@@ -1,0 +1,616 @@
+//! The job request (`JobSpec`) and its normalisation.
+//!
+//! A spec arrives in whatever shape a scheduler finds natural (`"i-1;i-2"`, `"AutoOn=yes"`), is
+//! checked field by field, and is stored in one canonical shape so that replays can be compared
+//! and workers never re-parse user input. Every rejection names the offending field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
+
+/// The EC2 operation a job performs. Only actions the daemon can execute are listed, so an unknown or
+/// not-yet-built action is rejected at submission instead of failing later in a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Describe the targeted instances (paginated) and record each one in the results.
+    DescribeInstances,
+}
+
+impl Action {
+    /// Every action, for listings and metrics labels.
+    pub const ALL: &'static [Action] = &[Action::DescribeInstances];
+
+    /// The wire name (`describe_instances`), also used as a metrics label and list filter.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Action::DescribeInstances => "describe_instances",
+        }
+    }
+
+    /// Parses the wire name; `None` for anything unknown.
+    pub fn parse(s: &str) -> Option<Action> {
+        Action::ALL.iter().copied().find(|a| a.as_str() == s)
+    }
+
+    /// What `wait.until` means when the request leaves it out.
+    pub fn default_wait(&self) -> WaitUntil {
+        match self {
+            Action::DescribeInstances => WaitUntil::None,
+        }
+    }
+
+    /// Whether the action changes anything on AWS (and so needs operator role and checkpoints).
+    pub fn is_mutating(&self) -> bool {
+        match self {
+            Action::DescribeInstances => false,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected field: the dotted path of the offending field, a stable machine code, and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    /// Dotted path of the offending field, e.g. `targets.instance_ids[1]`.
+    pub field: String,
+    /// Stable code for programs (`invalid_instance_id`, `missing_targets`, …).
+    pub code: &'static str,
+    /// Human sentence saying what is wrong and what would be right.
+    pub message: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Instance ids as a list; also accepts the scheduler style `"i-1;i-2"` (`;` or `,` separated).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IdList(pub Vec<String>);
+
+impl Serialize for IdList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IdList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of instance ids or a string like \"i-1;i-2\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<IdList, E> {
+                Ok(IdList(
+                    v.split([';', ','])
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                ))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<IdList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(IdList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl utoipa::PartialSchema for IdList {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(
+                ArrayBuilder::new()
+                    .items(ObjectBuilder::new().schema_type(Type::String))
+                    .build(),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("Scheduler style: ids separated by `;` or `,`"))
+                    .build(),
+            )
+            .description(Some(
+                "Instance ids (`i-` and 8 or 17 hex digits), as a list or as \"i-1;i-2\"",
+            ))
+            .into()
+    }
+}
+impl ToSchema for IdList {}
+
+/// Tags to match (all must match); also accepts the scheduler style `"AutoOn=yes;Env=prod"`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TagSet(pub BTreeMap<String, String>);
+
+impl Serialize for TagSet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TagSet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TagSet;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of tag key to value, or a string like \"AutoOn=yes\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TagSet, E> {
+                let mut out = BTreeMap::new();
+                for part in v.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    let (k, val) = part.split_once('=').ok_or_else(|| {
+                        E::custom(format!("tag `{part}` is not of the form Key=Value"))
+                    })?;
+                    out.insert(k.trim().to_string(), val.trim().to_string());
+                }
+                Ok(TagSet(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TagSet, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    out.insert(k, v);
+                }
+                Ok(TagSet(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl utoipa::PartialSchema for TagSet {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String)))
+                    .build(),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("Scheduler style: `Key=Value` pairs separated by `;`"))
+                    .build(),
+            )
+            .description(Some("Tags every targeted instance must carry"))
+            .into()
+    }
+}
+impl ToSchema for TagSet {}
+
+/// An EC2 `Filter` passed through to Describe* calls (e.g. `instance-state-name`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// Filter name as EC2 documents it, e.g. `instance-type` or `tag:Env`.
+    pub name: String,
+    /// Accepted values (any may match).
+    pub values: Vec<String>,
+}
+
+/// Which instances a job acts on. At least one selector is required; given together they narrow
+/// each other (EC2 ANDs ids, tags and filters).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Explicit instance ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_ids: Option<IdList>,
+    /// Tags every instance must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<TagSet>,
+    /// Raw EC2 filters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Vec<Filter>>,
+}
+
+/// What state a job waits for after its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitUntil {
+    /// Do not wait.
+    None,
+    /// Instance state `running`.
+    Running,
+    /// Instance state `stopped`.
+    Stopped,
+    /// Instance state `terminated`.
+    Terminated,
+    /// Running and every status check `ok` ("2/2 checks passed").
+    StatusOk,
+}
+
+/// How long and how often to wait; durations in humantime (`15m`, `15s`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitSpec {
+    /// Target condition; defaults by action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<WaitUntil>,
+    /// Give up after this long (default `15m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Poll interval (default `15s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+}
+
+/// A job request as submitted to `POST /v1/jobs`, and, after [`JobSpec::normalize`], as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The operation to perform.
+    pub action: Action,
+    /// Configured account name (`[accounts.<name>]`); defaults to `default_account`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// AWS region; defaults to the account's region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Which instances to act on.
+    #[serde(default)]
+    pub targets: Targets,
+    /// Action-specific parameters.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// What to wait for after the calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<WaitSpec>,
+    /// Pass `DryRun` to EC2: permission check only, nothing changes.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Succeed with no instances when the targets match none (default: fail with `NoTargets`).
+    #[serde(default)]
+    pub allow_empty: bool,
+    /// Per-job time limit for one attempt (humantime); defaults to `queue.job_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Attempts before a transient failure becomes final; defaults to `queue.max_attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub max_attempts: Option<u32>,
+}
+
+/// Parses a humantime duration (`15m`, `1h 30m`, `250ms`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e})"))
+}
+
+fn check_duration(
+    field: &str,
+    value: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<String, SpecError> {
+    let d = parse_duration(value).map_err(|m| SpecError::new(field, "invalid_duration", m))?;
+    if d < min || d > max {
+        return Err(SpecError::new(
+            field,
+            "out_of_range",
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(humantime::format_duration(d).to_string())
+}
+
+fn is_instance_id(s: &str) -> bool {
+    s.strip_prefix("i-").is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+fn is_name(s: &str, extra: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+}
+
+impl JobSpec {
+    /// Checks every field and returns the canonical form that is stored and hashed for
+    /// idempotency: ids deduplicated in order, durations re-rendered, wait defaults filled.
+    pub fn normalize(mut self) -> Result<JobSpec, SpecError> {
+        if let Some(a) = &self.account {
+            if !is_name(a, b"-_") {
+                return Err(SpecError::new(
+                    "account",
+                    "invalid_account",
+                    "must be 1-64 letters, digits, `-` or `_`",
+                ));
+            }
+        }
+        if let Some(r) = &self.region {
+            if !is_name(r, b"-") || !r.bytes().any(|b| b.is_ascii_digit()) {
+                return Err(SpecError::new(
+                    "region",
+                    "invalid_region",
+                    format!("`{r}` is not a region name like `us-east-1`"),
+                ));
+            }
+        }
+        self.targets = normalize_targets(self.targets)?;
+        self.check_params()?;
+        let wait = self.wait.take().unwrap_or_default();
+        let until = wait.until.unwrap_or_else(|| self.action.default_wait());
+        let timeout = check_duration(
+            "wait.timeout",
+            wait.timeout.as_deref().unwrap_or("15m"),
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?;
+        let interval = check_duration(
+            "wait.interval",
+            wait.interval.as_deref().unwrap_or("15s"),
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        self.wait = Some(WaitSpec {
+            until: Some(until),
+            timeout: Some(timeout),
+            interval: Some(interval),
+        });
+        if let Some(t) = &self.timeout {
+            self.timeout = Some(check_duration(
+                "timeout",
+                t,
+                Duration::from_secs(1),
+                Duration::from_secs(7 * 24 * 3600),
+            )?);
+        }
+        if let Some(n) = self.max_attempts {
+            if !(1..=100).contains(&n) {
+                return Err(SpecError::new(
+                    "max_attempts",
+                    "out_of_range",
+                    "must be between 1 and 100",
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    fn check_params(&self) -> Result<(), SpecError> {
+        let allowed: &[&str] = match self.action {
+            Action::DescribeInstances => &[],
+        };
+        for key in self.params.keys() {
+            if !allowed.contains(&key.as_str()) {
+                return Err(SpecError::new(
+                    format!("params.{key}"),
+                    "unknown_param",
+                    format!("`{}` takes no parameter `{key}`", self.action),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-attempt time limit, if the spec sets one (already validated by `normalize`).
+    pub fn timeout_duration(&self) -> Option<Duration> {
+        self.timeout.as_deref().and_then(|t| parse_duration(t).ok())
+    }
+}
+
+fn normalize_targets(t: Targets) -> Result<Targets, SpecError> {
+    let mut out = Targets::default();
+    if let Some(IdList(ids)) = t.instance_ids {
+        if ids.is_empty() {
+            return Err(SpecError::new(
+                "targets.instance_ids",
+                "empty_targets",
+                "must name at least one instance id",
+            ));
+        }
+        if ids.len() > 1000 {
+            return Err(SpecError::new(
+                "targets.instance_ids",
+                "too_many",
+                "at most 1000 instance ids per job",
+            ));
+        }
+        let mut seen = Vec::with_capacity(ids.len());
+        for (i, id) in ids.into_iter().enumerate() {
+            let id = id.trim().to_string();
+            if !is_instance_id(&id) {
+                return Err(SpecError::new(
+                    format!("targets.instance_ids[{i}]"),
+                    "invalid_instance_id",
+                    format!("`{id}` is not an instance id (`i-` and 8 or 17 lowercase hex digits)"),
+                ));
+            }
+            if !seen.contains(&id) {
+                seen.push(id);
+            }
+        }
+        out.instance_ids = Some(IdList(seen));
+    }
+    if let Some(TagSet(tags)) = t.tags {
+        if tags.is_empty() {
+            return Err(SpecError::new(
+                "targets.tags",
+                "empty_targets",
+                "must name at least one tag",
+            ));
+        }
+        for (k, v) in &tags {
+            if k.is_empty() || k.chars().count() > 128 {
+                return Err(SpecError::new(
+                    "targets.tags",
+                    "invalid_tag",
+                    format!("tag key `{k}` must be 1-128 characters"),
+                ));
+            }
+            if v.chars().count() > 256 {
+                return Err(SpecError::new(
+                    format!("targets.tags.{k}"),
+                    "invalid_tag",
+                    "tag value must be at most 256 characters",
+                ));
+            }
+        }
+        out.tags = Some(TagSet(tags));
+    }
+    if let Some(filters) = t.filters {
+        if filters.is_empty() {
+            return Err(SpecError::new(
+                "targets.filters",
+                "empty_targets",
+                "must hold at least one filter",
+            ));
+        }
+        for (i, f) in filters.iter().enumerate() {
+            if f.name.trim().is_empty() {
+                return Err(SpecError::new(
+                    format!("targets.filters[{i}].name"),
+                    "invalid_filter",
+                    "filter name must not be empty",
+                ));
+            }
+            if f.values.is_empty() {
+                return Err(SpecError::new(
+                    format!("targets.filters[{i}].values"),
+                    "invalid_filter",
+                    "filter needs at least one value",
+                ));
+            }
+        }
+        out.filters = Some(filters);
+    }
+    if out.instance_ids.is_none() && out.tags.is_none() && out.filters.is_none() {
+        return Err(SpecError::new(
+            "targets",
+            "missing_targets",
+            "give `instance_ids`, `tags` or `filters`",
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: serde_json::Value) -> Result<JobSpec, SpecError> {
+        serde_json::from_value::<JobSpec>(v)
+            .map_err(|e| SpecError::new("", "parse", e.to_string()))?
+            .normalize()
+    }
+
+    #[test]
+    fn scheduler_style_ids_and_tags_are_normalised() {
+        let s = parse(json!({"action": "describe_instances",
+            "targets": {"instance_ids": "i-0123456789abcdef0; i-01234567;i-01234567", "tags": "AutoOn=yes; Env = prod"}}))
+        .unwrap();
+        assert_eq!(
+            s.targets.instance_ids.unwrap().0,
+            vec!["i-0123456789abcdef0", "i-01234567"]
+        );
+        let tags = s.targets.tags.unwrap().0;
+        assert_eq!(tags.get("AutoOn").map(String::as_str), Some("yes"));
+        assert_eq!(tags.get("Env").map(String::as_str), Some("prod"));
+        let w = s.wait.unwrap();
+        assert_eq!(w.until, Some(WaitUntil::None));
+        assert_eq!(w.timeout.as_deref(), Some("15m"));
+    }
+
+    #[test]
+    fn bad_ids_name_the_index() {
+        let e = parse(json!({"action": "describe_instances",
+            "targets": {"instance_ids": ["i-01234567", "i-XYZ"]}}))
+        .unwrap_err();
+        assert_eq!(e.field, "targets.instance_ids[1]");
+        assert_eq!(e.code, "invalid_instance_id");
+    }
+
+    #[test]
+    fn empty_and_missing_targets_are_rejected() {
+        let e = parse(json!({"action": "describe_instances"})).unwrap_err();
+        assert_eq!((e.field.as_str(), e.code), ("targets", "missing_targets"));
+        let e = parse(json!({"action": "describe_instances", "targets": {"instance_ids": ""}}))
+            .unwrap_err();
+        assert_eq!(e.code, "empty_targets");
+        let e =
+            parse(json!({"action": "describe_instances", "targets": {"tags": {}}})).unwrap_err();
+        assert_eq!(e.field, "targets.tags");
+    }
+
+    #[test]
+    fn durations_and_params_are_checked() {
+        let e = parse(
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"},
+            "wait": {"timeout": "soon"}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "wait.timeout");
+        let e = parse(
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"},
+            "params": {"force": true}}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "params.force");
+        let e = parse(
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"},
+            "max_attempts": 0}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "max_attempts");
+    }
+
+    #[test]
+    fn unknown_fields_and_actions_fail_to_parse() {
+        assert!(serde_json::from_value::<JobSpec>(
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"}, "bogus": 1})
+        )
+        .is_err());
+        assert!(serde_json::from_value::<JobSpec>(
+            json!({"action": "launch_rockets", "targets": {"tags": "a=b"}})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn normalize_is_idempotent() {
+        let s = parse(
+            json!({"action": "describe_instances", "targets": {"instance_ids": "i-01234567"},
+            "timeout": "90s"}),
+        )
+        .unwrap();
+        assert_eq!(s.timeout.as_deref(), Some("1m 30s"));
+        assert_eq!(s.clone().normalize().unwrap(), s);
+    }
+}

@@ -1,0 +1,226 @@
+//! The durable job queue.
+//!
+//! [`Store`] is the queue's whole contract: enqueue (with idempotency keys), claim with a lease,
+//! heartbeat, fenced completion, retries with a not-before time, lease expiry, cancel, the event log,
+//! executor checkpoints and API tokens. [`SqliteStore`] implements it for the embedded default; a
+//! PostgreSQL implementation for replicas that share one queue is meant to sit beside it behind the
+//! same trait.
+//!
+//! This room knows SQL and the spec types; it must not know HTTP or AWS. Backoff is decided by the
+//! caller (the runner) and passed in as a time, so the store stays free of policy.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ec2jobd_spec::{Job, JobError, JobEvent, JobResults, JobSpec, JobState, Progress, Role};
+use serde::Serialize;
+use tokio::sync::{broadcast, Notify};
+
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+
+/// Everything that can go wrong in the store, in terms the API can map to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The idempotency key is already bound to a job with another request body.
+    #[error("idempotency key already used for job {job_id} with a different request")]
+    IdempotencyConflict {
+        /// The job the key belongs to.
+        job_id: String,
+    },
+    /// The caller no longer holds the job's lease (it expired and another worker took it, or the
+    /// job was finished by someone else): its write was refused.
+    #[error("lease lost: job is no longer held by this worker")]
+    LeaseLost,
+    /// A uniqueness rule was broken (e.g. a token name that exists).
+    #[error("{0}")]
+    Conflict(String),
+    /// The database cannot be used right now (busy, read-only, disk full, closed).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored row could not be decoded; a bug or a hand-edited database.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// Result alias for store calls.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A job to enqueue: the normalised spec plus the limits resolved from config.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// Normalised spec (already validated).
+    pub spec: JobSpec,
+    /// Client-chosen key making the submission safe to repeat.
+    pub idempotency_key: Option<String>,
+    /// Attempts allowed before a transient failure becomes final.
+    pub max_attempts: u32,
+    /// Per-attempt time limit in milliseconds.
+    pub timeout_ms: i64,
+}
+
+/// What `enqueue` did.
+#[derive(Debug, Clone)]
+pub enum Enqueued {
+    /// A new job was stored.
+    Created(Job),
+    /// The idempotency key matched an earlier identical request: that job is returned.
+    Replayed(Job),
+}
+
+/// Filters of `GET /v1/jobs`. Results are newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only jobs of this action (wire name).
+    pub action: Option<String>,
+    /// Created at or after (ms).
+    pub since_ms: Option<i64>,
+    /// Created before (ms).
+    pub until_ms: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+    /// Continue after this job id (the previous page's cursor).
+    pub before_id: Option<String>,
+}
+
+/// One page of jobs.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The jobs, newest first.
+    pub jobs: Vec<Job>,
+    /// Pass back to get the next page; `None` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// What `cancel` did.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    /// A queued job was cancelled at once.
+    Cancelled(Job),
+    /// A running job was flagged; its worker stops at the next step or wait.
+    Requested(Job),
+    /// The job had already ended; nothing changed.
+    AlreadyFinished(Job),
+}
+
+/// A job handed to a worker, with what the worker needs beyond the public document.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The job as it is now (state `running`, attempts counted).
+    pub job: Job,
+    /// Per-attempt time limit.
+    pub timeout_ms: i64,
+    /// Resume state saved by an earlier attempt's executor.
+    pub checkpoint: Option<serde_json::Value>,
+}
+
+/// How a worker ends its hold on a job.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// Done, with results.
+    Succeeded(JobResults),
+    /// Failed for good.
+    Failed(JobError, JobResults),
+    /// Stopped on the user's request.
+    Cancelled(JobResults),
+    /// Failed transiently: back to `queued`, not claimable before `run_after_ms`.
+    Retry {
+        /// The error that caused the retry (kept on the job while it waits).
+        error: JobError,
+        /// Earliest time of the next attempt.
+        run_after_ms: i64,
+    },
+}
+
+/// An event to append to a job's log together with a progress update.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewEvent {
+    /// Event kind (`progress`, …).
+    pub kind: String,
+    /// Sentence for people.
+    pub message: String,
+    /// Structured detail.
+    pub data: serde_json::Value,
+}
+
+/// A stored API token (its hash is never returned).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    /// Unique name chosen at creation.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a job's lease holder learns from a heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    /// A user asked to cancel the job.
+    pub cancel_requested: bool,
+}
+
+/// The queue's contract. Writes that depend on holding a lease take the worker id and fail with
+/// [`StoreError::LeaseLost`] when the lease has moved on (fencing).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a job (or returns the earlier one for a replayed idempotency key) and wakes a worker.
+    async fn enqueue(&self, new: NewJob) -> Result<Enqueued>;
+    /// One job by id.
+    async fn get(&self, id: &str) -> Result<Option<Job>>;
+    /// A page of jobs, newest first.
+    async fn list(&self, q: ListQuery) -> Result<Page>;
+    /// Cancels a queued job at once, or flags a running one. `None` when there is no such job.
+    async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>>;
+    /// Claims up to `n` runnable jobs for `worker`, leasing them for `lease_ms`.
+    async fn claim(&self, worker: &str, lease_ms: i64, n: u32) -> Result<Vec<Claimed>>;
+    /// Extends the lease; tells the worker whether a cancel was asked.
+    async fn heartbeat(&self, id: &str, worker: &str, lease_ms: i64) -> Result<Heartbeat>;
+    /// Records progress (and an event) for a job the worker holds.
+    async fn progress(
+        &self,
+        id: &str,
+        worker: &str,
+        progress: Progress,
+        event: NewEvent,
+    ) -> Result<()>;
+    /// Saves the executor's resume state for a job the worker holds.
+    async fn checkpoint(&self, id: &str, worker: &str, state: serde_json::Value) -> Result<()>;
+    /// Ends the worker's hold: final state or a scheduled retry.
+    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job>;
+    /// Gives a job back untouched (graceful shutdown): queued again, the attempt not counted.
+    async fn release(&self, id: &str, worker: &str) -> Result<()>;
+    /// Re-queues running jobs whose lease expired (failing those out of attempts). Returns how many.
+    async fn requeue_expired(&self) -> Result<u64>;
+    /// A job's events after `after_seq`, oldest first.
+    async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>>;
+    /// The earliest `run_after` (ms) among queued jobs, so idle workers can sleep exactly until a
+    /// retry's backoff ends instead of polling for it.
+    async fn next_run_after(&self) -> Result<Option<i64>>;
+    /// Number of jobs per state.
+    async fn counts(&self) -> Result<Vec<(JobState, i64)>>;
+    /// Proves the database accepts a write.
+    async fn ping(&self) -> Result<()>;
+    /// Stores a token by the SHA-256 of its secret.
+    async fn create_token(&self, name: &str, role: Role, sha256_hex: &str) -> Result<TokenInfo>;
+    /// Looks a token up by the SHA-256 of its secret.
+    async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>>;
+    /// All tokens (without hashes).
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
+    /// Deletes a token; false when there was none by that name.
+    async fn revoke_token(&self, name: &str) -> Result<bool>;
+    /// Receives the id of every job whose event log grew (for live event streams).
+    fn subscribe(&self) -> broadcast::Receiver<String>;
+    /// Notified whenever work may have become claimable (enqueue, retry, release, requeue).
+    fn work_available(&self) -> Arc<Notify>;
+}

@@ -1,0 +1,992 @@
+//! SQLite implementation of [`Store`].
+//!
+//! Reads go through a small connection pool (WAL lets them run beside a writer). Every write goes
+//! through one writer task that owns one connection: it takes whatever writes are waiting, runs them
+//! in a single `BEGIN IMMEDIATE` transaction with a savepoint around each (so one failing write does
+//! not undo its neighbours), commits once, and only then answers each caller. That is group commit:
+//! with `synchronous = FULL` one fsync serves every submission that arrived meanwhile. It also means a
+//! caller that goes away (an HTTP client hanging up) can never leave a transaction half-open.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use ec2jobd_spec::{Clock, Job, JobError, JobEvent, JobResults, JobSpec, JobState, Progress, Role};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+
+use crate::{
+    CancelOutcome, Claimed, Enqueued, Finish, Heartbeat, ListQuery, NewEvent, NewJob, Page, Result,
+    Store, StoreError, TokenInfo,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// SQLite's `synchronous` pragma as offered in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Durable against process crashes; a power loss may lose the last commits (WAL default).
+    Normal,
+    /// fsync on every commit: durable against power loss.
+    Full,
+}
+
+/// How to open the database.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `sqlite://path.db` (created if missing) or `sqlite::memory:`.
+    pub url: String,
+    /// Durability level.
+    pub synchronous: Synchronous,
+    /// How long a write waits for another process's lock before failing.
+    pub busy_timeout: Duration,
+    /// Read connections.
+    pub max_connections: u32,
+    /// Most writes folded into one commit.
+    pub max_batch: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://ec2jobd.db".into(),
+            synchronous: Synchronous::Normal,
+            busy_timeout: Duration::from_secs(5),
+            max_connections: 8,
+            max_batch: 256,
+        }
+    }
+}
+
+type Reply = Box<dyn FnOnce(Option<String>) + Send>;
+type WorkFuture<'c> = Pin<Box<dyn Future<Output = (bool, Reply)> + Send + 'c>>;
+/// A queued write: given the writer's connection (or why there is none this round), it runs and
+/// returns whether it succeeded plus how to answer its caller once the commit's fate is known.
+type Work = Box<
+    dyn for<'c> FnOnce(std::result::Result<&'c mut SqliteConnection, String>) -> WorkFuture<'c>
+        + Send,
+>;
+type OpFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+
+/// The embedded queue. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    writer: mpsc::Sender<Work>,
+    clock: Arc<dyn Clock>,
+    ids: Mutex<ulid::Generator>,
+    events_tx: broadcast::Sender<String>,
+    notify: Arc<Notify>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database, applies migrations and starts the writer task.
+    pub async fn open(opts: SqliteOptions, clock: Arc<dyn Clock>) -> Result<Self> {
+        let connect = SqliteConnectOptions::from_str(&opts.url)
+            .map_err(|e| StoreError::Unavailable(format!("database url `{}`: {e}", opts.url)))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match opts.synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(opts.busy_timeout)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .connect_with(connect.clone())
+            .await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))?;
+        let conn = connect.connect().await?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer_loop(conn, rx, opts.max_batch.max(1)));
+        let (events_tx, _) = broadcast::channel(4096);
+        Ok(Self {
+            pool,
+            writer: tx,
+            clock,
+            ids: Mutex::new(ulid::Generator::new()),
+            events_tx,
+            notify: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Runs `f` inside the writer's transaction and returns its result once committed.
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> OpFuture<'c, T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T>>();
+        let work: Work = Box::new(move |conn| {
+            Box::pin(async move {
+                let r = match conn {
+                    Ok(conn) => f(conn).await,
+                    Err(msg) => Err(StoreError::Unavailable(msg)),
+                };
+                let ok = r.is_ok();
+                let reply: Reply = Box::new(move |commit_err| {
+                    let out = match commit_err {
+                        Some(e) => Err(StoreError::Unavailable(e)),
+                        None => r,
+                    };
+                    let _ = tx.send(out);
+                });
+                (ok, reply)
+            })
+        });
+        let gone = || StoreError::Unavailable("database writer stopped".into());
+        self.writer.send(work).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    fn new_id(&self) -> String {
+        let at = UNIX_EPOCH + Duration::from_millis(self.clock.now_ms().max(0) as u64);
+        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        match g.generate_from_datetime(at) {
+            Ok(id) => id.to_string(),
+            Err(_) => ulid::Ulid::from_datetime(at).to_string(),
+        }
+    }
+
+    fn announce(&self, job_id: &str) {
+        let _ = self.events_tx.send(job_id.to_string());
+    }
+}
+
+/// Runs one statement of the writer's own (BEGIN, SAVEPOINT, COMMIT…). Boxed with an explicit `Send`
+/// so the spawned writer future does not trip over sqlx's higher-ranked `Executor` bounds.
+fn exec_raw<'c>(
+    conn: &'c mut SqliteConnection,
+    sql: &'static str,
+) -> Pin<Box<dyn Future<Output = std::result::Result<(), sqlx::Error>> + Send + 'c>> {
+    Box::pin(async move {
+        for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(stmt).execute(&mut *conn).await?;
+        }
+        Ok(())
+    })
+}
+
+async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Work>, max_batch: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = exec_raw(&mut conn, "BEGIN IMMEDIATE").await {
+            let msg = e.to_string();
+            tracing::warn!(error = %msg, "could not begin write transaction");
+            for w in batch {
+                let (_, reply) = w(Err(msg.clone())).await;
+                reply(None);
+            }
+            continue;
+        }
+        let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        for w in batch {
+            if let Err(e) = exec_raw(&mut conn, "SAVEPOINT w").await {
+                let (_, reply) = w(Err(e.to_string())).await;
+                replies.push(reply);
+                continue;
+            }
+            let (ok, reply) = w(Ok(&mut conn)).await;
+            let end = if ok {
+                "RELEASE w"
+            } else {
+                "ROLLBACK TO w; RELEASE w"
+            };
+            if let Err(e) = exec_raw(&mut conn, end).await {
+                tracing::warn!(error = %e, "savepoint end failed");
+            }
+            replies.push(reply);
+        }
+        let commit_err = match exec_raw(&mut conn, "COMMIT").await {
+            Ok(_) => None,
+            Err(e) => {
+                let _ = exec_raw(&mut conn, "ROLLBACK").await;
+                tracing::warn!(error = %e, "commit failed");
+                Some(e.to_string())
+            }
+        };
+        for r in replies {
+            r(commit_err.clone());
+        }
+    }
+}
+
+const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, attempts, \
+    max_attempts, run_after, cancel_requested, error, results, progress, timeout_ms, checkpoint";
+
+fn ts(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<Job> {
+    let state: String = row.try_get("state")?;
+    let state = JobState::from_str(&state).map_err(StoreError::Corrupt)?;
+    let spec: JobSpec = decode("spec", row.try_get::<&str, _>("spec")?)?;
+    let error: Option<String> = row.try_get("error")?;
+    let attempts: i64 = row.try_get("attempts")?;
+    let run_after: i64 = row.try_get("run_after")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        state,
+        action: spec.action,
+        created_at: ts(row.try_get("created_at")?),
+        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(ts),
+        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(ts),
+        attempts: attempts as u32,
+        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
+        next_attempt_at: (state == JobState::Queued && attempts > 0).then(|| ts(run_after)),
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        error: error.map(|e| decode("error", &e)).transpose()?,
+        results: decode("results", row.try_get::<&str, _>("results")?)?,
+        progress: decode("progress", row.try_get::<&str, _>("progress")?)?,
+        spec,
+    })
+}
+
+fn claimed_from_row(row: &SqliteRow) -> Result<Claimed> {
+    let checkpoint: Option<String> = row.try_get("checkpoint")?;
+    Ok(Claimed {
+        job: job_from_row(row)?,
+        timeout_ms: row.try_get("timeout_ms")?,
+        checkpoint: checkpoint.map(|c| decode("checkpoint", &c)).transpose()?,
+    })
+}
+
+async fn add_event(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    at: i64,
+    kind: &str,
+    message: &str,
+    data: &Value,
+) -> Result<()> {
+    sqlx::query("INSERT INTO job_events (job_id, at, kind, message, data) VALUES (?, ?, ?, ?, ?)")
+        .bind(job_id)
+        .bind(at)
+        .bind(kind)
+        .bind(message)
+        .bind(encode(data))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn load_job(conn: &mut SqliteConnection, id: &str) -> Result<Option<Job>> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+fn spec_hash(spec_json: &str) -> String {
+    hex::encode(Sha256::digest(spec_json.as_bytes()))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn enqueue(&self, new: NewJob) -> Result<Enqueued> {
+        let id = self.new_id();
+        let clock = self.clock.clone();
+        let out = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let spec_json = encode(&new.spec);
+                    let hash = spec_hash(&spec_json);
+                    if let Some(key) = &new.idempotency_key {
+                        let row = sqlx::query(
+                            "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?",
+                        )
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                        if let Some(row) = row {
+                            let existing: String = row.try_get("id")?;
+                            let existing_hash: Option<String> = row.try_get("request_hash")?;
+                            if existing_hash.as_deref() != Some(hash.as_str()) {
+                                return Err(StoreError::IdempotencyConflict { job_id: existing });
+                            }
+                            let job = load_job(conn, &existing).await?.ok_or_else(|| {
+                                StoreError::Corrupt(format!("job {existing} vanished"))
+                            })?;
+                            return Ok(Enqueued::Replayed(job));
+                        }
+                    }
+                    let now = clock.now_ms();
+                    let progress = Progress {
+                        phase: "queued".into(),
+                        message: "waiting for a worker".into(),
+                        ..Default::default()
+                    };
+                    sqlx::query(
+                        "INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
+                         created_at, updated_at, max_attempts, run_after, timeout_ms, progress) \
+                         VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&id)
+                    .bind(new.spec.action.as_str())
+                    .bind(&spec_json)
+                    .bind(&new.idempotency_key)
+                    .bind(&hash)
+                    .bind(now)
+                    .bind(now)
+                    .bind(new.max_attempts as i64)
+                    .bind(now)
+                    .bind(new.timeout_ms)
+                    .bind(encode(&progress))
+                    .execute(&mut *conn)
+                    .await?;
+                    add_event(
+                        conn,
+                        &id,
+                        now,
+                        "queued",
+                        "job accepted",
+                        &json!({"action": new.spec.action}),
+                    )
+                    .await?;
+                    Ok(Enqueued::Created(Job {
+                        id: id.clone(),
+                        state: JobState::Queued,
+                        action: new.spec.action,
+                        spec: new.spec,
+                        created_at: ts(now),
+                        started_at: None,
+                        finished_at: None,
+                        attempts: 0,
+                        max_attempts: new.max_attempts,
+                        next_attempt_at: None,
+                        cancel_requested: false,
+                        error: None,
+                        results: JobResults::default(),
+                        progress,
+                    }))
+                })
+            })
+            .await?;
+        if let Enqueued::Created(job) = &out {
+            self.announce(&job.id);
+            self.notify.notify_one();
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>> {
+        let mut conn = self.pool.acquire().await?;
+        load_job(&mut conn, id).await
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Page> {
+        let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE 1 = 1");
+        if q.state.is_some() {
+            sql.push_str(" AND state = ?");
+        }
+        if q.action.is_some() {
+            sql.push_str(" AND action = ?");
+        }
+        if q.since_ms.is_some() {
+            sql.push_str(" AND created_at >= ?");
+        }
+        if q.until_ms.is_some() {
+            sql.push_str(" AND created_at < ?");
+        }
+        if q.before_id.is_some() {
+            sql.push_str(" AND id < ?");
+        }
+        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let mut query = sqlx::query(&sql);
+        if let Some(s) = q.state {
+            query = query.bind(s.as_str());
+        }
+        if let Some(a) = &q.action {
+            query = query.bind(a);
+        }
+        if let Some(s) = q.since_ms {
+            query = query.bind(s);
+        }
+        if let Some(u) = q.until_ms {
+            query = query.bind(u);
+        }
+        if let Some(b) = &q.before_id {
+            query = query.bind(b);
+        }
+        let limit = q.limit.max(1);
+        let rows = query.bind(limit as i64 + 1).fetch_all(&self.pool).await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if jobs.len() > limit as usize {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| j.id.clone())
+        } else {
+            None
+        };
+        Ok(Page { jobs, next_cursor })
+    }
+
+    async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>> {
+        let id = id.to_string();
+        let clock = self.clock.clone();
+        let out = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let Some(job) = load_job(conn, &id).await? else {
+                        return Ok(None);
+                    };
+                    let now = clock.now_ms();
+                    match job.state {
+                        JobState::Queued => {
+                            sqlx::query(
+                                "UPDATE jobs SET state = 'cancelled', finished_at = ?, updated_at = ?, \
+                                 progress = ? WHERE id = ?",
+                            )
+                            .bind(now)
+                            .bind(now)
+                            .bind(encode(&Progress {
+                                phase: "done".into(),
+                                message: "cancelled before it started".into(),
+                                ..Default::default()
+                            }))
+                            .bind(&id)
+                            .execute(&mut *conn)
+                            .await?;
+                            add_event(conn, &id, now, "cancelled", "cancelled while queued", &Value::Null)
+                                .await?;
+                            let job = load_job(conn, &id).await?.unwrap_or(job);
+                            Ok(Some(CancelOutcome::Cancelled(job)))
+                        }
+                        JobState::Running => {
+                            if !job.cancel_requested {
+                                sqlx::query(
+                                    "UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                                )
+                                .bind(now)
+                                .bind(&id)
+                                .execute(&mut *conn)
+                                .await?;
+                                add_event(
+                                    conn,
+                                    &id,
+                                    now,
+                                    "cancel_requested",
+                                    "cancel requested; the worker stops at its next step or wait",
+                                    &Value::Null,
+                                )
+                                .await?;
+                            }
+                            let job = load_job(conn, &id).await?.unwrap_or(job);
+                            Ok(Some(CancelOutcome::Requested(job)))
+                        }
+                        _ => Ok(Some(CancelOutcome::AlreadyFinished(job))),
+                    }
+                })
+            })
+            .await?;
+        if let Some(CancelOutcome::Cancelled(j) | CancelOutcome::Requested(j)) = &out {
+            self.announce(&j.id);
+        }
+        Ok(out)
+    }
+
+    async fn claim(&self, worker: &str, lease_ms: i64, n: u32) -> Result<Vec<Claimed>> {
+        let worker = worker.to_string();
+        let clock = self.clock.clone();
+        let claimed = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let now = clock.now_ms();
+                    let rows = sqlx::query(&format!(
+                        "UPDATE jobs SET state = 'running', lease_owner = ?1, lease_expires_at = ?2, \
+                         attempts = attempts + 1, started_at = COALESCE(started_at, ?3), \
+                         updated_at = ?3 \
+                         WHERE id IN (SELECT id FROM jobs WHERE state = 'queued' AND run_after <= ?3 \
+                                      ORDER BY run_after, id LIMIT ?4) \
+                         RETURNING {JOB_COLS}"
+                    ))
+                    .bind(&worker)
+                    .bind(now + lease_ms)
+                    .bind(now)
+                    .bind(n as i64)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let mut out = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let c = claimed_from_row(row)?;
+                        add_event(
+                            conn,
+                            &c.job.id,
+                            now,
+                            "started",
+                            &format!("attempt {} of {} started", c.job.attempts, c.job.max_attempts),
+                            &json!({"attempt": c.job.attempts, "worker": worker}),
+                        )
+                        .await?;
+                        out.push(c);
+                    }
+                    Ok(out)
+                })
+            })
+            .await?;
+        for c in &claimed {
+            self.announce(&c.job.id);
+        }
+        Ok(claimed)
+    }
+
+    async fn heartbeat(&self, id: &str, worker: &str, lease_ms: i64) -> Result<Heartbeat> {
+        let (id, worker) = (id.to_string(), worker.to_string());
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let row = sqlx::query(
+                    "UPDATE jobs SET lease_expires_at = ?, updated_at = ? \
+                     WHERE id = ? AND lease_owner = ? AND state = 'running' RETURNING cancel_requested",
+                )
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(&id)
+                .bind(&worker)
+                .fetch_optional(conn)
+                .await?;
+                match row {
+                    Some(r) => Ok(Heartbeat {
+                        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+                    }),
+                    None => Err(StoreError::LeaseLost),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn progress(
+        &self,
+        id: &str,
+        worker: &str,
+        progress: Progress,
+        event: NewEvent,
+    ) -> Result<()> {
+        let (job_id, worker) = (id.to_string(), worker.to_string());
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let n = sqlx::query(
+                    "UPDATE jobs SET progress = ?, updated_at = ? \
+                     WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                )
+                .bind(encode(&progress))
+                .bind(now)
+                .bind(&job_id)
+                .bind(&worker)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::LeaseLost);
+                }
+                add_event(conn, &job_id, now, &event.kind, &event.message, &event.data).await
+            })
+        })
+        .await?;
+        self.announce(id);
+        Ok(())
+    }
+
+    async fn checkpoint(&self, id: &str, worker: &str, state: Value) -> Result<()> {
+        let (id, worker) = (id.to_string(), worker.to_string());
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query(
+                    "UPDATE jobs SET checkpoint = ? WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                )
+                .bind(encode(&state))
+                .bind(&id)
+                .bind(&worker)
+                .execute(conn)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    Err(StoreError::LeaseLost)
+                } else {
+                    Ok(())
+                }
+            })
+        })
+        .await
+    }
+
+    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job> {
+        let (job_id, worker) = (id.to_string(), worker.to_string());
+        let clock = self.clock.clone();
+        let retry = matches!(outcome, Finish::Retry { .. });
+        let job = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let now = clock.now_ms();
+                    let n = match &outcome {
+                        Finish::Retry {
+                            error,
+                            run_after_ms,
+                        } => {
+                            sqlx::query(
+                                "UPDATE jobs SET state = 'queued', run_after = ?, error = ?, updated_at = ?, \
+                                 lease_owner = NULL, lease_expires_at = NULL, progress = ? \
+                                 WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                            )
+                            .bind(run_after_ms)
+                            .bind(encode(error))
+                            .bind(now)
+                            .bind(encode(&Progress {
+                                phase: "retry_wait".into(),
+                                message: format!("retrying after transient error {}", error.code),
+                                ..Default::default()
+                            }))
+                            .bind(&job_id)
+                            .bind(&worker)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected()
+                        }
+                        Finish::Succeeded(results)
+                        | Finish::Failed(_, results)
+                        | Finish::Cancelled(results) => {
+                            let (state, error) = match &outcome {
+                                Finish::Succeeded(_) => ("succeeded", None),
+                                Finish::Failed(e, _) => ("failed", Some(encode(e))),
+                                _ => ("cancelled", None),
+                            };
+                            sqlx::query(
+                                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, error = ?, \
+                                 results = ?, lease_owner = NULL, lease_expires_at = NULL, \
+                                 progress = json_set(progress, '$.phase', 'done') \
+                                 WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                            )
+                            .bind(state)
+                            .bind(now)
+                            .bind(now)
+                            .bind(error)
+                            .bind(encode(results))
+                            .bind(&job_id)
+                            .bind(&worker)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected()
+                        }
+                    };
+                    if n == 0 {
+                        return Err(StoreError::LeaseLost);
+                    }
+                    let (kind, message, data) = match &outcome {
+                        Finish::Succeeded(r) => (
+                            "succeeded",
+                            r.summary.clone().unwrap_or_else(|| "job succeeded".into()),
+                            Value::Null,
+                        ),
+                        Finish::Failed(e, _) => (
+                            "failed",
+                            format!("{}: {}", e.code, e.message),
+                            json!({"error": e}),
+                        ),
+                        Finish::Cancelled(_) => ("cancelled", "job cancelled".into(), Value::Null),
+                        Finish::Retry {
+                            error,
+                            run_after_ms,
+                        } => (
+                            "retry_scheduled",
+                            format!(
+                                "{}: {}; next attempt in {} ms",
+                                error.code,
+                                error.message,
+                                (run_after_ms - now).max(0)
+                            ),
+                            json!({"error": error, "run_after": ts(*run_after_ms)}),
+                        ),
+                    };
+                    add_event(conn, &job_id, now, kind, &message, &data).await?;
+                    load_job(conn, &job_id)
+                        .await?
+                        .ok_or_else(|| StoreError::Corrupt(format!("job {job_id} vanished")))
+                })
+            })
+            .await?;
+        self.announce(id);
+        if retry {
+            self.notify.notify_one();
+        }
+        Ok(job)
+    }
+
+    async fn release(&self, id: &str, worker: &str) -> Result<()> {
+        let (job_id, worker) = (id.to_string(), worker.to_string());
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let n = sqlx::query(
+                    "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), run_after = ?, \
+                     updated_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                )
+                .bind(now)
+                .bind(now)
+                .bind(&job_id)
+                .bind(&worker)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::LeaseLost);
+                }
+                add_event(
+                    conn,
+                    &job_id,
+                    now,
+                    "requeued",
+                    "released at shutdown; resumes from its last checkpoint",
+                    &Value::Null,
+                )
+                .await
+            })
+        })
+        .await?;
+        self.announce(id);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    async fn requeue_expired(&self) -> Result<u64> {
+        let clock = self.clock.clone();
+        let ids = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let now = clock.now_ms();
+                    let expired = encode(&JobError {
+                        code: "LeaseExpired".into(),
+                        message: "the worker holding the job stopped answering and no attempts are left"
+                            .into(),
+                        request_id: None,
+                    });
+                    let rows = sqlx::query(
+                        "UPDATE jobs SET \
+                           state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+                           finished_at = CASE WHEN attempts >= max_attempts THEN ?1 ELSE NULL END, \
+                           error = CASE WHEN attempts >= max_attempts THEN ?2 ELSE error END, \
+                           lease_owner = NULL, lease_expires_at = NULL, run_after = ?1, updated_at = ?1 \
+                         WHERE state = 'running' AND lease_expires_at < ?1 RETURNING id, state",
+                    )
+                    .bind(now)
+                    .bind(&expired)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let mut ids = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        let id: String = row.try_get("id")?;
+                        let state: String = row.try_get("state")?;
+                        let (kind, msg) = if state == "failed" {
+                            ("failed", "LeaseExpired: lease expired and no attempts are left")
+                        } else {
+                            ("requeued", "lease expired; queued again")
+                        };
+                        add_event(conn, &id, now, kind, msg, &Value::Null).await?;
+                        ids.push(id);
+                    }
+                    Ok(ids)
+                })
+            })
+            .await?;
+        for id in &ids {
+            self.announce(id);
+        }
+        if !ids.is_empty() {
+            self.notify.notify_one();
+        }
+        Ok(ids.len() as u64)
+    }
+
+    async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, job_id, at, kind, message, data FROM job_events \
+             WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(id)
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobEvent {
+                    seq: r.try_get("seq")?,
+                    job_id: r.try_get("job_id")?,
+                    at: ts(r.try_get("at")?),
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                    data: decode("event data", r.try_get::<&str, _>("data")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_run_after(&self) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT MIN(run_after) AS t FROM jobs WHERE state = 'queued'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("t")?)
+    }
+
+    async fn counts(&self) -> Result<Vec<(JobState, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+        for r in rows {
+            let s: String = r.try_get("state")?;
+            let n: i64 = r.try_get("n")?;
+            if let Ok(st) = JobState::from_str(&s) {
+                if let Some(slot) = out.iter_mut().find(|(k, _)| *k == st) {
+                    slot.1 = n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO meta (key, value) VALUES ('last_ping', ?) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )
+                .bind(clock.now_ms().to_string())
+                .execute(conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn create_token(&self, name: &str, role: Role, sha256_hex: &str) -> Result<TokenInfo> {
+        let (name, hash) = (name.to_string(), sha256_hex.to_string());
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let r = sqlx::query(
+                    "INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&name)
+                .bind(role.as_str())
+                .bind(&hash)
+                .bind(now)
+                .execute(conn)
+                .await;
+                match r {
+                    Ok(_) => Ok(TokenInfo {
+                        name,
+                        role,
+                        created_at: ts(now),
+                    }),
+                    Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(
+                        StoreError::Conflict(format!("a token named `{name}` already exists")),
+                    ),
+                    Err(e) => Err(e.into()),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>> {
+        let row = sqlx::query(
+            "SELECT name, role, token_sha256, created_at FROM api_tokens WHERE token_sha256 = ?",
+        )
+        .bind(sha256_hex)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let role: String = r.try_get("role")?;
+            Ok((
+                TokenInfo {
+                    name: r.try_get("name")?,
+                    role: Role::from_str(&role).map_err(StoreError::Corrupt)?,
+                    created_at: ts(r.try_get("created_at")?),
+                },
+                r.try_get("token_sha256")?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        let rows = sqlx::query("SELECT name, role, created_at FROM api_tokens ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let role: String = r.try_get("role")?;
+                Ok(TokenInfo {
+                    name: r.try_get("name")?,
+                    role: Role::from_str(&role).map_err(StoreError::Corrupt)?,
+                    created_at: ts(r.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query("DELETE FROM api_tokens WHERE name = ?")
+                    .bind(&name)
+                    .execute(conn)
+                    .await?
+                    .rows_affected();
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events_tx.subscribe()
+    }
+
+    fn work_available(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,381 @@
+//! Queue semantics against a real SQLite file, with a hand-moved clock.
+
+use std::sync::Arc;
+
+use ec2jobd_spec::{JobError, JobSpec, JobState, ManualClock, Progress};
+use serde_json::json;
+
+use super::*;
+
+struct Fixture {
+    store: Arc<SqliteStore>,
+    clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let opts = SqliteOptions {
+        url: format!("sqlite://{}", dir.path().join("q.db").display()),
+        ..Default::default()
+    };
+    let store = SqliteStore::open(opts, clock.clone()).await.expect("open");
+    Fixture {
+        store: Arc::new(store),
+        clock,
+        _dir: dir,
+    }
+}
+
+fn spec(ids: &str) -> JobSpec {
+    serde_json::from_value::<JobSpec>(json!({
+        "action": "describe_instances", "targets": {"instance_ids": ids}
+    }))
+    .unwrap()
+    .normalize()
+    .unwrap()
+}
+
+fn new_job(ids: &str, key: Option<&str>) -> NewJob {
+    NewJob {
+        spec: spec(ids),
+        idempotency_key: key.map(String::from),
+        max_attempts: 3,
+        timeout_ms: 60_000,
+    }
+}
+
+async fn enqueue(s: &SqliteStore, ids: &str) -> Job {
+    match s.enqueue(new_job(ids, None)).await.unwrap() {
+        Enqueued::Created(j) => j,
+        Enqueued::Replayed(_) => panic!("no key, no replay"),
+    }
+}
+
+#[tokio::test]
+async fn expired_lease_is_requeued_with_attempt_counted() {
+    let f = fixture().await;
+    let job = enqueue(&f.store, "i-01234567").await;
+    let c = f.store.claim("w1", 1_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].job.attempts, 1);
+    assert_eq!(
+        f.store.requeue_expired().await.unwrap(),
+        0,
+        "lease still valid"
+    );
+    f.clock.advance(1_001);
+    assert_eq!(f.store.requeue_expired().await.unwrap(), 1);
+    let j = f.store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Queued);
+    let c = f.store.claim("w2", 1_000, 1).await.unwrap();
+    assert_eq!(c[0].job.attempts, 2, "the re-queued attempt counts");
+}
+
+#[tokio::test]
+async fn lease_expiry_out_of_attempts_fails_the_job() {
+    let f = fixture().await;
+    let job = enqueue(&f.store, "i-01234567").await;
+    for _ in 0..3 {
+        assert_eq!(f.store.claim("w", 10, 1).await.unwrap().len(), 1);
+        f.clock.advance(11);
+        f.store.requeue_expired().await.unwrap();
+    }
+    let j = f.store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.error.unwrap().code, "LeaseExpired");
+}
+
+#[tokio::test]
+async fn fencing_stops_a_stale_worker() {
+    let f = fixture().await;
+    let job = enqueue(&f.store, "i-01234567").await;
+    f.store.claim("stale", 100, 1).await.unwrap();
+    f.clock.advance(101);
+    f.store.requeue_expired().await.unwrap();
+    let c = f.store.claim("fresh", 10_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    // The stale worker wakes up and tries to write: every fenced write is refused.
+    let r = f
+        .store
+        .finish(&job.id, "stale", Finish::Succeeded(JobResults::default()))
+        .await;
+    assert!(matches!(r, Err(StoreError::LeaseLost)), "{r:?}");
+    assert!(matches!(
+        f.store.heartbeat(&job.id, "stale", 100).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        f.store
+            .checkpoint(&job.id, "stale", json!({"step": 1}))
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    let j = f
+        .store
+        .finish(&job.id, "fresh", Finish::Succeeded(JobResults::default()))
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Succeeded);
+    // And nobody can finish it twice.
+    assert!(f
+        .store
+        .finish(&job.id, "fresh", Finish::Succeeded(JobResults::default()))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn retry_is_not_claimable_before_its_time() {
+    let f = fixture().await;
+    let job = enqueue(&f.store, "i-01234567").await;
+    f.store.claim("w", 10_000, 1).await.unwrap();
+    let at = f.clock.now_ms() + 5_000;
+    let err = JobError {
+        code: "Throttling".into(),
+        message: "slow down".into(),
+        request_id: None,
+    };
+    let j = f
+        .store
+        .finish(
+            &job.id,
+            "w",
+            Finish::Retry {
+                error: err,
+                run_after_ms: at,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Queued);
+    assert_eq!(j.next_attempt_at.unwrap().timestamp_millis(), at);
+    assert!(f.store.claim("w", 10_000, 1).await.unwrap().is_empty());
+    f.clock.advance(5_000);
+    let c = f.store.claim("w", 10_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].job.attempts, 2);
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_and_conflicts() {
+    let f = fixture().await;
+    let a = f
+        .store
+        .enqueue(new_job("i-01234567", Some("k1")))
+        .await
+        .unwrap();
+    let Enqueued::Created(a) = a else {
+        panic!("first is created")
+    };
+    let b = f
+        .store
+        .enqueue(new_job("i-01234567", Some("k1")))
+        .await
+        .unwrap();
+    let Enqueued::Replayed(b) = b else {
+        panic!("same body replays")
+    };
+    assert_eq!(a.id, b.id);
+    let c = f.store.enqueue(new_job("i-89abcdef", Some("k1"))).await;
+    assert!(matches!(c, Err(StoreError::IdempotencyConflict { job_id }) if job_id == a.id));
+    let page = f
+        .store
+        .list(ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.jobs.len(), 1, "a conflict stores nothing");
+}
+
+#[tokio::test]
+async fn cancel_queued_at_once_and_running_by_flag() {
+    let f = fixture().await;
+    let q = enqueue(&f.store, "i-01234567").await;
+    let Some(CancelOutcome::Cancelled(j)) = f.store.cancel(&q.id).await.unwrap() else {
+        panic!("queued job cancels at once")
+    };
+    assert_eq!(j.state, JobState::Cancelled);
+    assert!(f.store.claim("w", 1_000, 5).await.unwrap().is_empty());
+
+    let r = enqueue(&f.store, "i-01234567").await;
+    f.store.claim("w", 10_000, 1).await.unwrap();
+    assert!(matches!(
+        f.store.cancel(&r.id).await.unwrap(),
+        Some(CancelOutcome::Requested(_))
+    ));
+    assert!(
+        f.store
+            .heartbeat(&r.id, "w", 10_000)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+    f.store
+        .finish(&r.id, "w", Finish::Cancelled(JobResults::default()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store.cancel(&r.id).await.unwrap(),
+        Some(CancelOutcome::AlreadyFinished(_))
+    ));
+    assert!(f
+        .store
+        .cancel("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await
+        .unwrap()
+        .is_none());
+    let kinds: Vec<String> = f
+        .store
+        .events(&r.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["queued", "started", "cancel_requested", "cancelled"]
+    );
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_with_filters() {
+    let f = fixture().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&f.store, "i-01234567").await.id);
+        f.clock.advance(10);
+    }
+    let p1 = f
+        .store
+        .list(ListQuery {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        p1.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        [&ids[4], &ids[3]]
+    );
+    let p2 = f
+        .store
+        .list(ListQuery {
+            limit: 2,
+            before_id: p1.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        p2.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        [&ids[2], &ids[1]]
+    );
+    let p3 = f
+        .store
+        .list(ListQuery {
+            limit: 2,
+            before_id: p2.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(p3.jobs.len(), 1);
+    assert!(p3.next_cursor.is_none());
+    f.store.claim("w", 1_000, 1).await.unwrap();
+    let running = f
+        .store
+        .list(ListQuery {
+            limit: 10,
+            state: Some(JobState::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.jobs.len(), 1);
+    assert_eq!(
+        running.jobs[0].id, ids[0],
+        "oldest runnable is claimed first"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_enqueues_all_land_and_progress_is_fenced() {
+    let f = fixture().await;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let s = f.store.clone();
+        tasks.push(tokio::spawn(
+            async move { enqueue(&s, "i-01234567").await.id },
+        ));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+    let counts = f.store.counts().await.unwrap();
+    assert!(counts.contains(&(JobState::Queued, 200)));
+    let c = f.store.claim("w", 1_000, 3).await.unwrap();
+    assert_eq!(c.len(), 3);
+    let ev = NewEvent {
+        kind: "progress".into(),
+        message: "half".into(),
+        data: json!({}),
+    };
+    f.store
+        .progress(
+            &c[0].job.id,
+            "w",
+            Progress {
+                phase: "calling".into(),
+                ..Default::default()
+            },
+            ev.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store
+            .progress(&c[0].job.id, "other", Progress::default(), ev)
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+}
+
+#[tokio::test]
+async fn release_gives_the_attempt_back() {
+    let f = fixture().await;
+    let job = enqueue(&f.store, "i-01234567").await;
+    f.store.claim("w", 1_000, 1).await.unwrap();
+    f.store.release(&job.id, "w").await.unwrap();
+    let j = f.store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
+}
+
+#[tokio::test]
+async fn tokens_are_unique_and_revocable() {
+    let f = fixture().await;
+    f.store
+        .create_token("ci", Role::Operator, "ab")
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store.create_token("ci", Role::Admin, "cd").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let (t, h) = f.store.token_by_hash("ab").await.unwrap().unwrap();
+    assert_eq!(
+        (t.name.as_str(), t.role, h.as_str()),
+        ("ci", Role::Operator, "ab")
+    );
+    assert!(f.store.revoke_token("ci").await.unwrap());
+    assert!(!f.store.revoke_token("ci").await.unwrap());
+    assert!(f.store.token_by_hash("ab").await.unwrap().is_none());
+}

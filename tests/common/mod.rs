@@ -1,0 +1,418 @@
+//! End-to-end harness: a real moto server and the real `ec2jobd` binary on free ports, each with a
+//! temporary directory, both killed when dropped. A missing `moto_server` fails the test with a
+//! message saying how to install it; nothing is skipped silently.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A moto server (EC2 and SNS) on a free loopback port.
+pub struct Moto {
+    child: Child,
+    pub url: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run `moto_server` ({e}): run scripts/test, which installs it (pip install 'moto[server]')")
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        let m = Moto { child, url };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/moto-api/", m.url)).send().await {
+                if r.status().is_success() {
+                    return m;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// An EC2 client talking to this moto directly (to arrange and to check, not through ec2jobd).
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .load()
+            .await;
+        aws_sdk_ec2::Client::new(&conf)
+    }
+
+    /// Launches `n` instances carrying `tags`; returns their ids.
+    pub async fn launch(&self, n: i32, tags: &[(&str, &str)]) -> Vec<String> {
+        use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+        let ec2 = self.ec2().await;
+        let image = ec2
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .expect("describe images")
+            .images()
+            .iter()
+            .find_map(|i| i.image_id().map(String::from))
+            .expect("moto ships images");
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
+        for (k, v) in tags {
+            spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+        }
+        let out = ec2
+            .run_instances()
+            .image_id(image)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .min_count(n)
+            .max_count(n)
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .expect("run instances in moto");
+        out.instances()
+            .iter()
+            .filter_map(|i| i.instance_id().map(String::from))
+            .collect()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a daemon is started with.
+#[derive(Clone)]
+pub struct DaemonOpts {
+    pub moto_url: Option<String>,
+    pub workers: usize,
+    /// Extra TOML appended to the generated config (more accounts, other limits).
+    pub extra: String,
+}
+
+impl Default for DaemonOpts {
+    fn default() -> Self {
+        Self {
+            moto_url: None,
+            workers: 2,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running `ec2jobd serve` with its own directory and database.
+pub struct Daemon {
+    child: Option<Child>,
+    pub url: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub admin: String,
+    pub http: reqwest::Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ec2jobd")
+}
+
+pub fn write_config(dir: &Path, opts: &DaemonOpts) -> PathBuf {
+    let endpoint = opts
+        .moto_url
+        .as_ref()
+        .map(|u| format!("endpoint_url = \"{u}\"\n"))
+        .unwrap_or_default();
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+database = "sqlite://{db}"
+shutdown_grace = "3s"
+
+[accounts.default]
+region = "us-east-1"
+{endpoint}call_timeout = "20s"
+
+[queue]
+workers = {workers}
+lease = "3s"
+heartbeat = "500ms"
+max_attempts = 3
+backoff_base = "50ms"
+backoff_max = "200ms"
+poll_interval = "200ms"
+reap_interval = "500ms"
+
+[log]
+level = "info,ec2jobd_server=debug"
+{extra}
+"#,
+        db = dir.join("ec2jobd.db").display(),
+        workers = opts.workers,
+        extra = opts.extra,
+    );
+    let path = dir.join("ec2jobd.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Runs `ec2jobd` with args and returns (status, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("run ec2jobd");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Creates a token with the CLI against a config; returns the secret.
+pub fn create_token(config: &Path, role: &str, name: &str) -> String {
+    let (st, out, err) = run_cli(&[
+        "token",
+        "create",
+        "--role",
+        role,
+        "--name",
+        name,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert!(st.success(), "token create failed: {err}");
+    out.trim().to_string()
+}
+
+impl Daemon {
+    pub async fn start(opts: DaemonOpts) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let config = write_config(&dir, &opts);
+        let admin = create_token(&config, "admin", "admin");
+        let mut d = Daemon {
+            child: None,
+            url: String::new(),
+            dir,
+            config,
+            admin,
+            http: reqwest::Client::new(),
+            _tmp: Some(tmp),
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// A second daemon on an existing config (e.g. sharing another's database).
+    pub async fn attach(config: PathBuf, admin: String) -> Daemon {
+        let dir = config.parent().expect("config dir").to_path_buf();
+        let mut d = Daemon {
+            child: None,
+            url: String::new(),
+            dir,
+            config,
+            admin,
+            http: reqwest::Client::new(),
+            _tmp: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Starts the binary on the existing directory (again, after a kill).
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("log file");
+        let mut child = Command::new(bin())
+            .args(["serve", "--config", self.config.to_str().unwrap()])
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn ec2jobd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("daemon did not start; log:\n{}", self.log()));
+        self.url = line
+            .strip_prefix("ec2jobd listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait up to `within` for a clean exit; returns the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("daemon did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token)
+    }
+
+    pub async fn post_job(&self, token: &str, spec: &Value) -> reqwest::Response {
+        self.req(reqwest::Method::POST, "/v1/jobs", token)
+            .json(spec)
+            .send()
+            .await
+            .expect("POST /v1/jobs")
+    }
+
+    /// Submits and expects 202; returns the job id.
+    pub async fn submit(&self, spec: &Value) -> String {
+        let r = self.post_job(&self.admin, spec).await;
+        let status = r.status();
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(status, 202, "submit failed: {body}");
+        body["id"].as_str().expect("id").to_string()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .req(reqwest::Method::GET, path, &self.admin)
+            .send()
+            .await
+            .expect("GET");
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        let (s, v) = self.get_json(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(s, 200, "GET job {id}: {v}");
+        v
+    }
+
+    /// Polls the job until it reaches a final state (or panics after `within`).
+    pub async fn wait_final(&self, id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let j = self.job(id).await;
+            if matches!(
+                j["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return j;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not final after {within:?}: {j}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls until `f(job)` holds.
+    pub async fn wait_for(&self, id: &str, within: Duration, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let j = self.job(id).await;
+            if f(&j) {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "condition not met: {j}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A TCP endpoint that accepts connections and never answers: an EC2 call to it hangs until its
+/// timeout, so a job stays `running` for as long as a test needs.
+pub struct BlackHole {
+    pub url: String,
+    _keep: std::thread::JoinHandle<()>,
+}
+
+impl BlackHole {
+    pub fn start() -> BlackHole {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let keep = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in l.incoming().flatten() {
+                held.push(s);
+            }
+        });
+        BlackHole { url, _keep: keep }
+    }
+}
