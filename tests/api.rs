@@ -401,7 +401,8 @@ async fn bad_input_is_rejected_and_nothing_is_stored() {
     let json_ct = "application/json";
     let cases: Vec<(String, &str, u16, &str, Option<&str>)> = vec![
         ("{\"action\": ".into(), json_ct, 400, "malformed_json", Some("body")),
-        ("[1,2]".into(), json_ct, 422, "invalid_field", Some("body")),
+        ("[1,2]".into(), json_ct, 422, "not_an_object", Some("body")),
+        ("".into(), json_ct, 400, "malformed_json", Some("body")),
         (
             r#"{"action":"describe_instances","targets":{"instance_ids":["i-01234567"]},"dry_run":"yes"}"#.into(),
             json_ct, 422, "invalid_field", Some("dry_run"),

@@ -85,16 +85,16 @@ impl Moto {
         for (k, v) in tags {
             spec = spec.tags(Tag::builder().key(*k).value(*v).build());
         }
-        let out = ec2
+        let mut req = ec2
             .run_instances()
             .image_id(image)
             .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
             .min_count(n)
-            .max_count(n)
-            .tag_specifications(spec.build())
-            .send()
-            .await
-            .expect("run instances in moto");
+            .max_count(n);
+        if !tags.is_empty() {
+            req = req.tag_specifications(spec.build());
+        }
+        let out = req.send().await.expect("run instances in moto");
         out.instances()
             .iter()
             .filter_map(|i| i.instance_id().map(String::from))

@@ -49,6 +49,26 @@ fn location(id: &str) -> HeaderValue {
 
 /// Decodes a JSON body into `T`, naming the offending field on failure.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // serde would read a JSON array as a struct by position; only objects are requests here.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                "the body is empty; send a JSON object",
+            )
+            .field("body"))
+        }
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not_an_object",
+                "the body must be a JSON object",
+            )
+            .field("body"))
+        }
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -79,6 +99,7 @@ fn json_error(path: &str, e: &serde_json::Error) -> ApiError {
         .find_map(|p| msg.split_once(p).and_then(|(_, rest)| rest.split_once('`')))
         .map(|(name, _)| name.to_string());
     let field = match (path, named) {
+        (p, Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_string(),
         (".", Some(n)) => n,
         (p, Some(n)) => format!("{p}.{n}"),
         (".", None) => "body".to_string(),
