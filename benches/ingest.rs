@@ -14,7 +14,10 @@ const SPEC: &str = r#"{"action":"describe_instances","targets":{"tags":{"AutoOn"
 const MIGRATION: &str = include_str!("../migrations/sqlite/20261122000001_init.sql");
 
 fn env_num(k: &str, d: u64) -> u64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 /// Sequential single-row INSERT commits through the C API (rusqlite), the ceiling one connection
@@ -22,7 +25,8 @@ fn env_num(k: &str, d: u64) -> u64 {
 fn raw_baseline(sync: &str, secs: u64) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let conn = rusqlite::Connection::open(dir.path().join("raw.db")).expect("open");
-    conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
     conn.pragma_update(None, "synchronous", sync).expect("sync");
     conn.execute_batch(MIGRATION).expect("schema");
     let mut stmt = conn
@@ -63,7 +67,9 @@ async fn http_ingest(sync: &str, secs: u64, conns: usize) -> Http {
     let bin = env!("CARGO_BIN_EXE_ec2jobd");
     let cfg_s = cfg.to_str().expect("utf-8 path");
     let out = Command::new(bin)
-        .args(["token", "create", "--role", "operator", "--name", "bench", "--config", cfg_s])
+        .args([
+            "token", "create", "--role", "operator", "--name", "bench", "--config", cfg_s,
+        ])
         .output()
         .expect("token");
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -125,7 +131,11 @@ async fn http_ingest(sync: &str, secs: u64, conns: usize) -> Http {
     let _ = child.kill();
     let _ = child.wait();
     all.sort();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     Http {
         rate: all.len() as f64 / elapsed,
         p50: pct(0.50),
@@ -155,7 +165,9 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     println!(
         "ec2jobd ingest — {} cores, {}, {conns} connections, {secs} s per run",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         cpu_model()
     );
     println!(

@@ -112,7 +112,14 @@ async fn ops_routes_answer() {
 
     let (s, p) = problem(d.http.get(format!("{}/nope", d.url)).send().await.unwrap()).await;
     assert_eq!((s, p["code"].as_str()), (404, Some("not_found")));
-    let (s, p) = problem(d.http.delete(format!("{}/healthz", d.url)).send().await.unwrap()).await;
+    let (s, p) = problem(
+        d.http
+            .delete(format!("{}/healthz", d.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!((s, p["code"].as_str()), (405, Some("method_not_allowed")));
 
     // Responses are compressed for clients that ask.

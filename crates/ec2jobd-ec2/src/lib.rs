@@ -16,8 +16,12 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ec2::config::Credentials;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::operation::RequestId;
-use aws_sdk_ec2::types::{Filter as AwsFilter, Instance};
+use aws_sdk_ec2::types::{Filter as AwsFilter, Instance, Tag};
 use ec2jobd_spec::{InstanceResult, Targets};
+
+mod watch;
+
+pub use watch::{evaluate, InstanceStatus, Round, StatusWatcher, Verdict, WaitFailure};
 
 /// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.
 #[derive(Debug, Clone, Default)]
@@ -138,10 +142,12 @@ impl CallObserver for NoObserver {
     fn observe(&self, _: &'static str, _: &str) {}
 }
 
-/// Clients per account and region, built on first use and then shared by every job.
+/// Clients and status watchers per account and region, built on first use and then shared by every
+/// job.
 pub struct Ec2Pool {
     accounts: HashMap<String, AccountConfig>,
     clients: Mutex<HashMap<(String, String), aws_sdk_ec2::Client>>,
+    watchers: Mutex<HashMap<(String, String), Arc<StatusWatcher>>>,
     observer: Arc<dyn CallObserver>,
 }
 
@@ -151,8 +157,27 @@ impl Ec2Pool {
         Self {
             accounts,
             clients: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
             observer,
         }
+    }
+
+    /// The one status watcher of an account and region.
+    pub async fn watcher(
+        &self,
+        account: &str,
+        region: &str,
+    ) -> Result<Arc<StatusWatcher>, Ec2Error> {
+        let key = (account.to_string(), region.to_string());
+        let lock = || self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = lock().get(&key) {
+            return Ok(w.clone());
+        }
+        let ec2 = self.get(account, region).await?;
+        Ok(lock()
+            .entry(key)
+            .or_insert_with(|| StatusWatcher::new(ec2))
+            .clone())
     }
 
     /// The driver for one account and region.
@@ -244,6 +269,18 @@ pub struct Described {
     pub dry_run_ok: bool,
 }
 
+/// What a mutating call returned.
+#[derive(Debug, Clone, Default)]
+pub struct CallOutcome {
+    /// AWS request id.
+    pub request_id: Option<String>,
+    /// The call was a dry run and AWS answered `DryRunOperation` ("would succeed").
+    pub dry_run_ok: bool,
+}
+
+/// Most ids EC2 takes in one instance call.
+const IDS_PER_CALL: usize = 1000;
+
 /// One account+region's EC2 client with call accounting.
 #[derive(Clone)]
 pub struct Ec2 {
@@ -300,10 +337,214 @@ pub fn instance_result(i: &Instance) -> InstanceResult {
             .launch_time()
             .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
         tags,
+        ..Default::default()
     }
 }
 
+fn tags_of(tags: &std::collections::BTreeMap<String, String>) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
 impl Ec2 {
+    fn outcome<T, E, R>(
+        &self,
+        op: &'static str,
+        r: Result<T, SdkError<E, R>>,
+    ) -> Result<CallOutcome, Ec2Error>
+    where
+        T: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+        SdkError<E, R>: RequestId,
+    {
+        let r = r.map_err(|e| classify(op, e));
+        self.observe(op, &r);
+        match r {
+            Ok(o) => Ok(CallOutcome {
+                request_id: o.request_id().map(String::from),
+                dry_run_ok: false,
+            }),
+            Err(e) if e.code == "DryRunOperation" => Ok(CallOutcome {
+                request_id: e.request_id,
+                dry_run_ok: true,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// StartInstances for `ids` (in chunks of 1000); one outcome per call.
+    pub async fn start_instances(
+        &self,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let r = self
+                .client
+                .start_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .dry_run(dry_run)
+                .send()
+                .await;
+            out.push(self.outcome("StartInstances", r)?);
+        }
+        Ok(out)
+    }
+
+    /// StopInstances (`force`, `hibernate`).
+    pub async fn stop_instances(
+        &self,
+        ids: &[String],
+        force: bool,
+        hibernate: bool,
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let mut req = self
+                .client
+                .stop_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .dry_run(dry_run);
+            if force {
+                req = req.force(true);
+            }
+            if hibernate {
+                req = req.hibernate(true);
+            }
+            out.push(self.outcome("StopInstances", req.send().await)?);
+        }
+        Ok(out)
+    }
+
+    /// RebootInstances.
+    pub async fn reboot_instances(
+        &self,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let r = self
+                .client
+                .reboot_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .dry_run(dry_run)
+                .send()
+                .await;
+            out.push(self.outcome("RebootInstances", r)?);
+        }
+        Ok(out)
+    }
+
+    /// TerminateInstances (idempotent on AWS's side).
+    pub async fn terminate_instances(
+        &self,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let r = self
+                .client
+                .terminate_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .dry_run(dry_run)
+                .send()
+                .await;
+            out.push(self.outcome("TerminateInstances", r)?);
+        }
+        Ok(out)
+    }
+
+    /// CreateTags on instances (adds or overwrites).
+    pub async fn create_tags(
+        &self,
+        ids: &[String],
+        tags: &std::collections::BTreeMap<String, String>,
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let r = self
+                .client
+                .create_tags()
+                .set_resources(Some(chunk.to_vec()))
+                .set_tags(Some(tags_of(tags)))
+                .dry_run(dry_run)
+                .send()
+                .await;
+            out.push(self.outcome("CreateTags", r)?);
+        }
+        Ok(out)
+    }
+
+    /// DeleteTags on instances: by key (any value), or only where the value matches.
+    pub async fn delete_tags(
+        &self,
+        ids: &[String],
+        keys: &[String],
+        tags: &std::collections::BTreeMap<String, String>,
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let mut list: Vec<Tag> = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
+        list.extend(tags_of(tags));
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            let r = self
+                .client
+                .delete_tags()
+                .set_resources(Some(chunk.to_vec()))
+                .set_tags(Some(list.clone()))
+                .dry_run(dry_run)
+                .send()
+                .await;
+            out.push(self.outcome("DeleteTags", r)?);
+        }
+        Ok(out)
+    }
+
+    /// DescribeInstanceStatus for at most 100 ids, including non-running instances.
+    pub async fn describe_instance_status(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, InstanceStatus)>, Ec2Error> {
+        let r = self
+            .client
+            .describe_instance_status()
+            .set_instance_ids(Some(ids.to_vec()))
+            .include_all_instances(true)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstanceStatus", e));
+        self.observe("DescribeInstanceStatus", &r);
+        let out = r?;
+        let summary =
+            |s: Option<&aws_sdk_ec2::types::SummaryStatus>| s.map(|s| s.as_str().to_string());
+        Ok(out
+            .instance_statuses()
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    s.instance_id()?.to_string(),
+                    InstanceStatus {
+                        state: s
+                            .instance_state()
+                            .and_then(|st| st.name())
+                            .map(|n| n.as_str().to_string())
+                            .unwrap_or_default(),
+                        system: summary(s.system_status().and_then(|x| x.status())),
+                        instance: summary(s.instance_status().and_then(|x| x.status())),
+                        ebs: summary(s.attached_ebs_status().and_then(|x| x.status())),
+                    },
+                ))
+            })
+            .collect())
+    }
+
     fn observe<T>(&self, op: &'static str, r: &Result<T, Ec2Error>) {
         match r {
             Ok(_) => self.observer.observe(op, "ok"),

@@ -1,12 +1,23 @@
-//! The executor that runs jobs against EC2 through the driver crate. One function per action; each
-//! checks for cancellation at its boundaries and turns driver errors into job errors that keep the
-//! AWS code and request id.
+//! The executor that runs jobs against EC2 through the driver crate. It checks for cancellation at
+//! every boundary and turns driver errors into job errors that keep the AWS code and request id.
+//!
+//! Instance actions share one flow: resolve the targets (describe), make the call for the instances
+//! that need it, wait through the account+region's shared [`StatusWatcher`](ec2jobd_ec2::StatusWatcher),
+//! then describe again for the results. Resuming after a crash is safe: start, stop and terminate
+//! call only for instances not already in (or moving to) the wanted state, so a repeated attempt
+//! observes instead of repeating; reboot and tag calls, which leave nothing to observe, record a
+//! checkpoint after the call and are not made again once it is there.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
-use ec2jobd_ec2::{Ec2Error, Ec2Pool};
-use ec2jobd_spec::{Action, JobError, JobResults};
+use ec2jobd_ec2::{
+    evaluate, CallOutcome, Ec2, Ec2Error, Ec2Pool, InstanceStatus, Verdict, WaitFailure,
+};
+use ec2jobd_spec::{Action, InstanceResult, JobError, JobResults, WaitUntil};
+use serde_json::json;
 
 use crate::runner::{ExecCtx, ExecError, Executor};
 
@@ -47,54 +58,450 @@ impl Executor for Ec2Executor {
             .await
             .map_err(|e| failed(e, JobResults::default()))?;
         match spec.action {
-            Action::DescribeInstances => {
-                let mut results = JobResults::default();
-                ctx.check_cancel(&results)?;
-                ctx.progress(
-                    "calling",
-                    &format!("DescribeInstances in {account}/{region}"),
-                    None,
-                    None,
-                )
+            Action::DescribeInstances => describe(ctx, &ec2, account, region).await,
+            _ => self.instance_action(ctx, &ec2, account, region).await,
+        }
+    }
+}
+
+async fn describe(
+    ctx: &ExecCtx,
+    ec2: &Ec2,
+    account: &str,
+    region: &str,
+) -> Result<JobResults, ExecError> {
+    let spec = &ctx.job.spec;
+    let mut results = JobResults::default();
+    ctx.check_cancel(&results)?;
+    ctx.progress(
+        "calling",
+        &format!("DescribeInstances in {account}/{region}"),
+        None,
+        None,
+    )
+    .await?;
+    let d = tokio::select! {
+        r = ec2.describe_instances(&spec.targets, spec.dry_run) => r,
+        _ = ctx.cancelled() => return Err(ExecError::Cancelled(results)),
+    }
+    .map_err(|e| failed(e, JobResults::default()))?;
+    results.request_ids = d.request_ids;
+    if d.dry_run_ok {
+        results.summary = Some("dry run: DescribeInstances would succeed".into());
+        return Ok(results);
+    }
+    let n = d.instances.len() as u64;
+    results.instances = d.instances;
+    if n == 0 && !spec.allow_empty {
+        return Err(no_targets(results));
+    }
+    ctx.progress(
+        "done",
+        &format!("described {n} instances"),
+        Some(n),
+        Some(n),
+    )
+    .await?;
+    results.summary = Some(format!("described {n} instance{}", plural(n)));
+    Ok(results)
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn no_targets(results: JobResults) -> ExecError {
+    ExecError::Failed {
+        error: JobError {
+            code: "NoTargets".into(),
+            message: "no instance matches the targets (set allow_empty to accept that)".into(),
+            request_id: None,
+        },
+        transient: false,
+        results,
+    }
+}
+
+/// States in which the action has nothing left to do for an instance.
+fn settled(action: Action, state: &str) -> bool {
+    match action {
+        Action::StartInstances => matches!(state, "running" | "pending"),
+        Action::StopInstances => matches!(state, "stopped" | "stopping"),
+        Action::TerminateInstances => matches!(state, "terminated" | "shutting-down"),
+        _ => false,
+    }
+}
+
+fn string_map(v: Option<&serde_json::Value>) -> BTreeMap<String, String> {
+    v.and_then(|v| v.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn describe_status(id: &str, s: Option<&InstanceStatus>) -> String {
+    match s {
+        None => format!("{id} (not reported)"),
+        Some(s) => match s.checks() {
+            Some(c) => format!("{id} ({}, {c})", s.state),
+            None => format!("{id} ({})", s.state),
+        },
+    }
+}
+
+impl Ec2Executor {
+    async fn call(
+        &self,
+        ec2: &Ec2,
+        ctx: &ExecCtx,
+        ids: &[String],
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        let spec = &ctx.job.spec;
+        let dry = spec.dry_run;
+        match spec.action {
+            Action::StartInstances => ec2.start_instances(ids, dry).await,
+            Action::StopInstances => {
+                ec2.stop_instances(ids, spec.flag("force"), spec.flag("hibernate"), dry)
+                    .await
+            }
+            Action::RebootInstances => ec2.reboot_instances(ids, dry).await,
+            Action::TerminateInstances => ec2.terminate_instances(ids, dry).await,
+            Action::CreateTags => {
+                ec2.create_tags(ids, &string_map(spec.params.get("tags")), dry)
+                    .await
+            }
+            Action::DeleteTags => {
+                let keys: Vec<String> = spec
+                    .params
+                    .get("keys")
+                    .and_then(|k| k.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|k| k.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ec2.delete_tags(ids, &keys, &string_map(spec.params.get("tags")), dry)
+                    .await
+            }
+            Action::DescribeInstances => Ok(Vec::new()),
+        }
+    }
+
+    async fn instance_action(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        account: &str,
+        region: &str,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let action = spec.action;
+        let (until, wait_timeout, interval) = spec.wait_settings();
+        let mut results = JobResults::default();
+
+        ctx.check_cancel(&results)?;
+        ctx.progress(
+            "resolving_targets",
+            "finding the target instances",
+            None,
+            None,
+        )
+        .await?;
+        let found = tokio::select! {
+            r = ec2.describe_instances(&spec.targets, false) => r,
+            _ = ctx.cancelled() => return Err(ExecError::Cancelled(results)),
+        }
+        .map_err(|e| failed(e, JobResults::default()))?;
+        results.request_ids.extend(found.request_ids);
+        if found.instances.is_empty() {
+            if spec.allow_empty {
+                results.summary = Some("no instance matched the targets; nothing to do".into());
+                return Ok(results);
+            }
+            return Err(no_targets(results));
+        }
+        let ids: Vec<String> = found
+            .instances
+            .iter()
+            .map(|i| i.instance_id.clone())
+            .collect();
+        let before: HashMap<String, String> = found
+            .instances
+            .iter()
+            .map(|i| (i.instance_id.clone(), i.state.clone()))
+            .collect();
+
+        // Reboot and tagging leave no state to observe: a checkpoint after the call stops a resumed
+        // attempt from making it twice.
+        let called_before = ctx
+            .checkpoint
+            .as_ref()
+            .and_then(|c| c.get("phase"))
+            .and_then(|p| p.as_str())
+            == Some("called");
+        let todo: Vec<String> = match action {
+            Action::StartInstances | Action::StopInstances | Action::TerminateInstances => ids
+                .iter()
+                .filter(|id| !settled(action, &before[*id]))
+                .cloned()
+                .collect(),
+            _ if called_before => Vec::new(),
+            _ => ids.clone(),
+        };
+        let op = action.as_str();
+        let started = Instant::now();
+        if !todo.is_empty() {
+            ctx.check_cancel(&results)?;
+            ctx.save_checkpoint(json!({"phase": "calling", "ids": todo}))
                 .await?;
-                let d = tokio::select! {
-                    r = ec2.describe_instances(&spec.targets, spec.dry_run) => r,
-                    _ = ctx.cancelled() => return Err(ExecError::Cancelled(results)),
-                }
-                .map_err(|e| failed(e, JobResults::default()))?;
-                results.request_ids = d.request_ids;
-                if d.dry_run_ok {
-                    results.summary = Some("dry run: DescribeInstances would succeed".into());
-                    return Ok(results);
-                }
-                let n = d.instances.len() as u64;
-                results.instances = d.instances;
-                if n == 0 && !spec.allow_empty {
-                    return Err(ExecError::Failed {
-                        error: JobError {
-                            code: "NoTargets".into(),
-                            message:
-                                "no instance matches the targets (set allow_empty to accept that)"
-                                    .into(),
-                            request_id: None,
-                        },
-                        transient: false,
-                        results,
-                    });
-                }
-                ctx.progress(
-                    "done",
-                    &format!("described {n} instances"),
-                    Some(n),
-                    Some(n),
-                )
-                .await?;
+            ctx.progress(
+                "calling",
+                &format!("{op} on {} instance(s) in {account}/{region}", todo.len()),
+                Some(0),
+                Some(todo.len() as u64),
+            )
+            .await?;
+            // A mutating call is never abandoned half-way: cancel is honoured after it returns.
+            let outs = self
+                .call(ec2, ctx, &todo)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results
+                .request_ids
+                .extend(outs.iter().filter_map(|o| o.request_id.clone()));
+            if spec.dry_run {
+                let ok = outs.iter().all(|o| o.dry_run_ok);
                 results.summary = Some(format!(
-                    "described {n} instance{}",
-                    if n == 1 { "" } else { "s" }
+                    "dry run: {op} {} for {} instance(s)",
+                    if ok {
+                        "would succeed"
+                    } else {
+                        "answered without DryRunOperation"
+                    },
+                    todo.len()
                 ));
-                Ok(results)
+                return Ok(results);
+            }
+            if action.is_mutating() {
+                ctx.save_checkpoint(json!({"phase": "called", "ids": todo}))
+                    .await?;
+            }
+        } else if spec.dry_run {
+            results.summary = Some(format!("dry run: {op} has nothing to do"));
+            return Ok(results);
+        }
+
+        // Wait through the shared watcher, reporting progress as instances become ready.
+        let mut to_running: HashMap<String, f64> = HashMap::new();
+        let mut to_ok: HashMap<String, f64> = HashMap::new();
+        let mut last: HashMap<String, InstanceStatus> = HashMap::new();
+        let wait_result = if until == WaitUntil::None {
+            Ok(HashMap::new())
+        } else {
+            ctx.check_cancel(&results)?;
+            let total = ids.len() as u64;
+            ctx.progress(
+                "waiting",
+                &format!("waiting for {} on {total} instance(s)", until_name(until)),
+                Some(0),
+                Some(total),
+            )
+            .await?;
+            let watcher = self
+                .pool
+                .watcher(account, region)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let wait = watcher.wait(&ids, until, wait_timeout, interval, move |_, seen| {
+                let _ = tx.send(seen.clone());
+            });
+            tokio::pin!(wait);
+            let mut reported_done = 0;
+            let mut note_times = |seen: &HashMap<String, InstanceStatus>| {
+                let t = started.elapsed().as_secs_f64();
+                for (id, st) in seen {
+                    if st.state == "running" {
+                        to_running.entry(id.clone()).or_insert(t);
+                    }
+                    if evaluate(WaitUntil::StatusOk, Some(st)) == Verdict::Done {
+                        to_ok.entry(id.clone()).or_insert(t);
+                    }
+                }
+            };
+            let r = loop {
+                tokio::select! {
+                    r = &mut wait => break r,
+                    Some(seen) = rx.recv() => {
+                        note_times(&seen);
+                        let done = ids.iter().filter(|id| evaluate(until, seen.get(*id)) == Verdict::Done).count() as u64;
+                        last = seen;
+                        if done != reported_done {
+                            reported_done = done;
+                            ctx.progress("waiting", &format!("{done} of {total} instance(s) reached {}", until_name(until)), Some(done), Some(total)).await?;
+                        }
+                    }
+                    _ = ctx.cancelled() => {
+                        results.instances = self.final_results(ec2, &ids, &before, &last, &to_running, &to_ok, &todo).await;
+                        return Err(ExecError::Cancelled(results));
+                    }
+                }
+            };
+            // The last round may complete the wait before its message was read.
+            while let Ok(seen) = rx.try_recv() {
+                note_times(&seen);
+            }
+            r
+        };
+        let statuses = match wait_result {
+            Ok(s) => s,
+            Err(f) => {
+                let (code, message, seen) = match f {
+                    WaitFailure::Timeout(seen) => {
+                        let list: Vec<String> = ids
+                            .iter()
+                            .map(|id| describe_status(id, seen.get(id)))
+                            .collect();
+                        (
+                            "WaitTimeout".to_string(),
+                            format!(
+                                "not {} after {}: {}",
+                                until_name(until),
+                                humantime::format_duration(wait_timeout),
+                                list.join("; ")
+                            ),
+                            seen,
+                        )
+                    }
+                    WaitFailure::Failed {
+                        instance_id,
+                        code,
+                        message,
+                        last,
+                    } => (code, format!("{instance_id}: {message}"), last),
+                    WaitFailure::Aws(e) => return Err(failed(e, results)),
+                };
+                results.instances = self
+                    .final_results(ec2, &ids, &before, &seen, &to_running, &to_ok, &todo)
+                    .await;
+                return Err(ExecError::Failed {
+                    error: JobError {
+                        code,
+                        message,
+                        request_id: None,
+                    },
+                    transient: false,
+                    results,
+                });
+            }
+        };
+        results.instances = self
+            .final_results(ec2, &ids, &before, &statuses, &to_running, &to_ok, &todo)
+            .await;
+        let n = ids.len() as u64;
+        let acted = todo.len();
+        let mut summary = format!("{op}: {acted} of {n} instance{} needed the call", plural(n));
+        if until != WaitUntil::None {
+            summary.push_str(&format!("; all reached {}", until_name(until)));
+            if until == WaitUntil::StatusOk {
+                let checks: Vec<String> = results
+                    .instances
+                    .iter()
+                    .filter_map(|i| i.checks.clone())
+                    .collect();
+                if let Some(c) = checks.first() {
+                    if checks.iter().all(|x| x == c) {
+                        summary.push_str(&format!(" ({c})"));
+                    }
+                }
             }
         }
+        ctx.progress("done", &summary, Some(n), Some(n)).await?;
+        results.summary = Some(summary);
+        Ok(results)
+    }
+
+    /// Describes the instances once more for their addresses and names, and merges in what the wait
+    /// saw. A failing describe is not the job's failure: the call and wait already succeeded.
+    #[allow(clippy::too_many_arguments)]
+    async fn final_results(
+        &self,
+        ec2: &Ec2,
+        ids: &[String],
+        before: &HashMap<String, String>,
+        statuses: &HashMap<String, InstanceStatus>,
+        to_running: &HashMap<String, f64>,
+        to_ok: &HashMap<String, f64>,
+        todo: &[String],
+    ) -> Vec<InstanceResult> {
+        let targets = ec2jobd_spec::Targets {
+            instance_ids: Some(ec2jobd_spec::IdList(ids.to_vec())),
+            ..Default::default()
+        };
+        let described: HashMap<String, InstanceResult> = match ec2
+            .describe_instances(&targets, false)
+            .await
+        {
+            Ok(d) => d
+                .instances
+                .into_iter()
+                .map(|i| (i.instance_id.clone(), i))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "final describe failed; results carry what the wait saw");
+                HashMap::new()
+            }
+        };
+        ids.iter()
+            .map(|id| {
+                let mut r = described
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| InstanceResult {
+                        instance_id: id.clone(),
+                        state: "unknown".into(),
+                        ..Default::default()
+                    });
+                if let Some(st) = statuses.get(id) {
+                    if !st.state.is_empty() {
+                        r.state = st.state.clone();
+                    }
+                    r.system_status = st.system.clone();
+                    r.instance_status = st.instance.clone();
+                    r.ebs_status = st.ebs.clone();
+                    r.checks = st.checks();
+                }
+                r.previous_state = before.get(id).cloned();
+                r.seconds_to_running = to_running.get(id).copied();
+                r.seconds_to_status_ok = to_ok.get(id).copied();
+                r.outcome = Some(if todo.contains(id) {
+                    "called".to_string()
+                } else {
+                    format!(
+                        "already {}",
+                        before.get(id).map(String::as_str).unwrap_or("done")
+                    )
+                });
+                r
+            })
+            .collect()
+    }
+}
+
+fn until_name(u: WaitUntil) -> &'static str {
+    match u {
+        WaitUntil::None => "none",
+        WaitUntil::Running => "running",
+        WaitUntil::Stopped => "stopped",
+        WaitUntil::Terminated => "terminated",
+        WaitUntil::StatusOk => "status_ok",
     }
 }

@@ -106,7 +106,7 @@ pub struct Progress {
 }
 
 /// One instance's outcome within a job.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct InstanceResult {
     /// The instance id.
     pub instance_id: String,
@@ -139,10 +139,34 @@ pub struct InstanceResult {
     /// All tags of the instance.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// State before the job acted on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_state: Option<String>,
+    /// SystemStatus summary (`ok`, `initializing`, `impaired`, …) at the end of the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_status: Option<String>,
+    /// InstanceStatus summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_status: Option<String>,
+    /// AttachedEbsStatus summary, on instances that report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ebs_status: Option<String>,
+    /// "2/2 checks passed" (or "3/3"), or what is still missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<String>,
+    /// Seconds from the job's call until the instance was seen `running`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds_to_running: Option<f64>,
+    /// Seconds from the job's call until every status check passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds_to_status_ok: Option<f64>,
+    /// What the job did to this instance (`started`, `already running`, `tagged`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// Everything a job produced; stays queryable after the job ends.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct JobResults {
     /// Per-instance results.
     #[serde(default)]

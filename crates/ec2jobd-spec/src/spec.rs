@@ -21,16 +21,42 @@ use utoipa::ToSchema;
 pub enum Action {
     /// Describe the targeted instances (paginated) and record each one in the results.
     DescribeInstances,
+    /// Start stopped instances; waits for `status_ok` by default.
+    StartInstances,
+    /// Stop running instances (`params.force`, `params.hibernate`); waits for `stopped` by default.
+    StopInstances,
+    /// Reboot running instances; waits for `status_ok` by default.
+    RebootInstances,
+    /// Terminate instances; waits for `terminated` by default.
+    TerminateInstances,
+    /// Add or overwrite tags (`params.tags`).
+    CreateTags,
+    /// Remove tags (`params.keys`, or `params.tags` to remove only matching values).
+    DeleteTags,
 }
 
 impl Action {
     /// Every action, for listings and metrics labels.
-    pub const ALL: &'static [Action] = &[Action::DescribeInstances];
+    pub const ALL: &'static [Action] = &[
+        Action::DescribeInstances,
+        Action::StartInstances,
+        Action::StopInstances,
+        Action::RebootInstances,
+        Action::TerminateInstances,
+        Action::CreateTags,
+        Action::DeleteTags,
+    ];
 
     /// The wire name (`describe_instances`), also used as a metrics label and list filter.
     pub fn as_str(&self) -> &'static str {
         match self {
             Action::DescribeInstances => "describe_instances",
+            Action::StartInstances => "start_instances",
+            Action::StopInstances => "stop_instances",
+            Action::RebootInstances => "reboot_instances",
+            Action::TerminateInstances => "terminate_instances",
+            Action::CreateTags => "create_tags",
+            Action::DeleteTags => "delete_tags",
         }
     }
 
@@ -42,15 +68,16 @@ impl Action {
     /// What `wait.until` means when the request leaves it out.
     pub fn default_wait(&self) -> WaitUntil {
         match self {
-            Action::DescribeInstances => WaitUntil::None,
+            Action::StartInstances | Action::RebootInstances => WaitUntil::StatusOk,
+            Action::StopInstances => WaitUntil::Stopped,
+            Action::TerminateInstances => WaitUntil::Terminated,
+            Action::DescribeInstances | Action::CreateTags | Action::DeleteTags => WaitUntil::None,
         }
     }
 
-    /// Whether the action changes anything on AWS (and so needs operator role and checkpoints).
+    /// Whether the action changes anything on AWS (and so needs checkpoints around its calls).
     pub fn is_mutating(&self) -> bool {
-        match self {
-            Action::DescribeInstances => false,
-        }
+        !matches!(self, Action::DescribeInstances)
     }
 }
 
@@ -405,9 +432,13 @@ impl JobSpec {
 
     fn check_params(&self) -> Result<(), SpecError> {
         let allowed: &[&str] = match self.action {
-            Action::DescribeInstances => &[],
+            Action::DescribeInstances | Action::StartInstances | Action::RebootInstances => &[],
+            Action::StopInstances => &["force", "hibernate"],
+            Action::TerminateInstances => &["force"],
+            Action::CreateTags => &["tags"],
+            Action::DeleteTags => &["keys", "tags"],
         };
-        for key in self.params.keys() {
+        for (key, value) in &self.params {
             if !allowed.contains(&key.as_str()) {
                 return Err(SpecError::new(
                     format!("params.{key}"),
@@ -415,8 +446,85 @@ impl JobSpec {
                     format!("`{}` takes no parameter `{key}`", self.action),
                 ));
             }
+            let field = format!("params.{key}");
+            match key.as_str() {
+                "force" | "hibernate" if !value.is_boolean() => {
+                    return Err(SpecError::new(
+                        field,
+                        "invalid_param",
+                        "must be true or false",
+                    ))
+                }
+                "tags" => {
+                    let ok = value.as_object().is_some_and(|m| {
+                        !m.is_empty()
+                            && m.iter().all(|(k, v)| {
+                                !k.is_empty() && k.chars().count() <= 128 && v.is_string()
+                            })
+                    });
+                    if !ok {
+                        return Err(SpecError::new(
+                            field,
+                            "invalid_param",
+                            "must be a non-empty object of tag key (1-128 characters) to string value",
+                        ));
+                    }
+                }
+                "keys" => {
+                    let ok = value.as_array().is_some_and(|a| {
+                        !a.is_empty() && a.iter().all(|k| k.as_str().is_some_and(|k| !k.is_empty()))
+                    });
+                    if !ok {
+                        return Err(SpecError::new(
+                            field,
+                            "invalid_param",
+                            "must be a non-empty list of tag keys",
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.action == Action::CreateTags && !self.params.contains_key("tags") {
+            return Err(SpecError::new(
+                "params.tags",
+                "missing_param",
+                "create_tags needs `params.tags`",
+            ));
+        }
+        if self.action == Action::DeleteTags
+            && !self.params.contains_key("tags")
+            && !self.params.contains_key("keys")
+        {
+            return Err(SpecError::new(
+                "params.keys",
+                "missing_param",
+                "delete_tags needs `params.keys` (or `params.tags`)",
+            ));
         }
         Ok(())
+    }
+
+    /// A boolean parameter (already validated), false when absent.
+    pub fn flag(&self, name: &str) -> bool {
+        self.params
+            .get(name)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// The wait settings as durations (filled in by `normalize`; defaults if called before).
+    pub fn wait_settings(&self) -> (WaitUntil, Duration, Duration) {
+        let w = self.wait.clone().unwrap_or_default();
+        let d = |s: Option<String>, default: u64| {
+            s.and_then(|s| parse_duration(&s).ok())
+                .unwrap_or(Duration::from_secs(default))
+        };
+        (
+            w.until.unwrap_or_else(|| self.action.default_wait()),
+            d(w.timeout, 900),
+            d(w.interval, 15),
+        )
     }
 
     /// The per-attempt time limit, if the spec sets one (already validated by `normalize`).

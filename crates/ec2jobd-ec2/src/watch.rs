@@ -1,0 +1,449 @@
+//! Shared status polling. One [`StatusWatcher`] per account+region serves every waiting job: jobs
+//! register the instance ids they wait on, the watcher polls `DescribeInstanceStatus`
+//! (`IncludeAllInstances=true`, so stopped and terminated instances are reported too) for the union of
+//! those ids in chunks of 100 — ⌈N/100⌉ calls per round however many jobs wait — and publishes each
+//! round; every waiter then judges its own condition. State waits (`running`, `stopped`,
+//! `terminated`) use the same rounds, since the call reports the instance state as well.
+//!
+//! The round interval is the shortest interval any current waiter asked for. The watcher's task runs
+//! only while someone waits.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ec2jobd_spec::WaitUntil;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::{Ec2, Ec2Error};
+
+/// What one round saw of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InstanceStatus {
+    /// Instance state name (`pending`, `running`, `stopped`, …).
+    pub state: String,
+    /// SystemStatus summary.
+    pub system: Option<String>,
+    /// InstanceStatus summary.
+    pub instance: Option<String>,
+    /// AttachedEbsStatus summary, where reported.
+    pub ebs: Option<String>,
+}
+
+fn reported(s: &Option<String>) -> Option<&str> {
+    s.as_deref().filter(|v| *v != "not-applicable")
+}
+
+impl InstanceStatus {
+    /// "2/2 checks passed", "1/2 checks passed", "3/3 checks passed"; `None` when no check reports.
+    pub fn checks(&self) -> Option<String> {
+        let checks: Vec<&str> = [&self.system, &self.instance, &self.ebs]
+            .into_iter()
+            .filter_map(reported)
+            .collect();
+        if checks.is_empty() || self.state != "running" {
+            return None;
+        }
+        let ok = checks.iter().filter(|c| **c == "ok").count();
+        Some(format!("{ok}/{} checks passed", checks.len()))
+    }
+}
+
+/// Where one instance stands against a wait condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The condition holds.
+    Done,
+    /// Not yet (with what is missing).
+    Waiting(String),
+    /// It can no longer hold; the job must fail with this code and message.
+    Failed(String, String),
+}
+
+/// Judges one instance's latest status (`None`: not reported in the round) against `until`.
+pub fn evaluate(until: WaitUntil, st: Option<&InstanceStatus>) -> Verdict {
+    let Some(st) = st else {
+        // Terminated instances drop out of EC2's answers after a while.
+        return if until == WaitUntil::Terminated {
+            Verdict::Done
+        } else {
+            Verdict::Waiting("not reported yet".into())
+        };
+    };
+    let gone = matches!(st.state.as_str(), "terminated" | "shutting-down");
+    let want = |state: &str| {
+        if st.state == state {
+            Verdict::Done
+        } else if gone {
+            Verdict::Failed(
+                "InstanceTerminated".into(),
+                format!("the instance is {} while waiting for {state}", st.state),
+            )
+        } else {
+            Verdict::Waiting(format!("state {}", st.state))
+        }
+    };
+    match until {
+        WaitUntil::None => Verdict::Done,
+        WaitUntil::Running => want("running"),
+        WaitUntil::Stopped => want("stopped"),
+        WaitUntil::Terminated => {
+            if st.state == "terminated" {
+                Verdict::Done
+            } else {
+                Verdict::Waiting(format!("state {}", st.state))
+            }
+        }
+        WaitUntil::StatusOk => {
+            if st.state != "running" {
+                return match want("running") {
+                    Verdict::Done => Verdict::Waiting("state running".into()),
+                    other => other,
+                };
+            }
+            for (name, v) in [
+                ("SystemStatus", &st.system),
+                ("InstanceStatus", &st.instance),
+                ("AttachedEbsStatus", &st.ebs),
+            ] {
+                if v.as_deref() == Some("impaired") {
+                    return Verdict::Failed(
+                        "StatusCheckImpaired".into(),
+                        format!("{name} is impaired"),
+                    );
+                }
+            }
+            let pending: Vec<String> = [
+                ("SystemStatus", &st.system),
+                ("InstanceStatus", &st.instance),
+                ("AttachedEbsStatus", &st.ebs),
+            ]
+            .into_iter()
+            .filter_map(|(name, v)| match v.as_deref() {
+                Some("ok") | Some("not-applicable") => None,
+                None if name == "AttachedEbsStatus" => None,
+                other => Some(format!("{name} {}", other.unwrap_or("not reported"))),
+            })
+            .collect();
+            if pending.is_empty() {
+                Verdict::Done
+            } else {
+                Verdict::Waiting(pending.join(", "))
+            }
+        }
+    }
+}
+
+/// One polling round as published to waiters.
+#[derive(Debug, Clone, Default)]
+pub struct Round {
+    /// Counts up from 1.
+    pub number: u64,
+    /// Ids asked about in this round (a waiter judges only those).
+    pub asked: HashSet<String>,
+    /// What EC2 reported.
+    pub statuses: HashMap<String, InstanceStatus>,
+    /// DescribeInstanceStatus calls made in this round.
+    pub calls: u32,
+    /// A failed call in this round, if any.
+    pub error: Option<Ec2Error>,
+}
+
+/// Why a wait ended without its condition holding.
+#[derive(Debug, Clone)]
+pub enum WaitFailure {
+    /// The timeout passed; the last status seen of each instance.
+    Timeout(HashMap<String, InstanceStatus>),
+    /// An instance can no longer reach the condition (impaired check, terminated…).
+    Failed {
+        /// Instance at fault.
+        instance_id: String,
+        /// Stable code (`StatusCheckImpaired`, `InstanceTerminated`).
+        code: String,
+        /// What happened.
+        message: String,
+        /// Last status seen of each instance.
+        last: HashMap<String, InstanceStatus>,
+    },
+    /// EC2 refused the status call for good.
+    Aws(Ec2Error),
+}
+
+struct Waiter {
+    ids: Vec<String>,
+    interval: Duration,
+}
+
+#[derive(Default)]
+struct Registry {
+    waiters: HashMap<u64, Waiter>,
+    next: u64,
+    polling: bool,
+}
+
+/// The shared poller of one account+region.
+pub struct StatusWatcher {
+    ec2: Ec2,
+    reg: Mutex<Registry>,
+    rounds: watch::Sender<Arc<Round>>,
+}
+
+struct Registration<'a> {
+    watcher: &'a StatusWatcher,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.watcher.lock().waiters.remove(&self.id);
+    }
+}
+
+impl StatusWatcher {
+    /// A watcher polling through `ec2`.
+    pub fn new(ec2: Ec2) -> Arc<Self> {
+        Arc::new(Self {
+            ec2,
+            reg: Mutex::new(Registry::default()),
+            rounds: watch::channel(Arc::new(Round::default())).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(self: &Arc<Self>, ids: &[String], interval: Duration) -> Registration<'_> {
+        let mut reg = self.lock();
+        reg.next += 1;
+        let id = reg.next;
+        reg.waiters.insert(
+            id,
+            Waiter {
+                ids: ids.to_vec(),
+                interval,
+            },
+        );
+        if !reg.polling {
+            reg.polling = true;
+            let me = self.clone();
+            tokio::spawn(async move { me.poll().await });
+        }
+        Registration { watcher: self, id }
+    }
+
+    async fn poll(self: Arc<Self>) {
+        let mut number = self.rounds.borrow().number;
+        loop {
+            let (ids, interval) = {
+                let mut reg = self.lock();
+                if reg.waiters.is_empty() {
+                    reg.polling = false;
+                    return;
+                }
+                let mut ids: Vec<String> = reg
+                    .waiters
+                    .values()
+                    .flat_map(|w| w.ids.iter().cloned())
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect();
+                ids.sort();
+                let interval = reg
+                    .waiters
+                    .values()
+                    .map(|w| w.interval)
+                    .min()
+                    .unwrap_or(Duration::from_secs(15));
+                (ids, interval)
+            };
+            number += 1;
+            let mut round = Round {
+                number,
+                asked: ids.iter().cloned().collect(),
+                ..Default::default()
+            };
+            for chunk in ids.chunks(100) {
+                round.calls += 1;
+                match self.ec2.describe_instance_status(chunk).await {
+                    Ok(found) => round.statuses.extend(found),
+                    Err(e) => round.error = Some(e),
+                }
+            }
+            self.rounds.send_replace(Arc::new(round));
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Waits until every instance in `ids` meets `until`, or fails. `on_round` sees each round with
+    /// the latest status of every instance (for progress reports).
+    pub async fn wait(
+        self: &Arc<Self>,
+        ids: &[String],
+        until: WaitUntil,
+        timeout: Duration,
+        interval: Duration,
+        mut on_round: impl FnMut(&Round, &HashMap<String, InstanceStatus>),
+    ) -> Result<HashMap<String, InstanceStatus>, WaitFailure> {
+        let mut last: HashMap<String, InstanceStatus> = HashMap::new();
+        if until == WaitUntil::None || ids.is_empty() {
+            return Ok(last);
+        }
+        let mut rx = self.rounds.subscribe();
+        let _reg = self.register(ids, interval);
+        let deadline = Instant::now() + timeout;
+        let mut gone: HashSet<String> = HashSet::new();
+        loop {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Err(WaitFailure::Timeout(last)) },
+                _ = tokio::time::sleep_until(deadline) => return Err(WaitFailure::Timeout(last)),
+            }
+            let round = rx.borrow_and_update().clone();
+            if !ids.iter().all(|i| round.asked.contains(i)) {
+                continue; // a round that started before we registered
+            }
+            for id in ids {
+                if let Some(s) = round.statuses.get(id) {
+                    last.insert(id.clone(), s.clone());
+                }
+            }
+            on_round(&round, &last);
+            if let Some(e) = &round.error {
+                if e.code == "InvalidInstanceID.NotFound" && until == WaitUntil::Terminated {
+                    // A purged terminated instance makes the whole chunk fail: treat them as gone.
+                    gone.extend(
+                        ids.iter()
+                            .filter(|i| !round.statuses.contains_key(*i))
+                            .cloned(),
+                    );
+                } else if !e.transient {
+                    return Err(WaitFailure::Aws(e.clone()));
+                } else {
+                    continue;
+                }
+            }
+            let mut all_done = true;
+            for id in ids {
+                let st = if gone.contains(id) {
+                    None
+                } else {
+                    round.statuses.get(id)
+                };
+                match evaluate(until, st) {
+                    Verdict::Done => {}
+                    Verdict::Waiting(_) => all_done = false,
+                    Verdict::Failed(code, message) => {
+                        return Err(WaitFailure::Failed {
+                            instance_id: id.clone(),
+                            code,
+                            message,
+                            last,
+                        })
+                    }
+                }
+            }
+            if all_done {
+                return Ok(last);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(state: &str, sys: &str, inst: &str, ebs: Option<&str>) -> InstanceStatus {
+        InstanceStatus {
+            state: state.into(),
+            system: Some(sys.into()),
+            instance: Some(inst.into()),
+            ebs: ebs.map(String::from),
+        }
+    }
+
+    #[test]
+    fn status_ok_needs_every_reported_check() {
+        let ok = st("running", "ok", "ok", None);
+        assert_eq!(evaluate(WaitUntil::StatusOk, Some(&ok)), Verdict::Done);
+        assert_eq!(ok.checks().as_deref(), Some("2/2 checks passed"));
+        let three = st("running", "ok", "ok", Some("ok"));
+        assert_eq!(three.checks().as_deref(), Some("3/3 checks passed"));
+        let na = st("running", "ok", "ok", Some("not-applicable"));
+        assert_eq!(evaluate(WaitUntil::StatusOk, Some(&na)), Verdict::Done);
+        assert_eq!(na.checks().as_deref(), Some("2/2 checks passed"));
+        let init = st("running", "ok", "initializing", None);
+        assert!(
+            matches!(evaluate(WaitUntil::StatusOk, Some(&init)), Verdict::Waiting(w) if w.contains("InstanceStatus initializing"))
+        );
+        assert_eq!(init.checks().as_deref(), Some("1/2 checks passed"));
+        let insufficient = st("running", "insufficient-data", "ok", None);
+        assert!(matches!(
+            evaluate(WaitUntil::StatusOk, Some(&insufficient)),
+            Verdict::Waiting(_)
+        ));
+        let ebs_pending = st("running", "ok", "ok", Some("initializing"));
+        assert!(
+            matches!(evaluate(WaitUntil::StatusOk, Some(&ebs_pending)), Verdict::Waiting(w) if w.contains("AttachedEbsStatus"))
+        );
+        let pending = st("pending", "not-applicable", "not-applicable", None);
+        assert!(matches!(
+            evaluate(WaitUntil::StatusOk, Some(&pending)),
+            Verdict::Waiting(_)
+        ));
+        assert!(matches!(
+            evaluate(WaitUntil::StatusOk, None),
+            Verdict::Waiting(_)
+        ));
+    }
+
+    #[test]
+    fn impaired_and_terminated_fail_naming_the_cause() {
+        let bad = st("running", "ok", "impaired", None);
+        assert_eq!(
+            evaluate(WaitUntil::StatusOk, Some(&bad)),
+            Verdict::Failed(
+                "StatusCheckImpaired".into(),
+                "InstanceStatus is impaired".into()
+            )
+        );
+        let bad = st("running", "impaired", "ok", Some("ok"));
+        assert!(
+            matches!(evaluate(WaitUntil::StatusOk, Some(&bad)), Verdict::Failed(_, m) if m.starts_with("SystemStatus"))
+        );
+        let gone = st("terminated", "not-applicable", "not-applicable", None);
+        assert!(
+            matches!(evaluate(WaitUntil::Running, Some(&gone)), Verdict::Failed(c, _) if c == "InstanceTerminated")
+        );
+        assert!(
+            matches!(evaluate(WaitUntil::StatusOk, Some(&gone)), Verdict::Failed(c, _) if c == "InstanceTerminated")
+        );
+    }
+
+    #[test]
+    fn state_waits() {
+        let stopping = st("stopping", "not-applicable", "not-applicable", None);
+        assert!(matches!(
+            evaluate(WaitUntil::Stopped, Some(&stopping)),
+            Verdict::Waiting(_)
+        ));
+        let stopped = st("stopped", "not-applicable", "not-applicable", None);
+        assert_eq!(evaluate(WaitUntil::Stopped, Some(&stopped)), Verdict::Done);
+        assert!(matches!(
+            evaluate(WaitUntil::Running, Some(&stopped)),
+            Verdict::Waiting(_)
+        ));
+        assert_eq!(
+            evaluate(WaitUntil::Terminated, None),
+            Verdict::Done,
+            "purged counts as terminated"
+        );
+        let shutting = st("shutting-down", "not-applicable", "not-applicable", None);
+        assert!(matches!(
+            evaluate(WaitUntil::Terminated, Some(&shutting)),
+            Verdict::Waiting(_)
+        ));
+        assert_eq!(stopped.checks(), None, "no checks for a stopped instance");
+    }
+}

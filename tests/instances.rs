@@ -1,0 +1,391 @@
+//! End-to-end tests of the instance actions against a real moto server: calls, waits through the
+//! shared status watcher, results, dry runs, AWS errors, and coalesced polling. Final states are
+//! checked in moto directly, not only in ec2jobd's results.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, DaemonOpts, Moto};
+use serde_json::{json, Value};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+async fn moto_state(moto: &Moto, id: &str) -> String {
+    let out = moto
+        .ec2()
+        .await
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .expect("describe in moto");
+    out.reservations()[0].instances()[0]
+        .state()
+        .and_then(|s| s.name())
+        .map(|n| n.as_str().to_string())
+        .unwrap_or_default()
+}
+
+async fn moto_tags(moto: &Moto, id: &str) -> Vec<(String, String)> {
+    let out = moto
+        .ec2()
+        .await
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .expect("describe in moto");
+    let mut tags: Vec<(String, String)> = out.reservations()[0].instances()[0]
+        .tags()
+        .iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or("").to_string(),
+                t.value().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    tags.sort();
+    tags
+}
+
+async fn metric(d: &Daemon, needle: &str) -> f64 {
+    let text = d
+        .http
+        .get(format!("{}/metrics", d.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(needle))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn by_id(j: &Value) -> std::collections::HashMap<String, Value> {
+    j["results"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["instance_id"].as_str().unwrap().to_string(), i.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn lifecycle_stop_start_reboot_tag_terminate() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(2, &[("Group", "life"), ("Name", "app")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let fast = json!({"interval": "200ms", "timeout": "1m"});
+
+    // Stop by tag: waits for `stopped` by default.
+    let id = d
+        .submit(
+            &json!({"action": "stop_instances", "targets": {"tags": "Group=life"}, "wait": fast}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["spec"]["wait"]["until"], "stopped");
+    for (iid, r) in by_id(&j) {
+        assert_eq!(r["previous_state"], "running", "{r}");
+        assert_eq!(r["state"], "stopped", "{r}");
+        assert_eq!(r["outcome"], "called");
+        assert_eq!(moto_state(&moto, &iid).await, "stopped");
+    }
+
+    // Start by id (scheduler style): waits until 2/2 status checks pass.
+    let id = d
+        .submit(&json!({"action": "start_instances",
+            "targets": {"instance_ids": format!("{};{}", ids[0], ids[1])}, "wait": fast}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["spec"]["wait"]["until"], "status_ok");
+    assert!(
+        j["results"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("2/2 checks passed"),
+        "{j}"
+    );
+    for (iid, r) in by_id(&j) {
+        assert_eq!(r["previous_state"], "stopped");
+        assert_eq!(r["state"], "running");
+        assert_eq!(r["checks"], "2/2 checks passed");
+        assert_eq!(
+            (r["system_status"].as_str(), r["instance_status"].as_str()),
+            (Some("ok"), Some("ok"))
+        );
+        assert!(r["seconds_to_status_ok"].as_f64().is_some(), "{r}");
+        assert!(
+            r["private_ip"].is_string() && r["public_dns_name"].is_string(),
+            "{r}"
+        );
+        assert_eq!(r["name"], "app");
+        assert_eq!(moto_state(&moto, &iid).await, "running");
+    }
+    assert_eq!(
+        metric(
+            &d,
+            "ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // Starting running instances makes no call: it observes and waits.
+    let id = d
+        .submit(&json!({"action": "start_instances", "targets": {"tags": {"Group": "life"}}, "wait": fast}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    for (_, r) in by_id(&j) {
+        assert_eq!(r["outcome"], "already running");
+    }
+    assert_eq!(
+        metric(
+            &d,
+            "ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}"
+        )
+        .await,
+        1.0,
+        "no second StartInstances"
+    );
+
+    // Reboot, waiting for status checks again.
+    let id = d
+        .submit(&json!({"action": "reboot_instances", "targets": {"instance_ids": [ids[0]]}, "wait": fast}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
+    assert_eq!(
+        metric(
+            &d,
+            "ec2jobd_ec2_calls_total{operation=\"RebootInstances\",outcome=\"ok\"}"
+        )
+        .await,
+        1.0
+    );
+
+    // Tags: add, then remove by key.
+    let id = d
+        .submit(
+            &json!({"action": "create_tags", "targets": {"tags": "Group=life"},
+            "params": {"tags": {"Owner": "ops", "Env": "prod"}}}),
+        )
+        .await;
+    assert_eq!(d.wait_final(&id, MINUTE).await["state"], "succeeded");
+    let tags = moto_tags(&moto, &ids[1]).await;
+    assert!(
+        tags.contains(&("Owner".into(), "ops".into()))
+            && tags.contains(&("Env".into(), "prod".into())),
+        "{tags:?}"
+    );
+    let id = d
+        .submit(
+            &json!({"action": "delete_tags", "targets": {"instance_ids": ids.clone()},
+            "params": {"keys": ["Owner"]}}),
+        )
+        .await;
+    assert_eq!(d.wait_final(&id, MINUTE).await["state"], "succeeded");
+    let tags = moto_tags(&moto, &ids[1]).await;
+    assert!(
+        !tags.iter().any(|(k, _)| k == "Owner") && tags.iter().any(|(k, _)| k == "Env"),
+        "{tags:?}"
+    );
+
+    // Terminate, waiting for `terminated`.
+    let id = d
+        .submit(&json!({"action": "terminate_instances", "targets": {"instance_ids": ids.clone()}, "wait": fast}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    for iid in &ids {
+        assert_eq!(moto_state(&moto, iid).await, "terminated");
+    }
+    // The events show the wait's progress.
+    let (_, _) = (0, 0);
+    let r = d
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/events"),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    let text = tokio::time::timeout(MINUTE, r.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("reached terminated"), "{text}");
+}
+
+#[tokio::test]
+async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Group", "dry")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(
+            &json!({"action": "stop_instances", "targets": {"tags": "Group=dry"}, "dry_run": true}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        j["results"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("would succeed"),
+        "{j}"
+    );
+    assert_eq!(
+        moto_state(&moto, &ids[0]).await,
+        "running",
+        "a dry run changes nothing"
+    );
+
+    // An unknown id: AWS's code and request id, failed at once.
+    let id = d
+        .submit(&json!({"action": "stop_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "failed");
+    assert_eq!(j["error"]["code"], "InvalidInstanceID.NotFound");
+    assert!(j["error"]["request_id"].is_string());
+    assert_eq!(j["attempts"], 1);
+
+    // AWS refuses: terminating an instance with termination protection (moto enforces this one).
+    let ec2 = moto.ec2().await;
+    ec2.modify_instance_attribute()
+        .instance_id(&ids[0])
+        .disable_api_termination(
+            aws_sdk_ec2::types::AttributeBooleanValue::builder()
+                .value(true)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = d
+        .submit(&json!({"action": "terminate_instances", "targets": {"instance_ids": ids.clone()}}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "OperationNotPermitted", "{j}");
+    assert_eq!(j["attempts"], 1, "a refusal is permanent: {j}");
+    assert_eq!(moto_state(&moto, &ids[0]).await, "running");
+    ec2.modify_instance_attribute()
+        .instance_id(&ids[0])
+        .disable_api_termination(
+            aws_sdk_ec2::types::AttributeBooleanValue::builder()
+                .value(false)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    ec2.terminate_instances()
+        .instance_ids(&ids[0])
+        .send()
+        .await
+        .unwrap();
+
+    // Waiting for a state the instance cannot reach fails with the cause.
+    let id = d
+        .submit(
+            &json!({"action": "create_tags", "targets": {"instance_ids": ids.clone()},
+            "params": {"tags": {"a": "b"}}, "wait": {"until": "running", "interval": "200ms"}}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "InstanceTerminated", "{j}");
+
+    // Bad parameters are rejected at submission.
+    let r = d
+        .post_job(
+            &d.admin,
+            &json!({"action": "create_tags", "targets": {"instance_ids": ids.clone()}}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["field"], "params.tags");
+    let r = d
+        .post_job(
+            &d.admin,
+            &json!({"action": "stop_instances", "targets": {"instance_ids": ids.clone()},
+            "params": {"force": "yes"}}),
+        )
+        .await;
+    assert_eq!(r.json::<Value>().await.unwrap()["field"], "params.force");
+}
+
+#[tokio::test]
+async fn concurrent_waits_share_one_status_call_per_round_and_time_out_clearly() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(30, &[("Group", "herd")]).await;
+    moto.ec2()
+        .await
+        .stop_instances()
+        .set_instance_ids(Some(ids.clone()))
+        .send()
+        .await
+        .unwrap();
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        workers: 32,
+        ..Default::default()
+    })
+    .await;
+    // 30 jobs, one per instance, each waiting for `running` on a stopped instance: they all wait at
+    // once until their timeout.
+    let mut jobs = Vec::new();
+    for iid in &ids {
+        jobs.push(
+            d.submit(
+                &json!({"action": "create_tags", "targets": {"instance_ids": [iid]},
+                "params": {"tags": {"Herd": "yes"}},
+                "wait": {"until": "running", "interval": "500ms", "timeout": "4s"}}),
+            )
+            .await,
+        );
+    }
+    for id in &jobs {
+        let j = d.wait_final(id, MINUTE).await;
+        assert_eq!(j["state"], "failed", "{j}");
+        assert_eq!(j["error"]["code"], "WaitTimeout");
+        let msg = j["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("(stopped)"), "the last status is named: {msg}");
+        assert_eq!(j["results"]["instances"][0]["state"], "stopped");
+    }
+    // Each job waited ~4s at 500ms: polled one by one that is ~8 calls per job, 240 in all. Shared,
+    // it is one call per round (30 ids < 100) for however long the herd waited.
+    let calls = metric(
+        &d,
+        "ec2jobd_ec2_calls_total{operation=\"DescribeInstanceStatus\",outcome=\"ok\"}",
+    )
+    .await;
+    assert!(calls >= 4.0, "the watcher polled ({calls})");
+    assert!(
+        calls <= 20.0,
+        "status calls were not shared: {calls} calls for 30 waiting jobs"
+    );
+}
