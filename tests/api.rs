@@ -232,7 +232,23 @@ async fn auth_and_roles() {
     );
     let (st, _, _) = run_cli(&["token", "revoke", "o1", "--config", cfg]);
     assert!(st.success());
-    assert_eq!(d.post_job(&operator, &spec).await.status(), 401);
+    // The daemon caches verified tokens for 5 s: a revocation from another process lands within it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = d
+            .req(Method::GET, "/v1/jobs", &operator)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 401 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CLI revocation not honoured"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (st, _, err) = run_cli(&["token", "revoke", "o1", "--config", cfg]);
     assert!(!st.success() && err.contains("no token named"), "{err}");
 }

@@ -165,6 +165,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         store,
         metrics,
         runner: runner.clone(),
+        tokens: Default::default(),
         shutdown: shutdown.clone(),
     };
     let listener = tokio::net::TcpListener::bind(addr)

@@ -51,6 +51,49 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Recently verified tokens by hash, so a busy client does not cost a database read per request.
+/// Entries live for [`TokenCache::TTL`]; revoking through the API evicts at once, revoking with the
+/// CLI (another process) takes effect within the TTL.
+#[derive(Default)]
+pub struct TokenCache(
+    std::sync::Mutex<std::collections::HashMap<String, (TokenInfo, std::time::Instant)>>,
+);
+
+impl TokenCache {
+    /// How long a verified token is trusted without asking the store again.
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(5);
+    const MAX: usize = 10_000;
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (TokenInfo, std::time::Instant)>>
+    {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, hash: &str) -> Option<TokenInfo> {
+        let map = self.lock();
+        map.get(hash)
+            .filter(|(_, at)| at.elapsed() < Self::TTL)
+            .map(|(t, _)| t.clone())
+    }
+
+    fn put(&self, hash: String, info: TokenInfo) {
+        let mut map = self.lock();
+        if map.len() >= Self::MAX {
+            map.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+        }
+        if map.len() < Self::MAX {
+            map.insert(hash, (info, std::time::Instant::now()));
+        }
+    }
+
+    /// Forgets every entry of the named token.
+    pub fn evict(&self, name: &str) {
+        self.lock().retain(|_, (t, _)| t.name != name);
+    }
+}
+
 /// Middleware: resolves `Authorization: Bearer …` to a [`Caller`] or answers 401.
 pub async fn authenticate(
     State(state): State<AppState>,
@@ -71,10 +114,15 @@ pub async fn authenticate(
         .filter(|t| !t.is_empty())
         .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
     let hash = hash_token(token);
-    let found = state.store.token_by_hash(&hash).await?;
-    let info = match found {
-        Some((info, stored)) if bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) => info,
-        _ => return Err(unauthorized("unknown or revoked token")),
+    let info = match state.tokens.get(&hash) {
+        Some(info) => info,
+        None => match state.store.token_by_hash(&hash).await? {
+            Some((info, stored)) if bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) => {
+                state.tokens.put(hash, info.clone());
+                info
+            }
+            _ => return Err(unauthorized("unknown or revoked token")),
+        },
     };
     req.extensions_mut().insert(Caller(info));
     Ok(next.run(req).await)

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use ec2jobd_store::Store;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::TokenCache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::runner::Runner;
@@ -21,6 +22,8 @@ pub struct AppState {
     /// This process's runner, so a cancel reaches a local job at once instead of at its next
     /// heartbeat.
     pub runner: Arc<Runner>,
+    /// Recently verified API tokens.
+    pub tokens: Arc<TokenCache>,
     /// Cancelled when the daemon begins to shut down; long-lived responses (event streams) end then.
     pub shutdown: CancellationToken,
 }

@@ -2,10 +2,16 @@
 //!
 //! Reads go through a small connection pool (WAL lets them run beside a writer). Every write goes
 //! through one writer task that owns one connection: it takes whatever writes are waiting, runs them
-//! in a single `BEGIN IMMEDIATE` transaction with a savepoint around each (so one failing write does
-//! not undo its neighbours), commits once, and only then answers each caller. That is group commit:
-//! with `synchronous = FULL` one fsync serves every submission that arrived meanwhile. It also means a
-//! caller that goes away (an HTTP client hanging up) can never leave a transaction half-open.
+//! in a single `BEGIN IMMEDIATE` transaction, commits once, and only then answers each caller. That is
+//! group commit: with `synchronous = FULL` one fsync serves every submission that arrived meanwhile.
+//! It also means a caller that goes away (an HTTP client hanging up) can never leave a transaction
+//! half-open.
+//!
+//! Invariant that lets writes share a transaction without a savepoint each: a write either *refuses*
+//! before it has changed anything (lease lost, idempotency conflict, name taken — a failed statement
+//! changes nothing), and its neighbours commit; or it fails *fatally* (I/O, a corrupt row), and the
+//! whole batch is rolled back and every caller in it is told the store is unavailable. New writes must
+//! keep to this: check, then write.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,9 +76,20 @@ impl Default for SqliteOptions {
 }
 
 type Reply = Box<dyn FnOnce(Option<String>) + Send>;
-type WorkFuture<'c> = Pin<Box<dyn Future<Output = (bool, Reply)> + Send + 'c>>;
+type WorkFuture<'c> = Pin<Box<dyn Future<Output = (Fate, Reply)> + Send + 'c>>;
+
+/// How a write ended, for the batch it is part of.
+enum Fate {
+    /// Done; commit with the batch.
+    Done,
+    /// Refused before changing anything; the batch commits without it.
+    Refused,
+    /// Failed with the database in doubt; the whole batch is rolled back.
+    Fatal(String),
+}
+
 /// A queued write: given the writer's connection (or why there is none this round), it runs and
-/// returns whether it succeeded plus how to answer its caller once the commit's fate is known.
+/// returns its fate plus how to answer its caller once the commit's fate is known.
 type Work = Box<
     dyn for<'c> FnOnce(std::result::Result<&'c mut SqliteConnection, String>) -> WorkFuture<'c>
         + Send,
@@ -137,7 +154,13 @@ impl SqliteStore {
                     Ok(conn) => f(conn).await,
                     Err(msg) => Err(StoreError::Unavailable(msg)),
                 };
-                let ok = r.is_ok();
+                let fate = match &r {
+                    Ok(_) => Fate::Done,
+                    Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) => {
+                        Fate::Fatal(e.to_string())
+                    }
+                    Err(_) => Fate::Refused,
+                };
                 let reply: Reply = Box::new(move |commit_err| {
                     let out = match commit_err {
                         Some(e) => Err(StoreError::Unavailable(e)),
@@ -145,7 +168,7 @@ impl SqliteStore {
                     };
                     let _ = tx.send(out);
                 });
-                (ok, reply)
+                (fate, reply)
             })
         });
         let gone = || StoreError::Unavailable("database writer stopped".into());
@@ -167,18 +190,13 @@ impl SqliteStore {
     }
 }
 
-/// Runs one statement of the writer's own (BEGIN, SAVEPOINT, COMMIT…). Boxed with an explicit `Send`
+/// Runs one statement of the writer's own (BEGIN, COMMIT, ROLLBACK). Boxed with an explicit `Send`
 /// so the spawned writer future does not trip over sqlx's higher-ranked `Executor` bounds.
 fn exec_raw<'c>(
     conn: &'c mut SqliteConnection,
     sql: &'static str,
 ) -> Pin<Box<dyn Future<Output = std::result::Result<(), sqlx::Error>> + Send + 'c>> {
-    Box::pin(async move {
-        for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            sqlx::query(stmt).execute(&mut *conn).await?;
-        }
-        Ok(())
-    })
+    Box::pin(async move { sqlx::query(sql).execute(conn).await.map(|_| ()) })
 }
 
 async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Work>, max_batch: usize) {
@@ -200,30 +218,34 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Work>, m
             continue;
         }
         let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
+        let mut fatal: Option<String> = None;
         for w in batch {
-            if let Err(e) = exec_raw(&mut conn, "SAVEPOINT w").await {
-                let (_, reply) = w(Err(e.to_string())).await;
+            if let Some(msg) = &fatal {
+                // The batch is lost; do not run the rest against a transaction in doubt.
+                let (_, reply) = w(Err(msg.clone())).await;
                 replies.push(reply);
                 continue;
             }
-            let (ok, reply) = w(Ok(&mut conn)).await;
-            let end = if ok {
-                "RELEASE w"
-            } else {
-                "ROLLBACK TO w; RELEASE w"
-            };
-            if let Err(e) = exec_raw(&mut conn, end).await {
-                tracing::warn!(error = %e, "savepoint end failed");
+            let (fate, reply) = w(Ok(&mut conn)).await;
+            if let Fate::Fatal(msg) = fate {
+                fatal = Some(msg);
             }
             replies.push(reply);
         }
-        let commit_err = match exec_raw(&mut conn, "COMMIT").await {
-            Ok(_) => None,
-            Err(e) => {
+        let commit_err = match fatal {
+            Some(msg) => {
                 let _ = exec_raw(&mut conn, "ROLLBACK").await;
-                tracing::warn!(error = %e, "commit failed");
-                Some(e.to_string())
+                tracing::warn!(error = %msg, "write failed; batch rolled back");
+                Some(msg)
             }
+            None => match exec_raw(&mut conn, "COMMIT").await {
+                Ok(_) => None,
+                Err(e) => {
+                    let _ = exec_raw(&mut conn, "ROLLBACK").await;
+                    tracing::warn!(error = %e, "commit failed");
+                    Some(e.to_string())
+                }
+            },
         };
         for r in replies {
             r(commit_err.clone());

@@ -128,7 +128,9 @@ pub async fn revoke(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Role::Admin)?;
-    if state.store.revoke_token(&name).await? {
+    let revoked = state.store.revoke_token(&name).await?;
+    state.tokens.evict(&name);
+    if revoked {
         tracing::info!(%name, by = %caller.0.name, "token revoked");
         Ok(StatusCode::NO_CONTENT)
     } else {
