@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -157,6 +159,8 @@ shutdown_grace = "3s"
 [accounts.default]
 region = "us-east-1"
 {endpoint}call_timeout = "20s"
+retry_base = "20ms"
+retry_max = "200ms"
 
 [queue]
 workers = {workers}

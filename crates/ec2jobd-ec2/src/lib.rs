@@ -5,6 +5,12 @@
 //! Credentials are resolved by aws-config on the daemon's side and never leave this crate: they are
 //! not logged, stored or returned. Errors keep AWS's own code and request id, and say whether
 //! retrying could help ([`Ec2Error::transient`]); the runner decides what to do with that.
+//!
+//! Call-level retries are the AWS SDK's standard strategy, configured per account
+//! (`max_call_attempts`, `retry_base`, `retry_max`): bounded exponential backoff with full jitter,
+//! retrying throttling (`RequestLimitExceeded` included), 5xx, timeouts and I/O errors. Writing our own
+//! would duplicate it; what the SDK gives up on reaches the job as a transient [`Ec2Error`] and the
+//! runner's job-level backoff takes over.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,7 +30,7 @@ mod watch;
 pub use watch::{evaluate, InstanceStatus, Round, StatusWatcher, Verdict, WaitFailure};
 
 /// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AccountConfig {
     /// Default region for jobs that name none.
     pub region: String,
@@ -40,6 +46,12 @@ pub struct AccountConfig {
     pub session_token_env: Option<String>,
     /// Per-call timeout (one HTTP attempt).
     pub call_timeout: Duration,
+    /// Attempts per call, the first included (the SDK's standard retry strategy).
+    pub max_call_attempts: u32,
+    /// First retry backoff of a call.
+    pub retry_base: Duration,
+    /// Largest retry backoff of a call.
+    pub retry_max: Duration,
 }
 
 /// A failed EC2 call, classified.
@@ -221,7 +233,12 @@ fn env_secret(var: &Option<String>, what: &str) -> Result<Option<String>, Ec2Err
 async fn build_client(acct: &AccountConfig, region: &str) -> Result<aws_sdk_ec2::Client, Ec2Error> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(acct.max_call_attempts.max(1))
+                .with_initial_backoff(acct.retry_base)
+                .with_max_backoff(acct.retry_max),
+        )
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))

@@ -128,6 +128,9 @@ fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountCon
                     secret_access_key_env: a.secret_access_key_env.clone(),
                     session_token_env: a.session_token_env.clone(),
                     call_timeout: a.call_timeout.0,
+                    max_call_attempts: a.max_call_attempts,
+                    retry_base: a.retry_base.0,
+                    retry_max: a.retry_max.0,
                 },
             )
         })

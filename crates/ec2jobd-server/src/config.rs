@@ -73,10 +73,30 @@ pub struct AccountSection {
     /// Per-attempt call timeout.
     #[serde(default = "default_call_timeout")]
     pub call_timeout: Dur,
+    /// Attempts per EC2 call (SDK retries).
+    #[serde(default = "default_call_attempts")]
+    pub max_call_attempts: u32,
+    /// First backoff between call attempts.
+    #[serde(default = "default_retry_base")]
+    pub retry_base: Dur,
+    /// Largest backoff between call attempts.
+    #[serde(default = "default_retry_max")]
+    pub retry_max: Dur,
 }
 
+// Accounts other than `default` are whole tables in the user's file, so their optional keys need
+// serde defaults; these mirror config/default.toml.
 fn default_call_timeout() -> Dur {
     Dur(Duration::from_secs(30))
+}
+fn default_call_attempts() -> u32 {
+    5
+}
+fn default_retry_base() -> Dur {
+    Dur(Duration::from_secs(1))
+}
+fn default_retry_max() -> Dur {
+    Dur(Duration::from_secs(20))
 }
 
 /// `[queue]`.
@@ -296,6 +316,9 @@ impl Config {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
                     bail!("config key `accounts.{name}.endpoint_url`: `{u}` is not an http(s) URL");
                 }
+            }
+            if a.max_call_attempts == 0 || a.max_call_attempts > 20 {
+                bail!("config key `accounts.{name}.max_call_attempts`: must be 1 to 20");
             }
             if a.access_key_id_env.is_some() != a.secret_access_key_env.is_some() {
                 bail!("config key `accounts.{name}.secret_access_key_env`: set both access_key_id_env and secret_access_key_env, or neither");

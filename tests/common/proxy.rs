@@ -1,0 +1,303 @@
+//! A fault-injecting HTTP proxy in front of moto, for what moto cannot show: slow or impaired status
+//! checks, throttling, 5xx, dropped connections and latency. It counts calls by EC2 operation and
+//! the most calls in flight at once. Share-based faults draw from a seeded RNG, so a test's faults
+//! are the same on every run.
+//!
+//! It speaks just enough HTTP/1.1 for the AWS SDK: one request per connection, answered with
+//! `Connection: close`, which also lets it drop a connection after reading a request.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the proxy does to traffic; change it at any time with [`FaultProxy::set`].
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Until this instant, DescribeInstanceStatus reports InstanceStatus with this summary.
+    pub instance_status: Option<(String, Instant)>,
+    /// Until this instant, DescribeInstanceStatus reports SystemStatus with this summary.
+    pub system_status: Option<(String, Instant)>,
+    /// Share of calls answered `503 RequestLimitExceeded`.
+    pub throttle: f64,
+    /// Share of calls answered `503 Unavailable`.
+    pub unavailable: f64,
+    /// Share of calls whose connection is closed after the request is read, with no answer.
+    pub drop: f64,
+    /// Added before every call is forwarded.
+    pub latency: Duration,
+    /// When set, share-based faults hit only these operations.
+    pub only: Option<Vec<String>>,
+}
+
+#[derive(Default)]
+struct Stats {
+    calls: HashMap<String, u64>,
+    injected: HashMap<String, u64>,
+    max_in_flight: HashMap<String, usize>,
+}
+
+struct Shared {
+    upstream: String,
+    faults: Mutex<Faults>,
+    stats: Mutex<Stats>,
+    in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    rng: Mutex<StdRng>,
+    http: reqwest::Client,
+}
+
+/// The running proxy; stops with the test's runtime.
+pub struct FaultProxy {
+    pub url: String,
+    shared: Arc<Shared>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str, seed: u64) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            faults: Mutex::new(Faults::default()),
+            stats: Mutex::new(Stats::default()),
+            in_flight: Mutex::new(HashMap::new()),
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            http: reqwest::Client::new(),
+        });
+        let s = shared.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = handle(s, sock).await;
+                });
+            }
+        });
+        FaultProxy { url, shared }
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Faults)) {
+        f(&mut self.shared.faults.lock().unwrap());
+    }
+
+    /// Calls seen for an operation (faulted ones included).
+    pub fn calls(&self, op: &str) -> u64 {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .calls
+            .get(op)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Faults injected into an operation.
+    pub fn injected(&self, op: &str) -> u64 {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .injected
+            .get(op)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// All faults injected.
+    pub fn injected_total(&self) -> u64 {
+        self.shared.stats.lock().unwrap().injected.values().sum()
+    }
+
+    /// Most calls of an operation in flight at once.
+    pub fn max_in_flight(&self, op: &str) -> usize {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .max_in_flight
+            .get(op)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn action_of(body: &str) -> String {
+    body.split('&')
+        .find_map(|kv| kv.strip_prefix("Action="))
+        .unwrap_or("Unknown")
+        .to_string()
+}
+
+async fn respond(
+    sock: &mut TcpStream,
+    status: u16,
+    body: &str,
+    request_id: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/xml;charset=UTF-8\r\nContent-Length: {}\r\nx-amzn-requestid: {request_id}\r\nConnection: close\r\n\r\n",
+        if status == 200 { "OK" } else { "Error" },
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+fn error_xml(code: &str, message: &str, request_id: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>{request_id}</RequestID></Response>"
+    )
+}
+
+fn rewrite_status(body: String, element: &str, summary: &str) -> String {
+    body.replace(
+        &format!("</details><status>ok</status></{element}>"),
+        &format!("</details><status>{summary}</status></{element}>"),
+    )
+}
+
+async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = find(&buf, b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or("");
+    let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
+    let mut headers = Vec::new();
+    let mut len = 0usize;
+    for l in lines.filter(|l| !l.is_empty()) {
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_string(), v.trim().to_string());
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.parse().unwrap_or(0);
+            }
+            headers.push((k, v));
+        }
+    }
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
+    let op = action_of(&body);
+
+    let counter = s
+        .in_flight
+        .lock()
+        .unwrap()
+        .entry(op.clone())
+        .or_default()
+        .clone();
+    let now_in = counter.fetch_add(1, Ordering::SeqCst) + 1;
+    {
+        let mut st = s.stats.lock().unwrap();
+        *st.calls.entry(op.clone()).or_default() += 1;
+        let m = st.max_in_flight.entry(op.clone()).or_default();
+        *m = (*m).max(now_in);
+    }
+    let result = forward(&s, &mut sock, &op, &path, &headers, body).await;
+    counter.fetch_sub(1, Ordering::SeqCst);
+    result
+}
+
+async fn forward(
+    s: &Shared,
+    sock: &mut TcpStream,
+    op: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: String,
+) -> std::io::Result<()> {
+    let faults = s.faults.lock().unwrap().clone();
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
+    let applies = faults
+        .only
+        .as_ref()
+        .is_none_or(|ops| ops.iter().any(|o| o == op));
+    let roll: f64 = s.rng.lock().unwrap().gen();
+    let note = |s: &Shared| {
+        *s.stats
+            .lock()
+            .unwrap()
+            .injected
+            .entry(op.to_string())
+            .or_default() += 1
+    };
+    if applies && roll < faults.drop {
+        note(s);
+        return Ok(()); // the socket is dropped: no answer at all
+    }
+    if applies && roll < faults.drop + faults.throttle {
+        note(s);
+        let xml = error_xml(
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+            "fault-throttle",
+        );
+        return respond(sock, 503, &xml, "fault-throttle").await;
+    }
+    if applies && roll < faults.drop + faults.throttle + faults.unavailable {
+        note(s);
+        let xml = error_xml("Unavailable", "The service is unavailable.", "fault-503");
+        return respond(sock, 503, &xml, "fault-503").await;
+    }
+    let mut req = s.http.post(format!("{}{path}", s.upstream)).body(body);
+    for (k, v) in headers {
+        if !["host", "content-length", "connection"].contains(&k.to_ascii_lowercase().as_str()) {
+            req = req.header(k, v);
+        }
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(_) => return Ok(()),
+    };
+    let status = resp.status().as_u16();
+    let rid = resp
+        .headers()
+        .get("x-amzn-requestid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("proxied")
+        .to_string();
+    let mut text = resp.text().await.unwrap_or_default();
+    if op == "DescribeInstanceStatus" {
+        let now = Instant::now();
+        for (hold, element) in [
+            (&faults.instance_status, "instanceStatus"),
+            (&faults.system_status, "systemStatus"),
+        ] {
+            if let Some((summary, until)) = hold {
+                if now < *until {
+                    text = rewrite_status(text, element, summary);
+                    note(s);
+                }
+            }
+        }
+    }
+    respond(sock, status, &text, &rid).await
+}

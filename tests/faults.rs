@@ -1,0 +1,238 @@
+//! Behaviour moto alone cannot show, through the fault-injecting proxy in front of it: status checks
+//! that stay `initializing` for a while or turn `impaired`, waits that time out, throttling, 503s,
+//! dropped connections and latency, and shared polling counted at the proxy.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::{Daemon, DaemonOpts, Moto};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+async fn rig(
+    instances: i32,
+    tags: &[(&str, &str)],
+    workers: usize,
+) -> (Moto, FaultProxy, Daemon, Vec<String>) {
+    let moto = Moto::start().await;
+    let ids = moto.launch(instances, tags).await;
+    let proxy = FaultProxy::start(&moto.url, 42).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        workers,
+        ..Default::default()
+    })
+    .await;
+    (moto, proxy, d, ids)
+}
+
+async fn moto_states(moto: &Moto, ids: &[String]) -> Vec<String> {
+    let out = moto
+        .ec2()
+        .await
+        .describe_instances()
+        .set_instance_ids(Some(ids.to_vec()))
+        .send()
+        .await
+        .expect("describe in moto");
+    let mut by_id: Vec<(String, String)> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or_default().to_string(),
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    by_id.sort();
+    by_id.into_iter().map(|(_, s)| s).collect()
+}
+
+#[tokio::test]
+async fn waits_through_initializing_until_two_of_two_pass() {
+    let (moto, proxy, d, ids) = rig(1, &[], 2).await;
+    moto.ec2()
+        .await
+        .stop_instances()
+        .instance_ids(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_millis(1500),
+        ))
+    });
+    let id = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": ids.clone()},
+            "wait": {"interval": "200ms", "timeout": "1m"}}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let r = &j["results"]["instances"][0];
+    assert_eq!(r["checks"], "2/2 checks passed");
+    assert!(
+        proxy.injected("DescribeInstanceStatus") >= 2,
+        "the job saw `initializing` and kept waiting ({} rewritten answers)",
+        proxy.injected("DescribeInstanceStatus")
+    );
+    assert!(
+        r["seconds_to_status_ok"].as_f64().unwrap() >= r["seconds_to_running"].as_f64().unwrap(),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn impaired_check_fails_the_job_naming_it() {
+    let (_moto, proxy, d, ids) = rig(1, &[], 2).await;
+    proxy.set(|f| f.instance_status = Some(("impaired".into(), Instant::now() + MINUTE)));
+    let id = d
+        .submit(
+            &json!({"action": "reboot_instances", "targets": {"instance_ids": ids.clone()},
+            "wait": {"interval": "200ms"}}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "StatusCheckImpaired");
+    let msg = j["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&ids[0]) && msg.contains("InstanceStatus is impaired"),
+        "{msg}"
+    );
+    assert_eq!(j["results"]["instances"][0]["instance_status"], "impaired");
+    assert_eq!(j["attempts"], 1, "impaired is not retried");
+}
+
+#[tokio::test]
+async fn wait_timeout_reports_the_last_status_of_each_instance() {
+    let (_moto, proxy, d, ids) = rig(2, &[], 2).await;
+    proxy.set(|f| f.system_status = Some(("initializing".into(), Instant::now() + MINUTE)));
+    let id = d
+        .submit(
+            &json!({"action": "reboot_instances", "targets": {"instance_ids": ids.clone()},
+            "wait": {"interval": "200ms", "timeout": "2s"}}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "WaitTimeout");
+    let msg = j["error"]["message"].as_str().unwrap();
+    for iid in &ids {
+        assert!(
+            msg.contains(&format!("{iid} (running, 1/2 checks passed)")),
+            "{msg}"
+        );
+    }
+    for r in j["results"]["instances"].as_array().unwrap() {
+        assert_eq!(r["system_status"], "initializing");
+        assert_eq!(r["checks"], "1/2 checks passed");
+    }
+}
+
+#[tokio::test]
+async fn injected_throttling_5xx_drops_and_latency_still_reach_the_right_state() {
+    let (moto, proxy, d, ids) = rig(6, &[("Group", "chaos")], 4).await;
+    proxy.set(|f| {
+        f.throttle = 0.20;
+        f.unavailable = 0.10;
+        f.drop = 0.05;
+        f.latency = Duration::from_millis(20);
+    });
+    let fast = json!({"interval": "200ms", "timeout": "1m"});
+    // One job per instance and action, so the faults spread over many calls and jobs.
+    for (action, want) in [
+        ("stop_instances", "stopped"),
+        ("start_instances", "running"),
+    ] {
+        let mut jobs = Vec::new();
+        for iid in &ids {
+            jobs.push(
+                d.submit(
+                    &json!({"action": action, "targets": {"instance_ids": [iid]}, "wait": fast}),
+                )
+                .await,
+            );
+        }
+        jobs.push(
+            d.submit(
+                &json!({"action": "create_tags", "targets": {"tags": "Group=chaos"},
+                "params": {"tags": {"Step": action}}}),
+            )
+            .await,
+        );
+        for id in &jobs {
+            let j = d.wait_final(id, MINUTE).await;
+            assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+        }
+        assert_eq!(
+            moto_states(&moto, &ids).await,
+            vec![want; 6],
+            "after {action}"
+        );
+    }
+    eprintln!(
+        "chaos: {} faults injected over {} StopInstances / {} StartInstances / {} DescribeInstanceStatus calls",
+        proxy.injected_total(),
+        proxy.calls("StopInstances"),
+        proxy.calls("StartInstances"),
+        proxy.calls("DescribeInstanceStatus")
+    );
+    assert!(
+        proxy.injected_total() >= 3,
+        "faults were injected ({})",
+        proxy.injected_total()
+    );
+}
+
+#[tokio::test]
+async fn fifty_jobs_waiting_share_one_status_call_per_round() {
+    let (_moto, proxy, d, ids) = rig(50, &[], 64).await;
+    // Checks stay `initializing` for 3 s, so every job is still waiting while the others join.
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(3),
+        ))
+    });
+    let mut jobs = Vec::new();
+    for iid in &ids {
+        jobs.push(
+            d.submit(
+                &json!({"action": "create_tags", "targets": {"instance_ids": [iid]},
+                "params": {"tags": {"Herd": "yes"}},
+                "wait": {"until": "status_ok", "interval": "500ms", "timeout": "1m"}}),
+            )
+            .await,
+        );
+    }
+    for id in &jobs {
+        let j = d.wait_final(id, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
+    }
+    // 50 ids fit one call: every round is one DescribeInstanceStatus, whatever the number of jobs.
+    // The herd waited ~3 s at 500 ms, i.e. about 6-8 rounds; one call per job per round would be 300+.
+    let calls = proxy.calls("DescribeInstanceStatus");
+    eprintln!("50 waiting jobs: {calls} DescribeInstanceStatus calls in all");
+    assert!(
+        (3..=16).contains(&calls),
+        "{calls} DescribeInstanceStatus calls for 50 waiting jobs"
+    );
+    assert_eq!(
+        proxy.max_in_flight("DescribeInstanceStatus"),
+        1,
+        "one watcher, one call at a time"
+    );
+}
