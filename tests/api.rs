@@ -753,7 +753,9 @@ async fn transient_errors_are_retried_with_backoff_then_fail() {
         format!("http://{a}")
     };
     let d = Daemon::start(DaemonOpts {
-        extra: format!("\n[accounts.down]\nregion = \"us-east-1\"\nendpoint_url = \"{closed}\"\n"),
+        extra: format!(
+            "\n[accounts.down]\nregion = \"us-east-1\"\nendpoint_url = \"{closed}\"\nmax_call_attempts = 2\nretry_base = \"20ms\"\nretry_max = \"50ms\"\n"
+        ),
         ..Default::default()
     })
     .await;
