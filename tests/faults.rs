@@ -236,3 +236,58 @@ async fn fifty_jobs_waiting_share_one_status_call_per_round() {
         "one watcher, one call at a time"
     );
 }
+
+/// kill -9 while RunInstances is in flight (held at the proxy), then again while the launched
+/// instances wait for their checks: after each restart the job resumes, finds what it launched by its
+/// tag, and moto ends up holding exactly the requested instances, launched by one call.
+#[tokio::test]
+async fn run_instances_survives_kill_9_mid_call_and_mid_wait_without_duplicates() {
+    let moto = Moto::start().await;
+    let image = moto.image().await;
+    let proxy = FaultProxy::start(&moto.url, 7).await;
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    // The call reaches moto 1.5 s after it leaves the daemon; the daemon dies before the answer.
+    proxy.set(|f| {
+        f.latency = Duration::from_millis(1500);
+        f.only = Some(vec!["RunInstances".into()]);
+    });
+    // Checks stay `initializing` long enough to kill the daemon during the wait too.
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(12),
+        ))
+    });
+    let id = d
+        .submit(&json!({"action": "run_instances",
+            "params": {"image_id": image, "instance_type": "t3.micro", "min_count": 3},
+            "wait": {"interval": "200ms", "timeout": "2m"}}))
+        .await;
+    d.wait_for(&id, MINUTE, |j| j["progress"]["phase"] == "calling")
+        .await;
+    d.kill9();
+    d.spawn().await;
+    // The lease (3 s) expires, the job is claimed again and finds the 3 instances by its tag.
+    let j = d
+        .wait_for(&id, MINUTE, |j| {
+            j["attempts"] == 2 && j["progress"]["phase"] == "waiting"
+        })
+        .await;
+    assert!(j["error"].is_null(), "{j}");
+    d.kill9();
+    d.spawn().await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(j["attempts"], 3, "{j}");
+    assert_eq!(j["results"]["instances"].as_array().unwrap().len(), 3);
+    assert_eq!(proxy.calls("RunInstances"), 1, "RunInstances was made once");
+    assert_eq!(
+        moto.tagged("ec2jobd:job-id", &id).await.len(),
+        3,
+        "no duplicates in moto"
+    );
+}

@@ -389,3 +389,70 @@ async fn concurrent_waits_share_one_status_call_per_round_and_time_out_clearly()
         "status calls were not shared: {calls} calls for 30 waiting jobs"
     );
 }
+
+#[tokio::test]
+async fn run_instances_launches_tags_and_waits_for_checks() {
+    let moto = Moto::start().await;
+    let image = moto.image().await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let spec = json!({"action": "run_instances",
+        "params": {"image_id": image, "instance_type": "t3.micro", "min_count": 2,
+                   "tags": {"Name": "web"}, "user_data": "#!/bin/sh\necho hi\n"},
+        "wait": {"interval": "200ms"}});
+    let id = d.submit(&spec).await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let inst = j["results"]["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 2);
+    for r in inst {
+        assert_eq!(r["checks"], "2/2 checks passed");
+        assert_eq!(r["name"], "web");
+        assert_eq!(r["tags"]["ec2jobd:job-id"], id.as_str());
+        assert_eq!(r["instance_type"], "t3.micro");
+    }
+    assert_eq!(moto.tagged("ec2jobd:job-id", &id).await.len(), 2);
+
+    // A dry run launches nothing.
+    let mut dry = spec.clone();
+    dry["dry_run"] = json!(true);
+    let id = d.submit(&dry).await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["results"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("would succeed"));
+    assert!(moto.tagged("ec2jobd:job-id", &id).await.is_empty());
+
+    // Bad input is refused at submission.
+    for (bad, field) in [
+        (
+            json!({"action": "run_instances", "params": {"instance_type": "t3.micro"}}),
+            "params.image_id",
+        ),
+        (
+            json!({"action": "run_instances", "params": {"image_id": "img-1", "instance_type": "t3.micro"}}),
+            "params.image_id",
+        ),
+        (
+            json!({"action": "run_instances", "params": {"image_id": image, "instance_type": "t3.micro", "min_count": 0}}),
+            "params.min_count",
+        ),
+        (
+            json!({"action": "run_instances", "params": {"image_id": image, "instance_type": "t3.micro", "min_count": 3, "max_count": 2}}),
+            "params.max_count",
+        ),
+        (
+            json!({"action": "run_instances", "targets": {"tags": "a=b"}, "params": {"image_id": image, "instance_type": "t3.micro"}}),
+            "targets",
+        ),
+    ] {
+        let r = d.post_job(&d.admin, &bad).await;
+        assert_eq!(r.status(), 422, "{bad}");
+        assert_eq!(r.json::<Value>().await.unwrap()["field"], field, "{bad}");
+    }
+}

@@ -420,3 +420,44 @@ impl BlackHole {
         BlackHole { url, _keep: keep }
     }
 }
+
+impl Moto {
+    /// An AMI moto ships.
+    pub async fn image(&self) -> String {
+        self.ec2()
+            .await
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .expect("describe images")
+            .images()
+            .iter()
+            .find_map(|i| i.image_id().map(String::from))
+            .expect("moto ships images")
+    }
+
+    /// Instances (not terminated) carrying tag `key=value`, as moto sees them.
+    pub async fn tagged(&self, key: &str, value: &str) -> Vec<String> {
+        use aws_sdk_ec2::types::Filter;
+        let out = self
+            .ec2()
+            .await
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe in moto");
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
+            .filter_map(|i| i.instance_id().map(String::from))
+            .collect()
+    }
+}

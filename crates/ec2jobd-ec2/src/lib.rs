@@ -295,6 +295,37 @@ pub struct CallOutcome {
     pub dry_run_ok: bool,
 }
 
+/// What to launch: `run_instances` parameters, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// AMI id.
+    pub image_id: String,
+    /// Instance type, e.g. `t3.micro`.
+    pub instance_type: String,
+    /// Launch at least this many (all or nothing).
+    pub min_count: u32,
+    /// Launch at most this many.
+    pub max_count: u32,
+    /// Key pair name.
+    pub key_name: Option<String>,
+    /// Subnet.
+    pub subnet_id: Option<String>,
+    /// Security groups.
+    pub security_group_ids: Vec<String>,
+    /// Placement availability zone.
+    pub availability_zone: Option<String>,
+    /// User data as plain text (base64-encoded for the call).
+    pub user_data: Option<String>,
+    /// Instance profile name, or ARN when it starts with `arn:`.
+    pub iam_instance_profile: Option<String>,
+    /// Tags put on the instances at creation (atomically with it).
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// `DisableApiTermination`.
+    pub termination_protection: bool,
+    /// Idempotency token (≤ 64 characters): a repeated call with it launches nothing new on AWS.
+    pub client_token: String,
+}
+
 /// Most ids EC2 takes in one instance call.
 const IDS_PER_CALL: usize = 1000;
 
@@ -387,6 +418,77 @@ impl Ec2 {
                 request_id: e.request_id,
                 dry_run_ok: true,
             }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// RunInstances; returns the launched instances.
+    pub async fn run_instances(
+        &self,
+        l: &Launch,
+        dry_run: bool,
+    ) -> Result<(Vec<InstanceResult>, CallOutcome), Ec2Error> {
+        use aws_sdk_ec2::types::{
+            IamInstanceProfileSpecification, InstanceType, Placement, ResourceType,
+            TagSpecification,
+        };
+        let mut req = self
+            .client
+            .run_instances()
+            .image_id(&l.image_id)
+            .instance_type(InstanceType::from(l.instance_type.as_str()))
+            .min_count(l.min_count as i32)
+            .max_count(l.max_count as i32)
+            .set_key_name(l.key_name.clone())
+            .set_subnet_id(l.subnet_id.clone())
+            .client_token(&l.client_token)
+            .dry_run(dry_run);
+        if !l.security_group_ids.is_empty() {
+            req = req.set_security_group_ids(Some(l.security_group_ids.clone()));
+        }
+        if let Some(az) = &l.availability_zone {
+            req = req.placement(Placement::builder().availability_zone(az).build());
+        }
+        if let Some(ud) = &l.user_data {
+            req = req.user_data(aws_smithy_types::base64::encode(ud.as_bytes()));
+        }
+        if let Some(p) = &l.iam_instance_profile {
+            let spec = IamInstanceProfileSpecification::builder();
+            let spec = if p.starts_with("arn:") {
+                spec.arn(p)
+            } else {
+                spec.name(p)
+            };
+            req = req.iam_instance_profile(spec.build());
+        }
+        if !l.tags.is_empty() {
+            req = req.tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(tags_of(&l.tags)))
+                    .build(),
+            );
+        }
+        if l.termination_protection {
+            req = req.disable_api_termination(true);
+        }
+        let r = req.send().await.map_err(|e| classify("RunInstances", e));
+        self.observe("RunInstances", &r);
+        match r {
+            Ok(out) => Ok((
+                out.instances().iter().map(instance_result).collect(),
+                CallOutcome {
+                    request_id: out.request_id().map(String::from),
+                    dry_run_ok: false,
+                },
+            )),
+            Err(e) if e.code == "DryRunOperation" => Ok((
+                Vec::new(),
+                CallOutcome {
+                    request_id: e.request_id,
+                    dry_run_ok: true,
+                },
+            )),
             Err(e) => Err(e),
         }
     }

@@ -14,12 +14,15 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ec2jobd_ec2::{
-    evaluate, CallOutcome, Ec2, Ec2Error, Ec2Pool, InstanceStatus, Verdict, WaitFailure,
+    evaluate, CallOutcome, Ec2, Ec2Error, Ec2Pool, InstanceStatus, Launch, Verdict, WaitFailure,
 };
 use ec2jobd_spec::{Action, InstanceResult, JobError, JobResults, WaitUntil};
 use serde_json::json;
 
 use crate::runner::{ExecCtx, ExecError, Executor};
+
+/// Tag put on every instance a job launches, holding the job id.
+pub const JOB_TAG: &str = "ec2jobd:job-id";
 
 /// Runs EC2 jobs.
 pub struct Ec2Executor {
@@ -59,6 +62,7 @@ impl Executor for Ec2Executor {
             .map_err(|e| failed(e, JobResults::default()))?;
         match spec.action {
             Action::DescribeInstances => describe(ctx, &ec2, account, region).await,
+            Action::RunInstances => self.run_instances(ctx, &ec2, account, region).await,
             _ => self.instance_action(ctx, &ec2, account, region).await,
         }
     }
@@ -191,8 +195,141 @@ impl Ec2Executor {
                 ec2.delete_tags(ids, &keys, &string_map(spec.params.get("tags")), dry)
                     .await
             }
-            Action::DescribeInstances => Ok(Vec::new()),
+            Action::DescribeInstances | Action::RunInstances => Ok(Vec::new()),
         }
+    }
+
+    /// Launches instances, never twice for one job: the call carries a ClientToken derived from
+    /// the job id (AWS returns the same instances for a repeated token) and tags every instance with
+    /// the job id at creation; an attempt that resumes after a crash first looks for instances with
+    /// that tag and launches only if there are none (moto, unlike AWS, ignores ClientToken).
+    async fn run_instances(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        account: &str,
+        region: &str,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let job_id = &ctx.job.id;
+        let mut results = JobResults::default();
+        let resumed = ctx.checkpoint.is_some() || ctx.job.attempts > 1;
+        let mut launched: Vec<InstanceResult> = Vec::new();
+        if resumed && !spec.dry_run {
+            ctx.progress(
+                "resolving_targets",
+                "looking for instances an earlier attempt launched",
+                None,
+                None,
+            )
+            .await?;
+            let mine = ec2jobd_spec::Targets {
+                tags: Some(ec2jobd_spec::TagSet(
+                    [(JOB_TAG.to_string(), job_id.clone())]
+                        .into_iter()
+                        .collect(),
+                )),
+                ..Default::default()
+            };
+            let found = ec2
+                .describe_instances(&mine, false)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(found.request_ids);
+            launched = found
+                .instances
+                .into_iter()
+                .filter(|i| i.state != "terminated" && i.state != "shutting-down")
+                .collect();
+        }
+        let started = Instant::now();
+        let fresh = launched.is_empty();
+        if fresh {
+            ctx.check_cancel(&results)?;
+            let (min, max) = spec.counts();
+            let mut tags = string_map(spec.params.get("tags"));
+            tags.insert(JOB_TAG.into(), job_id.clone());
+            let launch = Launch {
+                image_id: spec.param_str("image_id").unwrap_or_default().to_string(),
+                instance_type: spec
+                    .param_str("instance_type")
+                    .unwrap_or_default()
+                    .to_string(),
+                min_count: min,
+                max_count: max,
+                key_name: spec.param_str("key_name").map(String::from),
+                subnet_id: spec.param_str("subnet_id").map(String::from),
+                security_group_ids: spec
+                    .params
+                    .get("security_group_ids")
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(String::from))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                availability_zone: spec.param_str("availability_zone").map(String::from),
+                user_data: spec.param_str("user_data").map(String::from),
+                iam_instance_profile: spec.param_str("iam_instance_profile").map(String::from),
+                tags,
+                termination_protection: spec.flag("termination_protection"),
+                client_token: format!("ec2jobd-{job_id}-run"),
+            };
+            ctx.save_checkpoint(json!({"phase": "calling"})).await?;
+            ctx.progress(
+                "calling",
+                &format!(
+                    "RunInstances ({min}-{max} x {}) in {account}/{region}",
+                    launch.instance_type
+                ),
+                None,
+                None,
+            )
+            .await?;
+            let (insts, out) = ec2
+                .run_instances(&launch, spec.dry_run)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(out.request_id);
+            if spec.dry_run {
+                results.summary = Some(format!(
+                    "dry run: RunInstances {}",
+                    if out.dry_run_ok {
+                        "would succeed"
+                    } else {
+                        "answered without DryRunOperation"
+                    }
+                ));
+                return Ok(results);
+            }
+            launched = insts;
+        } else if spec.dry_run {
+            results.summary = Some("dry run: the instances already exist".into());
+            return Ok(results);
+        }
+        let ids: Vec<String> = launched.iter().map(|i| i.instance_id.clone()).collect();
+        ctx.save_checkpoint(json!({"phase": "called", "ids": ids}))
+            .await?;
+        let todo = if fresh { ids.clone() } else { Vec::new() };
+        let before: HashMap<String, String> = if fresh {
+            HashMap::new()
+        } else {
+            ids.iter()
+                .map(|id| (id.clone(), "launched by an earlier attempt".to_string()))
+                .collect()
+        };
+        self.wait_and_finish(
+            ctx,
+            ec2,
+            (account, region),
+            &ids,
+            &before,
+            &todo,
+            started,
+            results,
+        )
+        .await
     }
 
     async fn instance_action(
@@ -204,7 +341,6 @@ impl Ec2Executor {
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let action = spec.action;
-        let (until, wait_timeout, interval) = spec.wait_settings();
         let mut results = JobResults::default();
 
         ctx.check_cancel(&results)?;
@@ -299,6 +435,36 @@ impl Ec2Executor {
             return Ok(results);
         }
 
+        self.wait_and_finish(
+            ctx,
+            ec2,
+            (account, region),
+            &ids,
+            &before,
+            &todo,
+            started,
+            results,
+        )
+        .await
+    }
+
+    /// Waits through the shared watcher (reporting progress as instances become ready), then
+    /// describes the instances for the results and writes the summary.
+    #[allow(clippy::too_many_arguments)]
+    async fn wait_and_finish(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        (account, region): (&str, &str),
+        ids: &[String],
+        before: &HashMap<String, String>,
+        todo: &[String],
+        started: Instant,
+        mut results: JobResults,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let op = spec.action.as_str();
+        let (until, wait_timeout, interval) = spec.wait_settings();
         // Wait through the shared watcher, reporting progress as instances become ready.
         let mut to_running: HashMap<String, f64> = HashMap::new();
         let mut to_ok: HashMap<String, f64> = HashMap::new();
@@ -321,7 +487,7 @@ impl Ec2Executor {
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let wait = watcher.wait(&ids, until, wait_timeout, interval, move |_, seen| {
+            let wait = watcher.wait(ids, until, wait_timeout, interval, move |_, seen| {
                 let _ = tx.send(seen.clone());
             });
             tokio::pin!(wait);
@@ -350,7 +516,7 @@ impl Ec2Executor {
                         }
                     }
                     _ = ctx.cancelled() => {
-                        results.instances = self.final_results(ec2, &ids, &before, &last, &to_running, &to_ok, &todo).await;
+                        results.instances = self.final_results(ec2, ids, before, &last, &to_running, &to_ok, todo).await;
                         return Err(ExecError::Cancelled(results));
                     }
                 }
@@ -390,7 +556,7 @@ impl Ec2Executor {
                     WaitFailure::Aws(e) => return Err(failed(e, results)),
                 };
                 results.instances = self
-                    .final_results(ec2, &ids, &before, &seen, &to_running, &to_ok, &todo)
+                    .final_results(ec2, ids, before, &seen, &to_running, &to_ok, todo)
                     .await;
                 return Err(ExecError::Failed {
                     error: JobError {
@@ -404,7 +570,7 @@ impl Ec2Executor {
             }
         };
         results.instances = self
-            .final_results(ec2, &ids, &before, &statuses, &to_running, &to_ok, &todo)
+            .final_results(ec2, ids, before, &statuses, &to_running, &to_ok, todo)
             .await;
         let n = ids.len() as u64;
         let acted = todo.len();

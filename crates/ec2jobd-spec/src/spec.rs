@@ -21,6 +21,9 @@ use utoipa::ToSchema;
 pub enum Action {
     /// Describe the targeted instances (paginated) and record each one in the results.
     DescribeInstances,
+    /// Launch instances (`params.image_id`, `params.instance_type`, counts, network, tags…); takes no
+    /// targets; waits for `status_ok` by default.
+    RunInstances,
     /// Start stopped instances; waits for `status_ok` by default.
     StartInstances,
     /// Stop running instances (`params.force`, `params.hibernate`); waits for `stopped` by default.
@@ -39,6 +42,7 @@ impl Action {
     /// Every action, for listings and metrics labels.
     pub const ALL: &'static [Action] = &[
         Action::DescribeInstances,
+        Action::RunInstances,
         Action::StartInstances,
         Action::StopInstances,
         Action::RebootInstances,
@@ -51,6 +55,7 @@ impl Action {
     pub fn as_str(&self) -> &'static str {
         match self {
             Action::DescribeInstances => "describe_instances",
+            Action::RunInstances => "run_instances",
             Action::StartInstances => "start_instances",
             Action::StopInstances => "stop_instances",
             Action::RebootInstances => "reboot_instances",
@@ -68,7 +73,9 @@ impl Action {
     /// What `wait.until` means when the request leaves it out.
     pub fn default_wait(&self) -> WaitUntil {
         match self {
-            Action::StartInstances | Action::RebootInstances => WaitUntil::StatusOk,
+            Action::RunInstances | Action::StartInstances | Action::RebootInstances => {
+                WaitUntil::StatusOk
+            }
             Action::StopInstances => WaitUntil::Stopped,
             Action::TerminateInstances => WaitUntil::Terminated,
             Action::DescribeInstances | Action::CreateTags | Action::DeleteTags => WaitUntil::None,
@@ -325,6 +332,59 @@ pub struct JobSpec {
     pub max_attempts: Option<u32>,
 }
 
+/// The shape a parameter must have.
+#[derive(Debug, Clone, Copy)]
+enum Param {
+    Bool,
+    Str,
+    StrList,
+    Tags,
+    Count,
+}
+
+impl Param {
+    fn check(self, field: &str, v: &serde_json::Value) -> Result<(), SpecError> {
+        let (ok, want) = match self {
+            Param::Bool => (v.is_boolean(), "true or false"),
+            Param::Str => (
+                v.as_str()
+                    .is_some_and(|s| !s.is_empty() && s.len() <= 16 * 1024),
+                "a non-empty string",
+            ),
+            Param::StrList => (
+                v.as_array().is_some_and(|a| {
+                    !a.is_empty() && a.iter().all(|k| k.as_str().is_some_and(|k| !k.is_empty()))
+                }),
+                "a non-empty list of non-empty strings",
+            ),
+            Param::Tags => (
+                v.as_object().is_some_and(|m| {
+                    !m.is_empty()
+                        && m.iter().all(|(k, v)| {
+                            !k.is_empty()
+                                && k.chars().count() <= 128
+                                && v.as_str().is_some_and(|v| v.chars().count() <= 256)
+                        })
+                }),
+                "a non-empty object of tag key (1-128 characters) to string value (at most 256)",
+            ),
+            Param::Count => (
+                v.as_u64().is_some_and(|n| (1..=1000).contains(&n)),
+                "a whole number from 1 to 1000",
+            ),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(SpecError::new(
+                field,
+                "invalid_param",
+                format!("must be {want}"),
+            ))
+        }
+    }
+}
+
 /// Parses a humantime duration (`15m`, `1h 30m`, `250ms`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e})"))
@@ -389,7 +449,17 @@ impl JobSpec {
                 ));
             }
         }
-        self.targets = normalize_targets(self.targets)?;
+        if self.action == Action::RunInstances {
+            if self.targets != Targets::default() {
+                return Err(SpecError::new(
+                    "targets",
+                    "unexpected_targets",
+                    "run_instances launches new instances and takes no targets",
+                ));
+            }
+        } else {
+            self.targets = normalize_targets(self.targets)?;
+        }
         self.check_params()?;
         let wait = self.wait.take().unwrap_or_default();
         let until = wait.until.unwrap_or_else(|| self.action.default_wait());
@@ -431,66 +501,52 @@ impl JobSpec {
     }
 
     fn check_params(&self) -> Result<(), SpecError> {
-        let allowed: &[&str] = match self.action {
+        use Param::*;
+        let table: &[(&str, Param)] = match self.action {
             Action::DescribeInstances | Action::StartInstances | Action::RebootInstances => &[],
-            Action::StopInstances => &["force", "hibernate"],
-            Action::TerminateInstances => &["force"],
-            Action::CreateTags => &["tags"],
-            Action::DeleteTags => &["keys", "tags"],
+            Action::RunInstances => &[
+                ("image_id", Str),
+                ("instance_type", Str),
+                ("min_count", Count),
+                ("max_count", Count),
+                ("key_name", Str),
+                ("subnet_id", Str),
+                ("security_group_ids", StrList),
+                ("availability_zone", Str),
+                ("user_data", Str),
+                ("iam_instance_profile", Str),
+                ("tags", Tags),
+                ("termination_protection", Bool),
+            ],
+            Action::StopInstances => &[("force", Bool), ("hibernate", Bool)],
+            Action::TerminateInstances => &[("force", Bool)],
+            Action::CreateTags => &[("tags", Tags)],
+            Action::DeleteTags => &[("keys", StrList), ("tags", Tags)],
         };
         for (key, value) in &self.params {
-            if !allowed.contains(&key.as_str()) {
+            let field = format!("params.{key}");
+            let Some((_, kind)) = table.iter().find(|(k, _)| k == key) else {
                 return Err(SpecError::new(
-                    format!("params.{key}"),
+                    field,
                     "unknown_param",
                     format!("`{}` takes no parameter `{key}`", self.action),
                 ));
-            }
-            let field = format!("params.{key}");
-            match key.as_str() {
-                "force" | "hibernate" if !value.is_boolean() => {
-                    return Err(SpecError::new(
-                        field,
-                        "invalid_param",
-                        "must be true or false",
-                    ))
-                }
-                "tags" => {
-                    let ok = value.as_object().is_some_and(|m| {
-                        !m.is_empty()
-                            && m.iter().all(|(k, v)| {
-                                !k.is_empty() && k.chars().count() <= 128 && v.is_string()
-                            })
-                    });
-                    if !ok {
-                        return Err(SpecError::new(
-                            field,
-                            "invalid_param",
-                            "must be a non-empty object of tag key (1-128 characters) to string value",
-                        ));
-                    }
-                }
-                "keys" => {
-                    let ok = value.as_array().is_some_and(|a| {
-                        !a.is_empty() && a.iter().all(|k| k.as_str().is_some_and(|k| !k.is_empty()))
-                    });
-                    if !ok {
-                        return Err(SpecError::new(
-                            field,
-                            "invalid_param",
-                            "must be a non-empty list of tag keys",
-                        ));
-                    }
-                }
-                _ => {}
-            }
+            };
+            kind.check(&field, value)?;
         }
-        if self.action == Action::CreateTags && !self.params.contains_key("tags") {
-            return Err(SpecError::new(
-                "params.tags",
-                "missing_param",
-                "create_tags needs `params.tags`",
-            ));
+        let required: &[&str] = match self.action {
+            Action::RunInstances => &["image_id", "instance_type"],
+            Action::CreateTags => &["tags"],
+            _ => &[],
+        };
+        for key in required {
+            if !self.params.contains_key(*key) {
+                return Err(SpecError::new(
+                    format!("params.{key}"),
+                    "missing_param",
+                    format!("{} needs `params.{key}`", self.action),
+                ));
+            }
         }
         if self.action == Action::DeleteTags
             && !self.params.contains_key("tags")
@@ -502,7 +558,43 @@ impl JobSpec {
                 "delete_tags needs `params.keys` (or `params.tags`)",
             ));
         }
+        if self.action == Action::RunInstances {
+            if let Some(img) = self.params.get("image_id").and_then(|v| v.as_str()) {
+                if !img.starts_with("ami-") {
+                    return Err(SpecError::new(
+                        "params.image_id",
+                        "invalid_param",
+                        format!("`{img}` is not an AMI id (ami-…)"),
+                    ));
+                }
+            }
+            let (min, max) = self.counts();
+            if max < min {
+                return Err(SpecError::new(
+                    "params.max_count",
+                    "invalid_param",
+                    "must be at least min_count",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// `run_instances` counts: `min_count` (default 1) and `max_count` (default `min_count`).
+    pub fn counts(&self) -> (u32, u32) {
+        let get = |k: &str| {
+            self.params
+                .get(k)
+                .and_then(|v| v.as_u64())
+                .map(|n| n as u32)
+        };
+        let min = get("min_count").unwrap_or(1);
+        (min, get("max_count").unwrap_or(min))
+    }
+
+    /// A string parameter (already validated).
+    pub fn param_str(&self, name: &str) -> Option<&str> {
+        self.params.get(name).and_then(|v| v.as_str())
     }
 
     /// A boolean parameter (already validated), false when absent.
