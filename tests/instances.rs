@@ -271,7 +271,8 @@ async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
     assert!(j["error"]["request_id"].is_string());
     assert_eq!(j["attempts"], 1);
 
-    // AWS refuses: terminating an instance with termination protection (moto enforces this one).
+    // Termination protection: refused without params.force (nothing terminated), turned off and
+    // recorded with it.
     let ec2 = moto.ec2().await;
     ec2.modify_instance_attribute()
         .instance_id(&ids[0])
@@ -288,24 +289,23 @@ async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
         .await;
     let j = d.wait_final(&id, MINUTE).await;
     assert_eq!(j["state"], "failed", "{j}");
-    assert_eq!(j["error"]["code"], "OperationNotPermitted", "{j}");
+    assert_eq!(j["error"]["code"], "TerminationProtected", "{j}");
+    assert!(j["error"]["message"].as_str().unwrap().contains(&ids[0]));
     assert_eq!(j["attempts"], 1, "a refusal is permanent: {j}");
     assert_eq!(moto_state(&moto, &ids[0]).await, "running");
-    ec2.modify_instance_attribute()
-        .instance_id(&ids[0])
-        .disable_api_termination(
-            aws_sdk_ec2::types::AttributeBooleanValue::builder()
-                .value(false)
-                .build(),
+    let id = d
+        .submit(
+            &json!({"action": "terminate_instances", "targets": {"instance_ids": ids.clone()},
+            "params": {"force": true}, "wait": {"interval": "200ms"}}),
         )
-        .send()
-        .await
-        .unwrap();
-    ec2.terminate_instances()
-        .instance_ids(&ids[0])
-        .send()
-        .await
-        .unwrap();
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        j["results"]["instances"][0]["outcome"],
+        "called (termination protection turned off)"
+    );
+    assert_eq!(moto_state(&moto, &ids[0]).await, "terminated");
 
     // Waiting for a state the instance cannot reach fails with the cause.
     let id = d
@@ -415,6 +415,41 @@ async fn run_instances_launches_tags_and_waits_for_checks() {
         assert_eq!(r["instance_type"], "t3.micro");
     }
     assert_eq!(moto.tagged("ec2jobd:job-id", &id).await.len(), 2);
+
+    // Flat outputs for schedulers, as JSON and as env lines.
+    let (s, out) = d.get_json(&format!("/v1/jobs/{id}/outputs")).await;
+    assert_eq!(s, 200);
+    assert_eq!(out["JOB_STATE"], "succeeded");
+    assert_eq!(out["INSTANCE_COUNT"], "2");
+    assert_eq!(out["INSTANCE_ID_1"], inst[0]["instance_id"]);
+    assert_eq!(out["PRIVATE_IP_2"], inst[1]["private_ip"]);
+    assert_eq!(out["CHECKS_1"], "2/2 checks passed");
+    let env = d
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/outputs?format=env"),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        env.lines()
+            .any(|l| l == format!("INSTANCE_ID_1={}", inst[0]["instance_id"].as_str().unwrap())),
+        "{env}"
+    );
+    assert!(env.contains("CHECKS_1='2/2 checks passed'"), "{env}");
+    assert!(
+        env.lines().any(|l| l.starts_with("PUBLIC_DNS_NAME_2=ec2-")),
+        "{env}"
+    );
+    let (s, _) = d
+        .get_json(&format!("/v1/jobs/{id}/outputs?format=xml"))
+        .await;
+    assert_eq!(s, 400);
 
     // A dry run launches nothing.
     let mut dry = spec.clone();

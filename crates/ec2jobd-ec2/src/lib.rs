@@ -493,6 +493,43 @@ impl Ec2 {
         }
     }
 
+    /// Whether `DisableApiTermination` is set on an instance.
+    pub async fn termination_protected(&self, id: &str) -> Result<bool, Ec2Error> {
+        let r = self
+            .client
+            .describe_instance_attribute()
+            .instance_id(id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::DisableApiTermination)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstanceAttribute", e));
+        self.observe("DescribeInstanceAttribute", &r);
+        Ok(r?
+            .disable_api_termination()
+            .and_then(|v| v.value())
+            .unwrap_or(false))
+    }
+
+    /// Sets or clears `DisableApiTermination` on an instance.
+    pub async fn set_termination_protection(
+        &self,
+        id: &str,
+        on: bool,
+    ) -> Result<CallOutcome, Ec2Error> {
+        let r = self
+            .client
+            .modify_instance_attribute()
+            .instance_id(id)
+            .disable_api_termination(
+                aws_sdk_ec2::types::AttributeBooleanValue::builder()
+                    .value(on)
+                    .build(),
+            )
+            .send()
+            .await;
+        self.outcome("ModifyInstanceAttribute", r)
+    }
+
     /// StartInstances for `ids` (in chunks of 1000); one outcome per call.
     pub async fn start_instances(
         &self,

@@ -393,6 +393,12 @@ impl Ec2Executor {
             _ => ids.clone(),
         };
         let op = action.as_str();
+        let unprotected = if action == Action::TerminateInstances {
+            self.clear_termination_protection(ctx, ec2, &todo, &results)
+                .await?
+        } else {
+            Vec::new()
+        };
         let started = Instant::now();
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;
@@ -435,17 +441,80 @@ impl Ec2Executor {
             return Ok(results);
         }
 
-        self.wait_and_finish(
-            ctx,
-            ec2,
-            (account, region),
-            &ids,
-            &before,
-            &todo,
-            started,
-            results,
+        let mut results = self
+            .wait_and_finish(
+                ctx,
+                ec2,
+                (account, region),
+                &ids,
+                &before,
+                &todo,
+                started,
+                results,
+            )
+            .await?;
+        for r in &mut results.instances {
+            if unprotected.contains(&r.instance_id) {
+                r.outcome = Some("called (termination protection turned off)".into());
+            }
+        }
+        Ok(results)
+    }
+
+    /// Terminating a protected instance needs `params.force`: without it the job fails before
+    /// terminating anything, naming the protected instances; with it, protection is turned off first
+    /// (and the job records where). Returns the instances whose protection was turned off.
+    async fn clear_termination_protection(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        ids: &[String],
+        results: &JobResults,
+    ) -> Result<Vec<String>, ExecError> {
+        let spec = &ctx.job.spec;
+        let mut protected = Vec::new();
+        for id in ids {
+            if ec2
+                .termination_protected(id)
+                .await
+                .map_err(|e| failed(e, results.clone()))?
+            {
+                protected.push(id.clone());
+            }
+        }
+        if protected.is_empty() || spec.dry_run {
+            return Ok(Vec::new());
+        }
+        if !spec.flag("force") {
+            return Err(ExecError::Failed {
+                error: JobError {
+                    code: "TerminationProtected".into(),
+                    message: format!(
+                        "termination protection is on for {}; nothing was terminated (set params.force to turn it off and terminate)",
+                        protected.join(", ")
+                    ),
+                    request_id: None,
+                },
+                transient: false,
+                results: results.clone(),
+            });
+        }
+        for id in &protected {
+            ec2.set_termination_protection(id, false)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+        }
+        ctx.progress(
+            "calling",
+            &format!(
+                "turned off termination protection on {}",
+                protected.join(", ")
+            ),
+            None,
+            None,
         )
-        .await
+        .await?;
+        Ok(protected)
     }
 
     /// Waits through the shared watcher (reporting progress as instances become ready), then

@@ -15,7 +15,7 @@ use crate::routes::{jobs, ops, tokens};
         license(name = "Apache-2.0")
     ),
     paths(
-        jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events,
+        jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events, jobs::outputs,
         tokens::create, tokens::list, tokens::revoke,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),

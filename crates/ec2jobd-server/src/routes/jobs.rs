@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/jobs/{id}/outputs", get(outputs))
 }
 
 /// A page of `GET /v1/jobs`.
@@ -495,4 +496,121 @@ pub async fn events(
     });
     let stream = ReceiverStream::new(out).map(Ok);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.config.http.sse_keepalive.0)))
+}
+
+/// The flat variables of `outputs`, in order: job-level first, then per instance (1-based).
+pub fn output_vars(job: &Job) -> Vec<(String, String)> {
+    let mut out = vec![
+        ("JOB_ID".to_string(), job.id.clone()),
+        ("JOB_STATE".to_string(), job.state.to_string()),
+        ("JOB_ACTION".to_string(), job.action.to_string()),
+        (
+            "JOB_ERROR_CODE".to_string(),
+            job.error
+                .as_ref()
+                .map(|e| e.code.clone())
+                .unwrap_or_default(),
+        ),
+        (
+            "INSTANCE_COUNT".to_string(),
+            job.results.instances.len().to_string(),
+        ),
+    ];
+    for (n, i) in job.results.instances.iter().enumerate() {
+        let n = n + 1;
+        let o = |v: &Option<String>| v.clone().unwrap_or_default();
+        for (key, value) in [
+            ("INSTANCE_ID", i.instance_id.clone()),
+            ("STATE", i.state.clone()),
+            ("NAME", o(&i.name)),
+            ("INSTANCE_TYPE", o(&i.instance_type)),
+            ("AVAILABILITY_ZONE", o(&i.availability_zone)),
+            ("PUBLIC_DNS_NAME", o(&i.public_dns_name)),
+            ("PUBLIC_IP", o(&i.public_ip)),
+            ("PRIVATE_DNS_NAME", o(&i.private_dns_name)),
+            ("PRIVATE_IP", o(&i.private_ip)),
+            ("CHECKS", o(&i.checks)),
+        ] {
+            out.push((format!("{key}_{n}"), value));
+        }
+    }
+    out
+}
+
+fn shell_quote(v: &str) -> String {
+    if !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/@".contains(&b))
+    {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\'', "'\\''"))
+    }
+}
+
+/// The job's results as flat variables for schedulers: `INSTANCE_ID_1`, `PUBLIC_DNS_NAME_1`,
+/// `PUBLIC_IP_1`, `PRIVATE_IP_1`, … as a JSON object, or with `?format=env` as `KEY=value` lines
+/// (values quoted for a POSIX shell where needed).
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/outputs", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "Job id"),
+        ("format" = Option<String>, Query, description = "`json` (default) or `env`"),
+    ),
+    responses(
+        (status = 200, description = "Flat variables", body = std::collections::BTreeMap<String, String>),
+        (status = 400, body = Problem),
+        (status = 404, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn outputs(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let Query(params) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
+    let mut env = false;
+    for (k, v) in params {
+        match (k.as_str(), v.as_str()) {
+            ("format", "env") => env = true,
+            ("format", "json") => env = false,
+            ("format", other) => {
+                return Err(ApiError::bad_request(
+                    "invalid_format",
+                    "format",
+                    format!("`{other}` is not `json` or `env`"),
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    other,
+                    format!("unknown query parameter `{other}` (format)"),
+                ))
+            }
+        }
+    }
+    let job = state
+        .store
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    let vars = output_vars(&job);
+    if env {
+        let text: String = vars
+            .iter()
+            .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))
+            .collect();
+        Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    } else {
+        let map: serde_json::Map<String, serde_json::Value> = vars
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        Ok(Json(map).into_response())
+    }
 }
