@@ -17,13 +17,22 @@ async fn rig(
     tags: &[(&str, &str)],
     workers: usize,
 ) -> (Moto, FaultProxy, Daemon, Vec<String>) {
+    rig_with(instances, tags, workers, "").await
+}
+
+async fn rig_with(
+    instances: i32,
+    tags: &[(&str, &str)],
+    workers: usize,
+    extra: &str,
+) -> (Moto, FaultProxy, Daemon, Vec<String>) {
     let moto = Moto::start().await;
     let ids = moto.launch(instances, tags).await;
     let proxy = FaultProxy::start(&moto.url, 42).await;
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(proxy.url.clone()),
         workers,
-        ..Default::default()
+        extra: extra.to_string(),
     })
     .await;
     (moto, proxy, d, ids)
@@ -143,7 +152,14 @@ async fn wait_timeout_reports_the_last_status_of_each_instance() {
 
 #[tokio::test]
 async fn injected_throttling_5xx_drops_and_latency_still_reach_the_right_state() {
-    let (moto, proxy, d, ids) = rig(6, &[("Group", "chaos")], 4).await;
+    // A tight StartInstances bucket: pacing must hold some of the six start calls.
+    let (moto, proxy, d, ids) = rig_with(
+        6,
+        &[("Group", "chaos")],
+        4,
+        "\n[pacing]\nstart_instances = { burst = 1, per_second = 4 }\n",
+    )
+    .await;
     proxy.set(|f| {
         f.throttle = 0.20;
         f.unavailable = 0.10;

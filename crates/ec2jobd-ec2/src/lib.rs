@@ -25,8 +25,10 @@ use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter as AwsFilter, Instance, Tag};
 use ec2jobd_spec::{InstanceResult, Targets};
 
+mod pace;
 mod watch;
 
+pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use watch::{evaluate, InstanceStatus, Round, StatusWatcher, Verdict, WaitFailure};
 
 /// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.
@@ -144,6 +146,8 @@ where
 pub trait CallObserver: Send + Sync {
     /// One call to `operation` ended with `outcome` (`ok` or an error code).
     fn observe(&self, operation: &'static str, outcome: &str);
+    /// A call to `operation` was held this long by client-side pacing.
+    fn paced(&self, _operation: &'static str, _waited: Duration) {}
 }
 
 /// An observer that ignores everything (tools and tests).
@@ -158,16 +162,22 @@ impl CallObserver for NoObserver {
 /// job.
 pub struct Ec2Pool {
     accounts: HashMap<String, AccountConfig>,
-    clients: Mutex<HashMap<(String, String), aws_sdk_ec2::Client>>,
+    pacing: PacingConfig,
+    clients: Mutex<HashMap<(String, String), (aws_sdk_ec2::Client, Arc<Pacer>)>>,
     watchers: Mutex<HashMap<(String, String), Arc<StatusWatcher>>>,
     observer: Arc<dyn CallObserver>,
 }
 
 impl Ec2Pool {
-    /// A pool over the configured accounts.
-    pub fn new(accounts: HashMap<String, AccountConfig>, observer: Arc<dyn CallObserver>) -> Self {
+    /// A pool over the configured accounts; every account+region gets its own pacing buckets.
+    pub fn new(
+        accounts: HashMap<String, AccountConfig>,
+        pacing: PacingConfig,
+        observer: Arc<dyn CallObserver>,
+    ) -> Self {
         Self {
             accounts,
+            pacing,
             clients: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
             observer,
@@ -195,25 +205,34 @@ impl Ec2Pool {
     /// The driver for one account and region.
     pub async fn get(&self, account: &str, region: &str) -> Result<Ec2, Ec2Error> {
         let key = (account.to_string(), region.to_string());
-        if let Some(c) = self.lock().get(&key) {
-            return Ok(self.driver(c.clone()));
+        if let Some((c, p)) = self.lock().get(&key) {
+            return Ok(self.driver(c.clone(), p.clone()));
         }
         let acct = self
             .accounts
             .get(account)
             .ok_or_else(|| Ec2Error::config(format!("no account `{account}` is configured")))?;
         let client = build_client(acct, region).await?;
-        self.lock().insert(key, client.clone());
-        Ok(self.driver(client))
+        let (c, p) = self
+            .lock()
+            .entry(key)
+            .or_insert_with(|| (client, Arc::new(Pacer::new(self.pacing.clone()))))
+            .clone();
+        Ok(self.driver(c, p))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), aws_sdk_ec2::Client>> {
+    #[allow(clippy::type_complexity)]
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (aws_sdk_ec2::Client, Arc<Pacer>)>>
+    {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn driver(&self, client: aws_sdk_ec2::Client) -> Ec2 {
+    fn driver(&self, client: aws_sdk_ec2::Client, pacer: Arc<Pacer>) -> Ec2 {
         Ec2 {
             client,
+            pacer,
             observer: self.observer.clone(),
         }
     }
@@ -333,6 +352,7 @@ const IDS_PER_CALL: usize = 1000;
 #[derive(Clone)]
 pub struct Ec2 {
     client: aws_sdk_ec2::Client,
+    pacer: Arc<Pacer>,
     observer: Arc<dyn CallObserver>,
 }
 
@@ -396,6 +416,14 @@ fn tags_of(tags: &std::collections::BTreeMap<String, String>) -> Vec<Tag> {
 }
 
 impl Ec2 {
+    /// Waits for the operation's pacing token.
+    async fn pace(&self, op: &'static str) {
+        let waited = self.pacer.acquire(op).await;
+        if !waited.is_zero() {
+            self.observer.paced(op, waited);
+        }
+    }
+
     fn outcome<T, E, R>(
         &self,
         op: &'static str,
@@ -432,6 +460,7 @@ impl Ec2 {
             IamInstanceProfileSpecification, InstanceType, Placement, ResourceType,
             TagSpecification,
         };
+        self.pace("RunInstances").await;
         let mut req = self
             .client
             .run_instances()
@@ -495,6 +524,7 @@ impl Ec2 {
 
     /// Whether `DisableApiTermination` is set on an instance.
     pub async fn termination_protected(&self, id: &str) -> Result<bool, Ec2Error> {
+        self.pace("DescribeInstanceAttribute").await;
         let r = self
             .client
             .describe_instance_attribute()
@@ -516,6 +546,7 @@ impl Ec2 {
         id: &str,
         on: bool,
     ) -> Result<CallOutcome, Ec2Error> {
+        self.pace("ModifyInstanceAttribute").await;
         let r = self
             .client
             .modify_instance_attribute()
@@ -538,6 +569,7 @@ impl Ec2 {
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let mut out = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace("StartInstances").await;
             let r = self
                 .client
                 .start_instances()
@@ -560,6 +592,7 @@ impl Ec2 {
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let mut out = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace("StopInstances").await;
             let mut req = self
                 .client
                 .stop_instances()
@@ -584,6 +617,7 @@ impl Ec2 {
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let mut out = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace("RebootInstances").await;
             let r = self
                 .client
                 .reboot_instances()
@@ -604,6 +638,7 @@ impl Ec2 {
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let mut out = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace("TerminateInstances").await;
             let r = self
                 .client
                 .terminate_instances()
@@ -625,6 +660,7 @@ impl Ec2 {
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let mut out = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace("CreateTags").await;
             let r = self
                 .client
                 .create_tags()
@@ -650,6 +686,7 @@ impl Ec2 {
         list.extend(tags_of(tags));
         let mut out = Vec::new();
         for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace("DeleteTags").await;
             let r = self
                 .client
                 .delete_tags()
@@ -668,6 +705,7 @@ impl Ec2 {
         &self,
         ids: &[String],
     ) -> Result<Vec<(String, InstanceStatus)>, Ec2Error> {
+        self.pace("DescribeInstanceStatus").await;
         let r = self
             .client
             .describe_instance_status()
@@ -719,6 +757,7 @@ impl Ec2 {
         let mut out = Described::default();
         let mut token: Option<String> = None;
         loop {
+            self.pace("DescribeInstances").await;
             let mut req = self
                 .client
                 .describe_instances()

@@ -143,7 +143,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store: Arc<dyn Store> = Arc::new(open_store(&cfg, clock.clone()).await?);
     let metrics = Arc::new(Metrics::new());
-    let pool = Arc::new(Ec2Pool::new(account_configs(&cfg), metrics.clone()));
+    let pool = Arc::new(Ec2Pool::new(
+        account_configs(&cfg),
+        cfg.pacing_config(),
+        metrics.clone(),
+    ));
     let q = &cfg.queue;
     let runner = Arc::new(Runner::new(
         store.clone(),

@@ -52,6 +52,38 @@ pub struct Config {
     pub http: HttpSection,
     /// Logging.
     pub log: LogSection,
+    /// Client-side pacing of EC2 calls.
+    pub pacing: PacingSection,
+}
+
+/// `[pacing]`: token buckets per account+region, by operation class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PacingSection {
+    /// Off: calls are never held.
+    pub enabled: bool,
+    /// Describe* calls.
+    pub describe: RateSection,
+    /// Mutating calls without a bucket of their own.
+    pub mutating: RateSection,
+    /// RunInstances.
+    pub run_instances: RateSection,
+    /// StartInstances.
+    pub start_instances: RateSection,
+    /// TerminateInstances.
+    pub terminate_instances: RateSection,
+    /// CreateTags.
+    pub create_tags: RateSection,
+}
+
+/// One bucket: `{ burst = 100, per_second = 20 }`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSection {
+    /// Capacity.
+    pub burst: u32,
+    /// Refill per second.
+    pub per_second: f64,
 }
 
 /// `[accounts.<name>]`.
@@ -349,10 +381,41 @@ impl Config {
         if q.backoff_max.0 < q.backoff_base.0 {
             bail!("config key `queue.backoff_max`: must be at least `queue.backoff_base`");
         }
+        let p = &self.pacing;
+        for (k, r) in [
+            ("describe", p.describe),
+            ("mutating", p.mutating),
+            ("run_instances", p.run_instances),
+            ("start_instances", p.start_instances),
+            ("terminate_instances", p.terminate_instances),
+            ("create_tags", p.create_tags),
+        ] {
+            if r.burst == 0 || !(r.per_second > 0.0) {
+                bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
+            }
+        }
         if self.http.body_limit < 1024 {
             bail!("config key `http.body_limit`: at least 1024 bytes");
         }
         Ok(())
+    }
+
+    /// The pacing buckets for the EC2 driver.
+    pub fn pacing_config(&self) -> ec2jobd_ec2::PacingConfig {
+        let p = &self.pacing;
+        let r = |x: RateSection| ec2jobd_ec2::Rate {
+            burst: x.burst,
+            per_second: x.per_second,
+        };
+        ec2jobd_ec2::PacingConfig {
+            enabled: p.enabled,
+            describe: r(p.describe),
+            mutating: r(p.mutating),
+            run_instances: r(p.run_instances),
+            start_instances: r(p.start_instances),
+            terminate_instances: r(p.terminate_instances),
+            create_tags: r(p.create_tags),
+        }
     }
 
     /// The parsed listen address.
@@ -384,6 +447,8 @@ mod tests {
         assert_eq!(c.database, "sqlite://ec2jobd.db");
         assert_eq!(c.default_account, "default");
         assert!(c.accounts["default"].endpoint_url.is_none());
+        // The documented defaults are EC2's own limits.
+        assert_eq!(c.pacing_config(), ec2jobd_ec2::PacingConfig::default());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub struct Metrics {
     retries: Counter,
     duration: Family<Labels, Histogram>,
     ec2_calls: Family<Labels, Counter>,
+    paced: Family<Labels, Counter<f64>>,
 }
 
 impl Default for Metrics {
@@ -76,8 +77,15 @@ impl Metrics {
             "EC2 API calls by operation and outcome (`ok` or the AWS error code)",
             ec2_calls.clone(),
         );
+        let paced = Family::<Labels, Counter<f64>>::default();
+        registry.register(
+            "ec2_pacing_wait_seconds",
+            "Time EC2 calls were held by client-side pacing, by operation",
+            paced.clone(),
+        );
         Self {
             registry,
+            paced,
             jobs,
             queue_depth,
             submitted,
@@ -139,5 +147,11 @@ impl CallObserver for Metrics {
                 ("outcome".into(), outcome.into()),
             ])
             .inc();
+    }
+
+    fn paced(&self, operation: &'static str, waited: std::time::Duration) {
+        self.paced
+            .get_or_create(&vec![("operation".into(), operation.into())])
+            .inc_by(waited.as_secs_f64());
     }
 }
