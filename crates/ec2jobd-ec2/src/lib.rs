@@ -158,12 +158,15 @@ impl CallObserver for NoObserver {
     fn observe(&self, _: &'static str, _: &str) {}
 }
 
+/// Client and pacing buckets of each account+region.
+type ClientMap = HashMap<(String, String), (aws_sdk_ec2::Client, Arc<Pacer>)>;
+
 /// Clients and status watchers per account and region, built on first use and then shared by every
 /// job.
 pub struct Ec2Pool {
     accounts: HashMap<String, AccountConfig>,
     pacing: PacingConfig,
-    clients: Mutex<HashMap<(String, String), (aws_sdk_ec2::Client, Arc<Pacer>)>>,
+    clients: Mutex<ClientMap>,
     watchers: Mutex<HashMap<(String, String), Arc<StatusWatcher>>>,
     observer: Arc<dyn CallObserver>,
 }
@@ -221,11 +224,7 @@ impl Ec2Pool {
         Ok(self.driver(c, p))
     }
 
-    #[allow(clippy::type_complexity)]
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), (aws_sdk_ec2::Client, Arc<Pacer>)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClientMap> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 

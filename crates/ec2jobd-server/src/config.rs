@@ -390,7 +390,7 @@ impl Config {
             ("terminate_instances", p.terminate_instances),
             ("create_tags", p.create_tags),
         ] {
-            if r.burst == 0 || !(r.per_second > 0.0) {
+            if r.burst == 0 || r.per_second.is_nan() || r.per_second <= 0.0 {
                 bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
             }
         }
