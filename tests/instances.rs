@@ -11,22 +11,6 @@ use serde_json::{json, Value};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-async fn moto_state(moto: &Moto, id: &str) -> String {
-    let out = moto
-        .ec2()
-        .await
-        .describe_instances()
-        .instance_ids(id)
-        .send()
-        .await
-        .expect("describe in moto");
-    out.reservations()[0].instances()[0]
-        .state()
-        .and_then(|s| s.name())
-        .map(|n| n.as_str().to_string())
-        .unwrap_or_default()
-}
-
 async fn moto_tags(moto: &Moto, id: &str) -> Vec<(String, String)> {
     let out = moto
         .ec2()
@@ -48,23 +32,6 @@ async fn moto_tags(moto: &Moto, id: &str) -> Vec<(String, String)> {
         .collect();
     tags.sort();
     tags
-}
-
-async fn metric(d: &Daemon, needle: &str) -> f64 {
-    let text = d
-        .http
-        .get(format!("{}/metrics", d.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(needle))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn by_id(j: &Value) -> std::collections::HashMap<String, Value> {
@@ -100,7 +67,7 @@ async fn lifecycle_stop_start_reboot_tag_terminate() {
         assert_eq!(r["previous_state"], "running", "{r}");
         assert_eq!(r["state"], "stopped", "{r}");
         assert_eq!(r["outcome"], "called");
-        assert_eq!(moto_state(&moto, &iid).await, "stopped");
+        assert_eq!(moto.state(&iid).await, "stopped");
     }
 
     // Start by id (scheduler style): waits until 2/2 status checks pass.
@@ -132,14 +99,11 @@ async fn lifecycle_stop_start_reboot_tag_terminate() {
             "{r}"
         );
         assert_eq!(r["name"], "app");
-        assert_eq!(moto_state(&moto, &iid).await, "running");
+        assert_eq!(moto.state(&iid).await, "running");
     }
     assert_eq!(
-        metric(
-            &d,
-            "ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}"
-        )
-        .await,
+        d.metric("ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}")
+            .await,
         1.0
     );
 
@@ -153,11 +117,8 @@ async fn lifecycle_stop_start_reboot_tag_terminate() {
         assert_eq!(r["outcome"], "already running");
     }
     assert_eq!(
-        metric(
-            &d,
-            "ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}"
-        )
-        .await,
+        d.metric("ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}")
+            .await,
         1.0,
         "no second StartInstances"
     );
@@ -170,11 +131,8 @@ async fn lifecycle_stop_start_reboot_tag_terminate() {
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
     assert_eq!(
-        metric(
-            &d,
-            "ec2jobd_ec2_calls_total{operation=\"RebootInstances\",outcome=\"ok\"}"
-        )
-        .await,
+        d.metric("ec2jobd_ec2_calls_total{operation=\"RebootInstances\",outcome=\"ok\"}")
+            .await,
         1.0
     );
 
@@ -212,7 +170,7 @@ async fn lifecycle_stop_start_reboot_tag_terminate() {
     let j = d.wait_final(&id, MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     for iid in &ids {
-        assert_eq!(moto_state(&moto, iid).await, "terminated");
+        assert_eq!(moto.state(iid).await, "terminated");
     }
     // The events show the wait's progress.
     let (_, _) = (0, 0);
@@ -256,7 +214,7 @@ async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
         "{j}"
     );
     assert_eq!(
-        moto_state(&moto, &ids[0]).await,
+        moto.state(&ids[0]).await,
         "running",
         "a dry run changes nothing"
     );
@@ -292,7 +250,7 @@ async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
     assert_eq!(j["error"]["code"], "TerminationProtected", "{j}");
     assert!(j["error"]["message"].as_str().unwrap().contains(&ids[0]));
     assert_eq!(j["attempts"], 1, "a refusal is permanent: {j}");
-    assert_eq!(moto_state(&moto, &ids[0]).await, "running");
+    assert_eq!(moto.state(&ids[0]).await, "running");
     let id = d
         .submit(
             &json!({"action": "terminate_instances", "targets": {"instance_ids": ids.clone()},
@@ -305,7 +263,7 @@ async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
         j["results"]["instances"][0]["outcome"],
         "called (termination protection turned off)"
     );
-    assert_eq!(moto_state(&moto, &ids[0]).await, "terminated");
+    assert_eq!(moto.state(&ids[0]).await, "terminated");
 
     // Waiting for a state the instance cannot reach fails with the cause.
     let id = d
@@ -378,11 +336,9 @@ async fn concurrent_waits_share_one_status_call_per_round_and_time_out_clearly()
     }
     // Each job waited ~4s at 500ms: polled one by one that is ~8 calls per job, 240 in all. Shared,
     // it is one call per round (30 ids < 100) for however long the herd waited.
-    let calls = metric(
-        &d,
-        "ec2jobd_ec2_calls_total{operation=\"DescribeInstanceStatus\",outcome=\"ok\"}",
-    )
-    .await;
+    let calls = d
+        .metric("ec2jobd_ec2_calls_total{operation=\"DescribeInstanceStatus\",outcome=\"ok\"}")
+        .await;
     assert!(calls >= 4.0, "the watcher polled ({calls})");
     assert!(
         calls <= 20.0,

@@ -461,3 +461,59 @@ impl Moto {
             .collect()
     }
 }
+
+impl Moto {
+    /// Instance states as moto sees them, in the order of `ids`.
+    pub async fn states(&self, ids: &[String]) -> Vec<String> {
+        let out = self
+            .ec2()
+            .await
+            .describe_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .expect("describe in moto");
+        let by_id: std::collections::HashMap<String, String> = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                (
+                    i.instance_id().unwrap_or_default().to_string(),
+                    i.state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        ids.iter()
+            .map(|id| by_id.get(id).cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// One instance's state as moto sees it.
+    pub async fn state(&self, id: &str) -> String {
+        self.states(&[id.to_string()]).await.remove(0)
+    }
+}
+
+impl Daemon {
+    /// The value of the first `/metrics` line starting with `prefix` (0 when absent).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}

@@ -560,25 +560,43 @@ impl Ec2 {
         self.outcome("ModifyInstanceAttribute", r)
     }
 
-    /// StartInstances for `ids` (in chunks of 1000); one outcome per call.
+    /// Makes one paced call per chunk of at most 1000 ids; one outcome per call.
+    async fn per_chunk<T, E, R, F, Fut>(
+        &self,
+        op: &'static str,
+        ids: &[String],
+        call: F,
+    ) -> Result<Vec<CallOutcome>, Ec2Error>
+    where
+        T: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+        SdkError<E, R>: RequestId,
+        F: Fn(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, SdkError<E, R>>>,
+    {
+        let mut out = Vec::new();
+        for chunk in ids.chunks(IDS_PER_CALL) {
+            self.pace(op).await;
+            out.push(self.outcome(op, call(chunk.to_vec()).await)?);
+        }
+        Ok(out)
+    }
+
+    /// StartInstances.
     pub async fn start_instances(
         &self,
         ids: &[String],
         dry_run: bool,
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            self.pace("StartInstances").await;
-            let r = self
-                .client
+        self.per_chunk("StartInstances", ids, |c| {
+            self.client
                 .start_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
+                .set_instance_ids(Some(c))
                 .dry_run(dry_run)
                 .send()
-                .await;
-            out.push(self.outcome("StartInstances", r)?);
-        }
-        Ok(out)
+        })
+        .await
     }
 
     /// StopInstances (`force`, `hibernate`).
@@ -589,13 +607,11 @@ impl Ec2 {
         hibernate: bool,
         dry_run: bool,
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            self.pace("StopInstances").await;
+        self.per_chunk("StopInstances", ids, |c| {
             let mut req = self
                 .client
                 .stop_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
+                .set_instance_ids(Some(c))
                 .dry_run(dry_run);
             if force {
                 req = req.force(true);
@@ -603,9 +619,9 @@ impl Ec2 {
             if hibernate {
                 req = req.hibernate(true);
             }
-            out.push(self.outcome("StopInstances", req.send().await)?);
-        }
-        Ok(out)
+            req.send()
+        })
+        .await
     }
 
     /// RebootInstances.
@@ -614,19 +630,14 @@ impl Ec2 {
         ids: &[String],
         dry_run: bool,
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            self.pace("RebootInstances").await;
-            let r = self
-                .client
+        self.per_chunk("RebootInstances", ids, |c| {
+            self.client
                 .reboot_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
+                .set_instance_ids(Some(c))
                 .dry_run(dry_run)
                 .send()
-                .await;
-            out.push(self.outcome("RebootInstances", r)?);
-        }
-        Ok(out)
+        })
+        .await
     }
 
     /// TerminateInstances (idempotent on AWS's side).
@@ -635,19 +646,14 @@ impl Ec2 {
         ids: &[String],
         dry_run: bool,
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            self.pace("TerminateInstances").await;
-            let r = self
-                .client
+        self.per_chunk("TerminateInstances", ids, |c| {
+            self.client
                 .terminate_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
+                .set_instance_ids(Some(c))
                 .dry_run(dry_run)
                 .send()
-                .await;
-            out.push(self.outcome("TerminateInstances", r)?);
-        }
-        Ok(out)
+        })
+        .await
     }
 
     /// CreateTags on instances (adds or overwrites).
@@ -657,20 +663,16 @@ impl Ec2 {
         tags: &std::collections::BTreeMap<String, String>,
         dry_run: bool,
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            self.pace("CreateTags").await;
-            let r = self
-                .client
+        let tags = tags_of(tags);
+        self.per_chunk("CreateTags", ids, |c| {
+            self.client
                 .create_tags()
-                .set_resources(Some(chunk.to_vec()))
-                .set_tags(Some(tags_of(tags)))
+                .set_resources(Some(c))
+                .set_tags(Some(tags.clone()))
                 .dry_run(dry_run)
                 .send()
-                .await;
-            out.push(self.outcome("CreateTags", r)?);
-        }
-        Ok(out)
+        })
+        .await
     }
 
     /// DeleteTags on instances: by key (any value), or only where the value matches.
@@ -683,20 +685,15 @@ impl Ec2 {
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let mut list: Vec<Tag> = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
         list.extend(tags_of(tags));
-        let mut out = Vec::new();
-        for chunk in ids.chunks(IDS_PER_CALL) {
-            self.pace("DeleteTags").await;
-            let r = self
-                .client
+        self.per_chunk("DeleteTags", ids, |c| {
+            self.client
                 .delete_tags()
-                .set_resources(Some(chunk.to_vec()))
+                .set_resources(Some(c))
                 .set_tags(Some(list.clone()))
                 .dry_run(dry_run)
                 .send()
-                .await;
-            out.push(self.outcome("DeleteTags", r)?);
-        }
-        Ok(out)
+        })
+        .await
     }
 
     /// DescribeInstanceStatus for at most 100 ids, including non-running instances.
