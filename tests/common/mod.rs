@@ -73,16 +73,7 @@ impl Moto {
     pub async fn launch(&self, n: i32, tags: &[(&str, &str)]) -> Vec<String> {
         use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
         let ec2 = self.ec2().await;
-        let image = ec2
-            .describe_images()
-            .owners("amazon")
-            .send()
-            .await
-            .expect("describe images")
-            .images()
-            .iter()
-            .find_map(|i| i.image_id().map(String::from))
-            .expect("moto ships images");
+        let image = self.image().await;
         let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
         for (k, v) in tags {
             spec = spec.tags(Tag::builder().key(*k).value(*v).build());
