@@ -144,8 +144,6 @@ pub struct Round {
     pub asked: HashSet<String>,
     /// What EC2 reported.
     pub statuses: HashMap<String, InstanceStatus>,
-    /// DescribeInstanceStatus calls made in this round.
-    pub calls: u32,
     /// A failed call in this round, if any.
     pub error: Option<Ec2Error>,
 }
@@ -265,7 +263,6 @@ impl StatusWatcher {
                 ..Default::default()
             };
             for chunk in ids.chunks(100) {
-                round.calls += 1;
                 match self.ec2.describe_instance_status(chunk).await {
                     Ok(found) => round.statuses.extend(found),
                     Err(e) => round.error = Some(e),

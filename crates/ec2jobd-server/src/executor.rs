@@ -432,10 +432,8 @@ impl Ec2Executor {
                 ));
                 return Ok(results);
             }
-            if action.is_mutating() {
-                ctx.save_checkpoint(json!({"phase": "called", "ids": todo}))
-                    .await?;
-            }
+            ctx.save_checkpoint(json!({"phase": "called", "ids": todo}))
+                .await?;
         } else if spec.dry_run {
             results.summary = Some(format!("dry run: {op} has nothing to do"));
             return Ok(results);

@@ -81,11 +81,6 @@ impl Action {
             Action::DescribeInstances | Action::CreateTags | Action::DeleteTags => WaitUntil::None,
         }
     }
-
-    /// Whether the action changes anything on AWS (and so needs checkpoints around its calls).
-    pub fn is_mutating(&self) -> bool {
-        !matches!(self, Action::DescribeInstances)
-    }
 }
 
 impl fmt::Display for Action {
@@ -385,6 +380,11 @@ impl Param {
     }
 }
 
+/// `wait.timeout` when the request leaves it out.
+const DEFAULT_WAIT_TIMEOUT: &str = "15m";
+/// `wait.interval` when the request leaves it out.
+const DEFAULT_WAIT_INTERVAL: &str = "15s";
+
 /// Parses a humantime duration (`15m`, `1h 30m`, `250ms`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration ({e})"))
@@ -465,13 +465,13 @@ impl JobSpec {
         let until = wait.until.unwrap_or_else(|| self.action.default_wait());
         let timeout = check_duration(
             "wait.timeout",
-            wait.timeout.as_deref().unwrap_or("15m"),
+            wait.timeout.as_deref().unwrap_or(DEFAULT_WAIT_TIMEOUT),
             Duration::from_secs(1),
             Duration::from_secs(24 * 3600),
         )?;
         let interval = check_duration(
             "wait.interval",
-            wait.interval.as_deref().unwrap_or("15s"),
+            wait.interval.as_deref().unwrap_or(DEFAULT_WAIT_INTERVAL),
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?;
@@ -608,14 +608,15 @@ impl JobSpec {
     /// The wait settings as durations (filled in by `normalize`; defaults if called before).
     pub fn wait_settings(&self) -> (WaitUntil, Duration, Duration) {
         let w = self.wait.clone().unwrap_or_default();
-        let d = |s: Option<String>, default: u64| {
-            s.and_then(|s| parse_duration(&s).ok())
-                .unwrap_or(Duration::from_secs(default))
+        let d = |s: Option<String>, default: &str| {
+            parse_duration(s.as_deref().unwrap_or(default))
+                .or_else(|_| parse_duration(default))
+                .unwrap_or_default()
         };
         (
             w.until.unwrap_or_else(|| self.action.default_wait()),
-            d(w.timeout, 900),
-            d(w.interval, 15),
+            d(w.timeout, DEFAULT_WAIT_TIMEOUT),
+            d(w.interval, DEFAULT_WAIT_INTERVAL),
         )
     }
 
