@@ -280,3 +280,55 @@ async fn run_instances_survives_kill_9_mid_call_and_mid_wait_without_duplicates(
         "no duplicates in moto"
     );
 }
+
+/// kill -9 while the type change of a stopped-for-resize instance is in flight: the resumed attempt
+/// finds the instance stopped (no longer "running"), still starts it again from the checkpointed
+/// restart list, and the instance ends running with the new type after one stop and one start.
+#[tokio::test]
+async fn resize_survives_kill_9_between_stop_and_start() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Group", "resize")]).await;
+    let proxy = FaultProxy::start(&moto.url, 11).await;
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    proxy.set(|f| {
+        f.latency = Duration::from_millis(1500);
+        f.only = Some(vec!["ModifyInstanceAttribute".into()]);
+    });
+    let id = d
+        .submit(&json!({"action": "modify_instance_attribute", "targets": {"instance_ids": ids},
+            "params": {"instance_type": "t3.large"}, "wait": {"interval": "200ms", "timeout": "1m"}}))
+        .await;
+    d.wait_for(&id, MINUTE, |j| {
+        j["progress"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("changing the type"))
+    })
+    .await;
+    d.kill9();
+    assert_eq!(moto.state(&ids[0]).await, "stopped", "killed mid-resize");
+    d.spawn().await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(j["attempts"], 2, "{j}");
+    assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
+    assert_eq!(moto.state(&ids[0]).await, "running", "left as it was found");
+    let t = moto
+        .ec2()
+        .await
+        .describe_instances()
+        .instance_ids(&ids[0])
+        .send()
+        .await
+        .unwrap()
+        .reservations()[0]
+        .instances()[0]
+        .instance_type()
+        .map(|t| t.as_str().to_string());
+    assert_eq!(t.as_deref(), Some("t3.large"));
+    assert_eq!(proxy.calls("StopInstances"), 1);
+    assert_eq!(proxy.calls("StartInstances"), 1);
+}

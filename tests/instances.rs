@@ -447,3 +447,202 @@ async fn run_instances_launches_tags_and_waits_for_checks() {
         assert_eq!(r.json::<Value>().await.unwrap()["field"], field, "{bad}");
     }
 }
+
+/// A moto instance attribute as text (`instanceType`, `disableApiTermination`, `disableApiStop`).
+async fn moto_attr(moto: &Moto, id: &str, attr: &str) -> String {
+    use aws_sdk_ec2::types::InstanceAttributeName as A;
+    let out = moto
+        .ec2()
+        .await
+        .describe_instance_attribute()
+        .instance_id(id)
+        .attribute(A::from(attr))
+        .send()
+        .await
+        .expect("describe attribute in moto");
+    match attr {
+        "instanceType" => out
+            .instance_type()
+            .and_then(|v| v.value())
+            .unwrap_or_default()
+            .to_string(),
+        "disableApiTermination" => format!(
+            "{:?}",
+            out.disable_api_termination().and_then(|v| v.value())
+        ),
+        _ => format!("{:?}", out.disable_api_stop().and_then(|v| v.value())),
+    }
+}
+
+#[tokio::test]
+async fn modify_resizes_leaving_state_as_found_audit_lists_missing_tags_wrong_state_refused() {
+    let moto = Moto::start().await;
+    let ids = moto
+        .launch(2, &[("Group", "resize"), ("Owner", "ops")])
+        .await;
+    let (running, stopped) = (ids[0].clone(), ids[1].clone());
+    moto.ec2()
+        .await
+        .stop_instances()
+        .instance_ids(&stopped)
+        .send()
+        .await
+        .unwrap();
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let calls = |op: &'static str| {
+        let d = &d;
+        async move {
+            d.metric(&format!(
+                "ec2jobd_ec2_calls_total{{operation=\"{op}\",outcome=\"ok\"}}"
+            ))
+            .await
+        }
+    };
+
+    // A dry run changes nothing and says what it would do.
+    let spec = json!({"action": "modify_instance_attribute", "targets": {"tags": "Group=resize"},
+        "params": {"instance_type": "t3.small", "termination_protection": true},
+        "wait": {"interval": "200ms", "timeout": "1m"}});
+    let mut dry = spec.clone();
+    dry["dry_run"] = json!(true);
+    let j = d.wait_final(&d.submit(&dry).await, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let summary = j["results"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("would succeed") && summary.contains("2 to resize"),
+        "{summary}"
+    );
+    assert_eq!(moto_attr(&moto, &running, "instanceType").await, "t3.micro");
+    assert_eq!(moto.state(&running).await, "running");
+
+    // Resize by tag: the running one is stopped, changed, started and waited for 2/2 checks; the
+    // stopped one is changed and stays stopped. Protection is set on both.
+    let id = d.submit(&spec).await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let r = by_id(&j);
+    assert_eq!(r[&running]["previous_instance_type"], "t3.micro");
+    assert_eq!(r[&running]["instance_type"], "t3.small");
+    assert_eq!(r[&running]["checks"], "2/2 checks passed", "{j}");
+    assert!(
+        r[&running]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("stopped and started again"),
+        "{j}"
+    );
+    assert_eq!(r[&stopped]["state"], "stopped");
+    assert!(!r[&stopped]["outcome"]
+        .as_str()
+        .unwrap()
+        .contains("started again"));
+    assert_eq!(moto.states(&ids).await, vec!["running", "stopped"]);
+    for iid in &ids {
+        assert_eq!(moto_attr(&moto, iid, "instanceType").await, "t3.small");
+        assert_eq!(
+            moto_attr(&moto, iid, "disableApiTermination").await,
+            "Some(true)"
+        );
+    }
+    assert_eq!(calls("StopInstances").await, 1.0);
+    assert_eq!(calls("StartInstances").await, 1.0);
+
+    // Again: nothing to resize, so no stop and no start.
+    let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(by_id(&j)[&running]["outcome"]
+        .as_str()
+        .unwrap()
+        .starts_with("already t3.small"));
+    assert_eq!(calls("StopInstances").await, 1.0);
+    assert_eq!(calls("StartInstances").await, 1.0);
+
+    // Stop protection by id, without a type change: no restart.
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "modify_instance_attribute",
+                "targets": {"instance_ids": [running]}, "params": {"stop_protection": true}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        moto_attr(&moto, &running, "disableApiStop").await,
+        "Some(true)"
+    );
+    assert_eq!(calls("StopInstances").await, 1.0);
+
+    // Rebooting a stopped instance is refused before any call, naming it.
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "reboot_instances", "targets": {"tags": "Group=resize"}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "IncorrectInstanceState");
+    assert!(j["error"]["message"].as_str().unwrap().contains(&stopped));
+    assert_eq!(calls("RebootInstances").await, 0.0);
+
+    // audit_tags: fails naming the instances and keys missing; `warn` lists them and succeeds.
+    moto.ec2()
+        .await
+        .delete_tags()
+        .resources(&stopped)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("Owner").build())
+        .send()
+        .await
+        .unwrap();
+    let audit = json!({"action": "audit_tags", "targets": {"tags": "Group=resize"},
+        "params": {"required_keys": ["Owner", "CostCenter"]}});
+    let j = d.wait_final(&d.submit(&audit).await, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "MissingTags");
+    let r = by_id(&j);
+    assert_eq!(r[&running]["missing_tags"], json!(["CostCenter"]));
+    assert_eq!(r[&stopped]["missing_tags"], json!(["Owner", "CostCenter"]));
+    let mut warn = audit.clone();
+    warn["params"]["on_missing"] = json!("warn");
+    warn["params"]["required_keys"] = json!(["Owner"]);
+    let id = d.submit(&warn).await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        j["results"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("1 missing required tags"),
+        "{j}"
+    );
+    let (_, out) = d.get_json(&format!("/v1/jobs/{id}/outputs")).await;
+    let n = (1..=2)
+        .find(|n| out[format!("INSTANCE_ID_{n}")] == stopped.as_str())
+        .unwrap();
+    assert_eq!(out[format!("MISSING_TAGS_{n}")], "Owner", "{out}");
+
+    // Bad parameters are refused at submission.
+    for (bad, field) in [
+        (
+            json!({"action": "modify_instance_attribute", "targets": {"tags": "Group=resize"}}),
+            "params",
+        ),
+        (
+            json!({"action": "audit_tags", "targets": {"tags": "Group=resize"}, "params": {"required_keys": ["a"], "on_missing": "shout"}}),
+            "params.on_missing",
+        ),
+        (
+            json!({"action": "audit_tags", "targets": {"tags": "Group=resize"}}),
+            "params.required_keys",
+        ),
+    ] {
+        let r = d.post_job(&d.admin, &bad).await;
+        assert_eq!(r.status(), 422, "{bad}");
+        assert_eq!(r.json::<Value>().await.unwrap()["field"], field, "{bad}");
+    }
+}

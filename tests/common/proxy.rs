@@ -31,7 +31,7 @@ pub struct Faults {
     pub drop: f64,
     /// Added before every call is forwarded.
     pub latency: Duration,
-    /// When set, share-based faults hit only these operations.
+    /// When set, latency and share-based faults hit only these operations.
     pub only: Option<Vec<String>>,
 }
 
@@ -40,6 +40,7 @@ struct Stats {
     calls: HashMap<String, u64>,
     injected: HashMap<String, u64>,
     max_in_flight: HashMap<String, usize>,
+    as_forward_proxy: u64,
 }
 
 struct Shared {
@@ -114,6 +115,11 @@ impl FaultProxy {
         self.shared.stats.lock().unwrap().injected.values().sum()
     }
 
+    /// Requests that came in absolute form, i.e. from a client configured to use this as its proxy.
+    pub fn forward_proxied(&self) -> u64 {
+        self.shared.stats.lock().unwrap().as_forward_proxy
+    }
+
     /// Most calls of an operation in flight at once.
     pub fn max_in_flight(&self, op: &str) -> usize {
         self.shared
@@ -183,7 +189,12 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or("");
-    let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
+    let mut path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
+    // Absolute form (`POST http://host:port/ HTTP/1.1`): a client using us as its HTTP proxy.
+    if let Some(rest) = path.strip_prefix("http://") {
+        path = rest.find('/').map_or("/".into(), |i| rest[i..].to_string());
+        s.stats.lock().unwrap().as_forward_proxy += 1;
+    }
     let mut headers = Vec::new();
     let mut len = 0usize;
     for l in lines.filter(|l| !l.is_empty()) {
@@ -233,13 +244,13 @@ async fn forward(
     body: String,
 ) -> std::io::Result<()> {
     let faults = s.faults.lock().unwrap().clone();
-    if !faults.latency.is_zero() {
-        tokio::time::sleep(faults.latency).await;
-    }
     let applies = faults
         .only
         .as_ref()
         .is_none_or(|ops| ops.iter().any(|o| o == op));
+    if applies && !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
+    }
     let roll: f64 = s.rng.lock().unwrap().gen();
     let note = |s: &Shared| {
         *s.stats

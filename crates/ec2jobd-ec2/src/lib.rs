@@ -344,6 +344,24 @@ pub struct Launch {
     pub client_token: String,
 }
 
+/// The API protections an instance can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// `DisableApiTermination`: TerminateInstances is refused.
+    Termination,
+    /// `DisableApiStop`: StopInstances is refused.
+    Stop,
+}
+
+/// One attribute change of `ModifyInstanceAttribute`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attribute {
+    /// A new instance type (the instance must be stopped).
+    InstanceType(String),
+    /// Turn a protection on or off.
+    Protection(Protection, bool),
+}
+
 /// Most ids EC2 takes in one instance call.
 const IDS_PER_CALL: usize = 1000;
 
@@ -521,43 +539,71 @@ impl Ec2 {
         }
     }
 
-    /// Whether `DisableApiTermination` is set on an instance.
-    pub async fn termination_protected(&self, id: &str) -> Result<bool, Ec2Error> {
+    /// Whether a boolean attribute (`DisableApiTermination`, `DisableApiStop`) is set on an instance.
+    pub async fn protection(&self, id: &str, which: Protection) -> Result<bool, Ec2Error> {
+        use aws_sdk_ec2::types::InstanceAttributeName as A;
+        self.pace("DescribeInstanceAttribute").await;
+        let attr = match which {
+            Protection::Termination => A::DisableApiTermination,
+            Protection::Stop => A::DisableApiStop,
+        };
+        let r = self
+            .client
+            .describe_instance_attribute()
+            .instance_id(id)
+            .attribute(attr)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstanceAttribute", e));
+        self.observe("DescribeInstanceAttribute", &r);
+        let out = r?;
+        let v = match which {
+            Protection::Termination => out.disable_api_termination(),
+            Protection::Stop => out.disable_api_stop(),
+        };
+        Ok(v.and_then(|v| v.value()).unwrap_or(false))
+    }
+
+    /// The instance type as EC2 has it now (`DescribeInstanceAttribute instanceType`).
+    pub async fn instance_type(&self, id: &str) -> Result<Option<String>, Ec2Error> {
         self.pace("DescribeInstanceAttribute").await;
         let r = self
             .client
             .describe_instance_attribute()
             .instance_id(id)
-            .attribute(aws_sdk_ec2::types::InstanceAttributeName::DisableApiTermination)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceType)
             .send()
             .await
             .map_err(|e| classify("DescribeInstanceAttribute", e));
         self.observe("DescribeInstanceAttribute", &r);
-        Ok(r?
-            .disable_api_termination()
-            .and_then(|v| v.value())
-            .unwrap_or(false))
+        Ok(r?.instance_type().and_then(|v| v.value()).map(String::from))
     }
 
-    /// Sets or clears `DisableApiTermination` on an instance.
-    pub async fn set_termination_protection(
+    /// One `ModifyInstanceAttribute` call (EC2 takes one instance and one attribute per call).
+    pub async fn modify_attribute(
         &self,
         id: &str,
-        on: bool,
+        change: &Attribute,
+        dry_run: bool,
     ) -> Result<CallOutcome, Ec2Error> {
+        use aws_sdk_ec2::types::{AttributeBooleanValue, AttributeValue};
         self.pace("ModifyInstanceAttribute").await;
-        let r = self
+        let req = self
             .client
             .modify_instance_attribute()
             .instance_id(id)
-            .disable_api_termination(
-                aws_sdk_ec2::types::AttributeBooleanValue::builder()
-                    .value(on)
-                    .build(),
-            )
-            .send()
-            .await;
-        self.outcome("ModifyInstanceAttribute", r)
+            .dry_run(dry_run);
+        let flag = |on: bool| AttributeBooleanValue::builder().value(on).build();
+        let req = match change {
+            Attribute::InstanceType(t) => {
+                req.instance_type(AttributeValue::builder().value(t).build())
+            }
+            Attribute::Protection(Protection::Termination, on) => {
+                req.disable_api_termination(flag(*on))
+            }
+            Attribute::Protection(Protection::Stop, on) => req.disable_api_stop(flag(*on)),
+        };
+        self.outcome("ModifyInstanceAttribute", req.send().await)
     }
 
     /// Makes one paced call per chunk of at most 1000 ids; one outcome per call.

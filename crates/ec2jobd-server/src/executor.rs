@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ec2jobd_ec2::{
-    evaluate, CallOutcome, Ec2, Ec2Error, Ec2Pool, InstanceStatus, Launch, Verdict, WaitFailure,
+    evaluate, Attribute, CallOutcome, Ec2, Ec2Error, Ec2Pool, InstanceStatus, Launch, Protection,
+    Verdict, WaitFailure,
 };
 use ec2jobd_spec::{Action, InstanceResult, JobError, JobResults, WaitUntil};
 use serde_json::json;
@@ -63,6 +64,8 @@ impl Executor for Ec2Executor {
         match spec.action {
             Action::DescribeInstances => describe(ctx, &ec2, account, region).await,
             Action::RunInstances => self.run_instances(ctx, &ec2, account, region).await,
+            Action::ModifyInstanceAttribute => self.modify(ctx, &ec2, account, region).await,
+            Action::AuditTags => audit_tags(ctx, &ec2).await,
             _ => self.instance_action(ctx, &ec2, account, region).await,
         }
     }
@@ -110,6 +113,87 @@ async fn describe(
     Ok(results)
 }
 
+/// Finds the target instances (one paginated DescribeInstances). `Ok(None)`: none matched and the
+/// job allows that, so it is done with `results`' summary.
+async fn resolve(
+    ctx: &ExecCtx,
+    ec2: &Ec2,
+    results: &mut JobResults,
+) -> Result<Option<Vec<InstanceResult>>, ExecError> {
+    ctx.check_cancel(results)?;
+    ctx.progress(
+        "resolving_targets",
+        "finding the target instances",
+        None,
+        None,
+    )
+    .await?;
+    let found = tokio::select! {
+        r = ec2.describe_instances(&ctx.job.spec.targets, false) => r,
+        _ = ctx.cancelled() => return Err(ExecError::Cancelled(results.clone())),
+    }
+    .map_err(|e| failed(e, JobResults::default()))?;
+    results.request_ids.extend(found.request_ids);
+    if found.instances.is_empty() {
+        if ctx.job.spec.allow_empty {
+            results.summary = Some("no instance matched the targets; nothing to do".into());
+            return Ok(None);
+        }
+        return Err(no_targets(results.clone()));
+    }
+    Ok(Some(found.instances))
+}
+
+/// States from which the action cannot do what it promises. Checked before any call, because EC2
+/// does not always refuse (moto starts a terminated instance) and a wait would only time out.
+fn wrong_state(action: Action, state: &str) -> Option<&'static str> {
+    let gone = matches!(state, "terminated" | "shutting-down");
+    match action {
+        Action::StartInstances | Action::StopInstances | Action::ModifyInstanceAttribute
+            if gone =>
+        {
+            Some("it is terminated")
+        }
+        Action::RebootInstances if gone || matches!(state, "stopped" | "stopping") => {
+            Some("only running instances can be rebooted")
+        }
+        _ => None,
+    }
+}
+
+/// The refusal when some target is in a state the action cannot act from.
+fn refuse_states(
+    action: Action,
+    found: &[InstanceResult],
+    results: &JobResults,
+) -> Option<ExecError> {
+    let bad: Vec<String> = found
+        .iter()
+        .filter_map(|i| {
+            wrong_state(action, &i.state)
+                .map(|why| format!("{} is {} ({why})", i.instance_id, i.state))
+        })
+        .collect();
+    if bad.is_empty() {
+        return None;
+    }
+    Some(ExecError::Failed {
+        error: JobError {
+            code: "IncorrectInstanceState".into(),
+            message: format!(
+                "{action} cannot act on {}; nothing was changed",
+                bad.join(", ")
+            ),
+            request_id: None,
+        },
+        transient: false,
+        results: JobResults {
+            instances: found.to_vec(),
+            ..results.clone()
+        },
+    })
+}
+
 fn plural(n: u64) -> &'static str {
     if n == 1 {
         ""
@@ -150,6 +234,74 @@ fn string_map(v: Option<&serde_json::Value>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+fn str_list(v: Option<&serde_json::Value>) -> Vec<String> {
+    v.and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `audit_tags`: lists the live instances in scope that lack any required tag key. Terminated
+/// instances are left out: they cannot be fixed and drop out of EC2 within the hour.
+async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
+    let spec = &ctx.job.spec;
+    if spec.dry_run {
+        return describe(ctx, ec2, "", "").await;
+    }
+    let mut results = JobResults::default();
+    let Some(found) = resolve(ctx, ec2, &mut results).await? else {
+        return Ok(results);
+    };
+    let required = str_list(spec.params.get("required_keys"));
+    let mut offenders = Vec::new();
+    for mut i in found {
+        if matches!(i.state.as_str(), "terminated" | "shutting-down") {
+            continue;
+        }
+        i.missing_tags = required
+            .iter()
+            .filter(|k| !i.tags.contains_key(*k))
+            .cloned()
+            .collect();
+        i.outcome = Some(if i.missing_tags.is_empty() {
+            "has every required tag".into()
+        } else {
+            offenders.push(format!("{} ({})", i.instance_id, i.missing_tags.join(", ")));
+            format!("missing {}", i.missing_tags.join(", "))
+        });
+        results.instances.push(i);
+    }
+    let n = results.instances.len() as u64;
+    let summary = format!(
+        "audited {n} instance{}: {} missing required tags ({})",
+        plural(n),
+        offenders.len(),
+        required.join(", ")
+    );
+    ctx.progress("done", &summary, Some(n), Some(n)).await?;
+    results.summary = Some(summary);
+    if !offenders.is_empty() && spec.param_str("on_missing") != Some("warn") {
+        return Err(ExecError::Failed {
+            error: JobError {
+                code: "MissingTags".into(),
+                message: format!(
+                    "{} of {n} instance{} lack required tags: {}",
+                    offenders.len(),
+                    plural(n),
+                    offenders.join("; ")
+                ),
+                request_id: None,
+            },
+            transient: false,
+            results,
+        });
+    }
+    Ok(results)
+}
+
 fn describe_status(id: &str, s: Option<&InstanceStatus>) -> String {
     match s {
         None => format!("{id} (not reported)"),
@@ -182,20 +334,14 @@ impl Ec2Executor {
                     .await
             }
             Action::DeleteTags => {
-                let keys: Vec<String> = spec
-                    .params
-                    .get("keys")
-                    .and_then(|k| k.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|k| k.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let keys = str_list(spec.params.get("keys"));
                 ec2.delete_tags(ids, &keys, &string_map(spec.params.get("tags")), dry)
                     .await
             }
-            Action::DescribeInstances | Action::RunInstances => Ok(Vec::new()),
+            Action::DescribeInstances
+            | Action::RunInstances
+            | Action::ModifyInstanceAttribute
+            | Action::AuditTags => Ok(Vec::new()),
         }
     }
 
@@ -259,16 +405,7 @@ impl Ec2Executor {
                 max_count: max,
                 key_name: spec.param_str("key_name").map(String::from),
                 subnet_id: spec.param_str("subnet_id").map(String::from),
-                security_group_ids: spec
-                    .params
-                    .get("security_group_ids")
-                    .and_then(|v| v.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                security_group_ids: str_list(spec.params.get("security_group_ids")),
                 availability_zone: spec.param_str("availability_zone").map(String::from),
                 user_data: spec.param_str("user_data").map(String::from),
                 iam_instance_profile: spec.param_str("iam_instance_profile").map(String::from),
@@ -323,7 +460,7 @@ impl Ec2Executor {
             ctx,
             ec2,
             (account, region),
-            &ids,
+            (&ids, &ids),
             &before,
             &todo,
             started,
@@ -342,35 +479,14 @@ impl Ec2Executor {
         let spec = &ctx.job.spec;
         let action = spec.action;
         let mut results = JobResults::default();
-
-        ctx.check_cancel(&results)?;
-        ctx.progress(
-            "resolving_targets",
-            "finding the target instances",
-            None,
-            None,
-        )
-        .await?;
-        let found = tokio::select! {
-            r = ec2.describe_instances(&spec.targets, false) => r,
-            _ = ctx.cancelled() => return Err(ExecError::Cancelled(results)),
+        let Some(found) = resolve(ctx, ec2, &mut results).await? else {
+            return Ok(results);
+        };
+        if let Some(e) = refuse_states(action, &found, &results) {
+            return Err(e);
         }
-        .map_err(|e| failed(e, JobResults::default()))?;
-        results.request_ids.extend(found.request_ids);
-        if found.instances.is_empty() {
-            if spec.allow_empty {
-                results.summary = Some("no instance matched the targets; nothing to do".into());
-                return Ok(results);
-            }
-            return Err(no_targets(results));
-        }
-        let ids: Vec<String> = found
-            .instances
-            .iter()
-            .map(|i| i.instance_id.clone())
-            .collect();
+        let ids: Vec<String> = found.iter().map(|i| i.instance_id.clone()).collect();
         let before: HashMap<String, String> = found
-            .instances
             .iter()
             .map(|i| (i.instance_id.clone(), i.state.clone()))
             .collect();
@@ -444,7 +560,7 @@ impl Ec2Executor {
                 ctx,
                 ec2,
                 (account, region),
-                &ids,
+                (&ids, &ids),
                 &before,
                 &todo,
                 started,
@@ -455,6 +571,287 @@ impl Ec2Executor {
             if unprotected.contains(&r.instance_id) {
                 r.outcome = Some("called (termination protection turned off)".into());
             }
+        }
+        Ok(results)
+    }
+
+    /// `modify_instance_attribute`. A type change needs a stopped instance, so a running one is
+    /// stopped, changed and started again (then waited for `wait.until`, `status_ok` by default);
+    /// one found stopped stays stopped. The list of instances to restart is checkpointed before the
+    /// stop, so an attempt resumed after a crash starts them again even though they no longer look
+    /// running. Once the first stop is made, cancel waits until they are started again.
+    /// Protections are set after the resize (stop protection would block the stop).
+    async fn modify(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        account: &str,
+        region: &str,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let dry = spec.dry_run;
+        let mut results = JobResults::default();
+        let Some(found) = resolve(ctx, ec2, &mut results).await? else {
+            return Ok(results);
+        };
+        if let Some(e) = refuse_states(spec.action, &found, &results) {
+            return Err(e);
+        }
+        let ids: Vec<String> = found.iter().map(|i| i.instance_id.clone()).collect();
+        let before: HashMap<String, String> = found
+            .iter()
+            .map(|i| (i.instance_id.clone(), i.state.clone()))
+            .collect();
+        let want_type = spec.param_str("instance_type");
+        let old_type: HashMap<String, String> = found
+            .iter()
+            .filter_map(|i| Some((i.instance_id.clone(), i.instance_type.clone()?)))
+            .collect();
+        let resize: Vec<String> = match want_type {
+            Some(t) => ids
+                .iter()
+                .filter(|id| old_type.get(*id).map(String::as_str) != Some(t))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        let earlier: Vec<String> = ctx
+            .checkpoint
+            .as_ref()
+            .map(|c| str_list(c.get("restart")))
+            .unwrap_or_default();
+        let restart: Vec<String> = ids
+            .iter()
+            .filter(|id| {
+                earlier.contains(id)
+                    || (resize.contains(id)
+                        && matches!(before[*id].as_str(), "running" | "pending"))
+            })
+            .cloned()
+            .collect();
+        let protections: Vec<Attribute> = [
+            ("termination_protection", Protection::Termination),
+            ("stop_protection", Protection::Stop),
+        ]
+        .into_iter()
+        .filter(|(k, _)| spec.params.contains_key(*k))
+        .map(|(k, p)| Attribute::Protection(p, spec.flag(k)))
+        .collect();
+        let note = |r: &mut JobResults, outs: Vec<CallOutcome>| {
+            r.request_ids
+                .extend(outs.into_iter().filter_map(|o| o.request_id));
+        };
+
+        if dry {
+            let mut outs = Vec::new();
+            let stop: Vec<String> = restart
+                .iter()
+                .filter(|id| matches!(before[*id].as_str(), "running" | "pending"))
+                .cloned()
+                .collect();
+            if !stop.is_empty() {
+                outs.extend(
+                    ec2.stop_instances(&stop, false, false, true)
+                        .await
+                        .map_err(|e| failed(e, results.clone()))?,
+                );
+            }
+            for id in &ids {
+                let mut changes = protections.clone();
+                if let (Some(t), true) = (want_type, resize.contains(id)) {
+                    changes.push(Attribute::InstanceType(t.to_string()));
+                }
+                for c in &changes {
+                    outs.push(
+                        ec2.modify_attribute(id, c, true)
+                            .await
+                            .map_err(|e| failed(e, results.clone()))?,
+                    );
+                }
+            }
+            let ok = outs.iter().all(|o| o.dry_run_ok);
+            results.summary = Some(format!(
+                "dry run: {} call(s) {} ({} to resize, {} to stop and start again)",
+                outs.len(),
+                if ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                },
+                resize.len(),
+                stop.len()
+            ));
+            note(&mut results, outs);
+            return Ok(results);
+        }
+
+        ctx.check_cancel(&results)?;
+        let started = Instant::now();
+        if !resize.is_empty() || !restart.is_empty() {
+            ctx.save_checkpoint(json!({"phase": "resizing", "restart": restart}))
+                .await?;
+            // `before` is this attempt's own look, so a resumed attempt acts on what is true now.
+            let live = &before;
+            let stop: Vec<String> = restart
+                .iter()
+                .filter(|id| {
+                    resize.contains(*id)
+                        && matches!(
+                            live.get(*id).map(String::as_str),
+                            Some("running" | "pending")
+                        )
+                })
+                .cloned()
+                .collect();
+            if !stop.is_empty() {
+                ctx.progress(
+                    "calling",
+                    &format!(
+                        "StopInstances on {} running instance(s) to change their type",
+                        stop.len()
+                    ),
+                    None,
+                    None,
+                )
+                .await?;
+                let outs = ec2
+                    .stop_instances(&stop, false, false, false)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                note(&mut results, outs);
+            }
+            let (_, timeout, interval) = spec.wait_settings();
+            let must_stop: Vec<String> = resize
+                .iter()
+                .filter(|id| live.get(*id).map(String::as_str) != Some("stopped"))
+                .cloned()
+                .collect();
+            if !must_stop.is_empty() {
+                ctx.progress(
+                    "waiting",
+                    &format!("waiting for {} instance(s) to stop", must_stop.len()),
+                    None,
+                    None,
+                )
+                .await?;
+                let watcher = self
+                    .pool
+                    .watcher(account, region)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                if let Err(f) = watcher
+                    .wait(&must_stop, WaitUntil::Stopped, timeout, interval, |_, _| {})
+                    .await
+                {
+                    return Err(
+                        match wait_failure(f, &must_stop, WaitUntil::Stopped, timeout) {
+                            Ok((error, _)) => ExecError::Failed {
+                                error,
+                                transient: false,
+                                results,
+                            },
+                            Err(e) => failed(e, results),
+                        },
+                    );
+                }
+            }
+            if let Some(t) = want_type {
+                ctx.progress(
+                    "calling",
+                    &format!("changing the type of {} instance(s) to {t}", resize.len()),
+                    None,
+                    None,
+                )
+                .await?;
+                for id in &resize {
+                    let out = ec2
+                        .modify_attribute(id, &Attribute::InstanceType(t.to_string()), false)
+                        .await
+                        .map_err(|e| failed(e, results.clone()))?;
+                    note(&mut results, vec![out]);
+                }
+            }
+            let start: Vec<String> = restart
+                .iter()
+                .filter(|id| {
+                    !settled(
+                        Action::StartInstances,
+                        live.get(*id).map(String::as_str).unwrap_or(""),
+                    ) || stop.contains(*id)
+                })
+                .cloned()
+                .collect();
+            if !start.is_empty() {
+                ctx.progress(
+                    "calling",
+                    &format!("StartInstances on {} resized instance(s)", start.len()),
+                    None,
+                    None,
+                )
+                .await?;
+                let outs = ec2
+                    .start_instances(&start, false)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                note(&mut results, outs);
+            }
+        }
+        for id in &ids {
+            for c in &protections {
+                let out = ec2
+                    .modify_attribute(id, c, false)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                note(&mut results, vec![out]);
+            }
+        }
+        ctx.save_checkpoint(json!({"phase": "called", "restart": restart}))
+            .await?;
+        let todo: Vec<String> = ids
+            .iter()
+            .filter(|id| resize.contains(*id) || restart.contains(*id) || !protections.is_empty())
+            .cloned()
+            .collect();
+        let mut results = self
+            .wait_and_finish(
+                ctx,
+                ec2,
+                (account, region),
+                (&ids, &restart),
+                &before,
+                &todo,
+                started,
+                results,
+            )
+            .await?;
+        for r in &mut results.instances {
+            let mut did = Vec::new();
+            if resize.contains(&r.instance_id) || earlier.contains(&r.instance_id) {
+                r.previous_instance_type = old_type.get(&r.instance_id).cloned();
+                did.push(format!(
+                    "type {} -> {}",
+                    r.previous_instance_type.as_deref().unwrap_or("?"),
+                    want_type.unwrap_or("?")
+                ));
+                if restart.contains(&r.instance_id) {
+                    did.push("stopped and started again".into());
+                }
+            } else if let Some(t) = want_type {
+                did.push(format!("already {t}"));
+            }
+            for c in &protections {
+                if let Attribute::Protection(p, on) = c {
+                    did.push(format!(
+                        "{} protection {}",
+                        match p {
+                            Protection::Termination => "termination",
+                            Protection::Stop => "stop",
+                        },
+                        if *on { "on" } else { "off" }
+                    ));
+                }
+            }
+            r.outcome = Some(did.join("; "));
         }
         Ok(results)
     }
@@ -473,7 +870,7 @@ impl Ec2Executor {
         let mut protected = Vec::new();
         for id in ids {
             if ec2
-                .termination_protected(id)
+                .protection(id, Protection::Termination)
                 .await
                 .map_err(|e| failed(e, results.clone()))?
             {
@@ -498,9 +895,13 @@ impl Ec2Executor {
             });
         }
         for id in &protected {
-            ec2.set_termination_protection(id, false)
-                .await
-                .map_err(|e| failed(e, results.clone()))?;
+            ec2.modify_attribute(
+                id,
+                &Attribute::Protection(Protection::Termination, false),
+                false,
+            )
+            .await
+            .map_err(|e| failed(e, results.clone()))?;
         }
         ctx.progress(
             "calling",
@@ -523,7 +924,7 @@ impl Ec2Executor {
         ctx: &ExecCtx,
         ec2: &Ec2,
         (account, region): (&str, &str),
-        ids: &[String],
+        (ids, wait_ids): (&[String], &[String]),
         before: &HashMap<String, String>,
         todo: &[String],
         started: Instant,
@@ -536,11 +937,11 @@ impl Ec2Executor {
         let mut to_running: HashMap<String, f64> = HashMap::new();
         let mut to_ok: HashMap<String, f64> = HashMap::new();
         let mut last: HashMap<String, InstanceStatus> = HashMap::new();
-        let wait_result = if until == WaitUntil::None {
+        let wait_result = if until == WaitUntil::None || wait_ids.is_empty() {
             Ok(HashMap::new())
         } else {
             ctx.check_cancel(&results)?;
-            let total = ids.len() as u64;
+            let total = wait_ids.len() as u64;
             ctx.progress(
                 "waiting",
                 &format!("waiting for {} on {total} instance(s)", until_name(until)),
@@ -554,7 +955,7 @@ impl Ec2Executor {
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let wait = watcher.wait(ids, until, wait_timeout, interval, move |_, seen| {
+            let wait = watcher.wait(wait_ids, until, wait_timeout, interval, move |_, seen| {
                 let _ = tx.send(seen.clone());
             });
             tokio::pin!(wait);
@@ -575,7 +976,7 @@ impl Ec2Executor {
                     r = &mut wait => break r,
                     Some(seen) = rx.recv() => {
                         note_times(&seen);
-                        let done = ids.iter().filter(|id| evaluate(until, seen.get(*id)) == Verdict::Done).count() as u64;
+                        let done = wait_ids.iter().filter(|id| evaluate(until, seen.get(*id)) == Verdict::Done).count() as u64;
                         last = seen;
                         if done != reported_done {
                             reported_done = done;
@@ -597,40 +998,15 @@ impl Ec2Executor {
         let statuses = match wait_result {
             Ok(s) => s,
             Err(f) => {
-                let (code, message, seen) = match f {
-                    WaitFailure::Timeout(seen) => {
-                        let list: Vec<String> = ids
-                            .iter()
-                            .map(|id| describe_status(id, seen.get(id)))
-                            .collect();
-                        (
-                            "WaitTimeout".to_string(),
-                            format!(
-                                "not {} after {}: {}",
-                                until_name(until),
-                                humantime::format_duration(wait_timeout),
-                                list.join("; ")
-                            ),
-                            seen,
-                        )
-                    }
-                    WaitFailure::Failed {
-                        instance_id,
-                        code,
-                        message,
-                        last,
-                    } => (code, format!("{instance_id}: {message}"), last),
-                    WaitFailure::Aws(e) => return Err(failed(e, results)),
+                let (error, seen) = match wait_failure(f, wait_ids, until, wait_timeout) {
+                    Ok(x) => x,
+                    Err(e) => return Err(failed(e, results)),
                 };
                 results.instances = self
                     .final_results(ec2, ids, before, &seen, &to_running, &to_ok, todo)
                     .await;
                 return Err(ExecError::Failed {
-                    error: JobError {
-                        code,
-                        message,
-                        request_id: None,
-                    },
+                    error,
                     transient: false,
                     results,
                 });
@@ -642,8 +1018,13 @@ impl Ec2Executor {
         let n = ids.len() as u64;
         let acted = todo.len();
         let mut summary = format!("{op}: {acted} of {n} instance{} needed the call", plural(n));
-        if until != WaitUntil::None {
-            summary.push_str(&format!("; all reached {}", until_name(until)));
+        if until != WaitUntil::None && !wait_ids.is_empty() {
+            let all = if wait_ids.len() == ids.len() {
+                "all"
+            } else {
+                "the restarted ones"
+            };
+            summary.push_str(&format!("; {all} reached {}", until_name(until)));
             if until == WaitUntil::StatusOk {
                 let checks: Vec<String> = results
                     .instances
@@ -727,6 +1108,49 @@ impl Ec2Executor {
             })
             .collect()
     }
+}
+
+/// A failed wait as the job's error (and the last status seen); `Err` when EC2 refused the status
+/// calls themselves.
+fn wait_failure(
+    f: WaitFailure,
+    ids: &[String],
+    until: WaitUntil,
+    timeout: std::time::Duration,
+) -> Result<(JobError, HashMap<String, InstanceStatus>), Ec2Error> {
+    let (code, message, seen) = match f {
+        WaitFailure::Timeout(seen) => {
+            let list: Vec<String> = ids
+                .iter()
+                .map(|id| describe_status(id, seen.get(id)))
+                .collect();
+            (
+                "WaitTimeout".to_string(),
+                format!(
+                    "not {} after {}: {}",
+                    until_name(until),
+                    humantime::format_duration(timeout),
+                    list.join("; ")
+                ),
+                seen,
+            )
+        }
+        WaitFailure::Failed {
+            instance_id,
+            code,
+            message,
+            last,
+        } => (code, format!("{instance_id}: {message}"), last),
+        WaitFailure::Aws(e) => return Err(e),
+    };
+    Ok((
+        JobError {
+            code,
+            message,
+            request_id: None,
+        },
+        seen,
+    ))
 }
 
 fn until_name(u: WaitUntil) -> &'static str {

@@ -160,6 +160,12 @@ pub struct InstanceResult {
     /// Seconds from the job's call until every status check passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seconds_to_status_ok: Option<f64>,
+    /// Instance type before the job changed it (`modify_instance_attribute`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_instance_type: Option<String>,
+    /// Required tag keys the instance lacks (`audit_tags`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_tags: Vec<String>,
     /// What the job did to this instance (`started`, `already running`, `tagged`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,

@@ -36,6 +36,13 @@ pub enum Action {
     CreateTags,
     /// Remove tags (`params.keys`, or `params.tags` to remove only matching values).
     DeleteTags,
+    /// Change instance attributes: `params.instance_type` (a running instance is stopped, changed,
+    /// started again and waited for `status_ok`; a stopped one stays stopped),
+    /// `params.termination_protection`, `params.stop_protection`.
+    ModifyInstanceAttribute,
+    /// Report the instances in scope that lack any of `params.required_keys`; fails the job when
+    /// some do (`params.on_missing = "fail"`, the default) or only lists them (`"warn"`).
+    AuditTags,
 }
 
 impl Action {
@@ -49,6 +56,8 @@ impl Action {
         Action::TerminateInstances,
         Action::CreateTags,
         Action::DeleteTags,
+        Action::ModifyInstanceAttribute,
+        Action::AuditTags,
     ];
 
     /// The wire name (`describe_instances`), also used as a metrics label and list filter.
@@ -62,6 +71,8 @@ impl Action {
             Action::TerminateInstances => "terminate_instances",
             Action::CreateTags => "create_tags",
             Action::DeleteTags => "delete_tags",
+            Action::ModifyInstanceAttribute => "modify_instance_attribute",
+            Action::AuditTags => "audit_tags",
         }
     }
 
@@ -73,12 +84,17 @@ impl Action {
     /// What `wait.until` means when the request leaves it out.
     pub fn default_wait(&self) -> WaitUntil {
         match self {
-            Action::RunInstances | Action::StartInstances | Action::RebootInstances => {
-                WaitUntil::StatusOk
-            }
+            // For modify_instance_attribute the wait applies to the instances it had to restart.
+            Action::RunInstances
+            | Action::StartInstances
+            | Action::RebootInstances
+            | Action::ModifyInstanceAttribute => WaitUntil::StatusOk,
             Action::StopInstances => WaitUntil::Stopped,
             Action::TerminateInstances => WaitUntil::Terminated,
-            Action::DescribeInstances | Action::CreateTags | Action::DeleteTags => WaitUntil::None,
+            Action::DescribeInstances
+            | Action::CreateTags
+            | Action::DeleteTags
+            | Action::AuditTags => WaitUntil::None,
         }
     }
 }
@@ -335,6 +351,7 @@ enum Param {
     StrList,
     Tags,
     Count,
+    OneOf(&'static [&'static str]),
 }
 
 impl Param {
@@ -367,6 +384,16 @@ impl Param {
                 v.as_u64().is_some_and(|n| (1..=1000).contains(&n)),
                 "a whole number from 1 to 1000",
             ),
+            Param::OneOf(choices) => {
+                if v.as_str().is_some_and(|s| choices.contains(&s)) {
+                    return Ok(());
+                }
+                return Err(SpecError::new(
+                    field,
+                    "invalid_param",
+                    format!("must be one of {}", choices.join(", ")),
+                ));
+            }
         };
         if ok {
             Ok(())
@@ -522,6 +549,15 @@ impl JobSpec {
             Action::TerminateInstances => &[("force", Bool)],
             Action::CreateTags => &[("tags", Tags)],
             Action::DeleteTags => &[("keys", StrList), ("tags", Tags)],
+            Action::ModifyInstanceAttribute => &[
+                ("instance_type", Str),
+                ("termination_protection", Bool),
+                ("stop_protection", Bool),
+            ],
+            Action::AuditTags => &[
+                ("required_keys", StrList),
+                ("on_missing", OneOf(&["fail", "warn"])),
+            ],
         };
         for (key, value) in &self.params {
             let field = format!("params.{key}");
@@ -537,6 +573,7 @@ impl JobSpec {
         let required: &[&str] = match self.action {
             Action::RunInstances => &["image_id", "instance_type"],
             Action::CreateTags => &["tags"],
+            Action::AuditTags => &["required_keys"],
             _ => &[],
         };
         for key in required {
@@ -556,6 +593,14 @@ impl JobSpec {
                 "params.keys",
                 "missing_param",
                 "delete_tags needs `params.keys` (or `params.tags`)",
+            ));
+        }
+        if self.action == Action::ModifyInstanceAttribute && self.params.is_empty() {
+            return Err(SpecError::new(
+                "params",
+                "missing_param",
+                "modify_instance_attribute needs at least one of `params.instance_type`, \
+                 `params.termination_protection`, `params.stop_protection`",
             ));
         }
         if self.action == Action::RunInstances {

@@ -533,6 +533,9 @@ pub fn output_vars(job: &Job) -> Vec<(String, String)> {
         ] {
             out.push((format!("{key}_{n}"), value));
         }
+        if job.action == Action::AuditTags {
+            out.push((format!("MISSING_TAGS_{n}"), i.missing_tags.join(",")));
+        }
     }
     out
 }
