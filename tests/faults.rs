@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::{Daemon, DaemonOpts, Moto};
-use serde_json::json;
+use serde_json::{json, Value};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -331,4 +331,124 @@ async fn resize_survives_kill_9_between_stop_and_start() {
     assert_eq!(t.as_deref(), Some("t3.large"));
     assert_eq!(proxy.calls("StopInstances"), 1);
     assert_eq!(proxy.calls("StartInstances"), 1);
+}
+
+/// An account that assumes a role (with an external id) and reaches AWS through a proxy: both are
+/// really used (the proxy sees the AssumeRole call with the external id, then the EC2 calls, all as
+/// a forward proxy). Its allowlists refuse other regions, images and types at submission, and
+/// `GET /v1/catalog` shows them.
+#[tokio::test]
+async fn assumed_role_through_a_proxy_and_allowlists_refuse_at_submission() {
+    let moto = Moto::start().await;
+    let image = moto.image().await;
+    let ids = moto.launch(1, &[("Group", "xacct")]).await;
+    let proxy = FaultProxy::start(&moto.url, 3).await;
+    let extra = format!(
+        r#"
+[accounts.xacct]
+region = "us-east-1"
+endpoint_url = "{moto}"
+https_proxy = "{proxy}"
+role_arn = "arn:aws:iam::123456789012:role/ec2jobd-test"
+external_id = "ext-42"
+role_session_name = "ec2jobd-e2e"
+retry_base = "20ms"
+allowed_regions = ["us-east-1"]
+allowed_instance_types = ["t3.*"]
+allowed_images = ["{image}"]
+"#,
+        moto = moto.url,
+        proxy = proxy.url,
+    );
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        extra,
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(&json!({"action": "describe_instances", "account": "xacct",
+            "targets": {"tags": "Group=xacct"}}))
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(j["results"]["instances"][0]["instance_id"], ids[0].as_str());
+    assert_eq!(proxy.calls("AssumeRole"), 1, "the role was assumed once");
+    let body = proxy.last_body("AssumeRole");
+    assert!(
+        body.contains("ExternalId=ext-42") && body.contains("RoleSessionName=ec2jobd-e2e"),
+        "{body}"
+    );
+    assert!(body.contains("ec2jobd-test"), "{body}");
+    assert!(proxy.calls("DescribeInstances") >= 1);
+    assert!(
+        proxy.forward_proxied() >= 2,
+        "every call went through the proxy as a forward proxy"
+    );
+    assert!(!j.to_string().contains("SecretAccessKey"));
+
+    // The catalog lists the guardrails; nothing about credentials or roles.
+    let (s, c) = d.get_json("/v1/catalog").await;
+    assert_eq!(s, 200);
+    let x = c["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "xacct")
+        .unwrap();
+    assert_eq!(x["instance_types"], json!(["t3.*"]));
+    assert_eq!(x["regions"], json!(["us-east-1"]));
+    assert_eq!(x["images"], json!([image]));
+    assert!(!c.to_string().contains("role"), "{c}");
+    assert!(c["actions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("modify_instance_attribute")));
+
+    // Anything outside the lists is refused at submission with 422 naming field and value.
+    let run = |image: &str, t: &str| {
+        json!({"action": "run_instances", "account": "xacct", "dry_run": true,
+            "params": {"image_id": image, "instance_type": t}})
+    };
+    for (bad, field, value) in [
+        (run(&image, "m5.large"), "params.instance_type", "m5.large"),
+        (
+            run("ami-00000000", "t3.micro"),
+            "params.image_id",
+            "ami-00000000",
+        ),
+        (
+            json!({"action": "describe_instances", "account": "xacct", "region": "eu-west-1",
+                "targets": {"tags": "a=b"}}),
+            "region",
+            "eu-west-1",
+        ),
+        (
+            json!({"action": "modify_instance_attribute", "account": "xacct",
+                "targets": {"instance_ids": ids.clone()}, "params": {"instance_type": "c5.large"}}),
+            "params.instance_type",
+            "c5.large",
+        ),
+    ] {
+        let before = d.get_json("/v1/jobs").await.1["jobs"]
+            .as_array()
+            .unwrap()
+            .len();
+        let r = d.post_job(&d.admin, &bad).await;
+        assert_eq!(r.status(), 422, "{bad}");
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["code"], "not_allowed", "{p}");
+        assert_eq!(p["field"], field, "{p}");
+        assert!(p["detail"].as_str().unwrap().contains(value), "{p}");
+        let after = d.get_json("/v1/jobs").await.1["jobs"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(before, after, "nothing stored");
+    }
+    // Inside the lists it is accepted (a dry run, so nothing launches).
+    let j = d
+        .wait_final(&d.submit(&run(&image, "t3.micro")).await, MINUTE)
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
 }

@@ -41,6 +41,7 @@ struct Stats {
     injected: HashMap<String, u64>,
     max_in_flight: HashMap<String, usize>,
     as_forward_proxy: u64,
+    last_body: HashMap<String, String>,
 }
 
 struct Shared {
@@ -118,6 +119,18 @@ impl FaultProxy {
     /// Requests that came in absolute form, i.e. from a client configured to use this as its proxy.
     pub fn forward_proxied(&self) -> u64 {
         self.shared.stats.lock().unwrap().as_forward_proxy
+    }
+
+    /// The form-encoded body of the last call of an operation.
+    pub fn last_body(&self, op: &str) -> String {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .last_body
+            .get(op)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Most calls of an operation in flight at once.
@@ -227,6 +240,7 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
     {
         let mut st = s.stats.lock().unwrap();
         *st.calls.entry(op.clone()).or_default() += 1;
+        st.last_body.insert(op.clone(), body.clone());
         let m = st.max_in_flight.entry(op.clone()).or_default();
         *m = (*m).max(now_in);
     }

@@ -46,6 +46,17 @@ pub struct AccountConfig {
     pub secret_access_key_env: Option<String>,
     /// See `access_key_id_env`; optional session token.
     pub session_token_env: Option<String>,
+    /// Role to assume (STS AssumeRole) with the credentials above; its temporary credentials are
+    /// refreshed by aws-config before they expire.
+    pub role_arn: Option<String>,
+    /// External id the role's trust policy asks for (the confused-deputy guard of cross-account roles).
+    pub external_id: Option<String>,
+    /// Session name shown in CloudTrail for calls made with the assumed role.
+    pub role_session_name: String,
+    /// Proxy every call of this account goes through (HTTPS to AWS is tunnelled with CONNECT).
+    pub https_proxy: Option<String>,
+    /// Hosts reached directly despite `https_proxy` (comma separated, `*.internal` style).
+    pub no_proxy: Option<String>,
     /// Per-call timeout (one HTTP attempt).
     pub call_timeout: Duration,
     /// Attempts per call, the first included (the SDK's standard retry strategy).
@@ -289,8 +300,55 @@ async fn build_client(acct: &AccountConfig, region: &str) -> Result<aws_sdk_ec2:
             ))
         }
     }
+    if let Some(url) = &acct.https_proxy {
+        loader = loader.http_client(proxied_http_client(url, acct.no_proxy.as_deref())?);
+    }
     let conf = loader.load().await;
-    Ok(aws_sdk_ec2::Client::new(&conf))
+    let Some(role) = &acct.role_arn else {
+        return Ok(aws_sdk_ec2::Client::new(&conf));
+    };
+    // The role is assumed with the account's own credentials, through the same endpoint override
+    // and proxy; the provider refreshes the temporary credentials itself.
+    let mut assume = aws_config::sts::AssumeRoleProvider::builder(role)
+        .session_name(&acct.role_session_name)
+        .region(Region::new(region.to_string()))
+        .configure(&conf);
+    if let Some(id) = &acct.external_id {
+        assume = assume.external_id(id);
+    }
+    let provider = assume.build().await;
+    let ec2_conf = aws_sdk_ec2::config::Builder::from(&conf)
+        .credentials_provider(provider)
+        .build();
+    Ok(aws_sdk_ec2::Client::from_conf(ec2_conf))
+}
+
+/// An HTTP client that sends every request through `proxy` (except hosts matched by `no_proxy`).
+/// One connector is built on first use and shared, so connections to the proxy are pooled.
+fn proxied_http_client(
+    proxy: &str,
+    no_proxy: Option<&str>,
+) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient, Ec2Error> {
+    use aws_smithy_http_client::proxy::ProxyConfig;
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    use aws_smithy_http_client::Connector;
+    use aws_smithy_runtime_api::client::http::{http_client_fn, SharedHttpConnector};
+    let mut cfg =
+        ProxyConfig::all(proxy).map_err(|e| Ec2Error::config(format!("https_proxy: {e}")))?;
+    if let Some(rules) = no_proxy {
+        cfg = cfg.no_proxy(rules);
+    }
+    let cell: Arc<std::sync::OnceLock<SharedHttpConnector>> = Arc::default();
+    Ok(http_client_fn(move |settings, components| {
+        cell.get_or_init(|| {
+            let mut b = Connector::builder()
+                .connector_settings(settings.clone())
+                .proxy_config(cfg.clone());
+            b.set_sleep_impl(components.sleep_impl());
+            SharedHttpConnector::new(b.tls_provider(Provider::Rustls(CryptoMode::AwsLc)).build())
+        })
+        .clone()
+    }))
 }
 
 /// What `describe_instances` found.

@@ -23,7 +23,7 @@ use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
 use crate::executor::Ec2Executor;
 use crate::metrics::Metrics;
-use crate::routes::{jobs, ops, tokens};
+use crate::routes::{catalog, jobs, ops, tokens};
 use crate::runner::{Runner, RunnerConfig};
 use crate::state::AppState;
 
@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(jobs::router())
         .merge(tokens::router())
+        .merge(catalog::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -127,6 +128,11 @@ fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountCon
                     access_key_id_env: a.access_key_id_env.clone(),
                     secret_access_key_env: a.secret_access_key_env.clone(),
                     session_token_env: a.session_token_env.clone(),
+                    role_arn: a.role_arn.clone(),
+                    external_id: a.external_id.clone(),
+                    role_session_name: a.role_session_name.clone(),
+                    https_proxy: a.https_proxy.clone(),
+                    no_proxy: a.no_proxy.clone(),
                     call_timeout: a.call_timeout.0,
                     max_call_attempts: a.max_call_attempts,
                     retry_base: a.retry_base.0,

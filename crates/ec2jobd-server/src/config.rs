@@ -102,6 +102,26 @@ pub struct AccountSection {
     pub secret_access_key_env: Option<String>,
     /// Env var with the session token.
     pub session_token_env: Option<String>,
+    /// Role to assume.
+    pub role_arn: Option<String>,
+    /// External id for the role.
+    pub external_id: Option<String>,
+    /// CloudTrail session name of the assumed role.
+    #[serde(default = "default_session_name")]
+    pub role_session_name: String,
+    /// Proxy for this account's calls.
+    pub https_proxy: Option<String>,
+    /// Hosts not proxied.
+    pub no_proxy: Option<String>,
+    /// AMIs jobs may launch (empty: any); `*` at the end matches a prefix.
+    #[serde(default)]
+    pub allowed_images: Vec<String>,
+    /// Instance types jobs may launch or resize to (empty: any); `t3.*` style prefixes allowed.
+    #[serde(default)]
+    pub allowed_instance_types: Vec<String>,
+    /// Regions jobs may use (empty: any).
+    #[serde(default)]
+    pub allowed_regions: Vec<String>,
     /// Per-attempt call timeout.
     #[serde(default = "default_call_timeout")]
     pub call_timeout: Dur,
@@ -118,6 +138,9 @@ pub struct AccountSection {
 
 // Accounts other than `default` are whole tables in the user's file, so their optional keys need
 // serde defaults; these mirror config/default.toml.
+fn default_session_name() -> String {
+    "ec2jobd".into()
+}
 fn default_call_timeout() -> Dur {
     Dur(Duration::from_secs(30))
 }
@@ -351,6 +374,37 @@ impl Config {
             }
             if a.max_call_attempts == 0 || a.max_call_attempts > 20 {
                 bail!("config key `accounts.{name}.max_call_attempts`: must be 1 to 20");
+            }
+            if let Some(r) = &a.role_arn {
+                if !r.starts_with("arn:") || !r.contains(":role/") {
+                    bail!("config key `accounts.{name}.role_arn`: `{r}` is not a role ARN (arn:aws:iam::123456789012:role/NAME)");
+                }
+            }
+            if a.external_id.is_some() && a.role_arn.is_none() {
+                bail!("config key `accounts.{name}.external_id`: only used with role_arn, which is not set");
+            }
+            let n = a.role_session_name.len();
+            if !(2..=64).contains(&n)
+                || !a
+                    .role_session_name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"=,.@-_".contains(&b))
+            {
+                bail!("config key `accounts.{name}.role_session_name`: 2-64 letters, digits or =,.@-_");
+            }
+            if let Some(u) = &a.https_proxy {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    bail!("config key `accounts.{name}.https_proxy`: `{u}` is not an http(s) URL");
+                }
+            }
+            for (key, list) in [
+                ("allowed_images", &a.allowed_images),
+                ("allowed_instance_types", &a.allowed_instance_types),
+                ("allowed_regions", &a.allowed_regions),
+            ] {
+                if list.iter().any(|v| v.trim().is_empty()) {
+                    bail!("config key `accounts.{name}.{key}`: entries must not be empty");
+                }
             }
             if a.access_key_id_env.is_some() != a.secret_access_key_env.is_some() {
                 bail!("config key `accounts.{name}.secret_access_key_env`: set both access_key_id_env and secret_access_key_env, or neither");

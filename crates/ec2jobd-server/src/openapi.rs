@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{jobs, ops, tokens};
+use crate::routes::{catalog, jobs, ops, tokens};
 
 /// The ec2jobd v1 API.
 #[derive(OpenApi)]
@@ -16,6 +16,7 @@ use crate::routes::{jobs, ops, tokens};
     ),
     paths(
         jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events, jobs::outputs,
+        catalog::catalog,
         tokens::create, tokens::list, tokens::revoke,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
@@ -23,6 +24,7 @@ use crate::routes::{jobs, ops, tokens};
         ec2jobd_spec::JobSpec, ec2jobd_spec::Job, ec2jobd_spec::JobEvent, ec2jobd_spec::JobState,
         ec2jobd_spec::Action, ec2jobd_spec::Role, crate::error::Problem, jobs::JobPage,
         tokens::NewToken, tokens::CreatedToken, ec2jobd_store::TokenInfo, ops::Health,
+        catalog::Catalog, catalog::AccountCatalog,
     )),
     modifiers(&Bearer),
     tags(

@@ -192,6 +192,7 @@ pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError
     if spec.region.is_none() {
         spec.region = Some(acct.region.clone());
     }
+    crate::routes::catalog::check(&account, acct, &spec)?;
     spec.account = Some(account);
     Ok(spec)
 }
