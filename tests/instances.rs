@@ -646,3 +646,143 @@ async fn modify_resizes_leaving_state_as_found_audit_lists_missing_tags_wrong_st
         assert_eq!(r.json::<Value>().await.unwrap()["field"], field, "{bad}");
     }
 }
+
+/// Every action against moto, by id and by tag: a dry run (which changes nothing in moto), an
+/// unknown id (AWS's `InvalidInstanceID.NotFound`) and a tag matching nothing (`NoTargets`); then
+/// real runs of the combinations the other tests leave out, and wrong states refused.
+#[tokio::test]
+async fn every_action_by_id_and_by_tag_with_dry_runs_and_errors() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(2, &[("Group", "matrix")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        workers: 8,
+        ..Default::default()
+    })
+    .await;
+    let actions = [
+        ("describe_instances", json!({})),
+        ("start_instances", json!({})),
+        ("stop_instances", json!({})),
+        ("reboot_instances", json!({})),
+        ("terminate_instances", json!({})),
+        ("create_tags", json!({"tags": {"k": "v"}})),
+        ("delete_tags", json!({"keys": ["Group"]})),
+        (
+            "modify_instance_attribute",
+            json!({"instance_type": "t3.small"}),
+        ),
+        ("audit_tags", json!({"required_keys": ["Nope"]})),
+    ];
+    let by_id_t = json!({"instance_ids": [ids[0]]});
+    let by_tag = json!({"tags": "Group=matrix"});
+    let mut jobs = Vec::new();
+    for (action, params) in &actions {
+        for targets in [&by_id_t, &by_tag] {
+            let spec = json!({"action": action, "targets": targets, "params": params,
+                "dry_run": true, "wait": {"interval": "200ms"}});
+            jobs.push(("dry run", spec.clone(), d.submit(&spec).await));
+        }
+        let spec = json!({"action": action, "params": params,
+            "targets": {"instance_ids": ["i-0123456789abcdef0"]}});
+        jobs.push(("unknown id", spec.clone(), d.submit(&spec).await));
+        let spec = json!({"action": action, "params": params, "targets": {"tags": "Group=none"}});
+        jobs.push(("no match", spec.clone(), d.submit(&spec).await));
+    }
+    for (kind, spec, id) in &jobs {
+        let j = d.wait_final(id, MINUTE).await;
+        match *kind {
+            "dry run" => {
+                assert_eq!(j["state"], "succeeded", "{spec}\n{j}");
+                let s = j["results"]["summary"].as_str().unwrap_or("");
+                assert!(s.contains("would succeed"), "{spec}\n{s}");
+            }
+            "unknown id" => {
+                assert_eq!(j["state"], "failed", "{spec}\n{j}");
+                assert_eq!(j["error"]["code"], "InvalidInstanceID.NotFound", "{spec}");
+            }
+            _ => {
+                assert_eq!(j["state"], "failed", "{spec}\n{j}");
+                assert_eq!(j["error"]["code"], "NoTargets", "{spec}");
+            }
+        }
+    }
+    // The dry runs changed nothing.
+    assert_eq!(moto.states(&ids).await, vec!["running", "running"]);
+    for iid in &ids {
+        assert_eq!(
+            moto_tags(&moto, iid).await,
+            vec![("Group".to_string(), "matrix".to_string())]
+        );
+        assert_eq!(moto_attr(&moto, iid, "instanceType").await, "t3.micro");
+    }
+
+    // Real runs of the combinations not covered elsewhere.
+    let run = |spec: Value| {
+        let d = &d;
+        async move {
+            let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+            assert_eq!(j["state"], "succeeded", "{spec}\n{j}");
+            j
+        }
+    };
+    let fast = json!({"interval": "200ms", "timeout": "1m"});
+    let j = run(json!({"action": "describe_instances", "targets": by_tag})).await;
+    assert_eq!(j["results"]["instances"].as_array().unwrap().len(), 2);
+    run(json!({"action": "stop_instances", "targets": by_id_t, "wait": fast})).await;
+    assert_eq!(moto.states(&ids).await, vec!["stopped", "running"]);
+    // Starting by tag starts the stopped one and observes the running one.
+    let j = run(json!({"action": "start_instances", "targets": by_tag, "wait": fast})).await;
+    assert_eq!(by_id(&j)[&ids[0]]["outcome"], "called");
+    assert_eq!(by_id(&j)[&ids[1]]["outcome"], "already running");
+    let j = run(json!({"action": "reboot_instances", "targets": by_tag, "wait": fast})).await;
+    assert!(by_id(&j)
+        .values()
+        .all(|r| r["checks"] == "2/2 checks passed"));
+    run(json!({"action": "create_tags", "targets": by_id_t, "params": {"tags": {"Owner": "x"}}}))
+        .await;
+    run(
+        json!({"action": "audit_tags", "targets": by_id_t, "params": {"required_keys": ["Owner"]}}),
+    )
+    .await;
+    run(json!({"action": "delete_tags", "targets": {"tags": "Owner=x"}, "params": {"keys": ["Owner"]}}))
+        .await;
+    assert!(!moto_tags(&moto, &ids[0])
+        .await
+        .iter()
+        .any(|(k, _)| k == "Owner"));
+    run(json!({"action": "terminate_instances", "targets": by_tag, "wait": fast})).await;
+    assert_eq!(moto.states(&ids).await, vec!["terminated", "terminated"]);
+
+    // Wrong states are refused before any call, naming the instance (moto itself would "start" a
+    // terminated instance).
+    for action in [
+        "start_instances",
+        "stop_instances",
+        "reboot_instances",
+        "modify_instance_attribute",
+    ] {
+        let params = if action == "modify_instance_attribute" {
+            json!({"instance_type": "t3.small"})
+        } else {
+            json!({})
+        };
+        let j = d
+            .wait_final(
+                &d.submit(&json!({"action": action, "targets": by_id_t, "params": params}))
+                    .await,
+                MINUTE,
+            )
+            .await;
+        assert_eq!(j["state"], "failed", "{j}");
+        assert_eq!(j["error"]["code"], "IncorrectInstanceState", "{j}");
+        assert!(j["error"]["message"].as_str().unwrap().contains(&ids[0]));
+    }
+    assert_eq!(moto.state(&ids[0]).await, "terminated");
+    assert_eq!(
+        d.metric("ec2jobd_ec2_calls_total{operation=\"StartInstances\",outcome=\"ok\"}")
+            .await,
+        1.0,
+        "only the real start reached EC2"
+    );
+}

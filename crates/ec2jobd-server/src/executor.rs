@@ -500,6 +500,8 @@ impl Ec2Executor {
             .and_then(|p| p.as_str())
             == Some("called");
         let todo: Vec<String> = match action {
+            // A dry run is a permission check: it asks for every target, whatever its state.
+            _ if spec.dry_run => ids.clone(),
             Action::StartInstances | Action::StopInstances | Action::TerminateInstances => ids
                 .iter()
                 .filter(|id| !settled(action, &before[*id]))
@@ -550,9 +552,6 @@ impl Ec2Executor {
             }
             ctx.save_checkpoint(json!({"phase": "called", "ids": todo}))
                 .await?;
-        } else if spec.dry_run {
-            results.summary = Some(format!("dry run: {op} has nothing to do"));
-            return Ok(results);
         }
 
         let mut results = self
@@ -656,9 +655,10 @@ impl Ec2Executor {
                         .map_err(|e| failed(e, results.clone()))?,
                 );
             }
+            // Every requested change is checked on every target, needed or not.
             for id in &ids {
                 let mut changes = protections.clone();
-                if let (Some(t), true) = (want_type, resize.contains(id)) {
+                if let Some(t) = want_type {
                     changes.push(Attribute::InstanceType(t.to_string()));
                 }
                 for c in &changes {
