@@ -159,6 +159,8 @@ pub trait CallObserver: Send + Sync {
     fn observe(&self, operation: &'static str, outcome: &str);
     /// A call to `operation` was held this long by client-side pacing.
     fn paced(&self, _operation: &'static str, _waited: Duration) {}
+    /// A status watcher finished a polling round over this many instances.
+    fn round(&self, _instances: usize) {}
 }
 
 /// An observer that ignores everything (tools and tests).

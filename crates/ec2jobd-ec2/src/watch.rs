@@ -268,6 +268,7 @@ impl StatusWatcher {
                     Err(e) => round.error = Some(e),
                 }
             }
+            self.ec2.observer.round(ids.len());
             self.rounds.send_replace(Arc::new(round));
             tokio::time::sleep(interval).await;
         }

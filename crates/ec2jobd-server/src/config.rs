@@ -411,8 +411,8 @@ impl Config {
             }
         }
         let q = &self.queue;
-        if q.workers > 256 {
-            bail!("config key `queue.workers`: at most 256");
+        if q.workers > 4096 {
+            bail!("config key `queue.workers`: at most 4096");
         }
         if q.max_attempts == 0 || q.max_attempts > 100 {
             bail!("config key `queue.max_attempts`: must be 1 to 100");

@@ -25,6 +25,8 @@ pub struct Metrics {
     duration: Family<Labels, Histogram>,
     ec2_calls: Family<Labels, Counter>,
     paced: Family<Labels, Counter<f64>>,
+    status_rounds: Counter,
+    status_round_instances: Gauge,
 }
 
 impl Default for Metrics {
@@ -83,9 +85,23 @@ impl Metrics {
             "Time EC2 calls were held by client-side pacing, by operation",
             paced.clone(),
         );
+        let status_rounds = Counter::default();
+        registry.register(
+            "status_rounds",
+            "Polling rounds of the shared status watchers (each asks DescribeInstanceStatus about every waiting instance, 100 per call)",
+            status_rounds.clone(),
+        );
+        let status_round_instances = Gauge::default();
+        registry.register(
+            "status_round_instances",
+            "Instances asked about in the latest status round (instances jobs are waiting on)",
+            status_round_instances.clone(),
+        );
         Self {
             registry,
             paced,
+            status_rounds,
+            status_round_instances,
             jobs,
             queue_depth,
             submitted,
@@ -153,5 +169,10 @@ impl CallObserver for Metrics {
         self.paced
             .get_or_create(&vec![("operation".into(), operation.into())])
             .inc_by(waited.as_secs_f64());
+    }
+
+    fn round(&self, instances: usize) {
+        self.status_rounds.inc();
+        self.status_round_instances.set(instances as i64);
     }
 }

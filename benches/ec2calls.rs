@@ -1,0 +1,264 @@
+//! EC2 call benchmark (issue 3), against a real moto server behind our counting proxy:
+//!
+//! 1. EC2 calls per job, by action: one job per action over 1 instance (by id) and over 10 instances
+//!    (by tag), counted by operation at the proxy.
+//! 2. Shared status polling under load: 1,000 jobs, each waiting on its own instance for
+//!    `status_ok` while the proxy holds the checks at `initializing`; DescribeInstanceStatus calls
+//!    per polling round (target: ⌈1000/100⌉ = 10), the daemon's memory while they wait, and how long
+//!    the 1,000 jobs take to finish once the checks pass.
+//!
+//! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
+//! BENCH_WINDOW_SECS (measuring window, default 10).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::{create_token, Daemon, Moto};
+use serde_json::{json, Value};
+
+const OPS: &[&str] = &[
+    "DescribeInstances",
+    "DescribeInstanceStatus",
+    "DescribeInstanceAttribute",
+    "RunInstances",
+    "StartInstances",
+    "StopInstances",
+    "RebootInstances",
+    "TerminateInstances",
+    "CreateTags",
+    "DeleteTags",
+    "ModifyInstanceAttribute",
+];
+
+fn env_num(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn snapshot(p: &FaultProxy) -> BTreeMap<&'static str, u64> {
+    OPS.iter().map(|op| (*op, p.calls(op))).collect()
+}
+
+/// A daemon for benchmarks: production lease/heartbeat defaults, pacing off (moto is not AWS), the
+/// given worker count, EC2 through `endpoint`.
+async fn daemon(dir: &std::path::Path, endpoint: &str, workers: usize) -> Daemon {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
+             [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
+             [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n\
+             [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n",
+            db = dir.join("bench.db").display()
+        ),
+    )
+    .expect("config");
+    let admin = create_token(&config, "admin", "bench");
+    Daemon::attach(config, admin).await
+}
+
+async fn calls_per_action(moto: &Moto) {
+    let proxy = FaultProxy::start(&moto.url, 1).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = daemon(tmp.path(), &proxy.url, 4).await;
+    let image = moto.image().await;
+    let one = moto.launch(1, &[("Bench", "one")]).await;
+    moto.launch(10, &[("Bench", "ten")]).await;
+    let wait = json!({"interval": "1s"});
+    println!("\nEC2 calls per job (counted at the proxy; moto answers at once, so waits end in one round)");
+    println!("{:<28} {:>9}  calls", "action", "instances");
+    let mut rows: Vec<(String, Value, &str)> = Vec::new();
+    for (label, targets) in [
+        ("1", json!({"instance_ids": one})),
+        ("10", json!({"tags": {"Bench": "ten"}})),
+    ] {
+        for (action, params) in [
+            ("describe_instances", json!({})),
+            ("stop_instances", json!({})),
+            ("start_instances", json!({})),
+            ("start_instances", json!({})), // already running: observes only
+            ("reboot_instances", json!({})),
+            ("create_tags", json!({"tags": {"Owner": "bench"}})),
+            ("delete_tags", json!({"keys": ["Owner"]})),
+            ("audit_tags", json!({"required_keys": ["Bench"]})),
+            (
+                "modify_instance_attribute",
+                json!({"instance_type": "t3.small"}),
+            ),
+            ("terminate_instances", json!({})),
+        ] {
+            rows.push((
+                action.to_string(),
+                json!({"action": action, "targets": targets, "params": params, "wait": wait}),
+                label,
+            ));
+        }
+    }
+    rows.insert(
+        0,
+        (
+            "run_instances".into(),
+            json!({"action": "run_instances", "params": {"image_id": image, "instance_type": "t3.micro", "min_count": 10}, "wait": wait}),
+            "10",
+        ),
+    );
+    rows.insert(
+        0,
+        (
+            "run_instances".into(),
+            json!({"action": "run_instances", "params": {"image_id": image, "instance_type": "t3.micro"}, "wait": wait}),
+            "1",
+        ),
+    );
+    let mut seen_start = 0;
+    for (action, spec, n) in rows {
+        let before = snapshot(&proxy);
+        let id = d.submit(&spec).await;
+        let j = d.wait_final(&id, Duration::from_secs(120)).await;
+        assert_eq!(j["state"], "succeeded", "{spec}: {j}");
+        let after = snapshot(&proxy);
+        let mut parts = Vec::new();
+        let mut total = 0;
+        for op in OPS {
+            let k = after[op] - before[op];
+            if k > 0 {
+                parts.push(format!("{op} {k}"));
+                total += k;
+            }
+        }
+        let mut label = action.clone();
+        if action == "start_instances" {
+            seen_start += 1;
+            if seen_start % 2 == 0 {
+                label.push_str(" (running)");
+            }
+        }
+        println!("{label:<28} {n:>9}  {total:>2} = {}", parts.join(", "));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
+    println!(
+        "\nShared status polling: {waiters} jobs, each waiting for status_ok on its own instance"
+    );
+    let t = Instant::now();
+    let mut ids = Vec::new();
+    while ids.len() < waiters {
+        let n = (waiters - ids.len()).min(500) as i32;
+        ids.extend(moto.launch(n, &[("Bench", "herd")]).await);
+    }
+    println!(
+        "  launched {} instances in moto in {:.1}s",
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let proxy = FaultProxy::start(&moto.url, 2).await;
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = daemon(tmp.path(), &proxy.url, waiters).await;
+    let idle_rss = rss_kib(d.pid());
+    let t = Instant::now();
+    let mut jobs = Vec::new();
+    for chunk in ids.chunks(50) {
+        let specs: Vec<Value> = chunk
+            .iter()
+            .map(|iid| {
+                json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+                    "wait": {"interval": "1s", "timeout": "30m"}})
+            })
+            .collect();
+        let subs = specs.iter().map(|s| d.submit(s));
+        jobs.extend(futures::future::join_all(subs).await);
+    }
+    println!(
+        "  submitted {} jobs in {:.1}s",
+        jobs.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while d.metric("ec2jobd_status_round_instances").await < waiters as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "not all jobs reached their wait:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "  all {} jobs waiting {:.1}s after the first submission",
+        waiters,
+        t.elapsed().as_secs_f64()
+    );
+    let rounds0 = d.metric("ec2jobd_status_rounds_total").await;
+    let calls0 = proxy.calls("DescribeInstanceStatus");
+    // A measuring window, not a synchronisation: the figure is calls per round over it.
+    tokio::time::sleep(window).await;
+    let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
+    let calls = proxy.calls("DescribeInstanceStatus") - calls0;
+    let waiting_rss = rss_kib(d.pid());
+    let per_round = calls as f64 / rounds.max(1.0);
+    println!(
+        "  over {:.0}s: {rounds:.0} rounds, {calls} DescribeInstanceStatus calls = {per_round:.1} per round \
+         (target {}: {}), at most {} in flight",
+        window.as_secs_f64(),
+        waiters.div_ceil(100),
+        if per_round <= waiters.div_ceil(100) as f64 { "met" } else { "MISSED" },
+        proxy.max_in_flight("DescribeInstanceStatus"),
+    );
+    println!(
+        "  daemon RSS: {:.1} MiB idle, {:.1} MiB with {waiters} jobs waiting ({:.1} KiB per waiting job)",
+        idle_rss as f64 / 1024.0,
+        waiting_rss as f64 / 1024.0,
+        (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64
+    );
+    proxy.set(|f| f.instance_status = None);
+    let t = Instant::now();
+    for id in &jobs {
+        let j = d.wait_final(id, Duration::from_secs(600)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    println!(
+        "  checks released: all {} jobs succeeded {:.1}s later",
+        jobs.len(),
+        t.elapsed().as_secs_f64()
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` probes
+    }
+    let waiters = env_num("BENCH_WAITERS", 1000) as usize;
+    let window = Duration::from_secs(env_num("BENCH_WINDOW_SECS", 10));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let moto = Moto::start().await;
+        calls_per_action(&moto).await;
+        let moto = Moto::start().await;
+        shared_polling(&moto, waiters, window).await;
+    });
+}
