@@ -244,19 +244,26 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         let m = st.max_in_flight.entry(op.clone()).or_default();
         *m = (*m).max(now_in);
     }
-    let result = forward(&s, &mut sock, &op, &path, &headers, body).await;
+    let reply = forward(&s, &op, &path, &headers, body).await;
+    // Out of flight before the answer is written: the client may send its next call the moment it
+    // reads this one.
     counter.fetch_sub(1, Ordering::SeqCst);
-    result
+    match reply {
+        Some((status, text, rid)) => respond(&mut sock, status, &text, &rid).await,
+        None => Ok(()), // the socket is dropped: no answer at all
+    }
 }
+
+/// An answer to write: status, body, request id.
+type Reply = (u16, String, String);
 
 async fn forward(
     s: &Shared,
-    sock: &mut TcpStream,
     op: &str,
     path: &str,
     headers: &[(String, String)],
     body: String,
-) -> std::io::Result<()> {
+) -> Option<Reply> {
     let faults = s.faults.lock().unwrap().clone();
     let applies = faults
         .only
@@ -276,7 +283,7 @@ async fn forward(
     };
     if applies && roll < faults.drop {
         note(s);
-        return Ok(()); // the socket is dropped: no answer at all
+        return None;
     }
     if applies && roll < faults.drop + faults.throttle {
         note(s);
@@ -285,12 +292,12 @@ async fn forward(
             "Request limit exceeded.",
             "fault-throttle",
         );
-        return respond(sock, 503, &xml, "fault-throttle").await;
+        return Some((503, xml, "fault-throttle".into()));
     }
     if applies && roll < faults.drop + faults.throttle + faults.unavailable {
         note(s);
         let xml = error_xml("Unavailable", "The service is unavailable.", "fault-503");
-        return respond(sock, 503, &xml, "fault-503").await;
+        return Some((503, xml, "fault-503".into()));
     }
     let mut req = s.http.post(format!("{}{path}", s.upstream)).body(body);
     for (k, v) in headers {
@@ -298,10 +305,7 @@ async fn forward(
             req = req.header(k, v);
         }
     }
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(_) => return Ok(()),
-    };
+    let resp = req.send().await.ok()?;
     let status = resp.status().as_u16();
     let rid = resp
         .headers()
@@ -324,5 +328,5 @@ async fn forward(
             }
         }
     }
-    respond(sock, status, &text, &rid).await
+    Some((status, text, rid))
 }
