@@ -452,3 +452,37 @@ allowed_images = ["{image}"]
         .await;
     assert_eq!(j["state"], "succeeded", "{j}");
 }
+
+/// A dry run that EC2 answers with `UnauthorizedOperation` (the caller lacks the permission) fails
+/// at once with that code and the request id; `DryRunOperation` is success ("would succeed").
+#[tokio::test]
+async fn dry_run_unauthorized_is_a_permanent_failure() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[]).await;
+    let proxy = FaultProxy::start(&moto.url, 5).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let spec =
+        json!({"action": "stop_instances", "targets": {"instance_ids": ids}, "dry_run": true});
+    let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["results"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("would succeed"));
+    proxy.set(|f| f.error = Some(("StopInstances".into(), 403, "UnauthorizedOperation".into())));
+    let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "UnauthorizedOperation");
+    assert_eq!(j["error"]["request_id"], "fault-error");
+    assert_eq!(j["attempts"], 1, "not retried: {j}");
+    assert_eq!(
+        proxy.injected("StopInstances"),
+        1,
+        "the SDK did not retry it either"
+    );
+    assert_eq!(moto.state(&ids[0]).await, "running");
+}

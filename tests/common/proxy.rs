@@ -31,6 +31,8 @@ pub struct Faults {
     pub drop: f64,
     /// Added before every call is forwarded.
     pub latency: Duration,
+    /// Every call of this operation is answered with this HTTP status and AWS error code.
+    pub error: Option<(String, u16, String)>,
     /// When set, latency and share-based faults hit only these operations.
     pub only: Option<Vec<String>>,
 }
@@ -281,6 +283,13 @@ async fn forward(
             .entry(op.to_string())
             .or_default() += 1
     };
+    if let Some((target, status, code)) = &faults.error {
+        if target == op {
+            note(s);
+            let xml = error_xml(code, "Injected by the test proxy.", "fault-error");
+            return Some((*status, xml, "fault-error".into()));
+        }
+    }
     if applies && roll < faults.drop {
         note(s);
         return None;
