@@ -31,6 +31,9 @@ pub struct Faults {
     pub drop: f64,
     /// Added before every call is forwarded.
     pub latency: Duration,
+    /// Until this instant, CreateSnapshot and DescribeSnapshots report completed snapshots in this
+    /// state (`pending`, `error`) with this progress (`40%`), as AWS does while a snapshot is taken.
+    pub snapshot_state: Option<(String, String, Instant)>,
     /// Every call of this operation is answered with this HTTP status and AWS error code.
     pub error: Option<(String, u16, String)>,
     /// When set, latency and share-based faults hit only these operations.
@@ -323,6 +326,22 @@ async fn forward(
         .unwrap_or("proxied")
         .to_string();
     let mut text = resp.text().await.unwrap_or_default();
+    if op == "DescribeSnapshots" || op == "CreateSnapshot" {
+        if let Some((state, progress, until)) = &faults.snapshot_state {
+            if Instant::now() < *until && text.contains("<status>completed</status>") {
+                text = text
+                    .replace(
+                        "<status>completed</status>",
+                        &format!("<status>{state}</status>"),
+                    )
+                    .replace(
+                        "<progress>100%</progress>",
+                        &format!("<progress>{progress}</progress>"),
+                    );
+                note(s);
+            }
+        }
+    }
     if op == "DescribeInstanceStatus" {
         let now = Instant::now();
         for (hold, element) in [

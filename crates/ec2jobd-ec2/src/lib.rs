@@ -25,9 +25,11 @@ use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter as AwsFilter, Instance, Tag};
 use ec2jobd_spec::{InstanceResult, Targets};
 
+mod ebs;
 mod pace;
 mod watch;
 
+pub use ebs::{snapshot_result, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use watch::{evaluate, InstanceStatus, Round, StatusWatcher, Verdict, WaitFailure};
 

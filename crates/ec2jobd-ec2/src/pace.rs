@@ -36,6 +36,8 @@ pub struct PacingConfig {
     pub terminate_instances: Rate,
     /// CreateTags.
     pub create_tags: Rate,
+    /// CreateSnapshot, DeleteSnapshot, CopySnapshot.
+    pub snapshots: Rate,
 }
 
 impl Default for PacingConfig {
@@ -49,6 +51,7 @@ impl Default for PacingConfig {
             start_instances: r(5, 2.0),
             terminate_instances: r(100, 5.0),
             create_tags: r(100, 10.0),
+            snapshots: r(100, 5.0),
         }
     }
 }
@@ -61,6 +64,7 @@ impl PacingConfig {
             "start_instances" => self.start_instances,
             "terminate_instances" => self.terminate_instances,
             "create_tags" => self.create_tags,
+            "snapshots" => self.snapshots,
             _ => self.mutating,
         }
     }
@@ -73,6 +77,7 @@ pub fn class_of(operation: &str) -> &'static str {
         "StartInstances" => "start_instances",
         "TerminateInstances" => "terminate_instances",
         "CreateTags" => "create_tags",
+        "CreateSnapshot" | "DeleteSnapshot" | "CopySnapshot" => "snapshots",
         op if op.starts_with("Describe") => "describe",
         _ => "mutating",
     }

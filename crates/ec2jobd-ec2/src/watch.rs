@@ -85,7 +85,8 @@ pub fn evaluate(until: WaitUntil, st: Option<&InstanceStatus>) -> Verdict {
         }
     };
     match until {
-        WaitUntil::None => Verdict::Done,
+        // `completed` is about snapshots, never an instance's condition (the spec refuses it).
+        WaitUntil::None | WaitUntil::Completed => Verdict::Done,
         WaitUntil::Running => want("running"),
         WaitUntil::Stopped => want("stopped"),
         WaitUntil::Terminated => {

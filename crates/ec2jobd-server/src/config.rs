@@ -74,6 +74,8 @@ pub struct PacingSection {
     pub terminate_instances: RateSection,
     /// CreateTags.
     pub create_tags: RateSection,
+    /// CreateSnapshot, DeleteSnapshot, CopySnapshot.
+    pub snapshots: RateSection,
 }
 
 /// One bucket: `{ burst = 100, per_second = 20 }`.
@@ -443,6 +445,7 @@ impl Config {
             ("start_instances", p.start_instances),
             ("terminate_instances", p.terminate_instances),
             ("create_tags", p.create_tags),
+            ("snapshots", p.snapshots),
         ] {
             if r.burst == 0 || r.per_second.is_nan() || r.per_second <= 0.0 {
                 bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
@@ -469,6 +472,7 @@ impl Config {
             start_instances: r(p.start_instances),
             terminate_instances: r(p.terminate_instances),
             create_tags: r(p.create_tags),
+            snapshots: r(p.snapshots),
         }
     }
 

@@ -22,6 +22,9 @@ use serde_json::json;
 
 use crate::runner::{ExecCtx, ExecError, Executor};
 
+mod backup;
+pub use backup::ROTATION_TAG;
+
 /// Tag put on every instance a job launches, holding the job id.
 pub const JOB_TAG: &str = "ec2jobd:job-id";
 
@@ -66,6 +69,9 @@ impl Executor for Ec2Executor {
             Action::RunInstances => self.run_instances(ctx, &ec2, account, region).await,
             Action::ModifyInstanceAttribute => self.modify(ctx, &ec2, account, region).await,
             Action::AuditTags => audit_tags(ctx, &ec2).await,
+            Action::CreateSnapshots => self.create_snapshots(ctx, &ec2).await,
+            Action::DescribeSnapshots => self.snapshots_action(ctx, &ec2, false).await,
+            Action::DeleteSnapshots => self.snapshots_action(ctx, &ec2, true).await,
             _ => self.instance_action(ctx, &ec2, account, region).await,
         }
     }
@@ -341,7 +347,10 @@ impl Ec2Executor {
             Action::DescribeInstances
             | Action::RunInstances
             | Action::ModifyInstanceAttribute
-            | Action::AuditTags => Ok(Vec::new()),
+            | Action::AuditTags
+            | Action::CreateSnapshots
+            | Action::DescribeSnapshots
+            | Action::DeleteSnapshots => Ok(Vec::new()),
         }
     }
 
@@ -944,7 +953,7 @@ impl Ec2Executor {
             let total = wait_ids.len() as u64;
             ctx.progress(
                 "waiting",
-                &format!("waiting for {} on {total} instance(s)", until_name(until)),
+                &format!("waiting for {} on {total} instance(s)", until.as_str()),
                 Some(0),
                 Some(total),
             )
@@ -980,7 +989,7 @@ impl Ec2Executor {
                         last = seen;
                         if done != reported_done {
                             reported_done = done;
-                            ctx.progress("waiting", &format!("{done} of {total} instance(s) reached {}", until_name(until)), Some(done), Some(total)).await?;
+                            ctx.progress("waiting", &format!("{done} of {total} instance(s) reached {}", until.as_str()), Some(done), Some(total)).await?;
                         }
                     }
                     _ = ctx.cancelled() => {
@@ -1024,7 +1033,7 @@ impl Ec2Executor {
             } else {
                 "the restarted ones"
             };
-            summary.push_str(&format!("; {all} reached {}", until_name(until)));
+            summary.push_str(&format!("; {all} reached {}", until.as_str()));
             if until == WaitUntil::StatusOk {
                 let checks: Vec<String> = results
                     .instances
@@ -1128,7 +1137,7 @@ fn wait_failure(
                 "WaitTimeout".to_string(),
                 format!(
                     "not {} after {}: {}",
-                    until_name(until),
+                    until.as_str(),
                     humantime::format_duration(timeout),
                     list.join("; ")
                 ),
@@ -1151,14 +1160,4 @@ fn wait_failure(
         },
         seen,
     ))
-}
-
-fn until_name(u: WaitUntil) -> &'static str {
-    match u {
-        WaitUntil::None => "none",
-        WaitUntil::Running => "running",
-        WaitUntil::Stopped => "stopped",
-        WaitUntil::Terminated => "terminated",
-        WaitUntil::StatusOk => "status_ok",
-    }
 }

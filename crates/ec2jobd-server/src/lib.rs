@@ -10,6 +10,7 @@ pub mod error;
 pub mod executor;
 pub mod metrics;
 pub mod openapi;
+pub mod report;
 pub mod routes;
 pub mod runner;
 pub mod state;

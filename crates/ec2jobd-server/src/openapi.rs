@@ -16,6 +16,7 @@ use crate::routes::{catalog, jobs, ops, tokens};
     ),
     paths(
         jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events, jobs::outputs,
+        jobs::report,
         catalog::catalog,
         tokens::create, tokens::list, tokens::revoke,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,

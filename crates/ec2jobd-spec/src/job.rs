@@ -171,12 +171,92 @@ pub struct InstanceResult {
     pub outcome: Option<String>,
 }
 
+/// One EBS snapshot as a job saw or made it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotResult {
+    /// The snapshot id.
+    pub snapshot_id: String,
+    /// The volume it was taken from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<String>,
+    /// `pending`, `completed`, `error` (or `deleted` once rotation removed it).
+    pub state: String,
+    /// Progress as EC2 reports it, e.g. `45%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// Size of the source volume, GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_size_gib: Option<i32>,
+    /// When the snapshot was started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// Its description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Region it lives in, when it is not the job's (copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Its tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// What the job did with it (`created`, `found (created by an earlier attempt)`, `deleted`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+}
+
+/// What generation rotation did for one rotation group (a volume's or an instance's backups).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct RotationResult {
+    /// The rotation group (`<group>/<volume or instance id>`), the value of the `ec2jobd:rotation` tag.
+    pub group: String,
+    /// Generations kept, newest first.
+    #[serde(default)]
+    pub kept: Vec<String>,
+    /// Generations deleted (older than the `keep` newest).
+    #[serde(default)]
+    pub deleted: Vec<String>,
+    /// Generations due for deletion but kept because something still uses them (an AMI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_use: Vec<String>,
+}
+
+/// One volume's backup within a job: where it is attached, the new snapshot, and rotation.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct VolumeResult {
+    /// The volume id.
+    pub volume_id: String,
+    /// Instance it is attached to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// The instance's Name tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_name: Option<String>,
+    /// Device name on the instance, e.g. `/dev/xvda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Volume size, GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_gib: Option<i32>,
+    /// The snapshot this job made of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotResult>,
+    /// What rotation did for this volume's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationResult>,
+}
+
 /// Everything a job produced; stays queryable after the job ends.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct JobResults {
     /// Per-instance results.
     #[serde(default)]
     pub instances: Vec<InstanceResult>,
+    /// Per-volume backup results (`create_snapshots`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeResult>,
+    /// Snapshots described, deleted or copied (`describe_snapshots`, `delete_snapshots`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotResult>,
     /// One-line summary, e.g. "described 3 instances".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,

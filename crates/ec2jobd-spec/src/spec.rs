@@ -43,6 +43,14 @@ pub enum Action {
     /// Report the instances in scope that lack any of `params.required_keys`; fails the job when
     /// some do (`params.on_missing = "fail"`, the default) or only lists them (`"warn"`).
     AuditTags,
+    /// Snapshot every volume of the targeted instances (or the targeted volumes), wait until the
+    /// snapshots complete, then rotate: keep `params.keep` generations per volume, deleting only
+    /// snapshots ec2jobd made for that volume and group.
+    CreateSnapshots,
+    /// Describe snapshots by `snapshot_ids`, `snapshot_tags` or `volume_ids`.
+    DescribeSnapshots,
+    /// Delete the targeted snapshots; one an AMI still uses is kept and reported, not an error.
+    DeleteSnapshots,
 }
 
 impl Action {
@@ -58,6 +66,9 @@ impl Action {
         Action::DeleteTags,
         Action::ModifyInstanceAttribute,
         Action::AuditTags,
+        Action::CreateSnapshots,
+        Action::DescribeSnapshots,
+        Action::DeleteSnapshots,
     ];
 
     /// The wire name (`describe_instances`), also used as a metrics label and list filter.
@@ -73,6 +84,9 @@ impl Action {
             Action::DeleteTags => "delete_tags",
             Action::ModifyInstanceAttribute => "modify_instance_attribute",
             Action::AuditTags => "audit_tags",
+            Action::CreateSnapshots => "create_snapshots",
+            Action::DescribeSnapshots => "describe_snapshots",
+            Action::DeleteSnapshots => "delete_snapshots",
         }
     }
 
@@ -91,10 +105,13 @@ impl Action {
             | Action::ModifyInstanceAttribute => WaitUntil::StatusOk,
             Action::StopInstances => WaitUntil::Stopped,
             Action::TerminateInstances => WaitUntil::Terminated,
+            Action::CreateSnapshots => WaitUntil::Completed,
             Action::DescribeInstances
             | Action::CreateTags
             | Action::DeleteTags
-            | Action::AuditTags => WaitUntil::None,
+            | Action::AuditTags
+            | Action::DescribeSnapshots
+            | Action::DeleteSnapshots => WaitUntil::None,
         }
     }
 }
@@ -273,6 +290,46 @@ pub struct Targets {
     /// Raw EC2 filters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filters: Option<Vec<Filter>>,
+    /// EBS volume ids (`create_snapshots`; `describe_snapshots`/`delete_snapshots`: their snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_ids: Option<IdList>,
+    /// Tags every targeted volume must carry (`create_snapshots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_tags: Option<TagSet>,
+    /// Snapshot ids (`describe_snapshots`, `delete_snapshots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ids: Option<IdList>,
+    /// Tags every targeted snapshot must carry (`describe_snapshots`, `delete_snapshots`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_tags: Option<TagSet>,
+}
+
+/// What kind of resource an action's targets select.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetKind {
+    Instances,
+    InstancesOrVolumes,
+    Snapshots,
+}
+
+impl Action {
+    fn target_kind(&self) -> TargetKind {
+        match self {
+            Action::CreateSnapshots => TargetKind::InstancesOrVolumes,
+            Action::DescribeSnapshots | Action::DeleteSnapshots => TargetKind::Snapshots,
+            _ => TargetKind::Instances,
+        }
+    }
+
+    /// The `wait.until` values that mean something for this action.
+    fn waits(&self) -> &'static [WaitUntil] {
+        use WaitUntil::*;
+        match self {
+            Action::CreateSnapshots => &[None, Completed],
+            Action::DescribeSnapshots | Action::DeleteSnapshots => &[None],
+            _ => &[None, Running, Stopped, Terminated, StatusOk],
+        }
+    }
 }
 
 /// What state a job waits for after its calls.
@@ -289,6 +346,22 @@ pub enum WaitUntil {
     Terminated,
     /// Running and every status check `ok` ("2/2 checks passed").
     StatusOk,
+    /// What the job created is ready: snapshots `completed` (backup actions only).
+    Completed,
+}
+
+impl WaitUntil {
+    /// The wire name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WaitUntil::None => "none",
+            WaitUntil::Running => "running",
+            WaitUntil::Stopped => "stopped",
+            WaitUntil::Terminated => "terminated",
+            WaitUntil::StatusOk => "status_ok",
+            WaitUntil::Completed => "completed",
+        }
+    }
 }
 
 /// How long and how often to wait; durations in humantime (`15m`, `15s`).
@@ -352,6 +425,7 @@ enum Param {
     Tags,
     Count,
     OneOf(&'static [&'static str]),
+    Name,
 }
 
 impl Param {
@@ -383,6 +457,10 @@ impl Param {
             Param::Count => (
                 v.as_u64().is_some_and(|n| (1..=1000).contains(&n)),
                 "a whole number from 1 to 1000",
+            ),
+            Param::Name => (
+                v.as_str().is_some_and(|s| is_name(s, b"-_.")),
+                "1-64 letters, digits, `-`, `_` or `.`",
             ),
             Param::OneOf(choices) => {
                 if v.as_str().is_some_and(|s| choices.contains(&s)) {
@@ -438,13 +516,47 @@ fn check_duration(
     Ok(humantime::format_duration(d).to_string())
 }
 
-fn is_instance_id(s: &str) -> bool {
-    s.strip_prefix("i-").is_some_and(|hex| {
-        (hex.len() == 8 || hex.len() == 17)
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+/// Placeholders a snapshot description template may use.
+pub const TEMPLATE_FIELDS: &[&str] = &[
+    "name",
+    "instance_id",
+    "volume_id",
+    "device",
+    "date",
+    "datetime",
+    "job_id",
+    "group",
+];
+
+fn check_template(t: &str) -> Result<(), SpecError> {
+    let mut rest = t;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = after.find('}').ok_or_else(|| {
+            SpecError::new(
+                "params.description",
+                "invalid_param",
+                "unclosed `{` in the template",
+            )
+        })?;
+        let field = &after[..close];
+        if !TEMPLATE_FIELDS.contains(&field) {
+            return Err(SpecError::new(
+                "params.description",
+                "invalid_param",
+                format!(
+                    "unknown placeholder `{{{field}}}` (use {})",
+                    TEMPLATE_FIELDS
+                        .iter()
+                        .map(|f| format!("{{{f}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
 }
 
 fn is_name(s: &str, extra: &[u8]) -> bool {
@@ -485,11 +597,19 @@ impl JobSpec {
                 ));
             }
         } else {
-            self.targets = normalize_targets(self.targets)?;
+            self.targets = normalize_targets(self.targets, self.action.target_kind())?;
         }
         self.check_params()?;
         let wait = self.wait.take().unwrap_or_default();
         let until = wait.until.unwrap_or_else(|| self.action.default_wait());
+        if !self.action.waits().contains(&until) {
+            let names: Vec<&str> = self.action.waits().iter().map(|w| w.as_str()).collect();
+            return Err(SpecError::new(
+                "wait.until",
+                "invalid_wait",
+                format!("{} can wait for {}", self.action, names.join(", ")),
+            ));
+        }
         let timeout = check_duration(
             "wait.timeout",
             wait.timeout.as_deref().unwrap_or(DEFAULT_WAIT_TIMEOUT),
@@ -558,6 +678,15 @@ impl JobSpec {
                 ("required_keys", StrList),
                 ("on_missing", OneOf(&["fail", "warn"])),
             ],
+            Action::CreateSnapshots => &[
+                ("description", Str),
+                ("tags", Tags),
+                ("copy_tags", Bool),
+                ("keep", Count),
+                ("group", Name),
+                ("devices", StrList),
+            ],
+            Action::DescribeSnapshots | Action::DeleteSnapshots => &[],
         };
         for (key, value) in &self.params {
             let field = format!("params.{key}");
@@ -594,6 +723,9 @@ impl JobSpec {
                 "missing_param",
                 "delete_tags needs `params.keys` (or `params.tags`)",
             ));
+        }
+        if let Some(t) = self.param_str("description") {
+            check_template(t)?;
         }
         if self.action == Action::ModifyInstanceAttribute && self.params.is_empty() {
             return Err(SpecError::new(
@@ -671,99 +803,169 @@ impl JobSpec {
     }
 }
 
-fn normalize_targets(t: Targets) -> Result<Targets, SpecError> {
-    let mut out = Targets::default();
-    if let Some(IdList(ids)) = t.instance_ids {
-        if ids.is_empty() {
-            return Err(SpecError::new(
-                "targets.instance_ids",
-                "empty_targets",
-                "must name at least one instance id",
-            ));
-        }
-        if ids.len() > 1000 {
-            return Err(SpecError::new(
-                "targets.instance_ids",
-                "too_many",
-                "at most 1000 instance ids per job",
-            ));
-        }
-        let mut seen = Vec::with_capacity(ids.len());
-        for (i, id) in ids.into_iter().enumerate() {
-            let id = id.trim().to_string();
-            if !is_instance_id(&id) {
-                return Err(SpecError::new(
-                    format!("targets.instance_ids[{i}]"),
-                    "invalid_instance_id",
-                    format!("`{id}` is not an instance id (`i-` and 8 or 17 lowercase hex digits)"),
-                ));
-            }
-            if !seen.contains(&id) {
-                seen.push(id);
-            }
-        }
-        out.instance_ids = Some(IdList(seen));
+fn is_resource_id(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Checks a list of resource ids (`i-`, `vol-`, `snap-`): 1-1000, well-formed, deduplicated in order.
+fn check_ids(field: &str, ids: Vec<String>, prefix: &str, what: &str) -> Result<IdList, SpecError> {
+    if ids.is_empty() {
+        return Err(SpecError::new(
+            field,
+            "empty_targets",
+            format!("must name at least one {what} id"),
+        ));
     }
-    if let Some(TagSet(tags)) = t.tags {
-        if tags.is_empty() {
+    if ids.len() > 1000 {
+        return Err(SpecError::new(
+            field,
+            "too_many",
+            format!("at most 1000 {what} ids per job"),
+        ));
+    }
+    let mut seen = Vec::with_capacity(ids.len());
+    for (i, id) in ids.into_iter().enumerate() {
+        let id = id.trim().to_string();
+        if !is_resource_id(&id, prefix) {
             return Err(SpecError::new(
-                "targets.tags",
-                "empty_targets",
-                "must name at least one tag",
+                format!("{field}[{i}]"),
+                if prefix == "i-" {
+                    "invalid_instance_id"
+                } else {
+                    "invalid_id"
+                },
+                format!("`{id}` is not {what} id (`{prefix}` and 8 or 17 lowercase hex digits)"),
             ));
         }
-        for (k, v) in &tags {
-            if k.is_empty() || k.chars().count() > 128 {
-                return Err(SpecError::new(
-                    "targets.tags",
-                    "invalid_tag",
-                    format!("tag key `{k}` must be 1-128 characters"),
-                ));
-            }
-            if v.chars().count() > 256 {
-                return Err(SpecError::new(
-                    format!("targets.tags.{k}"),
-                    "invalid_tag",
-                    "tag value must be at most 256 characters",
-                ));
-            }
+        if !seen.contains(&id) {
+            seen.push(id);
         }
-        out.tags = Some(TagSet(tags));
     }
-    if let Some(filters) = t.filters {
-        if filters.is_empty() {
+    Ok(IdList(seen))
+}
+
+fn check_tags(field: &str, tags: BTreeMap<String, String>) -> Result<TagSet, SpecError> {
+    if tags.is_empty() {
+        return Err(SpecError::new(
+            field,
+            "empty_targets",
+            "must name at least one tag",
+        ));
+    }
+    for (k, v) in &tags {
+        if k.is_empty() || k.chars().count() > 128 {
             return Err(SpecError::new(
-                "targets.filters",
-                "empty_targets",
-                "must hold at least one filter",
+                field,
+                "invalid_tag",
+                format!("tag key `{k}` must be 1-128 characters"),
             ));
         }
-        for (i, f) in filters.iter().enumerate() {
-            if f.name.trim().is_empty() {
-                return Err(SpecError::new(
-                    format!("targets.filters[{i}].name"),
-                    "invalid_filter",
-                    "filter name must not be empty",
-                ));
-            }
-            if f.values.is_empty() {
-                return Err(SpecError::new(
-                    format!("targets.filters[{i}].values"),
-                    "invalid_filter",
-                    "filter needs at least one value",
-                ));
-            }
+        if v.chars().count() > 256 {
+            return Err(SpecError::new(
+                format!("{field}.{k}"),
+                "invalid_tag",
+                "tag value must be at most 256 characters",
+            ));
         }
-        out.filters = Some(filters);
     }
-    if out.instance_ids.is_none() && out.tags.is_none() && out.filters.is_none() {
+    Ok(TagSet(tags))
+}
+
+fn normalize_targets(t: Targets, kind: TargetKind) -> Result<Targets, SpecError> {
+    let out = Targets {
+        instance_ids: t
+            .instance_ids
+            .map(|l| check_ids("targets.instance_ids", l.0, "i-", "an instance"))
+            .transpose()?,
+        tags: t
+            .tags
+            .map(|t| check_tags("targets.tags", t.0))
+            .transpose()?,
+        filters: t.filters.map(check_filters).transpose()?,
+        volume_ids: t
+            .volume_ids
+            .map(|l| check_ids("targets.volume_ids", l.0, "vol-", "a volume"))
+            .transpose()?,
+        volume_tags: t
+            .volume_tags
+            .map(|t| check_tags("targets.volume_tags", t.0))
+            .transpose()?,
+        snapshot_ids: t
+            .snapshot_ids
+            .map(|l| check_ids("targets.snapshot_ids", l.0, "snap-", "a snapshot"))
+            .transpose()?,
+        snapshot_tags: t
+            .snapshot_tags
+            .map(|t| check_tags("targets.snapshot_tags", t.0))
+            .transpose()?,
+    };
+    let instances = out.instance_ids.is_some() || out.tags.is_some() || out.filters.is_some();
+    let volumes = out.volume_ids.is_some() || out.volume_tags.is_some();
+    let snapshots = out.snapshot_ids.is_some() || out.snapshot_tags.is_some();
+    let (ok, fields, extra) = match kind {
+        TargetKind::Instances => (
+            instances,
+            "`instance_ids`, `tags` or `filters`",
+            volumes || snapshots,
+        ),
+        TargetKind::InstancesOrVolumes => (
+            instances != volumes,
+            "instances (`instance_ids`, `tags`, `filters`) or volumes (`volume_ids`, `volume_tags`), not both",
+            snapshots,
+        ),
+        TargetKind::Snapshots => (
+            snapshots || out.volume_ids.is_some(),
+            "`snapshot_ids`, `snapshot_tags` or `volume_ids`",
+            instances || out.volume_tags.is_some(),
+        ),
+    };
+    if extra {
+        return Err(SpecError::new(
+            "targets",
+            "unexpected_targets",
+            format!("this action's targets are {fields}"),
+        ));
+    }
+    if !ok {
         return Err(SpecError::new(
             "targets",
             "missing_targets",
-            "give `instance_ids`, `tags` or `filters`",
+            format!("give {fields}"),
         ));
     }
     Ok(out)
+}
+
+fn check_filters(filters: Vec<Filter>) -> Result<Vec<Filter>, SpecError> {
+    if filters.is_empty() {
+        return Err(SpecError::new(
+            "targets.filters",
+            "empty_targets",
+            "must hold at least one filter",
+        ));
+    }
+    for (i, f) in filters.iter().enumerate() {
+        if f.name.trim().is_empty() {
+            return Err(SpecError::new(
+                format!("targets.filters[{i}].name"),
+                "invalid_filter",
+                "filter name must not be empty",
+            ));
+        }
+        if f.values.is_empty() {
+            return Err(SpecError::new(
+                format!("targets.filters[{i}].values"),
+                "invalid_filter",
+                "filter needs at least one value",
+            ));
+        }
+    }
+    Ok(filters)
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/outputs", get(outputs))
+        .route("/v1/jobs/{id}/report", get(report))
 }
 
 /// A page of `GET /v1/jobs`.
@@ -538,6 +539,42 @@ pub fn output_vars(job: &Job) -> Vec<(String, String)> {
             out.push((format!("MISSING_TAGS_{n}"), i.missing_tags.join(",")));
         }
     }
+    // Backups: one numbered set per snapshot made (per volume) or described.
+    let snaps: Vec<(&str, Option<&str>, &str)> = if job.results.volumes.is_empty() {
+        job.results
+            .snapshots
+            .iter()
+            .map(|s| {
+                (
+                    s.snapshot_id.as_str(),
+                    s.volume_id.as_deref(),
+                    s.state.as_str(),
+                )
+            })
+            .collect()
+    } else {
+        job.results
+            .volumes
+            .iter()
+            .filter_map(|v| {
+                let s = v.snapshot.as_ref()?;
+                Some((
+                    s.snapshot_id.as_str(),
+                    Some(v.volume_id.as_str()),
+                    s.state.as_str(),
+                ))
+            })
+            .collect()
+    };
+    if !snaps.is_empty() {
+        out.push(("SNAPSHOT_COUNT".into(), snaps.len().to_string()));
+        for (n, (snap, vol, st)) in snaps.into_iter().enumerate() {
+            let n = n + 1;
+            out.push((format!("SNAPSHOT_ID_{n}"), snap.to_string()));
+            out.push((format!("VOLUME_ID_{n}"), vol.unwrap_or("").to_string()));
+            out.push((format!("SNAPSHOT_STATE_{n}"), st.to_string()));
+        }
+    }
     out
 }
 
@@ -550,6 +587,35 @@ fn shell_quote(v: &str) -> String {
     } else {
         format!("'{}'", v.replace('\'', "'\\''"))
     }
+}
+
+/// The job as a text report: job line, target volumes, snapshot status, rotation result,
+/// instances, summary and error (what backup e-mails look like; SNS notifications carry the same).
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/report", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The report", content_type = "text/plain", body = String),
+        (status = 404, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn report(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let job = state
+        .store
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        crate::report::render(&job),
+    )
+        .into_response())
 }
 
 /// The job's results as flat variables for schedulers: `INSTANCE_ID_1`, `PUBLIC_DNS_NAME_1`,

@@ -1,0 +1,667 @@
+//! Backup jobs: EBS snapshots with generation rotation.
+//!
+//! `create_snapshots` finds the volumes (those attached to the targeted instances, or the targeted
+//! volumes), snapshots each one, waits until every snapshot is `completed`, and only then rotates:
+//! per volume it keeps the `keep` newest completed snapshots of the rotation group and deletes the
+//! rest. Rotation looks only at snapshots carrying ec2jobd's `ec2jobd:rotation` tag for that group
+//! and volume, so a snapshot someone else made is never touched; failed snapshots never count; one
+//! an AMI still uses is kept and reported as in use.
+//!
+//! CreateSnapshot is not idempotent on AWS's side. Every snapshot is tagged with the job id at
+//! creation (in the same call), and an attempt that resumes after a crash first looks for snapshots
+//! with its job id and creates only for volumes that have none; the checkpoints before and after each
+//! call say how far an attempt got.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use ec2jobd_ec2::{Ec2, Filters, VolumeInfo};
+use ec2jobd_spec::{
+    InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
+};
+use serde_json::json;
+
+use super::{failed, no_targets, plural, str_list, string_map, Ec2Executor, JOB_TAG};
+use crate::runner::{ExecCtx, ExecError};
+
+/// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
+pub const ROTATION_TAG: &str = "ec2jobd:rotation";
+
+/// Description of a snapshot when the job gives none.
+const DEFAULT_DESCRIPTION: &str =
+    "ec2jobd backup of {volume_id} ({device} on {instance_id} {name}) {date}";
+
+/// Most snapshot ids or filter values sent in one Describe call.
+const PER_DESCRIBE: usize = 200;
+
+/// A volume to back up, with what the report and the description template need.
+struct Source {
+    volume: VolumeInfo,
+    instance: Option<InstanceResult>,
+    device: Option<String>,
+}
+
+fn filters_for_tags(tags: &BTreeMap<String, String>) -> Filters {
+    tags.iter()
+        .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
+        .collect()
+}
+
+/// Fills the description template (`{name}`, `{instance_id}`, `{volume_id}`, `{device}`, `{date}`,
+/// `{datetime}`, `{job_id}`, `{group}`); EC2 takes at most 255 characters.
+fn describe_template(
+    t: &str,
+    src: &Source,
+    job_id: &str,
+    group: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> String {
+    let inst = src.instance.as_ref();
+    let s = t
+        .replace("{name}", inst.and_then(|i| i.name.as_deref()).unwrap_or(""))
+        .replace(
+            "{instance_id}",
+            inst.map(|i| i.instance_id.as_str()).unwrap_or("-"),
+        )
+        .replace("{volume_id}", &src.volume.volume_id)
+        .replace("{device}", src.device.as_deref().unwrap_or("-"))
+        .replace("{date}", &at.format("%Y-%m-%d").to_string())
+        .replace("{datetime}", &at.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .replace("{job_id}", job_id)
+        .replace("{group}", group);
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    s.chars().take(255).collect()
+}
+
+/// Tags copied from a resource: not AWS's reserved ones, not ec2jobd's own bookkeeping.
+fn copyable(tags: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+    tags.iter()
+        .filter(|(k, _)| !k.starts_with("aws:") && !k.starts_with("ec2jobd:"))
+}
+
+impl Ec2Executor {
+    /// The volumes a `create_snapshots` job backs up.
+    async fn backup_sources(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        results: &mut JobResults,
+    ) -> Result<Vec<Source>, ExecError> {
+        let t = &ctx.job.spec.targets;
+        let by_volume = t.volume_ids.is_some() || t.volume_tags.is_some();
+        let mut instances: HashMap<String, InstanceResult> = HashMap::new();
+        let volumes: Vec<VolumeInfo> = if by_volume {
+            let filters = t
+                .volume_tags
+                .as_ref()
+                .map(|tags| filters_for_tags(&tags.0))
+                .unwrap_or_default();
+            let (vols, rids) = ec2
+                .describe_volumes(t.volume_ids.as_ref().map(|l| l.0.clone()), &filters)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(rids);
+            let attached: Vec<String> = vols
+                .iter()
+                .flat_map(|v| v.attachments.iter().map(|(i, _)| i.clone()))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !attached.is_empty() {
+                let d = ec2
+                    .describe_instances(
+                        &ec2jobd_spec::Targets {
+                            instance_ids: Some(ec2jobd_spec::IdList(attached)),
+                            ..Default::default()
+                        },
+                        false,
+                    )
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                results.request_ids.extend(d.request_ids);
+                instances.extend(d.instances.into_iter().map(|i| (i.instance_id.clone(), i)));
+            }
+            vols
+        } else {
+            let d = ec2
+                .describe_instances(t, false)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(d.request_ids);
+            instances.extend(
+                d.instances
+                    .into_iter()
+                    .filter(|i| !matches!(i.state.as_str(), "terminated" | "shutting-down"))
+                    .map(|i| (i.instance_id.clone(), i)),
+            );
+            let mut ids: Vec<String> = instances.keys().cloned().collect();
+            ids.sort();
+            let mut vols = Vec::new();
+            for chunk in ids.chunks(PER_DESCRIBE) {
+                let (v, rids) = ec2
+                    .describe_volumes(
+                        None,
+                        &vec![("attachment.instance-id".to_string(), chunk.to_vec())],
+                    )
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                results.request_ids.extend(rids);
+                vols.extend(v);
+            }
+            vols
+        };
+        let devices = str_list(ctx.job.spec.params.get("devices"));
+        let mut out = Vec::new();
+        for v in volumes {
+            let att = v
+                .attachments
+                .iter()
+                .find(|(i, _)| instances.contains_key(i))
+                .cloned();
+            let device = att.as_ref().map(|(_, d)| d.clone());
+            if !devices.is_empty() && !device.as_ref().is_some_and(|d| devices.contains(d)) {
+                continue;
+            }
+            out.push(Source {
+                instance: att.and_then(|(i, _)| instances.get(&i).cloned()),
+                device,
+                volume: v,
+            });
+        }
+        out.sort_by(|a, b| a.volume.volume_id.cmp(&b.volume.volume_id));
+        Ok(out)
+    }
+
+    /// `create_snapshots`; see the module docs.
+    pub(super) async fn create_snapshots(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let job_id = &ctx.job.id;
+        let mut results = JobResults::default();
+        ctx.check_cancel(&results)?;
+        ctx.progress(
+            "resolving_targets",
+            "finding the volumes to back up",
+            None,
+            None,
+        )
+        .await?;
+        let sources = self.backup_sources(ctx, ec2, &mut results).await?;
+        if sources.is_empty() {
+            if spec.allow_empty {
+                results.summary = Some("no volume matched the targets; nothing to do".into());
+                return Ok(results);
+            }
+            return Err(no_targets(results));
+        }
+        let group = spec.param_str("group").unwrap_or("default");
+        let template = spec.param_str("description").unwrap_or(DEFAULT_DESCRIPTION);
+        let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
+        let user_tags = string_map(spec.params.get("tags"));
+        let copy_tags = spec.flag("copy_tags");
+        let tags_for = |src: &Source| {
+            let mut tags = BTreeMap::new();
+            if copy_tags {
+                if let Some(i) = &src.instance {
+                    tags.extend(copyable(&i.tags).map(|(k, v)| (k.clone(), v.clone())));
+                }
+                tags.extend(copyable(&src.volume.tags).map(|(k, v)| (k.clone(), v.clone())));
+            }
+            tags.extend(user_tags.clone());
+            tags.insert(JOB_TAG.to_string(), job_id.clone());
+            tags.insert(
+                ROTATION_TAG.to_string(),
+                format!("{group}/{}", src.volume.volume_id),
+            );
+            tags
+        };
+
+        if spec.dry_run {
+            let mut ok = true;
+            for src in &sources {
+                let (_, out) = ec2
+                    .create_snapshot(
+                        &src.volume.volume_id,
+                        &describe_template(template, src, job_id, group, at),
+                        &tags_for(src),
+                        true,
+                    )
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                ok &= out.dry_run_ok;
+                results.request_ids.extend(out.request_id);
+            }
+            results.summary = Some(format!(
+                "dry run: CreateSnapshot {} for {} volume(s)",
+                if ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                },
+                sources.len()
+            ));
+            return Ok(results);
+        }
+
+        // What an earlier attempt of this job already created, found by the job tag.
+        let mut made: BTreeMap<String, SnapshotResult> = BTreeMap::new();
+        if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
+            let (found, rids, _) = ec2
+                .describe_snapshots(
+                    None,
+                    &vec![(format!("tag:{JOB_TAG}"), vec![job_id.clone()])],
+                    false,
+                )
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(rids);
+            for mut s in found {
+                if let Some(v) = s.volume_id.clone() {
+                    s.outcome = Some("created by an earlier attempt of this job".into());
+                    made.insert(v, s);
+                }
+            }
+        }
+        let total = sources.len() as u64;
+        for src in &sources {
+            let vol = &src.volume.volume_id;
+            if made.contains_key(vol) {
+                continue;
+            }
+            ctx.check_cancel(&results)?;
+            ctx.save_checkpoint(json!({"phase": "creating", "volume": vol, "made": made.keys().collect::<Vec<_>>()}))
+                .await?;
+            ctx.progress(
+                "calling",
+                &format!("CreateSnapshot of {vol} ({} of {total})", made.len() + 1),
+                Some(made.len() as u64),
+                Some(total),
+            )
+            .await?;
+            let (snap, out) = ec2
+                .create_snapshot(
+                    vol,
+                    &describe_template(template, src, job_id, group, at),
+                    &tags_for(src),
+                    false,
+                )
+                .await
+                .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+            results.request_ids.extend(out.request_id);
+            if let Some(mut s) = snap {
+                s.outcome = Some("created".into());
+                made.insert(vol.clone(), s);
+            }
+            ctx.save_checkpoint(
+                json!({"phase": "created", "made": made.keys().collect::<Vec<_>>()}),
+            )
+            .await?;
+        }
+
+        let (until, timeout, interval) = spec.wait_settings();
+        if until == WaitUntil::Completed {
+            self.wait_snapshots(
+                ctx,
+                ec2,
+                &sources,
+                &mut made,
+                &mut results,
+                timeout,
+                interval,
+            )
+            .await?;
+        }
+
+        // Rotation, only once the whole new generation completed.
+        let keep = spec.params.get("keep").and_then(|k| k.as_u64());
+        let mut rotations: HashMap<String, RotationResult> = HashMap::new();
+        let rotation_note = match keep {
+            Some(keep) if until == WaitUntil::Completed => {
+                ctx.progress(
+                    "rotating",
+                    &format!("keeping {keep} generation(s) per volume"),
+                    None,
+                    None,
+                )
+                .await?;
+                rotations = self
+                    .rotate(ec2, group, &sources, keep as usize, &mut results)
+                    .await
+                    .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+                let deleted: usize = rotations.values().map(|r| r.deleted.len()).sum();
+                let in_use: usize = rotations.values().map(|r| r.in_use.len()).sum();
+                let mut n = format!("; rotation kept {keep} per volume, deleted {deleted}");
+                if in_use > 0 {
+                    n.push_str(&format!(", kept {in_use} in use by an AMI"));
+                }
+                n
+            }
+            Some(_) => "; rotation skipped (it runs only after waiting for completed)".into(),
+            None => String::new(),
+        };
+        results.volumes = self.volume_rows(&sources, &made, &mut rotations);
+        let done = made.values().filter(|s| s.state == "completed").count();
+        let summary = format!(
+            "{} snapshot{} of {total} volume{} ({done} completed){rotation_note}",
+            made.len(),
+            plural(made.len() as u64),
+            plural(total)
+        );
+        ctx.progress("done", &summary, Some(total), Some(total))
+            .await?;
+        results.summary = Some(summary);
+        Ok(results)
+    }
+
+    /// Results so far, for a failure part-way.
+    fn partial(
+        &self,
+        sources: &[Source],
+        made: &BTreeMap<String, SnapshotResult>,
+        results: &JobResults,
+    ) -> JobResults {
+        JobResults {
+            volumes: self.volume_rows(sources, made, &mut HashMap::new()),
+            ..results.clone()
+        }
+    }
+
+    fn volume_rows(
+        &self,
+        sources: &[Source],
+        made: &BTreeMap<String, SnapshotResult>,
+        rotations: &mut HashMap<String, RotationResult>,
+    ) -> Vec<VolumeResult> {
+        sources
+            .iter()
+            .map(|s| VolumeResult {
+                volume_id: s.volume.volume_id.clone(),
+                instance_id: s.instance.as_ref().map(|i| i.instance_id.clone()),
+                instance_name: s.instance.as_ref().and_then(|i| i.name.clone()),
+                device: s.device.clone(),
+                size_gib: s.volume.size_gib,
+                snapshot: made.get(&s.volume.volume_id).cloned(),
+                rotation: rotations.remove(&s.volume.volume_id),
+            })
+            .collect()
+    }
+
+    /// Polls the new snapshots until all are `completed`, reporting progress; fails on `error` or
+    /// at the timeout.
+    #[allow(clippy::too_many_arguments)]
+    async fn wait_snapshots(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        sources: &[Source],
+        made: &mut BTreeMap<String, SnapshotResult>,
+        results: &mut JobResults,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Result<(), ExecError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_report = String::new();
+        loop {
+            let pending: Vec<String> = made
+                .values()
+                .filter(|s| s.state != "completed")
+                .map(|s| s.snapshot_id.clone())
+                .collect();
+            if let Some(bad) = made.values().find(|s| s.state == "error") {
+                return Err(ExecError::Failed {
+                    error: JobError {
+                        code: "SnapshotFailed".into(),
+                        message: format!(
+                            "snapshot {} of {} ended in state error; rotation did not run",
+                            bad.snapshot_id,
+                            bad.volume_id.as_deref().unwrap_or("?")
+                        ),
+                        request_id: None,
+                    },
+                    transient: false,
+                    results: self.partial(sources, made, results),
+                });
+            }
+            let total = made.len() as u64;
+            let done = total - pending.len() as u64;
+            let avg = made
+                .values()
+                .map(|s| {
+                    if s.state == "completed" {
+                        100
+                    } else {
+                        s.progress
+                            .as_deref()
+                            .and_then(|p| p.trim_end_matches('%').parse::<u64>().ok())
+                            .unwrap_or(0)
+                    }
+                })
+                .sum::<u64>()
+                / total.max(1);
+            let report = format!("{done} of {total} snapshot(s) completed ({avg}% overall)");
+            if report != last_report {
+                ctx.progress("waiting", &report, Some(done), Some(total))
+                    .await?;
+                last_report = report;
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let list: Vec<String> = made
+                    .values()
+                    .filter(|s| s.state != "completed")
+                    .map(|s| {
+                        format!(
+                            "{} ({}, {})",
+                            s.snapshot_id,
+                            s.state,
+                            s.progress.as_deref().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                return Err(ExecError::Failed {
+                    error: JobError {
+                        code: "WaitTimeout".into(),
+                        message: format!(
+                            "snapshots not completed after {}: {}; rotation did not run",
+                            humantime::format_duration(timeout),
+                            list.join("; ")
+                        ),
+                        request_id: None,
+                    },
+                    transient: false,
+                    results: self.partial(sources, made, results),
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval.min(deadline - tokio::time::Instant::now())) => {}
+                _ = ctx.cancelled() => return Err(ExecError::Cancelled(self.partial(sources, made, results))),
+            }
+            for chunk in pending.chunks(PER_DESCRIBE) {
+                let (seen, _, _) = ec2
+                    .describe_snapshots(Some(chunk.to_vec()), &Vec::new(), false)
+                    .await
+                    .map_err(|e| failed(e, self.partial(sources, made, results)))?;
+                for s in seen {
+                    if let Some(m) = made.values_mut().find(|m| m.snapshot_id == s.snapshot_id) {
+                        m.state = s.state;
+                        m.progress = s.progress;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the `keep` newest completed snapshots of each volume's rotation group, deletes the
+    /// rest (an `InvalidSnapshot.InUse` answer keeps it as in use). Returns rotation per volume.
+    async fn rotate(
+        &self,
+        ec2: &Ec2,
+        group: &str,
+        sources: &[Source],
+        keep: usize,
+        results: &mut JobResults,
+    ) -> Result<HashMap<String, RotationResult>, ec2jobd_ec2::Ec2Error> {
+        let keys: Vec<String> = sources
+            .iter()
+            .map(|s| format!("{group}/{}", s.volume.volume_id))
+            .collect();
+        let mut by_group: HashMap<String, Vec<SnapshotResult>> = HashMap::new();
+        for chunk in keys.chunks(PER_DESCRIBE) {
+            let (found, rids, _) = ec2
+                .describe_snapshots(
+                    None,
+                    &vec![(format!("tag:{ROTATION_TAG}"), chunk.to_vec())],
+                    false,
+                )
+                .await?;
+            results.request_ids.extend(rids);
+            for s in found {
+                if let Some(g) = s.tags.get(ROTATION_TAG) {
+                    by_group.entry(g.clone()).or_default().push(s);
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        for src in sources {
+            let key = format!("{group}/{}", src.volume.volume_id);
+            let mut gens: Vec<SnapshotResult> = by_group
+                .remove(&key)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.state == "completed")
+                .collect();
+            // Newest first. Start times have second precision, so ties are broken by the job id
+            // that made the snapshot (ULIDs sort by time), then by snapshot id.
+            let age = |s: &SnapshotResult| {
+                (
+                    s.start_time.clone(),
+                    s.tags.get(JOB_TAG).cloned(),
+                    s.snapshot_id.clone(),
+                )
+            };
+            gens.sort_by_key(|s| std::cmp::Reverse(age(s)));
+            let mut r = RotationResult {
+                group: key,
+                ..Default::default()
+            };
+            for (i, s) in gens.into_iter().enumerate() {
+                if i < keep {
+                    r.kept.push(s.snapshot_id);
+                    continue;
+                }
+                match ec2.delete_snapshot(&s.snapshot_id, false).await {
+                    Ok(o) => {
+                        results.request_ids.extend(o.request_id);
+                        r.deleted.push(s.snapshot_id);
+                    }
+                    Err(e) if e.code == "InvalidSnapshot.InUse" => r.in_use.push(s.snapshot_id),
+                    // Gone already (a resumed rotation, or someone else deleted it).
+                    Err(e) if e.code == "InvalidSnapshot.NotFound" => r.deleted.push(s.snapshot_id),
+                    Err(e) => return Err(e),
+                }
+            }
+            out.insert(src.volume.volume_id.clone(), r);
+        }
+        Ok(out)
+    }
+
+    /// `describe_snapshots` and `delete_snapshots`: the snapshots by id, tags or volume.
+    pub(super) async fn snapshots_action(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        delete: bool,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let t = &spec.targets;
+        let mut results = JobResults::default();
+        ctx.check_cancel(&results)?;
+        let mut filters = t
+            .snapshot_tags
+            .as_ref()
+            .map(|tags| filters_for_tags(&tags.0))
+            .unwrap_or_default();
+        if let Some(v) = &t.volume_ids {
+            filters.push(("volume-id".into(), v.0.clone()));
+        }
+        let dry_describe = spec.dry_run && !delete;
+        let (found, rids, dry_ok) = ec2
+            .describe_snapshots(
+                t.snapshot_ids.as_ref().map(|l| l.0.clone()),
+                &filters,
+                dry_describe,
+            )
+            .await
+            .map_err(|e| failed(e, JobResults::default()))?;
+        results.request_ids.extend(rids);
+        if dry_describe {
+            results.summary = Some(format!(
+                "dry run: DescribeSnapshots {}",
+                if dry_ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                }
+            ));
+            return Ok(results);
+        }
+        if found.is_empty() && !spec.allow_empty {
+            return Err(no_targets(results));
+        }
+        let n = found.len() as u64;
+        if !delete {
+            results.snapshots = found;
+            results.summary = Some(format!("described {n} snapshot{}", plural(n)));
+            return Ok(results);
+        }
+        let (mut deleted, mut in_use, mut ok) = (0, 0, true);
+        for mut s in found {
+            ctx.check_cancel(&results)?;
+            match ec2.delete_snapshot(&s.snapshot_id, spec.dry_run).await {
+                Ok(o) => {
+                    results.request_ids.extend(o.request_id);
+                    ok &= o.dry_run_ok;
+                    if !spec.dry_run {
+                        s.state = "deleted".into();
+                        s.outcome = Some("deleted".into());
+                        deleted += 1;
+                    }
+                }
+                Err(e) if e.code == "InvalidSnapshot.InUse" => {
+                    s.outcome = Some(format!("kept: in use ({})", e.message));
+                    in_use += 1;
+                }
+                Err(e) => return Err(failed(e, results)),
+            }
+            results.snapshots.push(s);
+        }
+        results.summary = Some(if spec.dry_run {
+            format!(
+                "dry run: DeleteSnapshot {} for {n} snapshot(s)",
+                if ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                }
+            )
+        } else {
+            format!(
+                "deleted {deleted} of {n} snapshot{}; {in_use} kept in use",
+                plural(n)
+            )
+        });
+        ctx.progress(
+            "done",
+            results.summary.as_deref().unwrap_or(""),
+            Some(n),
+            Some(n),
+        )
+        .await?;
+        Ok(results)
+    }
+}

@@ -1,0 +1,193 @@
+//! The text report of a job (`GET /v1/jobs/{id}/report`): what operators are used to reading in a
+//! backup e-mail — the job line, target volumes, snapshot status, rotation result, summary — and for
+//! instance jobs the instances with their states and checks. Pure formatting of a stored job: the
+//! SNS notifications publish the same text.
+
+use std::fmt::Write;
+
+use ec2jobd_spec::Job;
+
+fn or_dash(v: Option<&str>) -> &str {
+    v.filter(|s| !s.is_empty()).unwrap_or("-")
+}
+
+/// Columns padded to the widest cell, two spaces apart.
+fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        format!("  {}\n", s.join("  ").trim_end())
+    };
+    out.push_str(&line(head.to_vec()));
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+}
+
+/// Renders the report of a job.
+pub fn render(job: &Job) -> String {
+    let mut out = String::new();
+    let spec = &job.spec;
+    let _ = writeln!(
+        out,
+        "ec2jobd job {} - {} - {}",
+        job.id, job.action, job.state
+    );
+    let _ = writeln!(
+        out,
+        "Account {}, region {}{}. Created {}, started {}, finished {}; attempt(s): {}.",
+        or_dash(spec.account.as_deref()),
+        or_dash(spec.region.as_deref()),
+        if spec.dry_run { " (dry run)" } else { "" },
+        job.created_at.to_rfc3339(),
+        job.started_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "-".into()),
+        job.finished_at
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "-".into()),
+        job.attempts
+    );
+    let r = &job.results;
+    if !r.volumes.is_empty() {
+        out.push_str("\nTarget volumes\n");
+        let rows: Vec<Vec<String>> = r
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    v.volume_id.clone(),
+                    or_dash(v.instance_id.as_deref()).into(),
+                    or_dash(v.instance_name.as_deref()).into(),
+                    or_dash(v.device.as_deref()).into(),
+                    v.size_gib.map(|s| format!("{s} GiB")).unwrap_or("-".into()),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["VOLUME", "INSTANCE", "NAME", "DEVICE", "SIZE"],
+            &rows,
+        );
+        out.push_str("\nSnapshot status\n");
+        let rows: Vec<Vec<String>> = r
+            .volumes
+            .iter()
+            .map(|v| match &v.snapshot {
+                Some(s) => vec![
+                    v.volume_id.clone(),
+                    s.snapshot_id.clone(),
+                    s.state.clone(),
+                    or_dash(s.progress.as_deref()).into(),
+                    or_dash(s.start_time.as_deref()).into(),
+                ],
+                None => vec![
+                    v.volume_id.clone(),
+                    "-".into(),
+                    "not created".into(),
+                    "-".into(),
+                    "-".into(),
+                ],
+            })
+            .collect();
+        table(
+            &mut out,
+            &["VOLUME", "SNAPSHOT", "STATE", "PROGRESS", "STARTED"],
+            &rows,
+        );
+        if r.volumes.iter().any(|v| v.rotation.is_some()) {
+            let keep = spec
+                .params
+                .get("keep")
+                .and_then(|k| k.as_u64())
+                .map(|k| format!(" (keep {k})"))
+                .unwrap_or_default();
+            let _ = writeln!(out, "\nRotation{keep}");
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(", ")
+                }
+            };
+            let rows: Vec<Vec<String>> = r
+                .volumes
+                .iter()
+                .filter_map(|v| {
+                    let rot = v.rotation.as_ref()?;
+                    Some(vec![
+                        v.volume_id.clone(),
+                        list(&rot.kept),
+                        list(&rot.deleted),
+                        list(&rot.in_use),
+                    ])
+                })
+                .collect();
+            table(&mut out, &["VOLUME", "KEPT", "DELETED", "IN USE"], &rows);
+        }
+    }
+    if !r.snapshots.is_empty() {
+        out.push_str("\nSnapshots\n");
+        let rows: Vec<Vec<String>> = r
+            .snapshots
+            .iter()
+            .map(|s| {
+                vec![
+                    s.snapshot_id.clone(),
+                    or_dash(s.volume_id.as_deref()).into(),
+                    s.state.clone(),
+                    or_dash(s.start_time.as_deref()).into(),
+                    or_dash(s.outcome.as_deref()).into(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["SNAPSHOT", "VOLUME", "STATE", "STARTED", "OUTCOME"],
+            &rows,
+        );
+    }
+    if !r.instances.is_empty() {
+        out.push_str("\nInstances\n");
+        let rows: Vec<Vec<String>> = r
+            .instances
+            .iter()
+            .map(|i| {
+                vec![
+                    i.instance_id.clone(),
+                    or_dash(i.name.as_deref()).into(),
+                    format!("{} -> {}", or_dash(i.previous_state.as_deref()), i.state),
+                    or_dash(i.checks.as_deref()).into(),
+                    or_dash(i.outcome.as_deref()).into(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &["INSTANCE", "NAME", "STATE", "CHECKS", "OUTCOME"],
+            &rows,
+        );
+    }
+    out.push_str("\nSummary\n");
+    let _ = writeln!(
+        out,
+        "  {}",
+        r.summary.as_deref().unwrap_or("(no summary yet)")
+    );
+    if let Some(e) = &job.error {
+        let _ = writeln!(out, "  Error {}: {}", e.code, e.message);
+        if let Some(rid) = &e.request_id {
+            let _ = writeln!(out, "  AWS request id {rid}");
+        }
+    }
+    out
+}

@@ -1,0 +1,495 @@
+//! End-to-end tests of backup jobs against a real moto server: snapshots by instance id, instance
+//! tag, volume id and volume tag; generation rotation that touches only what ec2jobd made; reports;
+//! and, through the fault proxy, slow and failed snapshots and a kill -9 right after CreateSnapshot.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::{Daemon, DaemonOpts, Moto};
+use serde_json::{json, Value};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Moto {
+    /// Snapshots (any owner) whose tag `key` has `value`, as moto sees them: id → (volume, tags).
+    async fn snapshots_tagged(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
+        let out = self
+            .ec2()
+            .await
+            .describe_snapshots()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe snapshots in moto");
+        out.snapshots()
+            .iter()
+            .map(|s| {
+                (
+                    s.snapshot_id().unwrap_or_default().to_string(),
+                    (
+                        s.volume_id().unwrap_or_default().to_string(),
+                        s.tags()
+                            .iter()
+                            .map(|t| {
+                                (
+                                    t.key().unwrap_or("").to_string(),
+                                    t.value().unwrap_or("").to_string(),
+                                )
+                            })
+                            .collect(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// The volumes attached to an instance, by device.
+    async fn volumes_of(&self, instance: &str) -> BTreeMap<String, String> {
+        let out = self
+            .ec2()
+            .await
+            .describe_volumes()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("attachment.instance-id")
+                    .values(instance)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe volumes");
+        out.volumes()
+            .iter()
+            .flat_map(|v| {
+                v.attachments().iter().map(|a| {
+                    (
+                        a.device().unwrap_or_default().to_string(),
+                        v.volume_id().unwrap_or_default().to_string(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// A new volume with tags, attached to `instance` at `device` when given.
+    async fn volume(&self, tags: &[(&str, &str)], attach: Option<(&str, &str)>) -> String {
+        use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+        let ec2 = self.ec2().await;
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::Volume);
+        for (k, v) in tags {
+            spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+        }
+        let v = ec2
+            .create_volume()
+            .availability_zone("us-east-1a")
+            .size(8)
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .expect("create volume")
+            .volume_id()
+            .unwrap()
+            .to_string();
+        if let Some((i, dev)) = attach {
+            ec2.attach_volume()
+                .volume_id(&v)
+                .instance_id(i)
+                .device(dev)
+                .send()
+                .await
+                .expect("attach volume");
+        }
+        v
+    }
+}
+
+fn rows(j: &Value) -> BTreeMap<String, Value> {
+    j["results"]["volumes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| (v["volume_id"].as_str().unwrap().to_string(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn snapshots_by_instance_and_volume_rotate_only_what_ec2jobd_made() {
+    let moto = Moto::start().await;
+    let ids = moto
+        .launch(2, &[("Backup", "daily"), ("Name", "db"), ("Team", "core")])
+        .await;
+    let data = moto
+        .volume(&[("Role", "data")], Some((&ids[0], "/dev/sdf")))
+        .await;
+    let loose = moto.volume(&[("Backup", "vol")], None).await;
+    let root0 = moto.volumes_of(&ids[0]).await["/dev/sda1"].clone();
+    // Someone else's snapshot of the same volume, with a similar-looking tag: never touched.
+    let foreign = moto
+        .ec2()
+        .await
+        .create_snapshot()
+        .volume_id(&root0)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Snapshot)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("Backup")
+                        .value("daily")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_string();
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+
+    // By instance tag, three times with keep 2.
+    let spec = json!({"action": "create_snapshots", "targets": {"tags": "Backup=daily"},
+        "params": {"keep": 2, "copy_tags": true, "tags": {"Origin": "nightly"},
+                   "description": "{name} {volume_id} {device} {date}"},
+        "wait": {"interval": "200ms"}});
+    let mut generations: Vec<BTreeMap<String, Value>> = Vec::new();
+    for run in 1..=3 {
+        let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "run {run}: {j}");
+        let r = rows(&j);
+        assert_eq!(r.len(), 3, "two roots and the data volume: {j}");
+        let v = &r[&data];
+        assert_eq!(v["instance_id"], ids[0].as_str());
+        assert_eq!(v["instance_name"], "db");
+        assert_eq!(v["device"], "/dev/sdf");
+        let snap = &v["snapshot"];
+        assert_eq!(snap["state"], "completed");
+        assert_eq!(snap["tags"]["Team"], "core", "instance tags copied");
+        assert_eq!(snap["tags"]["Role"], "data", "volume tags copied");
+        assert_eq!(snap["tags"]["Origin"], "nightly");
+        assert_eq!(snap["tags"]["ec2jobd:rotation"], format!("default/{data}"));
+        assert!(
+            snap["description"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("db {data} /dev/sdf 20")),
+            "{snap}"
+        );
+        let kept = v["rotation"]["kept"].as_array().unwrap().len();
+        assert_eq!(kept, run.min(2), "run {run}: {v}");
+        generations.push(r);
+    }
+    // The third run deleted the first generation of every volume, and only that.
+    for (vol, first) in &generations[0] {
+        let first_snap = first["snapshot"]["snapshot_id"].as_str().unwrap();
+        let third = &generations[2][vol];
+        assert_eq!(third["rotation"]["deleted"], json!([first_snap]), "{third}");
+        let mine = moto
+            .snapshots_tagged("ec2jobd:rotation", &format!("default/{vol}"))
+            .await;
+        assert_eq!(mine.len(), 2, "exactly two ec2jobd snapshots of {vol}");
+        assert!(!mine.contains_key(first_snap));
+    }
+    assert!(
+        moto.snapshots_tagged("Backup", "daily")
+            .await
+            .contains_key(&foreign),
+        "the foreign snapshot is untouched"
+    );
+
+    // The report and the flat outputs.
+    let last = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+    let id = last["id"].as_str().unwrap();
+    let r = d
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/report"),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for want in [
+        data.as_str(),
+        "/dev/sdf",
+        "completed",
+        "Rotation",
+        "deleted",
+    ] {
+        assert!(text.contains(want), "report lacks {want}:\n{text}");
+    }
+    let (_, out) = d.get_json(&format!("/v1/jobs/{id}/outputs")).await;
+    assert_eq!(out["SNAPSHOT_COUNT"], "3", "{out}");
+    assert!(out["SNAPSHOT_ID_1"].as_str().unwrap().starts_with("snap-"));
+
+    // By volume id and by volume tag (an unattached volume), and by instance id for one device.
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "create_snapshots", "targets": {"volume_ids": [loose]}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(rows(&j)[&loose]["snapshot"]["state"], "completed");
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "create_snapshots", "targets": {"volume_tags": {"Role": "data"}}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        rows(&j)[&data]["device"],
+        "/dev/sdf",
+        "attachment found: {j}"
+    );
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "create_snapshots", "targets": {"instance_ids": [ids[0]]},
+                "params": {"devices": ["/dev/sda1"], "group": "weekly", "keep": 1}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let r = rows(&j);
+    assert_eq!(r.keys().collect::<Vec<_>>(), vec![&root0]);
+    assert_eq!(r[&root0]["rotation"]["group"], format!("weekly/{root0}"));
+    assert_eq!(
+        moto.snapshots_tagged("ec2jobd:rotation", &format!("default/{root0}"))
+            .await
+            .len(),
+        2,
+        "another group's rotation leaves the default group alone"
+    );
+
+    // describe_snapshots and delete_snapshots by tag; an AMI's snapshot is kept as in use.
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "describe_snapshots",
+                "targets": {"snapshot_tags": {"ec2jobd:job-id": id}}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["results"]["snapshots"].as_array().unwrap().len(), 3);
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "delete_snapshots",
+                "targets": {"snapshot_tags": {"ec2jobd:job-id": id}}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(moto.snapshots_tagged("ec2jobd:job-id", id).await.is_empty());
+    let ec2 = moto.ec2().await;
+    let ami = ec2
+        .create_image()
+        .instance_id(&ids[1])
+        .name("ami-in-use")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_string();
+    let ami_snap = ec2
+        .describe_images()
+        .image_ids(&ami)
+        .send()
+        .await
+        .unwrap()
+        .images()[0]
+        .block_device_mappings()[0]
+        .ebs()
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_string();
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "delete_snapshots",
+                "targets": {"snapshot_ids": [ami_snap]}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(
+        j["results"]["snapshots"][0]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("kept: in use"),
+        "{j}"
+    );
+
+    // Dry runs create nothing; bad input is refused at submission.
+    let before = moto.snapshots_tagged("Origin", "nightly").await.len();
+    let mut dry = spec.clone();
+    dry["dry_run"] = json!(true);
+    let j = d.wait_final(&d.submit(&dry).await, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["results"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("would succeed"));
+    assert_eq!(
+        moto.snapshots_tagged("Origin", "nightly").await.len(),
+        before
+    );
+    for (bad, field) in [
+        (
+            json!({"action": "create_snapshots", "targets": {"tags": "a=b", "volume_ids": [loose]}}),
+            "targets",
+        ),
+        (
+            json!({"action": "create_snapshots", "targets": {"volume_ids": ["vol-xyz"]}}),
+            "targets.volume_ids[0]",
+        ),
+        (
+            json!({"action": "create_snapshots", "targets": {"tags": "a=b"}, "params": {"description": "{hostname}"}}),
+            "params.description",
+        ),
+        (
+            json!({"action": "create_snapshots", "targets": {"tags": "a=b"}, "wait": {"until": "status_ok"}}),
+            "wait.until",
+        ),
+        (
+            json!({"action": "start_instances", "targets": {"volume_ids": [loose]}}),
+            "targets",
+        ),
+    ] {
+        let r = d.post_job(&d.admin, &bad).await;
+        assert_eq!(r.status(), 422, "{bad}");
+        assert_eq!(r.json::<Value>().await.unwrap()["field"], field, "{bad}");
+    }
+}
+
+/// Through the proxy: a snapshot that stays `pending` (with progress) and then completes; one that
+/// ends in `error` (the job fails and rotation does not run); and kill -9 while CreateSnapshot is
+/// in flight (after restart, no second snapshot for that volume).
+#[tokio::test]
+async fn slow_failed_and_interrupted_snapshots() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Backup", "slow")]).await;
+    let root = moto.volumes_of(&ids[0]).await["/dev/sda1"].clone();
+    let proxy = FaultProxy::start(&moto.url, 9).await;
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let spec = json!({"action": "create_snapshots", "targets": {"instance_ids": ids},
+        "params": {"keep": 1}, "wait": {"interval": "200ms", "timeout": "1m"}});
+
+    // Pending at 40% for a while, then completed; progress is in the events.
+    proxy.set(|f| {
+        f.snapshot_state = Some((
+            "pending".into(),
+            "40%".into(),
+            Instant::now() + Duration::from_secs(2),
+        ))
+    });
+    let id = d.submit(&spec).await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let events = d
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/events"),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        events.contains("0 of 1 snapshot(s) completed (40% overall)"),
+        "{events}"
+    );
+    assert!(
+        events.contains("1 of 1 snapshot(s) completed (100% overall)"),
+        "{events}"
+    );
+    let first = rows(&j)[&root]["snapshot"]["snapshot_id"].clone();
+
+    // Ends in `error`: the job fails naming it, and rotation does not run (the first generation
+    // stays although keep is 1).
+    proxy.set(|f| {
+        f.snapshot_state = Some((
+            "error".into(),
+            "0%".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
+    let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "SnapshotFailed");
+    assert!(j["error"]["message"].as_str().unwrap().contains(&root));
+    assert!(moto
+        .snapshots_tagged("ec2jobd:rotation", &format!("default/{root}"))
+        .await
+        .contains_key(first.as_str().unwrap()));
+    proxy.set(|f| f.snapshot_state = None);
+
+    // kill -9 while CreateSnapshot is in flight: the call still lands in moto; after restart the
+    // job finds that snapshot by its tag and makes no second one.
+    proxy.set(|f| {
+        f.latency = Duration::from_millis(1500);
+        f.only = Some(vec!["CreateSnapshot".into()]);
+    });
+    let calls = proxy.calls("CreateSnapshot");
+    let id = d.submit(&spec).await;
+    d.wait_for(&id, MINUTE, |j| {
+        j["progress"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("CreateSnapshot of"))
+    })
+    .await;
+    d.kill9();
+    d.spawn().await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(j["attempts"], 2, "{j}");
+    assert_eq!(
+        proxy.calls("CreateSnapshot") - calls,
+        1,
+        "one CreateSnapshot"
+    );
+    assert_eq!(moto.snapshots_tagged("ec2jobd:job-id", &id).await.len(), 1);
+    assert!(rows(&j)[&root]["snapshot"]["outcome"]
+        .as_str()
+        .unwrap()
+        .contains("earlier attempt"));
+}
