@@ -493,3 +493,62 @@ async fn slow_failed_and_interrupted_snapshots() {
         .unwrap()
         .contains("earlier attempt"));
 }
+
+/// `stop_first`: a running instance is stopped before its snapshots and started again after them
+/// (and waited for 2/2 checks); a stopped one is snapshotted and stays stopped. The proxy's call
+/// order shows the snapshots were taken between the stop and the start.
+#[tokio::test]
+async fn stop_first_leaves_each_instance_as_it_was_found() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(2, &[("Backup", "cold")]).await;
+    moto.ec2()
+        .await
+        .stop_instances()
+        .instance_ids(&ids[1])
+        .send()
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(&moto.url, 4).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "create_snapshots", "targets": {"tags": "Backup=cold"},
+                "params": {"stop_first": true}, "wait": {"interval": "200ms"}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(moto.states(&ids).await, vec!["running", "stopped"]);
+    let order = proxy.order();
+    let pos = |op: &str| order.iter().position(|o| o == op);
+    let last_snap = order.iter().rposition(|o| o == "CreateSnapshot").unwrap();
+    assert!(
+        pos("StopInstances").unwrap() < pos("CreateSnapshot").unwrap(),
+        "{order:?}"
+    );
+    assert!(last_snap < pos("StartInstances").unwrap(), "{order:?}");
+    assert_eq!(proxy.calls("StopInstances"), 1);
+    assert_eq!(proxy.calls("StartInstances"), 1);
+    assert!(
+        proxy.last_body("StopInstances").contains(&ids[0])
+            && !proxy.last_body("StopInstances").contains(&ids[1])
+    );
+    let insts = j["results"]["instances"].as_array().unwrap();
+    assert_eq!(insts.len(), 2);
+    for i in insts {
+        let outcome = i["outcome"].as_str().unwrap();
+        if i["instance_id"] == ids[0].as_str() {
+            assert!(outcome.contains("started again"), "{i}");
+        } else {
+            assert_eq!(outcome, "left stopped", "{i}");
+        }
+    }
+    assert_eq!(rows(&j).len(), 2);
+}

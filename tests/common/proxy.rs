@@ -47,6 +47,7 @@ struct Stats {
     max_in_flight: HashMap<String, usize>,
     as_forward_proxy: u64,
     last_body: HashMap<String, String>,
+    order: Vec<String>,
 }
 
 struct Shared {
@@ -124,6 +125,11 @@ impl FaultProxy {
     /// Requests that came in absolute form, i.e. from a client configured to use this as its proxy.
     pub fn forward_proxied(&self) -> u64 {
         self.shared.stats.lock().unwrap().as_forward_proxy
+    }
+
+    /// Every operation called so far, in arrival order.
+    pub fn order(&self) -> Vec<String> {
+        self.shared.stats.lock().unwrap().order.clone()
     }
 
     /// The form-encoded body of the last call of an operation.
@@ -246,6 +252,7 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         let mut st = s.stats.lock().unwrap();
         *st.calls.entry(op.clone()).or_default() += 1;
         st.last_body.insert(op.clone(), body.clone());
+        st.order.push(op.clone());
         let m = st.max_in_flight.entry(op.clone()).or_default();
         *m = (*m).max(now_in);
     }

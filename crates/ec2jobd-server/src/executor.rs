@@ -69,7 +69,7 @@ impl Executor for Ec2Executor {
             Action::RunInstances => self.run_instances(ctx, &ec2, account, region).await,
             Action::ModifyInstanceAttribute => self.modify(ctx, &ec2, account, region).await,
             Action::AuditTags => audit_tags(ctx, &ec2).await,
-            Action::CreateSnapshots => self.create_snapshots(ctx, &ec2).await,
+            Action::CreateSnapshots => self.create_snapshots(ctx, &ec2, (account, region)).await,
             Action::DescribeSnapshots => self.snapshots_action(ctx, &ec2, false).await,
             Action::DeleteSnapshots => self.snapshots_action(ctx, &ec2, true).await,
             _ => self.instance_action(ctx, &ec2, account, region).await,
@@ -729,41 +729,19 @@ impl Ec2Executor {
                     .map_err(|e| failed(e, results.clone()))?;
                 note(&mut results, outs);
             }
-            let (_, timeout, interval) = spec.wait_settings();
             let must_stop: Vec<String> = resize
                 .iter()
                 .filter(|id| live.get(*id).map(String::as_str) != Some("stopped"))
                 .cloned()
                 .collect();
-            if !must_stop.is_empty() {
-                ctx.progress(
-                    "waiting",
-                    &format!("waiting for {} instance(s) to stop", must_stop.len()),
-                    None,
-                    None,
-                )
-                .await?;
-                let watcher = self
-                    .pool
-                    .watcher(account, region)
-                    .await
-                    .map_err(|e| failed(e, results.clone()))?;
-                if let Err(f) = watcher
-                    .wait(&must_stop, WaitUntil::Stopped, timeout, interval, |_, _| {})
-                    .await
-                {
-                    return Err(
-                        match wait_failure(f, &must_stop, WaitUntil::Stopped, timeout) {
-                            Ok((error, _)) => ExecError::Failed {
-                                error,
-                                transient: false,
-                                results,
-                            },
-                            Err(e) => failed(e, results),
-                        },
-                    );
-                }
-            }
+            self.wait_quietly(
+                ctx,
+                (account, region),
+                &must_stop,
+                WaitUntil::Stopped,
+                &results,
+            )
+            .await?;
             if let Some(t) = want_type {
                 ctx.progress(
                     "calling",
@@ -863,6 +841,50 @@ impl Ec2Executor {
             r.outcome = Some(did.join("; "));
         }
         Ok(results)
+    }
+
+    /// Waits through the shared watcher until every instance in `ids` meets `until`, with one
+    /// progress line; the job's wait timeout and interval apply. For intermediate waits (stopped
+    /// before a resize or a snapshot); the final wait of a job is [`Self::wait_and_finish`].
+    async fn wait_quietly(
+        &self,
+        ctx: &ExecCtx,
+        (account, region): (&str, &str),
+        ids: &[String],
+        until: WaitUntil,
+        results: &JobResults,
+    ) -> Result<(), ExecError> {
+        if ids.is_empty() || until == WaitUntil::None {
+            return Ok(());
+        }
+        let (_, timeout, interval) = ctx.job.spec.wait_settings();
+        ctx.progress(
+            "waiting",
+            &format!(
+                "waiting for {} instance(s) to be {}",
+                ids.len(),
+                until.as_str()
+            ),
+            None,
+            None,
+        )
+        .await?;
+        let watcher = self
+            .pool
+            .watcher(account, region)
+            .await
+            .map_err(|e| failed(e, results.clone()))?;
+        match watcher.wait(ids, until, timeout, interval, |_, _| {}).await {
+            Ok(_) => Ok(()),
+            Err(f) => Err(match wait_failure(f, ids, until, timeout) {
+                Ok((error, _)) => ExecError::Failed {
+                    error,
+                    transient: false,
+                    results: results.clone(),
+                },
+                Err(e) => failed(e, results.clone()),
+            }),
+        }
     }
 
     /// Terminating a protected instance needs `params.force`: without it the job fails before

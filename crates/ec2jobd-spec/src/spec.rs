@@ -685,6 +685,7 @@ impl JobSpec {
                 ("keep", Count),
                 ("group", Name),
                 ("devices", StrList),
+                ("stop_first", Bool),
             ],
             Action::DescribeSnapshots | Action::DeleteSnapshots => &[],
         };

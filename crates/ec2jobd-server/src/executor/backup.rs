@@ -177,6 +177,7 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
+        place: (&str, &str),
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let job_id = &ctx.job.id;
@@ -266,39 +267,145 @@ impl Ec2Executor {
             }
         }
         let total = sources.len() as u64;
+
+        // stop_first: instances with a volume still to snapshot are stopped first; the list to
+        // start again is checkpointed before the first stop so a resumed attempt finishes the job.
+        let earlier: Vec<String> = ctx
+            .checkpoint
+            .as_ref()
+            .map(|c| str_list(c.get("restart")))
+            .unwrap_or_default();
+        let mut insts: BTreeMap<String, InstanceResult> = BTreeMap::new();
         for src in &sources {
-            let vol = &src.volume.volume_id;
-            if made.contains_key(vol) {
-                continue;
+            if let Some(i) = &src.instance {
+                insts.insert(i.instance_id.clone(), i.clone());
             }
-            ctx.check_cancel(&results)?;
-            ctx.save_checkpoint(json!({"phase": "creating", "volume": vol, "made": made.keys().collect::<Vec<_>>()}))
+        }
+        let live = |id: &str| matches!(insts[id].state.as_str(), "running" | "pending");
+        let (mut restart, mut to_stop) = (Vec::new(), Vec::new());
+        if spec.flag("stop_first") {
+            for id in insts.keys() {
+                let needs_snapshot = sources.iter().any(|s| {
+                    s.instance.as_ref().is_some_and(|i| &i.instance_id == id)
+                        && !made.contains_key(&s.volume.volume_id)
+                });
+                if live(id) && needs_snapshot {
+                    to_stop.push(id.clone());
+                }
+                if earlier.contains(id) || (live(id) && needs_snapshot) {
+                    restart.push(id.clone());
+                }
+            }
+        }
+        let created = async {
+            if !to_stop.is_empty() {
+                ctx.save_checkpoint(json!({"phase": "stopping", "restart": restart}))
+                    .await?;
+                ctx.progress(
+                    "calling",
+                    &format!(
+                        "StopInstances on {} instance(s) before their snapshots",
+                        to_stop.len()
+                    ),
+                    None,
+                    None,
+                )
                 .await?;
+                let outs = ec2
+                    .stop_instances(&to_stop, false, false, false)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                results
+                    .request_ids
+                    .extend(outs.into_iter().filter_map(|o| o.request_id));
+            }
+            let must_be_stopped: Vec<String> = restart
+                .iter()
+                .filter(|id| insts[id.as_str()].state != "stopped" || to_stop.contains(id))
+                .cloned()
+                .collect();
+            self.wait_quietly(ctx, place, &must_be_stopped, WaitUntil::Stopped, &results)
+                .await?;
+            for src in &sources {
+                let vol = &src.volume.volume_id;
+                if made.contains_key(vol) {
+                    continue;
+                }
+                ctx.check_cancel(&results)?;
+                ctx.save_checkpoint(json!({"phase": "creating", "volume": vol,
+                    "made": made.keys().collect::<Vec<_>>(), "restart": restart}))
+                    .await?;
+                ctx.progress(
+                    "calling",
+                    &format!("CreateSnapshot of {vol} ({} of {total})", made.len() + 1),
+                    Some(made.len() as u64),
+                    Some(total),
+                )
+                .await?;
+                let (snap, out) = ec2
+                    .create_snapshot(
+                        vol,
+                        &describe_template(template, src, job_id, group, at),
+                        &tags_for(src),
+                        false,
+                    )
+                    .await
+                    .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+                results.request_ids.extend(out.request_id);
+                if let Some(mut s) = snap {
+                    s.outcome = Some("created".into());
+                    made.insert(vol.clone(), s);
+                }
+                ctx.save_checkpoint(json!({"phase": "created",
+                    "made": made.keys().collect::<Vec<_>>(), "restart": restart}))
+                    .await?;
+            }
+            Ok::<(), ExecError>(())
+        }
+        .await;
+        // Whatever happened, instances this job stopped are started again (a lost lease means
+        // another worker owns the job and will do it).
+        let to_start: Vec<String> = restart
+            .iter()
+            .filter(|id| to_stop.contains(id) || !live(id))
+            .cloned()
+            .collect();
+        if !to_start.is_empty() && !matches!(created, Err(ExecError::LeaseLost)) {
             ctx.progress(
                 "calling",
-                &format!("CreateSnapshot of {vol} ({} of {total})", made.len() + 1),
-                Some(made.len() as u64),
-                Some(total),
+                &format!(
+                    "StartInstances on {} instance(s) after their snapshots",
+                    to_start.len()
+                ),
+                None,
+                None,
             )
             .await?;
-            let (snap, out) = ec2
-                .create_snapshot(
-                    vol,
-                    &describe_template(template, src, job_id, group, at),
-                    &tags_for(src),
-                    false,
-                )
+            let outs = ec2
+                .start_instances(&to_start, false)
                 .await
                 .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
-            results.request_ids.extend(out.request_id);
-            if let Some(mut s) = snap {
-                s.outcome = Some("created".into());
-                made.insert(vol.clone(), s);
-            }
-            ctx.save_checkpoint(
-                json!({"phase": "created", "made": made.keys().collect::<Vec<_>>()}),
-            )
+            results
+                .request_ids
+                .extend(outs.into_iter().filter_map(|o| o.request_id));
+        }
+        created?;
+        self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
+        if spec.flag("stop_first") {
+            results.instances = insts
+                .into_values()
+                .map(|mut i| {
+                    i.previous_state = Some(i.state.clone());
+                    i.outcome = Some(if restart.contains(&i.instance_id) {
+                        i.state = "running".into();
+                        "stopped for the snapshots and started again (status ok)".into()
+                    } else {
+                        format!("left {}", i.state)
+                    });
+                    i
+                })
+                .collect();
         }
 
         let (until, timeout, interval) = spec.wait_settings();
