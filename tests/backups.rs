@@ -552,3 +552,163 @@ async fn stop_first_leaves_each_instance_as_it_was_found() {
     }
     assert_eq!(rows(&j).len(), 2);
 }
+
+async fn ec2_in(moto: &Moto, region: &str) -> aws_sdk_ec2::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .endpoint_url(&moto.url)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&conf)
+}
+
+/// AMIs with rotation (the third run deregisters the first AMI and deletes its snapshots),
+/// deregistration, and cross-region copies of snapshots and AMIs tagged with their source.
+#[tokio::test]
+async fn ami_rotation_and_cross_region_copies() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Backup", "ami"), ("Name", "web")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let spec = json!({"action": "create_image", "targets": {"tags": "Backup=ami"},
+        "params": {"keep": 2, "no_reboot": true, "name": "{name}-{timestamp}-{job_id}",
+                   "tags": {"Origin": "nightly"}},
+        "wait": {"interval": "200ms"}});
+    let mut amis = Vec::new();
+    for run in 1..=3 {
+        let j = d.wait_final(&d.submit(&spec).await, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "run {run}: {j}");
+        let img = &j["results"]["images"][0];
+        assert_eq!(img["state"], "available", "{img}");
+        assert_eq!(img["instance_id"], ids[0].as_str());
+        assert!(img["name"].as_str().unwrap().starts_with("web-20"), "{img}");
+        assert_eq!(
+            img["rotation"]["kept"].as_array().unwrap().len(),
+            run.min(2),
+            "{img}"
+        );
+        amis.push(img.clone());
+    }
+    let first = amis[0]["image_id"].as_str().unwrap();
+    assert_eq!(amis[2]["rotation"]["deleted"], json!([first]));
+    let ec2 = moto.ec2().await;
+    let mine = ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:ec2jobd:rotation")
+                .values(format!("default/{}", ids[0]))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.images().len(), 2, "two AMI generations remain");
+    let gone = amis[2]["rotation"]["deleted_snapshots"].as_array().unwrap();
+    assert!(!gone.is_empty(), "{}", amis[2]);
+    for s in gone {
+        assert!(
+            ec2.describe_snapshots()
+                .snapshot_ids(s.as_str().unwrap())
+                .send()
+                .await
+                .is_err(),
+            "snapshot {s} of the deregistered AMI is deleted"
+        );
+    }
+
+    // Copy the newest AMI to another region: tagged with the job and its source there.
+    let newest = amis[2]["image_id"].as_str().unwrap();
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "copy_image", "targets": {"image_ids": [newest]},
+                "params": {"destination_region": "eu-west-1"}, "wait": {"interval": "200ms"}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let copy = j["results"]["images"][0]["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(j["results"]["images"][0]["region"], "eu-west-1");
+    let eu = ec2_in(&moto, "eu-west-1").await;
+    let img = eu.describe_images().image_ids(&copy).send().await.unwrap();
+    let tags: BTreeMap<String, String> = img.images()[0]
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect();
+    assert_eq!(tags["ec2jobd:source"], format!("us-east-1/{newest}"));
+
+    // Snapshot copies to another region, encrypted.
+    let snap_job = d
+        .wait_final(
+            &d.submit(&json!({"action": "create_snapshots", "targets": {"instance_ids": ids}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    let sid = snap_job["id"].as_str().unwrap();
+    let j = d
+        .wait_final(
+            &d.submit(&json!({"action": "copy_snapshot",
+                "targets": {"snapshot_tags": {"ec2jobd:job-id": sid}},
+                "params": {"destination_region": "eu-west-1", "encrypted": true,
+                           "tags": {"Copy": "dr"}},
+                "wait": {"interval": "200ms"}}))
+                .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let copies = j["results"]["snapshots"].as_array().unwrap();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0]["state"], "completed");
+    let c = eu
+        .describe_snapshots()
+        .snapshot_ids(copies[0]["snapshot_id"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let snap = &c.snapshots()[0];
+    assert!(snap
+        .tags()
+        .iter()
+        .any(|t| t.key() == Some("Copy") && t.value() == Some("dr")));
+
+    // Deregister with its snapshots.
+    let keep = amis[1]["image_id"].as_str().unwrap();
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "deregister_image", "targets": {"image_ids": [keep]},
+                "params": {"delete_snapshots": true}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(ec2
+        .describe_images()
+        .image_ids(keep)
+        .send()
+        .await
+        .map(|o| o.images().is_empty())
+        .unwrap_or(true));
+    assert!(j["results"]["images"][0]["outcome"]
+        .as_str()
+        .unwrap()
+        .contains("deleted snap-"));
+}

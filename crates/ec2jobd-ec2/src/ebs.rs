@@ -1,5 +1,6 @@
-//! EBS calls for backup jobs: volumes to back up, snapshots made, described and deleted. Like the
-//! instance calls, each is paced, counted and classified; results come back as the spec's types.
+//! EBS and AMI calls for backup jobs: volumes to back up; snapshots and AMIs made, described,
+//! copied, deleted. Like the instance calls, each is paced, counted and classified; results come
+//! back as the spec's types.
 
 use std::collections::BTreeMap;
 
@@ -243,5 +244,232 @@ impl Ec2 {
             .send()
             .await;
         self.outcome("DeleteSnapshot", r)
+    }
+}
+
+/// Maps an EC2 image to a result row.
+pub fn image_result(i: &aws_sdk_ec2::types::Image) -> ec2jobd_spec::ImageResult {
+    ec2jobd_spec::ImageResult {
+        image_id: i.image_id().unwrap_or_default().to_string(),
+        name: i.name().map(String::from),
+        state: i
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|| "unknown".into()),
+        creation_date: i.creation_date().map(String::from),
+        snapshot_ids: i
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs()?.snapshot_id().map(String::from))
+            .collect(),
+        tags: tag_map(i.tags()),
+        ..Default::default()
+    }
+}
+
+/// Encryption of a copy: `encrypted`, with a customer key when given.
+#[derive(Debug, Clone, Default)]
+pub struct CopyOptions {
+    /// Encrypt the copy.
+    pub encrypted: bool,
+    /// KMS key for the copy (implies encryption).
+    pub kms_key_id: Option<String>,
+    /// Description of the copy.
+    pub description: Option<String>,
+    /// Tags of the copy (set at creation where EC2 allows it).
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Ec2 {
+    /// CreateImage, tagging the AMI at creation (its snapshots are tagged once known: moto rejects
+    /// snapshot tag specifications on CreateImage). Returns the AMI id.
+    pub async fn create_image(
+        &self,
+        instance_id: &str,
+        name: &str,
+        description: &str,
+        no_reboot: bool,
+        tags: &BTreeMap<String, String>,
+        dry_run: bool,
+    ) -> Result<(Option<String>, CallOutcome), Ec2Error> {
+        self.pace("CreateImage").await;
+        let spec = |rt: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(rt)
+                .set_tags(Some(tags_of(tags)))
+                .build()
+        };
+        let r = self
+            .client
+            .create_image()
+            .instance_id(instance_id)
+            .name(name)
+            .description(description)
+            .no_reboot(no_reboot)
+            .tag_specifications(spec(ResourceType::Image))
+            .dry_run(dry_run)
+            .send()
+            .await
+            .map_err(|e| classify("CreateImage", e));
+        self.observe("CreateImage", &r);
+        match r {
+            Ok(out) => Ok((
+                out.image_id().map(String::from),
+                CallOutcome {
+                    request_id: out.request_id().map(String::from),
+                    dry_run_ok: false,
+                },
+            )),
+            Err(e) if e.code == "DryRunOperation" => Ok((
+                None,
+                CallOutcome {
+                    request_id: e.request_id,
+                    dry_run_ok: true,
+                },
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// AMIs this account owns, by id and/or filters.
+    pub async fn describe_images(
+        &self,
+        ids: Option<Vec<String>>,
+        filters: &Filters,
+    ) -> Result<(Vec<ec2jobd_spec::ImageResult>, Vec<String>), Ec2Error> {
+        let mut out = Vec::new();
+        let mut request_ids = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.pace("DescribeImages").await;
+            let mut req = self
+                .client
+                .describe_images()
+                .owners("self")
+                .set_image_ids(ids.clone())
+                .set_filters(aws_filters(filters))
+                .set_next_token(token.clone());
+            if ids.is_none() {
+                req = req.max_results(1000);
+            }
+            let r = req.send().await.map_err(|e| classify("DescribeImages", e));
+            self.observe("DescribeImages", &r);
+            let page = r?;
+            request_ids.extend(page.request_id().map(String::from));
+            out.extend(page.images().iter().map(image_result));
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(String::from);
+            if token.is_none() {
+                return Ok((out, request_ids));
+            }
+        }
+    }
+
+    /// DeregisterImage.
+    pub async fn deregister_image(&self, id: &str, dry_run: bool) -> Result<CallOutcome, Ec2Error> {
+        self.pace("DeregisterImage").await;
+        let r = self
+            .client
+            .deregister_image()
+            .image_id(id)
+            .dry_run(dry_run)
+            .send()
+            .await;
+        self.outcome("DeregisterImage", r)
+    }
+
+    /// CopySnapshot into this client's region from `source_region`. Returns the copy's id.
+    pub async fn copy_snapshot(
+        &self,
+        source_region: &str,
+        snapshot_id: &str,
+        o: &CopyOptions,
+        dry_run: bool,
+    ) -> Result<(Option<String>, CallOutcome), Ec2Error> {
+        self.pace("CopySnapshot").await;
+        let mut req = self
+            .client
+            .copy_snapshot()
+            .source_region(source_region)
+            .source_snapshot_id(snapshot_id)
+            .set_description(o.description.clone())
+            .set_kms_key_id(o.kms_key_id.clone())
+            .dry_run(dry_run);
+        if o.encrypted || o.kms_key_id.is_some() {
+            req = req.encrypted(true);
+        }
+        if !o.tags.is_empty() {
+            req = req.tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Snapshot)
+                    .set_tags(Some(tags_of(&o.tags)))
+                    .build(),
+            );
+        }
+        let r = req.send().await.map_err(|e| classify("CopySnapshot", e));
+        self.observe("CopySnapshot", &r);
+        match r {
+            Ok(out) => Ok((
+                out.snapshot_id().map(String::from),
+                CallOutcome {
+                    request_id: out.request_id().map(String::from),
+                    dry_run_ok: false,
+                },
+            )),
+            Err(e) if e.code == "DryRunOperation" => Ok((
+                None,
+                CallOutcome {
+                    request_id: e.request_id,
+                    dry_run_ok: true,
+                },
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// CopyImage into this client's region from `source_region`. Returns the copy's id. (Tags are
+    /// added afterwards with CreateTags: CopyImage takes none for the AMI in every SDK version.)
+    pub async fn copy_image(
+        &self,
+        source_region: &str,
+        image_id: &str,
+        name: &str,
+        o: &CopyOptions,
+        dry_run: bool,
+    ) -> Result<(Option<String>, CallOutcome), Ec2Error> {
+        self.pace("CopyImage").await;
+        let mut req = self
+            .client
+            .copy_image()
+            .source_region(source_region)
+            .source_image_id(image_id)
+            .name(name)
+            .set_description(o.description.clone())
+            .set_kms_key_id(o.kms_key_id.clone())
+            .dry_run(dry_run);
+        if o.encrypted || o.kms_key_id.is_some() {
+            req = req.encrypted(true);
+        }
+        let r = req.send().await.map_err(|e| classify("CopyImage", e));
+        self.observe("CopyImage", &r);
+        match r {
+            Ok(out) => Ok((
+                out.image_id().map(String::from),
+                CallOutcome {
+                    request_id: out.request_id().map(String::from),
+                    dry_run_ok: false,
+                },
+            )),
+            Err(e) if e.code == "DryRunOperation" => Ok((
+                None,
+                CallOutcome {
+                    request_id: e.request_id,
+                    dry_run_ok: true,
+                },
+            )),
+            Err(e) => Err(e),
+        }
     }
 }

@@ -29,7 +29,7 @@ mod ebs;
 mod pace;
 mod watch;
 
-pub use ebs::{snapshot_result, Filters, VolumeInfo};
+pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use watch::{evaluate, InstanceStatus, Round, StatusWatcher, Verdict, WaitFailure};
 

@@ -23,7 +23,10 @@ use serde_json::json;
 use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
+mod images;
 pub use backup::ROTATION_TAG;
+use images::Ready;
+pub use images::SOURCE_TAG;
 
 /// Tag put on every instance a job launches, holding the job id.
 pub const JOB_TAG: &str = "ec2jobd:job-id";
@@ -72,6 +75,13 @@ impl Executor for Ec2Executor {
             Action::CreateSnapshots => self.create_snapshots(ctx, &ec2, (account, region)).await,
             Action::DescribeSnapshots => self.snapshots_action(ctx, &ec2, false).await,
             Action::DeleteSnapshots => self.snapshots_action(ctx, &ec2, true).await,
+            Action::CreateImage => self.create_image(ctx, &ec2).await,
+            Action::DeregisterImage => self.deregister_image(ctx, &ec2).await,
+            Action::CopySnapshot => {
+                self.copy(ctx, &ec2, (account, region), Ready::Snapshots)
+                    .await
+            }
+            Action::CopyImage => self.copy(ctx, &ec2, (account, region), Ready::Images).await,
             _ => self.instance_action(ctx, &ec2, account, region).await,
         }
     }
@@ -350,7 +360,11 @@ impl Ec2Executor {
             | Action::AuditTags
             | Action::CreateSnapshots
             | Action::DescribeSnapshots
-            | Action::DeleteSnapshots => Ok(Vec::new()),
+            | Action::DeleteSnapshots
+            | Action::CopySnapshot
+            | Action::CreateImage
+            | Action::DeregisterImage
+            | Action::CopyImage => Ok(Vec::new()),
         }
     }
 

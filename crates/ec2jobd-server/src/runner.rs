@@ -46,6 +46,21 @@ pub enum ExecError {
 }
 
 impl ExecError {
+    /// The same error carrying `results` instead (failures and cancels; a lost lease carries none).
+    pub fn with_results(self, results: JobResults) -> Self {
+        match self {
+            ExecError::Failed {
+                error, transient, ..
+            } => ExecError::Failed {
+                error,
+                transient,
+                results,
+            },
+            ExecError::Cancelled(_) => ExecError::Cancelled(results),
+            ExecError::LeaseLost => ExecError::LeaseLost,
+        }
+    }
+
     /// A permanent failure with no results.
     pub fn permanent(code: &str, message: impl Into<String>) -> Self {
         ExecError::Failed {

@@ -218,6 +218,45 @@ pub struct RotationResult {
     /// Generations due for deletion but kept because something still uses them (an AMI).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub in_use: Vec<String>,
+    /// Snapshots of deregistered AMIs that were deleted with them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted_snapshots: Vec<String>,
+}
+
+/// One AMI a job made, copied, deregistered or saw.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct ImageResult {
+    /// The AMI id.
+    pub image_id: String,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `pending`, `available`, `failed`, `deregistered`.
+    pub state: String,
+    /// Instance it was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// That instance's Name tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_name: Option<String>,
+    /// When it was created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_date: Option<String>,
+    /// Region it lives in, when it is not the job's (copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// EBS snapshots behind it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_ids: Vec<String>,
+    /// Its tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+    /// What the job did with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// What rotation did for this instance's AMIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationResult>,
 }
 
 /// One volume's backup within a job: where it is attached, the new snapshot, and rotation.
@@ -257,6 +296,9 @@ pub struct JobResults {
     /// Snapshots described, deleted or copied (`describe_snapshots`, `delete_snapshots`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotResult>,
+    /// AMIs made, copied or deregistered (`create_image`, `copy_image`, `deregister_image`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageResult>,
     /// One-line summary, e.g. "described 3 instances".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,

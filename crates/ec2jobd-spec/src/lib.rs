@@ -13,8 +13,8 @@ mod spec;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use job::{
-    InstanceResult, Job, JobError, JobEvent, JobResults, JobState, Progress, RotationResult,
-    SnapshotResult, VolumeResult, TERMINAL_EVENT_KINDS,
+    ImageResult, InstanceResult, Job, JobError, JobEvent, JobResults, JobState, Progress,
+    RotationResult, SnapshotResult, VolumeResult, TERMINAL_EVENT_KINDS,
 };
 pub use role::Role;
 pub use spec::{

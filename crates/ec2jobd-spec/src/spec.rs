@@ -51,6 +51,18 @@ pub enum Action {
     DescribeSnapshots,
     /// Delete the targeted snapshots; one an AMI still uses is kept and reported, not an error.
     DeleteSnapshots,
+    /// Copy the targeted snapshots to `params.destination_region` (optionally encrypted with
+    /// `params.kms_key_id`) and wait until the copies complete.
+    CopySnapshot,
+    /// Make an AMI of each targeted instance (`params.name` template with `{timestamp}`,
+    /// `params.no_reboot`), wait until it is available, then keep `params.keep` generations per
+    /// instance: older AMIs ec2jobd made are deregistered and their snapshots deleted.
+    CreateImage,
+    /// Deregister the targeted AMIs (`image_ids`, `image_tags`); `params.delete_snapshots` also
+    /// deletes their EBS snapshots.
+    DeregisterImage,
+    /// Copy the targeted AMIs to `params.destination_region` and wait until the copies are available.
+    CopyImage,
 }
 
 impl Action {
@@ -69,6 +81,10 @@ impl Action {
         Action::CreateSnapshots,
         Action::DescribeSnapshots,
         Action::DeleteSnapshots,
+        Action::CopySnapshot,
+        Action::CreateImage,
+        Action::DeregisterImage,
+        Action::CopyImage,
     ];
 
     /// The wire name (`describe_instances`), also used as a metrics label and list filter.
@@ -87,6 +103,10 @@ impl Action {
             Action::CreateSnapshots => "create_snapshots",
             Action::DescribeSnapshots => "describe_snapshots",
             Action::DeleteSnapshots => "delete_snapshots",
+            Action::CopySnapshot => "copy_snapshot",
+            Action::CreateImage => "create_image",
+            Action::DeregisterImage => "deregister_image",
+            Action::CopyImage => "copy_image",
         }
     }
 
@@ -105,13 +125,17 @@ impl Action {
             | Action::ModifyInstanceAttribute => WaitUntil::StatusOk,
             Action::StopInstances => WaitUntil::Stopped,
             Action::TerminateInstances => WaitUntil::Terminated,
-            Action::CreateSnapshots => WaitUntil::Completed,
+            Action::CreateSnapshots
+            | Action::CopySnapshot
+            | Action::CreateImage
+            | Action::CopyImage => WaitUntil::Completed,
             Action::DescribeInstances
             | Action::CreateTags
             | Action::DeleteTags
             | Action::AuditTags
             | Action::DescribeSnapshots
-            | Action::DeleteSnapshots => WaitUntil::None,
+            | Action::DeleteSnapshots
+            | Action::DeregisterImage => WaitUntil::None,
         }
     }
 }
@@ -302,6 +326,12 @@ pub struct Targets {
     /// Tags every targeted snapshot must carry (`describe_snapshots`, `delete_snapshots`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_tags: Option<TagSet>,
+    /// AMI ids (`deregister_image`, `copy_image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ids: Option<IdList>,
+    /// Tags every targeted AMI must carry (`deregister_image`, `copy_image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tags: Option<TagSet>,
 }
 
 /// What kind of resource an action's targets select.
@@ -310,13 +340,17 @@ enum TargetKind {
     Instances,
     InstancesOrVolumes,
     Snapshots,
+    Images,
 }
 
 impl Action {
     fn target_kind(&self) -> TargetKind {
         match self {
             Action::CreateSnapshots => TargetKind::InstancesOrVolumes,
-            Action::DescribeSnapshots | Action::DeleteSnapshots => TargetKind::Snapshots,
+            Action::DescribeSnapshots | Action::DeleteSnapshots | Action::CopySnapshot => {
+                TargetKind::Snapshots
+            }
+            Action::DeregisterImage | Action::CopyImage => TargetKind::Images,
             _ => TargetKind::Instances,
         }
     }
@@ -325,8 +359,13 @@ impl Action {
     fn waits(&self) -> &'static [WaitUntil] {
         use WaitUntil::*;
         match self {
-            Action::CreateSnapshots => &[None, Completed],
-            Action::DescribeSnapshots | Action::DeleteSnapshots => &[None],
+            Action::CreateSnapshots
+            | Action::CopySnapshot
+            | Action::CreateImage
+            | Action::CopyImage => &[None, Completed],
+            Action::DescribeSnapshots | Action::DeleteSnapshots | Action::DeregisterImage => {
+                &[None]
+            }
             _ => &[None, Running, Stopped, Terminated, StatusOk],
         }
     }
@@ -346,7 +385,7 @@ pub enum WaitUntil {
     Terminated,
     /// Running and every status check `ok` ("2/2 checks passed").
     StatusOk,
-    /// What the job created is ready: snapshots `completed` (backup actions only).
+    /// What the job created is ready: snapshots `completed`, AMIs `available` (backup actions only).
     Completed,
 }
 
@@ -426,6 +465,7 @@ enum Param {
     Count,
     OneOf(&'static [&'static str]),
     Name,
+    Region,
 }
 
 impl Param {
@@ -461,6 +501,10 @@ impl Param {
             Param::Name => (
                 v.as_str().is_some_and(|s| is_name(s, b"-_.")),
                 "1-64 letters, digits, `-`, `_` or `.`",
+            ),
+            Param::Region => (
+                v.as_str().is_some_and(is_region),
+                "a region name like `eu-west-1`",
             ),
             Param::OneOf(choices) => {
                 if v.as_str().is_some_and(|s| choices.contains(&s)) {
@@ -524,28 +568,25 @@ pub const TEMPLATE_FIELDS: &[&str] = &[
     "device",
     "date",
     "datetime",
+    "timestamp",
     "job_id",
     "group",
 ];
 
-fn check_template(t: &str) -> Result<(), SpecError> {
+fn check_template(field: &str, t: &str) -> Result<(), SpecError> {
     let mut rest = t;
     while let Some(open) = rest.find('{') {
         let after = &rest[open + 1..];
         let close = after.find('}').ok_or_else(|| {
-            SpecError::new(
-                "params.description",
-                "invalid_param",
-                "unclosed `{` in the template",
-            )
+            SpecError::new(field, "invalid_param", "unclosed `{` in the template")
         })?;
-        let field = &after[..close];
-        if !TEMPLATE_FIELDS.contains(&field) {
+        let name = &after[..close];
+        if !TEMPLATE_FIELDS.contains(&name) {
             return Err(SpecError::new(
-                "params.description",
+                field,
                 "invalid_param",
                 format!(
-                    "unknown placeholder `{{{field}}}` (use {})",
+                    "unknown placeholder `{{{name}}}` (use {})",
                     TEMPLATE_FIELDS
                         .iter()
                         .map(|f| format!("{{{f}}}"))
@@ -557,6 +598,10 @@ fn check_template(t: &str) -> Result<(), SpecError> {
         rest = &after[close + 1..];
     }
     Ok(())
+}
+
+fn is_region(r: &str) -> bool {
+    is_name(r, b"-") && r.bytes().any(|b| b.is_ascii_digit())
 }
 
 fn is_name(s: &str, extra: &[u8]) -> bool {
@@ -580,7 +625,7 @@ impl JobSpec {
             }
         }
         if let Some(r) = &self.region {
-            if !is_name(r, b"-") || !r.bytes().any(|b| b.is_ascii_digit()) {
+            if !is_region(r) {
                 return Err(SpecError::new(
                     "region",
                     "invalid_region",
@@ -688,6 +733,31 @@ impl JobSpec {
                 ("stop_first", Bool),
             ],
             Action::DescribeSnapshots | Action::DeleteSnapshots => &[],
+            Action::CopySnapshot => &[
+                ("destination_region", Region),
+                ("description", Str),
+                ("encrypted", Bool),
+                ("kms_key_id", Str),
+                ("tags", Tags),
+            ],
+            Action::CreateImage => &[
+                ("name", Str),
+                ("description", Str),
+                ("no_reboot", Bool),
+                ("tags", Tags),
+                ("copy_tags", Bool),
+                ("keep", Count),
+                ("group", Name),
+            ],
+            Action::DeregisterImage => &[("delete_snapshots", Bool)],
+            Action::CopyImage => &[
+                ("destination_region", Region),
+                ("name", Str),
+                ("description", Str),
+                ("encrypted", Bool),
+                ("kms_key_id", Str),
+                ("tags", Tags),
+            ],
         };
         for (key, value) in &self.params {
             let field = format!("params.{key}");
@@ -704,6 +774,7 @@ impl JobSpec {
             Action::RunInstances => &["image_id", "instance_type"],
             Action::CreateTags => &["tags"],
             Action::AuditTags => &["required_keys"],
+            Action::CopySnapshot | Action::CopyImage => &["destination_region"],
             _ => &[],
         };
         for key in required {
@@ -726,7 +797,20 @@ impl JobSpec {
             ));
         }
         if let Some(t) = self.param_str("description") {
-            check_template(t)?;
+            check_template("params.description", t)?;
+        }
+        if let Some(t) = self.param_str("name") {
+            check_template("params.name", t)?;
+            if self.action == Action::CreateImage
+                && !t.contains("{timestamp}")
+                && !t.contains("{job_id}")
+            {
+                return Err(SpecError::new(
+                    "params.name",
+                    "invalid_param",
+                    "AMI names must be unique: include `{timestamp}` or `{job_id}`",
+                ));
+            }
         }
         if self.action == Action::ModifyInstanceAttribute && self.params.is_empty() {
             return Err(SpecError::new(
@@ -904,25 +988,39 @@ fn normalize_targets(t: Targets, kind: TargetKind) -> Result<Targets, SpecError>
             .snapshot_tags
             .map(|t| check_tags("targets.snapshot_tags", t.0))
             .transpose()?,
+        image_ids: t
+            .image_ids
+            .map(|l| check_ids("targets.image_ids", l.0, "ami-", "an AMI"))
+            .transpose()?,
+        image_tags: t
+            .image_tags
+            .map(|t| check_tags("targets.image_tags", t.0))
+            .transpose()?,
     };
     let instances = out.instance_ids.is_some() || out.tags.is_some() || out.filters.is_some();
     let volumes = out.volume_ids.is_some() || out.volume_tags.is_some();
     let snapshots = out.snapshot_ids.is_some() || out.snapshot_tags.is_some();
+    let images = out.image_ids.is_some() || out.image_tags.is_some();
     let (ok, fields, extra) = match kind {
         TargetKind::Instances => (
             instances,
             "`instance_ids`, `tags` or `filters`",
-            volumes || snapshots,
+            volumes || snapshots || images,
         ),
         TargetKind::InstancesOrVolumes => (
             instances != volumes,
             "instances (`instance_ids`, `tags`, `filters`) or volumes (`volume_ids`, `volume_tags`), not both",
-            snapshots,
+            snapshots || images,
         ),
         TargetKind::Snapshots => (
             snapshots || out.volume_ids.is_some(),
             "`snapshot_ids`, `snapshot_tags` or `volume_ids`",
-            instances || out.volume_tags.is_some(),
+            instances || out.volume_tags.is_some() || images,
+        ),
+        TargetKind::Images => (
+            images,
+            "`image_ids` or `image_tags`",
+            instances || volumes || snapshots,
         ),
     };
     if extra {

@@ -13,15 +13,14 @@
 //! call say how far an attempt got.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use ec2jobd_ec2::{Ec2, Filters, VolumeInfo};
 use ec2jobd_spec::{
-    InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
+    InstanceResult, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
 };
 use serde_json::json;
 
-use super::{failed, no_targets, plural, str_list, string_map, Ec2Executor, JOB_TAG};
+use super::{failed, no_targets, plural, str_list, string_map, Ec2Executor, Ready, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
@@ -408,18 +407,10 @@ impl Ec2Executor {
                 .collect();
         }
 
-        let (until, timeout, interval) = spec.wait_settings();
+        let until = spec.wait_settings().0;
         if until == WaitUntil::Completed {
-            self.wait_snapshots(
-                ctx,
-                ec2,
-                &sources,
-                &mut made,
-                &mut results,
-                timeout,
-                interval,
-            )
-            .await?;
+            self.wait_snapshots(ctx, ec2, &sources, &mut made, &results)
+                .await?;
         }
 
         // Rotation, only once the whole new generation completed.
@@ -496,111 +487,38 @@ impl Ec2Executor {
             .collect()
     }
 
-    /// Polls the new snapshots until all are `completed`, reporting progress; fails on `error` or
-    /// at the timeout.
-    #[allow(clippy::too_many_arguments)]
+    /// Waits until every new snapshot is `completed` (see [`Ec2Executor::wait_ready`]).
     async fn wait_snapshots(
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
         sources: &[Source],
         made: &mut BTreeMap<String, SnapshotResult>,
-        results: &mut JobResults,
-        timeout: Duration,
-        interval: Duration,
+        results: &JobResults,
     ) -> Result<(), ExecError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut last_report = String::new();
-        loop {
-            let pending: Vec<String> = made
-                .values()
-                .filter(|s| s.state != "completed")
-                .map(|s| s.snapshot_id.clone())
-                .collect();
-            if let Some(bad) = made.values().find(|s| s.state == "error") {
-                return Err(ExecError::Failed {
-                    error: JobError {
-                        code: "SnapshotFailed".into(),
-                        message: format!(
-                            "snapshot {} of {} ended in state error; rotation did not run",
-                            bad.snapshot_id,
-                            bad.volume_id.as_deref().unwrap_or("?")
-                        ),
-                        request_id: None,
-                    },
-                    transient: false,
-                    results: self.partial(sources, made, results),
-                });
-            }
-            let total = made.len() as u64;
-            let done = total - pending.len() as u64;
-            let avg = made
-                .values()
-                .map(|s| {
-                    if s.state == "completed" {
-                        100
-                    } else {
-                        s.progress
-                            .as_deref()
-                            .and_then(|p| p.trim_end_matches('%').parse::<u64>().ok())
-                            .unwrap_or(0)
-                    }
-                })
-                .sum::<u64>()
-                / total.max(1);
-            let report = format!("{done} of {total} snapshot(s) completed ({avg}% overall)");
-            if report != last_report {
-                ctx.progress("waiting", &report, Some(done), Some(total))
-                    .await?;
-                last_report = report;
-            }
-            if pending.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let list: Vec<String> = made
-                    .values()
-                    .filter(|s| s.state != "completed")
-                    .map(|s| {
-                        format!(
-                            "{} ({}, {})",
-                            s.snapshot_id,
-                            s.state,
-                            s.progress.as_deref().unwrap_or("?")
-                        )
-                    })
-                    .collect();
-                return Err(ExecError::Failed {
-                    error: JobError {
-                        code: "WaitTimeout".into(),
-                        message: format!(
-                            "snapshots not completed after {}: {}; rotation did not run",
-                            humantime::format_duration(timeout),
-                            list.join("; ")
-                        ),
-                        request_id: None,
-                    },
-                    transient: false,
-                    results: self.partial(sources, made, results),
-                });
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(interval.min(deadline - tokio::time::Instant::now())) => {}
-                _ = ctx.cancelled() => return Err(ExecError::Cancelled(self.partial(sources, made, results))),
-            }
-            for chunk in pending.chunks(PER_DESCRIBE) {
-                let (seen, _, _) = ec2
-                    .describe_snapshots(Some(chunk.to_vec()), &Vec::new(), false)
-                    .await
-                    .map_err(|e| failed(e, self.partial(sources, made, results)))?;
-                for s in seen {
-                    if let Some(m) = made.values_mut().find(|m| m.snapshot_id == s.snapshot_id) {
-                        m.state = s.state;
-                        m.progress = s.progress;
-                    }
-                }
+        let mut seen: BTreeMap<String, (String, Option<String>)> = made
+            .values()
+            .map(|s| (s.snapshot_id.clone(), (s.state.clone(), s.progress.clone())))
+            .collect();
+        let volume_of: HashMap<String, String> = made
+            .iter()
+            .map(|(v, s)| (s.snapshot_id.clone(), v.clone()))
+            .collect();
+        let r = self
+            .wait_ready(ctx, ec2, Ready::Snapshots, &mut seen, &|id| {
+                format!(
+                    "snapshot {id} of {}",
+                    volume_of.get(id).map(String::as_str).unwrap_or("?")
+                )
+            })
+            .await;
+        for s in made.values_mut() {
+            if let Some((state, progress)) = seen.get(&s.snapshot_id) {
+                s.state = state.clone();
+                s.progress = progress.clone();
             }
         }
+        r.map_err(|e| e.with_results(self.partial(sources, made, results)))
     }
 
     /// Keeps the `keep` newest completed snapshots of each volume's rotation group, deletes the

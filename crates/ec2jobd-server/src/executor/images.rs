@@ -1,0 +1,857 @@
+//! AMI backups and copies: `create_image` with generation rotation per instance,
+//! `deregister_image`, and cross-region `copy_snapshot` / `copy_image`; plus the one poller that
+//! waits for snapshots to complete and AMIs to become available.
+//!
+//! The same rules as snapshot backups hold: what ec2jobd creates carries `ec2jobd:job-id` and
+//! `ec2jobd:rotation` (`<group>/<instance id>`) tags, set in the creating call; a resumed attempt
+//! looks for what it already made (by job tag, and for copies by `ec2jobd:source`) before making
+//! anything; rotation runs only after the new generation is available, counts only available AMIs
+//! it made for that group and instance, and deletes a deregistered AMI's snapshots with it.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ec2jobd_ec2::{CopyOptions, Ec2};
+use ec2jobd_spec::{
+    ImageResult, InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, WaitUntil,
+};
+use serde_json::json;
+
+use super::backup::ROTATION_TAG;
+use super::{failed, no_targets, plural, string_map, Ec2Executor, JOB_TAG};
+use crate::runner::{ExecCtx, ExecError};
+
+/// Tag on a copy naming what it was copied from.
+pub const SOURCE_TAG: &str = "ec2jobd:source";
+
+/// Name of an AMI when the job gives none.
+const DEFAULT_IMAGE_NAME: &str = "ec2jobd-{instance_id}-{timestamp}";
+
+/// What [`Ec2Executor::wait_ready`] polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// Snapshots, until `completed` (`error` fails).
+    Snapshots,
+    /// AMIs, until `available` (`failed`, `invalid`, `error`, `deregistered` fail).
+    Images,
+}
+
+impl Ready {
+    fn done(self) -> &'static str {
+        match self {
+            Ready::Snapshots => "completed",
+            Ready::Images => "available",
+        }
+    }
+    fn failed(self, state: &str) -> bool {
+        match self {
+            Ready::Snapshots => state == "error",
+            Ready::Images => matches!(state, "failed" | "invalid" | "error" | "deregistered"),
+        }
+    }
+    fn noun(self) -> &'static str {
+        match self {
+            Ready::Snapshots => "snapshot(s)",
+            Ready::Images => "AMI(s)",
+        }
+    }
+}
+
+/// AMI names allow letters, digits and `()[] ./-'@_`; anything else becomes `-`. 3-128 characters.
+fn ami_name(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if s.len() < 3 {
+        format!("{s}-ami")
+    } else {
+        s
+    }
+}
+
+fn fill(
+    t: &str,
+    inst: &InstanceResult,
+    job_id: &str,
+    group: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> String {
+    t.replace("{name}", inst.name.as_deref().unwrap_or(""))
+        .replace("{instance_id}", &inst.instance_id)
+        .replace("{volume_id}", "")
+        .replace("{device}", "")
+        .replace("{date}", &at.format("%Y-%m-%d").to_string())
+        .replace("{datetime}", &at.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .replace("{timestamp}", &at.format("%Y%m%d-%H%M%S").to_string())
+        .replace("{job_id}", job_id)
+        .replace("{group}", group)
+}
+
+fn state_failure(code: &str, message: String, results: &JobResults) -> ExecError {
+    ExecError::Failed {
+        error: JobError {
+            code: code.into(),
+            message,
+            request_id: None,
+        },
+        transient: false,
+        results: results.clone(),
+    }
+}
+
+impl Ec2Executor {
+    /// Polls until every id in `seen` is ready, reporting progress as it changes; fails when one
+    /// fails or at the job's wait timeout. `seen` holds the states known so far (from the creating
+    /// calls) and ends with the last ones; `label` names an id in messages. Errors carry no results:
+    /// callers attach theirs.
+    pub(super) async fn wait_ready(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        kind: Ready,
+        seen: &mut BTreeMap<String, (String, Option<String>)>,
+        label: &(dyn Fn(&str) -> String + Sync),
+    ) -> Result<(), ExecError> {
+        let (_, timeout, interval) = ctx.job.spec.wait_settings();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let empty = JobResults::default();
+        let mut last_report = String::new();
+        loop {
+            if let Some((id, (state, _))) = seen.iter().find(|(_, (st, _))| kind.failed(st)) {
+                return Err(state_failure(
+                    if kind == Ready::Snapshots {
+                        "SnapshotFailed"
+                    } else {
+                        "ImageFailed"
+                    },
+                    format!("{} ended in state {state}; rotation did not run", label(id)),
+                    &empty,
+                ));
+            }
+            let pending: Vec<String> = seen
+                .iter()
+                .filter(|(_, (st, _))| st != kind.done())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let total = seen.len() as u64;
+            let done = total - pending.len() as u64;
+            let mut report = format!("{done} of {total} {} {}", kind.noun(), kind.done());
+            if kind == Ready::Snapshots {
+                let pct: u64 = seen
+                    .values()
+                    .map(|(st, p)| {
+                        if st == kind.done() {
+                            100
+                        } else {
+                            p.as_deref()
+                                .and_then(|p| p.trim_end_matches('%').parse::<u64>().ok())
+                                .unwrap_or(0)
+                        }
+                    })
+                    .sum::<u64>()
+                    / total.max(1);
+                report.push_str(&format!(" ({pct}% overall)"));
+            }
+            if report != last_report {
+                ctx.progress("waiting", &report, Some(done), Some(total))
+                    .await?;
+                last_report = report;
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                let list: Vec<String> = pending
+                    .iter()
+                    .map(|id| {
+                        let (st, p) = &seen[id];
+                        format!(
+                            "{} ({st}{})",
+                            label(id),
+                            p.as_deref().map(|p| format!(", {p}")).unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                return Err(state_failure(
+                    "WaitTimeout",
+                    format!(
+                        "not {} after {}: {}; rotation did not run",
+                        kind.done(),
+                        humantime::format_duration(timeout),
+                        list.join("; ")
+                    ),
+                    &empty,
+                ));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval.min(deadline - now)) => {}
+                _ = ctx.cancelled() => return Err(ExecError::Cancelled(empty)),
+            }
+            for chunk in pending.chunks(200) {
+                let fresh: Vec<(String, String, Option<String>)> = match kind {
+                    Ready::Snapshots => ec2
+                        .describe_snapshots(Some(chunk.to_vec()), &Vec::new(), false)
+                        .await
+                        .map_err(|e| failed(e, empty.clone()))?
+                        .0
+                        .into_iter()
+                        .map(|s| (s.snapshot_id, s.state, s.progress))
+                        .collect(),
+                    Ready::Images => ec2
+                        .describe_images(Some(chunk.to_vec()), &Vec::new())
+                        .await
+                        .map_err(|e| failed(e, empty.clone()))?
+                        .0
+                        .into_iter()
+                        .map(|i| (i.image_id, i.state, None))
+                        .collect(),
+                };
+                for (id, st, p) in fresh {
+                    seen.insert(id, (st, p));
+                }
+            }
+        }
+    }
+
+    /// `create_image`; see the module docs.
+    pub(super) async fn create_image(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let job_id = &ctx.job.id;
+        let mut results = JobResults::default();
+        let Some(found) = super::resolve(ctx, ec2, &mut results).await? else {
+            return Ok(results);
+        };
+        let insts: Vec<InstanceResult> = found
+            .into_iter()
+            .filter(|i| !matches!(i.state.as_str(), "terminated" | "shutting-down"))
+            .collect();
+        if insts.is_empty() {
+            return Err(no_targets(results));
+        }
+        let group = spec.param_str("group").unwrap_or("default");
+        let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
+        let name_t = spec.param_str("name").unwrap_or(DEFAULT_IMAGE_NAME);
+        let desc_t = spec
+            .param_str("description")
+            .unwrap_or("ec2jobd AMI of {instance_id} ({name}) {datetime}");
+        let user_tags = string_map(spec.params.get("tags"));
+        let tags_for = |i: &InstanceResult| {
+            let mut tags = BTreeMap::new();
+            if spec.flag("copy_tags") {
+                tags.extend(
+                    i.tags
+                        .iter()
+                        .filter(|(k, _)| !k.starts_with("aws:") && !k.starts_with("ec2jobd:"))
+                        .map(|(k, v)| (k.clone(), v.clone())),
+                );
+            }
+            tags.extend(user_tags.clone());
+            tags.insert(JOB_TAG.to_string(), job_id.clone());
+            tags.insert(
+                ROTATION_TAG.to_string(),
+                format!("{group}/{}", i.instance_id),
+            );
+            tags
+        };
+        let no_reboot = spec.flag("no_reboot");
+        if spec.dry_run {
+            let mut ok = true;
+            for i in &insts {
+                let (_, out) = ec2
+                    .create_image(
+                        &i.instance_id,
+                        &ami_name(&fill(name_t, i, job_id, group, at)),
+                        &fill(desc_t, i, job_id, group, at),
+                        no_reboot,
+                        &tags_for(i),
+                        true,
+                    )
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                ok &= out.dry_run_ok;
+                results.request_ids.extend(out.request_id);
+            }
+            results.summary = Some(format!(
+                "dry run: CreateImage {} for {} instance(s)",
+                if ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                },
+                insts.len()
+            ));
+            return Ok(results);
+        }
+        // What an earlier attempt already made, by job tag: instance id → AMI.
+        let mut made: BTreeMap<String, ImageResult> = BTreeMap::new();
+        if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
+            let (imgs, rids) = ec2
+                .describe_images(
+                    None,
+                    &vec![(format!("tag:{JOB_TAG}"), vec![job_id.clone()])],
+                )
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(rids);
+            for mut img in imgs {
+                let inst = img
+                    .tags
+                    .get(ROTATION_TAG)
+                    .and_then(|g| g.rsplit('/').next())
+                    .map(String::from);
+                if let Some(inst) = inst {
+                    img.outcome = Some("created by an earlier attempt of this job".into());
+                    made.insert(inst, img);
+                }
+            }
+        }
+        let total = insts.len() as u64;
+        for i in &insts {
+            if made.contains_key(&i.instance_id) {
+                continue;
+            }
+            ctx.check_cancel(&results)?;
+            ctx.save_checkpoint(json!({"phase": "creating", "instance": i.instance_id}))
+                .await?;
+            ctx.progress(
+                "calling",
+                &format!(
+                    "CreateImage of {} ({} of {total})",
+                    i.instance_id,
+                    made.len() + 1
+                ),
+                Some(made.len() as u64),
+                Some(total),
+            )
+            .await?;
+            let name = ami_name(&fill(name_t, i, job_id, group, at));
+            let (id, out) = ec2
+                .create_image(
+                    &i.instance_id,
+                    &name,
+                    &fill(desc_t, i, job_id, group, at),
+                    no_reboot,
+                    &tags_for(i),
+                    false,
+                )
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(out.request_id);
+            if let Some(id) = id {
+                made.insert(
+                    i.instance_id.clone(),
+                    ImageResult {
+                        image_id: id,
+                        name: Some(name),
+                        state: "pending".into(),
+                        outcome: Some("created".into()),
+                        tags: tags_for(i),
+                        ..Default::default()
+                    },
+                );
+            }
+            ctx.save_checkpoint(json!({"phase": "created", "instance": i.instance_id}))
+                .await?;
+        }
+        for (inst, img) in made.iter_mut() {
+            img.instance_id = Some(inst.clone());
+            img.instance_name = insts
+                .iter()
+                .find(|i| &i.instance_id == inst)
+                .and_then(|i| i.name.clone());
+        }
+        let until = spec.wait_settings().0;
+        if until == WaitUntil::Completed {
+            let mut seen: BTreeMap<String, (String, Option<String>)> = made
+                .values()
+                .map(|i| (i.image_id.clone(), (i.state.clone(), None)))
+                .collect();
+            let r = self
+                .wait_ready(ctx, ec2, Ready::Images, &mut seen, &|id| {
+                    format!("AMI {id}")
+                })
+                .await;
+            for img in made.values_mut() {
+                if let Some((st, _)) = seen.get(&img.image_id) {
+                    img.state = st.clone();
+                }
+            }
+            let partial = JobResults {
+                images: made.values().cloned().collect(),
+                ..results.clone()
+            };
+            r.map_err(|e| e.with_results(partial))?;
+            // The AMIs' snapshots carry the same tags, added now that they are known.
+            let ids: Vec<String> = made.values().map(|i| i.image_id.clone()).collect();
+            let (now, rids) = ec2
+                .describe_images(Some(ids), &Vec::new())
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(rids);
+            for fresh in now {
+                let Some(img) = made.values_mut().find(|i| i.image_id == fresh.image_id) else {
+                    continue;
+                };
+                img.creation_date = fresh.creation_date;
+                img.snapshot_ids = fresh.snapshot_ids;
+                if !img.snapshot_ids.is_empty() {
+                    let outs = ec2
+                        .create_tags(&img.snapshot_ids, &fresh.tags, false)
+                        .await
+                        .map_err(|e| failed(e, results.clone()))?;
+                    results
+                        .request_ids
+                        .extend(outs.into_iter().filter_map(|o| o.request_id));
+                }
+            }
+        }
+        // Rotation, once every new AMI is available.
+        let keep = spec.params.get("keep").and_then(|k| k.as_u64());
+        let mut note = String::new();
+        if let Some(keep) = keep {
+            if until == WaitUntil::Completed {
+                ctx.progress(
+                    "rotating",
+                    &format!("keeping {keep} AMI generation(s) per instance"),
+                    None,
+                    None,
+                )
+                .await?;
+                let mut rot = self
+                    .rotate_images(
+                        ec2,
+                        group,
+                        made.keys().cloned().collect(),
+                        keep as usize,
+                        &mut results,
+                    )
+                    .await
+                    .map_err(|e| {
+                        failed(
+                            e,
+                            JobResults {
+                                images: made.values().cloned().collect(),
+                                ..results.clone()
+                            },
+                        )
+                    })?;
+                let deregistered: usize = rot.values().map(|r| r.deleted.len()).sum();
+                let snaps: usize = rot.values().map(|r| r.deleted_snapshots.len()).sum();
+                note = format!(
+                    "; rotation kept {keep} per instance, deregistered {deregistered} AMI(s) and deleted {snaps} snapshot(s)"
+                );
+                for (inst, img) in made.iter_mut() {
+                    img.rotation = rot.remove(inst);
+                }
+            } else {
+                note = "; rotation skipped (it runs only after waiting for completed)".into();
+            }
+        }
+        results.images = made.into_values().collect();
+        let n = results.images.len() as u64;
+        let avail = results
+            .images
+            .iter()
+            .filter(|i| i.state == "available")
+            .count();
+        let summary = format!(
+            "{n} AMI{} of {total} instance{} ({avail} available){note}",
+            plural(n),
+            plural(total)
+        );
+        ctx.progress("done", &summary, Some(total), Some(total))
+            .await?;
+        results.summary = Some(summary);
+        Ok(results)
+    }
+
+    /// Keeps the `keep` newest available AMIs of each instance's rotation group; deregisters the
+    /// rest and deletes their snapshots.
+    async fn rotate_images(
+        &self,
+        ec2: &Ec2,
+        group: &str,
+        instances: Vec<String>,
+        keep: usize,
+        results: &mut JobResults,
+    ) -> Result<HashMap<String, RotationResult>, ec2jobd_ec2::Ec2Error> {
+        let keys: Vec<String> = instances.iter().map(|i| format!("{group}/{i}")).collect();
+        let mut by_group: HashMap<String, Vec<ImageResult>> = HashMap::new();
+        for chunk in keys.chunks(200) {
+            let (found, rids) = ec2
+                .describe_images(None, &vec![(format!("tag:{ROTATION_TAG}"), chunk.to_vec())])
+                .await?;
+            results.request_ids.extend(rids);
+            for img in found {
+                if let Some(g) = img.tags.get(ROTATION_TAG) {
+                    by_group.entry(g.clone()).or_default().push(img);
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        for (inst, key) in instances.iter().zip(keys) {
+            let mut gens: Vec<ImageResult> = by_group
+                .remove(&key)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|i| i.state == "available")
+                .collect();
+            // Newest first; ties broken by the making job's id (ULIDs sort by time), then the id.
+            gens.sort_by_key(|i| {
+                std::cmp::Reverse((
+                    i.creation_date.clone(),
+                    i.tags.get(JOB_TAG).cloned(),
+                    i.image_id.clone(),
+                ))
+            });
+            let mut r = RotationResult {
+                group: key,
+                ..Default::default()
+            };
+            for (n, img) in gens.into_iter().enumerate() {
+                if n < keep {
+                    r.kept.push(img.image_id);
+                    continue;
+                }
+                match ec2.deregister_image(&img.image_id, false).await {
+                    Ok(o) => results.request_ids.extend(o.request_id),
+                    Err(e) if e.code.starts_with("InvalidAMIID") => {}
+                    Err(e) => return Err(e),
+                }
+                r.deleted.push(img.image_id.clone());
+                for s in img.snapshot_ids {
+                    match ec2.delete_snapshot(&s, false).await {
+                        Ok(o) => {
+                            results.request_ids.extend(o.request_id);
+                            r.deleted_snapshots.push(s);
+                        }
+                        Err(e) if e.code == "InvalidSnapshot.NotFound" => {
+                            r.deleted_snapshots.push(s)
+                        }
+                        Err(e) if e.code == "InvalidSnapshot.InUse" => r.in_use.push(s),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            out.insert(inst.clone(), r);
+        }
+        Ok(out)
+    }
+
+    /// `deregister_image`: the targeted AMIs, and with `params.delete_snapshots` their snapshots.
+    pub(super) async fn deregister_image(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let mut results = JobResults::default();
+        let imgs = self.target_images(ctx, ec2, &mut results).await?;
+        if imgs.is_empty() {
+            results.summary = Some("no AMI matched the targets; nothing to do".into());
+            return Ok(results);
+        }
+        let (mut ok, mut snaps) = (true, 0);
+        for mut img in imgs {
+            ctx.check_cancel(&results)?;
+            let o = ec2
+                .deregister_image(&img.image_id, spec.dry_run)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            ok &= o.dry_run_ok;
+            results.request_ids.extend(o.request_id);
+            if !spec.dry_run {
+                img.state = "deregistered".into();
+                let mut did = vec!["deregistered".to_string()];
+                if spec.flag("delete_snapshots") {
+                    for s in &img.snapshot_ids {
+                        match ec2.delete_snapshot(s, false).await {
+                            Ok(o) => {
+                                results.request_ids.extend(o.request_id);
+                                snaps += 1;
+                                did.push(format!("deleted {s}"));
+                            }
+                            Err(e) if e.code == "InvalidSnapshot.InUse" => {
+                                did.push(format!("kept {s} (in use)"))
+                            }
+                            Err(e) => return Err(failed(e, results)),
+                        }
+                    }
+                }
+                img.outcome = Some(did.join("; "));
+            }
+            results.images.push(img);
+        }
+        let n = results.images.len() as u64;
+        results.summary = Some(if spec.dry_run {
+            format!(
+                "dry run: DeregisterImage {} for {n} AMI(s)",
+                if ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                }
+            )
+        } else {
+            format!(
+                "deregistered {n} AMI{}; deleted {snaps} snapshot(s)",
+                plural(n)
+            )
+        });
+        Ok(results)
+    }
+
+    async fn target_images(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        results: &mut JobResults,
+    ) -> Result<Vec<ImageResult>, ExecError> {
+        let t = &ctx.job.spec.targets;
+        ctx.check_cancel(results)?;
+        let filters = t
+            .image_tags
+            .as_ref()
+            .map(|tags| {
+                tags.0
+                    .iter()
+                    .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (imgs, rids) = ec2
+            .describe_images(t.image_ids.as_ref().map(|l| l.0.clone()), &filters)
+            .await
+            .map_err(|e| failed(e, results.clone()))?;
+        results.request_ids.extend(rids);
+        if imgs.is_empty() && !ctx.job.spec.allow_empty {
+            return Err(no_targets(results.clone()));
+        }
+        Ok(imgs)
+    }
+
+    /// `copy_snapshot` and `copy_image`: each target copied into `params.destination_region`
+    /// (same account), tagged with the job and its source, then waited for.
+    pub(super) async fn copy(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        (account, region): (&str, &str),
+        kind: Ready,
+    ) -> Result<JobResults, ExecError> {
+        let spec = &ctx.job.spec;
+        let job_id = &ctx.job.id;
+        let mut results = JobResults::default();
+        let dest_region = spec
+            .param_str("destination_region")
+            .unwrap_or(region)
+            .to_string();
+        let dest = self
+            .pool
+            .get(account, &dest_region)
+            .await
+            .map_err(|e| failed(e, results.clone()))?;
+        // Sources: (id, name, description).
+        let sources: Vec<(String, Option<String>)> = match kind {
+            Ready::Snapshots => {
+                let t = &spec.targets;
+                let mut filters: ec2jobd_ec2::Filters = t
+                    .snapshot_tags
+                    .as_ref()
+                    .map(|tags| {
+                        tags.0
+                            .iter()
+                            .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(v) = &t.volume_ids {
+                    filters.push(("volume-id".into(), v.0.clone()));
+                }
+                let (snaps, rids, _) = ec2
+                    .describe_snapshots(
+                        t.snapshot_ids.as_ref().map(|l| l.0.clone()),
+                        &filters,
+                        false,
+                    )
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                results.request_ids.extend(rids);
+                snaps
+                    .into_iter()
+                    .map(|s| (s.snapshot_id, s.description))
+                    .collect()
+            }
+            Ready::Images => self
+                .target_images(ctx, ec2, &mut results)
+                .await?
+                .into_iter()
+                .map(|i| (i.image_id, i.name))
+                .collect(),
+        };
+        if sources.is_empty() {
+            if spec.allow_empty {
+                results.summary = Some("nothing matched the targets; nothing to copy".into());
+                return Ok(results);
+            }
+            return Err(no_targets(results));
+        }
+        let mut tags = string_map(spec.params.get("tags"));
+        tags.insert(JOB_TAG.to_string(), job_id.clone());
+        let opts = |source: &str, desc: Option<&str>| CopyOptions {
+            encrypted: spec.flag("encrypted"),
+            kms_key_id: spec.param_str("kms_key_id").map(String::from),
+            description: spec.param_str("description").map(String::from).or_else(|| {
+                Some(format!(
+                    "copy of {source} from {region}{}",
+                    desc.map(|d| format!(": {d}")).unwrap_or_default()
+                ))
+            }),
+            tags: {
+                let mut t = tags.clone();
+                t.insert(SOURCE_TAG.to_string(), format!("{region}/{source}"));
+                t
+            },
+        };
+        // Copies an earlier attempt made, by job tag in the destination: source → copy id.
+        let mut copies: BTreeMap<String, String> = BTreeMap::new();
+        if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
+            let f = vec![(format!("tag:{JOB_TAG}"), vec![job_id.clone()])];
+            let found: Vec<(String, BTreeMap<String, String>)> = match kind {
+                Ready::Snapshots => dest
+                    .describe_snapshots(None, &f, false)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?
+                    .0
+                    .into_iter()
+                    .map(|s| (s.snapshot_id, s.tags))
+                    .collect(),
+                Ready::Images => dest
+                    .describe_images(None, &f)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?
+                    .0
+                    .into_iter()
+                    .map(|i| (i.image_id, i.tags))
+                    .collect(),
+            };
+            for (id, t) in found {
+                if let Some(src) = t.get(SOURCE_TAG).and_then(|s| s.rsplit('/').next()) {
+                    copies.insert(src.to_string(), id);
+                }
+            }
+        }
+        let mut dry_ok = true;
+        for (src, desc) in &sources {
+            if copies.contains_key(src) {
+                continue;
+            }
+            ctx.check_cancel(&results)?;
+            ctx.save_checkpoint(json!({"phase": "copying", "source": src}))
+                .await?;
+            ctx.progress(
+                "calling",
+                &format!(
+                    "copying {src} to {dest_region} ({} of {})",
+                    copies.len() + 1,
+                    sources.len()
+                ),
+                Some(copies.len() as u64),
+                Some(sources.len() as u64),
+            )
+            .await?;
+            let o = opts(src, desc.as_deref());
+            let (id, out) = match kind {
+                Ready::Snapshots => dest.copy_snapshot(region, src, &o, spec.dry_run).await,
+                Ready::Images => {
+                    let name =
+                        ami_name(&format!("{}-copy-{job_id}", desc.as_deref().unwrap_or(src)));
+                    let name = spec.param_str("name").map(ami_name).unwrap_or(name);
+                    dest.copy_image(region, src, &name, &o, spec.dry_run).await
+                }
+            }
+            .map_err(|e| failed(e, results.clone()))?;
+            results.request_ids.extend(out.request_id);
+            dry_ok &= out.dry_run_ok;
+            if let Some(id) = id {
+                if kind == Ready::Images {
+                    // CopyImage takes no tags: they follow at once, before the checkpoint.
+                    dest.create_tags(std::slice::from_ref(&id), &o.tags, false)
+                        .await
+                        .map_err(|e| failed(e, results.clone()))?;
+                }
+                copies.insert(src.clone(), id);
+            }
+            ctx.save_checkpoint(json!({"phase": "copied", "source": src}))
+                .await?;
+        }
+        if spec.dry_run {
+            results.summary = Some(format!(
+                "dry run: copy to {dest_region} {} for {} item(s)",
+                if dry_ok {
+                    "would succeed"
+                } else {
+                    "answered without DryRunOperation"
+                },
+                sources.len()
+            ));
+            return Ok(results);
+        }
+        let mut seen: BTreeMap<String, (String, Option<String>)> = copies
+            .values()
+            .map(|id| (id.clone(), ("pending".into(), None)))
+            .collect();
+        let source_of: HashMap<String, String> =
+            copies.iter().map(|(s, c)| (c.clone(), s.clone())).collect();
+        let wait = if spec.wait_settings().0 == WaitUntil::Completed {
+            self.wait_ready(ctx, &dest, kind, &mut seen, &|id| {
+                format!(
+                    "copy {id} of {}",
+                    source_of.get(id).map(String::as_str).unwrap_or("?")
+                )
+            })
+            .await
+        } else {
+            Ok(())
+        };
+        for (src, copy) in &copies {
+            let state = seen.get(copy).map(|(s, _)| s.clone()).unwrap_or_default();
+            let outcome = Some(format!("copy of {src} ({region})"));
+            match kind {
+                Ready::Snapshots => results.snapshots.push(SnapshotResult {
+                    snapshot_id: copy.clone(),
+                    state,
+                    progress: seen.get(copy).and_then(|(_, p)| p.clone()),
+                    region: Some(dest_region.clone()),
+                    outcome,
+                    ..Default::default()
+                }),
+                Ready::Images => results.images.push(ImageResult {
+                    image_id: copy.clone(),
+                    state,
+                    region: Some(dest_region.clone()),
+                    outcome,
+                    ..Default::default()
+                }),
+            }
+        }
+        wait.map_err(|e| e.with_results(results.clone()))?;
+        let n = copies.len() as u64;
+        let summary = format!("copied {n} {} to {dest_region}", kind.noun());
+        ctx.progress("done", &summary, Some(n), Some(n)).await?;
+        results.summary = Some(summary);
+        Ok(results)
+    }
+}
