@@ -597,6 +597,32 @@ async fn ami_rotation_and_cross_region_copies() {
     }
     let first = amis[0]["image_id"].as_str().unwrap();
     assert_eq!(amis[2]["rotation"]["deleted"], json!([first]));
+    let last_id = amis[2]["image_id"].as_str().unwrap();
+    let (_, out) = d
+        .get_json(&format!(
+            "/v1/jobs/{}/outputs",
+            d.get_json("/v1/jobs?action=create_image&limit=1").await.1["jobs"][0]["id"]
+                .as_str()
+                .unwrap()
+        ))
+        .await;
+    assert_eq!(out["IMAGE_ID_1"], last_id, "{out}");
+    let report = d
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{}/report", out["JOB_ID"].as_str().unwrap()),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        report.contains("AMI rotation") && report.contains(first),
+        "{report}"
+    );
     let ec2 = moto.ec2().await;
     let mine = ec2
         .describe_images()

@@ -88,6 +88,9 @@ pub fn render(job: &Job) -> String {
                     s.snapshot_id.clone(),
                     s.state.clone(),
                     or_dash(s.progress.as_deref()).into(),
+                    s.volume_size_gib
+                        .map(|g| format!("{g} GiB"))
+                        .unwrap_or("-".into()),
                     or_dash(s.start_time.as_deref()).into(),
                 ],
                 None => vec![
@@ -96,12 +99,13 @@ pub fn render(job: &Job) -> String {
                     "not created".into(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
                 ],
             })
             .collect();
         table(
             &mut out,
-            &["VOLUME", "SNAPSHOT", "STATE", "PROGRESS", "STARTED"],
+            &["VOLUME", "SNAPSHOT", "STATE", "PROGRESS", "SIZE", "STARTED"],
             &rows,
         );
         if r.volumes.iter().any(|v| v.rotation.is_some()) {
@@ -155,6 +159,69 @@ pub fn render(job: &Job) -> String {
             &["SNAPSHOT", "VOLUME", "STATE", "STARTED", "OUTCOME"],
             &rows,
         );
+    }
+    if !r.images.is_empty() {
+        out.push_str("\nAMIs\n");
+        let rows: Vec<Vec<String>> = r
+            .images
+            .iter()
+            .map(|i| {
+                vec![
+                    i.image_id.clone(),
+                    or_dash(i.name.as_deref()).into(),
+                    or_dash(i.instance_id.as_deref()).into(),
+                    i.state.clone(),
+                    or_dash(i.region.as_deref()).into(),
+                    if i.snapshot_ids.is_empty() {
+                        "-".into()
+                    } else {
+                        i.snapshot_ids.join(", ")
+                    },
+                    or_dash(i.outcome.as_deref()).into(),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "AMI",
+                "NAME",
+                "INSTANCE",
+                "STATE",
+                "REGION",
+                "SNAPSHOTS",
+                "OUTCOME",
+            ],
+            &rows,
+        );
+        let rot: Vec<Vec<String>> = r
+            .images
+            .iter()
+            .filter_map(|i| {
+                let rot = i.rotation.as_ref()?;
+                let list = |v: &[String]| {
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                Some(vec![
+                    or_dash(i.instance_id.as_deref()).into(),
+                    list(&rot.kept),
+                    list(&rot.deleted),
+                    list(&rot.deleted_snapshots),
+                ])
+            })
+            .collect();
+        if !rot.is_empty() {
+            out.push_str("\nAMI rotation\n");
+            table(
+                &mut out,
+                &["INSTANCE", "KEPT", "DEREGISTERED", "SNAPSHOTS DELETED"],
+                &rot,
+            );
+        }
     }
     if !r.instances.is_empty() {
         out.push_str("\nInstances\n");

@@ -566,6 +566,13 @@ pub fn output_vars(job: &Job) -> Vec<(String, String)> {
             })
             .collect()
     };
+    if !job.results.images.is_empty() {
+        out.push(("IMAGE_COUNT".into(), job.results.images.len().to_string()));
+        for (n, i) in job.results.images.iter().enumerate() {
+            out.push((format!("IMAGE_ID_{}", n + 1), i.image_id.clone()));
+            out.push((format!("IMAGE_STATE_{}", n + 1), i.state.clone()));
+        }
+    }
     if !snaps.is_empty() {
         out.push(("SNAPSHOT_COUNT".into(), snaps.len().to_string()));
         for (n, (snap, vol, st)) in snaps.into_iter().enumerate() {
