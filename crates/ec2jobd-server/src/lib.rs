@@ -13,4 +13,5 @@ pub mod openapi;
 pub mod report;
 pub mod routes;
 pub mod runner;
+pub mod sns;
 pub mod state;

@@ -1,0 +1,4 @@
+//! SNS in and out: verified HTTP deliveries from SNS topics (CloudWatch alarms, EventBridge events)
+//! that rules turn into jobs.
+
+pub mod verify;
