@@ -487,7 +487,8 @@ async fn slow_failed_and_interrupted_snapshots() {
         1,
         "one CreateSnapshot"
     );
-    assert_eq!(moto.snapshots_tagged("ec2jobd:job-id", &id).await.len(), 1);
+    let tagged = moto.snapshots_tagged("ec2jobd:job-id", &id).await;
+    assert_eq!(tagged.len(), 1, "{tagged:?}\n{j}\n{}", d.log());
     assert!(rows(&j)[&root]["snapshot"]["outcome"]
         .as_str()
         .unwrap()

@@ -174,7 +174,15 @@ impl CallObserver for NoObserver {
 }
 
 /// Client and pacing buckets of each account+region.
-type ClientMap = HashMap<(String, String), (aws_sdk_ec2::Client, Arc<Pacer>)>;
+type ClientMap = HashMap<(String, String), Clients>;
+
+/// The clients of one account+region: EC2 and SNS share its credentials, proxy and endpoint.
+#[derive(Clone)]
+struct Clients {
+    ec2: aws_sdk_ec2::Client,
+    sns: aws_sdk_sns::Client,
+    pacer: Arc<Pacer>,
+}
 
 /// Clients and status watchers per account and region, built on first use and then shared by every
 /// job.
@@ -222,21 +230,31 @@ impl Ec2Pool {
 
     /// The driver for one account and region.
     pub async fn get(&self, account: &str, region: &str) -> Result<Ec2, Ec2Error> {
+        let c = self.clients_for(account, region).await?;
+        Ok(self.driver(c.ec2, c.pacer))
+    }
+
+    /// The SNS client of an account and region (same credentials, proxy and endpoint as EC2).
+    pub async fn sns(&self, account: &str, region: &str) -> Result<aws_sdk_sns::Client, Ec2Error> {
+        Ok(self.clients_for(account, region).await?.sns)
+    }
+
+    async fn clients_for(&self, account: &str, region: &str) -> Result<Clients, Ec2Error> {
         let key = (account.to_string(), region.to_string());
-        if let Some((c, p)) = self.lock().get(&key) {
-            return Ok(self.driver(c.clone(), p.clone()));
+        if let Some(c) = self.lock().get(&key) {
+            return Ok(c.clone());
         }
         let acct = self
             .accounts
             .get(account)
             .ok_or_else(|| Ec2Error::config(format!("no account `{account}` is configured")))?;
-        let client = build_client(acct, region).await?;
-        let (c, p) = self
-            .lock()
-            .entry(key)
-            .or_insert_with(|| (client, Arc::new(Pacer::new(self.pacing.clone()))))
-            .clone();
-        Ok(self.driver(c, p))
+        let conf = sdk_config(acct, region).await?;
+        let clients = Clients {
+            ec2: aws_sdk_ec2::Client::new(&conf),
+            sns: aws_sdk_sns::Client::new(&conf),
+            pacer: Arc::new(Pacer::new(self.pacing.clone())),
+        };
+        Ok(self.lock().entry(key).or_insert(clients).clone())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ClientMap> {
@@ -263,7 +281,9 @@ fn env_secret(var: &Option<String>, what: &str) -> Result<Option<String>, Ec2Err
     }
 }
 
-async fn build_client(acct: &AccountConfig, region: &str) -> Result<aws_sdk_ec2::Client, Ec2Error> {
+/// The SDK configuration of one account and region: credentials (assumed role included), retries,
+/// timeouts, endpoint and proxy.
+async fn sdk_config(acct: &AccountConfig, region: &str) -> Result<aws_config::SdkConfig, Ec2Error> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(region.to_string()))
         .retry_config(
@@ -309,7 +329,7 @@ async fn build_client(acct: &AccountConfig, region: &str) -> Result<aws_sdk_ec2:
     }
     let conf = loader.load().await;
     let Some(role) = &acct.role_arn else {
-        return Ok(aws_sdk_ec2::Client::new(&conf));
+        return Ok(conf);
     };
     // The role is assumed with the account's own credentials, through the same endpoint override
     // and proxy; the provider refreshes the temporary credentials itself.
@@ -321,10 +341,12 @@ async fn build_client(acct: &AccountConfig, region: &str) -> Result<aws_sdk_ec2:
         assume = assume.external_id(id);
     }
     let provider = assume.build().await;
-    let ec2_conf = aws_sdk_ec2::config::Builder::from(&conf)
-        .credentials_provider(provider)
-        .build();
-    Ok(aws_sdk_ec2::Client::from_conf(ec2_conf))
+    Ok(conf
+        .into_builder()
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+            provider,
+        ))
+        .build())
 }
 
 /// An HTTP client that sends every request through `proxy` (except hosts matched by `no_proxy`).

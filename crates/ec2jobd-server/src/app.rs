@@ -23,8 +23,9 @@ use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
 use crate::executor::Ec2Executor;
 use crate::metrics::Metrics;
-use crate::routes::{catalog, jobs, ops, tokens};
+use crate::routes::{catalog, jobs, ops, sns, tokens};
 use crate::runner::{Runner, RunnerConfig};
+use crate::sns::verify::{CertStore, HttpFetcher};
 use crate::state::AppState;
 
 /// Opens the configured store (applying migrations).
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(tokens::router())
         .merge(catalog::router())
+        .merge(sns::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -94,6 +96,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.http.request_timeout.0;
     Router::new()
         .merge(v1)
+        .merge(sns::hook_router())
         .merge(ops::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -157,7 +160,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let q = &cfg.queue;
     let runner = Arc::new(Runner::new(
         store.clone(),
-        Arc::new(Ec2Executor::new(pool)),
+        Arc::new(Ec2Executor::new(pool.clone())),
         RunnerConfig {
             workers: q.workers,
             lease: q.lease.0,
@@ -179,6 +182,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics,
         runner: runner.clone(),
         tokens: Default::default(),
+        pool,
+        sns_certs: Arc::new(CertStore::new(
+            cfg.sns.cert_dir.as_ref().map(std::path::PathBuf::from),
+            Arc::new(HttpFetcher::new(
+                cfg.sns.cert_fetch_timeout.0,
+                cfg.sns.cert_max_bytes,
+            )),
+            cfg.sns.cert_cache,
+        )),
         shutdown: shutdown.clone(),
     };
     let listener = tokio::net::TcpListener::bind(addr)

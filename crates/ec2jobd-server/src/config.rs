@@ -54,6 +54,40 @@ pub struct Config {
     pub log: LogSection,
     /// Client-side pacing of EC2 calls.
     pub pacing: PacingSection,
+    /// SNS deliveries (`POST /v1/sns/{hook}`).
+    pub sns: SnsSection,
+}
+
+/// `[sns]`: how SNS HTTP deliveries are verified, and the hooks that accept them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnsSection {
+    /// Replay window: older messages are refused; `0s` turns the check off.
+    pub max_age: Dur,
+    /// Directory of pre-seeded signing certificates, named as in `SigningCertURL`.
+    pub cert_dir: Option<String>,
+    /// Time limit of one certificate fetch.
+    pub cert_fetch_timeout: Dur,
+    /// Largest certificate accepted, in bytes.
+    pub cert_max_bytes: usize,
+    /// Certificates kept in memory.
+    pub cert_cache: usize,
+    /// Hooks by name: `POST /v1/sns/<name>`.
+    #[serde(default)]
+    pub hooks: BTreeMap<String, HookSection>,
+}
+
+/// `[sns.hooks.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSection {
+    /// Topic ARNs whose messages this hook accepts (all others: 403).
+    pub topics: Vec<String>,
+    /// Account used to confirm subscriptions (default: `default_account`).
+    pub account: Option<String>,
+    /// Rules, tried in order; the first match queues its job.
+    #[serde(default)]
+    pub rules: Vec<crate::sns::rules::Rule>,
 }
 
 /// `[pacing]`: token buckets per account+region, by operation class.
@@ -140,6 +174,14 @@ pub struct AccountSection {
 
 // Accounts other than `default` are whole tables in the user's file, so their optional keys need
 // serde defaults; these mirror config/default.toml.
+/// Hook names become URL path segments.
+pub fn is_hook_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn default_session_name() -> String {
     "ec2jobd".into()
 }
@@ -449,6 +491,28 @@ impl Config {
         ] {
             if r.burst == 0 || r.per_second.is_nan() || r.per_second <= 0.0 {
                 bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
+            }
+        }
+        for (name, h) in &self.sns.hooks {
+            if !is_hook_name(name) || name == "deliveries" {
+                bail!("config key `sns.hooks.{name}`: hook names are 1-64 letters, digits, `-` or `_`");
+            }
+            if h.topics.is_empty()
+                || h.topics
+                    .iter()
+                    .any(|t| !t.starts_with("arn:") || t.split(':').count() != 6)
+            {
+                bail!("config key `sns.hooks.{name}.topics`: give one or more topic ARNs (arn:aws:sns:REGION:ACCOUNT:NAME)");
+            }
+            if let Some(a) = &h.account {
+                if !self.accounts.contains_key(a) {
+                    bail!("config key `sns.hooks.{name}.account`: no [accounts.{a}] table is configured");
+                }
+            }
+            for (i, r) in h.rules.iter().enumerate() {
+                if let Err(e) = r.check() {
+                    bail!("config key `sns.hooks.{name}.rules[{i}]` ({}): {e}", r.name);
+                }
             }
         }
         if self.http.body_limit < 1024 {

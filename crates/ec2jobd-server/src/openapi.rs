@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{catalog, jobs, ops, tokens};
+use crate::routes::{catalog, jobs, ops, sns, tokens};
 
 /// The ec2jobd v1 API.
 #[derive(OpenApi)]
@@ -17,7 +17,7 @@ use crate::routes::{catalog, jobs, ops, tokens};
     paths(
         jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events, jobs::outputs,
         jobs::report,
-        catalog::catalog,
+        catalog::catalog, sns::deliver, sns::deliveries,
         tokens::create, tokens::list, tokens::revoke,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
@@ -25,12 +25,14 @@ use crate::routes::{catalog, jobs, ops, tokens};
         ec2jobd_spec::JobSpec, ec2jobd_spec::Job, ec2jobd_spec::JobEvent, ec2jobd_spec::JobState,
         ec2jobd_spec::Action, ec2jobd_spec::Role, crate::error::Problem, jobs::JobPage,
         tokens::NewToken, tokens::CreatedToken, ec2jobd_store::TokenInfo, ops::Health,
-        catalog::Catalog, catalog::AccountCatalog,
+        catalog::Catalog, catalog::AccountCatalog, sns::DeliveryAnswer, sns::DeliveryPage,
+        ec2jobd_store::Delivery,
     )),
     modifiers(&Bearer),
     tags(
         (name = "jobs", description = "Submit, watch, query and cancel jobs"),
         (name = "tokens", description = "API tokens (admin)"),
+        (name = "sns", description = "SNS deliveries: verified webhook triggers and their record"),
         (name = "ops", description = "Health, readiness, metrics, API description"),
     )
 )]

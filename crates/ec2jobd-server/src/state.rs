@@ -24,6 +24,10 @@ pub struct AppState {
     pub runner: Arc<Runner>,
     /// Recently verified API tokens.
     pub tokens: Arc<TokenCache>,
+    /// AWS clients (SNS subscription confirmations).
+    pub pool: Arc<ec2jobd_ec2::Ec2Pool>,
+    /// Verifies SNS deliveries (certificate cache included).
+    pub sns_certs: Arc<crate::sns::verify::CertStore>,
     /// Cancelled when the daemon begins to shut down; long-lived responses (event streams) end then.
     pub shutdown: CancellationToken,
 }

@@ -163,6 +163,52 @@ pub struct TokenInfo {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// One SNS delivery to be recorded.
+#[derive(Debug, Clone, Default)]
+pub struct NewDelivery {
+    /// The hook it was posted to.
+    pub hook: String,
+    /// SNS `MessageId`, when the body had one.
+    pub message_id: Option<String>,
+    /// SNS `TopicArn`.
+    pub topic_arn: Option<String>,
+    /// SNS `Type`.
+    pub kind: Option<String>,
+    /// `accepted`, `duplicate`, `no_rule`, `rejected`, `confirmed`, `unsubscribed`.
+    pub outcome: String,
+    /// Why (a rejection's reason, the rule's render error, …).
+    pub reason: Option<String>,
+    /// The rule that matched.
+    pub rule: Option<String>,
+    /// The job it queued (or the earlier one, for a duplicate).
+    pub job_id: Option<String>,
+}
+
+/// A recorded SNS delivery (`GET /v1/sns/deliveries`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Delivery {
+    /// Increasing id; the list is newest first and pages with `before`.
+    pub id: i64,
+    /// When it arrived.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The hook it was posted to.
+    pub hook: String,
+    /// SNS `MessageId`.
+    pub message_id: Option<String>,
+    /// SNS `TopicArn`.
+    pub topic_arn: Option<String>,
+    /// SNS `Type`.
+    pub kind: Option<String>,
+    /// `accepted`, `duplicate`, `no_rule`, `rejected`, `confirmed`, `unsubscribed`.
+    pub outcome: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// The rule that matched.
+    pub rule: Option<String>,
+    /// The job it queued.
+    pub job_id: Option<String>,
+}
+
 /// What a job's lease holder learns from a heartbeat.
 #[derive(Debug, Clone, Copy)]
 pub struct Heartbeat {
@@ -220,6 +266,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a token; false when there was none by that name.
     async fn revoke_token(&self, name: &str) -> Result<bool>;
     /// Receives the id of every job whose event log grew (for live event streams).
+    /// Records an SNS delivery.
+    async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery>;
+    /// The first delivery of `message_id` to `hook` that was acted on (accepted, no rule, confirmed).
+    async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>>;
+    /// Deliveries, newest first, with id below `before` when given.
+    async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>>;
     fn subscribe(&self) -> broadcast::Receiver<String>;
     /// Notified whenever work may have become claimable (enqueue, retry, release, requeue).
     fn work_available(&self) -> Arc<Notify>;

@@ -33,8 +33,8 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use crate::{
-    CancelOutcome, Claimed, Enqueued, Finish, Heartbeat, ListQuery, NewEvent, NewJob, Page, Result,
-    Store, StoreError, TokenInfo,
+    CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, NewDelivery,
+    NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -1001,6 +1001,65 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO sns_deliveries (at, hook, message_id, topic_arn, kind, outcome, reason, rule, job_id) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                )
+                .bind(now)
+                .bind(&d.hook)
+                .bind(&d.message_id)
+                .bind(&d.topic_arn)
+                .bind(&d.kind)
+                .bind(&d.outcome)
+                .bind(&d.reason)
+                .bind(&d.rule)
+                .bind(&d.job_id)
+                .fetch_one(conn)
+                .await?;
+                Ok(Delivery {
+                    id,
+                    at: ts(now),
+                    hook: d.hook,
+                    message_id: d.message_id,
+                    topic_arn: d.topic_arn,
+                    kind: d.kind,
+                    outcome: d.outcome,
+                    reason: d.reason,
+                    rule: d.rule,
+                    job_id: d.job_id,
+                })
+            })
+        })
+        .await
+    }
+
+    async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>> {
+        let row = sqlx::query(
+            "SELECT * FROM sns_deliveries WHERE hook = ? AND message_id = ? \
+             AND outcome IN ('accepted', 'no_rule', 'confirmed') ORDER BY id LIMIT 1",
+        )
+        .bind(hook)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(delivery_row).transpose()
+    }
+
+    async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>> {
+        let rows =
+            sqlx::query("SELECT * FROM sns_deliveries WHERE id < ? ORDER BY id DESC LIMIT ?")
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(delivery_row).collect()
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<String> {
         self.events_tx.subscribe()
     }
@@ -1008,6 +1067,21 @@ impl Store for SqliteStore {
     fn work_available(&self) -> Arc<Notify> {
         self.notify.clone()
     }
+}
+
+fn delivery_row(r: &sqlx::sqlite::SqliteRow) -> Result<Delivery> {
+    Ok(Delivery {
+        id: r.try_get("id")?,
+        at: ts(r.try_get("at")?),
+        hook: r.try_get("hook")?,
+        message_id: r.try_get("message_id")?,
+        topic_arn: r.try_get("topic_arn")?,
+        kind: r.try_get("kind")?,
+        outcome: r.try_get("outcome")?,
+        reason: r.try_get("reason")?,
+        rule: r.try_get("rule")?,
+        job_id: r.try_get("job_id")?,
+    })
 }
 
 #[cfg(test)]

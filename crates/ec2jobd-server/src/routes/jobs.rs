@@ -174,6 +174,20 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(s.to_string()))
 }
 
+/// A resolved spec as a job to enqueue, with the queue's defaults for what it leaves out.
+pub fn new_job(state: &AppState, spec: JobSpec, idempotency_key: Option<String>) -> NewJob {
+    let q = &state.config.queue;
+    NewJob {
+        max_attempts: spec.max_attempts.unwrap_or(q.max_attempts),
+        timeout_ms: spec
+            .timeout_duration()
+            .unwrap_or(q.job_timeout.0)
+            .as_millis() as i64,
+        spec,
+        idempotency_key,
+    }
+}
+
 /// Validates a submitted spec and fills in what config decides (account, region).
 pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError> {
     let mut spec = spec.normalize()?;
@@ -232,17 +246,7 @@ pub async fn submit(
     let body = body.map_err(body_error)?;
     let key = idempotency_key(&headers)?;
     let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
-    let q = &state.config.queue;
-    let new = NewJob {
-        max_attempts: spec.max_attempts.unwrap_or(q.max_attempts),
-        timeout_ms: spec
-            .timeout_duration()
-            .unwrap_or(q.job_timeout.0)
-            .as_millis() as i64,
-        spec,
-        idempotency_key: key,
-    };
-    let (status, job) = match state.store.enqueue(new).await? {
+    let (status, job) = match state.store.enqueue(new_job(&state, spec, key)).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
             (StatusCode::ACCEPTED, j)

@@ -3,4 +3,5 @@
 pub mod catalog;
 pub mod jobs;
 pub mod ops;
+pub mod sns;
 pub mod tokens;

@@ -175,7 +175,12 @@ impl HttpFetcher {
 #[async_trait]
 impl CertFetcher for HttpFetcher {
     async fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
-        let mut r = self.client.get(url).send().await.map_err(|e| e.to_string())?;
+        let mut r = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
         if !r.status().is_success() {
             return Err(format!("HTTP {}", r.status()));
         }
@@ -200,7 +205,8 @@ pub struct CertStore {
 
 fn public_key(pem: &[u8]) -> Result<RsaPublicKey, String> {
     use x509_cert::der::{DecodePem, Encode};
-    let cert = x509_cert::Certificate::from_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert =
+        x509_cert::Certificate::from_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
     let spki = cert
         .tbs_certificate
         .subject_public_key_info
@@ -231,7 +237,9 @@ impl CertStore {
             .map(|d| d.join(file))
             .filter(|p| p.is_file());
         let pem = match seeded {
-            Some(p) => std::fs::read(&p).map_err(|e| Rejection::Cert(format!("{}: {e}", p.display())))?,
+            Some(p) => {
+                std::fs::read(&p).map_err(|e| Rejection::Cert(format!("{}: {e}", p.display())))?
+            }
             None => self.fetcher.fetch(url).await.map_err(Rejection::Cert)?,
         };
         let key = public_key(&pem).map_err(Rejection::Cert)?;
@@ -290,9 +298,13 @@ impl CertStore {
         let key = self.key(&m.signing_cert_url, file).await?;
         let text = string_to_sign(&m);
         let ok = if m.signature_version == "1" {
-            VerifyingKey::<sha1::Sha1>::new(key).verify(text.as_bytes(), &sig).is_ok()
+            VerifyingKey::<sha1::Sha1>::new(key)
+                .verify(text.as_bytes(), &sig)
+                .is_ok()
         } else {
-            VerifyingKey::<sha2::Sha256>::new(key).verify(text.as_bytes(), &sig).is_ok()
+            VerifyingKey::<sha2::Sha256>::new(key)
+                .verify(text.as_bytes(), &sig)
+                .is_ok()
         };
         if ok {
             Ok(m)

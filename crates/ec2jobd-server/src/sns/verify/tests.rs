@@ -16,7 +16,8 @@ const KEY: &str = include_str!("../../../../../tests/fixtures/sns-test-key.pem")
 const CERT: &str = include_str!("../../../../../tests/fixtures/sns-test-cert.pem");
 const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:alarms";
 const OTHER: &str = "arn:aws:sns:us-east-1:123456789012:other";
-const URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem";
+const URL: &str =
+    "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem";
 
 #[derive(Default)]
 struct Counting(AtomicUsize);
@@ -40,9 +41,13 @@ fn sign(v: &mut Value) {
     let key = RsaPrivateKey::from_pkcs8_pem(KEY).unwrap();
     let text = string_to_sign(&m);
     let sig = if m.signature_version == "1" {
-        SigningKey::<sha1::Sha1>::new(key).sign(text.as_bytes()).to_vec()
+        SigningKey::<sha1::Sha1>::new(key)
+            .sign(text.as_bytes())
+            .to_vec()
     } else {
-        SigningKey::<sha2::Sha256>::new(key).sign(text.as_bytes()).to_vec()
+        SigningKey::<sha2::Sha256>::new(key)
+            .sign(text.as_bytes())
+            .to_vec()
     };
     v["Signature"] = json!(base64::engine::general_purpose::STANDARD.encode(sig));
 }
@@ -89,7 +94,11 @@ async fn v1_and_v2_with_and_without_subject_verify() {
             assert_eq!(m.subject.as_deref(), subject);
         }
     }
-    assert_eq!(fetched.0.load(Ordering::SeqCst), 1, "the certificate is cached");
+    assert_eq!(
+        fetched.0.load(Ordering::SeqCst),
+        1,
+        "the certificate is cached"
+    );
 }
 
 #[tokio::test]
@@ -103,7 +112,10 @@ async fn subscription_confirmation_verifies_over_its_own_fields() {
         "SigningCertURL": URL,
     });
     sign(&mut v);
-    assert_eq!(check(&s, &v).await.unwrap().token.as_deref(), Some("tok-123"));
+    assert_eq!(
+        check(&s, &v).await.unwrap().token.as_deref(),
+        Some("tok-123")
+    );
     let mut t = v.clone();
     t["Token"] = json!("tok-999");
     assert_eq!(check(&s, &t).await, Err(Rejection::Signature));
@@ -128,7 +140,11 @@ async fn every_signed_field_tampered_fails() {
     }
     let mut v = good.clone();
     v.as_object_mut().unwrap().remove("Subject");
-    assert_eq!(check(&s, &v).await, Err(Rejection::Signature), "Subject removed");
+    assert_eq!(
+        check(&s, &v).await,
+        Err(Rejection::Signature),
+        "Subject removed"
+    );
     let mut v = good.clone();
     v["Signature"] = json!("bm90IGEgc2lnbmF0dXJl");
     assert_eq!(check(&s, &v).await, Err(Rejection::Signature));
@@ -193,7 +209,8 @@ async fn refusals_before_the_certificate_make_no_request() {
 async fn pre_seeded_certificates_are_used_before_any_fetch() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
-        dir.path().join("SimpleNotificationService-0123456789abcdef.pem"),
+        dir.path()
+            .join("SimpleNotificationService-0123456789abcdef.pem"),
         CERT,
     )
     .unwrap();

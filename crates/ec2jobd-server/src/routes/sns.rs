@@ -1,0 +1,348 @@
+//! `POST /v1/sns/{hook}`: SNS HTTP deliveries, and `GET /v1/sns/deliveries`: what became of them.
+//!
+//! The hook route carries no bearer token; it is protected by signature verification and the hook's
+//! topic list (see [`crate::sns::verify`]), and a refused message causes no outbound request. A
+//! notification is deduplicated on its `MessageId` (SNS delivers at least once), matched against the
+//! hook's rules, and its job durably queued before the 200; a store failure answers 503 so SNS
+//! retries. Subscription confirmations for accepted topics are confirmed through the SNS API
+//! (`ConfirmSubscription`), never by fetching `SubscribeURL`. Every delivery is recorded.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use ec2jobd_spec::Role;
+use ec2jobd_store::{Delivery, Enqueued, NewDelivery};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, Problem};
+use crate::routes::jobs::{new_job, resolve_spec};
+use crate::sns::rules::parse_event;
+use crate::sns::verify::SnsMessage;
+use crate::state::AppState;
+
+/// `POST /v1/sns/{hook}` (no bearer token).
+pub fn hook_router() -> Router<AppState> {
+    Router::new().route("/v1/sns/{hook}", post(deliver))
+}
+
+/// `GET /v1/sns/deliveries` (behind authentication).
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/sns/deliveries", get(deliveries))
+}
+
+/// What the hook answers SNS.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryAnswer {
+    /// `accepted`, `duplicate`, `no_rule`, `failed`, `confirmed`, `unsubscribed`.
+    pub outcome: String,
+    /// The job queued (or the earlier one, for a duplicate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+async fn record(state: &AppState, d: NewDelivery) -> Result<(), ApiError> {
+    state.store.record_delivery(d).await?;
+    Ok(())
+}
+
+fn base(hook: &str, m: &SnsMessage) -> NewDelivery {
+    NewDelivery {
+        hook: hook.to_string(),
+        message_id: Some(m.message_id.clone()),
+        topic_arn: Some(m.topic_arn.clone()),
+        kind: Some(m.kind.clone()),
+        ..Default::default()
+    }
+}
+
+fn answer(outcome: &str, job_id: Option<String>) -> Response {
+    Json(DeliveryAnswer {
+        outcome: outcome.into(),
+        job_id,
+    })
+    .into_response()
+}
+
+fn forbidden(detail: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "sns_rejected", detail)
+}
+
+/// Receive an SNS delivery (Notification, SubscriptionConfirmation, UnsubscribeConfirmation).
+#[utoipa::path(
+    post, path = "/v1/sns/{hook}", tag = "sns",
+    params(("hook" = String, Path, description = "Hook name (config `[sns.hooks.<name>]`)")),
+    request_body(content = String, content_type = "text/plain", description = "The SNS message JSON"),
+    responses(
+        (status = 200, description = "Verified and handled (also duplicates and messages no rule matches)", body = DeliveryAnswer),
+        (status = 403, description = "Bad signature, unknown topic, refused certificate URL, outside the replay window", body = Problem),
+        (status = 404, description = "No such hook", body = Problem),
+        (status = 503, description = "The store is unavailable: SNS retries", body = Problem),
+    )
+)]
+pub async fn deliver(
+    State(state): State<AppState>,
+    Path(hook): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let cfg = &state.config.sns;
+    let h = cfg
+        .hooks
+        .get(&hook)
+        .ok_or_else(|| ApiError::not_found(&format!("SNS hook `{hook}`")))?;
+    let max_age = (!cfg.max_age.0.is_zero()).then_some(cfg.max_age.0);
+    let m = match state
+        .sns_certs
+        .verify(&body, &h.topics, max_age, chrono::Utc::now())
+        .await
+    {
+        Ok(m) => m,
+        Err(r) => {
+            tracing::warn!(hook, reason = %r, "SNS delivery refused");
+            let raw: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).map(String::from);
+            record(
+                &state,
+                NewDelivery {
+                    hook: hook.clone(),
+                    message_id: s("MessageId"),
+                    topic_arn: s("TopicArn"),
+                    kind: s("Type"),
+                    outcome: "rejected".into(),
+                    reason: Some(r.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            return Err(forbidden(r.to_string()));
+        }
+    };
+    // The type is the signed field; the header only has to agree with it.
+    if let Some(t) = headers
+        .get("x-amz-sns-message-type")
+        .and_then(|v| v.to_str().ok())
+    {
+        if t != m.kind {
+            let reason = format!(
+                "x-amz-sns-message-type `{t}` disagrees with the signed Type `{}`",
+                m.kind
+            );
+            record(
+                &state,
+                NewDelivery {
+                    outcome: "rejected".into(),
+                    reason: Some(reason.clone()),
+                    ..base(&hook, &m)
+                },
+            )
+            .await?;
+            return Err(forbidden(reason));
+        }
+    }
+    match m.kind.as_str() {
+        "SubscriptionConfirmation" => {
+            let account = h
+                .account
+                .clone()
+                .unwrap_or_else(|| state.config.default_account.clone());
+            let region = m
+                .topic_arn
+                .split(':')
+                .nth(3)
+                .unwrap_or("us-east-1")
+                .to_string();
+            let sns = state.pool.sns(&account, &region).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sns_confirm_failed",
+                    e.to_string(),
+                )
+            })?;
+            let r = sns
+                .confirm_subscription()
+                .topic_arn(&m.topic_arn)
+                .token(m.token.clone().unwrap_or_default())
+                .send()
+                .await;
+            match r {
+                Ok(out) => {
+                    record(
+                        &state,
+                        NewDelivery {
+                            outcome: "confirmed".into(),
+                            reason: out.subscription_arn().map(|a| format!("subscription {a}")),
+                            ..base(&hook, &m)
+                        },
+                    )
+                    .await?;
+                    Ok(answer("confirmed", None))
+                }
+                Err(e) => {
+                    let msg = aws_sdk_sns::error::DisplayErrorContext(&e).to_string();
+                    record(
+                        &state,
+                        NewDelivery {
+                            outcome: "failed".into(),
+                            reason: Some(format!("ConfirmSubscription: {msg}")),
+                            ..base(&hook, &m)
+                        },
+                    )
+                    .await?;
+                    // 5xx: SNS sends the confirmation again.
+                    Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "sns_confirm_failed",
+                        format!("ConfirmSubscription failed: {msg}"),
+                    ))
+                }
+            }
+        }
+        "UnsubscribeConfirmation" => {
+            record(
+                &state,
+                NewDelivery {
+                    outcome: "unsubscribed".into(),
+                    ..base(&hook, &m)
+                },
+            )
+            .await?;
+            Ok(answer("unsubscribed", None))
+        }
+        _ => notification(&state, &hook, h, &m).await,
+    }
+}
+
+async fn notification(
+    state: &AppState,
+    hook: &str,
+    h: &crate::config::HookSection,
+    m: &SnsMessage,
+) -> Result<Response, ApiError> {
+    if let Some(first) = state.store.delivered(hook, &m.message_id).await? {
+        record(
+            state,
+            NewDelivery {
+                outcome: "duplicate".into(),
+                job_id: first.job_id.clone(),
+                rule: first.rule.clone(),
+                ..base(hook, m)
+            },
+        )
+        .await?;
+        return Ok(answer("duplicate", first.job_id));
+    }
+    let event = parse_event(&m.message, &m.topic_arn);
+    let Some((rule, event)) =
+        event.and_then(|e| h.rules.iter().find(|r| r.matches(&e)).map(|r| (r, e)))
+    else {
+        record(
+            state,
+            NewDelivery {
+                outcome: "no_rule".into(),
+                reason: Some("no rule matches this message".into()),
+                ..base(hook, m)
+            },
+        )
+        .await?;
+        return Ok(answer("no_rule", None));
+    };
+    let spec = rule
+        .render(&event)
+        .map_err(|e| e.to_string())
+        .and_then(|spec| {
+            resolve_spec(state, spec).map_err(|e| match e.field {
+                Some(f) => format!("{f}: {}", e.detail),
+                None => e.detail,
+            })
+        });
+    let spec = match spec {
+        Ok(s) => s,
+        Err(e) => {
+            // Matched, but no job can be made from this message: retrying would not help.
+            record(
+                state,
+                NewDelivery {
+                    outcome: "failed".into(),
+                    rule: Some(rule.name.clone()),
+                    reason: Some(e),
+                    ..base(hook, m)
+                },
+            )
+            .await?;
+            return Ok(answer("failed", None));
+        }
+    };
+    let key = format!("sns:{hook}:{}", m.message_id);
+    let (outcome, job) = match state.store.enqueue(new_job(state, spec, Some(key))).await? {
+        Enqueued::Created(j) => {
+            state.metrics.submitted(j.action.as_str());
+            ("accepted", j)
+        }
+        Enqueued::Replayed(j) => ("duplicate", j),
+    };
+    record(
+        state,
+        NewDelivery {
+            outcome: outcome.into(),
+            rule: Some(rule.name.clone()),
+            job_id: Some(job.id.clone()),
+            ..base(hook, m)
+        },
+    )
+    .await?;
+    Ok(answer(outcome, Some(job.id)))
+}
+
+/// Query of `GET /v1/sns/deliveries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryQuery {
+    /// Most rows (1-500, default 100).
+    pub limit: Option<u32>,
+    /// Only deliveries with a smaller id (the next page).
+    pub before: Option<i64>,
+}
+
+/// Body of `GET /v1/sns/deliveries`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryPage {
+    /// Newest first.
+    pub deliveries: Vec<Delivery>,
+}
+
+/// Recorded SNS deliveries, newest first: accepted, duplicate, rejected (with the reason), the
+/// matched rule and the job.
+#[utoipa::path(
+    get, path = "/v1/sns/deliveries", tag = "sns",
+    params(
+        ("limit" = Option<u32>, Query, description = "Most rows, 1-500 (default 100)"),
+        ("before" = Option<i64>, Query, description = "Only ids below this (next page)"),
+    ),
+    responses((status = 200, body = DeliveryPage), (status = 400, body = Problem)),
+    security(("bearer" = []))
+)]
+pub async fn deliveries(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeliveryPage>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let Query(q) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit",
+            "must be 1 to 500",
+        ));
+    }
+    Ok(Json(DeliveryPage {
+        deliveries: state.store.list_deliveries(q.before, limit).await?,
+    }))
+}
