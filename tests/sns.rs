@@ -282,3 +282,169 @@ job = {{ action = "reboot_instances", region = "{{region}}", targets = {{ instan
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// A plain HTTP subscriber: collects every body it is sent.
+async fn subscriber() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..p]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= p + 4 + len {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&buf[p + 4..p + 4 + len]) {
+                            g.lock().unwrap().push(v);
+                        }
+                        break;
+                    }
+                }
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    (url, got)
+}
+
+#[tokio::test]
+async fn job_outcomes_are_published_to_a_topic() {
+    let moto = Moto::start().await;
+    moto.launch(1, &[("Group", "notify")]).await;
+    let client = sns(&moto).await;
+    let topic = client
+        .create_topic()
+        .name("results")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    let (url, got) = subscriber().await;
+    client
+        .subscribe()
+        .topic_arn(&topic)
+        .protocol("http")
+        .endpoint(&url)
+        .send()
+        .await
+        .unwrap();
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        extra: "[notify]\nattempts = 2\nbackoff_base = \"50ms\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let spec = |on: &str, topic: &str| {
+        json!({"action": "describe_instances", "targets": {"tags": "Group=notify"},
+            "notify": {"topic_arn": topic, "on": [on], "subject": "nightly check"}})
+    };
+    let first = d.submit(&spec("succeeded", &topic)).await;
+    assert_eq!(d.wait_final(&first, MINUTE).await["state"], "succeeded");
+    let wait_for = |n: usize| {
+        let got = got.clone();
+        async move {
+            let deadline = std::time::Instant::now() + MINUTE;
+            while got.lock().unwrap().len() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no notification arrived"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(1).await;
+    let m = got.lock().unwrap()[0].clone();
+    assert_eq!(m["Type"], "Notification");
+    assert_eq!(m["Subject"], "nightly check");
+    // HTTP subscribers get the JSON document: the text report and the job.
+    let doc: Value = serde_json::from_str(m["Message"].as_str().unwrap()).unwrap();
+    let text = doc["report"].as_str().unwrap();
+    assert!(
+        text.contains(&format!(
+            "ec2jobd job {first} - describe_instances - succeeded"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("Summary") && text.contains("described 1 instance"),
+        "{text}"
+    );
+    assert_eq!(doc["job"]["id"], first.as_str());
+    assert_eq!(doc["job"]["state"], "succeeded");
+
+    // `on` is honoured: a succeeded job that asked only for failures publishes nothing (it ends
+    // before the next job starts, so its message would have arrived first).
+    let quiet = d.submit(&spec("failed", &topic)).await;
+    assert_eq!(d.wait_final(&quiet, MINUTE).await["state"], "succeeded");
+    let third = d.submit(&spec("succeeded", &topic)).await;
+    d.wait_final(&third, MINUTE).await;
+    wait_for(2).await;
+    let ids: Vec<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let doc: Value = serde_json::from_str(m["Message"].as_str().unwrap()).unwrap();
+            doc["job"]["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids, vec![first.clone(), third.clone()]);
+
+    // Events record it; a topic that does not exist is retried, recorded, and the job still succeeded.
+    let events = |id: String| {
+        let d = &d;
+        async move {
+            d.req(
+                reqwest::Method::GET,
+                &format!("/v1/jobs/{id}/events"),
+                &d.admin,
+            )
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+        }
+    };
+    assert!(events(first.clone()).await.contains("event: notified"));
+    let missing = format!("{topic}-missing");
+    let bad = d.submit(&spec("succeeded", &missing)).await;
+    assert_eq!(d.wait_final(&bad, MINUTE).await["state"], "succeeded");
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let text = events(bad.clone()).await;
+        if text.contains("notify_failed") {
+            assert!(text.contains("after 2 attempt"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notify_failed event: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        d.job(&bad).await["state"],
+        "succeeded",
+        "publishing never changes the outcome"
+    );
+}

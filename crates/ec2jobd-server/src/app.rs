@@ -25,6 +25,7 @@ use crate::executor::Ec2Executor;
 use crate::metrics::Metrics;
 use crate::routes::{catalog, jobs, ops, sns, tokens};
 use crate::runner::{Runner, RunnerConfig};
+use crate::sns::notify::Notifier;
 use crate::sns::verify::{CertStore, HttpFetcher};
 use crate::state::AppState;
 
@@ -200,6 +201,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
     println!("ec2jobd listening on http://{local}");
     tracing::info!(%local, workers = cfg.queue.workers, database = %cfg.database, "ec2jobd started");
+    let notifier = Arc::new(Notifier::new(
+        state.pool.clone(),
+        state.store.clone(),
+        cfg.notify.default_notify(),
+        cfg.notify.attempts,
+        cfg.notify.backoff_base.0,
+        cfg.notify.backoff_max.0,
+    ));
+    runner.on_finished(Arc::new(move |job| notifier.job_finished(job)));
     let workers = runner.start(shutdown.clone());
     tokio::spawn({
         let shutdown = shutdown.clone();

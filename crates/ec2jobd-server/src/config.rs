@@ -56,6 +56,36 @@ pub struct Config {
     pub pacing: PacingSection,
     /// SNS deliveries (`POST /v1/sns/{hook}`).
     pub sns: SnsSection,
+    /// Job outcome notifications.
+    pub notify: NotifySection,
+}
+
+/// `[notify]`: publishing job outcomes to SNS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySection {
+    /// Topic for jobs whose spec sets no `notify` (none: only jobs that ask are published).
+    pub topic_arn: Option<String>,
+    /// Final states published for those jobs (empty: all).
+    #[serde(default)]
+    pub on: Vec<String>,
+    /// Publish attempts before giving up (recorded as `notify_failed`).
+    pub attempts: u32,
+    /// First delay between attempts.
+    pub backoff_base: Dur,
+    /// Largest delay between attempts.
+    pub backoff_max: Dur,
+}
+
+impl NotifySection {
+    /// The default notification, when a topic is configured.
+    pub fn default_notify(&self) -> Option<ec2jobd_spec::Notify> {
+        self.topic_arn.as_ref().map(|t| ec2jobd_spec::Notify {
+            topic_arn: t.clone(),
+            on: self.on.clone(),
+            subject: None,
+        })
+    }
 }
 
 /// `[sns]`: how SNS HTTP deliveries are verified, and the hooks that accept them.
@@ -88,6 +118,8 @@ pub struct HookSection {
     /// Rules, tried in order; the first match queues its job.
     #[serde(default)]
     pub rules: Vec<crate::sns::rules::Rule>,
+    /// Notification for the jobs this hook queues, when their rule's job sets none.
+    pub notify: Option<ec2jobd_spec::Notify>,
 }
 
 /// `[pacing]`: token buckets per account+region, by operation class.
@@ -493,7 +525,18 @@ impl Config {
                 bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
             }
         }
+        if let Some(n) = self.notify.default_notify() {
+            n.check("notify")
+                .map_err(|e| anyhow::anyhow!("config key `{}`: {}", e.field, e.message))?;
+        }
+        if self.notify.attempts == 0 || self.notify.attempts > 20 {
+            bail!("config key `notify.attempts`: must be 1 to 20");
+        }
         for (name, h) in &self.sns.hooks {
+            if let Some(n) = &h.notify {
+                n.check(&format!("sns.hooks.{name}.notify"))
+                    .map_err(|e| anyhow::anyhow!("config key `{}`: {}", e.field, e.message))?;
+            }
             if !is_hook_name(name) || name == "deliveries" {
                 bail!("config key `sns.hooks.{name}`: hook names are 1-64 letters, digits, `-` or `_`");
             }

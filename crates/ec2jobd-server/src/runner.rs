@@ -189,7 +189,11 @@ pub struct Runner {
     rng: Mutex<StdRng>,
     active: Mutex<HashMap<String, CancellationToken>>,
     id_prefix: String,
+    on_finished: Mutex<Option<FinishedHook>>,
 }
+
+/// What the runner calls with a job it brought to a final state.
+pub type FinishedHook = Arc<dyn Fn(Job) + Send + Sync>;
 
 impl Runner {
     /// A runner; `seed` fixes the backoff jitter (tests pass a constant, the daemon a random one).
@@ -211,7 +215,13 @@ impl Runner {
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             active: Mutex::new(HashMap::new()),
             id_prefix,
+            on_finished: Mutex::new(None),
         }
+    }
+
+    /// Called with each job this runner brings to a final state (notifications).
+    pub fn on_finished(&self, f: FinishedHook) {
+        *self.on_finished.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// Delay before attempt `attempt + 1`: `base * 2^(attempt-1)` capped at `backoff_max`, with
@@ -435,9 +445,19 @@ impl Runner {
             Finish::Retry { .. } => "retry",
         };
         match self.store.finish(&job.id, worker, finish).await {
-            Ok(_) => {
+            Ok(done) => {
                 self.metrics.attempt(job.action.as_str(), outcome, secs);
                 tracing::info!(outcome, seconds = secs, "attempt finished");
+                if done.state.is_terminal() {
+                    let hook = self
+                        .on_finished
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(hook) = hook {
+                        hook(done);
+                    }
+                }
             }
             Err(StoreError::LeaseLost) => tracing::warn!("lease lost before the outcome was saved"),
             Err(e) => {

@@ -18,6 +18,6 @@ pub use job::{
 };
 pub use role::Role;
 pub use spec::{
-    parse_duration, Action, Filter, IdList, JobSpec, SpecError, TagSet, Targets, WaitSpec,
+    parse_duration, Action, Filter, IdList, JobSpec, Notify, SpecError, TagSet, Targets, WaitSpec,
     WaitUntil,
 };

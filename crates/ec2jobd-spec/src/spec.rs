@@ -453,6 +453,64 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<u32>,
+    /// Publish the outcome to an SNS topic when the job ends (default: config `[notify]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
+}
+
+/// Where and when a job's outcome is published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// SNS topic ARN (`arn:aws:sns:REGION:ACCOUNT:NAME`); published through the job's account.
+    pub topic_arn: String,
+    /// Final states that publish: `succeeded`, `failed`, `cancelled` (default: all three).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    /// Subject (default `ec2jobd <action> <state>`); at most 100 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+impl Notify {
+    /// Checks the topic ARN, states and subject.
+    pub fn check(&self, field: &str) -> Result<(), SpecError> {
+        let parts: Vec<&str> = self.topic_arn.split(':').collect();
+        if parts.len() != 6 || parts[0] != "arn" || parts[2] != "sns" || parts[3].is_empty() {
+            return Err(SpecError::new(
+                format!("{field}.topic_arn"),
+                "invalid_topic",
+                format!(
+                    "`{}` is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)",
+                    self.topic_arn
+                ),
+            ));
+        }
+        for (i, s) in self.on.iter().enumerate() {
+            if !matches!(s.as_str(), "succeeded" | "failed" | "cancelled") {
+                return Err(SpecError::new(
+                    format!("{field}.on[{i}]"),
+                    "invalid_state",
+                    "must be succeeded, failed or cancelled",
+                ));
+            }
+        }
+        if let Some(s) = &self.subject {
+            if s.is_empty() || s.chars().count() > 100 || s.chars().any(|c| c.is_control()) {
+                return Err(SpecError::new(
+                    format!("{field}.subject"),
+                    "invalid_subject",
+                    "1-100 characters, no line breaks (SNS's limit)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a job ending in `state` publishes.
+    pub fn wants(&self, state: &str) -> bool {
+        self.on.is_empty() || self.on.iter().any(|s| s == state)
+    }
 }
 
 /// The shape a parameter must have.
@@ -679,6 +737,9 @@ impl JobSpec {
                 Duration::from_secs(1),
                 Duration::from_secs(7 * 24 * 3600),
             )?);
+        }
+        if let Some(n) = &self.notify {
+            n.check("notify")?;
         }
         if let Some(n) = self.max_attempts {
             if !(1..=100).contains(&n) {

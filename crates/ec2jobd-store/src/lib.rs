@@ -266,6 +266,9 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a token; false when there was none by that name.
     async fn revoke_token(&self, name: &str) -> Result<bool>;
     /// Receives the id of every job whose event log grew (for live event streams).
+    /// Appends an event to a job in any state, unfenced: things that happen after a job ended
+    /// (its notification was published or failed).
+    async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
     /// Records an SNS delivery.
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery>;
     /// The first delivery of `message_id` to `hook` that was acted on (accepted, no rule, confirmed).

@@ -1001,6 +1001,19 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn note(&self, id: &str, ev: NewEvent) -> Result<()> {
+        let (job_id, clock) = (id.to_string(), self.clock.clone());
+        let jid = job_id.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                add_event(conn, &jid, clock.now_ms(), &ev.kind, &ev.message, &ev.data).await
+            })
+        })
+        .await?;
+        self.announce(&job_id);
+        Ok(())
+    }
+
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
         let clock = self.clock.clone();
         self.write(move |conn| {

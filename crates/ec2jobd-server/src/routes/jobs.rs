@@ -418,7 +418,7 @@ pub async fn cancel(
 }
 
 /// The job's progress as Server-Sent Events, from the beginning (or after `Last-Event-ID`) until the
-/// job ends. Each event's `event` is the kind, its `id` the sequence number, its `data` a JobEvent.
+/// job ends (events recorded after the end so far, such as `notified`, come with it). Each event's `event` is the kind, its `id` the sequence number, its `data` a JobEvent.
 #[utoipa::path(
     get, path = "/v1/jobs/{id}/events", tag = "jobs",
     params(
@@ -468,20 +468,25 @@ pub async fn events(
                 }
             };
             let full = batch.len() == 500;
+            let mut ended = false;
             for e in batch {
                 last = e.seq;
-                let end = TERMINAL_EVENT_KINDS.contains(&e.kind.as_str());
+                // Events recorded after the end (its notification) are sent with it.
+                ended |= TERMINAL_EVENT_KINDS.contains(&e.kind.as_str());
                 let ev = Event::default()
                     .id(e.seq.to_string())
                     .event(e.kind.clone())
                     .json_data(&e)
                     .unwrap_or_default();
-                if tx.send(ev).await.is_err() || end {
+                if tx.send(ev).await.is_err() {
                     return;
                 }
             }
             if full {
                 continue;
+            }
+            if ended {
+                return;
             }
             // Wait for news of this job; re-read at least every few seconds as a safety net.
             let deadline = tokio::time::sleep(Duration::from_secs(5));

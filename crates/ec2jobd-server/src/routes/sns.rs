@@ -253,7 +253,12 @@ async fn notification(
     };
     let spec = rule
         .render(&event)
-        .map_err(|e| e.to_string())
+        .map(|mut spec| {
+            if spec.notify.is_none() {
+                spec.notify = h.notify.clone();
+            }
+            spec
+        })
         .and_then(|spec| {
             resolve_spec(state, spec).map_err(|e| match e.field {
                 Some(f) => format!("{f}: {}", e.detail),
