@@ -448,3 +448,105 @@ async fn job_outcomes_are_published_to_a_topic() {
         "publishing never changes the outcome"
     );
 }
+
+/// A SubscriptionConfirmation signed with the pinned test key (its certificate pre-seeded in
+/// `sns.cert_dir`, as an air-gapped host would) is confirmed through the SNS API — the proxy in
+/// front of moto sees ConfirmSubscription with the token — and never by fetching SubscribeURL. The
+/// hook demands basic auth: without it, 401 and nothing else happens.
+#[tokio::test]
+async fn subscription_confirmation_goes_through_the_api_behind_basic_auth() {
+    use base64::Engine;
+    use rsa::pkcs1v15::SigningKey;
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::signature::{SignatureEncoding, Signer};
+
+    let moto = Moto::start().await;
+    let proxy = common::proxy::FaultProxy::start(&moto.url, 1).await;
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        "tests/fixtures/sns-test-cert.pem",
+        certs
+            .path()
+            .join("SimpleNotificationService-0123456789abcdef.pem"),
+    )
+    .unwrap();
+    let topic = sns(&moto)
+        .await
+        .create_topic()
+        .name("alarms")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    let topic = topic.as_str();
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        extra: format!(
+            "[sns]\ncert_dir = \"{}\"\n[sns.hooks.alarms]\ntopics = [\"{topic}\"]\nbasic_auth_env = \"HOOK_AUTH\"\n",
+            certs.path().display()
+        ),
+        env: vec![("HOOK_AUTH".into(), "sns:s3cret".into())],
+        ..Default::default()
+    })
+    .await;
+    let fields = [
+        ("Message", "You have chosen to subscribe to the topic."),
+        ("MessageId", "c0ffee00-0000-4000-8000-000000000001"),
+        ("SubscribeURL", "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=x&Token=tok-42"),
+        ("Timestamp", &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        ("Token", "tok-42"),
+        ("TopicArn", topic),
+        ("Type", "SubscriptionConfirmation"),
+    ];
+    let text: String = fields.iter().map(|(k, v)| format!("{k}\n{v}\n")).collect();
+    let key =
+        rsa::RsaPrivateKey::from_pkcs8_pem(include_str!("fixtures/sns-test-key.pem")).unwrap();
+    let sig = SigningKey::<sha2::Sha256>::new(key)
+        .sign(text.as_bytes())
+        .to_vec();
+    let mut body: serde_json::Map<String, Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    body.insert("SignatureVersion".into(), json!("2"));
+    body.insert(
+        "Signature".into(),
+        json!(base64::engine::general_purpose::STANDARD.encode(sig)),
+    );
+    body.insert(
+        "SigningCertURL".into(),
+        json!("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"),
+    );
+    let body = Value::Object(body).to_string();
+    let post = |auth: Option<&str>| {
+        let mut r = d
+            .http
+            .post(format!("{}/v1/sns/alarms", d.url))
+            .header("x-amz-sns-message-type", "SubscriptionConfirmation")
+            .body(body.clone());
+        if let Some(a) = auth {
+            r = r.basic_auth(a.split(':').next().unwrap(), a.split(':').nth(1));
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    assert_eq!(post(Some("sns:wrong")).await.unwrap().status(), 401);
+    assert_eq!(proxy.calls("ConfirmSubscription"), 0);
+    let r = post(Some("sns:s3cret")).await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "{}\n{}",
+        d.get_json("/v1/sns/deliveries").await.1,
+        d.log()
+    );
+    assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "confirmed");
+    assert_eq!(proxy.calls("ConfirmSubscription"), 1);
+    let sent = proxy.last_body("ConfirmSubscription");
+    assert!(sent.contains("Token=tok-42"), "{sent}");
+    let (_, page) = d.get_json("/v1/sns/deliveries").await;
+    assert_eq!(page["deliveries"][0]["outcome"], "confirmed");
+    assert_eq!(page["deliveries"][0]["kind"], "SubscriptionConfirmation");
+}

@@ -109,6 +109,8 @@ pub struct DaemonOpts {
     pub workers: usize,
     /// Extra TOML appended to the generated config (more accounts, other limits).
     pub extra: String,
+    /// Extra environment variables of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DaemonOpts {
@@ -117,6 +119,7 @@ impl Default for DaemonOpts {
             moto_url: None,
             workers: 2,
             extra: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -129,6 +132,7 @@ pub struct Daemon {
     pub config: PathBuf,
     pub admin: String,
     pub http: reqwest::Client,
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -219,6 +223,7 @@ impl Daemon {
             config,
             admin,
             http: reqwest::Client::new(),
+            env: opts.env.clone(),
             _tmp: Some(tmp),
         };
         d.spawn().await;
@@ -235,6 +240,7 @@ impl Daemon {
             config,
             admin,
             http: reqwest::Client::new(),
+            env: Vec::new(),
             _tmp: None,
         };
         d.spawn().await;
@@ -253,6 +259,7 @@ impl Daemon {
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
             .env("AWS_EC2_METADATA_DISABLED", "true")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

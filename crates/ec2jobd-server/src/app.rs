@@ -150,6 +150,15 @@ fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountCon
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let addr = cfg.listen_addr()?;
+    // Secrets named in config are read from the environment of the daemon only (CLI commands that
+    // load the same config do not need them).
+    for (name, h) in &cfg.sns.hooks {
+        if let Some(var) = &h.basic_auth_env {
+            if !std::env::var(var).is_ok_and(|v| v.contains(':')) {
+                anyhow::bail!("config key `sns.hooks.{name}.basic_auth_env`: environment variable `{var}` must hold `user:password`");
+            }
+        }
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store: Arc<dyn Store> = Arc::new(open_store(&cfg, clock.clone()).await?);
     let metrics = Arc::new(Metrics::new());

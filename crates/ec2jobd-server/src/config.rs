@@ -120,6 +120,9 @@ pub struct HookSection {
     pub rules: Vec<crate::sns::rules::Rule>,
     /// Notification for the jobs this hook queues, when their rule's job sets none.
     pub notify: Option<ec2jobd_spec::Notify>,
+    /// Environment variable holding `user:password`: deliveries must then carry HTTP basic auth
+    /// (put the credentials in the subscription URL, `https://user:password@host/v1/sns/<hook>`).
+    pub basic_auth_env: Option<String>,
 }
 
 /// `[pacing]`: token buckets per account+region, by operation class.

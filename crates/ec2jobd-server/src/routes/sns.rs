@@ -95,6 +95,28 @@ pub async fn deliver(
         .hooks
         .get(&hook)
         .ok_or_else(|| ApiError::not_found(&format!("SNS hook `{hook}`")))?;
+    if let Some(var) = &h.basic_auth_env {
+        let want = std::env::var(var).unwrap_or_default();
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .ok()
+            })
+            .unwrap_or_default();
+        use subtle::ConstantTimeEq;
+        if want.is_empty() || !bool::from(given.ct_eq(want.as_bytes())) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this hook needs HTTP basic auth (credentials in the subscription URL)",
+            ));
+        }
+    }
     let max_age = (!cfg.max_age.0.is_zero()).then_some(cfg.max_age.0);
     let m = match state
         .sns_certs
@@ -183,7 +205,7 @@ pub async fn deliver(
                     Ok(answer("confirmed", None))
                 }
                 Err(e) => {
-                    let msg = aws_sdk_sns::error::DisplayErrorContext(&e).to_string();
+                    let msg = crate::sns::sns_error(&e);
                     record(
                         &state,
                         NewDelivery {

@@ -4,3 +4,23 @@
 pub mod notify;
 pub mod rules;
 pub mod verify;
+
+/// An SNS SDK error in one line: AWS's code and message (and request id), or what went wrong on
+/// the way; never the raw response.
+pub fn sns_error<E, R>(e: &aws_sdk_sns::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_sns::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_sns::error::ProvideErrorMetadata;
+    match e.code() {
+        Some(code) => {
+            let mut s = format!("{code}: {}", e.message().unwrap_or("no message"));
+            if let Some(id) = e.meta().extra("aws_request_id") {
+                s.push_str(&format!(" (request id {id})"));
+            }
+            s
+        }
+        None => aws_sdk_sns::error::DisplayErrorContext(e).to_string(),
+    }
+}

@@ -156,7 +156,7 @@ impl Notifier {
             .message_attributes("state", attr(job.state.as_str())?)
             .send()
             .await
-            .map_err(|e| aws_sdk_sns::error::DisplayErrorContext(&e).to_string())?;
+            .map_err(|e| super::sns_error(&e))?;
         Ok(out.message_id().unwrap_or_default().to_string())
     }
 }
