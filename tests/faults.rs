@@ -33,6 +33,7 @@ async fn rig_with(
         moto_url: Some(proxy.url.clone()),
         workers,
         extra: extra.to_string(),
+        ..Default::default()
     })
     .await;
     (moto, proxy, d, ids)
