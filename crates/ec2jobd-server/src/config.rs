@@ -107,8 +107,8 @@ pub struct SnsSection {
     pub hooks: BTreeMap<String, HookSection>,
 }
 
-/// `[sns.hooks.<name>]`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[sns.hooks.<name>]`, and the body of `PUT /v1/sns/hooks/{name}`.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HookSection {
     /// Topic ARNs whose messages this hook accepts (all others: 403).
@@ -209,6 +209,47 @@ pub struct AccountSection {
 
 // Accounts other than `default` are whole tables in the user's file, so their optional keys need
 // serde defaults; these mirror config/default.toml.
+impl HookSection {
+    /// Checks a hook (from config or the API): name, topic ARNs, account, notification, and every
+    /// rule rendered against a sample message. The error names the field, relative to the hook.
+    pub fn check(&self, name: &str, cfg: &Config) -> Result<(), (String, String)> {
+        if !is_hook_name(name) || name == "deliveries" || name == "hooks" {
+            return Err((
+                String::new(),
+                "hook names are 1-64 letters, digits, `-` or `_` (not `deliveries` or `hooks`)"
+                    .into(),
+            ));
+        }
+        if self.topics.is_empty()
+            || self
+                .topics
+                .iter()
+                .any(|t| !t.starts_with("arn:") || t.split(':').count() != 6)
+        {
+            return Err((
+                "topics".into(),
+                "give one or more topic ARNs (arn:aws:sns:REGION:ACCOUNT:NAME)".into(),
+            ));
+        }
+        if let Some(a) = &self.account {
+            if !cfg.accounts.contains_key(a) {
+                return Err((
+                    "account".into(),
+                    format!("no [accounts.{a}] table is configured"),
+                ));
+            }
+        }
+        if let Some(n) = &self.notify {
+            n.check("notify").map_err(|e| (e.field, e.message))?;
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            r.check()
+                .map_err(|e| (format!("rules[{i}]"), format!("rule `{}`: {e}", r.name)))?;
+        }
+        Ok(())
+    }
+}
+
 /// Hook names become URL path segments.
 pub fn is_hook_name(s: &str) -> bool {
     !s.is_empty()
@@ -536,29 +577,13 @@ impl Config {
             bail!("config key `notify.attempts`: must be 1 to 20");
         }
         for (name, h) in &self.sns.hooks {
-            if let Some(n) = &h.notify {
-                n.check(&format!("sns.hooks.{name}.notify"))
-                    .map_err(|e| anyhow::anyhow!("config key `{}`: {}", e.field, e.message))?;
-            }
-            if !is_hook_name(name) || name == "deliveries" {
-                bail!("config key `sns.hooks.{name}`: hook names are 1-64 letters, digits, `-` or `_`");
-            }
-            if h.topics.is_empty()
-                || h.topics
-                    .iter()
-                    .any(|t| !t.starts_with("arn:") || t.split(':').count() != 6)
-            {
-                bail!("config key `sns.hooks.{name}.topics`: give one or more topic ARNs (arn:aws:sns:REGION:ACCOUNT:NAME)");
-            }
-            if let Some(a) = &h.account {
-                if !self.accounts.contains_key(a) {
-                    bail!("config key `sns.hooks.{name}.account`: no [accounts.{a}] table is configured");
-                }
-            }
-            for (i, r) in h.rules.iter().enumerate() {
-                if let Err(e) = r.check() {
-                    bail!("config key `sns.hooks.{name}.rules[{i}]` ({}): {e}", r.name);
-                }
+            if let Err((field, msg)) = h.check(name, self) {
+                let key = if field.is_empty() {
+                    format!("sns.hooks.{name}")
+                } else {
+                    format!("sns.hooks.{name}.{field}")
+                };
+                bail!("config key `{key}`: {msg}");
             }
         }
         if self.http.body_limit < 1024 {

@@ -17,7 +17,8 @@ use crate::routes::{catalog, jobs, ops, sns, tokens};
     paths(
         jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events, jobs::outputs,
         jobs::report,
-        catalog::catalog, sns::deliver, sns::deliveries,
+        catalog::catalog, sns::deliver, sns::deliveries, sns::list_hooks, sns::get_hook,
+        sns::put_hook, sns::delete_hook,
         tokens::create, tokens::list, tokens::revoke,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
@@ -26,6 +27,7 @@ use crate::routes::{catalog, jobs, ops, sns, tokens};
         ec2jobd_spec::Action, ec2jobd_spec::Role, crate::error::Problem, jobs::JobPage,
         tokens::NewToken, tokens::CreatedToken, ec2jobd_store::TokenInfo, ops::Health,
         catalog::Catalog, catalog::AccountCatalog, sns::DeliveryAnswer, sns::DeliveryPage,
+        sns::HookInfo, crate::config::HookSection,
         ec2jobd_store::Delivery,
     )),
     modifiers(&Bearer),

@@ -269,6 +269,14 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event to a job in any state, unfenced: things that happen after a job ended
     /// (its notification was published or failed).
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
+    /// Creates or replaces an API-managed SNS hook (`body` is opaque JSON); true when created.
+    async fn put_hook(&self, name: &str, body: serde_json::Value) -> Result<bool>;
+    /// An API-managed SNS hook's body.
+    async fn get_hook(&self, name: &str) -> Result<Option<serde_json::Value>>;
+    /// Every API-managed SNS hook, by name.
+    async fn list_hooks(&self) -> Result<Vec<(String, serde_json::Value)>>;
+    /// Deletes an API-managed SNS hook; false when there was none.
+    async fn delete_hook(&self, name: &str) -> Result<bool>;
     /// Records an SNS delivery.
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery>;
     /// The first delivery of `message_id` to `hook` that was acted on (accepted, no rule, confirmed).

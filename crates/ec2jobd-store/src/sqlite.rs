@@ -1014,6 +1014,71 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn put_hook(&self, name: &str, body: Value) -> Result<bool> {
+        let (name, clock) = (name.to_string(), self.clock.clone());
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let existed: Option<i64> =
+                    sqlx::query_scalar("SELECT created_at FROM sns_hooks WHERE name = ?")
+                        .bind(&name)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                sqlx::query(
+                    "INSERT INTO sns_hooks (name, body, created_at, updated_at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
+                )
+                .bind(&name)
+                .bind(encode(&body))
+                .bind(now)
+                .bind(now)
+                .execute(conn)
+                .await?;
+                Ok(existed.is_none())
+            })
+        })
+        .await
+    }
+
+    async fn get_hook(&self, name: &str) -> Result<Option<Value>> {
+        let body: Option<String> = sqlx::query_scalar("SELECT body FROM sns_hooks WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        body.map(|b| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    async fn list_hooks(&self) -> Result<Vec<(String, Value)>> {
+        let rows = sqlx::query("SELECT name, body FROM sns_hooks ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let body: String = r.try_get("body")?;
+                Ok((
+                    r.try_get("name")?,
+                    serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn delete_hook(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query("DELETE FROM sns_hooks WHERE name = ?")
+                    .bind(&name)
+                    .execute(conn)
+                    .await?
+                    .rows_affected();
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
         let clock = self.clock.clone();
         self.write(move |conn| {

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
+use crate::config::HookSection;
 use crate::error::{ApiError, Problem};
 use crate::routes::jobs::{new_job, resolve_spec};
 use crate::sns::rules::parse_event;
@@ -30,9 +31,176 @@ pub fn hook_router() -> Router<AppState> {
     Router::new().route("/v1/sns/{hook}", post(deliver))
 }
 
-/// `GET /v1/sns/deliveries` (behind authentication).
+/// `GET /v1/sns/deliveries` and the hooks API (behind authentication).
 pub fn router() -> Router<AppState> {
-    Router::new().route("/v1/sns/deliveries", get(deliveries))
+    Router::new()
+        .route("/v1/sns/deliveries", get(deliveries))
+        .route("/v1/sns/hooks", get(list_hooks))
+        .route(
+            "/v1/sns/hooks/{name}",
+            get(get_hook).put(put_hook).delete(delete_hook),
+        )
+}
+
+/// A hook from config (which the API cannot change) or from the API.
+async fn find_hook(
+    state: &AppState,
+    name: &str,
+) -> Result<Option<(&'static str, HookSection)>, ApiError> {
+    if let Some(h) = state.config.sns.hooks.get(name) {
+        return Ok(Some(("config", h.clone())));
+    }
+    match state.store.get_hook(name).await? {
+        None => Ok(None),
+        Some(body) => serde_json::from_value(body)
+            .map(|h| Some(("api", h)))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_hook",
+                    e.to_string(),
+                )
+            }),
+    }
+}
+
+/// A hook as listed by the API.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HookInfo {
+    /// Name: deliveries go to `POST /v1/sns/{name}`.
+    pub name: String,
+    /// `config` (read-only here) or `api`.
+    pub source: String,
+    /// The hook.
+    pub hook: HookSection,
+}
+
+/// Every hook, from config and from the API.
+#[utoipa::path(get, path = "/v1/sns/hooks", tag = "sns",
+    responses((status = 200, body = [HookInfo])), security(("bearer" = [])))]
+pub async fn list_hooks(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<HookInfo>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let mut out: Vec<HookInfo> = state
+        .config
+        .sns
+        .hooks
+        .iter()
+        .map(|(n, h)| HookInfo {
+            name: n.clone(),
+            source: "config".into(),
+            hook: h.clone(),
+        })
+        .collect();
+    for (name, body) in state.store.list_hooks().await? {
+        if let Ok(hook) = serde_json::from_value(body) {
+            out.push(HookInfo {
+                name,
+                source: "api".into(),
+                hook,
+            });
+        }
+    }
+    Ok(Json(out))
+}
+
+/// One hook.
+#[utoipa::path(get, path = "/v1/sns/hooks/{name}", tag = "sns",
+    params(("name" = String, Path, description = "Hook name")),
+    responses((status = 200, body = HookInfo), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn get_hook(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<HookInfo>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let (source, hook) = find_hook(&state, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("SNS hook `{name}`")))?;
+    Ok(Json(HookInfo {
+        name,
+        source: source.into(),
+        hook,
+    }))
+}
+
+/// Create or replace an API-managed hook (admin). The body is checked like config: topic ARNs, the
+/// account, the notification, and every rule rendered against a sample message (422 naming the
+/// field). Hooks from config cannot be changed here (409).
+#[utoipa::path(put, path = "/v1/sns/hooks/{name}", tag = "sns",
+    params(("name" = String, Path, description = "Hook name")),
+    request_body = HookSection,
+    responses((status = 201, body = HookInfo), (status = 200, body = HookInfo), (status = 409, body = Problem),
+        (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn put_hook(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    crate::routes::jobs::require_json(&headers)?;
+    if state.config.sns.hooks.contains_key(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "hook_in_config",
+            format!("hook `{name}` is defined in the config file; change it there"),
+        ));
+    }
+    let hook: HookSection = crate::routes::jobs::parse_json(&body)?;
+    hook.check(&name, &state.config).map_err(|(field, msg)| {
+        let e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_hook", msg);
+        if field.is_empty() {
+            e.field("name")
+        } else {
+            e.field(field)
+        }
+    })?;
+    let value = serde_json::to_value(&hook).unwrap_or_default();
+    let created = state.store.put_hook(&name, value).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(HookInfo {
+            name,
+            source: "api".into(),
+            hook,
+        }),
+    )
+        .into_response())
+}
+
+/// Delete an API-managed hook (admin).
+#[utoipa::path(delete, path = "/v1/sns/hooks/{name}", tag = "sns",
+    params(("name" = String, Path, description = "Hook name")),
+    responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn delete_hook(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    if state.config.sns.hooks.contains_key(&name) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "hook_in_config",
+            format!("hook `{name}` is defined in the config file; remove it there"),
+        ));
+    }
+    if state.store.delete_hook(&name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(&format!("SNS hook `{name}`")))
+    }
 }
 
 /// What the hook answers SNS.
@@ -91,10 +259,10 @@ pub async fn deliver(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let cfg = &state.config.sns;
-    let h = cfg
-        .hooks
-        .get(&hook)
-        .ok_or_else(|| ApiError::not_found(&format!("SNS hook `{hook}`")))?;
+    let h = &find_hook(&state, &hook)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("SNS hook `{hook}`")))?
+        .1;
     if let Some(var) = &h.basic_auth_env {
         let want = std::env::var(var).unwrap_or_default();
         let given = headers
@@ -242,7 +410,7 @@ pub async fn deliver(
 async fn notification(
     state: &AppState,
     hook: &str,
-    h: &crate::config::HookSection,
+    h: &HookSection,
     m: &SnsMessage,
 ) -> Result<Response, ApiError> {
     if let Some(first) = state.store.delivered(hook, &m.message_id).await? {
