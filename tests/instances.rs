@@ -786,3 +786,80 @@ async fn every_action_by_id_and_by_tag_with_dry_runs_and_errors() {
         "only the real start reached EC2"
     );
 }
+
+/// `POST /v1/jobs?wait=…` holds the answer until the job ends (201 with the final job) or the time
+/// is up (202 with Location, as without `wait`).
+#[tokio::test]
+async fn submit_can_wait_for_the_end() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Group", "wait")]).await;
+    moto.ec2()
+        .await
+        .stop_instances()
+        .instance_ids(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let post = |q: &str, spec: Value| {
+        let d = &d;
+        let q = q.to_string();
+        async move {
+            d.req(reqwest::Method::POST, &format!("/v1/jobs{q}"), &d.admin)
+                .json(&spec)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = post(
+        "?wait=30s",
+        json!({"action": "describe_instances", "targets": {"tags": "Group=wait"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["results"]["instances"][0]["instance_id"], ids[0].as_str());
+    // Waits for `running` on a stopped instance (never comes): answered at the wait's end.
+    let r = post(
+        "?wait=1s",
+        json!({"action": "create_tags", "targets": {"instance_ids": ids},
+            "params": {"tags": {"a": "b"}}, "wait": {"until": "running", "interval": "200ms", "timeout": "30s"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 202);
+    assert!(r.headers().get("location").is_some());
+    let j: Value = r.json().await.unwrap();
+    assert!(
+        matches!(j["state"].as_str(), Some("queued" | "running")),
+        "{j}"
+    );
+    for (q, field) in [
+        ("?wait=soon", "wait"),
+        ("?wait=2h", "wait"),
+        ("?hold=1s", "hold"),
+    ] {
+        let r = post(
+            q,
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"}}),
+        )
+        .await;
+        assert_eq!(r.status(), 400, "{q}");
+        assert_eq!(r.json::<Value>().await.unwrap()["field"], field);
+    }
+    let cancel = d
+        .req(
+            reqwest::Method::POST,
+            &format!("/v1/jobs/{}/cancel", j["id"].as_str().unwrap()),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(cancel.status().is_success());
+}

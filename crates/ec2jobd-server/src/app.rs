@@ -61,7 +61,15 @@ pub fn init_tracing(cfg: &Config) {
 }
 
 async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
+    // A submission held with `?wait=` gets that much longer (the handler checks the value).
+    let held = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait=")))
+        .and_then(|v| humantime::parse_duration(&v.replace("%20", " ")).ok())
+        .map(|d| d.min(crate::routes::jobs::MAX_WAIT))
+        .unwrap_or_default();
+    match tokio::time::timeout(limit + held, next.run(req)).await {
         Ok(r) => r,
         Err(_) => axum::response::IntoResponse::into_response(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -219,11 +219,15 @@ pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError
 #[utoipa::path(
     post, path = "/v1/jobs", tag = "jobs",
     request_body = JobSpec,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the submission safe to repeat")),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes the submission safe to repeat"),
+        ("wait" = Option<String>, Query, description = "Hold the answer until the job ends or this long passes (humantime, at most 1h)"),
+    ),
     responses(
-        (status = 202, description = "Accepted and durably queued", body = Job,
+        (status = 202, description = "Accepted and durably queued (with `wait`: still running when the time was up)", body = Job,
          headers(("Location" = String, description = "URL of the job"))),
-        (status = 200, description = "Replay of an earlier identical request", body = Job),
+        (status = 201, description = "With `wait`: the job ended in time; the final job", body = Job),
+        (status = 200, description = "Replay of an earlier identical request (with `wait`: held the same way)", body = Job),
         (status = 400, description = "Malformed JSON or header", body = Problem),
         (status = 401, description = "Missing or invalid token", body = Problem),
         (status = 403, description = "Token lacks the operator role", body = Problem),
@@ -239,21 +243,89 @@ pub async fn submit(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    let wait = wait_param(query)?;
     require_json(&headers)?;
     let body = body.map_err(body_error)?;
     let key = idempotency_key(&headers)?;
     let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
-    let (status, job) = match state.store.enqueue(new_job(&state, spec, key)).await? {
+    let (created, job) = match state.store.enqueue(new_job(&state, spec, key)).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
-            (StatusCode::ACCEPTED, j)
+            (true, j)
         }
-        Enqueued::Replayed(j) => (StatusCode::OK, j),
+        Enqueued::Replayed(j) => (false, j),
+    };
+    let job = match wait {
+        Some(w) => wait_for_end(&state, job, w).await?,
+        None => job,
+    };
+    let status = match (created, job.state.is_terminal() && wait.is_some()) {
+        (true, true) => StatusCode::CREATED,
+        (true, false) => StatusCode::ACCEPTED,
+        (false, _) => StatusCode::OK,
     };
     Ok((status, [(header::LOCATION, location(&job.id))], Json(job)).into_response())
+}
+
+/// Most a submission may be held with `?wait=`.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// The `wait` query parameter (the only one `POST /v1/jobs` takes).
+fn wait_param(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Option<Duration>, ApiError> {
+    let Query(params) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
+    let mut wait = None;
+    for (k, v) in params {
+        if k != "wait" {
+            return Err(ApiError::bad_request(
+                "unknown_parameter",
+                &k,
+                format!("unknown query parameter `{k}` (wait)"),
+            ));
+        }
+        let d = ec2jobd_spec::parse_duration(&v)
+            .map_err(|m| ApiError::bad_request("invalid_wait", "wait", m))?;
+        if d > MAX_WAIT {
+            return Err(ApiError::bad_request("invalid_wait", "wait", "at most 1h"));
+        }
+        wait = Some(d);
+    }
+    Ok(wait)
+}
+
+/// Holds until the job ends or `wait` passes, woken by the store's change notices (and re-reading
+/// every second in case another process ran it).
+async fn wait_for_end(state: &AppState, job: Job, wait: Duration) -> Result<Job, ApiError> {
+    let mut rx = state.store.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut job = job;
+    loop {
+        if job.state.is_terminal() {
+            return Ok(job);
+        }
+        let tick = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(id) if id != job.id => continue,
+                    _ => break,
+                },
+                _ = &mut tick => break,
+                _ = tokio::time::sleep_until(deadline) => return Ok(job),
+                _ = state.shutdown.cancelled() => return Ok(job),
+            }
+        }
+        if let Some(j) = state.store.get(&job.id).await? {
+            job = j;
+        }
+    }
 }
 
 fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
