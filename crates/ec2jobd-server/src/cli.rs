@@ -1,4 +1,6 @@
-//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, and `token create|list|revoke`.
+//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, and `token create|list|revoke` on
+//! this host's config and database; `submit` and `jobs …` as an HTTP client of a running daemon
+//! (see [`crate::client`] for their exit codes).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +64,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Submit a job to a running daemon (EC2JOBD_URL, EC2JOBD_TOKEN); `--wait` to follow it.
+    Submit(Box<crate::client::Submit>),
+    /// List, show, cancel, watch a running daemon's jobs, or print their outputs.
+    Jobs {
+        #[command(subcommand)]
+        cmd: crate::client::JobsCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +117,9 @@ async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Submit(_) | Cmd::Jobs { .. } => {
+            unreachable!("client commands are run by `client_main`")
+        }
         Cmd::Serve {
             config,
             listen,
@@ -169,10 +181,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Entry point of the `ec2jobd` binary. Exit code 0 on success, 1 on any error (printed with its
-/// causes, e.g. the config key at fault).
+/// Entry point of the `ec2jobd` binary. Daemon-side commands exit 0 on success and 1 on any error
+/// (printed with its causes, e.g. the config key at fault); client commands use the codes of
+/// [`crate::client::exit`]; a command line that does not parse exits 3.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are not errors; bad input is "rejected" like a 4xx.
+            return if e.use_stderr() {
+                ExitCode::from(crate::client::exit::REJECTED)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -183,11 +207,24 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+    let client = match cli.cmd {
+        Cmd::Submit(s) => rt.block_on(crate::client::submit(*s)),
+        Cmd::Jobs { cmd } => rt.block_on(crate::client::jobs(cmd)),
+        cmd => {
+            return match rt.block_on(run(Cli { cmd })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    };
+    match client {
+        Ok(code) => ExitCode::from(code),
+        Err(crate::client::Fail(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
         }
     }
 }

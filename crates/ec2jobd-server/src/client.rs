@@ -1,0 +1,534 @@
+//! The command-line client: `ec2jobd submit` and `ec2jobd jobs …` talk to a running daemon over
+//! HTTP, for schedulers that run a command and read its exit code.
+//!
+//! The daemon is `--url` / `EC2JOBD_URL` (default `http://127.0.0.1:8080`); the token comes only from
+//! `EC2JOBD_TOKEN`, so it never shows in process listings. Exit codes: 0 the job succeeded (or the
+//! command did what it was asked), 1 the job failed or was cancelled, 2 the wait timed out with the
+//! job still going, 3 the daemon refused the request (4xx; also bad command-line input), 4 the daemon
+//! could not be reached or failed (5xx).
+
+use std::io::{IsTerminal, Read, Write};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+/// Exit codes of client commands.
+pub mod exit {
+    /// The job succeeded (or the command did what it was asked).
+    pub const OK: u8 = 0;
+    /// The job failed or was cancelled.
+    pub const FAILED: u8 = 1;
+    /// `--wait` ran out of time; the job goes on.
+    pub const TIMED_OUT: u8 = 2;
+    /// The daemon refused the request (4xx), or the command line was wrong.
+    pub const REJECTED: u8 = 3;
+    /// The daemon could not be reached, or answered 5xx.
+    pub const UNREACHABLE: u8 = 4;
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// The job document as JSON.
+    Json,
+    /// A short human table.
+    Table,
+    /// `KEY=value` lines from `/v1/jobs/{id}/outputs` (for `eval` in shell schedulers).
+    Env,
+}
+
+/// Where the daemon is.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Daemon base URL.
+    #[arg(long, env = "EC2JOBD_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// How results are printed.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// `ec2jobd submit`.
+#[derive(Args, Debug)]
+pub struct Submit {
+    /// Action: a full name (`start_instances`) or a short one (`start`, `stop`, `reboot`,
+    /// `terminate`, `describe`, `tag`, `untag`, `snapshot`, `image`); not needed with `--spec`.
+    pub action: Option<String>,
+    /// Job spec as JSON from a file, or `-` for stdin; flags below override its fields.
+    #[arg(long)]
+    pub spec: Option<String>,
+    /// Target instance id (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// Target tag `Key=Value` (repeatable; all must match).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Action parameter `key=value` (value parsed as JSON when it is, else a string; repeatable).
+    #[arg(long = "param")]
+    pub params: Vec<String>,
+    /// Account name.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Region.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// What to wait for: none, running, stopped, terminated, status_ok, completed.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// How often the daemon checks while it waits (the spec's `wait.interval`, e.g. `15s`).
+    #[arg(long)]
+    pub interval: Option<String>,
+    /// Shorthand for `--until status_ok --wait`.
+    #[arg(long)]
+    pub wait_status_ok: bool,
+    /// Pass DryRun to EC2.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Idempotency key (repeat the command safely).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait for the job to end, showing progress on stderr.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (exit 2; the job goes on).
+    #[arg(long, default_value = "1h")]
+    pub wait_timeout: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `ec2jobd jobs …`.
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// List jobs, newest first.
+    List {
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this action.
+        #[arg(long)]
+        action: Option<String>,
+        /// Most jobs.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show one job (exit code from its state: 0 succeeded, 1 failed/cancelled, 2 not ended).
+    Get {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Follow a job until it ends, showing progress.
+    Watch {
+        /// Job id.
+        id: String,
+        /// Give up after this long (exit 2).
+        #[arg(long, default_value = "1h")]
+        wait_timeout: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the job's flat outputs (`--output env` for `KEY=value` lines).
+    Outputs {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// A failure with the exit code it maps to.
+pub struct Fail(pub u8, pub String);
+
+type R<T> = Result<T, Fail>;
+
+fn short_action(a: &str) -> String {
+    match a {
+        "start" | "stop" | "reboot" | "terminate" | "describe" | "run" => format!("{a}_instances"),
+        "tag" => "create_tags".into(),
+        "untag" => "delete_tags".into(),
+        "snapshot" => "create_snapshots".into(),
+        "image" => "create_image".into(),
+        "resize" | "modify" => "modify_instance_attribute".into(),
+        "audit" => "audit_tags".into(),
+        other => other.into(),
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new(conn: &Conn) -> R<Client> {
+        let token = std::env::var("EC2JOBD_TOKEN").map_err(|_| {
+            Fail(
+                exit::REJECTED,
+                "set EC2JOBD_TOKEN to an API token (ec2jobd token create)".into(),
+            )
+        })?;
+        Ok(Client {
+            http: reqwest::Client::new(),
+            base: conn.url.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> R<(u16, String)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let r = req.send().await.map_err(|e| {
+            Fail(
+                exit::UNREACHABLE,
+                format!("cannot reach {}: {e}", self.base),
+            )
+        })?;
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        match status {
+            200..=299 => Ok((status, text)),
+            400..=499 => {
+                let p: Value = serde_json::from_str(&text).unwrap_or_default();
+                let field = p["field"]
+                    .as_str()
+                    .map(|f| format!(" (field {f})"))
+                    .unwrap_or_default();
+                Err(Fail(
+                    exit::REJECTED,
+                    format!(
+                        "{status} {}: {}{field}",
+                        p["code"].as_str().unwrap_or("rejected"),
+                        p["detail"].as_str().unwrap_or(&text)
+                    ),
+                ))
+            }
+            _ => Err(Fail(
+                exit::UNREACHABLE,
+                format!("daemon answered {status}: {text}"),
+            )),
+        }
+    }
+
+    async fn job(&self, id: &str) -> R<Value> {
+        let (_, t) = self
+            .call(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None, None)
+            .await?;
+        serde_json::from_str(&t).map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))
+    }
+
+    /// Polls until the job ends or `limit` passes, showing progress on stderr.
+    async fn follow(&self, mut job: Value, limit: Duration) -> R<Value> {
+        let tty = std::io::stderr().is_terminal();
+        let deadline = Instant::now() + limit;
+        let mut last = String::new();
+        loop {
+            let state = job["state"].as_str().unwrap_or("").to_string();
+            let line = format!(
+                "{} {}: {}",
+                job["id"].as_str().unwrap_or(""),
+                state,
+                job["progress"]["message"].as_str().unwrap_or("")
+            );
+            if line != last {
+                let mut err = std::io::stderr();
+                if tty {
+                    let _ = write!(err, "\r\x1b[2K{line}");
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+                let _ = err.flush();
+                last = line;
+            }
+            if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+                if tty {
+                    eprintln!();
+                }
+                return Ok(job);
+            }
+            if Instant::now() >= deadline {
+                if tty {
+                    eprintln!();
+                }
+                return Err(Fail(
+                    exit::TIMED_OUT,
+                    format!(
+                        "job {} still {state} after the wait; it goes on",
+                        job["id"].as_str().unwrap_or("")
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500).min(deadline - Instant::now())).await;
+            job = self.job(job["id"].as_str().unwrap_or("")).await?;
+        }
+    }
+
+    async fn print(&self, job: &Value, output: Output) -> R<()> {
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(job).unwrap_or_default()),
+            Output::Table => {
+                println!("id       {}", job["id"].as_str().unwrap_or(""));
+                println!("action   {}", job["action"].as_str().unwrap_or(""));
+                println!("state    {}", job["state"].as_str().unwrap_or(""));
+                if let Some(s) = job["results"]["summary"].as_str() {
+                    println!("summary  {s}");
+                }
+                if let Some(e) = job["error"].as_object() {
+                    println!(
+                        "error    {}: {}",
+                        e["code"].as_str().unwrap_or(""),
+                        e["message"].as_str().unwrap_or("")
+                    );
+                }
+                for i in job["results"]["instances"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {}  {}",
+                        i["instance_id"].as_str().unwrap_or(""),
+                        i["state"].as_str().unwrap_or(""),
+                        i["checks"].as_str().or(i["outcome"].as_str()).unwrap_or("")
+                    );
+                }
+            }
+            Output::Env => {
+                let id = job["id"].as_str().unwrap_or("");
+                let (_, t) = self
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/v1/jobs/{id}/outputs?format=env"),
+                        None,
+                        None,
+                    )
+                    .await?;
+                print!("{t}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn exit_for(job: &Value) -> u8 {
+    match job["state"].as_str() {
+        Some("succeeded") => exit::OK,
+        Some("failed" | "cancelled") => exit::FAILED,
+        _ => exit::TIMED_OUT,
+    }
+}
+
+fn duration(s: &str, flag: &str) -> R<Duration> {
+    humantime::parse_duration(s).map_err(|e| {
+        Fail(
+            exit::REJECTED,
+            format!("{flag}: `{s}` is not a duration ({e})"),
+        )
+    })
+}
+
+fn build_spec(s: &Submit) -> R<Value> {
+    let bad = |m: String| Fail(exit::REJECTED, m);
+    let mut spec: Value = match s.spec.as_deref() {
+        None => json!({}),
+        Some(src) => {
+            let text = if src == "-" {
+                let mut t = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut t)
+                    .map_err(|e| bad(format!("--spec -: {e}")))?;
+                t
+            } else {
+                std::fs::read_to_string(src).map_err(|e| bad(format!("--spec {src}: {e}")))?
+            };
+            serde_json::from_str(&text).map_err(|e| bad(format!("--spec {src}: not JSON ({e})")))?
+        }
+    };
+    if !spec.is_object() {
+        return Err(bad("--spec: a job spec is a JSON object".into()));
+    }
+    if let Some(a) = &s.action {
+        spec["action"] = json!(short_action(a));
+    }
+    if spec.get("action").is_none() {
+        return Err(bad(
+            "give an action (e.g. `ec2jobd submit start --tag AutoOn=yes`) or --spec".into(),
+        ));
+    }
+    if !s.ids.is_empty() {
+        spec["targets"]["instance_ids"] = json!(s.ids);
+    }
+    for t in &s.tags {
+        let (k, v) = t
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--tag {t}: use Key=Value")))?;
+        spec["targets"]["tags"][k] = json!(v);
+    }
+    for p in &s.params {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| bad(format!("--param {p}: use key=value")))?;
+        spec["params"][k] = serde_json::from_str(v).unwrap_or_else(|_| json!(v));
+    }
+    if let Some(a) = &s.account {
+        spec["account"] = json!(a);
+    }
+    if let Some(r) = &s.region {
+        spec["region"] = json!(r);
+    }
+    if s.wait_status_ok {
+        spec["wait"]["until"] = json!("status_ok");
+    }
+    if let Some(u) = &s.until {
+        spec["wait"]["until"] = json!(u);
+    }
+    if let Some(i) = &s.interval {
+        spec["wait"]["interval"] = json!(i);
+    }
+    if s.dry_run {
+        spec["dry_run"] = json!(true);
+    }
+    Ok(spec)
+}
+
+/// `ec2jobd submit`.
+pub async fn submit(s: Submit) -> R<u8> {
+    let spec = build_spec(&s)?;
+    let client = Client::new(&s.conn)?;
+    let wait = s.wait || s.wait_status_ok;
+    let limit = duration(&s.wait_timeout, "--wait-timeout")?;
+    let (_, text) = client
+        .call(
+            reqwest::Method::POST,
+            "/v1/jobs",
+            Some(&spec),
+            s.idempotency_key.as_deref(),
+        )
+        .await?;
+    let job: Value = serde_json::from_str(&text)
+        .map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))?;
+    if !wait {
+        client.print(&job, s.conn.output).await?;
+        return Ok(exit::OK);
+    }
+    let job = client.follow(job, limit).await?;
+    client.print(&job, s.conn.output).await?;
+    Ok(exit_for(&job))
+}
+
+/// `ec2jobd jobs …`.
+pub async fn jobs(cmd: JobsCmd) -> R<u8> {
+    match cmd {
+        JobsCmd::List {
+            state,
+            action,
+            limit,
+            conn,
+        } => {
+            let client = Client::new(&conn)?;
+            let mut q = format!("?limit={limit}");
+            if let Some(s) = state {
+                q.push_str(&format!("&state={s}"));
+            }
+            if let Some(a) = action {
+                q.push_str(&format!("&action={a}"));
+            }
+            let (_, t) = client
+                .call(reqwest::Method::GET, &format!("/v1/jobs{q}"), None, None)
+                .await?;
+            let page: Value = serde_json::from_str(&t).unwrap_or_default();
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&page).unwrap_or_default()
+                ),
+                _ => {
+                    for j in page["jobs"].as_array().into_iter().flatten() {
+                        println!(
+                            "{}  {:<10} {:<26} {}",
+                            j["id"].as_str().unwrap_or(""),
+                            j["state"].as_str().unwrap_or(""),
+                            j["action"].as_str().unwrap_or(""),
+                            j["results"]["summary"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        JobsCmd::Get { id, conn } => {
+            let client = Client::new(&conn)?;
+            let job = client.job(&id).await?;
+            client.print(&job, conn.output).await?;
+            Ok(exit_for(&job))
+        }
+        JobsCmd::Cancel { id, conn } => {
+            let client = Client::new(&conn)?;
+            let (_, t) = client
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/jobs/{id}/cancel"),
+                    None,
+                    None,
+                )
+                .await?;
+            let job: Value = serde_json::from_str(&t).unwrap_or_default();
+            client.print(&job, conn.output).await?;
+            Ok(exit::OK)
+        }
+        JobsCmd::Watch {
+            id,
+            wait_timeout,
+            conn,
+        } => {
+            let client = Client::new(&conn)?;
+            let limit = duration(&wait_timeout, "--wait-timeout")?;
+            let job = client.follow(client.job(&id).await?, limit).await?;
+            client.print(&job, conn.output).await?;
+            Ok(exit_for(&job))
+        }
+        JobsCmd::Outputs { id, conn } => {
+            let client = Client::new(&conn)?;
+            let format = if conn.output == Output::Env {
+                "env"
+            } else {
+                "json"
+            };
+            let (_, t) = client
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/jobs/{id}/outputs?format={format}"),
+                    None,
+                    None,
+                )
+                .await?;
+            print!("{t}");
+            if format == "json" {
+                println!();
+            }
+            Ok(exit::OK)
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The command-line client against a running daemon (and moto): exit codes, JSON and env output,
+//! waits, and the daemon being unreachable.
+
+mod common;
+
+use std::process::Command;
+
+use common::{bin, Daemon, DaemonOpts, Moto};
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn client(d: &Daemon, args: &[&str]) -> Run {
+    client_at(&d.url, &d.admin, args)
+}
+
+fn client_at(url: &str, token: &str, args: &[&str]) -> Run {
+    let o = Command::new(bin())
+        .args(args)
+        .env("EC2JOBD_URL", url)
+        .env("EC2JOBD_TOKEN", token)
+        .output()
+        .expect("run ec2jobd");
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&o.stdout).into_owned(),
+        err: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_report_through_exit_codes_and_outputs() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Group", "cli"), ("Name", "box")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+
+    // Submit with a short action name and tag, wait, JSON output: exit 0.
+    let r = tokio::task::block_in_place(|| {
+        client(
+            &d,
+            &[
+                "submit",
+                "stop",
+                "--tag",
+                "Group=cli",
+                "--wait",
+                "--interval",
+                "200ms",
+                "--output",
+                "json",
+            ],
+        )
+    });
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    let job: Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["action"], "stop_instances");
+    assert!(r.err.contains("succeeded"), "progress on stderr: {}", r.err);
+    assert_eq!(moto.state(&ids[0]).await, "stopped");
+
+    // --wait-status-ok with env output: KEY=value lines for `eval`.
+    let r = tokio::task::block_in_place(|| {
+        client(
+            &d,
+            &[
+                "submit",
+                "start",
+                "--id",
+                &ids[0],
+                "--wait-status-ok",
+                "--interval",
+                "200ms",
+                "--output",
+                "env",
+            ],
+        )
+    });
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    assert!(
+        r.out
+            .lines()
+            .any(|l| l == format!("INSTANCE_ID_1={}", ids[0])),
+        "{}",
+        r.out
+    );
+    assert!(r.out.contains("CHECKS_1='2/2 checks passed'"), "{}", r.out);
+
+    // A job that fails: exit 1; `jobs get` says the same.
+    let r = tokio::task::block_in_place(|| {
+        client(
+            &d,
+            &["submit", "reboot", "--id", "i-0123456789abcdef0", "--wait"],
+        )
+    });
+    assert_eq!(r.code, 1, "{}\n{}", r.out, r.err);
+    assert!(r.out.contains("InvalidInstanceID.NotFound"), "{}", r.out);
+    let failed_id = r
+        .out
+        .lines()
+        .find_map(|l| l.strip_prefix("id       "))
+        .unwrap()
+        .to_string();
+    let r = tokio::task::block_in_place(|| client(&d, &["jobs", "get", &failed_id]));
+    assert_eq!(r.code, 1);
+
+    // Rejected input (422) and a refused cancel (409): exit 3.
+    let r = tokio::task::block_in_place(|| client(&d, &["submit", "start", "--id", "i-xyz"]));
+    assert_eq!(r.code, 3, "{}", r.err);
+    assert!(r.err.contains("targets.instance_ids[0]"), "{}", r.err);
+    let r = tokio::task::block_in_place(|| client(&d, &["jobs", "cancel", &failed_id]));
+    assert_eq!(r.code, 3, "{}", r.err);
+    let r = tokio::task::block_in_place(|| client(&d, &["submit", "--bogus-flag"]));
+    assert_eq!(r.code, 3);
+
+    // The wait runs out while the job goes on: exit 2.
+    let r = tokio::task::block_in_place(|| {
+        client(
+            &d,
+            &[
+                "submit",
+                "tag",
+                "--id",
+                &ids[0],
+                "--param",
+                "tags={\"a\":\"b\"}",
+                "--until",
+                "stopped",
+                "--wait",
+                "--wait-timeout",
+                "1s",
+            ],
+        )
+    });
+    assert_eq!(r.code, 2, "{}\n{}", r.out, r.err);
+
+    // List and outputs as JSON.
+    let r = tokio::task::block_in_place(|| {
+        client(
+            &d,
+            &[
+                "jobs",
+                "list",
+                "--action",
+                "stop_instances",
+                "--output",
+                "json",
+            ],
+        )
+    });
+    assert_eq!(r.code, 0);
+    let page: Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    let stop_id = page["jobs"][0]["id"].as_str().unwrap().to_string();
+    let r = tokio::task::block_in_place(|| {
+        client(&d, &["jobs", "outputs", &stop_id, "--output", "json"])
+    });
+    let out: Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(out["INSTANCE_ID_1"], ids[0].as_str());
+
+    // Nobody listening: exit 4. A missing token: exit 3.
+    let r = tokio::task::block_in_place(|| {
+        client_at("http://127.0.0.1:9", &d.admin, &["jobs", "list"])
+    });
+    assert_eq!(r.code, 4, "{}", r.err);
+    let o = tokio::task::block_in_place(|| {
+        Command::new(bin())
+            .args(["jobs", "list"])
+            .env("EC2JOBD_URL", &d.url)
+            .env_remove("EC2JOBD_TOKEN")
+            .output()
+            .unwrap()
+    });
+    assert_eq!(o.status.code(), Some(3));
+}
