@@ -487,3 +487,99 @@ async fn dry_run_unauthorized_is_a_permanent_failure() {
     );
     assert_eq!(moto.state(&ids[0]).await, "running");
 }
+
+/// `rate`: 40 tagged instances stopped ten at a time — never more than ten in one call, each wave's
+/// wait done before the next call; then starts whose first wave fails permanently: no new wave, and
+/// the job lists the failed and the untouched instances.
+#[tokio::test]
+async fn waves_respect_max_concurrency_and_stop_after_max_errors() {
+    let (moto, proxy, d, ids) = rig(40, &[("Bulk", "yes")], 2).await;
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "stop_instances", "targets": {"tags": "Bulk=yes"},
+                "rate": {"max_concurrency": 10, "max_errors": 0},
+                "wait": {"interval": "200ms", "timeout": "1m"}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(proxy.calls("StopInstances"), 4);
+    assert_eq!(
+        proxy.max_ids("StopInstances"),
+        10,
+        "never more than 10 at once"
+    );
+    let order = proxy.order();
+    let stops: Vec<usize> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| *o == "StopInstances")
+        .map(|(i, _)| i)
+        .collect();
+    for w in stops.windows(2) {
+        assert!(
+            order[w[0]..w[1]]
+                .iter()
+                .any(|o| o == "DescribeInstanceStatus"),
+            "each wave waited before the next: {order:?}"
+        );
+    }
+    assert!(moto.states(&ids).await.iter().all(|s| s == "stopped"));
+
+    proxy.set(|f| f.error = Some(("StartInstances".into(), 403, "UnauthorizedOperation".into())));
+    let j = d
+        .wait_final(
+            &d.submit(
+                &json!({"action": "start_instances", "targets": {"tags": "Bulk=yes"},
+                "rate": {"max_concurrency": "25%", "max_errors": "10%"},
+                "wait": {"interval": "200ms", "timeout": "1m"}}),
+            )
+            .await,
+            MINUTE,
+        )
+        .await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "MaxErrorsExceeded");
+    assert_eq!(
+        proxy.calls("StartInstances"),
+        1,
+        "no new wave after the errors"
+    );
+    let outcomes: Vec<String> = j["results"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| o.starts_with("failed: UnauthorizedOperation"))
+            .count(),
+        10
+    );
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| o.starts_with("not touched"))
+            .count(),
+        30
+    );
+    assert!(j["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("30 not touched"));
+    assert!(moto.states(&ids).await.iter().all(|s| s == "stopped"));
+
+    let r = d
+        .post_job(
+            &d.admin,
+            &json!({"action": "describe_instances", "targets": {"tags": "Bulk=yes"}, "rate": {"max_concurrency": 5}}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<Value>().await.unwrap()["field"], "rate");
+}

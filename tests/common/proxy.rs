@@ -48,6 +48,7 @@ struct Stats {
     as_forward_proxy: u64,
     last_body: HashMap<String, String>,
     order: Vec<String>,
+    max_ids: HashMap<String, usize>,
 }
 
 struct Shared {
@@ -125,6 +126,18 @@ impl FaultProxy {
     /// Requests that came in absolute form, i.e. from a client configured to use this as its proxy.
     pub fn forward_proxied(&self) -> u64 {
         self.shared.stats.lock().unwrap().as_forward_proxy
+    }
+
+    /// The most instance ids one call of an operation carried.
+    pub fn max_ids(&self, op: &str) -> usize {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .max_ids
+            .get(op)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every operation called so far, in arrival order.
@@ -253,6 +266,9 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         *st.calls.entry(op.clone()).or_default() += 1;
         st.last_body.insert(op.clone(), body.clone());
         st.order.push(op.clone());
+        let ids = body.matches("InstanceId.").count();
+        let m = st.max_ids.entry(op.clone()).or_default();
+        *m = (*m).max(ids);
         let m = st.max_in_flight.entry(op.clone()).or_default();
         *m = (*m).max(now_in);
     }

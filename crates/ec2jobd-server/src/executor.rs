@@ -24,6 +24,7 @@ use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
 mod images;
+mod waves;
 pub use backup::ROTATION_TAG;
 use images::Ready;
 pub use images::SOURCE_TAG;
@@ -540,6 +541,20 @@ impl Ec2Executor {
         } else {
             Vec::new()
         };
+        if let (Some(rate), false) = (&spec.rate, spec.dry_run) {
+            return self
+                .in_waves(
+                    ctx,
+                    ec2,
+                    (account, region),
+                    &ids,
+                    &before,
+                    &todo,
+                    rate,
+                    results,
+                )
+                .await;
+        }
         let started = Instant::now();
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;

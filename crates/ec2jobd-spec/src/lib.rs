@@ -18,6 +18,6 @@ pub use job::{
 };
 pub use role::Role;
 pub use spec::{
-    parse_duration, Action, Filter, IdList, JobSpec, Notify, SpecError, TagSet, Targets, WaitSpec,
-    WaitUntil,
+    parse_duration, Action, Amount, Filter, IdList, JobSpec, Notify, Rate, SpecError, TagSet,
+    Targets, WaitSpec, WaitUntil,
 };

@@ -453,9 +453,94 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<u32>,
+    /// Process the instances in waves (instance actions): at most `max_concurrency` at a time, no
+    /// new wave once more than `max_errors` failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
     /// Publish the outcome to an SNS topic when the job ends (default: config `[notify]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Notify>,
+}
+
+/// A count, or a percentage of the job's instances (`10` or `"10%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Amount {
+    /// That many.
+    Count(u32),
+    /// That share of the instances (1-100).
+    Percent(u32),
+}
+
+impl Amount {
+    /// The amount for `n` instances (percentages round down).
+    pub fn of(self, n: usize) -> usize {
+        match self {
+            Amount::Count(c) => c as usize,
+            Amount::Percent(p) => n * p as usize / 100,
+        }
+    }
+}
+
+impl Serialize for Amount {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Amount::Count(c) => s.serialize_u32(*c),
+            Amount::Percent(p) => s.serialize_str(&format!("{p}%")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Amount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        match &v {
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Amount::Count)
+                .ok_or_else(|| de::Error::custom("a whole number or a percentage like \"10%\"")),
+            serde_json::Value::String(s) => s
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .filter(|p| (1..=100).contains(p))
+                .map(Amount::Percent)
+                .ok_or_else(|| {
+                    de::Error::custom(format!("`{s}` is not a percentage from 1% to 100%"))
+                }),
+            _ => Err(de::Error::custom(
+                "a whole number or a percentage like \"10%\"",
+            )),
+        }
+    }
+}
+
+impl utoipa::PartialSchema for Amount {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Integer))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("A percentage of the job's instances, e.g. `10%`")),
+            )
+            .into()
+    }
+}
+impl ToSchema for Amount {}
+
+/// Waves for bulk instance actions (like SSM Automation's MaxConcurrency / MaxErrors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Most instances per wave (each wave's calls and waits finish before the next starts).
+    pub max_concurrency: Amount,
+    /// Failed instances tolerated; one more and no new wave starts (default 0).
+    #[serde(default = "no_errors")]
+    pub max_errors: Amount,
+}
+
+fn no_errors() -> Amount {
+    Amount::Count(0)
 }
 
 /// Where and when a job's outcome is published.
@@ -740,6 +825,30 @@ impl JobSpec {
         }
         if let Some(n) = &self.notify {
             n.check("notify")?;
+        }
+        if let Some(r) = &self.rate {
+            if !matches!(
+                self.action,
+                Action::StartInstances
+                    | Action::StopInstances
+                    | Action::RebootInstances
+                    | Action::TerminateInstances
+                    | Action::CreateTags
+                    | Action::DeleteTags
+            ) {
+                return Err(SpecError::new(
+                    "rate",
+                    "unexpected_rate",
+                    format!("{} does not run in waves (start, stop, reboot, terminate and tag actions do)", self.action),
+                ));
+            }
+            if r.max_concurrency == Amount::Count(0) {
+                return Err(SpecError::new(
+                    "rate.max_concurrency",
+                    "out_of_range",
+                    "must be at least 1",
+                ));
+            }
         }
         if let Some(n) = self.max_attempts {
             if !(1..=100).contains(&n) {
