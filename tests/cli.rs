@@ -180,3 +180,99 @@ async fn client_commands_report_through_exit_codes_and_outputs() {
     });
     assert_eq!(o.status.code(), Some(3));
 }
+
+/// Saved templates: checked when saved (undeclared placeholder → 422), run over the API with
+/// values (missing one → 422 naming it; typed values keep their type) and with `ec2jobd run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_are_checked_on_save_and_run_with_values() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Group", "tpl")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let put = |body: Value| {
+        let d = &d;
+        async move {
+            d.req(reqwest::Method::PUT, "/v1/templates/tag-one", &d.admin)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = put(serde_json::json!({"spec": {"action": "create_tags",
+        "targets": {"instance_ids": ["${instance_id}"]}, "params": {"tags": {"Owner": "${owner}"}}},
+        "parameters": {"instance_id": {"type": "string"}}}))
+    .await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["code"],
+        "undeclared_parameter"
+    );
+    let tpl = serde_json::json!({"description": "tag one instance",
+        "spec": {"action": "create_tags", "targets": {"instance_ids": ["${instance_id}"]},
+                 "params": {"tags": {"Owner": "${owner}"}}, "max_attempts": "${attempts}"},
+        "parameters": {"instance_id": {"type": "string"},
+                       "owner": {"type": "string", "default": "ops"},
+                       "attempts": {"type": "integer", "default": 2}}});
+    assert_eq!(put(tpl.clone()).await.status(), 201);
+    let run = |body: Value| {
+        let d = &d;
+        async move {
+            d.req(
+                reqwest::Method::POST,
+                "/v1/templates/tag-one/run?wait=30s",
+                &d.admin,
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+        }
+    };
+    let r = run(serde_json::json!({"parameters": {}})).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["field"],
+        "parameters.instance_id"
+    );
+    let r = run(serde_json::json!({"parameters": {"instance_id": "i-nothex"}})).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["field"],
+        "spec.targets.instance_ids[0]"
+    );
+    let r = run(serde_json::json!({"parameters": {"instance_id": ids[0], "owner": "web"}})).await;
+    assert_eq!(r.status(), 201);
+    let j: Value = r.json().await.unwrap();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        j["max_attempts"], 2,
+        "an integer parameter stays an integer"
+    );
+    assert_eq!(j["spec"]["params"]["tags"]["Owner"], "web");
+
+    let r = tokio::task::block_in_place(|| {
+        client(
+            &d,
+            &[
+                "run",
+                "tag-one",
+                &format!("instance_id={}", ids[0]),
+                "owner=cli",
+                "--wait",
+                "--output",
+                "json",
+            ],
+        )
+    });
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    let j: Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(j["spec"]["params"]["tags"]["Owner"], "cli");
+    let r = tokio::task::block_in_place(|| client(&d, &["run", "nope", "a=b"]));
+    assert_eq!(r.code, 3);
+    let (_, list) = d.get_json("/v1/templates").await;
+    assert_eq!(list[0]["name"], "tag-one");
+}

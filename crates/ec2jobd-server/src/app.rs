@@ -23,7 +23,7 @@ use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
 use crate::executor::Ec2Executor;
 use crate::metrics::Metrics;
-use crate::routes::{catalog, jobs, ops, sns, tokens};
+use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
 use crate::runner::{Runner, RunnerConfig};
 use crate::sns::notify::Notifier;
 use crate::sns::verify::{CertStore, HttpFetcher};
@@ -98,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens::router())
         .merge(catalog::router())
         .merge(sns::router())
+        .merge(templates::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

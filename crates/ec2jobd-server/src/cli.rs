@@ -66,6 +66,8 @@ enum Cmd {
     },
     /// Submit a job to a running daemon (EC2JOBD_URL, EC2JOBD_TOKEN); `--wait` to follow it.
     Submit(Box<crate::client::Submit>),
+    /// Submit a job from a saved template: `ec2jobd run NAME key=value…`.
+    Run(Box<crate::client::RunTemplate>),
     /// List, show, cancel, watch a running daemon's jobs, or print their outputs.
     Jobs {
         #[command(subcommand)]
@@ -117,9 +119,8 @@ async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Submit(_) | Cmd::Jobs { .. } => {
-            unreachable!("client commands are run by `client_main`")
-        }
+        // `main` runs the client commands itself (they have their own exit codes).
+        Cmd::Submit(_) | Cmd::Run(_) | Cmd::Jobs { .. } => bail!("not a daemon-side command"),
         Cmd::Serve {
             config,
             listen,
@@ -209,6 +210,7 @@ pub fn main() -> ExitCode {
     };
     let client = match cli.cmd {
         Cmd::Submit(s) => rt.block_on(crate::client::submit(*s)),
+        Cmd::Run(r) => rt.block_on(crate::client::run_template(*r)),
         Cmd::Jobs { cmd } => rt.block_on(crate::client::jobs(cmd)),
         cmd => {
             return match rt.block_on(run(Cli { cmd })) {

@@ -98,6 +98,59 @@ pub struct Submit {
     pub conn: Conn,
 }
 
+/// `ec2jobd run`.
+#[derive(Args, Debug)]
+pub struct RunTemplate {
+    /// Template name.
+    pub template: String,
+    /// Parameter values `key=value` (JSON values allowed: `count=3`, `ids=["i-1"]`).
+    pub values: Vec<String>,
+    /// Idempotency key.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait for the job to end, showing progress on stderr.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (exit 2; the job goes on).
+    #[arg(long, default_value = "1h")]
+    pub wait_timeout: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `ec2jobd run`: a job from a saved template.
+pub async fn run_template(r: RunTemplate) -> R<u8> {
+    let mut params = serde_json::Map::new();
+    for kv in &r.values {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Fail(exit::REJECTED, format!("`{kv}`: use key=value")))?;
+        params.insert(
+            k.to_string(),
+            serde_json::from_str(v).unwrap_or_else(|_| json!(v)),
+        );
+    }
+    let client = Client::new(&r.conn)?;
+    let limit = duration(&r.wait_timeout, "--wait-timeout")?;
+    let (_, text) = client
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/templates/{}/run", r.template),
+            Some(&json!({"parameters": params})),
+            r.idempotency_key.as_deref(),
+        )
+        .await?;
+    let job: Value = serde_json::from_str(&text)
+        .map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))?;
+    if !r.wait {
+        client.print(&job, r.conn.output).await?;
+        return Ok(exit::OK);
+    }
+    let job = client.follow(job, limit).await?;
+    client.print(&job, r.conn.output).await?;
+    Ok(exit_for(&job))
+}
+
 /// `ec2jobd jobs …`.
 #[derive(Subcommand, Debug)]
 pub enum JobsCmd {

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{catalog, jobs, ops, sns, tokens};
+use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
 
 /// The ec2jobd v1 API.
 #[derive(OpenApi)]
@@ -19,6 +19,7 @@ use crate::routes::{catalog, jobs, ops, sns, tokens};
         jobs::report,
         catalog::catalog, sns::deliver, sns::deliveries, sns::list_hooks, sns::get_hook,
         sns::put_hook, sns::delete_hook,
+        templates::list, templates::get_one, templates::put, templates::delete, templates::run,
         tokens::create, tokens::list, tokens::revoke,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
@@ -27,7 +28,8 @@ use crate::routes::{catalog, jobs, ops, sns, tokens};
         ec2jobd_spec::Action, ec2jobd_spec::Role, crate::error::Problem, jobs::JobPage,
         tokens::NewToken, tokens::CreatedToken, ec2jobd_store::TokenInfo, ops::Health,
         catalog::Catalog, catalog::AccountCatalog, sns::DeliveryAnswer, sns::DeliveryPage,
-        sns::HookInfo, crate::config::HookSection,
+        sns::HookInfo, crate::config::HookSection, templates::Template, templates::TemplateParam,
+        templates::ParamType, templates::NamedTemplate, templates::RunBody,
         ec2jobd_store::Delivery,
     )),
     modifiers(&Bearer),
@@ -35,6 +37,7 @@ use crate::routes::{catalog, jobs, ops, sns, tokens};
         (name = "jobs", description = "Submit, watch, query and cancel jobs"),
         (name = "tokens", description = "API tokens (admin)"),
         (name = "sns", description = "SNS deliveries: verified webhook triggers and their record"),
+        (name = "templates", description = "Saved job templates with named parameters"),
         (name = "ops", description = "Health, readiness, metrics, API description"),
     )
 )]

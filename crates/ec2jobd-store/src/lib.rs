@@ -163,6 +163,25 @@ pub struct TokenInfo {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// Kinds of named documents the API manages (each has its own table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    /// SNS hooks created over the API.
+    SnsHook,
+    /// Saved job templates.
+    Template,
+}
+
+impl Named {
+    /// The table holding this kind (fixed names: never from input).
+    pub fn table(self) -> &'static str {
+        match self {
+            Named::SnsHook => "sns_hooks",
+            Named::Template => "templates",
+        }
+    }
+}
+
 /// One SNS delivery to be recorded.
 #[derive(Debug, Clone, Default)]
 pub struct NewDelivery {
@@ -269,14 +288,14 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event to a job in any state, unfenced: things that happen after a job ended
     /// (its notification was published or failed).
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
-    /// Creates or replaces an API-managed SNS hook (`body` is opaque JSON); true when created.
-    async fn put_hook(&self, name: &str, body: serde_json::Value) -> Result<bool>;
-    /// An API-managed SNS hook's body.
-    async fn get_hook(&self, name: &str) -> Result<Option<serde_json::Value>>;
-    /// Every API-managed SNS hook, by name.
-    async fn list_hooks(&self) -> Result<Vec<(String, serde_json::Value)>>;
-    /// Deletes an API-managed SNS hook; false when there was none.
-    async fn delete_hook(&self, name: &str) -> Result<bool>;
+    /// Creates or replaces a named document (`body` is opaque JSON); true when created.
+    async fn put_named(&self, kind: Named, name: &str, body: serde_json::Value) -> Result<bool>;
+    /// A named document's body.
+    async fn get_named(&self, kind: Named, name: &str) -> Result<Option<serde_json::Value>>;
+    /// Every named document of a kind, by name.
+    async fn list_named(&self, kind: Named) -> Result<Vec<(String, serde_json::Value)>>;
+    /// Deletes a named document; false when there was none.
+    async fn delete_named(&self, kind: Named, name: &str) -> Result<bool>;
     /// Records an SNS delivery.
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery>;
     /// The first delivery of `message_id` to `hook` that was acted on (accepted, no rule, confirmed).

@@ -33,7 +33,7 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use crate::{
-    CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, NewDelivery,
+    CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
     NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo,
 };
 
@@ -1014,20 +1014,20 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn put_hook(&self, name: &str, body: Value) -> Result<bool> {
-        let (name, clock) = (name.to_string(), self.clock.clone());
+    async fn put_named(&self, kind: Named, name: &str, body: Value) -> Result<bool> {
+        let (name, clock, table) = (name.to_string(), self.clock.clone(), kind.table());
         self.write(move |conn| {
             Box::pin(async move {
                 let now = clock.now_ms();
                 let existed: Option<i64> =
-                    sqlx::query_scalar("SELECT created_at FROM sns_hooks WHERE name = ?")
+                    sqlx::query_scalar(&format!("SELECT created_at FROM {table} WHERE name = ?"))
                         .bind(&name)
                         .fetch_optional(&mut *conn)
                         .await?;
-                sqlx::query(
-                    "INSERT INTO sns_hooks (name, body, created_at, updated_at) VALUES (?, ?, ?, ?) \
-                     ON CONFLICT (name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at",
-                )
+                sqlx::query(&format!(
+                    "INSERT INTO {table} (name, body, created_at, updated_at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (name) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at"
+                ))
                 .bind(&name)
                 .bind(encode(&body))
                 .bind(now)
@@ -1040,19 +1040,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn get_hook(&self, name: &str) -> Result<Option<Value>> {
-        let body: Option<String> = sqlx::query_scalar("SELECT body FROM sns_hooks WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+    async fn get_named(&self, kind: Named, name: &str) -> Result<Option<Value>> {
+        let body: Option<String> =
+            sqlx::query_scalar(&format!("SELECT body FROM {} WHERE name = ?", kind.table()))
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
         body.map(|b| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
             .transpose()
     }
 
-    async fn list_hooks(&self) -> Result<Vec<(String, Value)>> {
-        let rows = sqlx::query("SELECT name, body FROM sns_hooks ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+    async fn list_named(&self, kind: Named) -> Result<Vec<(String, Value)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT name, body FROM {} ORDER BY name",
+            kind.table()
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 let body: String = r.try_get("body")?;
@@ -1064,11 +1068,11 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn delete_hook(&self, name: &str) -> Result<bool> {
-        let name = name.to_string();
+    async fn delete_named(&self, kind: Named, name: &str) -> Result<bool> {
+        let (name, table) = (name.to_string(), kind.table());
         self.write(move |conn| {
             Box::pin(async move {
-                let n = sqlx::query("DELETE FROM sns_hooks WHERE name = ?")
+                let n = sqlx::query(&format!("DELETE FROM {table} WHERE name = ?"))
                     .bind(&name)
                     .execute(conn)
                     .await?

@@ -247,12 +247,23 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
-    let wait = wait_param(query)?;
     require_json(&headers)?;
     let body = body.map_err(body_error)?;
-    let key = idempotency_key(&headers)?;
     let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
-    let (created, job) = match state.store.enqueue(new_job(&state, spec, key)).await? {
+    enqueue_and_answer(&state, &headers, query, spec).await
+}
+
+/// Queues a resolved spec (honouring `Idempotency-Key` and `?wait=`) and answers as `POST /v1/jobs`
+/// does; template runs answer the same way.
+pub async fn enqueue_and_answer(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    spec: JobSpec,
+) -> Result<Response, ApiError> {
+    let wait = wait_param(query)?;
+    let key = idempotency_key(headers)?;
+    let (created, job) = match state.store.enqueue(new_job(state, spec, key)).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
             (true, j)
@@ -260,7 +271,7 @@ pub async fn submit(
         Enqueued::Replayed(j) => (false, j),
     };
     let job = match wait {
-        Some(w) => wait_for_end(&state, job, w).await?,
+        Some(w) => wait_for_end(state, job, w).await?,
         None => job,
     };
     let status = match (created, job.state.is_terminal() && wait.is_some()) {

@@ -4,4 +4,5 @@ pub mod catalog;
 pub mod jobs;
 pub mod ops;
 pub mod sns;
+pub mod templates;
 pub mod tokens;

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use ec2jobd_spec::Role;
-use ec2jobd_store::{Delivery, Enqueued, NewDelivery};
+use ec2jobd_store::{Delivery, Enqueued, Named, NewDelivery};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -50,7 +50,7 @@ async fn find_hook(
     if let Some(h) = state.config.sns.hooks.get(name) {
         return Ok(Some(("config", h.clone())));
     }
-    match state.store.get_hook(name).await? {
+    match state.store.get_named(Named::SnsHook, name).await? {
         None => Ok(None),
         Some(body) => serde_json::from_value(body)
             .map(|h| Some(("api", h)))
@@ -94,7 +94,7 @@ pub async fn list_hooks(
             hook: h.clone(),
         })
         .collect();
-    for (name, body) in state.store.list_hooks().await? {
+    for (name, body) in state.store.list_named(Named::SnsHook).await? {
         if let Ok(hook) = serde_json::from_value(body) {
             out.push(HookInfo {
                 name,
@@ -161,7 +161,7 @@ pub async fn put_hook(
         }
     })?;
     let value = serde_json::to_value(&hook).unwrap_or_default();
-    let created = state.store.put_hook(&name, value).await?;
+    let created = state.store.put_named(Named::SnsHook, &name, value).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -196,7 +196,7 @@ pub async fn delete_hook(
             format!("hook `{name}` is defined in the config file; remove it there"),
         ));
     }
-    if state.store.delete_hook(&name).await? {
+    if state.store.delete_named(Named::SnsHook, &name).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(&format!("SNS hook `{name}`")))
