@@ -25,12 +25,34 @@ use crate::runner::{ExecCtx, ExecError, Executor};
 mod backup;
 mod images;
 mod waves;
+mod workflow;
 pub use backup::ROTATION_TAG;
 use images::Ready;
 pub use images::SOURCE_TAG;
 
 /// Tag put on every instance a job launches, holding the job id.
 pub const JOB_TAG: &str = "ec2jobd:job-id";
+
+/// Tag put on what a workflow step creates, holding the step's name (a workflow may launch or
+/// snapshot more than once; a resumed step must find only its own).
+pub const STEP_TAG: &str = "ec2jobd:step";
+
+/// The tags marking what this job (and step) creates.
+fn made_by(ctx: &ExecCtx) -> BTreeMap<String, String> {
+    let mut t = BTreeMap::from([(JOB_TAG.to_string(), ctx.job.id.clone())]);
+    if let Some((_, name)) = &ctx.step {
+        t.insert(STEP_TAG.to_string(), name.clone());
+    }
+    t
+}
+
+/// Describe filters finding what this job (and step) created.
+fn made_by_filters(ctx: &ExecCtx) -> ec2jobd_ec2::Filters {
+    made_by(ctx)
+        .into_iter()
+        .map(|(k, v)| (format!("tag:{k}"), vec![v]))
+        .collect()
+}
 
 /// Runs EC2 jobs.
 pub struct Ec2Executor {
@@ -60,6 +82,9 @@ fn failed(e: Ec2Error, results: JobResults) -> ExecError {
 impl Executor for Ec2Executor {
     async fn execute(&self, ctx: &ExecCtx) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
+        if spec.action == Action::Workflow {
+            return self.workflow(ctx).await;
+        }
         // Account and region are filled in at submission; these fallbacks only guard old rows.
         let account = spec.account.as_deref().unwrap_or("default");
         let region = spec.region.as_deref().unwrap_or("us-east-1");
@@ -365,7 +390,8 @@ impl Ec2Executor {
             | Action::CopySnapshot
             | Action::CreateImage
             | Action::DeregisterImage
-            | Action::CopyImage => Ok(Vec::new()),
+            | Action::CopyImage
+            | Action::Workflow => Ok(Vec::new()),
         }
     }
 
@@ -394,11 +420,7 @@ impl Ec2Executor {
             )
             .await?;
             let mine = ec2jobd_spec::Targets {
-                tags: Some(ec2jobd_spec::TagSet(
-                    [(JOB_TAG.to_string(), job_id.clone())]
-                        .into_iter()
-                        .collect(),
-                )),
+                tags: Some(ec2jobd_spec::TagSet(made_by(ctx))),
                 ..Default::default()
             };
             let found = ec2
@@ -418,7 +440,7 @@ impl Ec2Executor {
             ctx.check_cancel(&results)?;
             let (min, max) = spec.counts();
             let mut tags = string_map(spec.params.get("tags"));
-            tags.insert(JOB_TAG.into(), job_id.clone());
+            tags.extend(made_by(ctx));
             let launch = Launch {
                 image_id: spec.param_str("image_id").unwrap_or_default().to_string(),
                 instance_type: spec
@@ -435,7 +457,10 @@ impl Ec2Executor {
                 iam_instance_profile: spec.param_str("iam_instance_profile").map(String::from),
                 tags,
                 termination_protection: spec.flag("termination_protection"),
-                client_token: format!("ec2jobd-{job_id}-run"),
+                client_token: match &ctx.step {
+                    Some((i, _)) => format!("ec2jobd-{job_id}-step{i}"),
+                    None => format!("ec2jobd-{job_id}-run"),
+                },
             };
             ctx.save_checkpoint(json!({"phase": "calling"})).await?;
             ctx.progress(

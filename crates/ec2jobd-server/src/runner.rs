@@ -84,9 +84,39 @@ pub struct ExecCtx {
     worker: String,
     store: Arc<dyn Store>,
     cancel: CancellationToken,
+    /// For a workflow step: the workflow's own checkpoint, which wraps the step's as `inner`.
+    envelope: Option<serde_json::Value>,
+    /// For a workflow step: `[name] ` before every progress message.
+    prefix: String,
+    /// For a workflow step: its index and name (what it creates is tagged with them).
+    pub step: Option<(usize, String)>,
 }
 
 impl ExecCtx {
+    /// The context of one workflow step: the same job, lease and cancel, with the step's spec,
+    /// its own resume state, and checkpoints saved inside the workflow's `envelope`.
+    pub fn step(
+        &self,
+        spec: ec2jobd_spec::JobSpec,
+        checkpoint: Option<serde_json::Value>,
+        envelope: serde_json::Value,
+        (index, name): (usize, &str),
+    ) -> ExecCtx {
+        let mut job = self.job.clone();
+        job.action = spec.action;
+        job.spec = spec;
+        ExecCtx {
+            job,
+            checkpoint,
+            worker: self.worker.clone(),
+            store: self.store.clone(),
+            cancel: self.cancel.clone(),
+            envelope: Some(envelope),
+            prefix: format!("[{name}] "),
+            step: Some((index, name.to_string())),
+        }
+    }
+
     /// Records progress and an event; fails with `LeaseLost` if the job moved on.
     pub async fn progress(
         &self,
@@ -95,15 +125,16 @@ impl ExecCtx {
         done: Option<u64>,
         total: Option<u64>,
     ) -> Result<(), ExecError> {
+        let message = format!("{}{message}", self.prefix);
         let p = Progress {
             phase: phase.into(),
-            message: message.into(),
+            message: message.clone(),
             done,
             total,
         };
         let ev = NewEvent {
             kind: "progress".into(),
-            message: message.into(),
+            message,
             data: json!({"phase": phase, "done": done, "total": total}),
         };
         match self.store.progress(&self.job.id, &self.worker, p, ev).await {
@@ -119,6 +150,14 @@ impl ExecCtx {
 
     /// Saves resume state; later attempts receive it as `checkpoint`.
     pub async fn save_checkpoint(&self, state: serde_json::Value) -> Result<(), ExecError> {
+        let state = match &self.envelope {
+            Some(env) => {
+                let mut env = env.clone();
+                env["inner"] = state;
+                env
+            }
+            None => state,
+        };
         self.store
             .checkpoint(&self.job.id, &self.worker, state)
             .await
@@ -380,6 +419,9 @@ impl Runner {
             worker: worker.to_string(),
             store: self.store.clone(),
             cancel,
+            envelope: None,
+            prefix: String::new(),
+            step: None,
         };
         let limit = Duration::from_millis(claimed.timeout_ms.max(1) as u64);
         let started = Instant::now();

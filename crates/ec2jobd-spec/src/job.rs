@@ -284,6 +284,24 @@ pub struct VolumeResult {
     pub rotation: Option<RotationResult>,
 }
 
+/// One workflow step's outcome.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct StepResult {
+    /// The step's name.
+    pub name: String,
+    /// Its action.
+    pub action: String,
+    /// `succeeded`, `failed`, `cancelled`, or `not_run`.
+    pub state: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    /// What it produced.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub results: Box<JobResults>,
+}
+
 /// Everything a job produced; stays queryable after the job ends.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 pub struct JobResults {
@@ -299,6 +317,10 @@ pub struct JobResults {
     /// AMIs made, copied or deregistered (`create_image`, `copy_image`, `deregister_image`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<ImageResult>,
+    /// Per step of a workflow, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
+    pub steps: Vec<StepResult>,
     /// One-line summary, e.g. "described 3 instances".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,

@@ -14,10 +14,10 @@ mod spec;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use job::{
     ImageResult, InstanceResult, Job, JobError, JobEvent, JobResults, JobState, Progress,
-    RotationResult, SnapshotResult, VolumeResult, TERMINAL_EVENT_KINDS,
+    RotationResult, SnapshotResult, StepResult, VolumeResult, TERMINAL_EVENT_KINDS,
 };
 pub use role::Role;
 pub use spec::{
-    parse_duration, Action, Amount, Filter, IdList, JobSpec, Notify, Rate, SpecError, TagSet,
+    parse_duration, Action, Amount, Filter, IdList, JobSpec, Notify, Rate, SpecError, Step, TagSet,
     Targets, WaitSpec, WaitUntil,
 };

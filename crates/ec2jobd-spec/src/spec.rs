@@ -63,6 +63,9 @@ pub enum Action {
     DeregisterImage,
     /// Copy the targeted AMIs to `params.destination_region` and wait until the copies are available.
     CopyImage,
+    /// Run `steps` in order, each an action spec; a step's targets may be an earlier step's
+    /// instances (`{"from_step": "<name>"}`).
+    Workflow,
 }
 
 impl Action {
@@ -85,6 +88,7 @@ impl Action {
         Action::CreateImage,
         Action::DeregisterImage,
         Action::CopyImage,
+        Action::Workflow,
     ];
 
     /// The wire name (`describe_instances`), also used as a metrics label and list filter.
@@ -107,6 +111,7 @@ impl Action {
             Action::CreateImage => "create_image",
             Action::DeregisterImage => "deregister_image",
             Action::CopyImage => "copy_image",
+            Action::Workflow => "workflow",
         }
     }
 
@@ -135,7 +140,8 @@ impl Action {
             | Action::AuditTags
             | Action::DescribeSnapshots
             | Action::DeleteSnapshots
-            | Action::DeregisterImage => WaitUntil::None,
+            | Action::DeregisterImage
+            | Action::Workflow => WaitUntil::None,
         }
     }
 }
@@ -332,6 +338,9 @@ pub struct Targets {
     /// Tags every targeted AMI must carry (`deregister_image`, `copy_image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_tags: Option<TagSet>,
+    /// In a workflow step: the instances an earlier step (by name) acted on or launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_step: Option<String>,
 }
 
 /// What kind of resource an action's targets select.
@@ -363,9 +372,10 @@ impl Action {
             | Action::CopySnapshot
             | Action::CreateImage
             | Action::CopyImage => &[None, Completed],
-            Action::DescribeSnapshots | Action::DeleteSnapshots | Action::DeregisterImage => {
-                &[None]
-            }
+            Action::DescribeSnapshots
+            | Action::DeleteSnapshots
+            | Action::DeregisterImage
+            | Action::Workflow => &[None],
             _ => &[None, Running, Stopped, Terminated, StatusOk],
         }
     }
@@ -457,6 +467,11 @@ pub struct JobSpec {
     /// new wave once more than `max_errors` failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<Rate>,
+    /// The steps of a `workflow` job, run in order: each an object with the fields of a job spec
+    /// plus `name` and `on_failure` (`stop` or `continue`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub steps: Option<Vec<Step>>,
     /// Publish the outcome to an SNS topic when the job ends (default: config `[notify]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Notify>,
@@ -541,6 +556,20 @@ pub struct Rate {
 
 fn no_errors() -> Amount {
     Amount::Count(0)
+}
+
+/// One step of a workflow: a name, what to do when it fails, and an action spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// Name, unique in the workflow (default `step-<n>`); later steps refer to it in `from_step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `stop` (default: the workflow fails) or `continue` (record the failure and go on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
+    /// The step's action spec (same fields as a job; account and region default to the workflow's).
+    #[serde(flatten)]
+    pub spec: Box<JobSpec>,
 }
 
 /// Where and when a job's outcome is published.
@@ -776,7 +805,97 @@ impl JobSpec {
                 ));
             }
         }
-        if self.action == Action::RunInstances {
+        if self.action == Action::Workflow {
+            if self.targets != Targets::default() {
+                return Err(SpecError::new(
+                    "targets",
+                    "unexpected_targets",
+                    "a workflow's steps have the targets",
+                ));
+            }
+            let steps = self.steps.take().unwrap_or_default();
+            if steps.is_empty() || steps.len() > 50 {
+                return Err(SpecError::new(
+                    "steps",
+                    "invalid_steps",
+                    "give 1 to 50 steps",
+                ));
+            }
+            let mut names: Vec<String> = Vec::new();
+            let mut out = Vec::new();
+            for (i, mut st) in steps.into_iter().enumerate() {
+                let field = |f: &str| format!("steps[{i}].{f}");
+                let name = st.name.clone().unwrap_or_else(|| format!("step-{}", i + 1));
+                if !is_name(&name, b"-_.") || names.contains(&name) {
+                    return Err(SpecError::new(
+                        field("name"),
+                        "invalid_name",
+                        "1-64 letters, digits, `-`, `_` or `.`, unique in the workflow",
+                    ));
+                }
+                if !matches!(
+                    st.on_failure.as_deref(),
+                    None | Some("stop") | Some("continue")
+                ) {
+                    return Err(SpecError::new(
+                        field("on_failure"),
+                        "invalid_param",
+                        "stop or continue",
+                    ));
+                }
+                if matches!(st.spec.action, Action::Workflow) || st.spec.steps.is_some() {
+                    return Err(SpecError::new(
+                        field("action"),
+                        "invalid_steps",
+                        "steps do not nest",
+                    ));
+                }
+                let mut spec = *st.spec;
+                spec.account = spec.account.or_else(|| self.account.clone());
+                spec.region = spec.region.or_else(|| self.region.clone());
+                let from = spec.targets.from_step.take();
+                if let Some(f) = &from {
+                    if !names.contains(f) {
+                        return Err(SpecError::new(
+                            field("targets.from_step"),
+                            "unknown_step",
+                            format!("`{f}` is not an earlier step"),
+                        ));
+                    }
+                    if spec.targets != Targets::default() {
+                        return Err(SpecError::new(
+                            field("targets"),
+                            "unexpected_targets",
+                            "from_step stands alone",
+                        ));
+                    }
+                    // Checked with a stand-in target; the real ids come from the step at run time.
+                    spec.targets.instance_ids = Some(IdList(vec!["i-00000000".into()]));
+                }
+                let mut spec = spec.normalize().map_err(|e| SpecError {
+                    field: format!("steps[{i}].{}", e.field),
+                    ..e
+                })?;
+                if from.is_some() {
+                    spec.targets = Targets {
+                        from_step: from,
+                        ..Default::default()
+                    };
+                }
+                st.name = Some(name.clone());
+                st.on_failure = Some(st.on_failure.unwrap_or_else(|| "stop".into()));
+                st.spec = Box::new(spec);
+                names.push(name);
+                out.push(st);
+            }
+            self.steps = Some(out);
+        } else if self.steps.is_some() {
+            return Err(SpecError::new(
+                "steps",
+                "unexpected_steps",
+                "only `\"action\": \"workflow\"` takes steps",
+            ));
+        } else if self.action == Action::RunInstances {
             if self.targets != Targets::default() {
                 return Err(SpecError::new(
                     "targets",
@@ -920,6 +1039,7 @@ impl JobSpec {
                 ("group", Name),
             ],
             Action::DeregisterImage => &[("delete_snapshots", Bool)],
+            Action::Workflow => &[],
             Action::CopyImage => &[
                 ("destination_region", Region),
                 ("name", Str),
@@ -1132,6 +1252,13 @@ fn check_tags(field: &str, tags: BTreeMap<String, String>) -> Result<TagSet, Spe
 }
 
 fn normalize_targets(t: Targets, kind: TargetKind) -> Result<Targets, SpecError> {
+    if t.from_step.is_some() {
+        return Err(SpecError::new(
+            "targets.from_step",
+            "unexpected_targets",
+            "from_step is for the steps of a workflow",
+        ));
+    }
     let out = Targets {
         instance_ids: t
             .instance_ids
@@ -1166,6 +1293,7 @@ fn normalize_targets(t: Targets, kind: TargetKind) -> Result<Targets, SpecError>
             .image_tags
             .map(|t| check_tags("targets.image_tags", t.0))
             .transpose()?,
+        from_step: None,
     };
     let instances = out.instance_ids.is_some() || out.tags.is_some() || out.filters.is_some();
     let volumes = out.volume_ids.is_some() || out.volume_tags.is_some();

@@ -211,7 +211,7 @@ impl Ec2Executor {
                 tags.extend(copyable(&src.volume.tags).map(|(k, v)| (k.clone(), v.clone())));
             }
             tags.extend(user_tags.clone());
-            tags.insert(JOB_TAG.to_string(), job_id.clone());
+            tags.extend(super::made_by(ctx));
             tags.insert(
                 ROTATION_TAG.to_string(),
                 format!("{group}/{}", src.volume.volume_id),
@@ -250,11 +250,7 @@ impl Ec2Executor {
         let mut made: BTreeMap<String, SnapshotResult> = BTreeMap::new();
         if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
             let (found, rids, _) = ec2
-                .describe_snapshots(
-                    None,
-                    &vec![(format!("tag:{JOB_TAG}"), vec![job_id.clone()])],
-                    false,
-                )
+                .describe_snapshots(None, &super::made_by_filters(ctx), false)
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             results.request_ids.extend(rids);

@@ -258,7 +258,7 @@ impl Ec2Executor {
                 );
             }
             tags.extend(user_tags.clone());
-            tags.insert(JOB_TAG.to_string(), job_id.clone());
+            tags.extend(super::made_by(ctx));
             tags.insert(
                 ROTATION_TAG.to_string(),
                 format!("{group}/{}", i.instance_id),
@@ -298,10 +298,7 @@ impl Ec2Executor {
         let mut made: BTreeMap<String, ImageResult> = BTreeMap::new();
         if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
             let (imgs, rids) = ec2
-                .describe_images(
-                    None,
-                    &vec![(format!("tag:{JOB_TAG}"), vec![job_id.clone()])],
-                )
+                .describe_images(None, &super::made_by_filters(ctx))
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             results.request_ids.extend(rids);
@@ -709,7 +706,7 @@ impl Ec2Executor {
             return Err(no_targets(results));
         }
         let mut tags = string_map(spec.params.get("tags"));
-        tags.insert(JOB_TAG.to_string(), job_id.clone());
+        tags.extend(super::made_by(ctx));
         let opts = |source: &str, desc: Option<&str>| CopyOptions {
             encrypted: spec.flag("encrypted"),
             kms_key_id: spec.param_str("kms_key_id").map(String::from),
@@ -728,7 +725,7 @@ impl Ec2Executor {
         // Copies an earlier attempt made, by job tag in the destination: source → copy id.
         let mut copies: BTreeMap<String, String> = BTreeMap::new();
         if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
-            let f = vec![(format!("tag:{JOB_TAG}"), vec![job_id.clone()])];
+            let f = super::made_by_filters(ctx);
             let found: Vec<(String, BTreeMap<String, String>)> = match kind {
                 Ready::Snapshots => dest
                     .describe_snapshots(None, &f, false)

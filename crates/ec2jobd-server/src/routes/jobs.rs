@@ -188,9 +188,20 @@ pub fn new_job(state: &AppState, spec: JobSpec, idempotency_key: Option<String>)
     }
 }
 
-/// Validates a submitted spec and fills in what config decides (account, region).
+/// Validates a submitted spec and fills in what config decides (account, region), for a workflow's
+/// steps too (each checked against its account's allowlists).
 pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError> {
     let mut spec = spec.normalize()?;
+    fill_account(state, &mut spec, "")?;
+    if let Some(steps) = spec.steps.as_mut() {
+        for (i, st) in steps.iter_mut().enumerate() {
+            fill_account(state, &mut st.spec, &format!("steps[{i}]."))?;
+        }
+    }
+    Ok(spec)
+}
+
+fn fill_account(state: &AppState, spec: &mut JobSpec, prefix: &str) -> Result<(), ApiError> {
     let cfg = &state.config;
     let account = spec
         .account
@@ -202,14 +213,17 @@ pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError
             "unknown_account",
             format!("no account `{account}` is configured"),
         )
-        .field("account")
+        .field(format!("{prefix}account"))
     })?;
     if spec.region.is_none() {
         spec.region = Some(acct.region.clone());
     }
-    crate::routes::catalog::check(&account, acct, &spec)?;
+    crate::routes::catalog::check(&account, acct, spec).map_err(|mut e| {
+        e.field = e.field.map(|f| format!("{prefix}{f}"));
+        e
+    })?;
     spec.account = Some(account);
-    Ok(spec)
+    Ok(())
 }
 
 /// Submit a job.
