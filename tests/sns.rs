@@ -578,7 +578,18 @@ async fn hooks_managed_over_the_api() {
     .await;
     let topic = "arn:aws:sns:us-east-1:123456789012:ec2-events";
     let hook = json!({"topics": [topic], "rules": [{"name": "restart-stopped", "instance_state": "stopped",
-        "job": {"action": "describe_instances", "targets": {"instance_ids": ["{instance_id}"]}}}]});
+        "job": {"action": "describe_instances", "targets": {"instance_ids": ["{instance_id}"]}}},
+        {"name": "tag-running", "instance_state": "running", "template": "tag-it",
+         "parameters": {"instance_id": "{instance_id}"}}]});
+    // The second rule names a saved template.
+    let r = d
+        .req(reqwest::Method::PUT, "/v1/templates/tag-it", &d.admin)
+        .json(&json!({"spec": {"action": "create_tags", "targets": {"instance_ids": ["${instance_id}"]},
+            "params": {"tags": {"Seen": "running"}}}, "parameters": {"instance_id": {"type": "string"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
     let put = |token: String, body: Value| {
         let d = &d;
         async move {
@@ -630,6 +641,27 @@ async fn hooks_managed_over_the_api() {
     let j = d.wait_final(a["job_id"].as_str().unwrap(), MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["results"]["instances"][0]["instance_id"], ids[0].as_str());
+
+    let running = event.replace("\"stopped\"", "\"running\"");
+    let body2 = signed(&[
+        ("Message", &running),
+        ("MessageId", "e2"),
+        ("Timestamp", &now),
+        ("TopicArn", topic),
+        ("Type", "Notification"),
+    ]);
+    let r = d
+        .http
+        .post(format!("{}/v1/sns/ec2-events", d.url))
+        .body(body2)
+        .send()
+        .await
+        .unwrap();
+    let a: Value = r.json().await.unwrap();
+    assert_eq!(a["outcome"], "accepted", "{a}");
+    let j = d.wait_final(a["job_id"].as_str().unwrap(), MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(moto.tagged("Seen", "running").await, ids);
 
     let r = d
         .req(

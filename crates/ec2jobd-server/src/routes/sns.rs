@@ -22,7 +22,7 @@ use crate::auth::Caller;
 use crate::config::HookSection;
 use crate::error::{ApiError, Problem};
 use crate::routes::jobs::{new_job, resolve_spec};
-use crate::sns::rules::parse_event;
+use crate::sns::rules::{parse_event, RuleJob};
 use crate::sns::verify::SnsMessage;
 use crate::state::AppState;
 
@@ -441,20 +441,25 @@ async fn notification(
         .await?;
         return Ok(answer("no_rule", None));
     };
-    let spec = rule
-        .render(&event)
-        .map(|mut spec| {
-            if spec.notify.is_none() {
-                spec.notify = h.notify.clone();
-            }
-            spec
-        })
-        .and_then(|spec| {
-            resolve_spec(state, spec).map_err(|e| match e.field {
-                Some(f) => format!("{f}: {}", e.detail),
-                None => e.detail,
-            })
-        });
+    let explain = |e: ApiError| match e.field {
+        Some(f) => format!("{f}: {}", e.detail),
+        None => e.detail,
+    };
+    let spec = match rule.render(&event) {
+        Err(e) => Err(e),
+        Ok(RuleJob::Spec(spec)) => resolve_spec(state, *spec).map_err(explain),
+        Ok(RuleJob::Template(name, params)) => {
+            crate::routes::templates::spec_from(state, &name, &params)
+                .await
+                .map_err(explain)
+        }
+    }
+    .map(|mut spec| {
+        if spec.notify.is_none() {
+            spec.notify = h.notify.clone();
+        }
+        spec
+    });
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {

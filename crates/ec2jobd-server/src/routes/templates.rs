@@ -231,6 +231,15 @@ impl Template {
     }
 }
 
+/// The job spec a saved template makes with these values (SNS rules naming a template).
+pub async fn spec_from(
+    state: &AppState,
+    name: &str,
+    values: &BTreeMap<String, Value>,
+) -> Result<JobSpec, ApiError> {
+    load(state, name).await?.spec_for(state, values)
+}
+
 async fn load(state: &AppState, name: &str) -> Result<Template, ApiError> {
     let body = state
         .store

@@ -51,9 +51,26 @@ pub struct Rule {
     /// instead of alarms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_state: Option<String>,
-    /// The job to queue (a job spec; strings may hold placeholders).
+    /// The job to queue (a job spec; strings may hold placeholders). Give this or `template`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub job: Option<Value>,
+    /// A saved template to run instead of an inline job (`PUT /v1/templates/{name}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The template's parameter values (strings may hold placeholders).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     #[schema(value_type = Object)]
-    pub job: Value,
+    pub parameters: serde_json::Map<String, Value>,
+}
+
+/// What a matched rule asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuleJob {
+    /// An inline job spec.
+    Spec(Box<JobSpec>),
+    /// A saved template with parameter values.
+    Template(String, BTreeMap<String, Value>),
 }
 
 /// What a message said, flattened for matching and rendering.
@@ -181,7 +198,7 @@ impl Rule {
 
     /// The job spec for this event: every placeholder in every string filled. Fails naming a
     /// placeholder the event has no value for, or an unknown one.
-    pub fn render(&self, e: &Event) -> Result<JobSpec, String> {
+    pub fn render(&self, e: &Event) -> Result<RuleJob, String> {
         let values: BTreeMap<&str, Option<&str>> = [
             ("instance_id", e.instance_id.as_deref()),
             ("region", e.region.as_deref()),
@@ -192,8 +209,23 @@ impl Rule {
         ]
         .into_iter()
         .collect();
-        let v = fill(&self.job, &values)?;
-        serde_json::from_value::<JobSpec>(v).map_err(|err| format!("not a job spec: {err}"))
+        match (&self.job, &self.template) {
+            (Some(job), None) => {
+                let v = fill(job, &values)?;
+                serde_json::from_value::<JobSpec>(v)
+                    .map(|s| RuleJob::Spec(Box::new(s)))
+                    .map_err(|err| format!("not a job spec: {err}"))
+            }
+            (None, Some(t)) => {
+                let params = fill(&Value::Object(self.parameters.clone()), &values)?;
+                let params = params
+                    .as_object()
+                    .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default();
+                Ok(RuleJob::Template(t.clone(), params))
+            }
+            _ => Err("give either `job` or `template`".into()),
+        }
     }
 
     /// Checks the rule by rendering it for a sample message with every value present.
@@ -207,10 +239,14 @@ impl Rule {
             account_id: Some("123456789012".into()),
             ..Default::default()
         };
-        let spec = self.render(&sample)?;
-        spec.normalize()
-            .map(|_| ())
-            .map_err(|e| format!("job.{}: {}", e.field, e.message))
+        match self.render(&sample)? {
+            RuleJob::Spec(spec) => spec
+                .normalize()
+                .map(|_| ())
+                .map_err(|e| format!("job.{}: {}", e.field, e.message)),
+            // The template itself is checked when it is saved and again with these values on use.
+            RuleJob::Template(..) => Ok(()),
+        }
     }
 }
 
@@ -295,7 +331,9 @@ mod tests {
         assert_eq!(e.account_id.as_deref(), Some("210987654321"));
         let r = reboot_rule();
         assert!(r.matches(&e));
-        let spec = r.render(&e).unwrap();
+        let RuleJob::Spec(spec) = r.render(&e).unwrap() else {
+            panic!("an inline job")
+        };
         assert_eq!(spec.region.as_deref(), Some("us-west-2"));
         assert_eq!(
             spec.targets.instance_ids.unwrap().0,
