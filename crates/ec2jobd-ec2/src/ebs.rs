@@ -143,42 +143,23 @@ impl Ec2 {
             )
             .dry_run(dry_run)
             .send()
-            .await
-            .map_err(|e| classify("CreateSnapshot", e));
-        self.observe("CreateSnapshot", &r);
-        match r {
-            Ok(out) => {
-                let mut snap = SnapshotResult {
-                    snapshot_id: out.snapshot_id().unwrap_or_default().to_string(),
-                    volume_id: out.volume_id().map(String::from),
-                    state: out
-                        .state()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_else(|| "pending".into()),
-                    progress: out.progress().map(String::from),
-                    volume_size_gib: out.volume_size(),
-                    start_time: out
-                        .start_time()
-                        .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
-                    description: out.description().map(String::from),
-                    ..Default::default()
-                };
-                snap.tags = tag_map(out.tags());
-                let outcome = CallOutcome {
-                    request_id: out.request_id().map(String::from),
-                    dry_run_ok: false,
-                };
-                Ok((Some(snap), outcome))
-            }
-            Err(e) if e.code == "DryRunOperation" => Ok((
-                None,
-                CallOutcome {
-                    request_id: e.request_id,
-                    dry_run_ok: true,
-                },
-            )),
-            Err(e) => Err(e),
-        }
+            .await;
+        self.created("CreateSnapshot", r, |out| SnapshotResult {
+            snapshot_id: out.snapshot_id().unwrap_or_default().to_string(),
+            volume_id: out.volume_id().map(String::from),
+            state: out
+                .state()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|| "pending".into()),
+            progress: out.progress().map(String::from),
+            volume_size_gib: out.volume_size(),
+            start_time: out
+                .start_time()
+                .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
+            description: out.description().map(String::from),
+            tags: tag_map(out.tags()),
+            ..Default::default()
+        })
     }
 
     /// Snapshots this account owns, by id and/or filters, following `NextToken`.
@@ -309,26 +290,9 @@ impl Ec2 {
             .tag_specifications(spec(ResourceType::Image))
             .dry_run(dry_run)
             .send()
-            .await
-            .map_err(|e| classify("CreateImage", e));
-        self.observe("CreateImage", &r);
-        match r {
-            Ok(out) => Ok((
-                out.image_id().map(String::from),
-                CallOutcome {
-                    request_id: out.request_id().map(String::from),
-                    dry_run_ok: false,
-                },
-            )),
-            Err(e) if e.code == "DryRunOperation" => Ok((
-                None,
-                CallOutcome {
-                    request_id: e.request_id,
-                    dry_run_ok: true,
-                },
-            )),
-            Err(e) => Err(e),
-        }
+            .await;
+        self.created("CreateImage", r, |out| out.image_id().map(String::from))
+            .map(|(id, o)| (id.flatten(), o))
     }
 
     /// AMIs this account owns, by id and/or filters.
@@ -408,25 +372,10 @@ impl Ec2 {
                     .build(),
             );
         }
-        let r = req.send().await.map_err(|e| classify("CopySnapshot", e));
-        self.observe("CopySnapshot", &r);
-        match r {
-            Ok(out) => Ok((
-                out.snapshot_id().map(String::from),
-                CallOutcome {
-                    request_id: out.request_id().map(String::from),
-                    dry_run_ok: false,
-                },
-            )),
-            Err(e) if e.code == "DryRunOperation" => Ok((
-                None,
-                CallOutcome {
-                    request_id: e.request_id,
-                    dry_run_ok: true,
-                },
-            )),
-            Err(e) => Err(e),
-        }
+        self.created("CopySnapshot", req.send().await, |out| {
+            out.snapshot_id().map(String::from)
+        })
+        .map(|(id, o)| (id.flatten(), o))
     }
 
     /// CopyImage into this client's region from `source_region`. Returns the copy's id. (Tags are
@@ -452,24 +401,9 @@ impl Ec2 {
         if o.encrypted || o.kms_key_id.is_some() {
             req = req.encrypted(true);
         }
-        let r = req.send().await.map_err(|e| classify("CopyImage", e));
-        self.observe("CopyImage", &r);
-        match r {
-            Ok(out) => Ok((
-                out.image_id().map(String::from),
-                CallOutcome {
-                    request_id: out.request_id().map(String::from),
-                    dry_run_ok: false,
-                },
-            )),
-            Err(e) if e.code == "DryRunOperation" => Ok((
-                None,
-                CallOutcome {
-                    request_id: e.request_id,
-                    dry_run_ok: true,
-                },
-            )),
-            Err(e) => Err(e),
-        }
+        self.created("CopyImage", req.send().await, |out| {
+            out.image_id().map(String::from)
+        })
+        .map(|(id, o)| (id.flatten(), o))
     }
 }

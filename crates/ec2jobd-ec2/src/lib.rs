@@ -536,17 +536,43 @@ impl Ec2 {
         R: std::fmt::Debug,
         SdkError<E, R>: RequestId,
     {
+        self.created(op, r, |_| ()).map(|(_, o)| o)
+    }
+
+    /// A call's answer, counted: what it returned (through `f`) and its outcome.
+    /// `DryRunOperation` is success with nothing returned.
+    fn created<T, E, R, V>(
+        &self,
+        op: &'static str,
+        r: Result<T, SdkError<E, R>>,
+        f: impl FnOnce(&T) -> V,
+    ) -> Result<(Option<V>, CallOutcome), Ec2Error>
+    where
+        T: RequestId,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+        SdkError<E, R>: RequestId,
+    {
         let r = r.map_err(|e| classify(op, e));
         self.observe(op, &r);
         match r {
-            Ok(o) => Ok(CallOutcome {
-                request_id: o.request_id().map(String::from),
-                dry_run_ok: false,
-            }),
-            Err(e) if e.code == "DryRunOperation" => Ok(CallOutcome {
-                request_id: e.request_id,
-                dry_run_ok: true,
-            }),
+            Ok(out) => {
+                let request_id = out.request_id().map(String::from);
+                Ok((
+                    Some(f(&out)),
+                    CallOutcome {
+                        request_id,
+                        dry_run_ok: false,
+                    },
+                ))
+            }
+            Err(e) if e.code == "DryRunOperation" => Ok((
+                None,
+                CallOutcome {
+                    request_id: e.request_id,
+                    dry_run_ok: true,
+                },
+            )),
             Err(e) => Err(e),
         }
     }
@@ -602,25 +628,13 @@ impl Ec2 {
         if l.termination_protection {
             req = req.disable_api_termination(true);
         }
-        let r = req.send().await.map_err(|e| classify("RunInstances", e));
-        self.observe("RunInstances", &r);
-        match r {
-            Ok(out) => Ok((
-                out.instances().iter().map(instance_result).collect(),
-                CallOutcome {
-                    request_id: out.request_id().map(String::from),
-                    dry_run_ok: false,
-                },
-            )),
-            Err(e) if e.code == "DryRunOperation" => Ok((
-                Vec::new(),
-                CallOutcome {
-                    request_id: e.request_id,
-                    dry_run_ok: true,
-                },
-            )),
-            Err(e) => Err(e),
-        }
+        let (insts, out) = self.created("RunInstances", req.send().await, |out| {
+            out.instances()
+                .iter()
+                .map(instance_result)
+                .collect::<Vec<_>>()
+        })?;
+        Ok((insts.unwrap_or_default(), out))
     }
 
     /// Whether a boolean attribute (`DisableApiTermination`, `DisableApiStop`) is set on an instance.

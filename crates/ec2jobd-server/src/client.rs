@@ -140,15 +140,7 @@ pub async fn run_template(r: RunTemplate) -> R<u8> {
             r.idempotency_key.as_deref(),
         )
         .await?;
-    let job: Value = serde_json::from_str(&text)
-        .map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))?;
-    if !r.wait {
-        client.print(&job, r.conn.output).await?;
-        return Ok(exit::OK);
-    }
-    let job = client.follow(job, limit).await?;
-    client.print(&job, r.conn.output).await?;
-    Ok(exit_for(&job))
+    client.answer(&text, r.wait, limit, r.conn.output).await
 }
 
 /// `ec2jobd jobs …`.
@@ -342,6 +334,19 @@ impl Client {
         }
     }
 
+    /// A submission's answer: printed at once, or followed to the end first with `wait`.
+    async fn answer(&self, text: &str, wait: bool, limit: Duration, output: Output) -> R<u8> {
+        let job: Value = serde_json::from_str(text)
+            .map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))?;
+        if !wait {
+            self.print(&job, output).await?;
+            return Ok(exit::OK);
+        }
+        let job = self.follow(job, limit).await?;
+        self.print(&job, output).await?;
+        Ok(exit_for(&job))
+    }
+
     async fn print(&self, job: &Value, output: Output) -> R<()> {
         match output {
             Output::Json => println!("{}", serde_json::to_string_pretty(job).unwrap_or_default()),
@@ -480,15 +485,7 @@ pub async fn submit(s: Submit) -> R<u8> {
             s.idempotency_key.as_deref(),
         )
         .await?;
-    let job: Value = serde_json::from_str(&text)
-        .map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))?;
-    if !wait {
-        client.print(&job, s.conn.output).await?;
-        return Ok(exit::OK);
-    }
-    let job = client.follow(job, limit).await?;
-    client.print(&job, s.conn.output).await?;
-    Ok(exit_for(&job))
+    client.answer(&text, wait, limit, s.conn.output).await
 }
 
 /// `ec2jobd jobs …`.
