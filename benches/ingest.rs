@@ -59,7 +59,7 @@ async fn http_ingest(sync: &str, secs: u64, conns: usize) -> Http {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{}\"\n[queue]\nworkers = 0\n[sqlite]\nsynchronous = \"{sync}\"\n[log]\nlevel = \"warn\"\n",
+            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{}\"\n[queue]\nworkers = 0\nmax_queued = 0\n[sqlite]\nsynchronous = \"{sync}\"\n[log]\nlevel = \"warn\"\n",
             dir.path().join("bench.db").display()
         ),
     )

@@ -910,3 +910,48 @@ async fn bad_config_fails_at_start_naming_the_key() {
     assert!(st.success(), "{err}");
     assert!(dir.path().join("m.db").exists());
 }
+
+/// Backpressure: with `queue.max_queued` jobs waiting, a submission gets 429 with Retry-After and
+/// nothing is stored; the queue stays at the limit.
+#[tokio::test]
+async fn a_full_queue_answers_429_and_stores_nothing() {
+    let d = Daemon::start(DaemonOpts {
+        workers: 0,
+        env: vec![("EC2JOBD_QUEUE__MAX_QUEUED".into(), "5".into())],
+        ..Default::default()
+    })
+    .await;
+    let spec = json!({"action": "describe_instances", "targets": {"tags": "a=b"}});
+    for _ in 0..5 {
+        assert_eq!(d.post_job(&d.admin, &spec).await.status(), 202);
+    }
+    let r = d.post_job(&d.admin, &spec).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["code"], "queue_full");
+    let (_, page) = d.get_json("/v1/jobs?limit=100").await;
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 5, "nothing stored");
+    // Cancelling one makes room again (after the depth is re-read).
+    let id = page["jobs"][0]["id"].as_str().unwrap();
+    let r = d
+        .req(
+            reqwest::Method::POST,
+            &format!("/v1/jobs/{id}/cancel"),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = d.post_job(&d.admin, &spec).await.status();
+        if s == 202 {
+            break;
+        }
+        assert_eq!(s, 429);
+        assert!(std::time::Instant::now() < deadline, "room never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -201,6 +201,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics,
         runner: runner.clone(),
         tokens: Default::default(),
+        admission: Default::default(),
         pool,
         sns_certs: Arc::new(CertStore::new(
             cfg.sns.cert_dir.as_ref().map(std::path::PathBuf::from),

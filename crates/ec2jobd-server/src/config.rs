@@ -296,6 +296,8 @@ pub struct QueueSection {
     pub poll_interval: Dur,
     /// Lease reaper interval.
     pub reap_interval: Dur,
+    /// Submissions beyond this many queued jobs get 429 with Retry-After (0: no limit).
+    pub max_queued: u64,
 }
 
 /// `[sqlite]`.

@@ -28,6 +28,48 @@ pub struct AppState {
     pub pool: Arc<ec2jobd_ec2::Ec2Pool>,
     /// Verifies SNS deliveries (certificate cache included).
     pub sns_certs: Arc<crate::sns::verify::CertStore>,
+    /// Queue depth seen by admission control (refreshed at most every 250 ms).
+    pub admission: Arc<Admission>,
     /// Cancelled when the daemon begins to shut down; long-lived responses (event streams) end then.
     pub shutdown: CancellationToken,
+}
+
+/// Admission control: the queue depth, read from the store at most every 250 ms and counted up
+/// between reads by this process's own submissions, so a burst cannot slip past the limit.
+#[derive(Debug, Default)]
+pub struct Admission {
+    seen: std::sync::Mutex<Option<(std::time::Instant, i64)>>,
+}
+
+impl Admission {
+    /// Admits one more job when fewer than `max` are queued (`max` 0: always); `Ok(false)` when full.
+    pub async fn admit(
+        &self,
+        store: &dyn Store,
+        max: u64,
+    ) -> Result<bool, ec2jobd_store::StoreError> {
+        if max == 0 {
+            return Ok(true);
+        }
+        let fresh = {
+            let g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            g.filter(|(at, _)| at.elapsed() < std::time::Duration::from_millis(250))
+        };
+        let depth = match fresh {
+            Some((_, d)) => d,
+            None => {
+                let d = store.queued().await?;
+                *self.seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((std::time::Instant::now(), d));
+                d
+            }
+        };
+        if depth as u64 >= max {
+            return Ok(false);
+        }
+        if let Some((_, d)) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            *d += 1;
+        }
+        Ok(true)
+    }
 }

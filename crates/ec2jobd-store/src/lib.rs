@@ -274,6 +274,8 @@ pub trait Store: Send + Sync + 'static {
     async fn next_run_after(&self) -> Result<Option<i64>>;
     /// Number of jobs per state.
     async fn counts(&self) -> Result<Vec<(JobState, i64)>>;
+    /// Jobs waiting to be claimed (cheap: the claim index), for admission control.
+    async fn queued(&self) -> Result<i64>;
     /// Proves the database accepts a write.
     async fn ping(&self) -> Result<()>;
     /// Stores a token by the SHA-256 of its secret.

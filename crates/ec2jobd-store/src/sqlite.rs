@@ -884,6 +884,14 @@ impl Store for SqliteStore {
         Ok(row.try_get("t")?)
     }
 
+    async fn queued(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     async fn counts(&self) -> Result<Vec<(JobState, i64)>> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
             .fetch_all(&self.pool)

@@ -249,6 +249,7 @@ fn fill_account(state: &AppState, spec: &mut JobSpec, prefix: &str) -> Result<()
         (status = 413, description = "Body too large", body = Problem),
         (status = 415, description = "Not JSON", body = Problem),
         (status = 422, description = "Invalid field", body = Problem),
+        (status = 429, description = "queue.max_queued jobs are waiting; nothing stored (Retry-After)", body = Problem),
         (status = 503, description = "Store unavailable; nothing stored", body = Problem),
     ),
     security(("bearer" = []))
@@ -277,6 +278,7 @@ pub async fn enqueue_and_answer(
 ) -> Result<Response, ApiError> {
     let wait = wait_param(query)?;
     let key = idempotency_key(headers)?;
+    admit(state).await?;
     let (created, job) = match state.store.enqueue(new_job(state, spec, key)).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
@@ -294,6 +296,23 @@ pub async fn enqueue_and_answer(
         (false, _) => StatusCode::OK,
     };
     Ok((status, [(header::LOCATION, location(&job.id))], Json(job)).into_response())
+}
+
+/// Refuses a submission with 429 (and Retry-After) when `queue.max_queued` jobs are waiting.
+pub async fn admit(state: &AppState) -> Result<(), ApiError> {
+    let max = state.config.queue.max_queued;
+    if state.admission.admit(state.store.as_ref(), max).await? {
+        return Ok(());
+    }
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "queue_full",
+        format!(
+            "{max} jobs are already queued (queue.max_queued); nothing was stored, retry later"
+        ),
+    );
+    e.retry_after = Some(1);
+    Err(e)
 }
 
 /// Most a submission may be held with `?wait=`.

@@ -477,6 +477,8 @@ async fn notification(
             return Ok(answer("failed", None));
         }
     };
+    // 429 when the queue is full: SNS delivers again later.
+    crate::routes::jobs::admit(state).await?;
     let key = format!("sns:{hook}:{}", m.message_id);
     let (outcome, job) = match state.store.enqueue(new_job(state, spec, Some(key))).await? {
         Enqueued::Created(j) => {
