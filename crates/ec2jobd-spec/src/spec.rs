@@ -1459,3 +1459,106 @@ mod tests {
         assert_eq!(s.clone().normalize().unwrap(), s);
     }
 }
+
+/// Property tests: whatever JSON arrives, parsing and normalising a job spec never panics, and a
+/// spec that normalises once normalises again to itself.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    const KEYS: &[&str] = &[
+        "action",
+        "account",
+        "region",
+        "targets",
+        "params",
+        "wait",
+        "dry_run",
+        "allow_empty",
+        "timeout",
+        "max_attempts",
+        "rate",
+        "notify",
+        "steps",
+        "instance_ids",
+        "tags",
+        "filters",
+        "volume_ids",
+        "snapshot_ids",
+        "image_ids",
+        "from_step",
+        "until",
+        "interval",
+        "name",
+        "values",
+        "instance_type",
+        "image_id",
+        "min_count",
+        "keep",
+        "max_concurrency",
+        "max_errors",
+        "topic_arn",
+        "on",
+        "on_failure",
+        "description",
+        "x",
+    ];
+    const ACTIONS: &[&str] = &[
+        "start_instances",
+        "stop_instances",
+        "run_instances",
+        "create_snapshots",
+        "workflow",
+        "modify_instance_attribute",
+        "audit_tags",
+        "copy_image",
+        "describe_instances",
+        "bogus",
+    ];
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (0u32..2000).prop_map(|n| json!(n)),
+            prop::sample::select(ACTIONS).prop_map(|s| json!(s)),
+            "[a-zA-Z0-9 ;=%${}:/._-]{0,24}".prop_map(Value::String),
+            Just(json!("i-0123456789abcdef0")),
+            Just(json!("10%")),
+            Just(json!("15s")),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(prop::sample::select(KEYS), inner, 0..6).prop_map(
+                    |m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                ),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_json_parses_or_is_refused_without_panic(
+            fields in prop::collection::btree_map(prop::sample::select(KEYS), value(), 0..8),
+            action in prop::sample::select(ACTIONS),
+        ) {
+            let mut m: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            m.entry("action").or_insert(json!(action));
+            let v = Value::Object(m);
+            if let Ok(spec) = serde_json::from_value::<JobSpec>(v) {
+                if let Ok(n) = spec.normalize() {
+                    prop_assert_eq!(n.clone().normalize().ok(), Some(n));
+                }
+            }
+        }
+    }
+}

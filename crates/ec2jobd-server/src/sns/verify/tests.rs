@@ -219,3 +219,40 @@ async fn pre_seeded_certificates_are_used_before_any_fetch() {
     check(&s, &notification("2", None)).await.unwrap();
     assert_eq!(c.0.load(Ordering::SeqCst), 0);
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Arbitrary bodies never panic the verifier, and a body that fails before the certificate
+        /// check never causes a fetch.
+        #[test]
+        fn arbitrary_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..600)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (s, fetched) = store();
+            let r = rt.block_on(s.verify(&body, &[TOPIC.to_string()], Some(Duration::from_secs(3600)), now()));
+            prop_assert!(r.is_err());
+            prop_assert_eq!(fetched.0.load(Ordering::SeqCst), 0);
+        }
+
+        /// Messages with every field mutated at random: refused or verified, never a panic; a
+        /// refused certificate URL or topic makes no request.
+        #[test]
+        fn mutated_messages_never_panic(
+            field in prop::sample::select(vec!["Type", "MessageId", "TopicArn", "Subject", "Message",
+                "Timestamp", "SignatureVersion", "Signature", "SigningCertURL", "Token"]),
+            value in "[ -~]{0,80}",
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let (s, fetched) = store();
+            let mut v = notification("2", Some("s"));
+            v[field] = json!(value);
+            let r = rt.block_on(check(&s, &v));
+            if matches!(r, Err(Rejection::CertUrl(_)) | Err(Rejection::Topic(_)) | Err(Rejection::Malformed(_)) | Err(Rejection::UnknownType(_))) {
+                prop_assert_eq!(fetched.0.load(Ordering::SeqCst), 0);
+            }
+        }
+    }
+}
