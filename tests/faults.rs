@@ -583,3 +583,50 @@ async fn waves_respect_max_concurrency_and_stop_after_max_errors() {
     assert_eq!(r.status(), 422);
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "rate");
 }
+
+/// SIGTERM while jobs wait for status checks: the daemon exits within its grace period (3 s here),
+/// and after restart the jobs finish without repeating their mutating calls (counted at the proxy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_waits_resumes_without_repeating_calls() {
+    let (moto, proxy, mut d, ids) = rig(3, &[("Grace", "yes")], 4).await;
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
+    let mut jobs = Vec::new();
+    for iid in &ids {
+        jobs.push(
+            d.submit(
+                &json!({"action": "reboot_instances", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "200ms", "timeout": "2m"}}),
+            )
+            .await,
+        );
+    }
+    for id in &jobs {
+        d.wait_for(id, MINUTE, |j| j["progress"]["phase"] == "waiting")
+            .await;
+    }
+    let started = Instant::now();
+    let st = tokio::task::block_in_place(|| d.terminate(Duration::from_secs(10)));
+    assert!(st.success(), "clean exit: {st:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "exited within the grace period"
+    );
+    d.spawn().await;
+    proxy.set(|f| f.instance_status = None);
+    for id in &jobs {
+        let j = d.wait_final(id, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+        assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
+    }
+    assert_eq!(
+        proxy.calls("RebootInstances"),
+        3,
+        "one RebootInstances per job, none repeated after the restart"
+    );
+    assert_eq!(moto.states(&ids).await, vec!["running"; 3]);
+}
