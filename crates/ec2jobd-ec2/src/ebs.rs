@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use aws_sdk_ec2::operation::RequestId;
-use aws_sdk_ec2::types::{Filter as AwsFilter, ResourceType, Snapshot, TagSpecification};
+use aws_sdk_ec2::types::{Filter as AwsFilter, ResourceType, Snapshot};
 use ec2jobd_spec::SnapshotResult;
 
-use crate::{classify, tags_of, CallOutcome, Ec2, Ec2Error};
+use crate::{classify, tag_spec, CallOutcome, Ec2, Ec2Error};
 
 /// One EBS volume and where it is attached.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -135,12 +135,7 @@ impl Ec2 {
             .create_snapshot()
             .volume_id(volume_id)
             .description(description)
-            .tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Snapshot)
-                    .set_tags(Some(tags_of(tags)))
-                    .build(),
-            )
+            .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
             .dry_run(dry_run)
             .send()
             .await;
@@ -261,6 +256,13 @@ pub struct CopyOptions {
     pub tags: BTreeMap<String, String>,
 }
 
+impl CopyOptions {
+    /// `Encrypted` for the call: set when asked for, or implied by a KMS key; left out otherwise.
+    fn encrypt(&self) -> Option<bool> {
+        (self.encrypted || self.kms_key_id.is_some()).then_some(true)
+    }
+}
+
 impl Ec2 {
     /// CreateImage, tagging the AMI at creation (its snapshots are tagged once known: moto rejects
     /// snapshot tag specifications on CreateImage). Returns the AMI id.
@@ -274,12 +276,6 @@ impl Ec2 {
         dry_run: bool,
     ) -> Result<(Option<String>, CallOutcome), Ec2Error> {
         self.pace("CreateImage").await;
-        let spec = |rt: ResourceType| {
-            TagSpecification::builder()
-                .resource_type(rt)
-                .set_tags(Some(tags_of(tags)))
-                .build()
-        };
         let r = self
             .client
             .create_image()
@@ -287,7 +283,7 @@ impl Ec2 {
             .name(name)
             .description(description)
             .no_reboot(no_reboot)
-            .tag_specifications(spec(ResourceType::Image))
+            .tag_specifications(tag_spec(ResourceType::Image, tags))
             .dry_run(dry_run)
             .send()
             .await;
@@ -360,17 +356,10 @@ impl Ec2 {
             .source_snapshot_id(snapshot_id)
             .set_description(o.description.clone())
             .set_kms_key_id(o.kms_key_id.clone())
+            .set_encrypted(o.encrypt())
             .dry_run(dry_run);
-        if o.encrypted || o.kms_key_id.is_some() {
-            req = req.encrypted(true);
-        }
         if !o.tags.is_empty() {
-            req = req.tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Snapshot)
-                    .set_tags(Some(tags_of(&o.tags)))
-                    .build(),
-            );
+            req = req.tag_specifications(tag_spec(ResourceType::Snapshot, &o.tags));
         }
         self.created("CopySnapshot", req.send().await, |out| {
             out.snapshot_id().map(String::from)
@@ -389,7 +378,7 @@ impl Ec2 {
         dry_run: bool,
     ) -> Result<(Option<String>, CallOutcome), Ec2Error> {
         self.pace("CopyImage").await;
-        let mut req = self
+        let req = self
             .client
             .copy_image()
             .source_region(source_region)
@@ -397,10 +386,8 @@ impl Ec2 {
             .name(name)
             .set_description(o.description.clone())
             .set_kms_key_id(o.kms_key_id.clone())
+            .set_encrypted(o.encrypt())
             .dry_run(dry_run);
-        if o.encrypted || o.kms_key_id.is_some() {
-            req = req.encrypted(true);
-        }
         self.created("CopyImage", req.send().await, |out| {
             out.image_id().map(String::from)
         })

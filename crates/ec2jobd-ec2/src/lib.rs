@@ -516,6 +516,17 @@ fn tags_of(tags: &std::collections::BTreeMap<String, String>) -> Vec<Tag> {
         .collect()
 }
 
+/// Tags for a resource a call creates, set in that same call.
+fn tag_spec(
+    rt: aws_sdk_ec2::types::ResourceType,
+    tags: &std::collections::BTreeMap<String, String>,
+) -> aws_sdk_ec2::types::TagSpecification {
+    aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(rt)
+        .set_tags(Some(tags_of(tags)))
+        .build()
+}
+
 impl Ec2 {
     /// Waits for the operation's pacing token.
     async fn pace(&self, op: &'static str) {
@@ -585,7 +596,6 @@ impl Ec2 {
     ) -> Result<(Vec<InstanceResult>, CallOutcome), Ec2Error> {
         use aws_sdk_ec2::types::{
             IamInstanceProfileSpecification, InstanceType, Placement, ResourceType,
-            TagSpecification,
         };
         self.pace("RunInstances").await;
         let mut req = self
@@ -618,12 +628,7 @@ impl Ec2 {
             req = req.iam_instance_profile(spec.build());
         }
         if !l.tags.is_empty() {
-            req = req.tag_specifications(
-                TagSpecification::builder()
-                    .resource_type(ResourceType::Instance)
-                    .set_tags(Some(tags_of(&l.tags)))
-                    .build(),
-            );
+            req = req.tag_specifications(tag_spec(ResourceType::Instance, &l.tags));
         }
         if l.termination_protection {
             req = req.disable_api_termination(true);

@@ -236,6 +236,15 @@ fn refuse_states(
     })
 }
 
+/// How a dry run's answer reads: EC2 answered `DryRunOperation` (would succeed), or it did not.
+fn dry_run_verdict(ok: bool) -> &'static str {
+    if ok {
+        "would succeed"
+    } else {
+        "answered without DryRunOperation"
+    }
+}
+
 fn plural(n: u64) -> &'static str {
     if n == 1 {
         ""
@@ -409,7 +418,7 @@ impl Ec2Executor {
         let spec = &ctx.job.spec;
         let job_id = &ctx.job.id;
         let mut results = JobResults::default();
-        let resumed = ctx.checkpoint.is_some() || ctx.job.attempts > 1;
+        let resumed = ctx.resumed();
         let mut launched: Vec<InstanceResult> = Vec::new();
         if resumed && !spec.dry_run {
             ctx.progress(
@@ -481,11 +490,7 @@ impl Ec2Executor {
             if spec.dry_run {
                 results.summary = Some(format!(
                     "dry run: RunInstances {}",
-                    if out.dry_run_ok {
-                        "would succeed"
-                    } else {
-                        "answered without DryRunOperation"
-                    }
+                    dry_run_verdict(out.dry_run_ok)
                 ));
                 return Ok(results);
             }
@@ -604,11 +609,7 @@ impl Ec2Executor {
                 let ok = outs.iter().all(|o| o.dry_run_ok);
                 results.summary = Some(format!(
                     "dry run: {op} {} for {} instance(s)",
-                    if ok {
-                        "would succeed"
-                    } else {
-                        "answered without DryRunOperation"
-                    },
+                    dry_run_verdict(ok),
                     todo.len()
                 ));
                 return Ok(results);
@@ -736,11 +737,7 @@ impl Ec2Executor {
             results.summary = Some(format!(
                 "dry run: {} call(s) {} ({} to resize, {} to stop and start again)",
                 outs.len(),
-                if ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                },
+                dry_run_verdict(ok),
                 resize.len(),
                 stop.len()
             ));

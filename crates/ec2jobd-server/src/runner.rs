@@ -175,6 +175,12 @@ impl ExecCtx {
             })
     }
 
+    /// True when an earlier attempt may have made calls already (it left a checkpoint, or this is
+    /// not the first attempt): creating steps look for what they made before making it again.
+    pub fn resumed(&self) -> bool {
+        self.checkpoint.is_some() || self.job.attempts > 1
+    }
+
     /// Fails with `Cancelled` when a cancel was asked; call at every step or wait boundary.
     pub fn check_cancel(&self, results: &JobResults) -> Result<(), ExecError> {
         if self.cancel.is_cancelled() {

@@ -20,7 +20,9 @@ use ec2jobd_spec::{
 };
 use serde_json::json;
 
-use super::{failed, no_targets, plural, str_list, string_map, Ec2Executor, Ready, JOB_TAG};
+use super::{
+    dry_run_verdict, failed, no_targets, plural, str_list, string_map, Ec2Executor, Ready, JOB_TAG,
+};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
@@ -236,11 +238,7 @@ impl Ec2Executor {
             }
             results.summary = Some(format!(
                 "dry run: CreateSnapshot {} for {} volume(s)",
-                if ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                },
+                dry_run_verdict(ok),
                 sources.len()
             ));
             return Ok(results);
@@ -248,7 +246,7 @@ impl Ec2Executor {
 
         // What an earlier attempt of this job already created, found by the job tag.
         let mut made: BTreeMap<String, SnapshotResult> = BTreeMap::new();
-        if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
+        if ctx.resumed() {
             let (found, rids, _) = ec2
                 .describe_snapshots(None, &super::made_by_filters(ctx), false)
                 .await
@@ -623,11 +621,7 @@ impl Ec2Executor {
         if dry_describe {
             results.summary = Some(format!(
                 "dry run: DescribeSnapshots {}",
-                if dry_ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                }
+                dry_run_verdict(dry_ok)
             ));
             return Ok(results);
         }
@@ -664,11 +658,7 @@ impl Ec2Executor {
         results.summary = Some(if spec.dry_run {
             format!(
                 "dry run: DeleteSnapshot {} for {n} snapshot(s)",
-                if ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                }
+                dry_run_verdict(ok)
             )
         } else {
             format!(

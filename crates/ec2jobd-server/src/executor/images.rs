@@ -17,7 +17,7 @@ use ec2jobd_spec::{
 use serde_json::json;
 
 use super::backup::ROTATION_TAG;
-use super::{failed, no_targets, plural, string_map, Ec2Executor, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plural, string_map, Ec2Executor, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag on a copy naming what it was copied from.
@@ -285,18 +285,14 @@ impl Ec2Executor {
             }
             results.summary = Some(format!(
                 "dry run: CreateImage {} for {} instance(s)",
-                if ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                },
+                dry_run_verdict(ok),
                 insts.len()
             ));
             return Ok(results);
         }
         // What an earlier attempt already made, by job tag: instance id → AMI.
         let mut made: BTreeMap<String, ImageResult> = BTreeMap::new();
-        if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
+        if ctx.resumed() {
             let (imgs, rids) = ec2
                 .describe_images(None, &super::made_by_filters(ctx))
                 .await
@@ -595,11 +591,7 @@ impl Ec2Executor {
         results.summary = Some(if spec.dry_run {
             format!(
                 "dry run: DeregisterImage {} for {n} AMI(s)",
-                if ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                }
+                dry_run_verdict(ok)
             )
         } else {
             format!(
@@ -724,7 +716,7 @@ impl Ec2Executor {
         };
         // Copies an earlier attempt made, by job tag in the destination: source → copy id.
         let mut copies: BTreeMap<String, String> = BTreeMap::new();
-        if ctx.checkpoint.is_some() || ctx.job.attempts > 1 {
+        if ctx.resumed() {
             let f = super::made_by_filters(ctx);
             let found: Vec<(String, BTreeMap<String, String>)> = match kind {
                 Ready::Snapshots => dest
@@ -797,11 +789,7 @@ impl Ec2Executor {
         if spec.dry_run {
             results.summary = Some(format!(
                 "dry run: copy to {dest_region} {} for {} item(s)",
-                if dry_ok {
-                    "would succeed"
-                } else {
-                    "answered without DryRunOperation"
-                },
+                dry_run_verdict(dry_ok),
                 sources.len()
             ));
             return Ok(results);
