@@ -14,47 +14,6 @@ use serde_json::{json, Value};
 const MINUTE: Duration = Duration::from_secs(60);
 
 impl Moto {
-    /// Snapshots (any owner) whose tag `key` has `value`, as moto sees them: id → (volume, tags).
-    async fn snapshots_tagged(
-        &self,
-        key: &str,
-        value: &str,
-    ) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
-        let out = self
-            .ec2()
-            .await
-            .describe_snapshots()
-            .filters(
-                aws_sdk_ec2::types::Filter::builder()
-                    .name(format!("tag:{key}"))
-                    .values(value)
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("describe snapshots in moto");
-        out.snapshots()
-            .iter()
-            .map(|s| {
-                (
-                    s.snapshot_id().unwrap_or_default().to_string(),
-                    (
-                        s.volume_id().unwrap_or_default().to_string(),
-                        s.tags()
-                            .iter()
-                            .map(|t| {
-                                (
-                                    t.key().unwrap_or("").to_string(),
-                                    t.value().unwrap_or("").to_string(),
-                                )
-                            })
-                            .collect(),
-                    ),
-                )
-            })
-            .collect()
-    }
-
     /// The volumes attached to an instance, by device.
     async fn volumes_of(&self, instance: &str) -> BTreeMap<String, String> {
         let out = self

@@ -6,6 +6,7 @@
 
 pub mod proxy;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -111,6 +112,8 @@ pub struct DaemonOpts {
     pub extra: String,
     /// Extra environment variables of the daemon process.
     pub env: Vec<(String, String)>,
+    /// Where the database lives (default: the daemon's temporary directory).
+    pub database: Option<PathBuf>,
 }
 
 impl Default for DaemonOpts {
@@ -120,6 +123,7 @@ impl Default for DaemonOpts {
             workers: 2,
             extra: String::new(),
             env: Vec::new(),
+            database: None,
         }
     }
 }
@@ -171,7 +175,11 @@ reap_interval = "500ms"
 level = "info,ec2jobd_server=debug"
 {extra}
 "#,
-        db = dir.join("ec2jobd.db").display(),
+        db = opts
+            .database
+            .clone()
+            .unwrap_or_else(|| dir.join("ec2jobd.db"))
+            .display(),
         workers = opts.workers,
         extra = opts.extra,
     );
@@ -461,6 +469,47 @@ impl Moto {
 }
 
 impl Moto {
+    /// Snapshots (any owner) whose tag `key` has `value`, as moto sees them: id → (volume, tags).
+    pub async fn snapshots_tagged(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
+        let out = self
+            .ec2()
+            .await
+            .describe_snapshots()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe snapshots in moto");
+        out.snapshots()
+            .iter()
+            .map(|s| {
+                (
+                    s.snapshot_id().unwrap_or_default().to_string(),
+                    (
+                        s.volume_id().unwrap_or_default().to_string(),
+                        s.tags()
+                            .iter()
+                            .map(|t| {
+                                (
+                                    t.key().unwrap_or("").to_string(),
+                                    t.value().unwrap_or("").to_string(),
+                                )
+                            })
+                            .collect(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
     /// Instance states as moto sees them, in the order of `ids`.
     pub async fn states(&self, ids: &[String]) -> Vec<String> {
         let out = self
@@ -497,6 +546,42 @@ impl Moto {
 }
 
 impl Daemon {
+    /// The sum of every `/metrics` sample whose line starts with `prefix` and contains `part`.
+    pub async fn metric_sum(&self, prefix: &str, part: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(part))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Resident set size of the daemon process in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// The value of the first `/metrics` line starting with `prefix` (0 when absent).
     pub async fn metric(&self, prefix: &str) -> f64 {
         let text = self

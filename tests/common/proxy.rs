@@ -31,6 +31,11 @@ pub struct Faults {
     pub drop: f64,
     /// Added before every call is forwarded.
     pub latency: Duration,
+    /// Plus a uniformly drawn extra delay up to this (latency 100 ms + jitter 400 ms: 100–500 ms).
+    pub latency_jitter: Duration,
+    /// Dropped calls are first forwarded to moto, so the call takes effect and only its answer is
+    /// lost (the hard case for mutating calls); otherwise they never reach moto.
+    pub drop_after_forward: bool,
     /// Until this instant, CreateSnapshot and DescribeSnapshots report completed snapshots in this
     /// state (`pending`, `error`) with this progress (`40%`), as AWS does while a snapshot is taken.
     pub snapshot_state: Option<(String, String, Instant)>,
@@ -49,6 +54,7 @@ struct Stats {
     last_body: HashMap<String, String>,
     order: Vec<String>,
     max_ids: HashMap<String, usize>,
+    answered: HashMap<String, u64>,
 }
 
 struct Shared {
@@ -92,6 +98,18 @@ impl FaultProxy {
 
     pub fn set(&self, f: impl FnOnce(&mut Faults)) {
         f(&mut self.shared.faults.lock().unwrap());
+    }
+
+    /// Calls of an operation whose answer was written back to the client.
+    pub fn answered(&self, op: &str) -> u64 {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .answered
+            .get(op)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Calls seen for an operation (faulted ones included).
@@ -277,13 +295,41 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
     // reads this one.
     counter.fetch_sub(1, Ordering::SeqCst);
     match reply {
-        Some((status, text, rid)) => respond(&mut sock, status, &text, &rid).await,
+        Some((status, text, rid)) => {
+            respond(&mut sock, status, &text, &rid).await?;
+            *s.stats.lock().unwrap().answered.entry(op).or_default() += 1;
+            Ok(())
+        }
         None => Ok(()), // the socket is dropped: no answer at all
     }
 }
 
 /// An answer to write: status, body, request id.
 type Reply = (u16, String, String);
+
+/// Forwards a call to moto as it came; None when moto cannot be reached.
+async fn send_upstream(
+    s: &Shared,
+    path: &str,
+    headers: &[(String, String)],
+    body: String,
+) -> Option<Reply> {
+    let mut req = s.http.post(format!("{}{path}", s.upstream)).body(body);
+    for (k, v) in headers {
+        if !["host", "content-length", "connection"].contains(&k.to_ascii_lowercase().as_str()) {
+            req = req.header(k, v);
+        }
+    }
+    let resp = req.send().await.ok()?;
+    let status = resp.status().as_u16();
+    let rid = resp
+        .headers()
+        .get("x-amzn-requestid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("proxied")
+        .to_string();
+    Some((status, resp.text().await.unwrap_or_default(), rid))
+}
 
 async fn forward(
     s: &Shared,
@@ -297,10 +343,13 @@ async fn forward(
         .only
         .as_ref()
         .is_none_or(|ops| ops.iter().any(|o| o == op));
-    if applies && !faults.latency.is_zero() {
-        tokio::time::sleep(faults.latency).await;
+    let (roll, jitter): (f64, f64) = {
+        let mut rng = s.rng.lock().unwrap();
+        (rng.gen(), rng.gen())
+    };
+    if applies && !(faults.latency + faults.latency_jitter).is_zero() {
+        tokio::time::sleep(faults.latency + faults.latency_jitter.mul_f64(jitter)).await;
     }
-    let roll: f64 = s.rng.lock().unwrap().gen();
     let note = |s: &Shared| {
         *s.stats
             .lock()
@@ -318,6 +367,9 @@ async fn forward(
     }
     if applies && roll < faults.drop {
         note(s);
+        if faults.drop_after_forward {
+            let _ = send_upstream(s, path, headers, body).await;
+        }
         return None;
     }
     if applies && roll < faults.drop + faults.throttle {
@@ -334,21 +386,7 @@ async fn forward(
         let xml = error_xml("Unavailable", "The service is unavailable.", "fault-503");
         return Some((503, xml, "fault-503".into()));
     }
-    let mut req = s.http.post(format!("{}{path}", s.upstream)).body(body);
-    for (k, v) in headers {
-        if !["host", "content-length", "connection"].contains(&k.to_ascii_lowercase().as_str()) {
-            req = req.header(k, v);
-        }
-    }
-    let resp = req.send().await.ok()?;
-    let status = resp.status().as_u16();
-    let rid = resp
-        .headers()
-        .get("x-amzn-requestid")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("proxied")
-        .to_string();
-    let mut text = resp.text().await.unwrap_or_default();
+    let (status, mut text, rid) = send_upstream(s, path, headers, body).await?;
     if op == "DescribeSnapshots" || op == "CreateSnapshot" {
         if let Some((state, progress, until)) = &faults.snapshot_state {
             if Instant::now() < *until && text.contains("<status>completed</status>") {

@@ -25,6 +25,7 @@ use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter as AwsFilter, Instance, Tag};
 use ec2jobd_spec::{InstanceResult, Targets};
 
+mod attempts;
 mod ebs;
 mod pace;
 mod watch;
@@ -163,6 +164,9 @@ pub trait CallObserver: Send + Sync {
     fn paced(&self, _operation: &'static str, _waited: Duration) {}
     /// A status watcher finished a polling round over this many instances.
     fn round(&self, _instances: usize) {}
+    /// One HTTP attempt of a call to `operation` ended with `outcome` (`ok`, an AWS error code,
+    /// `http_<status>` or `no_response`); `retry` when it was not the call's first attempt.
+    fn attempt(&self, _operation: &str, _outcome: &str, _retry: bool) {}
 }
 
 /// An observer that ignores everything (tools and tests).
@@ -249,9 +253,20 @@ impl Ec2Pool {
             .get(account)
             .ok_or_else(|| Ec2Error::config(format!("no account `{account}` is configured")))?;
         let conf = sdk_config(acct, region).await?;
+        let counter = attempts::AttemptCounter {
+            observer: self.observer.clone(),
+        };
         let clients = Clients {
-            ec2: aws_sdk_ec2::Client::new(&conf),
-            sns: aws_sdk_sns::Client::new(&conf),
+            ec2: aws_sdk_ec2::Client::from_conf(
+                aws_sdk_ec2::config::Builder::from(&conf)
+                    .interceptor(counter.clone())
+                    .build(),
+            ),
+            sns: aws_sdk_sns::Client::from_conf(
+                aws_sdk_sns::config::Builder::from(&conf)
+                    .interceptor(counter)
+                    .build(),
+            ),
             pacer: Arc::new(Pacer::new(self.pacing.clone())),
         };
         Ok(self.lock().entry(key).or_insert(clients).clone())

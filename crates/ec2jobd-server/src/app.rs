@@ -53,7 +53,11 @@ pub fn init_tracing(cfg: &Config) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A log that cannot be written (its disk full, a file size limit) must not take requests
+        // down with it: by default a failed write is reported with `eprintln!`, which panics when
+        // stderr itself fails, inside whatever handler or worker logged.
+        .log_internal_errors(false);
     let _ = match cfg.log.format {
         LogFormat::Json => b.json().try_init(),
         LogFormat::Text => b.try_init(),
@@ -229,6 +233,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.notify.backoff_max.0,
     ));
     runner.on_finished(Arc::new(move |job| notifier.job_finished(job)));
+    survive_file_size_limit();
     let workers = runner.start(shutdown.clone());
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -245,6 +250,21 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     workers.await.ok();
     tracing::info!("ec2jobd stopped");
     Ok(())
+}
+
+/// A file size limit (`ulimit -f`, RLIMIT_FSIZE) makes a write past it raise SIGXFSZ, whose default
+/// action kills the process. A full or limited disk must surface as a failed write (submissions
+/// answer 503 and the daemon recovers when space returns), not as a dead daemon: a handler is
+/// installed, so the write fails with EFBIG like any other storage error.
+fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // tokio keeps the handler installed for the life of the process, even once this is dropped.
+        if let Err(e) = signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            tracing::warn!(error = %e, "cannot handle SIGXFSZ; a file size limit would stop the daemon");
+        }
+    }
 }
 
 async fn wait_for_signal() {

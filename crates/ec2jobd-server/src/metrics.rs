@@ -25,6 +25,8 @@ pub struct Metrics {
     duration: Family<Labels, Histogram>,
     ec2_calls: Family<Labels, Counter>,
     paced: Family<Labels, Counter<f64>>,
+    attempts: Family<Labels, Counter>,
+    retried: Family<Labels, Counter>,
     status_rounds: Counter,
     status_round_instances: Gauge,
 }
@@ -85,6 +87,18 @@ impl Metrics {
             "Time EC2 calls were held by client-side pacing, by operation",
             paced.clone(),
         );
+        let attempts = Family::<Labels, Counter>::default();
+        registry.register(
+            "ec2_attempts",
+            "HTTP attempts of AWS calls by operation and outcome (`ok`, the AWS error code such as `RequestLimitExceeded`, `http_<status>`, or `no_response`), retries included",
+            attempts.clone(),
+        );
+        let retried = Family::<Labels, Counter>::default();
+        registry.register(
+            "ec2_retries",
+            "AWS call attempts that were retries of an earlier attempt of the same call, by operation",
+            retried.clone(),
+        );
         let status_rounds = Counter::default();
         registry.register(
             "status_rounds",
@@ -99,6 +113,8 @@ impl Metrics {
         );
         Self {
             registry,
+            attempts,
+            retried,
             paced,
             status_rounds,
             status_round_instances,
@@ -174,5 +190,19 @@ impl CallObserver for Metrics {
     fn round(&self, instances: usize) {
         self.status_rounds.inc();
         self.status_round_instances.set(instances as i64);
+    }
+
+    fn attempt(&self, operation: &str, outcome: &str, retry: bool) {
+        self.attempts
+            .get_or_create(&vec![
+                ("operation".into(), operation.into()),
+                ("outcome".into(), outcome.into()),
+            ])
+            .inc();
+        if retry {
+            self.retried
+                .get_or_create(&vec![("operation".into(), operation.into())])
+                .inc();
+        }
     }
 }

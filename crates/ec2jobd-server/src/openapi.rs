@@ -1,7 +1,10 @@
 //! The OpenAPI document, generated from the handlers' annotations. `openapi/ec2jobd.json` is this
 //! document committed; a test fails when the two drift (`UPDATE_OPENAPI=1` rewrites the file).
 
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
@@ -30,9 +33,9 @@ use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
         catalog::Catalog, catalog::AccountCatalog, sns::DeliveryAnswer, sns::DeliveryPage,
         sns::HookInfo, crate::config::HookSection, templates::Template, templates::TemplateParam,
         templates::ParamType, templates::NamedTemplate, templates::RunBody,
-        ec2jobd_store::Delivery,
+        ec2jobd_store::Delivery, ec2jobd_spec::StepResult,
     )),
-    modifiers(&Bearer),
+    modifiers(&Bearer, &Problems),
     tags(
         (name = "jobs", description = "Submit, watch, query and cancel jobs"),
         (name = "tokens", description = "API tokens (admin)"),
@@ -56,9 +59,146 @@ impl Modify for Bearer {
     }
 }
 
+/// Every error is an `application/problem+json` document; this says so on each operation, and adds
+/// the answers the shared layers give on any route, so the document lists every status a client
+/// can get (checked by schemathesis in the bad-input campaign): 401 from authentication, 403 from
+/// role checks on writes, 400/413/415 from body and parameter parsing, 503 when the store is
+/// unavailable or a request outlives `http.request_timeout`.
+struct Problems;
+
+const PROBLEM: &str = "application/problem+json";
+
+fn problem(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                PROBLEM,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build(),
+    )
+}
+
+impl Problems {
+    fn operation(path: &str, method: &str, op: &mut Operation) {
+        let secured = op.security.is_some();
+        let body = op.request_body.is_some();
+        let params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
+        let responses = &mut op.responses.responses;
+        for r in responses.values_mut() {
+            if let RefOr::T(r) = r {
+                let is_problem = r.content.get("application/json").is_some_and(|c| {
+                    matches!(&c.schema, Some(RefOr::Ref(x)) if x.ref_location.ends_with("/Problem"))
+                });
+                if is_problem {
+                    if let Some(c) = r.content.shift_remove("application/json") {
+                        r.content.insert(PROBLEM.into(), c);
+                    }
+                }
+            }
+        }
+        let mut add = |code: &str, why: &str| {
+            responses
+                .entry(code.to_string())
+                .or_insert_with(|| problem(why));
+        };
+        if secured {
+            add("401", "Missing, unknown, expired or revoked bearer token");
+            if method != "get" {
+                add("403", "The token's role does not allow this");
+            }
+        }
+        if body {
+            add("400", "The body is not valid JSON");
+            add("413", "The body is larger than http.body_limit");
+            add("415", "The body is not application/json");
+            add(
+                "422",
+                "The body is JSON but not a valid document of this kind",
+            );
+        }
+        if params || body {
+            add("400", "A parameter or header is malformed");
+        }
+        if path.starts_with("/v1/") {
+            add(
+                "503",
+                "The store is unavailable or the request outlived http.request_timeout; retry later",
+            );
+        }
+    }
+}
+
+impl Modify for Problems {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in api.paths.paths.iter_mut() {
+            for (method, op) in [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+            ] {
+                if let Some(op) = op.as_mut() {
+                    Problems::operation(path, method, op);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// utoipa collects the schemas a handler names, but not always what those reference in turn
+    /// (recursive types): every `$ref` must resolve, or clients and schemathesis skip those parts.
+    #[test]
+    fn every_reference_resolves() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&ApiDoc::openapi().to_json().unwrap()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let mut stack = vec![&doc];
+        let mut missing = Vec::new();
+        while let Some(v) = stack.pop() {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                        let name = r.trim_start_matches("#/components/schemas/");
+                        if schemas.get(name).is_none() {
+                            missing.push(r.to_string());
+                        }
+                    }
+                    stack.extend(m.values());
+                }
+                serde_json::Value::Array(a) => stack.extend(a),
+                _ => {}
+            }
+        }
+        assert!(missing.is_empty(), "unresolved: {missing:?}");
+    }
+
+    /// Errors are problem documents on every operation, and authentication failures are listed.
+    #[test]
+    fn problems_are_declared_as_such() {
+        let doc: serde_json::Value =
+            serde_json::from_str(&ApiDoc::openapi().to_json().unwrap()).unwrap();
+        let get = &doc["paths"]["/v1/jobs/{id}"]["get"]["responses"];
+        assert!(
+            get["404"]["content"]["application/problem+json"].is_object(),
+            "{get}"
+        );
+        assert!(get["404"]["content"]["application/json"].is_null());
+        assert!(get["401"]["content"]["application/problem+json"].is_object());
+        assert!(get["503"].is_object());
+        let put = &doc["paths"]["/v1/templates/{name}"]["put"]["responses"];
+        for code in ["400", "401", "403", "413", "415", "422"] {
+            assert!(put[code].is_object(), "{code} missing: {put}");
+        }
+        assert!(doc["paths"]["/healthz"]["get"]["responses"]["401"].is_null());
+    }
 
     #[test]
     fn committed_openapi_matches_the_code() {
