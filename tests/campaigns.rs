@@ -1006,6 +1006,8 @@ async fn bad_input_campaign() {
     let started = Instant::now();
     let out = tokio::task::block_in_place(|| {
         Command::new(&st)
+            // Its cache of found failures goes to the daemon's temporary directory.
+            .current_dir(&d.dir)
             .args(["run", &format!("{}/openapi.json", d.url)])
             .args(["-H", &format!("Authorization: Bearer {}", d.admin)])
             .args([
