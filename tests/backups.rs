@@ -452,6 +452,49 @@ async fn slow_failed_and_interrupted_snapshots() {
         .as_str()
         .unwrap()
         .contains("earlier attempt"));
+
+    // kill -9 while the snapshot is pending, and while the daemon is down the snapshot is deleted
+    // (as the rotation of a newer generation by another job on the group would): after restart the
+    // job reports it as made and deleted, and does not make it again (found in the checkpoint).
+    proxy.set(|f| {
+        f.latency = Duration::ZERO;
+        f.only = None;
+        f.snapshot_state = Some((
+            "pending".into(),
+            "10%".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
+    let calls = proxy.calls("CreateSnapshot");
+    let id = d.submit(&spec).await;
+    d.wait_for(&id, MINUTE, |j| j["progress"]["phase"] == "waiting")
+        .await;
+    d.kill9();
+    let gone: Vec<String> = moto
+        .snapshots_tagged("ec2jobd:job-id", &id)
+        .await
+        .into_keys()
+        .collect();
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    moto.ec2()
+        .await
+        .delete_snapshot()
+        .snapshot_id(&gone[0])
+        .send()
+        .await
+        .expect("delete in moto");
+    proxy.set(|f| f.snapshot_state = None);
+    d.spawn().await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(proxy.calls("CreateSnapshot") - calls, 1, "not made again");
+    let snap = &rows(&j)[&root]["snapshot"];
+    assert_eq!(snap["snapshot_id"], gone[0].as_str(), "{j}");
+    assert_eq!(snap["state"], "deleted", "{j}");
+    assert!(
+        snap["outcome"].as_str().unwrap().contains("rotation"),
+        "{j}"
+    );
 }
 
 /// `stop_first`: a running instance is stopped before its snapshots and started again after them

@@ -148,18 +148,20 @@ async fn mixed_jobs(moto: &Moto, kinds: &[&str], per: usize, rng: &mut StdRng) -
 /// Outcome checks shared by the crash and fault campaigns, all against moto's own view.
 struct Checker<'a> {
     moto: &'a Moto,
+    proxy: &'a FaultProxy,
     tag: &'a str,
     violations: Vec<String>,
     states: BTreeMap<String, usize>,
     resumed: usize,
-    /// Per volume: snapshots each job reported, and what rotation deleted.
-    volumes: BTreeMap<String, (usize, BTreeSet<String>, BTreeSet<String>)>,
+    /// Per volume: snapshot jobs, and the snapshots they reported.
+    volumes: BTreeMap<String, (usize, BTreeSet<String>)>,
 }
 
 impl<'a> Checker<'a> {
-    fn new(moto: &'a Moto, tag: &'a str) -> Self {
+    fn new(moto: &'a Moto, proxy: &'a FaultProxy, tag: &'a str) -> Self {
         Self {
             moto,
+            proxy,
             tag,
             violations: Vec::new(),
             states: BTreeMap::new(),
@@ -198,6 +200,12 @@ impl<'a> Checker<'a> {
         };
         match job {
             Job::Run(n) => {
+                let made = self.made("RunInstances", id);
+                if made.len() != *n {
+                    self.violations.push(format!(
+                        "job {id} asked for {n} instance(s); RunInstances made {made:?} in moto"
+                    ));
+                }
                 let mine: BTreeSet<String> =
                     self.moto.tagged(JOB_TAG, id).await.into_iter().collect();
                 if mine.len() != *n {
@@ -228,26 +236,38 @@ impl<'a> Checker<'a> {
                 }
             }
             Job::Snapshot(_) => {
-                for v in j["results"]["volumes"].as_array().into_iter().flatten() {
+                let volumes = j["results"]["volumes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for v in &volumes {
                     let vol = v["volume_id"].as_str().unwrap_or("").to_string();
                     let e = self.volumes.entry(vol).or_default();
                     e.0 += 1;
                     if let Some(s) = v["snapshot"]["snapshot_id"].as_str() {
                         e.1.insert(s.to_string());
                     }
-                    for d in v["rotation"]["deleted"].as_array().into_iter().flatten() {
-                        e.2.insert(d.as_str().unwrap_or("").to_string());
-                    }
                 }
-                let mine = self.moto.snapshots_tagged(JOB_TAG, id).await;
-                if mine.len() > 1 {
+                // Counted where they took effect: deleted ones and ones whose answer was lost too.
+                let made = self.made("CreateSnapshot", id);
+                if made.len() != volumes.len() {
                     self.violations.push(format!(
-                        "job {id} made {} snapshots of one volume: {mine:?}",
-                        mine.len()
+                        "job {id} snapshots {} volume(s) but CreateSnapshot made {made:?}",
+                        volumes.len()
                     ));
                 }
             }
         }
+    }
+
+    /// What calls of `op` made in moto for job `id` (counted at the proxy).
+    fn made(&self, op: &str, id: &str) -> Vec<String> {
+        self.proxy
+            .created(op)
+            .into_iter()
+            .filter(|(job, _)| job == id)
+            .map(|(_, r)| r)
+            .collect()
     }
 
     /// No job claims a state moto does not show.
@@ -265,33 +285,37 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Per volume: every job made exactly one snapshot (what moto still holds plus what rotation
-    /// deleted is one per job), and rotation left exactly `keep` (2) generations.
+    /// Per volume: rotation left exactly `keep` (2) generations, and every snapshot a job reported
+    /// was made by a job of this campaign. Returns (snapshots made, of which deleted since).
     async fn volumes(&mut self) -> (usize, usize) {
-        let (mut made, mut deleted) = (0, 0);
-        for (vol, (jobs, reported, gone)) in self.volumes.clone() {
+        let made: BTreeSet<String> = self
+            .proxy
+            .created("CreateSnapshot")
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        let mut held_total = 0;
+        for (vol, (jobs, reported)) in self.volumes.clone() {
             let held: BTreeSet<String> = self
                 .moto
                 .snapshots_tagged("ec2jobd:rotation", &format!("{}/{vol}", self.tag))
                 .await
                 .into_keys()
                 .collect();
-            let all: BTreeSet<String> = held.union(&gone).cloned().collect();
-            made += all.len();
-            deleted += gone.len();
-            if all.len() != jobs || !reported.is_subset(&all) {
-                self.violations.push(format!(
-                    "volume {vol}: {jobs} snapshot jobs, but moto holds {held:?} and rotation deleted {gone:?}"
-                ));
-            }
+            held_total += held.len();
             if held.len() != jobs.min(2) {
                 self.violations.push(format!(
-                    "volume {vol}: {} generations kept, keep is 2: {held:?}",
+                    "volume {vol}: {} generations kept after {jobs} jobs, keep is 2: {held:?}",
                     held.len()
                 ));
             }
+            if !reported.is_subset(&made) || !held.is_subset(&made) {
+                self.violations.push(format!(
+                    "volume {vol}: reported {reported:?} / held {held:?}, not all made by these jobs"
+                ));
+            }
         }
-        (made, deleted)
+        (made.len(), made.len().saturating_sub(held_total))
     }
 }
 
@@ -357,7 +381,7 @@ async fn crash_campaign() {
         d.kill9();
         d.spawn().await;
     }
-    let mut check = Checker::new(&moto, "crash");
+    let mut check = Checker::new(&moto, &proxy, "crash");
     for (id, job) in ids.iter().zip(&jobs) {
         let j = d.wait_final(id, 3 * MINUTE).await;
         check.job(id, job, &j).await;
@@ -442,7 +466,7 @@ async fn graceful_stop_campaign() {
     }
     d.spawn().await;
     proxy.set(|f| f.instance_status = None);
-    let mut check = Checker::new(&moto, "grace");
+    let mut check = Checker::new(&moto, &proxy, "grace");
     for (id, iid) in jobs.iter().zip(&ids) {
         let j = d.wait_final(id, MINUTE).await;
         check.job(id, &Job::Reboot(iid.clone()), &j).await;
@@ -506,7 +530,7 @@ async fn fault_campaign() {
     for job in &jobs {
         ids.push(d.submit(&job.spec(&image, "faults")).await);
     }
-    let mut check = Checker::new(&moto, "faults");
+    let mut check = Checker::new(&moto, &proxy, "faults");
     for (id, job) in ids.iter().zip(&jobs) {
         let j = d.wait_final(id, 5 * MINUTE).await;
         check.job(id, job, &j).await;

@@ -57,6 +57,11 @@ impl Moto {
         }
     }
 
+    /// The moto server's process id (benchmarks read its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An EC2 client talking to this moto directly (to arrange and to check, not through ec2jobd).
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -575,6 +580,11 @@ impl Daemon {
             .unwrap_or(0)
     }
 
+    /// User + system CPU time of the daemon process so far.
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time(self.pid())
+    }
+
     /// Whether the daemon process is still running.
     pub fn alive(&mut self) -> bool {
         self.child
@@ -599,4 +609,20 @@ impl Daemon {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
     }
+}
+
+/// User + system CPU time of a process so far (from /proc/<pid>/stat; zero where unreadable).
+pub fn cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let utime: u64 = rest.get(11)?.parse().ok()?;
+            let stime: u64 = rest.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on every Linux the daemon targets.
+    Duration::from_millis(ticks * 10)
 }

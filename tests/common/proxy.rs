@@ -55,6 +55,10 @@ struct Stats {
     order: Vec<String>,
     max_ids: HashMap<String, usize>,
     answered: HashMap<String, u64>,
+    arrived: Vec<Instant>,
+    /// (operation, the request's `ec2jobd:job-id` tag, the id moto answered) of every
+    /// CreateSnapshot/RunInstances that took effect in moto, answered or not.
+    created: Vec<(String, String, String)>,
 }
 
 struct Shared {
@@ -62,6 +66,9 @@ struct Shared {
     faults: Mutex<Faults>,
     stats: Mutex<Stats>,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// RunInstances answers by ClientToken: AWS makes a repeated request with the same token return
+    /// the first one's instances; moto ignores the token, so the proxy does what AWS does.
+    client_tokens: Mutex<HashMap<String, Reply>>,
     rng: Mutex<StdRng>,
     http: reqwest::Client,
 }
@@ -81,6 +88,7 @@ impl FaultProxy {
             faults: Mutex::new(Faults::default()),
             stats: Mutex::new(Stats::default()),
             in_flight: Mutex::new(HashMap::new()),
+            client_tokens: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             http: reqwest::Client::new(),
         });
@@ -98,6 +106,28 @@ impl FaultProxy {
 
     pub fn set(&self, f: impl FnOnce(&mut Faults)) {
         f(&mut self.shared.faults.lock().unwrap());
+    }
+
+    /// When the first call (of any operation) arrived at or after `t`.
+    pub fn first_call_after(&self, t: Instant) -> Option<Instant> {
+        let st = self.shared.stats.lock().unwrap();
+        let i = st.arrived.partition_point(|a| *a < t);
+        st.arrived.get(i).copied()
+    }
+
+    /// Resources that took effect in moto by operation (CreateSnapshot, RunInstances), as
+    /// (job id from the request's `ec2jobd:job-id` tag, resource id): what a job made, including
+    /// what was deleted since and what was made by a call whose answer was lost.
+    pub fn created(&self, op: &str) -> Vec<(String, String)> {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .created
+            .iter()
+            .filter(|(o, _, _)| o == op)
+            .map(|(_, j, id)| (j.clone(), id.clone()))
+            .collect()
     }
 
     /// Calls of an operation whose answer was written back to the client.
@@ -284,6 +314,7 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         *st.calls.entry(op.clone()).or_default() += 1;
         st.last_body.insert(op.clone(), body.clone());
         st.order.push(op.clone());
+        st.arrived.push(Instant::now());
         let ids = body.matches("InstanceId.").count();
         let m = st.max_ids.entry(op.clone()).or_default();
         *m = (*m).max(ids);
@@ -307,8 +338,93 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
 /// An answer to write: status, body, request id.
 type Reply = (u16, String, String);
 
-/// Forwards a call to moto as it came; None when moto cannot be reached.
+/// The form fields of a query-protocol request body, percent-decoded.
+fn form(body: &str) -> HashMap<String, String> {
+    fn decode(v: &str) -> String {
+        let b = v.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' if i + 2 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(c) => {
+                            out.push(c);
+                            i += 3;
+                            continue;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                b'+' => out.push(b' '),
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    body.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+/// The value of tag `key` in a request's TagSpecification fields.
+fn tag_value(fields: &HashMap<String, String>, key: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(k, v)| {
+            k.starts_with("TagSpecification.") && k.ends_with(".Key") && v.as_str() == key
+        })
+        .and_then(|(k, _)| fields.get(&format!("{}.Value", k.trim_end_matches(".Key"))))
+        .cloned()
+}
+
+/// Forwards a call to moto as it came (a repeated RunInstances ClientToken gets the first answer,
+/// as from AWS); None when moto cannot be reached.
 async fn send_upstream(
+    s: &Shared,
+    path: &str,
+    headers: &[(String, String)],
+    body: String,
+) -> Option<Reply> {
+    let fields = form(&body);
+    let op = fields.get("Action").cloned().unwrap_or_default();
+    let token = fields
+        .get("ClientToken")
+        .filter(|_| op == "RunInstances")
+        .cloned();
+    if let Some(r) = token
+        .as_ref()
+        .and_then(|t| s.client_tokens.lock().unwrap().get(t).cloned())
+    {
+        return Some(r);
+    }
+    let reply = send_to_moto(s, path, headers, body).await?;
+    if reply.0 == 200 && matches!(op.as_str(), "CreateSnapshot" | "RunInstances") {
+        let job = tag_value(&fields, "ec2jobd:job-id").unwrap_or_default();
+        let element = if op == "CreateSnapshot" {
+            "snapshotId"
+        } else {
+            "instanceId"
+        };
+        let mut st = s.stats.lock().unwrap();
+        for part in reply.1.split(&format!("<{element}>")).skip(1) {
+            if let Some((id, _)) = part.split_once(&format!("</{element}>")) {
+                st.created.push((op.clone(), job.clone(), id.to_string()));
+            }
+        }
+    }
+    if let Some(t) = token {
+        if reply.0 == 200 {
+            s.client_tokens.lock().unwrap().insert(t, reply.clone());
+        }
+    }
+    Some(reply)
+}
+
+async fn send_to_moto(
     s: &Shared,
     path: &str,
     headers: &[(String, String)],

@@ -35,6 +35,26 @@ const DEFAULT_DESCRIPTION: &str =
 /// Most snapshot ids or filter values sent in one Describe call.
 const PER_DESCRIBE: usize = 200;
 
+/// The state reported for a snapshot this job made that a newer generation's rotation deleted
+/// before the job recorded it (found through the checkpoint after a crash).
+const ROTATED_AWAY: &str = "deleted";
+
+/// Volume → snapshot id of what this attempt made so far, for the checkpoint.
+fn snapshot_ids(made: &BTreeMap<String, SnapshotResult>) -> BTreeMap<&str, &str> {
+    made.iter()
+        .map(|(v, s)| (v.as_str(), s.snapshot_id.as_str()))
+        .collect()
+}
+
+/// What earlier attempts checkpointed as made (volume → snapshot id).
+fn checkpointed_snapshots(ctx: &ExecCtx) -> BTreeMap<String, String> {
+    ctx.checkpoint
+        .as_ref()
+        .and_then(|c| c.get("snapshots"))
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default()
+}
+
 /// A volume to back up, with what the report and the description template need.
 struct Source {
     volume: VolumeInfo,
@@ -258,6 +278,21 @@ impl Ec2Executor {
                     made.insert(v, s);
                 }
             }
+            // Made and checkpointed, yet no longer found by the job tag: the rotation of a newer
+            // generation (another job on the same group) deleted it before this job recorded its
+            // outcome. Made once is made: it is reported, never made again.
+            for (vol, id) in checkpointed_snapshots(ctx) {
+                made.entry(vol.clone()).or_insert_with(|| SnapshotResult {
+                    snapshot_id: id,
+                    volume_id: Some(vol),
+                    state: ROTATED_AWAY.into(),
+                    outcome: Some(
+                        "created by an earlier attempt of this job, since deleted by the rotation of a newer generation"
+                            .into(),
+                    ),
+                    ..Default::default()
+                });
+            }
         }
         let total = sources.len() as u64;
 
@@ -326,7 +361,7 @@ impl Ec2Executor {
                 }
                 ctx.check_cancel(&results)?;
                 ctx.save_checkpoint(json!({"phase": "creating", "volume": vol,
-                    "made": made.keys().collect::<Vec<_>>(), "restart": restart}))
+                    "snapshots": snapshot_ids(&made), "restart": restart}))
                     .await?;
                 ctx.progress(
                     "calling",
@@ -350,7 +385,7 @@ impl Ec2Executor {
                     made.insert(vol.clone(), s);
                 }
                 ctx.save_checkpoint(json!({"phase": "created",
-                    "made": made.keys().collect::<Vec<_>>(), "restart": restart}))
+                    "snapshots": snapshot_ids(&made), "restart": restart}))
                     .await?;
             }
             Ok::<(), ExecError>(())
@@ -492,6 +527,7 @@ impl Ec2Executor {
     ) -> Result<(), ExecError> {
         let mut seen: BTreeMap<String, (String, Option<String>)> = made
             .values()
+            .filter(|s| s.state != ROTATED_AWAY)
             .map(|s| (s.snapshot_id.clone(), (s.state.clone(), s.progress.clone())))
             .collect();
         let volume_of: HashMap<String, String> = made

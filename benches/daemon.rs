@@ -1,0 +1,428 @@
+//! Daemon benchmark (issue 7): the figures of `scripts/bench` that are not ingest or EC2 call
+//! counts, each beside the baseline it should be read against.
+//!
+//! 1. Store claim + complete throughput: jobs/s through the store's own API (8 workers claiming one
+//!    job at a time, finishing it as succeeded), beside raw SQLite doing the same two single-row
+//!    UPDATE commits per job through the C API.
+//! 2. Submit → first EC2 call: p50/p99 from sending `POST /v1/jobs` to the job's first call arriving
+//!    at our proxy in front of moto, one job at a time on an idle daemon; beside the 202 round trip
+//!    of the same submissions.
+//! 3. Daemon CPU time per job against moto (user + system, from /proc), beside moto's own CPU time
+//!    for the same jobs.
+//! 4. RSS idle (empty database) and with 100,000 finished jobs in the database.
+//! 5. Start-up time to ready (`/readyz` answering 200), empty and with 100,000 / 1,000,000 jobs.
+//! 6. `GET /v1/jobs` p50/p99 with 1,000,000 jobs in the table (newest page, a state filter, an
+//!    action filter, and 20 pages deep by cursor), beside the same queries over 1,000 jobs.
+//!
+//! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
+//! with ids and times spread over 30 days. Settings: BENCH_JOBS (claim throughput, default 20000),
+//! BENCH_ROWS (big table, default 1000000).
+//! Lines starting with `| ` are the summary rows `scripts/bench` gathers into its one table.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::proxy::FaultProxy;
+use common::{cpu_time, create_token, Daemon, Moto};
+use ec2jobd_spec::{Clock, JobResults, JobSpec, SystemClock};
+use ec2jobd_store::{Finish, NewJob, SqliteOptions, SqliteStore, Store};
+use serde_json::json;
+
+fn env_num(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+/// One summary row: figure, value, baseline.
+fn row(figure: &str, value: String, baseline: String) {
+    println!("| {figure} | {value} | {baseline} |");
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn claim_complete(jobs: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(
+        SqliteStore::open(
+            SqliteOptions {
+                url: format!("sqlite://{}", dir.path().join("claim.db").display()),
+                ..Default::default()
+            },
+            Arc::new(SystemClock),
+        )
+        .await
+        .expect("open store"),
+    );
+    let spec: JobSpec = serde_json::from_value(
+        json!({"action": "describe_instances", "targets": {"tags": {"Bench": "yes"}}}),
+    )
+    .expect("spec");
+    let spec = spec.normalize().expect("normalize");
+    let mut enq = Vec::new();
+    for t in 0..16 {
+        let (store, spec) = (store.clone(), spec.clone());
+        enq.push(tokio::spawn(async move {
+            for _ in (t..jobs).step_by(16) {
+                store
+                    .enqueue(NewJob {
+                        spec: spec.clone(),
+                        idempotency_key: None,
+                        max_attempts: 3,
+                        timeout_ms: 60_000,
+                    })
+                    .await
+                    .expect("enqueue");
+            }
+        }));
+    }
+    for t in enq {
+        t.await.expect("enqueue task");
+    }
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let store = store.clone();
+        workers.push(tokio::spawn(async move {
+            let me = format!("bench-{w}");
+            let mut done = 0u64;
+            loop {
+                let got = store.claim(&me, 60_000, 1).await.expect("claim");
+                if got.is_empty() {
+                    return done;
+                }
+                for c in got {
+                    store
+                        .finish(&c.job.id, &me, Finish::Succeeded(JobResults::default()))
+                        .await
+                        .expect("finish");
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut done = 0;
+    for w in workers {
+        done += w.await.expect("worker");
+    }
+    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let raw = raw_claim_complete(jobs.min(20_000));
+    println!(
+        "store claim+complete: {done} jobs, {rate:.0} jobs/s (8 workers); raw SQLite {raw:.0} jobs/s"
+    );
+    row(
+        "store claim + complete (8 workers, NORMAL)",
+        format!("{rate:.0} jobs/s"),
+        format!("raw SQLite 2 UPDATE commits/job: {raw:.0} jobs/s"),
+    );
+}
+
+/// Claim and finish as two sequential single-row UPDATE commits per job through the C API.
+fn raw_claim_complete(jobs: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conn = rusqlite::Connection::open(dir.path().join("raw.db")).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .expect("sync");
+    conn.execute_batch(include_str!("../migrations/sqlite/20261122000001_init.sql"))
+        .expect("schema");
+    conn.execute_batch("BEGIN").expect("begin");
+    for n in 0..jobs {
+        conn.execute(
+            "INSERT INTO jobs (id, state, action, spec, created_at, updated_at, max_attempts, \
+             run_after, timeout_ms) VALUES (?1, 'queued', 'describe_instances', '{}', 0, 0, 3, 0, 60000)",
+            [format!("{n:026}")],
+        )
+        .expect("insert");
+    }
+    conn.execute_batch("COMMIT").expect("commit");
+    let start = Instant::now();
+    for n in 0..jobs {
+        let id = format!("{n:026}");
+        conn.execute(
+            "UPDATE jobs SET state = 'running', lease_owner = 'w', lease_expires_at = 1, \
+             attempts = attempts + 1 WHERE id = ?1",
+            [&id],
+        )
+        .expect("claim");
+        conn.execute(
+            "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, results = '{}' WHERE id = ?1",
+            [&id],
+        )
+        .expect("finish");
+    }
+    jobs as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A daemon on `dir` with production defaults except pacing (moto is not AWS).
+async fn daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
+             [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
+             [queue]\nworkers = {workers}\n[pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n",
+            db = dir.join("bench.db").display()
+        ),
+    )
+    .expect("config");
+    if !dir.join("admin.token").exists() {
+        let admin = create_token(&config, "admin", "bench");
+        std::fs::write(dir.join("admin.token"), admin).expect("token file");
+    }
+    let admin = std::fs::read_to_string(dir.join("admin.token")).expect("token file");
+    Daemon::attach(config, admin).await
+}
+
+/// Submit → first EC2 call, CPU per job, RSS idle; returns a finished job's id (the row template).
+async fn against_moto(moto: &Moto, dir: &Path) -> String {
+    let proxy = FaultProxy::start(&moto.url, 1).await;
+    let ids = moto.launch(4, &[("Bench", "cpu")]).await;
+    let d = daemon(dir, &proxy.url, 4).await;
+    let rss_idle = d.rss_kib();
+    let spec = json!({"action": "describe_instances", "targets": {"instance_ids": [ids[0]]}});
+    // Warm up: connections, the SDK's first-call set-up.
+    let warm = d.submit(&spec).await;
+    d.wait_final(&warm, Duration::from_secs(30)).await;
+    let (mut first, mut accepted) = (Vec::new(), Vec::new());
+    let mut template = String::new();
+    for _ in 0..200 {
+        let t0 = Instant::now();
+        let r = d.post_job(&d.admin, &spec).await;
+        accepted.push(t0.elapsed());
+        let v: serde_json::Value = r.json().await.expect("json");
+        let id = v["id"].as_str().expect("id").to_string();
+        let j = d.wait_final(&id, Duration::from_secs(30)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let call = proxy.first_call_after(t0).expect("a call was made");
+        first.push(call - t0);
+        template = id;
+    }
+    first.sort();
+    accepted.sort();
+    println!(
+        "submit → first EC2 call over 200 sequential jobs: p50 {} p99 {}; 202 round trip p50 {} p99 {}",
+        ms(pct(&first, 0.5)),
+        ms(pct(&first, 0.99)),
+        ms(pct(&accepted, 0.5)),
+        ms(pct(&accepted, 0.99))
+    );
+    row(
+        "submit → first EC2 call, p50 / p99",
+        format!("{} / {}", ms(pct(&first, 0.5)), ms(pct(&first, 0.99))),
+        format!(
+            "202 round trip {} / {}",
+            ms(pct(&accepted, 0.5)),
+            ms(pct(&accepted, 0.99))
+        ),
+    );
+
+    // CPU per job: 400 jobs in flight together, a mix of reads and writes.
+    let n = 400;
+    let (d0, m0) = (d.cpu_time(), cpu_time(moto.pid()));
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        let iid = &ids[i % ids.len()];
+        let spec = match i % 3 {
+            0 => json!({"action": "describe_instances", "targets": {"instance_ids": [iid]}}),
+            1 => json!({"action": "create_tags", "targets": {"instance_ids": [iid]},
+                        "params": {"tags": {"Bench": "cpu", "Round": i.to_string()}}}),
+            _ => json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+                        "wait": {"interval": "1s"}}),
+        };
+        jobs.push(d.submit(&spec).await);
+    }
+    for id in &jobs {
+        let j = d.wait_final(id, Duration::from_secs(120)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    let daemon_cpu = (d.cpu_time() - d0) / n as u32;
+    let moto_cpu = (cpu_time(moto.pid()) - m0) / n as u32;
+    println!(
+        "CPU per job over {n} jobs: daemon {} (HTTP, store, SDK), moto {}",
+        ms(daemon_cpu),
+        ms(moto_cpu)
+    );
+    row(
+        "daemon CPU time per job (against moto)",
+        ms(daemon_cpu),
+        format!("moto's CPU for the same job: {}", ms(moto_cpu)),
+    );
+    row(
+        "RSS idle (empty database)",
+        format!("{} MiB", rss_idle / 1024),
+        "—".into(),
+    );
+    template
+}
+
+/// Copies the template job `rows` times with fresh ids spread over the last 30 days (one in
+/// twenty failed), in one transaction with the daemon stopped.
+fn fill(db: &Path, template: &str, rows: u64) {
+    let conn = rusqlite::Connection::open(db).expect("open db");
+    let (spec, results, progress): (String, String, String) = conn
+        .query_row(
+            "SELECT spec, results, progress FROM jobs WHERE id = ?1",
+            [template],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("template row");
+    let now = SystemClock.now_ms() as u64;
+    let span = 30 * 24 * 3600 * 1000u64;
+    conn.execute_batch("BEGIN").expect("begin");
+    {
+        let mut ins = conn
+            .prepare(
+                "INSERT INTO jobs (id, state, action, spec, created_at, updated_at, started_at, \
+                 finished_at, attempts, max_attempts, run_after, timeout_ms, results, progress) \
+                 VALUES (?1, ?2, 'describe_instances', ?3, ?4, ?4, ?4, ?4, 1, 3, ?4, 3600000, ?5, ?6)",
+            )
+            .expect("prepare");
+        for i in 0..rows {
+            let at = now - span + span * i / rows.max(1);
+            let id = ulid::Ulid::from_parts(at, rand::random()).to_string();
+            let state = if i % 20 == 0 { "failed" } else { "succeeded" };
+            ins.execute(rusqlite::params![
+                id, state, spec, at as i64, results, progress
+            ])
+            .expect("insert");
+        }
+    }
+    conn.execute_batch("COMMIT").expect("commit");
+}
+
+/// Spawn → `/readyz` 200, and the daemon.
+async fn start_timed(dir: &Path, endpoint: &str) -> (Duration, Daemon) {
+    let t0 = Instant::now();
+    let d = daemon(dir, endpoint, 4).await;
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("{}/readyz", d.url)).send().await {
+            if r.status() == 200 {
+                return (t0.elapsed(), d);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// p50/p99 of the list queries.
+async fn list_latency(d: &Daemon) -> (Duration, Duration) {
+    let mut lat = Vec::new();
+    for round in 0..50 {
+        for q in [
+            "limit=50",
+            "state=failed&limit=50",
+            "action=describe_instances&limit=50",
+        ] {
+            let t = Instant::now();
+            let (s, _) = d.get_json(&format!("/v1/jobs?{q}")).await;
+            lat.push(t.elapsed());
+            assert_eq!(s, 200, "{q}");
+        }
+        if round % 10 == 0 {
+            // 20 pages deep by cursor.
+            let mut cursor = String::new();
+            for _ in 0..20 {
+                let t = Instant::now();
+                let (s, page) = d.get_json(&format!("/v1/jobs?limit=50{cursor}")).await;
+                lat.push(t.elapsed());
+                assert_eq!(s, 200);
+                match page["next_cursor"].as_str() {
+                    Some(c) => cursor = format!("&cursor={c}"),
+                    None => break,
+                }
+            }
+        }
+    }
+    lat.sort();
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+async fn big_tables(moto: &Moto, template_dir: &Path, template: &str, big: u64) {
+    let endpoint = moto.url.clone();
+    // Fold the template daemon's WAL into the database file before copying it.
+    rusqlite::Connection::open(template_dir.join("bench.db"))
+        .and_then(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
+        .expect("checkpoint");
+    let mut results = Vec::new();
+    for rows in [1_000u64, 100_000, big] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The template's database (schema, token, the template job), plus `rows` copies.
+        for f in ["bench.db", "admin.token"] {
+            std::fs::copy(template_dir.join(f), dir.path().join(f)).expect("copy");
+        }
+        let t = Instant::now();
+        fill(&dir.path().join("bench.db"), template, rows);
+        let filled = t.elapsed();
+        let (startup, d) = start_timed(dir.path(), &endpoint).await;
+        let (p50, p99) = list_latency(&d).await;
+        // A scrape counts jobs by state over the whole table.
+        let t = Instant::now();
+        let _ = d.metric("ec2jobd_jobs").await;
+        let scrape = t.elapsed();
+        let rss = d.rss_kib();
+        println!(
+            "{rows:>9} jobs: filled in {:.1} s; start-up to ready {}; list p50 {} p99 {}; /metrics {}; RSS {} MiB",
+            filled.as_secs_f64(),
+            ms(startup),
+            ms(p50),
+            ms(p99),
+            ms(scrape),
+            rss / 1024
+        );
+        results.push((rows, startup, p50, p99, rss));
+        drop(d);
+    }
+    let get = |n: u64| results.iter().find(|r| r.0 == n).copied();
+    if let (Some(small), Some(hundred), Some(large)) = (get(1_000), get(100_000), get(big)) {
+        row(
+            "RSS with 100,000 finished jobs in the database",
+            format!("{} MiB", hundred.4 / 1024),
+            format!("1,000 jobs: {} MiB", small.4 / 1024),
+        );
+        row(
+            &format!("start-up to ready, 100,000 / {big} jobs"),
+            format!("{} / {}", ms(hundred.1), ms(large.1)),
+            format!("1,000 jobs: {}", ms(small.1)),
+        );
+        row(
+            &format!("GET /v1/jobs p50 / p99, {big} jobs"),
+            format!("{} / {}", ms(large.2), ms(large.3)),
+            format!("1,000 jobs: {} / {}", ms(small.2), ms(small.3)),
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` probes
+    }
+    let jobs = env_num("BENCH_JOBS", 20_000);
+    let big = env_num("BENCH_ROWS", 1_000_000);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        println!("\nec2jobd daemon figures");
+        claim_complete(jobs).await;
+        let moto = Moto::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let template = against_moto(&moto, dir.path()).await;
+        big_tables(&moto, dir.path(), &template, big).await;
+    });
+}
