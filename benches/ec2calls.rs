@@ -144,18 +144,6 @@ async fn calls_per_action(moto: &Moto) {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
     println!(
         "\nShared status polling: {waiters} jobs, each waiting for status_ok on its own instance"
@@ -180,7 +168,7 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
     });
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = daemon(tmp.path(), &proxy.url, waiters).await;
-    let idle_rss = rss_kib(d.pid());
+    let idle_rss = d.rss_kib();
     let t = Instant::now();
     let mut jobs = Vec::new();
     for chunk in ids.chunks(50) {
@@ -219,7 +207,7 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
     tokio::time::sleep(window).await;
     let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
     let calls = proxy.calls("DescribeInstanceStatus") - calls0;
-    let waiting_rss = rss_kib(d.pid());
+    let waiting_rss = d.rss_kib();
     let per_round = calls as f64 / rounds.max(1.0);
     println!(
         "  over {:.0}s: {rounds:.0} rounds, {calls} DescribeInstanceStatus calls = {per_round:.1} per round \
@@ -234,6 +222,17 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
         idle_rss as f64 / 1024.0,
         waiting_rss as f64 / 1024.0,
         (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64
+    );
+    println!(
+        "| DescribeInstanceStatus calls per round, {waiters} jobs waiting | {per_round:.1} (max {} in flight) | ⌈{waiters}/100⌉ = {} |",
+        proxy.max_in_flight("DescribeInstanceStatus"),
+        waiters.div_ceil(100)
+    );
+    println!(
+        "| RSS with {waiters} jobs waiting for checks | {:.0} MiB ({:.0} KiB/job) | idle: {:.0} MiB |",
+        waiting_rss as f64 / 1024.0,
+        (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64,
+        idle_rss as f64 / 1024.0
     );
     proxy.set(|f| f.instance_status = None);
     let t = Instant::now();

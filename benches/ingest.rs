@@ -188,6 +188,15 @@ fn main() {
             h.p99.as_secs_f64() * 1e3,
             h.errors
         );
+        println!(
+            "| HTTP ingest, synchronous={}, {conns} connections | {:.0} submits/s (p99 {:.1} ms, {} errors) | raw SQLite commits {:.0}/s; target {} |",
+            sync.to_uppercase(),
+            h.rate,
+            h.p99.as_secs_f64() * 1e3,
+            h.errors,
+            raw,
+            if sync == "normal" { "≥ 25%" } else { "≥ 100%" }
+        );
         rows.push((raw, h.rate));
     }
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };

@@ -379,3 +379,27 @@ async fn tokens_are_unique_and_revocable() {
     assert!(!f.store.revoke_token("ci").await.unwrap());
     assert!(f.store.token_by_hash("ab").await.unwrap().is_none());
 }
+
+/// The claim and the next-due query walk the partial index `jobs_claim`: no temporary B-tree, no
+/// scan of every queued job (which made claims O(queue)).
+#[tokio::test]
+async fn claim_queries_use_the_claim_index() {
+    let f = fixture().await;
+    for sql in [CLAIM, NEXT_RUN_AFTER] {
+        let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .bind("w")
+            .bind(1i64)
+            .bind(1i64)
+            .bind(1i64)
+            .fetch_all(&f.store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect();
+        let text = plan.join("\n");
+        assert!(text.contains("jobs_claim"), "{sql}:\n{text}");
+        assert!(!text.contains("TEMP B-TREE"), "{sql}:\n{text}");
+        assert!(!text.contains("jobs_state_id"), "{sql}:\n{text}");
+    }
+}
