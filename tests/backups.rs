@@ -497,6 +497,43 @@ async fn slow_failed_and_interrupted_snapshots() {
     );
 }
 
+/// A CreateSnapshot whose answer is lost (the call took effect, the connection dropped) is not sent
+/// again blindly by the SDK: the job's next attempt finds the snapshot by the job's tag. One call,
+/// one snapshot, job succeeded.
+#[tokio::test]
+async fn a_lost_create_snapshot_answer_makes_no_second_snapshot() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Backup", "lost")]).await;
+    let proxy = FaultProxy::start(&moto.url, 5).await;
+    proxy.set(|f| {
+        f.drop = 1.0;
+        f.drop_after_forward = true;
+        f.only = Some(vec!["CreateSnapshot".into()]);
+    });
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(
+            &json!({"action": "create_snapshots", "targets": {"instance_ids": ids},
+            "wait": {"interval": "200ms", "timeout": "1m"}}),
+        )
+        .await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(proxy.calls("CreateSnapshot"), 1, "sent once: {j}");
+    assert_eq!(
+        proxy.injected("CreateSnapshot"),
+        1,
+        "and its answer was lost"
+    );
+    assert_eq!(j["attempts"], 2, "the job's next attempt found it: {j}");
+    let made = moto.snapshots_tagged("ec2jobd:job-id", &id).await;
+    assert_eq!(made.len(), 1, "{made:?}");
+}
+
 /// `stop_first`: a running instance is stopped before its snapshots and started again after them
 /// (and waited for 2/2 checks); a stopped one is snapshotted and stays stopped. The proxy's call
 /// order shows the snapshots were taken between the stop and the start.

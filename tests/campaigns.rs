@@ -495,7 +495,8 @@ async fn graceful_stop_campaign() {
 }
 
 /// Faults: 20% throttling, 5% 503, 2% dropped connections (the call reaches moto, the answer is
-/// lost) and 100–500 ms of latency on every call. Every job reaches the right state in moto, and the
+/// lost) and 100–500 ms of latency on every call. Every job reaches the right state in moto, no
+/// creation is repeated (a lost CreateSnapshot answer must not become a second snapshot), and the
 /// throttles and retries show in `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_campaign() {
@@ -506,7 +507,7 @@ async fn fault_campaign() {
     let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
     let jobs = mixed_jobs(
         &moto,
-        &["run", "stop", "start", "reboot", "tag"],
+        &["run", "stop", "start", "reboot", "tag", "snapshot"],
         per,
         &mut rng,
     )
@@ -536,6 +537,7 @@ async fn fault_campaign() {
         check.job(id, job, &j).await;
     }
     let elapsed = started.elapsed();
+    let (made, deleted) = check.volumes().await;
     let attempts = d.metric_sum("ec2jobd_ec2_attempts_total", "").await;
     let throttled = d
         .metric_sum(
@@ -564,7 +566,10 @@ async fn fault_campaign() {
     report(
         "faults",
         &[
-            ("jobs (run/stop/start/reboot/tag)", ids.len().to_string()),
+            (
+                "jobs (run/stop/start/reboot/tag/snapshot)",
+                ids.len().to_string(),
+            ),
             (
                 "faults injected at the proxy",
                 proxy.injected_total().to_string(),
@@ -575,6 +580,10 @@ async fn fault_campaign() {
             ("  no response (dropped)", format!("{no_response}")),
             ("  retries of a call", format!("{retries}")),
             ("job attempts rescheduled", format!("{job_retries}")),
+            (
+                "snapshots made / deleted by rotation",
+                format!("{made} / {deleted}"),
+            ),
             ("final states", format!("{:?}", check.states)),
             ("wall time", format!("{:.1} s", elapsed.as_secs_f64())),
         ],

@@ -8,6 +8,7 @@ use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter as AwsFilter, ResourceType, Snapshot};
 use ec2jobd_spec::SnapshotResult;
 
+use crate::unanswered::creating;
 use crate::{classify, tag_spec, CallOutcome, Ec2, Ec2Error};
 
 /// One EBS volume and where it is attached.
@@ -137,6 +138,8 @@ impl Ec2 {
             .description(description)
             .tag_specifications(tag_spec(ResourceType::Snapshot, tags))
             .dry_run(dry_run)
+            .customize()
+            .config_override(creating())
             .send()
             .await;
         self.created("CreateSnapshot", r, |out| SnapshotResult {
@@ -285,6 +288,8 @@ impl Ec2 {
             .no_reboot(no_reboot)
             .tag_specifications(tag_spec(ResourceType::Image, tags))
             .dry_run(dry_run)
+            .customize()
+            .config_override(creating())
             .send()
             .await;
         self.created("CreateImage", r, |out| out.image_id().map(String::from))
@@ -361,10 +366,9 @@ impl Ec2 {
         if !o.tags.is_empty() {
             req = req.tag_specifications(tag_spec(ResourceType::Snapshot, &o.tags));
         }
-        self.created("CopySnapshot", req.send().await, |out| {
-            out.snapshot_id().map(String::from)
-        })
-        .map(|(id, o)| (id.flatten(), o))
+        let r = req.customize().config_override(creating()).send().await;
+        self.created("CopySnapshot", r, |out| out.snapshot_id().map(String::from))
+            .map(|(id, o)| (id.flatten(), o))
     }
 
     /// CopyImage into this client's region from `source_region`. Returns the copy's id. (Tags are
@@ -388,9 +392,8 @@ impl Ec2 {
             .set_kms_key_id(o.kms_key_id.clone())
             .set_encrypted(o.encrypt())
             .dry_run(dry_run);
-        self.created("CopyImage", req.send().await, |out| {
-            out.image_id().map(String::from)
-        })
-        .map(|(id, o)| (id.flatten(), o))
+        let r = req.customize().config_override(creating()).send().await;
+        self.created("CopyImage", r, |out| out.image_id().map(String::from))
+            .map(|(id, o)| (id.flatten(), o))
     }
 }

@@ -28,6 +28,7 @@ use ec2jobd_spec::{InstanceResult, Targets};
 mod attempts;
 mod ebs;
 mod pace;
+mod unanswered;
 mod watch;
 
 pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};

@@ -7,10 +7,14 @@
 //! and volume, so a snapshot someone else made is never touched; failed snapshots never count; one
 //! an AMI still uses is kept and reported as in use.
 //!
-//! CreateSnapshot is not idempotent on AWS's side. Every snapshot is tagged with the job id at
-//! creation (in the same call), and an attempt that resumes after a crash first looks for snapshots
-//! with its job id and creates only for volumes that have none; the checkpoints before and after each
-//! call say how far an attempt got.
+//! CreateSnapshot is not idempotent on AWS's side (no client token). Every snapshot is tagged with
+//! the job id at creation (in the same call), and an attempt that resumes after a crash or a lost
+//! answer first looks for snapshots with its job id and creates only for volumes that have none; the
+//! checkpoints before and after each call say how far an attempt got, and keep the ids made. The
+//! SDK never re-sends an unanswered CreateSnapshot (see `ec2jobd-ec2`'s `unanswered` module): that
+//! lookup does it safely instead. A snapshot gets its rotation tag only once its job holds it in a
+//! checkpoint, so no other job's rotation can delete it while this job cannot yet know it exists;
+//! one deleted by rotation after that is reported as made and since deleted, not made again.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -234,10 +238,6 @@ impl Ec2Executor {
             }
             tags.extend(user_tags.clone());
             tags.extend(super::made_by(ctx));
-            tags.insert(
-                ROTATION_TAG.to_string(),
-                format!("{group}/{}", src.volume.volume_id),
-            );
             tags
         };
 
@@ -418,6 +418,32 @@ impl Ec2Executor {
                 .extend(outs.into_iter().filter_map(|o| o.request_id));
         }
         created?;
+
+        // A snapshot joins its rotation group only now, once this job holds it in its checkpoint.
+        // Tagged at creation, another job's rotation could delete it while this job's answer was
+        // lost or the daemon was down, and this job, finding nothing by its tag, would make it
+        // again (the crash and fault campaigns caught exactly that).
+        let untagged: Vec<(String, String, String)> = made
+            .iter()
+            .map(|(vol, s)| (vol.clone(), s.snapshot_id.clone(), format!("{group}/{vol}")))
+            .filter(|(vol, _, key)| {
+                let s = &made[vol];
+                s.state != ROTATED_AWAY && s.tags.get(ROTATION_TAG) != Some(key)
+            })
+            .collect();
+        for (vol, snapshot_id, key) in untagged {
+            let tag = BTreeMap::from([(ROTATION_TAG.to_string(), key.clone())]);
+            let outs = ec2
+                .create_tags(std::slice::from_ref(&snapshot_id), &tag, false)
+                .await
+                .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+            results
+                .request_ids
+                .extend(outs.into_iter().filter_map(|o| o.request_id));
+            if let Some(s) = made.get_mut(&vol) {
+                s.tags.insert(ROTATION_TAG.into(), key);
+            }
+        }
         self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
         if spec.flag("stop_first") {
