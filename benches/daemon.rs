@@ -12,7 +12,8 @@
 //! 4. RSS idle (empty database) and with 100,000 finished jobs in the database.
 //! 5. Start-up time to ready (`/readyz` answering 200), empty and with 100,000 / 1,000,000 jobs.
 //! 6. `GET /v1/jobs` p50/p99 with 1,000,000 jobs in the table (newest page, a state filter, an
-//!    action filter, and 20 pages deep by cursor), beside the same queries over 1,000 jobs.
+//!    action filter, a one-day window 15 days back, and 20 pages deep by cursor), beside the same
+//!    queries over 1,000 jobs.
 //!
 //! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
 //! with ids and times spread over 30 days. Settings: BENCH_JOBS (claim throughput, default 20000),
@@ -326,10 +327,18 @@ async fn start_timed(dir: &Path, endpoint: &str) -> (Duration, Daemon) {
 async fn list_latency(d: &Daemon) -> (Duration, Duration) {
     let mut lat = Vec::new();
     for round in 0..50 {
+        // A day's window in the middle of the 30 days.
+        let day = chrono::Utc::now() - chrono::Duration::days(15);
+        let window = format!(
+            "since={}&until={}&limit=50",
+            day.format("%Y-%m-%dT%H:%M:%SZ"),
+            (day + chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ")
+        );
         for q in [
             "limit=50",
             "state=failed&limit=50",
             "action=describe_instances&limit=50",
+            window.as_str(),
         ] {
             let t = Instant::now();
             let (s, _) = d.get_json(&format!("/v1/jobs?{q}")).await;

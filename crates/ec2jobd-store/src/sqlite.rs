@@ -262,6 +262,11 @@ const CLAIM: &str = "UPDATE jobs SET state = 'running', lease_owner = ?1, lease_
      WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_claim \
                   WHERE state = 'queued' AND run_after <= ?3 ORDER BY run_after, id LIMIT ?4)";
 
+/// The smallest ULID of a millisecond (ids of jobs created at or after it sort at or after it).
+fn id_bound(ms: i64) -> String {
+    ulid::Ulid::from_parts(ms.max(0) as u64, 0).to_string()
+}
+
 /// When the next queued job is due (idle workers ask on each idle loop): the first entry of
 /// `jobs_claim`, not a scan of the queued jobs.
 const NEXT_RUN_AFTER: &str =
@@ -448,11 +453,14 @@ impl Store for SqliteStore {
         if q.action.is_some() {
             sql.push_str(" AND action = ?");
         }
+        // Ids are ULIDs of the creation time: a time window is also an id range, which lets the
+        // primary key find it instead of scanning every newer job for `created_at` (a second of
+        // slack covers the id and created_at being read from the clock apart).
         if q.since_ms.is_some() {
-            sql.push_str(" AND created_at >= ?");
+            sql.push_str(" AND created_at >= ? AND id >= ?");
         }
         if q.until_ms.is_some() {
-            sql.push_str(" AND created_at < ?");
+            sql.push_str(" AND created_at < ? AND id < ?");
         }
         if q.before_id.is_some() {
             sql.push_str(" AND id < ?");
@@ -466,10 +474,10 @@ impl Store for SqliteStore {
             query = query.bind(a);
         }
         if let Some(s) = q.since_ms {
-            query = query.bind(s);
+            query = query.bind(s).bind(id_bound(s - 1000));
         }
         if let Some(u) = q.until_ms {
-            query = query.bind(u);
+            query = query.bind(u).bind(id_bound(u + 1000));
         }
         if let Some(b) = &q.before_id {
             query = query.bind(b);

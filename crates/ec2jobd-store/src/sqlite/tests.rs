@@ -403,3 +403,45 @@ async fn claim_queries_use_the_claim_index() {
         assert!(!text.contains("jobs_state_id"), "{sql}:\n{text}");
     }
 }
+
+/// A time window finds exactly the jobs created in it, through the primary key (ids are ULIDs of
+/// the creation time), not by scanning every newer job.
+#[tokio::test]
+async fn time_windows_are_id_ranges() {
+    let f = fixture().await;
+    let t0 = f.clock.now_ms();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&f.store, "i-01234567").await.id);
+        f.clock.advance(60_000);
+    }
+    // Created at t0, +1 min, ... +4 min: the window [+1 min, +3 min) holds the 2nd and 3rd.
+    let page = f
+        .store
+        .list(ListQuery {
+            since_ms: Some(t0 + 60_000),
+            until_ms: Some(t0 + 180_000),
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
+    let plan: Vec<String> = sqlx::query(
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE 1 = 1 AND created_at >= ? AND id >= ? \
+         AND created_at < ? AND id < ? ORDER BY id DESC LIMIT ?",
+    )
+    .bind(0i64)
+    .bind("0")
+    .bind(1i64)
+    .bind("1")
+    .bind(10i64)
+    .fetch_all(&f.store.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>("detail"))
+    .collect();
+    assert!(plan.iter().any(|p| p.contains("id>? AND id<?")), "{plan:?}");
+}
