@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::{cpu_time, create_token, Daemon, Moto};
+use common::{bench_daemon, cpu_time, Daemon, Moto};
 use ec2jobd_spec::{Clock, JobResults, JobSpec, SystemClock};
 use ec2jobd_store::{Finish, NewJob, SqliteOptions, SqliteStore, Store};
 use serde_json::json;
@@ -170,32 +170,11 @@ fn raw_claim_complete(jobs: u64) -> f64 {
     jobs as f64 / start.elapsed().as_secs_f64()
 }
 
-/// A daemon on `dir` with production defaults except pacing (moto is not AWS).
-async fn daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon {
-    let config = dir.join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
-             [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
-             [queue]\nworkers = {workers}\n[pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n",
-            db = dir.join("bench.db").display()
-        ),
-    )
-    .expect("config");
-    if !dir.join("admin.token").exists() {
-        let admin = create_token(&config, "admin", "bench");
-        std::fs::write(dir.join("admin.token"), admin).expect("token file");
-    }
-    let admin = std::fs::read_to_string(dir.join("admin.token")).expect("token file");
-    Daemon::attach(config, admin).await
-}
-
 /// Submit → first EC2 call, CPU per job, RSS idle; returns a finished job's id (the row template).
 async fn against_moto(moto: &Moto, dir: &Path) -> String {
     let proxy = FaultProxy::start(&moto.url, 1).await;
     let ids = moto.launch(4, &[("Bench", "cpu")]).await;
-    let d = daemon(dir, &proxy.url, 4).await;
+    let d = bench_daemon(dir, &proxy.url, 4).await;
     let rss_idle = d.rss_kib();
     let spec = json!({"action": "describe_instances", "targets": {"instance_ids": [ids[0]]}});
     // Warm up: connections, the SDK's first-call set-up.
@@ -311,7 +290,7 @@ fn fill(db: &Path, template: &str, rows: u64) {
 /// Spawn → `/readyz` 200, and the daemon.
 async fn start_timed(dir: &Path, endpoint: &str) -> (Duration, Daemon) {
     let t0 = Instant::now();
-    let d = daemon(dir, endpoint, 4).await;
+    let d = bench_daemon(dir, endpoint, 4).await;
     let http = reqwest::Client::new();
     loop {
         if let Ok(r) = http.get(format!("{}/readyz", d.url)).send().await {

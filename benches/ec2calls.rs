@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::{create_token, Daemon, Moto};
+use common::{bench_daemon, Moto};
 use serde_json::{json, Value};
 
 const OPS: &[&str] = &[
@@ -45,29 +45,10 @@ fn snapshot(p: &FaultProxy) -> BTreeMap<&'static str, u64> {
     OPS.iter().map(|op| (*op, p.calls(op))).collect()
 }
 
-/// A daemon for benchmarks: production lease/heartbeat defaults, pacing off (moto is not AWS), the
-/// given worker count, EC2 through `endpoint`.
-async fn daemon(dir: &std::path::Path, endpoint: &str, workers: usize) -> Daemon {
-    let config = dir.join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
-             [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
-             [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n\
-             [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n",
-            db = dir.join("bench.db").display()
-        ),
-    )
-    .expect("config");
-    let admin = create_token(&config, "admin", "bench");
-    Daemon::attach(config, admin).await
-}
-
 async fn calls_per_action(moto: &Moto) {
     let proxy = FaultProxy::start(&moto.url, 1).await;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = daemon(tmp.path(), &proxy.url, 4).await;
+    let d = bench_daemon(tmp.path(), &proxy.url, 4).await;
     let image = moto.image().await;
     let one = moto.launch(1, &[("Bench", "one")]).await;
     moto.launch(10, &[("Bench", "ten")]).await;
@@ -167,7 +148,7 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
         ))
     });
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = daemon(tmp.path(), &proxy.url, waiters).await;
+    let d = bench_daemon(tmp.path(), &proxy.url, waiters).await;
     let idle_rss = d.rss_kib();
     let t = Instant::now();
     let mut jobs = Vec::new();

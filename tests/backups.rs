@@ -541,13 +541,7 @@ async fn a_lost_create_snapshot_answer_makes_no_second_snapshot() {
 async fn stop_first_leaves_each_instance_as_it_was_found() {
     let moto = Moto::start().await;
     let ids = moto.launch(2, &[("Backup", "cold")]).await;
-    moto.ec2()
-        .await
-        .stop_instances()
-        .instance_ids(&ids[1])
-        .send()
-        .await
-        .unwrap();
+    moto.stop(&ids[1..=1]).await;
     let proxy = FaultProxy::start(&moto.url, 4).await;
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(proxy.url.clone()),

@@ -124,13 +124,7 @@ async fn mixed_jobs(moto: &Moto, kinds: &[&str], per: usize, rng: &mut StdRng) -
             _ => {
                 let ids = moto.launch(per as i32, &tags).await;
                 if *kind == "start" {
-                    moto.ec2()
-                        .await
-                        .stop_instances()
-                        .set_instance_ids(Some(ids.clone()))
-                        .send()
-                        .await
-                        .expect("stop in moto");
+                    moto.stop(&ids).await;
                 }
                 jobs.extend(ids.into_iter().map(|i| match *kind {
                     "stop" => Job::Stop(i),
@@ -317,6 +311,26 @@ impl<'a> Checker<'a> {
         }
         (made.len(), made.len().saturating_sub(held_total))
     }
+}
+
+/// Waits for every accepted job to end; any that did not succeed is a violation. Returns the count
+/// of jobs by final state.
+async fn all_succeeded(
+    d: &Daemon,
+    ids: &[String],
+    within: Duration,
+    violations: &mut Vec<String>,
+) -> BTreeMap<String, usize> {
+    let mut states = BTreeMap::<String, usize>::new();
+    for id in ids {
+        let j = d.wait_final(id, within).await;
+        let state = j["state"].as_str().unwrap_or("?").to_string();
+        if state != "succeeded" {
+            violations.push(format!("accepted job {id} ended {state}: {}", j["error"]));
+        }
+        *states.entry(state).or_default() += 1;
+    }
+    states
 }
 
 /// Jobs in a final state, from `/metrics` (the daemon counts its database on each scrape).
@@ -792,19 +806,7 @@ async fn storage_fault_campaign() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let recovery = recovered_after.elapsed();
-    let mut states = BTreeMap::<String, usize>::new();
-    for id in &accepted {
-        let j = d.wait_final(id, 2 * MINUTE).await;
-        *states
-            .entry(j["state"].as_str().unwrap_or("?").to_string())
-            .or_default() += 1;
-        if j["state"] != "succeeded" {
-            violations.push(format!(
-                "accepted job {id} ended {}: {}",
-                j["state"], j["error"]
-            ));
-        }
-    }
+    let states = all_succeeded(&d, &accepted, 2 * MINUTE, &mut violations).await;
     let (_, page) = d.get_json("/v1/jobs?limit=500").await;
     let stored = page["jobs"].as_array().map_or(0, |a| a.len());
     if stored != accepted.len() {
@@ -949,20 +951,8 @@ async fn overload_campaign() {
     let rss_end_of_load = d.rss_kib();
     let ids = accepted.lock().unwrap().clone();
     let drain = Instant::now();
-    let mut states = BTreeMap::<String, usize>::new();
     let mut violations: Vec<String> = bad.lock().unwrap().iter().take(20).cloned().collect();
-    for id in &ids {
-        let j = d.wait_final(id, 5 * MINUTE).await;
-        *states
-            .entry(j["state"].as_str().unwrap_or("?").to_string())
-            .or_default() += 1;
-        if j["state"] != "succeeded" {
-            violations.push(format!(
-                "accepted job {id} ended {}: {}",
-                j["state"], j["error"]
-            ));
-        }
-    }
+    let states = all_succeeded(&d, &ids, 5 * MINUTE, &mut violations).await;
     let drain = drain.elapsed();
     let (ok, full) = (ok.load(Ordering::Relaxed), full.load(Ordering::Relaxed));
     if full == 0 {

@@ -42,13 +42,7 @@ async fn rig_with(
 #[tokio::test]
 async fn waits_through_initializing_until_two_of_two_pass() {
     let (moto, proxy, d, ids) = rig(1, &[], 2).await;
-    moto.ec2()
-        .await
-        .stop_instances()
-        .instance_ids(&ids[0])
-        .send()
-        .await
-        .unwrap();
+    moto.stop(&ids[0..=0]).await;
     proxy.set(|f| {
         f.instance_status = Some((
             "initializing".into(),

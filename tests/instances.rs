@@ -300,13 +300,7 @@ async fn dry_runs_change_nothing_and_aws_errors_keep_their_code() {
 async fn concurrent_waits_share_one_status_call_per_round_and_time_out_clearly() {
     let moto = Moto::start().await;
     let ids = moto.launch(30, &[("Group", "herd")]).await;
-    moto.ec2()
-        .await
-        .stop_instances()
-        .set_instance_ids(Some(ids.clone()))
-        .send()
-        .await
-        .unwrap();
+    moto.stop(&ids).await;
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(moto.url.clone()),
         workers: 32,
@@ -481,13 +475,7 @@ async fn modify_resizes_leaving_state_as_found_audit_lists_missing_tags_wrong_st
         .launch(2, &[("Group", "resize"), ("Owner", "ops")])
         .await;
     let (running, stopped) = (ids[0].clone(), ids[1].clone());
-    moto.ec2()
-        .await
-        .stop_instances()
-        .instance_ids(&stopped)
-        .send()
-        .await
-        .unwrap();
+    moto.stop(std::slice::from_ref(&stopped)).await;
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(moto.url.clone()),
         ..Default::default()
@@ -793,13 +781,7 @@ async fn every_action_by_id_and_by_tag_with_dry_runs_and_errors() {
 async fn submit_can_wait_for_the_end() {
     let moto = Moto::start().await;
     let ids = moto.launch(1, &[("Group", "wait")]).await;
-    moto.ec2()
-        .await
-        .stop_instances()
-        .instance_ids(&ids[0])
-        .send()
-        .await
-        .unwrap();
+    moto.stop(&ids[0..=0]).await;
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(moto.url.clone()),
         ..Default::default()

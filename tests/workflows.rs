@@ -136,13 +136,7 @@ async fn cancel_mid_workflow_and_resume_after_kill_9() {
     let moto = Moto::start().await;
     let image = moto.image().await;
     let ids = moto.launch(1, &[("Wf", "cancel")]).await;
-    moto.ec2()
-        .await
-        .stop_instances()
-        .instance_ids(&ids[0])
-        .send()
-        .await
-        .unwrap();
+    moto.stop(&ids[0..=0]).await;
     let proxy = FaultProxy::start(&moto.url, 3).await;
     let mut d = Daemon::start(DaemonOpts {
         moto_url: Some(proxy.url.clone()),

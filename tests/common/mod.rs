@@ -544,6 +544,17 @@ impl Moto {
             .collect()
     }
 
+    /// Stops instances in moto directly (to arrange a test, not through ec2jobd).
+    pub async fn stop(&self, ids: &[String]) {
+        self.ec2()
+            .await
+            .stop_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .expect("stop in moto");
+    }
+
     /// One instance's state as moto sees it.
     pub async fn state(&self, id: &str) -> String {
         self.states(&[id.to_string()]).await.remove(0)
@@ -553,19 +564,23 @@ impl Moto {
 impl Daemon {
     /// The sum of every `/metrics` sample whose line starts with `prefix` and contains `part`.
     pub async fn metric_sum(&self, prefix: &str, part: &str) -> f64 {
-        let text = self
-            .http
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(part))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn metrics_text(&self) -> String {
+        self.http
             .get(format!("{}/metrics", self.url))
             .send()
             .await
             .expect("GET /metrics")
             .text()
             .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|l| l.starts_with(prefix) && l.contains(part))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+            .expect("metrics text")
     }
 
     /// Resident set size of the daemon process in KiB (from /proc).
@@ -594,16 +609,9 @@ impl Daemon {
 
     /// The value of the first `/metrics` line starting with `prefix` (0 when absent).
     pub async fn metric(&self, prefix: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.url))
-            .send()
+        self.metrics_text()
             .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
+            .lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
@@ -625,4 +633,28 @@ pub fn cpu_time(pid: u32) -> Duration {
         .unwrap_or(0);
     // USER_HZ is 100 on every Linux the daemon targets.
     Duration::from_millis(ticks * 10)
+}
+
+/// A daemon for benchmarks on `dir`: production defaults except pacing (off: moto is not AWS) and a
+/// 200 ms idle poll, the given worker count, EC2 through `endpoint`. Its admin token is kept in
+/// `dir/admin.token`, so a copy of the directory starts with the same token.
+pub async fn bench_daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
+             [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
+             [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n\
+             [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n",
+            db = dir.join("bench.db").display()
+        ),
+    )
+    .expect("config");
+    let token = dir.join("admin.token");
+    if !token.exists() {
+        std::fs::write(&token, create_token(&config, "admin", "bench")).expect("token file");
+    }
+    let admin = std::fs::read_to_string(&token).expect("token file");
+    Daemon::attach(config, admin).await
 }
