@@ -931,7 +931,15 @@ async fn overload_campaign() {
                         }
                     }
                     Ok(r) => bad.lock().unwrap().push(format!("answered {}", r.status())),
-                    Err(e) => bad.lock().unwrap().push(format!("request error: {e}")),
+                    Err(e) => {
+                        let mut why = format!("request error: {e}");
+                        let mut src = std::error::Error::source(&e);
+                        while let Some(c) = src {
+                            why += &format!(": {c}");
+                            src = c.source();
+                        }
+                        bad.lock().unwrap().push(why)
+                    }
                 }
             }
         }));
@@ -953,6 +961,14 @@ async fn overload_campaign() {
     let drain = Instant::now();
     let mut violations: Vec<String> = bad.lock().unwrap().iter().take(20).cloned().collect();
     let states = all_succeeded(&d, &ids, 5 * MINUTE, &mut violations).await;
+    // A connection closed mid-answer is how a handler panic looks from outside: name any.
+    violations.extend(
+        d.log()
+            .lines()
+            .filter(|l| l.contains("panicked") || l.contains("ERROR"))
+            .take(10)
+            .map(|l| format!("daemon log: {l}")),
+    );
     let drain = drain.elapsed();
     let (ok, full) = (ok.load(Ordering::Relaxed), full.load(Ordering::Relaxed));
     if full == 0 {

@@ -211,6 +211,26 @@ async fn templates_are_checked_on_save_and_run_with_values() {
         r.json::<Value>().await.unwrap()["code"],
         "undeclared_parameter"
     );
+    // A template that could never run, or a parameter no placeholder can name, is refused.
+    for (body, code) in [
+        (
+            serde_json::json!({"spec": {}, "parameters": {"x": {"type": "string"}}}),
+            "invalid_action",
+        ),
+        (
+            serde_json::json!({"spec": {"action": "${a}"}, "parameters": {"a": {"type": "string"}}}),
+            "invalid_action",
+        ),
+        (
+            serde_json::json!({"spec": {"action": "create_tags"},
+                "parameters": {"": {"type": "string"}}}),
+            "invalid_parameter_name",
+        ),
+    ] {
+        let r = put(body.clone()).await;
+        assert_eq!(r.status(), 422, "{body}");
+        assert_eq!(r.json::<Value>().await.unwrap()["code"], code, "{body}");
+    }
     let tpl = serde_json::json!({"description": "tag one instance",
         "spec": {"action": "create_tags", "targets": {"instance_ids": ["${instance_id}"]},
                  "params": {"tags": {"Owner": "${owner}"}}, "max_attempts": "${attempts}"},

@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::Metrics;
 
@@ -386,11 +387,19 @@ impl Runner {
     }
 
     async fn run_one(&self, worker: &str, claimed: Claimed, hard: &CancellationToken) {
+        let job = &claimed.job;
+        let span = tracing::info_span!("job", id = %job.id, action = job.action.as_str(), attempt = job.attempts);
+        // `instrument`, never `span.enter()` held across an await: a task that resumes on another
+        // thread corrupts the span registry's bookkeeping, and tracing-subscriber panics ("tried to
+        // clone a span that already closed") inside whatever logs next; the overload campaign hit
+        // it as HTTP connections closed mid-answer.
+        self.attempt(worker, claimed, hard).instrument(span).await
+    }
+
+    async fn attempt(&self, worker: &str, claimed: Claimed, hard: &CancellationToken) {
         let job = claimed.job.clone();
         let id = job.id.clone();
         let action = job.action.as_str();
-        let span = tracing::info_span!("job", id = %id, action, attempt = job.attempts);
-        let _g = span.enter();
         if job.cancel_requested {
             self.record(worker, &job, Finish::Cancelled(job.results.clone()), 0.0)
                 .await;
@@ -403,21 +412,24 @@ impl Runner {
             let (store, id, worker) = (self.store.clone(), id.clone(), worker.to_string());
             let (cancel, lost) = (cancel.clone(), lease_lost.clone());
             let (every, lease_ms) = (self.cfg.heartbeat, self.cfg.lease.as_millis() as i64);
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match store.heartbeat(&id, &worker, lease_ms).await {
-                        Ok(h) if h.cancel_requested => cancel.cancel(),
-                        Ok(_) => {}
-                        Err(StoreError::LeaseLost) => {
-                            lost.store(true, Ordering::SeqCst);
-                            cancel.cancel();
-                            return;
+            tokio::spawn(
+                async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        match store.heartbeat(&id, &worker, lease_ms).await {
+                            Ok(h) if h.cancel_requested => cancel.cancel(),
+                            Ok(_) => {}
+                            Err(StoreError::LeaseLost) => {
+                                lost.store(true, Ordering::SeqCst);
+                                cancel.cancel();
+                                return;
+                            }
+                            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                         }
-                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
                     }
                 }
-            })
+                .instrument(tracing::Span::current()),
+            )
         };
         let ctx = ExecCtx {
             job: job.clone(),

@@ -59,6 +59,33 @@ fn checkpointed_snapshots(ctx: &ExecCtx) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+/// Adds the rotation tag to the snapshots this job made. A snapshot joins its group only once its
+/// job holds it in a checkpoint: tagged at creation, another job's rotation could delete it while
+/// this job's answer was lost or the daemon down, and this job, finding nothing by its tag, would
+/// make it again (the crash and fault campaigns caught exactly that).
+async fn join_rotation(
+    ec2: &Ec2,
+    group: &str,
+    made: &mut BTreeMap<String, SnapshotResult>,
+    results: &mut JobResults,
+) -> Result<(), ec2jobd_ec2::Ec2Error> {
+    for (vol, s) in made.iter_mut() {
+        let key = format!("{group}/{vol}");
+        if s.state == ROTATED_AWAY || s.tags.get(ROTATION_TAG) == Some(&key) {
+            continue;
+        }
+        let tag = BTreeMap::from([(ROTATION_TAG.to_string(), key.clone())]);
+        let outs = ec2
+            .create_tags(std::slice::from_ref(&s.snapshot_id), &tag, false)
+            .await?;
+        results
+            .request_ids
+            .extend(outs.into_iter().filter_map(|o| o.request_id));
+        s.tags.insert(ROTATION_TAG.into(), key);
+    }
+    Ok(())
+}
+
 /// A volume to back up, with what the report and the description template need.
 struct Source {
     volume: VolumeInfo,
@@ -417,33 +444,14 @@ impl Ec2Executor {
                 .request_ids
                 .extend(outs.into_iter().filter_map(|o| o.request_id));
         }
+        // What was made joins its rotation group now, whatever happened to the rest (a partly
+        // failed job's snapshots are rotated like any other), unless another worker owns the job.
+        let joined = match created {
+            Err(ExecError::LeaseLost) => Ok(()),
+            _ => join_rotation(ec2, group, &mut made, &mut results).await,
+        };
         created?;
-
-        // A snapshot joins its rotation group only now, once this job holds it in its checkpoint.
-        // Tagged at creation, another job's rotation could delete it while this job's answer was
-        // lost or the daemon was down, and this job, finding nothing by its tag, would make it
-        // again (the crash and fault campaigns caught exactly that).
-        let untagged: Vec<(String, String, String)> = made
-            .iter()
-            .map(|(vol, s)| (vol.clone(), s.snapshot_id.clone(), format!("{group}/{vol}")))
-            .filter(|(vol, _, key)| {
-                let s = &made[vol];
-                s.state != ROTATED_AWAY && s.tags.get(ROTATION_TAG) != Some(key)
-            })
-            .collect();
-        for (vol, snapshot_id, key) in untagged {
-            let tag = BTreeMap::from([(ROTATION_TAG.to_string(), key.clone())]);
-            let outs = ec2
-                .create_tags(std::slice::from_ref(&snapshot_id), &tag, false)
-                .await
-                .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
-            results
-                .request_ids
-                .extend(outs.into_iter().filter_map(|o| o.request_id));
-            if let Some(s) = made.get_mut(&vol) {
-                s.tags.insert(ROTATION_TAG.into(), key);
-            }
-        }
+        joined.map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
         self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
         if spec.flag("stop_first") {

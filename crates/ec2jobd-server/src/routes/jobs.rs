@@ -390,10 +390,10 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
     params(
         ("state" = Option<JobState>, Query, description = "Only jobs in this state"),
         ("action" = Option<Action>, Query, description = "Only jobs of this action"),
-        ("since" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
-        ("until" = Option<String>, Query, description = "Created before (RFC 3339)"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1-500 (default 50)"),
-        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("since" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
+        ("until" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1-500 (default 50)"),
+        ("cursor" = Option<String>, Query, min_length = 1, description = "`next_cursor` of the previous page"),
     ),
     responses(
         (status = 200, body = JobPage),
@@ -757,7 +757,7 @@ pub async fn report(
     get, path = "/v1/jobs/{id}/outputs", tag = "jobs",
     params(
         ("id" = String, Path, description = "Job id"),
-        ("format" = Option<String>, Query, description = "`json` (default) or `env`"),
+        ("format" = Option<String>, Query, pattern = "^(json|env)$", description = "`json` (default) or `env`"),
     ),
     responses(
         (status = 200, description = "Flat variables", body = std::collections::BTreeMap<String, String>),

@@ -522,7 +522,7 @@ pub struct DeliveryPage {
 #[utoipa::path(
     get, path = "/v1/sns/deliveries", tag = "sns",
     params(
-        ("limit" = Option<u32>, Query, description = "Most rows, 1-500 (default 100)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Most rows, 1-500 (default 100)"),
         ("before" = Option<i64>, Query, description = "Only ids below this (next page)"),
     ),
     responses((status = 200, body = DeliveryPage), (status = 400, body = Problem)),

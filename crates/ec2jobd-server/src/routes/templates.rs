@@ -161,6 +161,34 @@ fn render(v: &Value, values: &BTreeMap<String, Value>) -> Value {
 impl Template {
     /// Checks the template on save.
     fn check(&self, state: &AppState) -> Result<(), ApiError> {
+        // The action is never a parameter: without a valid one the template can never run.
+        let action = self
+            .spec
+            .get("action")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if ec2jobd_spec::Action::parse(action).is_none() {
+            return Err(unprocessable(
+                "invalid_action",
+                "spec.action",
+                format!("`{action}` is not a known action"),
+            ));
+        }
+        for name in self.parameters.keys() {
+            let ok = name.len() <= 64
+                && name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(unprocessable(
+                    "invalid_parameter_name",
+                    format!("parameters.{name}"),
+                    "parameter names are 1-64 letters, digits or `_`, not starting with a digit",
+                ));
+            }
+        }
         let mut used = Vec::new();
         placeholders(&self.spec, &mut used);
         for p in &used {
