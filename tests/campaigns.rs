@@ -74,6 +74,7 @@ enum Job {
     Reboot(String),
     Tag(String),
     Snapshot(String),
+    Image(String),
 }
 
 impl Job {
@@ -90,6 +91,9 @@ impl Job {
                 "targets": {"instance_ids": [i]}, "wait": wait}),
             Job::Tag(i) => json!({"action": "create_tags", "targets": {"instance_ids": [i]},
                 "params": {"tags": {"Campaign": tag}}}),
+            Job::Image(i) => json!({"action": "create_image",
+                "targets": {"instance_ids": [i]}, "wait": wait,
+                "params": {"keep": 2, "group": tag, "no_reboot": true, "name": "c-{job_id}"}}),
             Job::Snapshot(i) => json!({"action": "create_snapshots",
                 "targets": {"instance_ids": [i]}, "wait": wait,
                 "params": {"keep": 2, "group": tag}}),
@@ -104,13 +108,14 @@ impl Job {
             Job::Reboot(_) => "RebootInstances",
             Job::Tag(_) => "CreateTags",
             Job::Snapshot(_) => "CreateSnapshot",
+            Job::Image(_) => "CreateImage",
         }
     }
 }
 
 /// Instances and jobs for a mixed campaign: `per` jobs of each kind, every state-changing job on an
-/// instance of its own (so moto's final state is each job's doing), snapshot jobs three per volume
-/// (so rotation with keep 2 deletes).
+/// instance of its own (so moto's final state is each job's doing), snapshot and AMI jobs three per
+/// volume or instance (so rotation with keep 2 deletes).
 async fn mixed_jobs(moto: &Moto, kinds: &[&str], per: usize, rng: &mut StdRng) -> Vec<Job> {
     let tags = [("Campaign", "yes")];
     let mut jobs = Vec::new();
@@ -120,6 +125,10 @@ async fn mixed_jobs(moto: &Moto, kinds: &[&str], per: usize, rng: &mut StdRng) -
             "snapshot" => {
                 let ids = moto.launch(per.div_ceil(3) as i32, &tags).await;
                 jobs.extend((0..per).map(|i| Job::Snapshot(ids[i / 3].clone())));
+            }
+            "image" => {
+                let ids = moto.launch(per.div_ceil(3) as i32, &tags).await;
+                jobs.extend((0..per).map(|i| Job::Image(ids[i / 3].clone())));
             }
             _ => {
                 let ids = moto.launch(per as i32, &tags).await;
@@ -149,6 +158,8 @@ struct Checker<'a> {
     resumed: usize,
     /// Per volume: snapshot jobs, and the snapshots they reported.
     volumes: BTreeMap<String, (usize, BTreeSet<String>)>,
+    /// Per instance: AMI jobs, and the AMIs they reported.
+    images: BTreeMap<String, (usize, BTreeSet<String>)>,
 }
 
 impl<'a> Checker<'a> {
@@ -161,6 +172,7 @@ impl<'a> Checker<'a> {
             states: BTreeMap::new(),
             resumed: 0,
             volumes: BTreeMap::new(),
+            images: BTreeMap::new(),
         }
     }
 
@@ -227,6 +239,19 @@ impl<'a> Checker<'a> {
                 if !tagged.contains(i) {
                     self.violations
                         .push(format!("job {id} succeeded but {i} lacks its tag in moto"));
+                }
+            }
+            Job::Image(i) => {
+                let e = self.images.entry(i.clone()).or_default();
+                e.0 += 1;
+                for img in j["results"]["images"].as_array().into_iter().flatten() {
+                    e.1.insert(img["image_id"].as_str().unwrap_or("").to_string());
+                }
+                let made = self.made("CreateImage", id);
+                if made.len() != 1 {
+                    self.violations.push(format!(
+                        "job {id} images {i} once but CreateImage made {made:?}"
+                    ));
                 }
             }
             Job::Snapshot(_) => {
@@ -311,6 +336,53 @@ impl<'a> Checker<'a> {
         }
         (made.len(), made.len().saturating_sub(held_total))
     }
+
+    /// Per instance: rotation left exactly 2 AMIs, all made by these jobs. Returns (AMIs made, of
+    /// which deregistered since).
+    async fn images(&mut self) -> (usize, usize) {
+        let made: BTreeSet<String> = self
+            .proxy
+            .created("CreateImage")
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        let mut held_total = 0;
+        for (inst, (jobs, reported)) in self.images.clone() {
+            let out = self
+                .moto
+                .ec2()
+                .await
+                .describe_images()
+                .owners("self")
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("tag:ec2jobd:rotation")
+                        .values(format!("{}/{inst}", self.tag))
+                        .build(),
+                )
+                .send()
+                .await
+                .expect("describe images in moto");
+            let held: BTreeSet<String> = out
+                .images()
+                .iter()
+                .filter_map(|i| i.image_id().map(String::from))
+                .collect();
+            held_total += held.len();
+            if held.len() != jobs.min(2) {
+                self.violations.push(format!(
+                    "instance {inst}: {} AMIs kept after {jobs} jobs, keep is 2: {held:?}",
+                    held.len()
+                ));
+            }
+            if !reported.is_subset(&made) || !held.is_subset(&made) {
+                self.violations.push(format!(
+                    "instance {inst}: reported {reported:?} / held {held:?}, not all made by these jobs"
+                ));
+            }
+        }
+        (made.len(), made.len().saturating_sub(held_total))
+    }
 }
 
 /// Waits for every accepted job to end; any that did not succeed is a violation. Returns the count
@@ -360,7 +432,7 @@ async fn crash_campaign() {
     });
     let jobs = mixed_jobs(
         &moto,
-        &["run", "stop", "start", "reboot", "snapshot"],
+        &["run", "stop", "start", "reboot", "snapshot", "image"],
         per,
         &mut rng,
     )
@@ -402,6 +474,7 @@ async fn crash_campaign() {
     }
     let elapsed = started.elapsed();
     let (made, deleted) = check.volumes().await;
+    let (amis, deregistered) = check.images().await;
     let mut per_op = BTreeMap::<&str, usize>::new();
     for job in &jobs {
         *per_op.entry(job.mutating_op()).or_default() += 1;
@@ -415,7 +488,7 @@ async fn crash_campaign() {
         "crash",
         &[
             (
-                "jobs (run/stop/start/reboot/snapshot)",
+                "jobs (run/stop/start/reboot/snapshot/AMI)",
                 format!("{}", ids.len()),
             ),
             (
@@ -431,6 +504,10 @@ async fn crash_campaign() {
             (
                 "snapshots made / deleted by rotation",
                 format!("{made} / {deleted}"),
+            ),
+            (
+                "AMIs made / deregistered by rotation",
+                format!("{amis} / {deregistered}"),
             ),
             ("wall time", format!("{:.1} s", elapsed.as_secs_f64())),
         ],

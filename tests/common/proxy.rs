@@ -57,7 +57,7 @@ struct Stats {
     answered: HashMap<String, u64>,
     arrived: Vec<Instant>,
     /// (operation, the request's `ec2jobd:job-id` tag, the id moto answered) of every
-    /// CreateSnapshot/RunInstances that took effect in moto, answered or not.
+    /// CreateSnapshot/RunInstances/CreateImage that took effect in moto, answered or not.
     created: Vec<(String, String, String)>,
 }
 
@@ -115,7 +115,7 @@ impl FaultProxy {
         st.arrived.get(i).copied()
     }
 
-    /// Resources that took effect in moto by operation (CreateSnapshot, RunInstances), as
+    /// Resources that took effect in moto by operation (CreateSnapshot, RunInstances, CreateImage), as
     /// (job id from the request's `ec2jobd:job-id` tag, resource id): what a job made, including
     /// what was deleted since and what was made by a call whose answer was lost.
     pub fn created(&self, op: &str) -> Vec<(String, String)> {
@@ -402,13 +402,14 @@ async fn send_upstream(
         return Some(r);
     }
     let reply = send_to_moto(s, path, headers, body).await?;
-    if reply.0 == 200 && matches!(op.as_str(), "CreateSnapshot" | "RunInstances") {
+    let element = match op.as_str() {
+        "CreateSnapshot" => Some("snapshotId"),
+        "RunInstances" => Some("instanceId"),
+        "CreateImage" => Some("imageId"),
+        _ => None,
+    };
+    if let (200, Some(element)) = (reply.0, element) {
         let job = tag_value(&fields, "ec2jobd:job-id").unwrap_or_default();
-        let element = if op == "CreateSnapshot" {
-            "snapshotId"
-        } else {
-            "instanceId"
-        };
         let mut st = s.stats.lock().unwrap();
         for part in reply.1.split(&format!("<{element}>")).skip(1) {
             if let Some((id, _)) = part.split_once(&format!("</{element}>")) {

@@ -2,10 +2,11 @@
 //! `deregister_image`, and cross-region `copy_snapshot` / `copy_image`; plus the one poller that
 //! waits for snapshots to complete and AMIs to become available.
 //!
-//! The same rules as snapshot backups hold: what ec2jobd creates carries `ec2jobd:job-id` and
-//! `ec2jobd:rotation` (`<group>/<instance id>`) tags, set in the creating call; a resumed attempt
-//! looks for what it already made (by job tag, and for copies by `ec2jobd:source`) before making
-//! anything; rotation runs only after the new generation is available, counts only available AMIs
+//! The same rules as snapshot backups hold: what ec2jobd creates carries `ec2jobd:job-id` (and an
+//! AMI `ec2jobd:instance`) set in the creating call, and an AMI gets `ec2jobd:rotation`
+//! (`<group>/<instance id>`) once its job holds it in a checkpoint; a resumed attempt looks for what
+//! it already made (by job tag, and for copies by `ec2jobd:source`) before making anything, and
+//! reports a checkpointed AMI that rotation has deregistered since instead of making it again; rotation runs only after the new generation is available, counts only available AMIs
 //! it made for that group and instance, and deletes a deregistered AMI's snapshots with it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,6 +23,54 @@ use crate::runner::{ExecCtx, ExecError};
 
 /// Tag on a copy naming what it was copied from.
 pub const SOURCE_TAG: &str = "ec2jobd:source";
+
+/// Tag on an AMI naming the instance it was made from (a resumed attempt maps what it finds).
+pub const INSTANCE_TAG: &str = "ec2jobd:instance";
+
+/// The state reported for an AMI this job made that a newer generation's rotation deregistered
+/// before the job recorded it (found through the checkpoint).
+const ROTATED_AWAY: &str = "deregistered";
+
+/// Instance → AMI id of what this attempt made so far, for the checkpoint.
+fn image_ids(made: &BTreeMap<String, ImageResult>) -> BTreeMap<&str, &str> {
+    made.iter()
+        .map(|(i, img)| (i.as_str(), img.image_id.as_str()))
+        .collect()
+}
+
+/// What earlier attempts checkpointed as made (instance → AMI id).
+fn checkpointed_images(ctx: &ExecCtx) -> BTreeMap<String, String> {
+    ctx.checkpoint
+        .as_ref()
+        .and_then(|c| c.get("images"))
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Adds the rotation tag to the AMIs this job made, once they are in its checkpoint (the same rule
+/// and reason as for snapshots: see `backup::join_rotation`).
+async fn join_rotation(
+    ec2: &Ec2,
+    group: &str,
+    made: &mut BTreeMap<String, ImageResult>,
+    results: &mut JobResults,
+) -> Result<(), ec2jobd_ec2::Ec2Error> {
+    for (inst, img) in made.iter_mut() {
+        let key = format!("{group}/{inst}");
+        if img.state == ROTATED_AWAY || img.tags.get(ROTATION_TAG) == Some(&key) {
+            continue;
+        }
+        let tag = BTreeMap::from([(ROTATION_TAG.to_string(), key.clone())]);
+        let outs = ec2
+            .create_tags(std::slice::from_ref(&img.image_id), &tag, false)
+            .await?;
+        results
+            .request_ids
+            .extend(outs.into_iter().filter_map(|o| o.request_id));
+        img.tags.insert(ROTATION_TAG.into(), key);
+    }
+    Ok(())
+}
 
 /// Name of an AMI when the job gives none.
 const DEFAULT_IMAGE_NAME: &str = "ec2jobd-{instance_id}-{timestamp}";
@@ -259,10 +308,7 @@ impl Ec2Executor {
             }
             tags.extend(user_tags.clone());
             tags.extend(super::made_by(ctx));
-            tags.insert(
-                ROTATION_TAG.to_string(),
-                format!("{group}/{}", i.instance_id),
-            );
+            tags.insert(INSTANCE_TAG.to_string(), i.instance_id.clone());
             tags
         };
         let no_reboot = spec.flag("no_reboot");
@@ -299,65 +345,94 @@ impl Ec2Executor {
                 .map_err(|e| failed(e, results.clone()))?;
             results.request_ids.extend(rids);
             for mut img in imgs {
-                let inst = img
-                    .tags
-                    .get(ROTATION_TAG)
-                    .and_then(|g| g.rsplit('/').next())
-                    .map(String::from);
+                // AMIs made before the instance tag existed name it in their rotation tag.
+                let inst = img.tags.get(INSTANCE_TAG).cloned().or_else(|| {
+                    img.tags
+                        .get(ROTATION_TAG)
+                        .and_then(|g| g.rsplit('/').next())
+                        .map(String::from)
+                });
                 if let Some(inst) = inst {
                     img.outcome = Some("created by an earlier attempt of this job".into());
                     made.insert(inst, img);
                 }
             }
+            // Made and checkpointed, yet no longer found: a newer generation's rotation (another
+            // job on the group) deregistered it before this job recorded it. Reported, not redone.
+            for (inst, id) in checkpointed_images(ctx) {
+                made.entry(inst).or_insert_with(|| ImageResult {
+                    image_id: id,
+                    state: ROTATED_AWAY.into(),
+                    outcome: Some(
+                        "created by an earlier attempt of this job, since deregistered by the rotation of a newer generation"
+                            .into(),
+                    ),
+                    ..Default::default()
+                });
+            }
         }
         let total = insts.len() as u64;
-        for i in &insts {
-            if made.contains_key(&i.instance_id) {
-                continue;
-            }
-            ctx.check_cancel(&results)?;
-            ctx.save_checkpoint(json!({"phase": "creating", "instance": i.instance_id}))
-                .await?;
-            ctx.progress(
-                "calling",
-                &format!(
-                    "CreateImage of {} ({} of {total})",
-                    i.instance_id,
-                    made.len() + 1
-                ),
-                Some(made.len() as u64),
-                Some(total),
-            )
-            .await?;
-            let name = ami_name(&fill(name_t, i, job_id, group, at));
-            let (id, out) = ec2
-                .create_image(
-                    &i.instance_id,
-                    &name,
-                    &fill(desc_t, i, job_id, group, at),
-                    no_reboot,
-                    &tags_for(i),
-                    false,
+        let created = async {
+            for i in &insts {
+                if made.contains_key(&i.instance_id) {
+                    continue;
+                }
+                ctx.check_cancel(&results)?;
+                ctx.save_checkpoint(json!({"phase": "creating", "instance": i.instance_id,
+                "images": image_ids(&made)}))
+                    .await?;
+                ctx.progress(
+                    "calling",
+                    &format!(
+                        "CreateImage of {} ({} of {total})",
+                        i.instance_id,
+                        made.len() + 1
+                    ),
+                    Some(made.len() as u64),
+                    Some(total),
                 )
-                .await
-                .map_err(|e| failed(e, results.clone()))?;
-            results.request_ids.extend(out.request_id);
-            if let Some(id) = id {
-                made.insert(
-                    i.instance_id.clone(),
-                    ImageResult {
-                        image_id: id,
-                        name: Some(name),
-                        state: "pending".into(),
-                        outcome: Some("created".into()),
-                        tags: tags_for(i),
-                        ..Default::default()
-                    },
-                );
-            }
-            ctx.save_checkpoint(json!({"phase": "created", "instance": i.instance_id}))
                 .await?;
+                let name = ami_name(&fill(name_t, i, job_id, group, at));
+                let (id, out) = ec2
+                    .create_image(
+                        &i.instance_id,
+                        &name,
+                        &fill(desc_t, i, job_id, group, at),
+                        no_reboot,
+                        &tags_for(i),
+                        false,
+                    )
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                results.request_ids.extend(out.request_id);
+                if let Some(id) = id {
+                    made.insert(
+                        i.instance_id.clone(),
+                        ImageResult {
+                            image_id: id,
+                            name: Some(name),
+                            state: "pending".into(),
+                            outcome: Some("created".into()),
+                            tags: tags_for(i),
+                            ..Default::default()
+                        },
+                    );
+                }
+                ctx.save_checkpoint(json!({"phase": "created", "instance": i.instance_id,
+                "images": image_ids(&made)}))
+                    .await?;
+            }
+            Ok::<(), ExecError>(())
         }
+        .await;
+        // What was made joins its rotation group now (see `join_rotation`), whatever happened to
+        // the rest, unless another worker owns the job.
+        let joined = match created {
+            Err(ExecError::LeaseLost) => Ok(()),
+            _ => join_rotation(ec2, group, &mut made, &mut results).await,
+        };
+        created?;
+        joined.map_err(|e| failed(e, results.clone()))?;
         for (inst, img) in made.iter_mut() {
             img.instance_id = Some(inst.clone());
             img.instance_name = insts
@@ -369,6 +444,7 @@ impl Ec2Executor {
         if until == WaitUntil::Completed {
             let mut seen: BTreeMap<String, (String, Option<String>)> = made
                 .values()
+                .filter(|i| i.state != ROTATED_AWAY)
                 .map(|i| (i.image_id.clone(), (i.state.clone(), None)))
                 .collect();
             let r = self
@@ -387,7 +463,11 @@ impl Ec2Executor {
             };
             r.map_err(|e| e.with_results(partial))?;
             // The AMIs' snapshots carry the same tags, added now that they are known.
-            let ids: Vec<String> = made.values().map(|i| i.image_id.clone()).collect();
+            let ids: Vec<String> = made
+                .values()
+                .filter(|i| i.state != ROTATED_AWAY)
+                .map(|i| i.image_id.clone())
+                .collect();
             let (now, rids) = ec2
                 .describe_images(Some(ids), &Vec::new())
                 .await
