@@ -534,6 +534,67 @@ async fn a_lost_create_snapshot_answer_makes_no_second_snapshot() {
     assert_eq!(made.len(), 1, "{made:?}");
 }
 
+/// kill -9 while a new AMI is pending, and while the daemon is down the AMI is deregistered (as
+/// the rotation of a newer generation by another job on the group would): after restart the job
+/// reports it as made and deregistered and makes no second one (it is in the job's checkpoint).
+/// Before, the AMI carried its rotation tag from creation and the resumed job made it again.
+#[tokio::test]
+async fn an_ami_rotated_away_before_its_job_recorded_it_is_not_made_again() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Backup", "ami-crash")]).await;
+    let proxy = FaultProxy::start(&moto.url, 6).await;
+    proxy.set(|f| {
+        f.image_state = Some(("pending".into(), Instant::now() + Duration::from_secs(3600)))
+    });
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(
+            &json!({"action": "create_image", "targets": {"instance_ids": ids},
+            "params": {"keep": 1, "no_reboot": true, "name": "crash-{job_id}"},
+            "wait": {"interval": "200ms", "timeout": "1m"}}),
+        )
+        .await;
+    d.wait_for(&id, MINUTE, |j| j["progress"]["phase"] == "waiting")
+        .await;
+    d.kill9();
+    let ec2 = moto.ec2().await;
+    let mine: Vec<String> = ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:ec2jobd:job-id")
+                .values(&id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("describe images")
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(String::from))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    ec2.deregister_image()
+        .image_id(&mine[0])
+        .send()
+        .await
+        .expect("deregister in moto");
+    proxy.set(|f| f.image_state = None);
+    d.spawn().await;
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    assert_eq!(proxy.calls("CreateImage"), 1, "not made again: {j}");
+    let img = &j["results"]["images"][0];
+    assert_eq!(img["image_id"], mine[0].as_str(), "{j}");
+    assert_eq!(img["state"], "deregistered", "{j}");
+    assert!(img["outcome"].as_str().unwrap().contains("rotation"), "{j}");
+}
+
 /// `stop_first`: a running instance is stopped before its snapshots and started again after them
 /// (and waited for 2/2 checks); a stopped one is snapshotted and stays stopped. The proxy's call
 /// order shows the snapshots were taken between the stop and the start.

@@ -39,6 +39,9 @@ pub struct Faults {
     /// Until this instant, CreateSnapshot and DescribeSnapshots report completed snapshots in this
     /// state (`pending`, `error`) with this progress (`40%`), as AWS does while a snapshot is taken.
     pub snapshot_state: Option<(String, String, Instant)>,
+    /// Until this instant, DescribeImages reports available AMIs in this state (`pending`), as AWS
+    /// does while an AMI is made.
+    pub image_state: Option<(String, Instant)>,
     /// Every call of this operation is answered with this HTTP status and AWS error code.
     pub error: Option<(String, u16, String)>,
     /// When set, latency and share-based faults hit only these operations.
@@ -516,6 +519,17 @@ async fn forward(
                         "<progress>100%</progress>",
                         &format!("<progress>{progress}</progress>"),
                     );
+                note(s);
+            }
+        }
+    }
+    if op == "DescribeImages" {
+        if let Some((state, until)) = &faults.image_state {
+            if Instant::now() < *until && text.contains("<imageState>available</imageState>") {
+                text = text.replace(
+                    "<imageState>available</imageState>",
+                    &format!("<imageState>{state}</imageState>"),
+                );
                 note(s);
             }
         }
