@@ -24,6 +24,7 @@ use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
 mod images;
+mod rotation;
 mod waves;
 mod workflow;
 pub use backup::ROTATION_TAG;

@@ -24,6 +24,7 @@ use ec2jobd_spec::{
 };
 use serde_json::json;
 
+use super::rotation::{self, Made};
 use super::{
     dry_run_verdict, failed, no_targets, plural, str_list, string_map, Ec2Executor, Ready, JOB_TAG,
 };
@@ -38,53 +39,6 @@ const DEFAULT_DESCRIPTION: &str =
 
 /// Most snapshot ids or filter values sent in one Describe call.
 const PER_DESCRIBE: usize = 200;
-
-/// The state reported for a snapshot this job made that a newer generation's rotation deleted
-/// before the job recorded it (found through the checkpoint after a crash).
-const ROTATED_AWAY: &str = "deleted";
-
-/// Volume → snapshot id of what this attempt made so far, for the checkpoint.
-fn snapshot_ids(made: &BTreeMap<String, SnapshotResult>) -> BTreeMap<&str, &str> {
-    made.iter()
-        .map(|(v, s)| (v.as_str(), s.snapshot_id.as_str()))
-        .collect()
-}
-
-/// What earlier attempts checkpointed as made (volume → snapshot id).
-fn checkpointed_snapshots(ctx: &ExecCtx) -> BTreeMap<String, String> {
-    ctx.checkpoint
-        .as_ref()
-        .and_then(|c| c.get("snapshots"))
-        .and_then(|m| serde_json::from_value(m.clone()).ok())
-        .unwrap_or_default()
-}
-
-/// Adds the rotation tag to the snapshots this job made. A snapshot joins its group only once its
-/// job holds it in a checkpoint: tagged at creation, another job's rotation could delete it while
-/// this job's answer was lost or the daemon down, and this job, finding nothing by its tag, would
-/// make it again (the crash and fault campaigns caught exactly that).
-async fn join_rotation(
-    ec2: &Ec2,
-    group: &str,
-    made: &mut BTreeMap<String, SnapshotResult>,
-    results: &mut JobResults,
-) -> Result<(), ec2jobd_ec2::Ec2Error> {
-    for (vol, s) in made.iter_mut() {
-        let key = format!("{group}/{vol}");
-        if s.state == ROTATED_AWAY || s.tags.get(ROTATION_TAG) == Some(&key) {
-            continue;
-        }
-        let tag = BTreeMap::from([(ROTATION_TAG.to_string(), key.clone())]);
-        let outs = ec2
-            .create_tags(std::slice::from_ref(&s.snapshot_id), &tag, false)
-            .await?;
-        results
-            .request_ids
-            .extend(outs.into_iter().filter_map(|o| o.request_id));
-        s.tags.insert(ROTATION_TAG.into(), key);
-    }
-    Ok(())
-}
 
 /// A volume to back up, with what the report and the description template need.
 struct Source {
@@ -305,21 +259,8 @@ impl Ec2Executor {
                     made.insert(v, s);
                 }
             }
-            // Made and checkpointed, yet no longer found by the job tag: the rotation of a newer
-            // generation (another job on the same group) deleted it before this job recorded its
-            // outcome. Made once is made: it is reported, never made again.
-            for (vol, id) in checkpointed_snapshots(ctx) {
-                made.entry(vol.clone()).or_insert_with(|| SnapshotResult {
-                    snapshot_id: id,
-                    volume_id: Some(vol),
-                    state: ROTATED_AWAY.into(),
-                    outcome: Some(
-                        "created by an earlier attempt of this job, since deleted by the rotation of a newer generation"
-                            .into(),
-                    ),
-                    ..Default::default()
-                });
-            }
+            // Checkpointed but gone: a newer generation's rotation deleted it (see `rotation`).
+            rotation::add_checkpointed(ctx, "snapshots", &mut made);
         }
         let total = sources.len() as u64;
 
@@ -388,7 +329,7 @@ impl Ec2Executor {
                 }
                 ctx.check_cancel(&results)?;
                 ctx.save_checkpoint(json!({"phase": "creating", "volume": vol,
-                    "snapshots": snapshot_ids(&made), "restart": restart}))
+                    "snapshots": rotation::ids(&made), "restart": restart}))
                     .await?;
                 ctx.progress(
                     "calling",
@@ -412,7 +353,7 @@ impl Ec2Executor {
                     made.insert(vol.clone(), s);
                 }
                 ctx.save_checkpoint(json!({"phase": "created",
-                    "snapshots": snapshot_ids(&made), "restart": restart}))
+                    "snapshots": rotation::ids(&made), "restart": restart}))
                     .await?;
             }
             Ok::<(), ExecError>(())
@@ -448,7 +389,7 @@ impl Ec2Executor {
         // failed job's snapshots are rotated like any other), unless another worker owns the job.
         let joined = match created {
             Err(ExecError::LeaseLost) => Ok(()),
-            _ => join_rotation(ec2, group, &mut made, &mut results).await,
+            _ => rotation::join(ec2, group, &mut made, &mut results).await,
         };
         created?;
         joined.map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
@@ -561,7 +502,7 @@ impl Ec2Executor {
     ) -> Result<(), ExecError> {
         let mut seen: BTreeMap<String, (String, Option<String>)> = made
             .values()
-            .filter(|s| s.state != ROTATED_AWAY)
+            .filter(|s| s.state != SnapshotResult::ROTATED_AWAY)
             .map(|s| (s.snapshot_id.clone(), (s.state.clone(), s.progress.clone())))
             .collect();
         let volume_of: HashMap<String, String> = made

@@ -18,6 +18,7 @@ use ec2jobd_spec::{
 use serde_json::json;
 
 use super::backup::ROTATION_TAG;
+use super::rotation::{self, Made};
 use super::{dry_run_verdict, failed, no_targets, plural, string_map, Ec2Executor, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
@@ -26,51 +27,6 @@ pub const SOURCE_TAG: &str = "ec2jobd:source";
 
 /// Tag on an AMI naming the instance it was made from (a resumed attempt maps what it finds).
 pub const INSTANCE_TAG: &str = "ec2jobd:instance";
-
-/// The state reported for an AMI this job made that a newer generation's rotation deregistered
-/// before the job recorded it (found through the checkpoint).
-const ROTATED_AWAY: &str = "deregistered";
-
-/// Instance → AMI id of what this attempt made so far, for the checkpoint.
-fn image_ids(made: &BTreeMap<String, ImageResult>) -> BTreeMap<&str, &str> {
-    made.iter()
-        .map(|(i, img)| (i.as_str(), img.image_id.as_str()))
-        .collect()
-}
-
-/// What earlier attempts checkpointed as made (instance → AMI id).
-fn checkpointed_images(ctx: &ExecCtx) -> BTreeMap<String, String> {
-    ctx.checkpoint
-        .as_ref()
-        .and_then(|c| c.get("images"))
-        .and_then(|m| serde_json::from_value(m.clone()).ok())
-        .unwrap_or_default()
-}
-
-/// Adds the rotation tag to the AMIs this job made, once they are in its checkpoint (the same rule
-/// and reason as for snapshots: see `backup::join_rotation`).
-async fn join_rotation(
-    ec2: &Ec2,
-    group: &str,
-    made: &mut BTreeMap<String, ImageResult>,
-    results: &mut JobResults,
-) -> Result<(), ec2jobd_ec2::Ec2Error> {
-    for (inst, img) in made.iter_mut() {
-        let key = format!("{group}/{inst}");
-        if img.state == ROTATED_AWAY || img.tags.get(ROTATION_TAG) == Some(&key) {
-            continue;
-        }
-        let tag = BTreeMap::from([(ROTATION_TAG.to_string(), key.clone())]);
-        let outs = ec2
-            .create_tags(std::slice::from_ref(&img.image_id), &tag, false)
-            .await?;
-        results
-            .request_ids
-            .extend(outs.into_iter().filter_map(|o| o.request_id));
-        img.tags.insert(ROTATION_TAG.into(), key);
-    }
-    Ok(())
-}
 
 /// Name of an AMI when the job gives none.
 const DEFAULT_IMAGE_NAME: &str = "ec2jobd-{instance_id}-{timestamp}";
@@ -357,19 +313,8 @@ impl Ec2Executor {
                     made.insert(inst, img);
                 }
             }
-            // Made and checkpointed, yet no longer found: a newer generation's rotation (another
-            // job on the group) deregistered it before this job recorded it. Reported, not redone.
-            for (inst, id) in checkpointed_images(ctx) {
-                made.entry(inst).or_insert_with(|| ImageResult {
-                    image_id: id,
-                    state: ROTATED_AWAY.into(),
-                    outcome: Some(
-                        "created by an earlier attempt of this job, since deregistered by the rotation of a newer generation"
-                            .into(),
-                    ),
-                    ..Default::default()
-                });
-            }
+            // Checkpointed but gone: a newer generation's rotation deregistered it.
+            rotation::add_checkpointed(ctx, "images", &mut made);
         }
         let total = insts.len() as u64;
         let created = async {
@@ -379,7 +324,7 @@ impl Ec2Executor {
                 }
                 ctx.check_cancel(&results)?;
                 ctx.save_checkpoint(json!({"phase": "creating", "instance": i.instance_id,
-                "images": image_ids(&made)}))
+                "images": rotation::ids(&made)}))
                     .await?;
                 ctx.progress(
                     "calling",
@@ -419,17 +364,17 @@ impl Ec2Executor {
                     );
                 }
                 ctx.save_checkpoint(json!({"phase": "created", "instance": i.instance_id,
-                "images": image_ids(&made)}))
+                "images": rotation::ids(&made)}))
                     .await?;
             }
             Ok::<(), ExecError>(())
         }
         .await;
-        // What was made joins its rotation group now (see `join_rotation`), whatever happened to
+        // What was made joins its rotation group now (see `rotation`), whatever happened to
         // the rest, unless another worker owns the job.
         let joined = match created {
             Err(ExecError::LeaseLost) => Ok(()),
-            _ => join_rotation(ec2, group, &mut made, &mut results).await,
+            _ => rotation::join(ec2, group, &mut made, &mut results).await,
         };
         created?;
         joined.map_err(|e| failed(e, results.clone()))?;
@@ -444,7 +389,7 @@ impl Ec2Executor {
         if until == WaitUntil::Completed {
             let mut seen: BTreeMap<String, (String, Option<String>)> = made
                 .values()
-                .filter(|i| i.state != ROTATED_AWAY)
+                .filter(|i| i.state != ImageResult::ROTATED_AWAY)
                 .map(|i| (i.image_id.clone(), (i.state.clone(), None)))
                 .collect();
             let r = self
@@ -465,7 +410,7 @@ impl Ec2Executor {
             // The AMIs' snapshots carry the same tags, added now that they are known.
             let ids: Vec<String> = made
                 .values()
-                .filter(|i| i.state != ROTATED_AWAY)
+                .filter(|i| i.state != ImageResult::ROTATED_AWAY)
                 .map(|i| i.image_id.clone())
                 .collect();
             let (now, rids) = ec2
