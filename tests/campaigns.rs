@@ -587,8 +587,8 @@ async fn graceful_stop_campaign() {
 
 /// Faults: 20% throttling, 5% 503, 2% dropped connections (the call reaches moto, the answer is
 /// lost) and 100–500 ms of latency on every call. Every job reaches the right state in moto, no
-/// creation is repeated (a lost CreateSnapshot answer must not become a second snapshot), and the
-/// throttles and retries show in `/metrics`.
+/// creation is repeated (a lost CreateSnapshot or CreateImage answer must not become a second
+/// snapshot or AMI), and the throttles and retries show in `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_campaign() {
     let per = size(8, 60);
@@ -598,7 +598,7 @@ async fn fault_campaign() {
     let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
     let jobs = mixed_jobs(
         &moto,
-        &["run", "stop", "start", "reboot", "tag", "snapshot"],
+        &["run", "stop", "start", "reboot", "tag", "snapshot", "image"],
         per,
         &mut rng,
     )
@@ -629,6 +629,7 @@ async fn fault_campaign() {
     }
     let elapsed = started.elapsed();
     let (made, deleted) = check.volumes().await;
+    let (amis, deregistered) = check.images().await;
     let attempts = d.metric_sum("ec2jobd_ec2_attempts_total", "").await;
     let throttled = d
         .metric_sum(
@@ -658,7 +659,7 @@ async fn fault_campaign() {
         "faults",
         &[
             (
-                "jobs (run/stop/start/reboot/tag/snapshot)",
+                "jobs (run/stop/start/reboot/tag/snapshot/AMI)",
                 ids.len().to_string(),
             ),
             (
@@ -674,6 +675,10 @@ async fn fault_campaign() {
             (
                 "snapshots made / deleted by rotation",
                 format!("{made} / {deleted}"),
+            ),
+            (
+                "AMIs made / deregistered by rotation",
+                format!("{amis} / {deregistered}"),
             ),
             ("final states", format!("{:?}", check.states)),
             ("wall time", format!("{:.1} s", elapsed.as_secs_f64())),
