@@ -393,7 +393,7 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
         ("since" = Option<String>, Query, format = DateTime, description = "Created at or after (RFC 3339)"),
         ("until" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1-500 (default 50)"),
-        ("cursor" = Option<String>, Query, min_length = 1, description = "`next_cursor` of the previous page"),
+        ("cursor" = Option<String>, Query, pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$", description = "`next_cursor` of the previous page"),
     ),
     responses(
         (status = 200, body = JobPage),

@@ -30,6 +30,7 @@ pub fn router() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// Unique name (1-64 of letters, digits, `.`, `_`, `-`).
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     pub name: String,
     /// Role of the token.
     pub role: Role,
