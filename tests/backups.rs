@@ -562,21 +562,10 @@ async fn an_ami_rotated_away_before_its_job_recorded_it_is_not_made_again() {
         .await;
     d.kill9();
     let ec2 = moto.ec2().await;
-    let mine: Vec<String> = ec2
-        .describe_images()
-        .owners("self")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:ec2jobd:job-id")
-                .values(&id)
-                .build(),
-        )
-        .send()
+    let mine: Vec<String> = moto
+        .images_tagged("ec2jobd:job-id", &id)
         .await
-        .expect("describe images")
-        .images()
-        .iter()
-        .filter_map(|i| i.image_id().map(String::from))
+        .into_iter()
         .collect();
     assert_eq!(mine.len(), 1, "{mine:?}");
     ec2.deregister_image()
@@ -719,19 +708,10 @@ async fn ami_rotation_and_cross_region_copies() {
         "{report}"
     );
     let ec2 = moto.ec2().await;
-    let mine = ec2
-        .describe_images()
-        .owners("self")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:ec2jobd:rotation")
-                .values(format!("default/{}", ids[0]))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(mine.images().len(), 2, "two AMI generations remain");
+    let mine = moto
+        .images_tagged("ec2jobd:rotation", &format!("default/{}", ids[0]))
+        .await;
+    assert_eq!(mine.len(), 2, "two AMI generations remain");
     let gone = amis[2]["rotation"]["deleted_snapshots"].as_array().unwrap();
     assert!(!gone.is_empty(), "{}", amis[2]);
     for s in gone {

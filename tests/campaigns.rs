@@ -304,80 +304,54 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Per volume: rotation left exactly `keep` (2) generations, and every snapshot a job reported
-    /// was made by a job of this campaign. Returns (snapshots made, of which deleted since).
+    /// Per volume (snapshots) or instance (AMIs): rotation left exactly `keep` (2) generations, and
+    /// every one a job reported or moto holds was made by a job of this campaign. Returns (made, of
+    /// which removed by rotation since).
     async fn volumes(&mut self) -> (usize, usize) {
-        let made: BTreeSet<String> = self
-            .proxy
-            .created("CreateSnapshot")
-            .into_iter()
-            .map(|(_, id)| id)
-            .collect();
-        let mut held_total = 0;
-        for (vol, (jobs, reported)) in self.volumes.clone() {
-            let held: BTreeSet<String> = self
-                .moto
-                .snapshots_tagged("ec2jobd:rotation", &format!("{}/{vol}", self.tag))
-                .await
-                .into_keys()
-                .collect();
-            held_total += held.len();
-            if held.len() != jobs.min(2) {
-                self.violations.push(format!(
-                    "volume {vol}: {} generations kept after {jobs} jobs, keep is 2: {held:?}",
-                    held.len()
-                ));
-            }
-            if !reported.is_subset(&made) || !held.is_subset(&made) {
-                self.violations.push(format!(
-                    "volume {vol}: reported {reported:?} / held {held:?}, not all made by these jobs"
-                ));
-            }
-        }
-        (made.len(), made.len().saturating_sub(held_total))
+        let groups = self.volumes.clone();
+        self.generations("CreateSnapshot", "volume", groups).await
     }
 
-    /// Per instance: rotation left exactly 2 AMIs, all made by these jobs. Returns (AMIs made, of
-    /// which deregistered since).
+    /// See [`Checker::volumes`].
     async fn images(&mut self) -> (usize, usize) {
+        let groups = self.images.clone();
+        self.generations("CreateImage", "instance", groups).await
+    }
+
+    async fn generations(
+        &mut self,
+        op: &str,
+        noun: &str,
+        groups: BTreeMap<String, (usize, BTreeSet<String>)>,
+    ) -> (usize, usize) {
         let made: BTreeSet<String> = self
             .proxy
-            .created("CreateImage")
+            .created(op)
             .into_iter()
             .map(|(_, id)| id)
             .collect();
         let mut held_total = 0;
-        for (inst, (jobs, reported)) in self.images.clone() {
-            let out = self
-                .moto
-                .ec2()
-                .await
-                .describe_images()
-                .owners("self")
-                .filters(
-                    aws_sdk_ec2::types::Filter::builder()
-                        .name("tag:ec2jobd:rotation")
-                        .values(format!("{}/{inst}", self.tag))
-                        .build(),
-                )
-                .send()
-                .await
-                .expect("describe images in moto");
-            let held: BTreeSet<String> = out
-                .images()
-                .iter()
-                .filter_map(|i| i.image_id().map(String::from))
-                .collect();
+        for (key, (jobs, reported)) in groups {
+            let group = format!("{}/{key}", self.tag);
+            let held: BTreeSet<String> = if op == "CreateImage" {
+                self.moto.images_tagged("ec2jobd:rotation", &group).await
+            } else {
+                self.moto
+                    .snapshots_tagged("ec2jobd:rotation", &group)
+                    .await
+                    .into_keys()
+                    .collect()
+            };
             held_total += held.len();
             if held.len() != jobs.min(2) {
                 self.violations.push(format!(
-                    "instance {inst}: {} AMIs kept after {jobs} jobs, keep is 2: {held:?}",
+                    "{noun} {key}: {} generations kept after {jobs} jobs, keep is 2: {held:?}",
                     held.len()
                 ));
             }
             if !reported.is_subset(&made) || !held.is_subset(&made) {
                 self.violations.push(format!(
-                    "instance {inst}: reported {reported:?} / held {held:?}, not all made by these jobs"
+                    "{noun} {key}: reported {reported:?} / held {held:?}, not all made by these jobs"
                 ));
             }
         }

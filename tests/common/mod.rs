@@ -6,7 +6,7 @@
 
 pub mod proxy;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -512,6 +512,27 @@ impl Moto {
                     ),
                 )
             })
+            .collect()
+    }
+
+    /// Ids of the AMIs this account owns whose tag `key` has `value`, as moto sees them.
+    pub async fn images_tagged(&self, key: &str, value: &str) -> BTreeSet<String> {
+        self.ec2()
+            .await
+            .describe_images()
+            .owners("self")
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("describe images in moto")
+            .images()
+            .iter()
+            .filter_map(|i| i.image_id().map(String::from))
             .collect()
     }
 

@@ -262,6 +262,32 @@ const CLAIM: &str = "UPDATE jobs SET state = 'running', lease_owner = ?1, lease_
      WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_claim \
                   WHERE state = 'queued' AND run_after <= ?3 ORDER BY run_after, id LIMIT ?4)";
 
+/// The `GET /v1/jobs` query for these filters (bind order: state, action, since + its id bound,
+/// until + its id bound, cursor, limit).
+fn list_sql(q: &ListQuery) -> String {
+    let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE 1 = 1");
+    if q.state.is_some() {
+        sql.push_str(" AND state = ?");
+    }
+    if q.action.is_some() {
+        sql.push_str(" AND action = ?");
+    }
+    // Ids are ULIDs of the creation time: a time window is also an id range, which lets the
+    // primary key find it instead of scanning every newer job for `created_at` (a second of
+    // slack covers the id and created_at being read from the clock apart).
+    if q.since_ms.is_some() {
+        sql.push_str(" AND created_at >= ? AND id >= ?");
+    }
+    if q.until_ms.is_some() {
+        sql.push_str(" AND created_at < ? AND id < ?");
+    }
+    if q.before_id.is_some() {
+        sql.push_str(" AND id < ?");
+    }
+    sql.push_str(" ORDER BY id DESC LIMIT ?");
+    sql
+}
+
 /// The smallest ULID of a millisecond (ids of jobs created at or after it sort at or after it).
 fn id_bound(ms: i64) -> String {
     ulid::Ulid::from_parts(ms.max(0) as u64, 0).to_string()
@@ -446,26 +472,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE 1 = 1");
-        if q.state.is_some() {
-            sql.push_str(" AND state = ?");
-        }
-        if q.action.is_some() {
-            sql.push_str(" AND action = ?");
-        }
-        // Ids are ULIDs of the creation time: a time window is also an id range, which lets the
-        // primary key find it instead of scanning every newer job for `created_at` (a second of
-        // slack covers the id and created_at being read from the clock apart).
-        if q.since_ms.is_some() {
-            sql.push_str(" AND created_at >= ? AND id >= ?");
-        }
-        if q.until_ms.is_some() {
-            sql.push_str(" AND created_at < ? AND id < ?");
-        }
-        if q.before_id.is_some() {
-            sql.push_str(" AND id < ?");
-        }
-        sql.push_str(" ORDER BY id DESC LIMIT ?");
+        let sql = list_sql(&q);
         let mut query = sqlx::query(&sql);
         if let Some(s) = q.state {
             query = query.bind(s.as_str());

@@ -428,20 +428,22 @@ async fn time_windows_are_id_ranges() {
         .unwrap();
     let got: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
-    let plan: Vec<String> = sqlx::query(
-        "EXPLAIN QUERY PLAN SELECT id FROM jobs WHERE 1 = 1 AND created_at >= ? AND id >= ? \
-         AND created_at < ? AND id < ? ORDER BY id DESC LIMIT ?",
-    )
-    .bind(0i64)
-    .bind("0")
-    .bind(1i64)
-    .bind("1")
-    .bind(10i64)
-    .fetch_all(&f.store.pool)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get::<String, _>("detail"))
-    .collect();
+    let window = ListQuery {
+        since_ms: Some(0),
+        until_ms: Some(1),
+        ..Default::default()
+    };
+    let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", list_sql(&window)))
+        .bind(0i64)
+        .bind("0")
+        .bind(1i64)
+        .bind("1")
+        .bind(10i64)
+        .fetch_all(&f.store.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>("detail"))
+        .collect();
     assert!(plan.iter().any(|p| p.contains("id>? AND id<?")), "{plan:?}");
 }
