@@ -2,6 +2,8 @@
 //! real moto server as the EC2 endpoint.
 
 mod common;
+#[path = "api/hardening.rs"]
+mod hardening;
 
 use std::time::Duration;
 

@@ -2,13 +2,11 @@
 //! the daemon until SIGTERM/SIGINT.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::middleware;
 use axum::Router;
 use ec2jobd_ec2::{AccountConfig, Ec2Pool};
 use ec2jobd_spec::{Clock, SystemClock};
@@ -64,25 +62,6 @@ pub fn init_tracing(cfg: &Config) {
     };
 }
 
-async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    // A submission held with `?wait=` gets that much longer (the handler checks the value).
-    let held = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("wait=")))
-        .and_then(|v| humantime::parse_duration(&v.replace("%20", " ")).ok())
-        .map(|d| d.min(crate::routes::jobs::MAX_WAIT))
-        .unwrap_or_default();
-    match tokio::time::timeout(limit + held, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => axum::response::IntoResponse::into_response(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "the request took longer than http.request_timeout",
-        )),
-    }
-}
-
 async fn not_found() -> ApiError {
     ApiError::not_found("such route")
 }
@@ -116,7 +95,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.http.body_limit))
         .layer(CompressionLayer::new())
-        .layer(middleware::from_fn_with_state(limit, deadline))
+        .layer(middleware::from_fn_with_state(limit, crate::deadline::enforce))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -234,6 +213,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     runner.on_finished(Arc::new(move |job| notifier.job_finished(job)));
     survive_file_size_limit();
+    let nofile = crate::listener::raise_fd_limit();
+    if nofile.is_some_and(|n| (n as usize) < cfg.http.max_connections + 256) {
+        tracing::warn!(
+            open_files = nofile,
+            max_connections = cfg.http.max_connections,
+            "the open-files limit leaves little room beside http.max_connections; raise it (LimitNOFILE, ulimit -n) or lower the cap"
+        );
+    }
     let workers = runner.start(shutdown.clone());
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -243,8 +230,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    let limits = crate::listener::Limits {
+        max_connections: cfg.http.max_connections,
+        header_read_timeout: cfg.http.header_read_timeout.0,
+        idle_timeout: cfg.http.idle_timeout.0,
+        drain: cfg.shutdown_grace.0,
+    };
+    crate::listener::serve(listener, router(state), limits, shutdown.clone())
         .await
         .context("HTTP server")?;
     workers.await.ok();

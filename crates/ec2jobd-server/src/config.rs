@@ -334,6 +334,12 @@ pub struct HttpSection {
     pub body_limit: usize,
     /// SSE keep-alive interval.
     pub sse_keepalive: Dur,
+    /// Most open connections; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Longest a request's head may take to arrive (slow clients are closed).
+    pub header_read_timeout: Dur,
+    /// A connection with no request in flight and nothing sent either way for this long is closed.
+    pub idle_timeout: Dur,
 }
 
 /// `[log]`.
@@ -587,6 +593,15 @@ impl Config {
                 };
                 bail!("config key `{key}`: {msg}");
             }
+        }
+        if self.http.max_connections == 0 {
+            bail!("config key `http.max_connections`: at least 1");
+        }
+        if self.http.header_read_timeout.0.is_zero() {
+            bail!("config key `http.header_read_timeout`: must be more than 0");
+        }
+        if self.http.idle_timeout.0 <= self.http.sse_keepalive.0 {
+            bail!("config key `http.idle_timeout`: must be longer than `http.sse_keepalive`, or event streams are cut");
         }
         if self.http.body_limit < 1024 {
             bail!("config key `http.body_limit`: at least 1024 bytes");

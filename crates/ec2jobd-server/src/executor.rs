@@ -38,6 +38,10 @@ pub const JOB_TAG: &str = "ec2jobd:job-id";
 /// snapshot more than once; a resumed step must find only its own).
 pub const STEP_TAG: &str = "ec2jobd:step";
 
+/// Most bytes a rendered backup name or description may have before it is cut to EC2's limits
+/// (AMI names 128, descriptions 255): a bound on work, not the final length.
+const NAME_BUDGET: usize = 4096;
+
 /// The tags marking what this job (and step) creates.
 fn made_by(ctx: &ExecCtx) -> BTreeMap<String, String> {
     let mut t = BTreeMap::from([(JOB_TAG.to_string(), ctx.job.id.clone())]);

@@ -29,6 +29,7 @@ pub struct Metrics {
     retried: Family<Labels, Counter>,
     status_rounds: Counter,
     status_round_instances: Gauge,
+    sns_refused: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,7 +112,14 @@ impl Metrics {
             "Instances asked about in the latest status round (instances jobs are waiting on)",
             status_round_instances.clone(),
         );
+        let sns_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "sns_refused",
+            "SNS deliveries refused (403), by kind (`topic`, `cert_url`, `signature`, `stale`, …)",
+            sns_refused.clone(),
+        );
         Self {
+            sns_refused,
             registry,
             attempts,
             retried,
@@ -138,6 +146,13 @@ impl Metrics {
                 self.queue_depth.set(*n);
             }
         }
+    }
+
+    /// An SNS delivery was refused.
+    pub fn sns_refused(&self, code: &str) {
+        self.sns_refused
+            .get_or_create(&vec![("code".into(), code.into())])
+            .inc();
     }
 
     /// A job was accepted.

@@ -11,10 +11,32 @@ fn or_dash(v: Option<&str>) -> &str {
     v.filter(|s| !s.is_empty()).unwrap_or("-")
 }
 
-/// Columns padded to the widest cell, two spaces apart.
+/// Text from EC2 or a user (a Name tag, an error message) on one line: control characters (a
+/// newline, a carriage return, an escape sequence) are written as escapes, so no value can forge a
+/// line of the report or of the e-mail it becomes.
+fn one_line(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Columns padded to the widest cell, two spaces apart; cells are made [`one_line`].
 fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| one_line(c)).collect())
+        .collect();
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             w[i] = w[i].max(c.chars().count());
         }
@@ -28,7 +50,7 @@ fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
         format!("  {}\n", s.join("  ").trim_end())
     };
     out.push_str(&line(head.to_vec()));
-    for r in rows {
+    for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
 }
@@ -248,13 +270,51 @@ pub fn render(job: &Job) -> String {
     let _ = writeln!(
         out,
         "  {}",
-        r.summary.as_deref().unwrap_or("(no summary yet)")
+        one_line(r.summary.as_deref().unwrap_or("(no summary yet)"))
     );
     if let Some(e) = &job.error {
-        let _ = writeln!(out, "  Error {}: {}", e.code, e.message);
+        let _ = writeln!(
+            out,
+            "  Error {}: {}",
+            one_line(&e.code),
+            one_line(&e.message)
+        );
         if let Some(rid) = &e.request_id {
             let _ = writeln!(out, "  AWS request id {rid}");
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_cannot_forge_lines() {
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "id": "01KBX0000000000000000000AA", "state": "failed", "action": "stop_instances",
+            "spec": {"action": "stop_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}},
+            "created_at": "2026-12-02T00:00:00Z", "started_at": null, "finished_at": null,
+            "attempts": 1, "max_attempts": 3, "cancel_requested": false, "progress": {},
+            "error": {"code": "X", "message": "bad\nSummary\n  all fine"},
+            "results": {"instances": [{"instance_id": "i-0123456789abcdef0", "state": "stopped",
+                "name": "web\n  i-0fake  forged -> running\r\x1b[2J"}]}
+        }))
+        .expect("a job");
+        let text = render(&job);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines
+                .iter()
+                .all(|l| !l.contains("forged") || l.contains("web\\n")),
+            "{text}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l.trim() == "Summary").count(),
+            1,
+            "{text}"
+        );
+        assert!(!text.contains('\r') && !text.contains('\x1b'), "{text}");
+    }
 }

@@ -363,6 +363,15 @@ pub struct Job {
     pub progress: Progress,
 }
 
+impl Job {
+    /// The job as shown to API clients and published: secrets in its spec redacted
+    /// ([`JobSpec::redact_secrets`]).
+    pub fn redacted(mut self) -> Job {
+        self.spec.redact_secrets();
+        self
+    }
+}
+
 /// Event kinds after which a job's event stream ends.
 pub const TERMINAL_EVENT_KINDS: &[&str] = &["succeeded", "failed", "cancelled"];
 

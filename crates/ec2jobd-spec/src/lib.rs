@@ -8,6 +8,7 @@
 
 mod clock;
 mod job;
+pub mod placeholders;
 mod role;
 mod spec;
 
@@ -18,6 +19,6 @@ pub use job::{
 };
 pub use role::Role;
 pub use spec::{
-    parse_duration, Action, Amount, Filter, IdList, JobSpec, Notify, Rate, SpecError, Step, TagSet,
-    Targets, WaitSpec, WaitUntil,
+    parse_duration, Action, Amount, BackupNaming, Filter, IdList, JobSpec, Notify, Rate, SpecError,
+    Step, TagSet, Targets, WaitSpec, WaitUntil,
 };

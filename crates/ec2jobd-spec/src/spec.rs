@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::placeholders;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
@@ -746,30 +747,65 @@ pub const TEMPLATE_FIELDS: &[&str] = &[
 ];
 
 fn check_template(field: &str, t: &str) -> Result<(), SpecError> {
-    let mut rest = t;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let close = after.find('}').ok_or_else(|| {
-            SpecError::new(field, "invalid_param", "unclosed `{` in the template")
-        })?;
-        let name = &after[..close];
+    let syntax = placeholders::Syntax::Braces;
+    let err = |e: placeholders::RenderError| SpecError::new(field, "invalid_param", e.to_string());
+    for name in placeholders::names(t, syntax).map_err(err)? {
         if !TEMPLATE_FIELDS.contains(&name) {
-            return Err(SpecError::new(
-                field,
-                "invalid_param",
-                format!(
-                    "unknown placeholder `{{{name}}}` (use {})",
-                    TEMPLATE_FIELDS
-                        .iter()
-                        .map(|f| format!("{{{f}}}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
+            return Err(err(placeholders::RenderError::unknown(
+                name,
+                TEMPLATE_FIELDS,
+                syntax,
+            )));
         }
-        rest = &after[close + 1..];
     }
     Ok(())
+}
+
+/// The values a backup name or description template ([`TEMPLATE_FIELDS`]) is filled with.
+#[derive(Debug, Clone)]
+pub struct BackupNaming<'a> {
+    /// The instance's Name tag (empty when it has none).
+    pub name: &'a str,
+    /// The instance (`-` for a volume targeted on its own).
+    pub instance_id: &'a str,
+    /// The volume (empty for an AMI).
+    pub volume_id: &'a str,
+    /// The device name (`-` when unknown, empty for an AMI).
+    pub device: &'a str,
+    /// The job.
+    pub job_id: &'a str,
+    /// The rotation group.
+    pub group: &'a str,
+    /// The job's start, so a resumed attempt renders the same.
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+impl BackupNaming<'_> {
+    /// `t` filled in one pass (checked at submission, so an unknown placeholder is an error here
+    /// only for specs stored before the check); at most `limit` bytes.
+    pub fn render(&self, t: &str, limit: usize) -> Result<String, placeholders::RenderError> {
+        let syntax = placeholders::Syntax::Braces;
+        placeholders::render(t, syntax, &mut placeholders::Budget::new(limit), |n| {
+            Ok(match n {
+                "name" => self.name.into(),
+                "instance_id" => self.instance_id.into(),
+                "volume_id" => self.volume_id.into(),
+                "device" => self.device.into(),
+                "date" => self.at.format("%Y-%m-%d").to_string().into(),
+                "datetime" => self.at.format("%Y-%m-%dT%H:%M:%SZ").to_string().into(),
+                "timestamp" => self.at.format("%Y%m%d-%H%M%S").to_string().into(),
+                "job_id" => self.job_id.into(),
+                "group" => self.group.into(),
+                other => {
+                    return Err(placeholders::RenderError::unknown(
+                        other,
+                        TEMPLATE_FIELDS,
+                        syntax,
+                    ))
+                }
+            })
+        })
+    }
 }
 
 fn is_region(r: &str) -> bool {
@@ -783,7 +819,30 @@ fn is_name(s: &str, extra: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
+/// Params that are stored and used but never shown or published: user data often carries secrets.
+pub const SECRET_PARAMS: &[&str] = &["user_data"];
+
 impl JobSpec {
+    /// The spec as shown to API clients and published in notifications: every [`SECRET_PARAMS`]
+    /// value (in workflow steps too) replaced by `<redacted, sha256:…>`, so a viewer can tell two
+    /// values apart without reading either.
+    pub fn redact_secrets(&mut self) {
+        use sha2::Digest;
+        for key in SECRET_PARAMS {
+            if let Some(v) = self.params.get_mut(*key) {
+                let text = match &*v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+                *v = serde_json::Value::String(format!("<redacted, sha256:{digest}>"));
+            }
+        }
+        for step in self.steps.iter_mut().flatten() {
+            step.spec.redact_secrets();
+        }
+    }
+
     /// Checks every field and returns the canonical form that is stored and hashed for
     /// idempotency: ids deduplicated in order, durations re-rendered, wait defaults filled.
     pub fn normalize(mut self) -> Result<JobSpec, SpecError> {

@@ -201,6 +201,45 @@ pub struct NewDelivery {
     pub rule: Option<String>,
     /// The job it queued (or the earlier one, for a duplicate).
     pub job_id: Option<String>,
+    /// For a refusal: its kind (`topic`, `cert_url`, `signature`, …). Refusals of one kind to one
+    /// hook within [`REFUSAL_FOLD_MS`] are folded into one row with a count.
+    pub code: Option<String>,
+}
+
+/// Most bytes stored of any text of a delivery (ids, ARNs and reasons come from the caller).
+pub const DELIVERY_FIELD_MAX: usize = 256;
+
+/// Refusals of one kind to one hook within this many milliseconds share a row.
+pub const REFUSAL_FOLD_MS: i64 = 60_000;
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when cut.
+pub fn cut_text(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl NewDelivery {
+    /// Every text cut to [`DELIVERY_FIELD_MAX`] bytes: what every store records.
+    pub fn bounded(self) -> Self {
+        let cut = |s: Option<String>| s.map(|s| cut_text(&s, DELIVERY_FIELD_MAX));
+        Self {
+            hook: cut_text(&self.hook, DELIVERY_FIELD_MAX),
+            message_id: cut(self.message_id),
+            topic_arn: cut(self.topic_arn),
+            kind: cut(self.kind),
+            outcome: self.outcome,
+            reason: cut(self.reason),
+            rule: cut(self.rule),
+            job_id: self.job_id,
+            code: cut(self.code),
+        }
+    }
 }
 
 /// A recorded SNS delivery (`GET /v1/sns/deliveries`).
@@ -226,6 +265,13 @@ pub struct Delivery {
     pub rule: Option<String>,
     /// The job it queued.
     pub job_id: Option<String>,
+    /// For a refusal, its kind (`topic`, `cert_url`, `signature`, `stale`, …).
+    pub code: Option<String>,
+    /// How many deliveries this row stands for: refusals of one kind to one hook within a minute
+    /// are counted into the first one's row.
+    pub count: i64,
+    /// When the last delivery counted into this row arrived (folded refusals only).
+    pub last_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What a job's lease holder learns from a heartbeat.
@@ -298,7 +344,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_named(&self, kind: Named) -> Result<Vec<(String, serde_json::Value)>>;
     /// Deletes a named document; false when there was none.
     async fn delete_named(&self, kind: Named, name: &str) -> Result<bool>;
-    /// Records an SNS delivery.
+    /// Records an SNS delivery, cut by [`NewDelivery::bounded`]; a refusal (outcome `rejected`, with
+    /// a `code`) within [`REFUSAL_FOLD_MS`] of an earlier one of the same code to the same hook is
+    /// counted into that row instead.
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery>;
     /// The first delivery of `message_id` to `hook` that was acted on (accepted, no rule, confirmed).
     async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>>;

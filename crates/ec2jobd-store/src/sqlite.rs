@@ -34,7 +34,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use crate::{
     CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
-    NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo,
+    NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -119,6 +119,7 @@ impl SqliteStore {
             })
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(true);
+        create_private(connect.get_filename())?;
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .connect_with(connect.clone())
@@ -188,6 +189,36 @@ impl SqliteStore {
     fn announce(&self, job_id: &str) {
         let _ = self.events_tx.send(job_id.to_string());
     }
+}
+
+/// Creates the database file readable by its owner only (0600) when it does not exist yet; SQLite
+/// gives its WAL and shared-memory files the database file's permissions. An existing file keeps
+/// its permissions (an operator may have chosen them).
+fn create_private(path: &std::path::Path) -> Result<()> {
+    let name = path.to_string_lossy();
+    if name.is_empty() || name == ":memory:" || name.starts_with("file:") {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "creating database `{}`: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs one statement of the writer's own (BEGIN, COMMIT, ROLLBACK). Boxed with an explicit `Send`
@@ -1116,12 +1147,30 @@ impl Store for SqliteStore {
 
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
         let clock = self.clock.clone();
+        let d = d.bounded();
         self.write(move |conn| {
             Box::pin(async move {
                 let now = clock.now_ms();
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO sns_deliveries (at, hook, message_id, topic_arn, kind, outcome, reason, rule, job_id) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                if let (true, Some(code)) = (d.outcome == "rejected", &d.code) {
+                    let folded = sqlx::query(
+                        "UPDATE sns_deliveries SET count = count + 1, last_at = ?1 WHERE id = \
+                         (SELECT id FROM sns_deliveries INDEXED BY sns_deliveries_fold \
+                          WHERE hook = ?2 AND code = ?3 AND outcome = 'rejected' \
+                          ORDER BY id DESC LIMIT 1) AND at >= ?4 RETURNING *",
+                    )
+                    .bind(now)
+                    .bind(&d.hook)
+                    .bind(code)
+                    .bind(now - REFUSAL_FOLD_MS)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if let Some(row) = folded {
+                        return delivery_row(&row);
+                    }
+                }
+                let row = sqlx::query(
+                    "INSERT INTO sns_deliveries (at, hook, message_id, topic_arn, kind, outcome, reason, rule, job_id, code) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 )
                 .bind(now)
                 .bind(&d.hook)
@@ -1132,20 +1181,10 @@ impl Store for SqliteStore {
                 .bind(&d.reason)
                 .bind(&d.rule)
                 .bind(&d.job_id)
+                .bind(&d.code)
                 .fetch_one(conn)
                 .await?;
-                Ok(Delivery {
-                    id,
-                    at: ts(now),
-                    hook: d.hook,
-                    message_id: d.message_id,
-                    topic_arn: d.topic_arn,
-                    kind: d.kind,
-                    outcome: d.outcome,
-                    reason: d.reason,
-                    rule: d.rule,
-                    job_id: d.job_id,
-                })
+                delivery_row(&row)
             })
         })
         .await
@@ -1194,6 +1233,9 @@ fn delivery_row(r: &sqlx::sqlite::SqliteRow) -> Result<Delivery> {
         reason: r.try_get("reason")?,
         rule: r.try_get("rule")?,
         job_id: r.try_get("job_id")?,
+        code: r.try_get("code")?,
+        count: r.try_get("count")?,
+        last_at: r.try_get::<Option<i64>, _>("last_at")?.map(ts),
     })
 }
 

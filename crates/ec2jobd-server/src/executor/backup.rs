@@ -53,8 +53,8 @@ fn filters_for_tags(tags: &BTreeMap<String, String>) -> Filters {
         .collect()
 }
 
-/// Fills the description template (`{name}`, `{instance_id}`, `{volume_id}`, `{device}`, `{date}`,
-/// `{datetime}`, `{job_id}`, `{group}`); EC2 takes at most 255 characters.
+/// Fills the description template (placeholders of [`ec2jobd_spec::BackupNaming`], checked at
+/// submission); EC2 takes at most 255 characters.
 fn describe_template(
     t: &str,
     src: &Source,
@@ -63,18 +63,17 @@ fn describe_template(
     at: chrono::DateTime<chrono::Utc>,
 ) -> String {
     let inst = src.instance.as_ref();
-    let s = t
-        .replace("{name}", inst.and_then(|i| i.name.as_deref()).unwrap_or(""))
-        .replace(
-            "{instance_id}",
-            inst.map(|i| i.instance_id.as_str()).unwrap_or("-"),
-        )
-        .replace("{volume_id}", &src.volume.volume_id)
-        .replace("{device}", src.device.as_deref().unwrap_or("-"))
-        .replace("{date}", &at.format("%Y-%m-%d").to_string())
-        .replace("{datetime}", &at.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .replace("{job_id}", job_id)
-        .replace("{group}", group);
+    let s = ec2jobd_spec::BackupNaming {
+        name: inst.and_then(|i| i.name.as_deref()).unwrap_or(""),
+        instance_id: inst.map(|i| i.instance_id.as_str()).unwrap_or("-"),
+        volume_id: &src.volume.volume_id,
+        device: src.device.as_deref().unwrap_or("-"),
+        job_id,
+        group,
+        at,
+    }
+    .render(t, super::NAME_BUDGET)
+    .unwrap_or_else(|_| t.to_string());
     let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
     s.chars().take(255).collect()
 }

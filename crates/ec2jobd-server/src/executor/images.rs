@@ -81,6 +81,8 @@ fn ami_name(s: &str) -> String {
     }
 }
 
+/// Fills an AMI name or description template (placeholders of [`ec2jobd_spec::BackupNaming`],
+/// checked at submission).
 fn fill(
     t: &str,
     inst: &InstanceResult,
@@ -88,15 +90,17 @@ fn fill(
     group: &str,
     at: chrono::DateTime<chrono::Utc>,
 ) -> String {
-    t.replace("{name}", inst.name.as_deref().unwrap_or(""))
-        .replace("{instance_id}", &inst.instance_id)
-        .replace("{volume_id}", "")
-        .replace("{device}", "")
-        .replace("{date}", &at.format("%Y-%m-%d").to_string())
-        .replace("{datetime}", &at.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .replace("{timestamp}", &at.format("%Y%m%d-%H%M%S").to_string())
-        .replace("{job_id}", job_id)
-        .replace("{group}", group)
+    ec2jobd_spec::BackupNaming {
+        name: inst.name.as_deref().unwrap_or(""),
+        instance_id: &inst.instance_id,
+        volume_id: "",
+        device: "",
+        job_id,
+        group,
+        at,
+    }
+    .render(t, super::NAME_BUDGET)
+    .unwrap_or_else(|_| t.to_string())
 }
 
 fn state_failure(code: &str, message: String, results: &JobResults) -> ExecError {

@@ -22,6 +22,7 @@ use tokio_stream::StreamExt;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
+use crate::deadline::Deadline;
 use crate::error::{ApiError, Problem};
 use crate::state::AppState;
 
@@ -257,28 +258,35 @@ fn fill_account(state: &AppState, spec: &mut JobSpec, prefix: &str) -> Result<()
 pub async fn submit(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    let wait = wait_param(query)?;
     require_json(&headers)?;
     let body = body.map_err(body_error)?;
     let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
-    enqueue_and_answer(&state, &headers, query, spec).await
+    enqueue_and_answer(&state, &headers, &deadline, wait, spec).await
 }
 
-/// Queues a resolved spec (honouring `Idempotency-Key` and `?wait=`) and answers as `POST /v1/jobs`
-/// does; template runs answer the same way.
+/// Queues a resolved spec (honouring `Idempotency-Key` and the `wait` from [`wait_param`]) and
+/// answers as `POST /v1/jobs` does; template runs answer the same way. Once the enqueue starts, the
+/// request is never answered with the deadline's 503: a job that may be stored is answered with it.
 pub async fn enqueue_and_answer(
     state: &AppState,
     headers: &HeaderMap,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    deadline: &Deadline,
+    wait: Option<Duration>,
     spec: JobSpec,
 ) -> Result<Response, ApiError> {
-    let wait = wait_param(query)?;
     let key = idempotency_key(headers)?;
     admit(state).await?;
+    if let Some(w) = wait {
+        deadline.extend(w);
+    }
+    deadline.committing();
     let (created, job) = match state.store.enqueue(new_job(state, spec, key)).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
@@ -287,7 +295,11 @@ pub async fn enqueue_and_answer(
         Enqueued::Replayed(j) => (false, j),
     };
     let job = match wait {
-        Some(w) => wait_for_end(state, job, w).await?,
+        // Held no later than the deadline would have been.
+        Some(w) => {
+            let until = (tokio::time::Instant::now() + w).min(deadline.at());
+            wait_for_end(state, job, until).await
+        }
         None => job,
     };
     let status = match (created, job.state.is_terminal() && wait.is_some()) {
@@ -295,7 +307,12 @@ pub async fn enqueue_and_answer(
         (true, false) => StatusCode::ACCEPTED,
         (false, _) => StatusCode::OK,
     };
-    Ok((status, [(header::LOCATION, location(&job.id))], Json(job)).into_response())
+    Ok((
+        status,
+        [(header::LOCATION, location(&job.id))],
+        Json(job.redacted()),
+    )
+        .into_response())
 }
 
 /// Refuses a submission with 429 (and Retry-After) when `queue.max_queued` jobs are waiting.
@@ -318,8 +335,9 @@ pub async fn admit(state: &AppState) -> Result<(), ApiError> {
 /// Most a submission may be held with `?wait=`.
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
-/// The `wait` query parameter (the only one `POST /v1/jobs` takes).
-fn wait_param(
+/// The `wait` query parameter (the only one `POST /v1/jobs` and template runs take), parsed once by
+/// the handler; given twice it is refused.
+pub fn wait_param(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Option<Duration>, ApiError> {
     let Query(params) =
@@ -333,6 +351,13 @@ fn wait_param(
                 format!("unknown query parameter `{k}` (wait)"),
             ));
         }
+        if wait.is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_wait",
+                "wait",
+                "`wait` is given more than once",
+            ));
+        }
         let d = ec2jobd_spec::parse_duration(&v)
             .map_err(|m| ApiError::bad_request("invalid_wait", "wait", m))?;
         if d > MAX_WAIT {
@@ -343,15 +368,16 @@ fn wait_param(
     Ok(wait)
 }
 
-/// Holds until the job ends or `wait` passes, woken by the store's change notices (and re-reading
-/// every second in case another process ran it).
-async fn wait_for_end(state: &AppState, job: Job, wait: Duration) -> Result<Job, ApiError> {
+/// Holds until the job ends or `until` passes, woken by the store's change notices (and re-reading
+/// every second in case another process ran it). The job is stored: a failed re-read answers with
+/// what is known rather than an error.
+async fn wait_for_end(state: &AppState, job: Job, until: tokio::time::Instant) -> Job {
     let mut rx = state.store.subscribe();
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = until;
     let mut job = job;
     loop {
         if job.state.is_terminal() {
-            return Ok(job);
+            return job;
         }
         let tick = tokio::time::sleep(Duration::from_secs(1));
         tokio::pin!(tick);
@@ -362,11 +388,11 @@ async fn wait_for_end(state: &AppState, job: Job, wait: Duration) -> Result<Job,
                     _ => break,
                 },
                 _ = &mut tick => break,
-                _ = tokio::time::sleep_until(deadline) => return Ok(job),
-                _ = state.shutdown.cancelled() => return Ok(job),
+                _ = tokio::time::sleep_until(deadline) => return job,
+                _ = state.shutdown.cancelled() => return job,
             }
         }
-        if let Some(j) = state.store.get(&job.id).await? {
+        if let Ok(Some(j)) = state.store.get(&job.id).await {
             job = j;
         }
     }
@@ -470,7 +496,7 @@ pub async fn list(
     }
     let page = state.store.list(q).await?;
     Ok(Json(JobPage {
-        jobs: page.jobs,
+        jobs: page.jobs.into_iter().map(Job::redacted).collect(),
         next_cursor: page.next_cursor,
     }))
 }
@@ -493,7 +519,7 @@ pub async fn get_job(
         .get(&id)
         .await?
         .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
-    Ok(Json(job))
+    Ok(Json(job.redacted()))
 }
 
 /// Cancel a job.
@@ -520,10 +546,12 @@ pub async fn cancel(
     caller.require(Role::Operator)?;
     match state.store.cancel(&id).await? {
         None => Err(ApiError::not_found(&format!("job `{id}`"))),
-        Some(CancelOutcome::Cancelled(j)) => Ok((StatusCode::OK, Json(j)).into_response()),
+        Some(CancelOutcome::Cancelled(j)) => {
+            Ok((StatusCode::OK, Json(j.redacted())).into_response())
+        }
         Some(CancelOutcome::Requested(j)) => {
             state.runner.cancel_local(&id);
-            Ok((StatusCode::ACCEPTED, Json(j)).into_response())
+            Ok((StatusCode::ACCEPTED, Json(j.redacted())).into_response())
         }
         Some(CancelOutcome::AlreadyFinished(j)) => Err(ApiError::new(
             StatusCode::CONFLICT,

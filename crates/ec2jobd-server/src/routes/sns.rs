@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use ec2jobd_spec::Role;
-use ec2jobd_store::{Delivery, Enqueued, Named, NewDelivery};
+use ec2jobd_store::{cut_text, Delivery, Enqueued, Named, NewDelivery, DELIVERY_FIELD_MAX};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -236,8 +236,23 @@ fn answer(outcome: &str, job_id: Option<String>) -> Response {
     .into_response()
 }
 
-fn forbidden(detail: String) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "sns_rejected", detail)
+/// Records a refusal (cut and folded by the store, counted in metrics, logged with its text
+/// escaped so a caller's newlines cannot forge log lines) and answers 403. A failure to record it
+/// answers as the store's error.
+async fn refuse(state: &AppState, d: NewDelivery, code: &'static str, reason: String) -> ApiError {
+    let reason = cut_text(&reason, DELIVERY_FIELD_MAX);
+    tracing::warn!(hook = ?d.hook, code, reason = ?reason, "SNS delivery refused");
+    state.metrics.sns_refused(code);
+    let d = NewDelivery {
+        outcome: "rejected".into(),
+        reason: Some(reason.clone()),
+        code: Some(code.into()),
+        ..d
+    };
+    match record(state, d).await {
+        Ok(()) => ApiError::new(StatusCode::FORBIDDEN, "sns_rejected", reason),
+        Err(e) => e,
+    }
 }
 
 /// Receive an SNS delivery (Notification, SubscriptionConfirmation, UnsubscribeConfirmation).
@@ -293,23 +308,21 @@ pub async fn deliver(
     {
         Ok(m) => m,
         Err(r) => {
-            tracing::warn!(hook, reason = %r, "SNS delivery refused");
             let raw: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).map(String::from);
-            record(
+            return Err(refuse(
                 &state,
                 NewDelivery {
                     hook: hook.clone(),
                     message_id: s("MessageId"),
                     topic_arn: s("TopicArn"),
                     kind: s("Type"),
-                    outcome: "rejected".into(),
-                    reason: Some(r.to_string()),
                     ..Default::default()
                 },
+                r.code(),
+                r.to_string(),
             )
-            .await?;
-            return Err(forbidden(r.to_string()));
+            .await);
         }
     };
     // The type is the signed field; the header only has to agree with it.
@@ -322,16 +335,7 @@ pub async fn deliver(
                 "x-amz-sns-message-type `{t}` disagrees with the signed Type `{}`",
                 m.kind
             );
-            record(
-                &state,
-                NewDelivery {
-                    outcome: "rejected".into(),
-                    reason: Some(reason.clone()),
-                    ..base(&hook, &m)
-                },
-            )
-            .await?;
-            return Err(forbidden(reason));
+            return Err(refuse(&state, base(&hook, &m), "type_header", reason).await);
         }
     }
     match m.kind.as_str() {

@@ -7,6 +7,7 @@
 //! saved (every placeholder declared, types known, and — when every parameter has a default — the
 //! rendered spec is a valid job) and again with the values on run.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
@@ -16,6 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use ec2jobd_spec::placeholders::{self, Budget, RenderError, Syntax};
 use ec2jobd_spec::{JobSpec, Role};
 use ec2jobd_store::Named;
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
+use crate::deadline::Deadline;
 use crate::error::{ApiError, Problem};
 use crate::routes::jobs::{parse_json, require_json, resolve_spec};
 use crate::state::AppState;
@@ -105,57 +108,37 @@ fn type_ok(kind: ParamType, v: &Value) -> bool {
     }
 }
 
-/// Every `${name}` in the template's strings.
-fn placeholders(v: &Value, out: &mut Vec<String>) {
-    match v {
-        Value::String(s) => {
-            let mut rest = s.as_str();
-            while let Some(i) = rest.find("${") {
-                let after = &rest[i + 2..];
-                match after.find('}') {
-                    Some(j) => {
-                        out.push(after[..j].to_string());
-                        rest = &after[j + 1..];
-                    }
-                    None => {
-                        out.push(after.to_string());
-                        break;
-                    }
-                }
-            }
+/// The template's spec with these values, in one pass ([`placeholders`]): a string that is exactly
+/// `${p}` becomes the value with its type, elsewhere the value goes in as text; values are never
+/// scanned again. The result may be at most `limit` bytes (as a submitted body), else 422.
+fn render(v: &Value, values: &BTreeMap<String, Value>, limit: usize) -> Result<Value, ApiError> {
+    let syntax = Syntax::Dollar;
+    let whole = |name: &str| values.get(name);
+    let mut text = |name: &str| -> Result<Cow<'_, str>, RenderError> {
+        match values.get(name) {
+            Some(Value::String(t)) => Ok(Cow::Borrowed(t.as_str())),
+            Some(other) => Ok(Cow::Owned(other.to_string())),
+            None => Err(RenderError::Missing(name.to_string())),
         }
-        Value::Array(a) => a.iter().for_each(|x| placeholders(x, out)),
-        Value::Object(m) => m.values().for_each(|x| placeholders(x, out)),
-        _ => {}
-    }
-}
-
-fn render(v: &Value, values: &BTreeMap<String, Value>) -> Value {
-    match v {
-        Value::String(s) => {
-            if let Some(name) = s.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
-                if let Some(val) = values.get(name) {
-                    return val.clone();
-                }
+    };
+    let out = placeholders::render_json(v, syntax, &mut Budget::new(limit), &whole, &mut text)
+        .map_err(|e| match e {
+            RenderError::TooLarge(_) => {
+                unprocessable("spec_too_large", "parameters", e.to_string())
             }
-            let mut out = s.clone();
-            for (k, val) in values {
-                let text = match val {
-                    Value::String(t) => t.clone(),
-                    other => other.to_string(),
-                };
-                out = out.replace(&format!("${{{k}}}"), &text);
-            }
-            Value::String(out)
-        }
-        Value::Array(a) => Value::Array(a.iter().map(|x| render(x, values)).collect()),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, x)| (k.clone(), render(x, values)))
-                .collect(),
-        ),
-        other => other.clone(),
+            e => unprocessable("invalid_template", "spec", e.to_string()),
+        })?;
+    let size = serde_json::to_vec(&out)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
+    if size > limit {
+        return Err(unprocessable(
+            "spec_too_large",
+            "parameters",
+            format!("the rendered spec would be larger than {limit} bytes"),
+        ));
     }
+    Ok(out)
 }
 
 impl Template {
@@ -190,7 +173,8 @@ impl Template {
             }
         }
         let mut used = Vec::new();
-        placeholders(&self.spec, &mut used);
+        placeholders::json_names(&self.spec, Syntax::Dollar, &mut used)
+            .map_err(|e| unprocessable("invalid_template", "spec", e.to_string()))?;
         for p in &used {
             if !self.parameters.contains_key(p) {
                 return Err(unprocessable(
@@ -250,7 +234,8 @@ impl Template {
             }
             values.insert(name.clone(), v.clone());
         }
-        let spec: JobSpec = serde_json::from_value(render(&self.spec, &values))
+        let rendered = render(&self.spec, &values, state.config.http.body_limit)?;
+        let spec: JobSpec = serde_json::from_value(rendered)
             .map_err(|e| unprocessable("invalid_spec", "spec", e.to_string()))?;
         resolve_spec(state, spec).map_err(|mut e| {
             e.field = Some(format!("spec.{}", e.field.unwrap_or_default()));
@@ -399,12 +384,14 @@ pub async fn delete(
 pub async fn run(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     Path(name): Path<String>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    let wait = crate::routes::jobs::wait_param(query)?;
     let template = load(&state, &name).await?;
     let given: RunBody = if body.is_empty() {
         RunBody::default()
@@ -413,6 +400,5 @@ pub async fn run(
         parse_json(&body)?
     };
     let spec = template.spec_for(&state, &given.parameters)?;
-    let r = crate::routes::jobs::enqueue_and_answer(&state, &headers, query, spec).await?;
-    Ok(r)
+    crate::routes::jobs::enqueue_and_answer(&state, &headers, &deadline, wait, spec).await
 }

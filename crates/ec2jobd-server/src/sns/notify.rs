@@ -127,7 +127,7 @@ impl Notifier {
             .subject
             .clone()
             .unwrap_or_else(|| format!("ec2jobd {} {}", job.action, job.state));
-        let mut job_doc = serde_json::to_value(job).unwrap_or_default();
+        let mut job_doc = serde_json::to_value(job.clone().redacted()).unwrap_or_default();
         if job_doc.to_string().len() > MAX_JOB_JSON {
             job_doc = json!({"id": job.id, "state": job.state, "action": job.action,
                 "error": job.error, "summary": job.results.summary, "truncated": true});

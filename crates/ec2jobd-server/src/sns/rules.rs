@@ -9,8 +9,10 @@
 //! Rules are checked when loaded by rendering them against a sample message: a template that cannot
 //! render or does not make a valid job is refused then, not when an alarm fires.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use ec2jobd_spec::placeholders::{self, Budget, RenderError, Syntax};
 use ec2jobd_spec::JobSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -25,6 +27,9 @@ pub const PLACEHOLDERS: &[&str] = &[
     "account_id",
     "state",
 ];
+
+/// Most bytes a rule's rendered job may have (as a submitted body by default).
+const MAX_RENDERED: usize = 64 * 1024;
 
 /// One rule (config `[[sns.hooks.<name>.rules]]` or the hooks API).
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema, PartialEq)]
@@ -250,48 +255,27 @@ impl Rule {
     }
 }
 
+/// Every string of `v` filled from the message in one pass ([`placeholders`]); the rendered job may
+/// be at most [`MAX_RENDERED`] bytes.
 fn fill(v: &Value, values: &BTreeMap<&str, Option<&str>>) -> Result<Value, String> {
-    Ok(match v {
-        Value::String(s) => {
-            let mut out = String::new();
-            let mut rest = s.as_str();
-            while let Some(open) = rest.find('{') {
-                out.push_str(&rest[..open]);
-                let after = &rest[open + 1..];
-                let close = after
-                    .find('}')
-                    .ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
-                let name = &after[..close];
-                match values.get(name) {
-                    Some(Some(val)) => out.push_str(val),
-                    Some(None) => return Err(format!("the message has no value for `{{{name}}}`")),
-                    None => {
-                        return Err(format!(
-                            "unknown placeholder `{{{name}}}` (use {})",
-                            PLACEHOLDERS
-                                .iter()
-                                .map(|p| format!("{{{p}}}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ))
-                    }
-                }
-                rest = &after[close + 1..];
-            }
-            out.push_str(rest);
-            Value::String(out)
+    let syntax = Syntax::Braces;
+    let mut text = |name: &str| -> Result<Cow<'_, str>, RenderError> {
+        match values.get(name) {
+            Some(Some(val)) => Ok(Cow::Owned(val.to_string())),
+            Some(None) => Err(RenderError::Missing(format!("{{{name}}}"))),
+            None => Err(RenderError::unknown(name, PLACEHOLDERS, syntax)),
         }
-        Value::Array(a) => Value::Array(
-            a.iter()
-                .map(|x| fill(x, values))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, x)| Ok((k.clone(), fill(x, values)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        other => other.clone(),
+    };
+    placeholders::render_json(
+        v,
+        syntax,
+        &mut Budget::new(MAX_RENDERED),
+        &|_| None,
+        &mut text,
+    )
+    .map_err(|e| match e {
+        RenderError::Missing(name) => format!("the message has no value for `{name}`"),
+        e => e.to_string(),
     })
 }
 

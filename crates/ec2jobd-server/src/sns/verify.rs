@@ -85,6 +85,21 @@ pub enum Rejection {
     Signature,
 }
 
+impl Rejection {
+    /// The kind of refusal, for metrics and for folding repeated refusals in the delivery log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::Malformed(_) => "malformed",
+            Rejection::UnknownType(_) => "unknown_type",
+            Rejection::Topic(_) => "topic",
+            Rejection::CertUrl(_) => "cert_url",
+            Rejection::Stale(_) => "stale",
+            Rejection::Cert(_) => "cert",
+            Rejection::Signature => "signature",
+        }
+    }
+}
+
 /// The exact certificate URL shape SNS uses; returns the file name.
 pub fn check_cert_url(url: &str) -> Result<&str, Rejection> {
     let bad = || Rejection::CertUrl(url.to_string());
@@ -93,18 +108,14 @@ pub fn check_cert_url(url: &str) -> Result<&str, Rejection> {
         return Err(bad());
     }
     let (host, path) = rest.split_once('/').ok_or_else(bad)?;
-    let region = host
-        .strip_prefix("sns.")
-        .and_then(|h| {
-            h.strip_suffix(".amazonaws.com")
-                .or_else(|| h.strip_suffix(".amazonaws.com.cn"))
-        })
-        .ok_or_else(bad)?;
-    if region.is_empty()
-        || !region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    let h = host.strip_prefix("sns.").ok_or_else(bad)?;
+    let (region, china) = match h.strip_suffix(".amazonaws.com.cn") {
+        Some(r) => (r, true),
+        None => (h.strip_suffix(".amazonaws.com").ok_or_else(bad)?, false),
+    };
+    // Any other label under amazonaws.com may be another service's host (`sns.s3.amazonaws.com` is
+    // an S3 bucket named `sns` behind AWS's wildcard certificate): only a region's shape passes.
+    if !is_aws_region(region) || region.starts_with("cn-") != china {
         return Err(bad());
     }
     let hex = path
@@ -115,6 +126,36 @@ pub fn check_cert_url(url: &str) -> Result<&str, Rejection> {
         return Err(bad());
     }
     Ok(path)
+}
+
+/// A region name as AWS forms them: a two-letter area, `gov` for GovCloud, a direction, a number
+/// (`us-east-1`, `ap-southeast-3`, `us-gov-west-1`, `cn-northwest-1`, `il-central-1`).
+pub fn is_aws_region(r: &str) -> bool {
+    const DIRECTIONS: &[&str] = &[
+        "east",
+        "west",
+        "north",
+        "south",
+        "central",
+        "northeast",
+        "northwest",
+        "southeast",
+        "southwest",
+    ];
+    let mut parts: Vec<&str> = r.split('-').collect();
+    if parts.len() == 4 && parts[1] == "gov" {
+        parts.remove(1);
+    }
+    match parts.as_slice() {
+        [area, dir, n] => {
+            area.len() == 2
+                && area.bytes().all(|b| b.is_ascii_lowercase())
+                && DIRECTIONS.contains(dir)
+                && (1..=2).contains(&n.len())
+                && n.bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => false,
+    }
 }
 
 /// AWS's string to sign: `Name\nValue\n` for each signed field present, in this order.

@@ -6,6 +6,7 @@ use ec2jobd_spec::{JobError, JobSpec, JobState, ManualClock, Progress};
 use serde_json::json;
 
 use super::*;
+use crate::DELIVERY_FIELD_MAX;
 
 struct Fixture {
     store: Arc<SqliteStore>,
@@ -446,4 +447,78 @@ async fn time_windows_are_id_ranges() {
         .map(|r| r.get::<String, _>("detail"))
         .collect();
     assert!(plan.iter().any(|p| p.contains("id>? AND id<?")), "{plan:?}");
+}
+
+/// Refused SNS deliveries cannot fill the disk: every caller-supplied text is cut, and repeats of
+/// one kind to one hook within a minute count into one row (a new row once the minute has passed).
+#[tokio::test]
+async fn refused_deliveries_are_cut_and_folded() {
+    let f = fixture().await;
+    let huge = "A".repeat(60_000);
+    let refusal = |code: &str| NewDelivery {
+        hook: "alarms".into(),
+        message_id: Some(huge.clone()),
+        topic_arn: Some(format!("arn:{huge}")),
+        kind: Some(huge.clone()),
+        outcome: "rejected".into(),
+        reason: Some(format!("topic `{huge}` is not accepted")),
+        code: Some(code.into()),
+        ..Default::default()
+    };
+    for _ in 0..300 {
+        f.store.record_delivery(refusal("topic")).await.unwrap();
+    }
+    f.store.record_delivery(refusal("signature")).await.unwrap();
+    let rows = f.store.list_deliveries(None, 500).await.unwrap();
+    assert_eq!(rows.len(), 2, "one row per kind: {rows:?}");
+    let topic = rows
+        .iter()
+        .find(|d| d.code.as_deref() == Some("topic"))
+        .unwrap();
+    assert_eq!(topic.count, 300);
+    assert!(topic.last_at.is_some());
+    for text in [
+        &topic.message_id,
+        &topic.topic_arn,
+        &topic.kind,
+        &topic.reason,
+    ] {
+        let t = text.as_deref().unwrap();
+        assert!(t.len() <= DELIVERY_FIELD_MAX, "{} bytes", t.len());
+        assert!(t.ends_with('…'));
+    }
+    // A minute later the same refusal starts a new row; accepted deliveries are never folded.
+    f.clock.advance(REFUSAL_FOLD_MS + 1);
+    f.store.record_delivery(refusal("topic")).await.unwrap();
+    for _ in 0..2 {
+        f.store
+            .record_delivery(NewDelivery {
+                hook: "alarms".into(),
+                outcome: "accepted".into(),
+                code: Some("topic".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let rows = f.store.list_deliveries(None, 500).await.unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[2].count, 1, "the new minute's refusal: {:?}", rows[2]);
+}
+
+/// The database and its WAL and shared-memory files are created readable by the owner only.
+#[cfg(unix)]
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture().await;
+    enqueue(&f.store, "i-01234567").await;
+    let dir = f._dir.path();
+    for name in ["q.db", "q.db-wal", "q.db-shm"] {
+        let mode = std::fs::metadata(dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{name} has mode {mode:o}");
+    }
 }

@@ -174,6 +174,14 @@ async fn refusals_before_the_certificate_make_no_request() {
         "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-xyz.pem",
         "https://sns..amazonaws.com/SimpleNotificationService-0123abcd.pem",
         "https://SNS.us-east-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        // Other services' hosts under amazonaws.com (an S3 bucket named `sns`) are no region.
+        "https://sns.s3.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.s3-external-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.us-east-1.s3.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.execute-api.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.us-east-1.amazonaws.com.cn/SimpleNotificationService-0123abcd.pem",
+        "https://sns.cn-north-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.us-east-1-.amazonaws.com/SimpleNotificationService-0123abcd.pem",
     ] {
         let mut v = notification("2", None);
         v["SigningCertURL"] = json!(url);
@@ -186,6 +194,10 @@ async fn refusals_before_the_certificate_make_no_request() {
     for ok in [
         "https://sns.eu-west-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
         "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-0123abcd.pem",
+        "https://sns.cn-northwest-1.amazonaws.com.cn/SimpleNotificationService-0123abcd.pem",
+        "https://sns.us-gov-west-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.ap-southeast-3.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        "https://sns.il-central-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
     ] {
         assert!(check_cert_url(ok).is_ok(), "{ok}");
     }

@@ -1,0 +1,296 @@
+//! Hostile input and careless clients (issue 12's findings), each against the real binary: template
+//! values that would expand again, refused SNS deliveries that would fill the disk, slow and idle
+//! connections, a `wait` parameter given twice or encoded, and secrets in job specs.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::common::{Daemon, DaemonOpts};
+use super::problem;
+
+/// Bytes of the daemon's database once its WAL is checkpointed into it (the WAL itself is reused
+/// and bounded by SQLite's auto-checkpoint).
+fn db_bytes(d: &Daemon) -> u64 {
+    let path = d.dir.join("ec2jobd.db");
+    let conn = rusqlite::Connection::open(&path).expect("open the daemon's database");
+    conn.busy_timeout(Duration::from_secs(5))
+        .expect("busy timeout");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    std::fs::metadata(&path).expect("database file").len()
+}
+
+async fn put_template(d: &Daemon, name: &str, body: &Value) -> reqwest::Response {
+    d.req(
+        reqwest::Method::PUT,
+        &format!("/v1/templates/{name}"),
+        &d.admin,
+    )
+    .json(body)
+    .send()
+    .await
+    .expect("put template")
+}
+
+async fn run_template(d: &Daemon, name: &str, params: &Value) -> reqwest::Response {
+    d.req(
+        reqwest::Method::POST,
+        &format!("/v1/templates/{name}/run"),
+        &d.admin,
+    )
+    .json(&json!({ "parameters": params }))
+    .send()
+    .await
+    .expect("run template")
+}
+
+/// Finding 1: values are put in once and never expanded again, and the rendered spec is capped.
+/// Before the fix the nested values below asked for 4.6 GB and the daemon aborted.
+#[tokio::test]
+async fn template_values_are_never_expanded_again_and_the_result_is_capped() {
+    let d = Daemon::start(DaemonOpts::default()).await;
+    let params = |names: &[&str]| -> Value {
+        names
+            .iter()
+            .map(|n| (n.to_string(), json!({"type": "string"})))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let r = put_template(
+        &d,
+        "tagger",
+        &json!({
+            "spec": {"action": "create_tags", "targets": {"instance_ids": ["i-0123456789abcdef0"]},
+                     "params": {"tags": {"Note": "${a}", "Other": "${b}", "Third": "${c}"}}},
+            "parameters": params(&["a", "b", "c"]),
+        }),
+    )
+    .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+
+    // A value holding another placeholder stays literal: it cannot read `b`'s value.
+    let r = run_template(&d, "tagger", &json!({"a": "${b}", "b": "secret", "c": "x"})).await;
+    assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+    let job: Value = r.json().await.unwrap();
+    assert_eq!(job["spec"]["params"]["tags"]["Note"], "${b}");
+    assert_eq!(job["spec"]["params"]["tags"]["Other"], "secret");
+
+    // The expansion bomb: 60 KB of nested values. One pass makes ~46 KB of literal text (no
+    // exponential growth); with the spec around it that is still refused, as a 422.
+    let bomb = json!({"a": "${b}".repeat(2000), "b": "${c}".repeat(2000), "c": "x".repeat(20000)});
+    let before = d.rss_kib();
+    let (status, p) = problem(run_template(&d, "tagger", &bomb).await).await;
+    assert_eq!(status, 422, "{p}");
+    assert!(
+        d.rss_kib() < before + 64 * 1024,
+        "RSS grew from {before} KiB to {} KiB",
+        d.rss_kib()
+    );
+
+    // Placeholders repeated in the template multiply a value: the rendered spec is capped at the
+    // body limit and answered 422 naming the parameters, nothing stored.
+    let r = put_template(
+        &d,
+        "wide",
+        &json!({
+            "spec": {"action": "create_tags", "targets": {"instance_ids": ["i-0123456789abcdef0"]},
+                     "params": {"tags": (0..40).map(|i| (format!("K{i}"), json!("${v}")))
+                        .collect::<serde_json::Map<_, _>>()}},
+            "parameters": {"v": {"type": "string"}},
+        }),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let (status, p) =
+        problem(run_template(&d, "wide", &json!({"v": "y".repeat(4000)})).await).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("spec_too_large")),
+        "{p}"
+    );
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert_eq!(
+        page["jobs"].as_array().map(Vec::len),
+        Some(1),
+        "only the first run stored a job"
+    );
+    assert_eq!(d.get_json("/healthz").await.0, 200);
+}
+
+/// Finding 2: refused deliveries to a hook are cut and folded, so no stream of forged posts grows the
+/// database by more than a row a minute per kind. Before the fix 300 posts of a 60 KB TopicArn added
+/// 40 MB.
+#[tokio::test]
+async fn refused_sns_deliveries_do_not_fill_the_disk() {
+    let d = Daemon::start(DaemonOpts {
+        extra: "[sns.hooks.alarms]\ntopics = [\"arn:aws:sns:us-east-1:123456789012:alarms\"]\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
+    // Under the 64 KiB body limit: a 40 KB TopicArn and a 20 KB MessageId.
+    let huge = "A".repeat(40_000);
+    let base = db_bytes(&d);
+    let http = reqwest::Client::new();
+    for i in 0..300 {
+        let body = json!({
+            "Type": "Notification", "MessageId": format!("{i}-{}", &huge[..20_000]),
+            "TopicArn": format!("arn:aws:sns:us-east-1:123456789012:{huge}"),
+            "Message": "x\nforged log line", "Timestamp": "2026-12-02T00:00:00.000Z",
+            "SignatureVersion": "1", "Signature": "AAAA",
+            "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123abcd.pem",
+        });
+        let r = http
+            .post(format!("{}/v1/sns/alarms", d.url))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    let grown = db_bytes(&d).saturating_sub(base);
+    assert!(grown < 64 * 1024, "database grew by {grown} bytes");
+    let (_, page) = d.get_json("/v1/sns/deliveries").await;
+    let rows = page["deliveries"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{page}");
+    assert_eq!(rows[0]["count"], 300);
+    assert_eq!(rows[0]["code"], "topic");
+    assert!(rows[0]["topic_arn"].as_str().unwrap().len() <= 256);
+    assert_eq!(
+        d.metric_sum("ec2jobd_sns_refused", "code=\"topic\"").await,
+        300.0
+    );
+    // The refusal's caller text is logged escaped: no line of the log starts with what it sent.
+    assert!(!d.log().lines().any(|l| l.starts_with("forged")));
+}
+
+/// Reads until the server closes the connection; the time it took, or None when it stayed open
+/// for `within`.
+async fn closed_within(sock: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let r = tokio::time::timeout(within, async {
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    r.ok().map(|_| start.elapsed())
+}
+
+/// Finding 3: a half-sent request head and an idle connection are closed by their timeouts, the
+/// connection cap holds newcomers until a slot frees, and the open-files limit is raised.
+#[tokio::test]
+async fn slow_and_idle_connections_are_closed_and_capped() {
+    let d = Daemon::start(DaemonOpts {
+        extra: "[http]\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nsse_keepalive = \"1s\"\nmax_connections = 8\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = d.url.trim_start_matches("http://").to_string();
+    // Slowloris: part of a head, then a byte now and then.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t = closed_within(&mut slow, Duration::from_secs(15)).await;
+    assert!(t.is_some(), "a half-sent head was kept open");
+    // An idle connection that never sends anything.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    assert!(closed_within(&mut idle, Duration::from_secs(15))
+        .await
+        .is_some());
+    // A kept-alive connection after its answer.
+    let mut kept = TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut kept, Duration::from_secs(15))
+        .await
+        .is_some());
+
+    // Fill every slot with idle connections: the next client waits, then is served once the idle
+    // ones are closed, and the daemon never held more than the cap.
+    let mut hogs = Vec::new();
+    for _ in 0..30 {
+        hogs.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), d.get_json("/healthz")).await;
+    assert_eq!(r.map(|r| r.0).ok(), Some(200));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        nums[0], nums[1],
+        "soft limit raised to the hard one: {line}"
+    );
+    drop(hogs);
+}
+
+/// Finding 4: `wait` is parsed once, by the handler; given twice it is 400 with nothing stored, and
+/// an encoded value is held as it says instead of answered 503 after the job was stored.
+#[tokio::test]
+async fn wait_is_parsed_once_and_a_stored_job_is_never_answered_503() {
+    let d = Daemon::start(DaemonOpts {
+        extra: "[http]\nrequest_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let spec = json!({"action": "describe_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}});
+    let post = |q: &str| {
+        d.req(reqwest::Method::POST, &format!("/v1/jobs{q}"), &d.admin)
+            .json(&spec)
+            .send()
+    };
+    let (status, p) = problem(post("?wait=1s&wait=5s").await.unwrap()).await;
+    assert_eq!((status, p["field"].as_str()), (400, Some("wait")), "{p}");
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert_eq!(page["jobs"], json!([]));
+    // `5%73` is `5s`: held up to five seconds although request_timeout is one.
+    let r = post("?wait=3%73").await.unwrap();
+    assert!(matches!(r.status().as_u16(), 201 | 202), "{}", r.status());
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(1));
+    // No other route can ask for more time: `wait` is not a parameter there.
+    let (status, _) = problem(
+        d.req(reqwest::Method::GET, "/v1/jobs?wait=1h", &d.admin)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+
+/// Finding 6: user data is stored and used but shown and published only as a digest.
+#[tokio::test]
+async fn user_data_is_redacted_in_every_answer() {
+    let d = Daemon::start(DaemonOpts::default()).await;
+    let secret = "#!/bin/sh\nexport DB_PASSWORD=hunter2\n";
+    let spec = json!({"action": "run_instances", "dry_run": true,
+        "params": {"image_id": "ami-12345678", "instance_type": "t3.micro", "user_data": secret}});
+    let r = d.post_job(&d.admin, &spec).await;
+    assert_eq!(r.status(), 202);
+    let text = r.text().await.unwrap();
+    let job: Value = serde_json::from_str(&text).unwrap();
+    let id = job["id"].as_str().unwrap();
+    let shown = job["spec"]["params"]["user_data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(shown.starts_with("<redacted, sha256:"), "{shown}");
+    assert!(!text.contains("hunter2"));
+    let (_, one) = d.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(one["spec"]["params"]["user_data"], shown);
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert!(!page.to_string().contains("hunter2"));
+}
