@@ -294,3 +294,89 @@ async fn user_data_is_redacted_in_every_answer() {
     let (_, page) = d.get_json("/v1/jobs").await;
     assert!(!page.to_string().contains("hunter2"));
 }
+
+/// Finding 6: event streams and held submissions are bounded per token (and overall): beyond the
+/// cap the answer is 429 with Retry-After and a held submission stores nothing; a closed stream
+/// gives its slot back.
+#[tokio::test]
+async fn streams_are_capped_per_token() {
+    let hole = super::BlackHole::start();
+    let d = Daemon::start(DaemonOpts {
+        workers: 1,
+        extra: format!(
+            "\n[http]\nmax_streams_per_token = 2\n\n[accounts.slow]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\ncall_timeout = \"60s\"\n",
+            hole.url
+        ),
+        ..Default::default()
+    })
+    .await;
+    // A job that stays running (its EC2 endpoint never answers), so its stream stays open.
+    let id = d
+        .submit(&json!({"action": "describe_instances", "account": "slow",
+            "targets": {"instance_ids": ["i-0123456789abcdef0"]}}))
+        .await;
+    let open = || async {
+        d.req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/events"),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap()
+    };
+    let first = open().await;
+    let second = open().await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open().await;
+    assert_eq!(
+        third
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let (status, p) = problem(third).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (429, Some("too_many_streams")),
+        "{p}"
+    );
+    // A held submission counts too, and is refused before anything is stored.
+    let r = d
+        .req(reqwest::Method::POST, "/v1/jobs?wait=10s", &d.admin)
+        .json(&json!({"action": "describe_instances", "targets": {"instance_ids": ["i-0123456789abcdef1"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(1));
+    // Another token has its own share; a closed stream gives the slot back.
+    let viewer = super::create_token(&d.config, "viewer", "watcher");
+    let r = d
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/events"),
+            &viewer,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(first);
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let r = open().await;
+            if r.status() == 200 {
+                return r;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(again.is_ok(), "the closed stream's slot never came back");
+}

@@ -185,6 +185,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         runner: runner.clone(),
         tokens: Default::default(),
         admission: Default::default(),
+        streams: Default::default(),
         pool,
         sns_certs: Arc::new(CertStore::new(
             cfg.sns.cert_dir.as_ref().map(std::path::PathBuf::from),

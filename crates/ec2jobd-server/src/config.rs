@@ -340,6 +340,10 @@ pub struct HttpSection {
     pub header_read_timeout: Dur,
     /// A connection with no request in flight and nothing sent either way for this long is closed.
     pub idle_timeout: Dur,
+    /// Most event streams and held (`?wait=`) submissions open at once.
+    pub max_streams: usize,
+    /// Most of those one token may hold.
+    pub max_streams_per_token: usize,
 }
 
 /// `[log]`.
@@ -389,17 +393,51 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
-fn env_value(raw: &str) -> toml::Value {
-    // Numbers and booleans keep their type; anything else (addresses, durations, URLs) is a string.
-    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => match t.remove("v") {
-            Some(
-                v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_)),
-            ) => v,
-            _ => toml::Value::String(raw.to_string()),
-        },
-        Err(_) => toml::Value::String(raw.to_string()),
+/// An environment value typed by the key it sets: `like` is the value that key has in the layers
+/// below (or, for an account not in them, in the built-in `[accounts.default]`). Strings stay
+/// strings (`PROFILE=123` is the profile `123`); numbers and booleans are parsed; a list is TOML
+/// (`["t3.*", "m7i.*"]`) or comma separated. A key with no value below is a string unless it is
+/// written as a TOML list. A value that does not fit its key is passed on as text, so strict
+/// deserialisation names the key.
+fn env_value(raw: &str, like: Option<&toml::Value>) -> toml::Value {
+    let parsed = || {
+        toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+    };
+    let text = || toml::Value::String(raw.to_string());
+    if raw.trim_start().starts_with('[') {
+        if let Some(v @ toml::Value::Array(_)) = parsed() {
+            return v;
+        }
     }
+    match like {
+        Some(toml::Value::Integer(_)) => match parsed() {
+            Some(v @ toml::Value::Integer(_)) => v,
+            _ => text(),
+        },
+        Some(toml::Value::Float(_)) => match parsed() {
+            Some(v @ (toml::Value::Float(_) | toml::Value::Integer(_))) => v,
+            _ => text(),
+        },
+        Some(toml::Value::Boolean(_)) => match parsed() {
+            Some(v @ toml::Value::Boolean(_)) => v,
+            _ => text(),
+        },
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        _ => text(),
+    }
+}
+
+/// The value at `path` in `root`, if any.
+fn value_at<'a>(root: &'a toml::Value, path: &[String]) -> Option<&'a toml::Value> {
+    path.iter().try_fold(root, |cur, seg| cur.get(seg.as_str()))
 }
 
 fn set_path(root: &mut toml::Value, path: &[String], v: toml::Value) {
@@ -423,13 +461,20 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         flags: &Overrides,
     ) -> anyhow::Result<Config> {
-        let mut root: toml::Value =
+        let builtin: toml::Value =
             toml::from_str(DEFAULT_TOML).context("built-in config/default.toml")?;
+        let mut root = builtin.clone();
+        // When the operator names accounts, only those exist: the built-in `default` account (the
+        // host's credentials, any region) is kept only if they name it too.
+        let mut user_accounts = std::collections::BTreeSet::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("config file {}", path.display()))?;
             let v: toml::Value =
                 toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+            if let Some(accounts) = v.get("accounts").and_then(toml::Value::as_table) {
+                user_accounts.extend(accounts.keys().cloned());
+            }
             merge(&mut root, v);
         }
         let mut env: Vec<(String, String)> = env
@@ -445,6 +490,9 @@ impl Config {
             if path.iter().any(|s| s.is_empty()) {
                 bail!("environment variable {k}: empty key segment");
             }
+            if let ("accounts", Some(a)) = (path[0].as_str(), path.get(1)) {
+                user_accounts.insert(a.clone());
+            }
             let known = root
                 .as_table()
                 .is_some_and(|t| t.contains_key(path[0].as_str()));
@@ -454,7 +502,21 @@ impl Config {
                     path.join(".")
                 );
             }
-            set_path(&mut root, &path, env_value(&v));
+            let like = value_at(&root, &path).or_else(|| match path.as_slice() {
+                [first, _, rest @ ..] if first == "accounts" => {
+                    let mut p = vec!["accounts".to_string(), "default".to_string()];
+                    p.extend(rest.iter().cloned());
+                    value_at(&builtin, &p)
+                }
+                _ => None,
+            });
+            let v = env_value(&v, like);
+            set_path(&mut root, &path, v);
+        }
+        if !user_accounts.is_empty() && !user_accounts.contains("default") {
+            if let Some(t) = root.get_mut("accounts").and_then(toml::Value::as_table_mut) {
+                t.remove("default");
+            }
         }
         let mut flag = |key: &[&str], v: toml::Value| {
             let p: Vec<String> = key.iter().map(|s| s.to_string()).collect();
@@ -690,6 +752,68 @@ mod tests {
             c.accounts["default"].endpoint_url.as_deref(),
             Some("http://127.0.0.1:5000")
         );
+    }
+
+    #[test]
+    fn environment_values_take_the_type_of_their_key() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("EC2JOBD_ACCOUNTS__DEFAULT__PROFILE", "123"),
+                (
+                    "EC2JOBD_ACCOUNTS__DEFAULT__ALLOWED_INSTANCE_TYPES",
+                    "t3.*, m7i.large",
+                ),
+                (
+                    "EC2JOBD_ACCOUNTS__DEFAULT__ALLOWED_REGIONS",
+                    "[\"eu-west-1\"]",
+                ),
+                ("EC2JOBD_ACCOUNTS__DEFAULT__MAX_CALL_ATTEMPTS", "5"),
+                ("EC2JOBD_QUEUE__WORKERS", "9"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let a = &c.accounts["default"];
+        assert_eq!(a.profile.as_deref(), Some("123"));
+        assert_eq!(a.allowed_instance_types, ["t3.*", "m7i.large"]);
+        assert_eq!(a.allowed_regions, ["eu-west-1"]);
+        assert_eq!((a.max_call_attempts, c.queue.workers), (5, 9));
+        let e = Config::load(
+            None,
+            env(&[("EC2JOBD_QUEUE__WORKERS", "many")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("queue.workers"), "{e:#}");
+    }
+
+    #[test]
+    fn configured_accounts_replace_the_built_in_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "default_account = \"prod\"\n[accounts.prod]\nregion = \"eu-west-1\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.accounts.keys().collect::<Vec<_>>(), ["prod"]);
+        // Without default_account naming one of them, start fails naming the key.
+        std::fs::write(&f, "[accounts.prod]\nregion = \"eu-west-1\"\n").unwrap();
+        let e = Config::load(Some(&f), env(&[]), &Overrides::default()).unwrap_err();
+        assert!(format!("{e:#}").contains("default_account"), "{e:#}");
+        // Accounts named only in the environment count too; naming `default` keeps it.
+        let c = Config::load(
+            None,
+            env(&[
+                ("EC2JOBD_ACCOUNTS__OPS__REGION", "us-west-2"),
+                ("EC2JOBD_ACCOUNTS__DEFAULT__REGION", "us-east-2"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.accounts.keys().collect::<Vec<_>>(), ["default", "ops"]);
     }
 
     #[test]

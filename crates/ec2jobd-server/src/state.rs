@@ -30,6 +30,8 @@ pub struct AppState {
     pub sns_certs: Arc<crate::sns::verify::CertStore>,
     /// Queue depth seen by admission control (refreshed at most every 250 ms).
     pub admission: Arc<Admission>,
+    /// Event streams and held submissions open now (bounded overall and per token).
+    pub streams: Arc<Streams>,
     /// Cancelled when the daemon begins to shut down; long-lived responses (event streams) end then.
     pub shutdown: CancellationToken,
 }
@@ -71,5 +73,73 @@ impl Admission {
             *d += 1;
         }
         Ok(true)
+    }
+}
+
+/// Long-lived answers open at once (SSE event streams, submissions held with `?wait=`), counted
+/// overall and per token, so one client cannot hold every connection or task.
+#[derive(Debug, Default)]
+pub struct Streams {
+    open: std::sync::Mutex<(usize, std::collections::HashMap<String, usize>)>,
+}
+
+/// One open long-lived answer; its slot is given back when dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    streams: Arc<Streams>,
+    token: String,
+}
+
+impl Streams {
+    /// A slot for `token`, or `None` when `max_total` are open or `max_per_token` for this token.
+    pub fn open(
+        self: &Arc<Self>,
+        token: &str,
+        max_total: usize,
+        max_per_token: usize,
+    ) -> Option<StreamSlot> {
+        let mut g = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = g.1.get(token).copied().unwrap_or(0);
+        if g.0 >= max_total || mine >= max_per_token {
+            return None;
+        }
+        g.0 += 1;
+        *g.1.entry(token.to_string()).or_default() += 1;
+        Some(StreamSlot {
+            streams: self.clone(),
+            token: token.to_string(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut g = self.streams.open.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = g.0.saturating_sub(1);
+        if let Some(n) = g.1.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                g.1.remove(&self.token);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_slots_are_bounded_overall_and_per_token_and_given_back() {
+        let s = Arc::new(Streams::default());
+        let a: Vec<_> = (0..2).filter_map(|_| s.open("a", 3, 2)).collect();
+        assert_eq!(a.len(), 2);
+        assert!(s.open("a", 3, 2).is_none(), "per token");
+        let b = s.open("b", 3, 2).expect("b has room");
+        assert!(s.open("c", 3, 2).is_none(), "overall");
+        drop(b);
+        assert!(s.open("c", 3, 2).is_some());
+        drop(a);
+        assert_eq!(s.open.lock().unwrap().1.len(), 0);
     }
 }

@@ -429,11 +429,18 @@ pub struct WaitSpec {
     pub interval: Option<String>,
 }
 
+/// The action of a spec that names none: a workflow, which [`JobSpec::normalize`] accepts only with
+/// `steps` (otherwise `action` is reported missing).
+fn implied_action() -> Action {
+    Action::Workflow
+}
+
 /// A job request as submitted to `POST /v1/jobs`, and, after [`JobSpec::normalize`], as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// The operation to perform.
+    /// The operation to perform; may be left out when `steps` are given (a workflow).
+    #[serde(default = "implied_action")]
     pub action: Action,
     /// Configured account name (`[accounts.<name>]`); defaults to `default_account`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -864,6 +871,13 @@ impl JobSpec {
                 ));
             }
         }
+        if self.action == Action::Workflow && self.steps.is_none() {
+            return Err(SpecError::new(
+                "action",
+                "missing_field",
+                "missing field `action` (or give `steps` for a workflow)",
+            ));
+        }
         if self.action == Action::Workflow {
             if self.targets != Targets::default() {
                 return Err(SpecError::new(
@@ -900,6 +914,13 @@ impl JobSpec {
                         field("on_failure"),
                         "invalid_param",
                         "stop or continue",
+                    ));
+                }
+                if matches!(st.spec.action, Action::Workflow) && st.spec.steps.is_none() {
+                    return Err(SpecError::new(
+                        field("action"),
+                        "missing_field",
+                        "each step needs its own `action` (steps do not nest)",
                     ));
                 }
                 if matches!(st.spec.action, Action::Workflow) || st.spec.steps.is_some() {
@@ -1433,6 +1454,24 @@ mod tests {
         serde_json::from_value::<JobSpec>(v)
             .map_err(|e| SpecError::new("", "parse", e.to_string()))?
             .normalize()
+    }
+
+    #[test]
+    fn steps_without_an_action_are_a_workflow() {
+        let s = parse(json!({"steps": [
+            {"name": "stop", "action": "stop_instances", "targets": {"tags": "App=db"}},
+            {"name": "start", "action": "start_instances", "targets": {"from_step": "stop"}}]}))
+        .unwrap();
+        assert_eq!(s.action, Action::Workflow);
+        assert_eq!(s.steps.map(|v| v.len()), Some(2));
+        let e = parse(json!({"targets": {"instance_ids": ["i-01234567"]}})).unwrap_err();
+        assert_eq!((e.field.as_str(), e.code), ("action", "missing_field"));
+        let e =
+            parse(json!({"steps": [{"targets": {"instance_ids": ["i-01234567"]}}]})).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("steps[0].action", "missing_field")
+        );
     }
 
     #[test]

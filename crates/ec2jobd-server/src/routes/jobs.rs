@@ -24,7 +24,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::deadline::Deadline;
 use crate::error::{ApiError, Problem};
-use crate::state::AppState;
+use crate::state::{AppState, StreamSlot};
 
 /// Routes of this module (all behind authentication).
 pub fn router() -> Router<AppState> {
@@ -250,7 +250,7 @@ fn fill_account(state: &AppState, spec: &mut JobSpec, prefix: &str) -> Result<()
         (status = 413, description = "Body too large", body = Problem),
         (status = 415, description = "Not JSON", body = Problem),
         (status = 422, description = "Invalid field", body = Problem),
-        (status = 429, description = "queue.max_queued jobs are waiting; nothing stored (Retry-After)", body = Problem),
+        (status = 429, description = "queue.max_queued jobs are waiting, or (with `wait`) too many streams are open; nothing stored (Retry-After)", body = Problem),
         (status = 503, description = "Store unavailable; nothing stored", body = Problem),
     ),
     security(("bearer" = []))
@@ -268,7 +268,25 @@ pub async fn submit(
     require_json(&headers)?;
     let body = body.map_err(body_error)?;
     let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
-    enqueue_and_answer(&state, &headers, &deadline, wait, spec).await
+    enqueue_and_answer(&state, &caller, &headers, &deadline, wait, spec).await
+}
+
+/// A slot for a long-lived answer (`http.max_streams`, `http.max_streams_per_token`), or 429.
+fn stream_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> {
+    let h = &state.config.http;
+    state
+        .streams
+        .open(&caller.0.name, h.max_streams, h.max_streams_per_token)
+        .ok_or_else(|| {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "too many event streams and held submissions are open (http.max_streams, \
+                 http.max_streams_per_token); close one or retry later",
+            );
+            e.retry_after = Some(1);
+            e
+        })
 }
 
 /// Queues a resolved spec (honouring `Idempotency-Key` and the `wait` from [`wait_param`]) and
@@ -276,12 +294,14 @@ pub async fn submit(
 /// request is never answered with the deadline's 503: a job that may be stored is answered with it.
 pub async fn enqueue_and_answer(
     state: &AppState,
+    caller: &Caller,
     headers: &HeaderMap,
     deadline: &Deadline,
     wait: Option<Duration>,
     spec: JobSpec,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(headers)?;
+    let _slot = wait.map(|_| stream_slot(state, caller)).transpose()?;
     admit(state).await?;
     if let Some(w) = wait {
         deadline.extend(w);
@@ -572,6 +592,7 @@ pub async fn cancel(
     responses(
         (status = 200, description = "text/event-stream of JobEvent", body = JobEvent, content_type = "text/event-stream"),
         (status = 404, body = Problem),
+        (status = 429, description = "http.max_streams (or the token's share) event streams are open (Retry-After)", body = Problem),
     ),
     security(("bearer" = []))
 )]
@@ -582,6 +603,7 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.require(Role::Viewer)?;
+    let slot = stream_slot(&state, &caller)?;
     let after = match headers.get("last-event-id") {
         None => 0,
         Some(v) => v
@@ -602,6 +624,7 @@ pub async fn events(
     let (tx, out) = tokio::sync::mpsc::channel::<Event>(64);
     let (store, shutdown) = (state.store.clone(), state.shutdown.clone());
     tokio::spawn(async move {
+        let _slot = slot;
         let mut last = after;
         loop {
             let batch: Vec<JobEvent> = match store.events(&id, last, 500).await {

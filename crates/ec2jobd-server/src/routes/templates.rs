@@ -379,7 +379,8 @@ pub async fn delete(
         ("wait" = Option<String>, Query, description = "As for POST /v1/jobs")),
     request_body = RunBody,
     responses((status = 202, body = ec2jobd_spec::Job), (status = 201, body = ec2jobd_spec::Job),
-        (status = 404, body = Problem), (status = 422, body = Problem)),
+        (status = 404, body = Problem), (status = 422, body = Problem),
+        (status = 429, description = "The queue is full, or (with `wait`) too many streams are open; nothing stored (Retry-After)", body = Problem)),
     security(("bearer" = [])))]
 pub async fn run(
     State(state): State<AppState>,
@@ -400,5 +401,5 @@ pub async fn run(
         parse_json(&body)?
     };
     let spec = template.spec_for(&state, &given.parameters)?;
-    crate::routes::jobs::enqueue_and_answer(&state, &headers, &deadline, wait, spec).await
+    crate::routes::jobs::enqueue_and_answer(&state, &caller, &headers, &deadline, wait, spec).await
 }

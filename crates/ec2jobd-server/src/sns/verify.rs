@@ -194,9 +194,10 @@ pub trait CertFetcher: Send + Sync {
     async fn fetch(&self, url: &str) -> Result<Vec<u8>, String>;
 }
 
-/// HTTPS fetch with a timeout, a size cap and no redirects.
+/// HTTPS fetch with a timeout, a size cap and no redirects. If that client cannot be built, every
+/// fetch fails: there is no fallback to a default (redirect-following, no timeout) client.
 pub struct HttpFetcher {
-    client: reqwest::Client,
+    client: Result<reqwest::Client, String>,
     max_bytes: usize,
 }
 
@@ -208,7 +209,10 @@ impl HttpFetcher {
             .timeout(timeout)
             .https_only(true)
             .build()
-            .unwrap_or_default();
+            .map_err(|e| format!("no HTTPS client for certificate fetches: {e}"));
+        if let Err(e) = &client {
+            tracing::error!(error = %e, "SNS certificates can only come from sns.cert_dir");
+        }
         Self { client, max_bytes }
     }
 }
@@ -218,6 +222,8 @@ impl CertFetcher for HttpFetcher {
     async fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
         let mut r = self
             .client
+            .as_ref()
+            .map_err(Clone::clone)?
             .get(url)
             .send()
             .await
@@ -237,12 +243,23 @@ impl CertFetcher for HttpFetcher {
 }
 
 /// Public keys of SNS signing certificates: a bounded cache, a pre-seeded directory, then a fetch.
+/// Fetches run at most [`FETCHES_AT_ONCE`] at a time, and a URL whose fetch failed is refused
+/// without a new request for [`FAILED_FETCH_TTL`] (a bounded negative cache), so a stream of
+/// messages naming missing certificates cannot turn the daemon into a request amplifier.
 pub struct CertStore {
     dir: Option<PathBuf>,
     fetcher: Arc<dyn CertFetcher>,
     max_entries: usize,
     cache: Mutex<(HashMap<String, RsaPublicKey>, VecDeque<String>)>,
+    failed: Mutex<HashMap<String, (std::time::Instant, String)>>,
+    fetches: tokio::sync::Semaphore,
 }
+
+/// Certificate fetches in flight at once.
+pub const FETCHES_AT_ONCE: usize = 4;
+
+/// How long a failed certificate fetch is remembered.
+pub const FAILED_FETCH_TTL: Duration = Duration::from_secs(60);
 
 fn public_key(pem: &[u8]) -> Result<RsaPublicKey, String> {
     use x509_cert::der::{DecodePem, Encode};
@@ -265,6 +282,8 @@ impl CertStore {
             fetcher,
             max_entries: max_entries.max(1),
             cache: Mutex::new((HashMap::new(), VecDeque::new())),
+            failed: Mutex::new(HashMap::new()),
+            fetches: tokio::sync::Semaphore::new(FETCHES_AT_ONCE),
         }
     }
 
@@ -281,7 +300,7 @@ impl CertStore {
             Some(p) => {
                 std::fs::read(&p).map_err(|e| Rejection::Cert(format!("{}: {e}", p.display())))?
             }
-            None => self.fetcher.fetch(url).await.map_err(Rejection::Cert)?,
+            None => self.fetch(url).await?,
         };
         let key = public_key(&pem).map_err(Rejection::Cert)?;
         let mut c = self.lock();
@@ -293,6 +312,50 @@ impl CertStore {
         c.0.insert(url.to_string(), key.clone());
         c.1.push_back(url.to_string());
         Ok(key)
+    }
+
+    /// A fetch through the concurrency limit and the negative cache.
+    async fn fetch(&self, url: &str) -> Result<Vec<u8>, Rejection> {
+        let recent = |failed: &HashMap<String, (std::time::Instant, String)>| {
+            failed
+                .get(url)
+                .filter(|(at, _)| at.elapsed() < FAILED_FETCH_TTL)
+                .map(|(_, e)| {
+                    Rejection::Cert(format!("{e} (failed recently; not fetched again yet)"))
+                })
+        };
+        if let Some(r) = recent(&self.failed_lock()) {
+            return Err(r);
+        }
+        let _slot = self
+            .fetches
+            .acquire()
+            .await
+            .map_err(|_| Rejection::Cert("certificate fetches are closed".into()))?;
+        // Another message may have failed on it while this one waited.
+        if let Some(r) = recent(&self.failed_lock()) {
+            return Err(r);
+        }
+        match self.fetcher.fetch(url).await {
+            Ok(pem) => Ok(pem),
+            Err(e) => {
+                let mut failed = self.failed_lock();
+                if failed.len() >= self.max_entries {
+                    failed.retain(|_, (at, _)| at.elapsed() < FAILED_FETCH_TTL);
+                    if failed.len() >= self.max_entries {
+                        failed.clear();
+                    }
+                }
+                failed.insert(url.to_string(), (std::time::Instant::now(), e.clone()));
+                Err(Rejection::Cert(e))
+            }
+        }
+    }
+
+    fn failed_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (std::time::Instant, String)>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, RsaPublicKey>, VecDeque<String>)> {

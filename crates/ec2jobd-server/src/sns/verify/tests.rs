@@ -268,3 +268,26 @@ mod fuzz {
         }
     }
 }
+
+struct Failing(AtomicUsize);
+
+#[async_trait]
+impl CertFetcher for Failing {
+    async fn fetch(&self, _url: &str) -> Result<Vec<u8>, String> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Err("HTTP 404 Not Found".into())
+    }
+}
+
+/// A certificate whose fetch failed is not fetched again for a while: a stream of messages naming
+/// a missing certificate makes one request, not one each.
+#[tokio::test]
+async fn failed_fetches_are_remembered() {
+    let c = Arc::new(Failing(AtomicUsize::new(0)));
+    let s = CertStore::new(None, c.clone(), 4);
+    for _ in 0..20 {
+        let r = check(&s, &notification("2", None)).await;
+        assert!(matches!(r, Err(Rejection::Cert(_))), "{r:?}");
+    }
+    assert_eq!(c.0.load(Ordering::SeqCst), 1);
+}
