@@ -178,6 +178,10 @@ impl CallObserver for NoObserver {
     fn observe(&self, _: &'static str, _: &str) {}
 }
 
+/// Most regions one account's clients, pacers and status watchers are kept for: AWS has fewer, so
+/// only names no allowlist stopped can reach it, and they cannot grow the pool without bound.
+pub const MAX_REGIONS_PER_ACCOUNT: usize = 48;
+
 /// Client and pacing buckets of each account+region.
 type ClientMap = HashMap<(String, String), Clients>;
 
@@ -253,6 +257,13 @@ impl Ec2Pool {
             .accounts
             .get(account)
             .ok_or_else(|| Ec2Error::config(format!("no account `{account}` is configured")))?;
+        let in_use = self.lock().keys().filter(|(a, _)| a == account).count();
+        if in_use >= MAX_REGIONS_PER_ACCOUNT {
+            return Err(Ec2Error::config(format!(
+                "account `{account}` already uses {in_use} regions; refusing `{region}` \
+                 (set allowed_regions to the ones you use)"
+            )));
+        }
         let conf = sdk_config(acct, region).await?;
         let counter = attempts::AttemptCounter {
             observer: self.observer.clone(),
@@ -958,5 +969,53 @@ impl Ec2 {
                 return Ok(out);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+
+    /// However many region names reach it, one account keeps at most `MAX_REGIONS_PER_ACCOUNT`
+    /// sets of clients (each with a pacer, and a status watcher once polled).
+    #[tokio::test]
+    async fn regions_per_account_are_bounded() {
+        let acct = AccountConfig {
+            region: "us-east-1".into(),
+            endpoint_url: Some("http://127.0.0.1:9".into()),
+            profile: None,
+            access_key_id_env: None,
+            secret_access_key_env: None,
+            session_token_env: None,
+            role_arn: None,
+            external_id: None,
+            role_session_name: "test".into(),
+            https_proxy: None,
+            no_proxy: None,
+            call_timeout: Duration::from_secs(1),
+            max_call_attempts: 1,
+            retry_base: Duration::from_millis(10),
+            retry_max: Duration::from_millis(10),
+        };
+        let pool = Ec2Pool::new(
+            HashMap::from([("a".to_string(), acct)]),
+            PacingConfig::default(),
+            Arc::new(NoObserver),
+        );
+        for i in 0..MAX_REGIONS_PER_ACCOUNT {
+            pool.get("a", &format!("us-east-{i}"))
+                .await
+                .expect("within the bound");
+        }
+        assert!(
+            pool.get("a", "us-east-1").await.is_ok(),
+            "a region in use stays usable"
+        );
+        let e = pool
+            .get("a", "eu-west-99")
+            .await
+            .err()
+            .expect("over the bound");
+        assert!(e.to_string().contains("regions"), "{e}");
     }
 }

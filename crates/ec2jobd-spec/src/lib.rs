@@ -19,6 +19,6 @@ pub use job::{
 };
 pub use role::Role;
 pub use spec::{
-    parse_duration, Action, Amount, BackupNaming, Filter, IdList, JobSpec, Notify, Rate, SpecError,
-    Step, TagSet, Targets, WaitSpec, WaitUntil,
+    is_aws_region, parse_duration, Action, Amount, BackupNaming, Filter, IdList, JobSpec, Notify,
+    Rate, SpecError, Step, TagSet, Targets, WaitSpec, WaitUntil,
 };

@@ -683,7 +683,7 @@ impl Param {
                 "1-64 letters, digits, `-`, `_` or `.`",
             ),
             Param::Region => (
-                v.as_str().is_some_and(is_region),
+                v.as_str().is_some_and(is_aws_region),
                 "a region name like `eu-west-1`",
             ),
             Param::OneOf(choices) => {
@@ -815,8 +815,36 @@ impl BackupNaming<'_> {
     }
 }
 
-fn is_region(r: &str) -> bool {
-    is_name(r, b"-") && r.bytes().any(|b| b.is_ascii_digit())
+/// A region name as AWS forms them: a two-letter area, `gov` for GovCloud, a direction, a number
+/// (`us-east-1`, `ap-southeast-3`, `us-gov-west-1`, `cn-northwest-1`, `il-central-1`). Jobs name
+/// only such regions (each one in use costs clients and a status watcher), and SNS certificate
+/// hosts must carry one.
+pub fn is_aws_region(r: &str) -> bool {
+    const DIRECTIONS: &[&str] = &[
+        "east",
+        "west",
+        "north",
+        "south",
+        "central",
+        "northeast",
+        "northwest",
+        "southeast",
+        "southwest",
+    ];
+    let mut parts: Vec<&str> = r.split('-').collect();
+    if parts.len() == 4 && parts[1] == "gov" {
+        parts.remove(1);
+    }
+    match parts.as_slice() {
+        [area, dir, n] => {
+            area.len() == 2
+                && area.bytes().all(|b| b.is_ascii_lowercase())
+                && DIRECTIONS.contains(dir)
+                && (1..=2).contains(&n.len())
+                && n.bytes().all(|b| b.is_ascii_digit())
+        }
+        _ => false,
+    }
 }
 
 fn is_name(s: &str, extra: &[u8]) -> bool {
@@ -863,7 +891,7 @@ impl JobSpec {
             }
         }
         if let Some(r) = &self.region {
-            if !is_region(r) {
+            if !is_aws_region(r) {
                 return Err(SpecError::new(
                     "region",
                     "invalid_region",
@@ -1454,6 +1482,31 @@ mod tests {
         serde_json::from_value::<JobSpec>(v)
             .map_err(|e| SpecError::new("", "parse", e.to_string()))?
             .normalize()
+    }
+
+    #[test]
+    fn backup_names_fill_every_documented_placeholder_once() {
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-22T04:15:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let n = BackupNaming {
+            name: "web {job_id}",
+            instance_id: "i-1",
+            volume_id: "vol-1",
+            device: "/dev/xvda",
+            job_id: "J",
+            group: "daily",
+            at,
+        };
+        let all: String = TEMPLATE_FIELDS
+            .iter()
+            .map(|f| format!("{{{f}}}|"))
+            .collect();
+        assert_eq!(
+            n.render(&all, 1000).unwrap(),
+            "web {job_id}|i-1|vol-1|/dev/xvda|2026-11-22|2026-11-22T04:15:00Z|20261122-041500|J|daily|"
+        );
+        assert!(n.render("{nope}", 1000).is_err());
     }
 
     #[test]

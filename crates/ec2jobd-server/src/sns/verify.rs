@@ -115,7 +115,7 @@ pub fn check_cert_url(url: &str) -> Result<&str, Rejection> {
     };
     // Any other label under amazonaws.com may be another service's host (`sns.s3.amazonaws.com` is
     // an S3 bucket named `sns` behind AWS's wildcard certificate): only a region's shape passes.
-    if !is_aws_region(region) || region.starts_with("cn-") != china {
+    if !ec2jobd_spec::is_aws_region(region) || region.starts_with("cn-") != china {
         return Err(bad());
     }
     let hex = path
@@ -126,36 +126,6 @@ pub fn check_cert_url(url: &str) -> Result<&str, Rejection> {
         return Err(bad());
     }
     Ok(path)
-}
-
-/// A region name as AWS forms them: a two-letter area, `gov` for GovCloud, a direction, a number
-/// (`us-east-1`, `ap-southeast-3`, `us-gov-west-1`, `cn-northwest-1`, `il-central-1`).
-pub fn is_aws_region(r: &str) -> bool {
-    const DIRECTIONS: &[&str] = &[
-        "east",
-        "west",
-        "north",
-        "south",
-        "central",
-        "northeast",
-        "northwest",
-        "southeast",
-        "southwest",
-    ];
-    let mut parts: Vec<&str> = r.split('-').collect();
-    if parts.len() == 4 && parts[1] == "gov" {
-        parts.remove(1);
-    }
-    match parts.as_slice() {
-        [area, dir, n] => {
-            area.len() == 2
-                && area.bytes().all(|b| b.is_ascii_lowercase())
-                && DIRECTIONS.contains(dir)
-                && (1..=2).contains(&n.len())
-                && n.bytes().all(|b| b.is_ascii_digit())
-        }
-        _ => false,
-    }
 }
 
 /// AWS's string to sign: `Name\nValue\n` for each signed field present, in this order.
