@@ -675,3 +675,78 @@ async fn hooks_managed_over_the_api() {
     assert_eq!(r.status(), 204);
     assert_eq!(deliver().await.unwrap().status(), 404);
 }
+
+/// Notifications survive restarts: the job ends and enters the outbox in one transaction, the
+/// daemon is killed while every publish still fails, and after the restart the outcome is
+/// published exactly once (counted at the proxy as calls that reached moto).
+#[tokio::test]
+async fn a_notification_pending_at_kill_9_is_published_once_after_restart() {
+    let moto = Moto::start().await;
+    moto.launch(1, &[("Group", "outbox")]).await;
+    let proxy = common::proxy::FaultProxy::start(&moto.url, 1).await;
+    let topic = sns(&moto)
+        .await
+        .create_topic()
+        .name("outbox")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    proxy.set(|f| f.error = Some(("Publish".into(), 500, "InternalError".into())));
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        extra: "[notify]\nattempts = 20\nbackoff_base = \"1s\"\nbackoff_max = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(
+            &json!({"action": "describe_instances", "targets": {"tags": "Group=outbox"},
+            "notify": {"topic_arn": topic, "on": ["succeeded"]}}),
+        )
+        .await;
+    assert_eq!(d.wait_final(&id, MINUTE).await["state"], "succeeded");
+    let deadline = std::time::Instant::now() + MINUTE;
+    while proxy.injected("Publish") < 2 {
+        assert!(std::time::Instant::now() < deadline, "no publish was tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.kill9();
+    assert_eq!(
+        proxy.calls("Publish"),
+        proxy.injected("Publish"),
+        "nothing was published yet"
+    );
+    proxy.set(|f| f.error = None);
+    d.spawn().await;
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let events = d
+            .req(
+                reqwest::Method::GET,
+                &format!("/v1/jobs/{id}/events"),
+                &d.admin,
+            )
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if events.contains("event: notified") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never notified: {events}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        proxy.calls("Publish") - proxy.injected("Publish"),
+        1,
+        "published exactly once"
+    );
+}

@@ -174,7 +174,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             grace: cfg.shutdown_grace.0,
         },
         metrics.clone(),
-        clock,
+        clock.clone(),
         rand::random(),
     ));
     let shutdown = CancellationToken::new();
@@ -207,12 +207,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let notifier = Arc::new(Notifier::new(
         state.pool.clone(),
         state.store.clone(),
+        clock.clone(),
         cfg.notify.default_notify(),
         cfg.notify.attempts,
         cfg.notify.backoff_base.0,
         cfg.notify.backoff_max.0,
     ));
-    runner.on_finished(Arc::new(move |job| notifier.job_finished(job)));
+    tokio::spawn(notifier.clone().run(shutdown.clone()));
+    runner.on_finished(Arc::new(move |_job| notifier.job_finished()));
     survive_file_size_limit();
     let nofile = crate::listener::raise_fd_limit();
     if nofile.is_some_and(|n| (n as usize) < cfg.http.max_connections + 256) {

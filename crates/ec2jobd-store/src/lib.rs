@@ -336,6 +336,14 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event to a job in any state, unfenced: things that happen after a job ended
     /// (its notification was published or failed).
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
+    /// Finished jobs whose outcome has not been handed on yet (the outbox), due by `now_ms`, oldest
+    /// first, with how many publishes of each failed so far.
+    async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>>;
+    /// Marks finished jobs handed on; each may get an event (`notified`, `notify_failed`) in the
+    /// same transaction.
+    async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()>;
+    /// A publish failed: counts it and holds the job back until `after_ms`.
+    async fn outbox_retry(&self, id: &str, after_ms: i64) -> Result<()>;
     /// Creates or replaces a named document (`body` is opaque JSON); true when created.
     async fn put_named(&self, kind: Named, name: &str, body: serde_json::Value) -> Result<bool>;
     /// A named document's body.

@@ -1076,6 +1076,76 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLS}, outbox_tries FROM jobs INDEXED BY jobs_outbox \
+             WHERE outbox_done_at IS NULL AND finished_at IS NOT NULL AND outbox_after <= ? \
+             ORDER BY outbox_after, id LIMIT ?"
+        ))
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    job_from_row(r)?,
+                    r.try_get::<i64, _>("outbox_tries")? as u32,
+                ))
+            })
+            .collect()
+    }
+
+    async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let clock = self.clock.clone();
+        let noted: Vec<String> = done
+            .iter()
+            .filter(|(_, ev)| ev.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                for (id, ev) in done {
+                    sqlx::query("UPDATE jobs SET outbox_done_at = ? WHERE id = ?")
+                        .bind(now)
+                        .bind(&id)
+                        .execute(&mut *conn)
+                        .await?;
+                    if let Some(ev) = ev {
+                        add_event(conn, &id, now, &ev.kind, &ev.message, &ev.data).await?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        for id in noted {
+            self.announce(&id);
+        }
+        Ok(())
+    }
+
+    async fn outbox_retry(&self, id: &str, after_ms: i64) -> Result<()> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE jobs SET outbox_tries = outbox_tries + 1, outbox_after = ? WHERE id = ?",
+                )
+                .bind(after_ms)
+                .bind(&id)
+                .execute(conn)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
     async fn put_named(&self, kind: Named, name: &str, body: Value) -> Result<bool> {
         let (name, clock, table) = (name.to_string(), self.clock.clone(), kind.table());
         self.write(move |conn| {

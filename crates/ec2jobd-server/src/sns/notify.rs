@@ -4,20 +4,27 @@
 //! Lambda subscribers get a JSON document `{"report": <text>, "job": <the job>}`. The `job_id`,
 //! `action` and `state` message attributes serve subscription filter policies.
 //!
-//! Publishing never changes the job's outcome. A failed publish is retried with exponential backoff
-//! and jitter; every outcome is recorded as a job event (`notified` with SNS's message id, or
-//! `notify_failed` with the error). Retries live in this process: a daemon stopped while a
-//! notification is still retrying does not send it after restart (see the issue notes).
+//! Publishing never changes the job's outcome, and it survives restarts: a job reaches its final
+//! state and enters the store's outbox in one transaction, and this notifier publishes from the
+//! outbox (woken when a local job ends, and polling for the rest), so a daemon killed between a
+//! job's end and its publish publishes it after restart. A failed publish is retried with
+//! exponential backoff and jitter, held in the outbox; every outcome is recorded as a job event
+//! (`notified` with SNS's message id, or `notify_failed` with the error) in the transaction that
+//! takes the job out of the outbox. A publish that succeeded just before a crash, before that
+//! transaction, is sent again after restart (at least once). Jobs that ask for no notification
+//! leave the outbox in batches.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_sns::types::MessageAttributeValue;
 use ec2jobd_ec2::Ec2Pool;
-use ec2jobd_spec::{Job, Notify};
+use ec2jobd_spec::{Clock, Job, Notify};
 use ec2jobd_store::{NewEvent, Store};
+use futures::StreamExt;
 use rand::Rng;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 /// Largest job JSON carried per machine protocol (four copies); SNS caps a message at 256 KiB.
 const MAX_JOB_JSON: usize = 48 * 1024;
@@ -26,17 +33,28 @@ const MAX_JOB_JSON: usize = 48 * 1024;
 pub struct Notifier {
     pool: Arc<Ec2Pool>,
     store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
     default: Option<Notify>,
     attempts: u32,
     backoff_base: Duration,
     backoff_max: Duration,
+    wake: tokio::sync::Notify,
 }
+
+/// Outbox entries taken at once; publishes in flight at once.
+const BATCH: u32 = 64;
+const IN_FLIGHT: usize = 8;
+
+/// How often the outbox is looked at when nothing wakes the notifier (jobs ended by another
+/// process, retries coming due).
+const POLL: Duration = Duration::from_millis(500);
 
 impl Notifier {
     /// A notifier publishing through `pool`'s SNS clients, recording in `store`.
     pub fn new(
         pool: Arc<Ec2Pool>,
         store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
         default: Option<Notify>,
         attempts: u32,
         backoff_base: Duration,
@@ -45,74 +63,109 @@ impl Notifier {
         Self {
             pool,
             store,
+            clock,
             default,
             attempts: attempts.max(1),
             backoff_base,
             backoff_max,
+            wake: tokio::sync::Notify::new(),
         }
     }
 
-    /// Called with every job that reached a final state; publishes in the background if asked.
-    pub fn job_finished(self: &Arc<Self>, job: Job) {
-        let Some(n) = job.spec.notify.clone().or_else(|| self.default.clone()) else {
-            return;
-        };
-        if !n.wants(job.state.as_str()) {
-            return;
-        }
-        let me = self.clone();
-        tokio::spawn(async move { me.deliver(job, n).await });
+    /// A local job ended: look at the outbox now.
+    pub fn job_finished(&self) {
+        self.wake.notify_one();
     }
 
-    async fn deliver(&self, job: Job, n: Notify) {
-        let mut last = String::new();
-        for attempt in 1..=self.attempts {
-            match self.publish(&job, &n).await {
-                Ok(id) => {
-                    self.note(
-                        &job,
-                        "notified",
-                        format!("published to {}", n.topic_arn),
-                        json!({"topic_arn": n.topic_arn, "message_id": id, "attempt": attempt}),
-                    )
-                    .await;
-                    return;
+    /// What to publish for a finished job, if anything.
+    fn target(&self, job: &Job) -> Option<Notify> {
+        let n = job.spec.notify.clone().or_else(|| self.default.clone())?;
+        n.wants(job.state.as_str()).then_some(n)
+    }
+
+    /// Publishes from the outbox until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let full = match self.round().await {
+                Ok(full) => full,
+                Err(e) => {
+                    tracing::warn!(error = %e, "notification outbox unavailable");
+                    false
+                }
+            };
+            if full {
+                continue;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pass over what is due; true when there may be more.
+    async fn round(&self) -> Result<bool, ec2jobd_store::StoreError> {
+        let due = self.store.outbox(self.clock.now_ms(), BATCH).await?;
+        let full = due.len() == BATCH as usize;
+        let mut done = Vec::new();
+        let mut publish = Vec::new();
+        for (job, tries) in due {
+            match self.target(&job) {
+                None => done.push((job.id, None)),
+                Some(n) => publish.push((job, n, tries)),
+            }
+        }
+        let results: Vec<_> = futures::stream::iter(publish)
+            .map(|(job, n, tries)| async move {
+                let r = self.publish(&job, &n).await;
+                (job, n, tries + 1, r)
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for (job, n, attempt, r) in results {
+            match r {
+                Ok(id) => done.push((
+                    job.id,
+                    Some(NewEvent {
+                        kind: "notified".into(),
+                        message: format!("published to {}", n.topic_arn),
+                        data: json!({"topic_arn": n.topic_arn, "message_id": id, "attempt": attempt}),
+                    }),
+                )),
+                Err(e) if attempt >= self.attempts => {
+                    tracing::warn!(job = %job.id, attempt, error = %e, "SNS publish failed; giving up");
+                    done.push((
+                        job.id,
+                        Some(NewEvent {
+                            kind: "notify_failed".into(),
+                            message: format!(
+                                "could not publish to {} after {attempt} attempt(s): {e}",
+                                n.topic_arn
+                            ),
+                            data: json!({"topic_arn": n.topic_arn, "error": e}),
+                        }),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(job = %job.id, attempt, error = %e, "SNS publish failed");
-                    last = e;
+                    let after = self.clock.now_ms() + self.backoff(attempt).as_millis() as i64;
+                    self.store.outbox_retry(&job.id, after).await?;
                 }
             }
-            if attempt < self.attempts {
-                let cap = self
-                    .backoff_base
-                    .saturating_mul(1 << (attempt - 1).min(16))
-                    .min(self.backoff_max);
-                let jitter = rand::thread_rng().gen_range(0.5..=1.0);
-                tokio::time::sleep(cap.mul_f64(jitter)).await;
-            }
         }
-        self.note(
-            &job,
-            "notify_failed",
-            format!(
-                "could not publish to {} after {} attempt(s): {last}",
-                n.topic_arn, self.attempts
-            ),
-            json!({"topic_arn": n.topic_arn, "error": last}),
-        )
-        .await;
+        self.store.outbox_done(done).await?;
+        Ok(full)
     }
 
-    async fn note(&self, job: &Job, kind: &str, message: String, data: serde_json::Value) {
-        let ev = NewEvent {
-            kind: kind.into(),
-            message,
-            data,
-        };
-        if let Err(e) = self.store.note(&job.id, ev).await {
-            tracing::warn!(job = %job.id, error = %e, "could not record the notification outcome");
-        }
+    /// Full-range-jitter exponential backoff before publish attempt `attempt + 1`.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self
+            .backoff_base
+            .saturating_mul(1 << (attempt.saturating_sub(1)).min(16))
+            .min(self.backoff_max);
+        cap.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
     }
 
     async fn publish(&self, job: &Job, n: &Notify) -> Result<String, String> {
