@@ -380,3 +380,50 @@ async fn streams_are_capped_per_token() {
     .await;
     assert!(again.is_ok(), "the closed stream's slot never came back");
 }
+
+/// Retention: `ec2jobd prune --dry-run` counts the finished jobs past `retention.jobs` that have
+/// left the notification outbox, `ec2jobd prune` deletes them (events with them); the daemon keeps
+/// serving.
+#[tokio::test]
+async fn prune_counts_then_deletes_finished_jobs_past_retention() {
+    let moto = super::Moto::start().await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        extra: "[retention]\njobs = \"1ms\"\ninterval = \"1h\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(
+            &json!({"action": "describe_instances", "targets": {"filters": [
+            {"name": "instance-state-name", "values": ["running"]}]}, "allow_empty": true}),
+        )
+        .await;
+    assert_eq!(
+        d.wait_final(&id, Duration::from_secs(60)).await["state"],
+        "succeeded"
+    );
+    let config = d.config.to_str().unwrap().to_string();
+    let prune = |dry: bool| {
+        let mut args = vec!["prune", "--config", config.as_str()];
+        if dry {
+            args.push("--dry-run");
+        }
+        let (st, out, err) = super::run_cli(&args);
+        assert!(st.success(), "{err}");
+        out
+    };
+    // The job leaves the outbox (nothing to publish) within the notifier's poll.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = prune(true);
+        if out.starts_with("would delete 1 finished job(s)") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(prune(false).starts_with("deleted 1 finished job(s)"));
+    assert_eq!(d.get_json(&format!("/v1/jobs/{id}")).await.0, 404);
+    assert!(prune(true).starts_with("would delete 0 finished job(s)"));
+}

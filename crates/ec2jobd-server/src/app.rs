@@ -214,6 +214,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.notify.backoff_max.0,
     ));
     tokio::spawn(notifier.clone().run(shutdown.clone()));
+    tokio::spawn(crate::retention::run(
+        state.store.clone(),
+        clock.clone(),
+        cfg.retention.clone(),
+        state.metrics.clone(),
+        shutdown.clone(),
+    ));
     runner.on_finished(Arc::new(move |_job| notifier.job_finished()));
     survive_file_size_limit();
     let nofile = crate::listener::raise_fd_limit();

@@ -57,6 +57,15 @@ enum Cmd {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Delete finished jobs and SNS deliveries past `[retention]` now (the daemon also does this
+    /// every `retention.interval`); with `--dry-run`, only say how many would go.
+    Prune {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Count, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Manage API tokens.
@@ -142,6 +151,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&config, &Overrides::default())?;
             app::open_store(&cfg, Arc::new(SystemClock)).await?;
             eprintln!("migrations applied to {}", cfg.database);
+            Ok(())
+        }
+        Cmd::Prune { config, dry_run } => {
+            let cfg = load(&config, &Overrides::default())?;
+            let store = app::open_store(&cfg, Arc::new(SystemClock)).await?;
+            let p =
+                crate::retention::prune_once(&store, &SystemClock, &cfg.retention, dry_run).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            let age = |d: &crate::config::Dur| {
+                if d.0.is_zero() {
+                    "kept forever".to_string()
+                } else {
+                    format!("older than {}", humantime::format_duration(d.0))
+                }
+            };
+            println!(
+                "{verb} {} finished job(s) ({}) and {} SNS deliveries ({})",
+                p.jobs,
+                age(&cfg.retention.jobs),
+                p.sns_deliveries,
+                age(&cfg.retention.sns_deliveries)
+            );
             Ok(())
         }
         Cmd::Openapi => {

@@ -58,6 +58,22 @@ pub struct Config {
     pub sns: SnsSection,
     /// Job outcome notifications.
     pub notify: NotifySection,
+    /// How long finished jobs and SNS deliveries are kept.
+    pub retention: RetentionSection,
+}
+
+/// `[retention]`: what the pruner deletes, and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Finished jobs created longer ago than this are deleted (0: kept forever).
+    pub jobs: Dur,
+    /// SNS deliveries older than this are deleted (0: kept forever).
+    pub sns_deliveries: Dur,
+    /// How often the pruner runs.
+    pub interval: Dur,
+    /// Rows deleted per transaction.
+    pub batch: u32,
 }
 
 /// `[notify]`: publishing job outcomes to SNS.
@@ -655,6 +671,12 @@ impl Config {
                 };
                 bail!("config key `{key}`: {msg}");
             }
+        }
+        if self.retention.batch == 0 || self.retention.batch > 10_000 {
+            bail!("config key `retention.batch`: 1 to 10000");
+        }
+        if self.retention.interval.0.is_zero() {
+            bail!("config key `retention.interval`: must be more than 0");
         }
         if self.http.max_connections == 0 {
             bail!("config key `http.max_connections`: at least 1");

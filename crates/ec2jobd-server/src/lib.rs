@@ -14,6 +14,7 @@ pub mod listener;
 pub mod metrics;
 pub mod openapi;
 pub mod report;
+pub mod retention;
 pub mod routes;
 pub mod runner;
 pub mod sns;

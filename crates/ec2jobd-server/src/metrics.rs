@@ -30,6 +30,7 @@ pub struct Metrics {
     status_rounds: Counter,
     status_round_instances: Gauge,
     sns_refused: Family<Labels, Counter>,
+    pruned: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,7 +119,14 @@ impl Metrics {
             "SNS deliveries refused (403), by kind (`topic`, `cert_url`, `signature`, `stale`, …)",
             sns_refused.clone(),
         );
+        let pruned = Family::<Labels, Counter>::default();
+        registry.register(
+            "pruned",
+            "Rows deleted by retention (`jobs` with their events, `sns_deliveries`)",
+            pruned.clone(),
+        );
         Self {
+            pruned,
             sns_refused,
             registry,
             attempts,
@@ -146,6 +154,13 @@ impl Metrics {
                 self.queue_depth.set(*n);
             }
         }
+    }
+
+    /// Retention deleted `n` rows of `what`.
+    pub fn pruned(&self, what: &str, n: u64) {
+        self.pruned
+            .get_or_create(&vec![("what".into(), what.into())])
+            .inc_by(n);
     }
 
     /// An SNS delivery was refused.

@@ -344,6 +344,13 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()>;
     /// A publish failed: counts it and holds the job back until `after_ms`.
     async fn outbox_retry(&self, id: &str, after_ms: i64) -> Result<()>;
+    /// Deletes up to `limit` finished jobs created before `created_before_ms` (their events go with
+    /// them; jobs still in the outbox stay); returns how many. With `dry_run`, deletes nothing and
+    /// counts every job that would go.
+    async fn prune_jobs(&self, created_before_ms: i64, limit: u32, dry_run: bool) -> Result<u64>;
+    /// Deletes up to `limit` of the oldest SNS deliveries that arrived before `before_ms`; returns
+    /// how many. With `dry_run`, deletes nothing and counts every one that would go.
+    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64>;
     /// Creates or replaces a named document (`body` is opaque JSON); true when created.
     async fn put_named(&self, kind: Named, name: &str, body: serde_json::Value) -> Result<bool>;
     /// A named document's body.

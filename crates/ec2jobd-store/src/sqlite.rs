@@ -329,6 +329,12 @@ fn id_bound(ms: i64) -> String {
 const NEXT_RUN_AFTER: &str =
     "SELECT MIN(run_after) AS t FROM jobs INDEXED BY jobs_claim WHERE state = 'queued'";
 
+/// Finished jobs created before `?1` (an id) that have left the outbox: what retention deletes.
+/// Walks `jobs_state_id` over the three final states' id ranges.
+const PRUNABLE: &str =
+    "INDEXED BY jobs_state_id WHERE state IN ('succeeded', 'failed', 'cancelled') \
+    AND id < ?1 AND outbox_done_at IS NOT NULL";
+
 const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, attempts, \
     max_attempts, run_after, cancel_requested, error, results, progress, timeout_ms, checkpoint";
 
@@ -1141,6 +1147,58 @@ impl Store for SqliteStore {
                 .execute(conn)
                 .await?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn prune_jobs(&self, created_before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
+        // Ids are ULIDs of the creation time: "created before" is an id range of the state index.
+        let before = ulid::Ulid::from_parts(created_before_ms.max(0) as u64, 0).to_string();
+        if dry_run {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM jobs {PRUNABLE}"))
+                .bind(&before)
+                .fetch_one(&self.pool)
+                .await?;
+            return Ok(n as u64);
+        }
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query(&format!(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs {PRUNABLE} LIMIT ?2)"
+                ))
+                .bind(&before)
+                .bind(i64::from(limit))
+                .execute(conn)
+                .await?
+                .rows_affected();
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
+        if dry_run {
+            // Deliveries are stored in arrival order: the old ones are the lowest ids.
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sns_deliveries WHERE at < ?")
+                .bind(before_ms)
+                .fetch_one(&self.pool)
+                .await?;
+            return Ok(n as u64);
+        }
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query(
+                    "DELETE FROM sns_deliveries WHERE id IN \
+                     (SELECT id FROM sns_deliveries ORDER BY id LIMIT ?1) AND at < ?2",
+                )
+                .bind(i64::from(limit))
+                .bind(before_ms)
+                .execute(conn)
+                .await?
+                .rows_affected();
+                Ok(n)
             })
         })
         .await

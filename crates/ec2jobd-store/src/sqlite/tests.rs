@@ -522,3 +522,60 @@ async fn database_files_are_private() {
         assert_eq!(mode & 0o077, 0, "{name} has mode {mode:o}");
     }
 }
+
+/// Retention deletes finished jobs created before the cutoff (their events with them) once they
+/// left the outbox, in batches; running and queued jobs, newer jobs and outbox entries stay. Old
+/// deliveries go oldest first.
+#[tokio::test]
+async fn prune_deletes_old_finished_jobs_and_deliveries_in_batches() {
+    let f = fixture().await;
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        let j = enqueue(&f.store, "i-01234567").await;
+        let c = f.store.claim("w", 60_000, 1).await.unwrap();
+        f.store
+            .finish(&c[0].job.id, "w", Finish::Succeeded(Default::default()))
+            .await
+            .unwrap();
+        old.push(j.id);
+    }
+    let queued_old = enqueue(&f.store, "i-01234567").await;
+    f.store
+        .record_delivery(NewDelivery {
+            hook: "h".into(),
+            outcome: "accepted".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    f.clock.advance(1_000);
+    let cutoff = f.clock.now_ms();
+    f.clock.advance(1_000);
+    let newer = enqueue(&f.store, "i-01234567").await;
+    // Still in the outbox: nothing to prune yet.
+    assert_eq!(f.store.prune_jobs(cutoff, 100, true).await.unwrap(), 0);
+    let due: Vec<_> = f.store.outbox(f.clock.now_ms(), 100).await.unwrap();
+    assert_eq!(due.len(), 5);
+    f.store
+        .outbox_done(due.into_iter().map(|(j, _)| (j.id, None)).collect())
+        .await
+        .unwrap();
+    assert_eq!(f.store.prune_jobs(cutoff, 100, true).await.unwrap(), 5);
+    assert_eq!(f.store.prune_jobs(cutoff, 2, false).await.unwrap(), 2);
+    assert_eq!(f.store.prune_jobs(cutoff, 100, false).await.unwrap(), 3);
+    for id in &old {
+        assert!(f.store.get(id).await.unwrap().is_none());
+        assert!(f.store.events(id, 0, 10).await.unwrap().is_empty());
+    }
+    assert!(f.store.get(&queued_old.id).await.unwrap().is_some());
+    assert!(f.store.get(&newer.id).await.unwrap().is_some());
+    assert_eq!(
+        f.store.prune_deliveries(cutoff, 100, true).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        f.store.prune_deliveries(cutoff, 100, false).await.unwrap(),
+        1
+    );
+    assert!(f.store.list_deliveries(None, 10).await.unwrap().is_empty());
+}

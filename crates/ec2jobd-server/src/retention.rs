@@ -1,0 +1,109 @@
+//! Retention (`[retention]`): deletes finished jobs (their events with them) and SNS deliveries
+//! past their age, in batches of `retention.batch` rows through the store's writer. After each batch
+//! the pruner pauses as long as the batch took, so a large backlog takes at most half the writer's
+//! time and submissions keep their latency. `ec2jobd prune` runs the same pass once, or counts what
+//! it would delete with `--dry-run`. Nothing here knows SQL: the store decides what is prunable
+//! (finished, and out of the notification outbox).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ec2jobd_spec::Clock;
+use ec2jobd_store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RetentionSection;
+use crate::metrics::Metrics;
+
+/// What one pass deleted (or, dry, would delete).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Finished jobs.
+    pub jobs: u64,
+    /// SNS deliveries.
+    pub sns_deliveries: u64,
+}
+
+fn cutoff(now_ms: i64, keep: Duration) -> Option<i64> {
+    (!keep.is_zero()).then(|| now_ms - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// One pass over everything past its age.
+pub async fn prune_once(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    cfg: &RetentionSection,
+    dry_run: bool,
+) -> Result<Pruned, StoreError> {
+    let now = clock.now_ms();
+    let mut out = Pruned::default();
+    if let Some(before) = cutoff(now, cfg.jobs.0) {
+        out.jobs = batches(
+            || store.prune_jobs(before, cfg.batch, dry_run),
+            cfg.batch,
+            dry_run,
+        )
+        .await?;
+    }
+    if let Some(before) = cutoff(now, cfg.sns_deliveries.0) {
+        out.sns_deliveries = batches(
+            || store.prune_deliveries(before, cfg.batch, dry_run),
+            cfg.batch,
+            dry_run,
+        )
+        .await?;
+    }
+    Ok(out)
+}
+
+/// Runs `one` until a batch comes back short, pausing after each as long as it took.
+async fn batches<F, Fut>(one: F, batch: u32, dry_run: bool) -> Result<u64, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let start = Instant::now();
+        let n = one().await?;
+        total += n;
+        if dry_run || n < u64::from(batch) {
+            return Ok(total);
+        }
+        tokio::time::sleep(start.elapsed()).await;
+    }
+}
+
+/// Prunes every `retention.interval` (first at start) until `shutdown`.
+pub async fn run(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    cfg: RetentionSection,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let pass = tokio::select! {
+            r = prune_once(store.as_ref(), clock.as_ref(), &cfg, false) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        match pass {
+            Ok(p) => {
+                metrics.pruned("jobs", p.jobs);
+                metrics.pruned("sns_deliveries", p.sns_deliveries);
+                if p != Pruned::default() {
+                    tracing::info!(
+                        jobs = p.jobs,
+                        sns_deliveries = p.sns_deliveries,
+                        "pruned past retention"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again next interval"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.interval.0) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
