@@ -92,6 +92,41 @@ async fn impaired_check_fails_the_job_naming_it() {
     assert_eq!(j["attempts"], 1, "impaired is not retried");
 }
 
+/// A start that falls back to stopped (EC2 does this when it cannot start an instance, e.g. without
+/// a KMS grant for an encrypted volume) fails at once with `InstanceStopped` and the StateReason,
+/// instead of waiting out its whole timeout.
+#[tokio::test]
+async fn a_start_that_falls_back_to_stopped_fails_at_once() {
+    let (moto, proxy, d, ids) = rig(1, &[], 2).await;
+    moto.stop(&ids[0..=0]).await;
+    proxy.set(|f| f.instance_status = Some(("initializing".into(), Instant::now() + MINUTE)));
+    let id = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": ids.clone()},
+            "wait": {"interval": "200ms", "timeout": "10m"}}),
+        )
+        .await;
+    // Seen running (checks initializing), then reported stopped.
+    d.wait_for(&id, MINUTE, |j| j["progress"]["phase"] == "waiting")
+        .await;
+    let deadline = std::time::Instant::now() + MINUTE;
+    while proxy.injected("DescribeInstanceStatus") < 1 {
+        assert!(std::time::Instant::now() < deadline, "no status round");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set(|f| f.instance_state = Some(("stopped".into(), Instant::now() + MINUTE)));
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "InstanceStopped", "{j}");
+    let msg = j["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&ids[0])
+            && msg.contains("went back to stopped")
+            && msg.contains("StateReason"),
+        "{msg}"
+    );
+}
+
 #[tokio::test]
 async fn wait_timeout_reports_the_last_status_of_each_instance() {
     let (_moto, proxy, d, ids) = rig(2, &[], 2).await;

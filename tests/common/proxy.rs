@@ -23,6 +23,9 @@ pub struct Faults {
     pub instance_status: Option<(String, Instant)>,
     /// Until this instant, DescribeInstanceStatus reports SystemStatus with this summary.
     pub system_status: Option<(String, Instant)>,
+    /// Until this instant, DescribeInstanceStatus reports running instances in this state
+    /// (`stopped`: a start that fell back, as with a missing KMS grant).
+    pub instance_state: Option<(String, Instant)>,
     /// Share of calls answered `503 RequestLimitExceeded`.
     pub throttle: f64,
     /// Share of calls answered `503 Unavailable`.
@@ -545,6 +548,15 @@ async fn forward(
                     text = rewrite_status(text, element, summary);
                     note(s);
                 }
+            }
+        }
+        if let Some((state, until)) = &faults.instance_state {
+            if now < *until {
+                text = text.replace(
+                    "<name>running</name></instanceState>",
+                    &format!("<name>{state}</name></instanceState>"),
+                );
+                note(s);
             }
         }
     }

@@ -532,6 +532,15 @@ pub fn instance_result(i: &Instance) -> InstanceResult {
         launch_time: i
             .launch_time()
             .and_then(|t| t.fmt(aws_smithy_types::date_time::Format::DateTime).ok()),
+        state_reason: i.state_reason().and_then(|r| {
+            let code = r.code().unwrap_or_default();
+            let msg = r.message().filter(|m| !m.is_empty())?;
+            Some(if code.is_empty() || msg.starts_with(code) {
+                msg.to_string()
+            } else {
+                format!("{code}: {msg}")
+            })
+        }),
         tags,
         ..Default::default()
     }

@@ -293,6 +293,9 @@ impl StatusWatcher {
         let _reg = self.register(ids, interval);
         let deadline = Instant::now() + timeout;
         let mut gone: HashSet<String> = HashSet::new();
+        // Instances seen on their way up: one that is back at stopping/stopped was started and fell
+        // back (EC2 stops an instance it cannot start, e.g. without a KMS grant for its volume).
+        let mut moving: HashSet<String> = HashSet::new();
         loop {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return Err(WaitFailure::Timeout(last)) },
@@ -329,7 +332,23 @@ impl StatusWatcher {
                 } else {
                     round.statuses.get(id)
                 };
-                match evaluate(until, st) {
+                let verdict = match st.map(|s| s.state.as_str()) {
+                    Some("pending" | "running") => {
+                        moving.insert(id.clone());
+                        evaluate(until, st)
+                    }
+                    Some(state @ ("stopping" | "stopped"))
+                        if moving.contains(id)
+                            && matches!(until, WaitUntil::Running | WaitUntil::StatusOk) =>
+                    {
+                        Verdict::Failed(
+                            "InstanceStopped".into(),
+                            format!("the instance went back to {state} while starting"),
+                        )
+                    }
+                    _ => evaluate(until, st),
+                };
+                match verdict {
                     Verdict::Done => {}
                     Verdict::Waiting(_) => all_done = false,
                     Verdict::Failed(code, message) => {

@@ -1092,6 +1092,18 @@ impl Ec2Executor {
                 results.instances = self
                     .final_results(ec2, ids, before, &seen, &to_running, &to_ok, todo)
                     .await;
+                let mut error = error;
+                if error.code == "InstanceStopped" {
+                    let reason = results
+                        .instances
+                        .iter()
+                        .find(|i| error.message.starts_with(&format!("{}:", i.instance_id)))
+                        .and_then(|i| i.state_reason.as_deref());
+                    error.message.push_str(&format!(
+                        " (StateReason: {})",
+                        reason.unwrap_or("none reported")
+                    ));
+                }
                 return Err(ExecError::Failed {
                     error,
                     transient: false,

@@ -139,6 +139,10 @@ pub struct InstanceResult {
     /// All tags of the instance.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Why EC2 last changed the instance's state, when it says (`Client.InternalError: Client
+    /// error on launch`, as when a start falls back to stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
     /// State before the job acted on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_state: Option<String>,
