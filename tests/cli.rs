@@ -296,3 +296,85 @@ async fn templates_are_checked_on_save_and_run_with_values() {
     let (_, list) = d.get_json("/v1/templates").await;
     assert_eq!(list[0]["name"], "tag-one");
 }
+
+/// A daemon restarted while `submit --wait` follows its job is not the job's outcome: the client
+/// keeps reading until `--wait-timeout` and exits with the job's code; its generated idempotency
+/// key (shown with `--verbose`) makes the submission safe to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_client_rides_out_a_daemon_restart() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Group", "restart")]).await;
+    moto.stop(&ids).await;
+    let proxy = common::proxy::FaultProxy::start(&moto.url, 7).await;
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            std::time::Instant::now() + std::time::Duration::from_secs(6),
+        ))
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        env: vec![("EC2JOBD_LISTEN".into(), format!("127.0.0.1:{port}"))],
+        ..Default::default()
+    })
+    .await;
+    let mut child = Command::new(bin())
+        .args([
+            "submit",
+            "start",
+            "--id",
+            &ids[0],
+            "--wait-status-ok",
+            "--interval",
+            "200ms",
+            "--wait-timeout",
+            "2m",
+            "--verbose",
+        ])
+        .env("EC2JOBD_URL", &d.url)
+        .env("EC2JOBD_TOKEN", &d.admin)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ec2jobd");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // Once the job is waiting, the daemon dies; it comes back on the same address only after the
+    // client has said it is retrying.
+    let wait_line = |want: &str| loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(l) if l.contains(want) => return,
+            Ok(_) => continue,
+            Err(e) => panic!("no line with `{want}`: {e}"),
+        }
+    };
+    tokio::task::block_in_place(|| wait_line("waiting for status_ok"));
+    d.kill9();
+    tokio::task::block_in_place(|| wait_line("retrying"));
+    d.spawn().await;
+    let status = tokio::task::block_in_place(|| child.wait().unwrap());
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert!(err.contains("idempotency key: ec2jobd-cli-"), "{err}");
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert_eq!(page["jobs"].as_array().map(Vec::len), Some(1), "{page}");
+    assert_eq!(page["jobs"][0]["state"], "succeeded");
+}

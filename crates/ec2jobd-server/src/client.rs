@@ -23,7 +23,7 @@ pub mod exit {
     pub const TIMED_OUT: u8 = 2;
     /// The daemon refused the request (4xx), or the command line was wrong.
     pub const REJECTED: u8 = 3;
-    /// The daemon could not be reached, or answered 5xx.
+    /// The daemon could not be reached, was too busy (429), or answered 5xx, after retrying.
     pub const UNREACHABLE: u8 = 4;
 }
 
@@ -85,9 +85,13 @@ pub struct Submit {
     /// Pass DryRun to EC2.
     #[arg(long)]
     pub dry_run: bool,
-    /// Idempotency key (repeat the command safely).
+    /// Idempotency key (repeat the command safely); by default one is generated for this
+    /// invocation, so its own retries after a lost answer never submit twice.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Print the idempotency key used (on stderr).
+    #[arg(long)]
+    pub verbose: bool,
     /// Wait for the job to end, showing progress on stderr.
     #[arg(long)]
     pub wait: bool,
@@ -105,9 +109,12 @@ pub struct RunTemplate {
     pub template: String,
     /// Parameter values `key=value` (JSON values allowed: `count=3`, `ids=["i-1"]`).
     pub values: Vec<String>,
-    /// Idempotency key.
+    /// Idempotency key; generated for this invocation when not given.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Print the idempotency key used (on stderr).
+    #[arg(long)]
+    pub verbose: bool,
     /// Wait for the job to end, showing progress on stderr.
     #[arg(long)]
     pub wait: bool,
@@ -132,12 +139,12 @@ pub async fn run_template(r: RunTemplate) -> R<u8> {
     }
     let client = Client::new(&r.conn)?;
     let limit = duration(&r.wait_timeout, "--wait-timeout")?;
+    let key = idempotency_key(r.idempotency_key.as_deref(), r.verbose);
     let (_, text) = client
-        .call(
-            reqwest::Method::POST,
+        .submit(
             &format!("/v1/templates/{}/run", r.template),
-            Some(&json!({"parameters": params})),
-            r.idempotency_key.as_deref(),
+            &json!({"parameters": params}),
+            &key,
         )
         .await?;
     client.answer(&text, r.wait, limit, r.conn.output).await
@@ -259,6 +266,10 @@ impl Client {
         let text = r.text().await.unwrap_or_default();
         match status {
             200..=299 => Ok((status, text)),
+            429 => Err(Fail(
+                exit::UNREACHABLE,
+                format!("daemon busy (429): {text}"),
+            )),
             400..=499 => {
                 let p: Value = serde_json::from_str(&text).unwrap_or_default();
                 let field = p["field"]
@@ -279,6 +290,57 @@ impl Client {
                 format!("daemon answered {status}: {text}"),
             )),
         }
+    }
+
+    /// `call`, tried again with backoff while the daemon cannot be reached, is busy or fails
+    /// (exit 4), until `until`; a refusal (4xx) is final. Says once on stderr that it retries.
+    async fn call_retrying(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+        until: Instant,
+    ) -> R<(u16, String)> {
+        let mut delay = Duration::from_millis(250);
+        let mut said = false;
+        loop {
+            match self.call(method.clone(), path, body, key).await {
+                Err(Fail(code, msg))
+                    if code == exit::UNREACHABLE && Instant::now() + delay < until =>
+                {
+                    if !said {
+                        eprintln!("{msg}; retrying");
+                        said = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A submission, with its idempotency key, retried for up to [`SUBMIT_RETRY`] when its answer
+    /// is lost: the key makes a repeat return the job the first one stored.
+    async fn submit(&self, path: &str, body: &Value, key: &str) -> R<(u16, String)> {
+        let until = Instant::now() + SUBMIT_RETRY;
+        self.call_retrying(reqwest::Method::POST, path, Some(body), Some(key), until)
+            .await
+    }
+
+    /// The job, read again while the daemon cannot be reached until `until`.
+    async fn job_until(&self, id: &str, until: Instant) -> R<Value> {
+        let (_, t) = self
+            .call_retrying(
+                reqwest::Method::GET,
+                &format!("/v1/jobs/{id}"),
+                None,
+                None,
+                until,
+            )
+            .await?;
+        serde_json::from_str(&t).map_err(|e| Fail(exit::UNREACHABLE, format!("bad answer: {e}")))
     }
 
     async fn job(&self, id: &str) -> R<Value> {
@@ -330,7 +392,16 @@ impl Client {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(500).min(deadline - Instant::now())).await;
-            job = self.job(job["id"].as_str().unwrap_or("")).await?;
+            // A dropped connection or a restarting daemon is not the job's outcome: keep reading
+            // until the wait runs out.
+            job = match self
+                .job_until(job["id"].as_str().unwrap_or(""), deadline)
+                .await
+            {
+                Ok(j) => j,
+                Err(Fail(exit::UNREACHABLE, _)) if Instant::now() >= deadline => continue,
+                Err(e) => return Err(e),
+            };
         }
     }
 
@@ -388,6 +459,20 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// How long a submission is retried when the daemon cannot be reached or its answer is lost.
+const SUBMIT_RETRY: Duration = Duration::from_secs(60);
+
+/// The key a submission carries: the one given, or one generated for this invocation.
+fn idempotency_key(given: Option<&str>, verbose: bool) -> String {
+    let key = given
+        .map(String::from)
+        .unwrap_or_else(|| format!("ec2jobd-cli-{}", ulid::Ulid::new()));
+    if verbose {
+        eprintln!("idempotency key: {key}");
+    }
+    key
 }
 
 fn exit_for(job: &Value) -> u8 {
@@ -477,14 +562,8 @@ pub async fn submit(s: Submit) -> R<u8> {
     let client = Client::new(&s.conn)?;
     let wait = s.wait || s.wait_status_ok;
     let limit = duration(&s.wait_timeout, "--wait-timeout")?;
-    let (_, text) = client
-        .call(
-            reqwest::Method::POST,
-            "/v1/jobs",
-            Some(&spec),
-            s.idempotency_key.as_deref(),
-        )
-        .await?;
+    let key = idempotency_key(s.idempotency_key.as_deref(), s.verbose);
+    let (_, text) = client.submit("/v1/jobs", &spec, &key).await?;
     client.answer(&text, wait, limit, s.conn.output).await
 }
 
