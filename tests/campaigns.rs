@@ -1,4 +1,5 @@
-//! Stress campaigns (issue 7): crash, graceful stop, EC2 faults, storage faults and overload, each
+//! Stress campaigns (issue 7): crash, graceful stop, EC2 faults, storage faults, overload and (issue
+//! 12) hostile input, each
 //! against real moto servers and the real binary. Each prints one table of figures and fails on any
 //! violation of the daemon's promise: an accepted job is never lost, never runs its side effects
 //! twice, and never reports success that did not happen (checked in moto, not in our own answers).
@@ -1153,4 +1154,377 @@ async fn bad_input_campaign() {
         ],
         &violations,
     );
+}
+
+/// Counts answers by class and keeps the first few surprises, for the hostile campaign.
+#[derive(Default)]
+struct Tally {
+    answers: BTreeMap<String, u64>,
+    bad: Vec<String>,
+}
+
+impl Tally {
+    fn saw(&mut self, what: &str, status: u16, ok: &[u16]) {
+        *self.answers.entry(format!("{what} {status}")).or_default() += 1;
+        if !ok.contains(&status) && self.bad.len() < 20 {
+            self.bad
+                .push(format!("{what}: answered {status}, expected one of {ok:?}"));
+        }
+    }
+}
+
+/// Hostile input (issue 12): against one daemon at once, nested template values, 60 KB SNS fields
+/// as fast as the clients can send them, idle and slowloris connections, repeated and odd `wait`
+/// parameters, certificate URLs with host tricks, oversized and deeply nested JSON, and SSE floods,
+/// while a steady stream of real jobs runs. Holds: the daemon stays up, RSS under a bound, `/healthz`
+/// within 100 ms throughout, every real job succeeds, the database grows by less than a bound, and
+/// no submission is answered 5xx (a 5xx after storing would make a retrying client submit twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_campaign() {
+    let secs = size(8, 60) as u64;
+    let (idle_n, slow_n) = (size(100, 500), size(30, 100));
+    let moto = Moto::start().await;
+    let iid = moto.launch(1, &[("Hostile", "yes")]).await.remove(0);
+    let topic = "arn:aws:sns:us-east-1:123456789012:alarms";
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        workers: 4,
+        extra: format!(
+            "[http]\nheader_read_timeout = \"2s\"\nidle_timeout = \"20s\"\nmax_streams_per_token = 20\n\n\
+             [sns.hooks.alarms]\ntopics = [\"{topic}\"]\n"
+        ),
+        ..Default::default()
+    })
+    .await;
+    let db = d.dir.join("ec2jobd.db");
+    let db_bytes = || {
+        let conn = rusqlite::Connection::open(&db).expect("open the daemon's database");
+        conn.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+        std::fs::metadata(&db).expect("database").len()
+    };
+    let db_start = db_bytes();
+    let rss_idle = d.rss_kib();
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let (url, admin) = (d.url.clone(), d.admin.clone());
+    let http = reqwest::Client::new();
+    let put = http
+        .put(format!("{url}/v1/templates/nested"))
+        .bearer_auth(&admin)
+        .json(&json!({
+            "spec": {"action": "create_tags", "targets": {"instance_ids": [iid]},
+                     "params": {"tags": {"A": "${a}", "B": "${b}", "C": "${c}"}}},
+            "parameters": {"a": {"type": "string"}, "b": {"type": "string"}, "c": {"type": "string"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    // Loops `f` until the campaign ends.
+    macro_rules! attack {
+        ($name:expr, $f:expr) => {{
+            let (stop, tally, http, url, admin) = (
+                stop.clone(),
+                tally.clone(),
+                http.clone(),
+                url.clone(),
+                admin.clone(),
+            );
+            let f = $f;
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, ok): (u16, &[u16]) = f(&http, &url, &admin, n).await;
+                    tally.lock().unwrap().saw($name, status, ok);
+                    n += 1;
+                }
+            }));
+        }};
+    }
+    async fn send(r: reqwest::RequestBuilder) -> u16 {
+        match r.send().await {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                let _ = r.bytes().await;
+                s
+            }
+            Err(e) => {
+                let mut why = format!("{e}");
+                let mut src = std::error::Error::source(&e);
+                while let Some(c) = src {
+                    why += &format!(": {c}");
+                    src = c.source();
+                }
+                eprintln!("request error: {why}");
+                0
+            }
+        }
+    }
+    let huge = "A".repeat(40_000);
+    // 60 KB of caller-supplied SNS fields, unauthenticated, as fast as they go (two senders).
+    for _ in 0..2 {
+        let huge = huge.clone();
+        attack!(
+            "sns 60 KB fields",
+            move |h: &reqwest::Client, u: &String, _: &String, n: u64| {
+                let body = json!({"Type": "Notification", "MessageId": format!("{n}-{}", &huge[..15_000]),
+                "TopicArn": format!("arn:aws:sns:us-east-1:123456789012:{huge}"), "Message": "x\ninjected",
+                "Timestamp": "2026-12-02T00:00:00.000Z", "SignatureVersion": "1", "Signature": "AAAA",
+                "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0a.pem"});
+                let r = h.post(format!("{u}/v1/sns/alarms")).body(body.to_string());
+                async move { (send(r).await, &[403u16][..]) }
+            }
+        );
+    }
+    // Certificate URLs with host tricks, on the accepted topic: refused before any fetch.
+    let tricks = [
+        "https://sns.s3.amazonaws.com/SimpleNotificationService-0a.pem",
+        "https://sns.s3-external-1.amazonaws.com/SimpleNotificationService-0a.pem",
+        "https://sns.us-east-1.amazonaws.com.evil.com/SimpleNotificationService-0a.pem",
+        "https://sns.us-east-1.amazonaws.com@evil.com/SimpleNotificationService-0a.pem",
+        "https://sns.us-east-1.amazonaws.com:8443/SimpleNotificationService-0a.pem",
+        "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0a.pem?x=1",
+        "https://sns.us-east-1.amazonaws.com/%2e%2e/SimpleNotificationService-0a.pem",
+        "http://sns.us-east-1.amazonaws.com/SimpleNotificationService-0a.pem",
+    ];
+    attack!(
+        "cert url tricks",
+        move |h: &reqwest::Client, u: &String, _: &String, n: u64| {
+            let body = json!({"Type": "Notification", "MessageId": format!("m-{n}"), "TopicArn": topic,
+            "Message": "{}", "Timestamp": chrono::Utc::now().to_rfc3339(), "SignatureVersion": "2",
+            "Signature": "AAAA", "SigningCertURL": tricks[n as usize % tricks.len()]});
+            let r = h.post(format!("{u}/v1/sns/alarms")).body(body.to_string());
+            async move { (send(r).await, &[403u16][..]) }
+        }
+    );
+    // Nested template values: one pass, refused as too large or invalid, never expanded.
+    let nested = json!({"parameters": {"a": "${b}".repeat(2000), "b": "${c}".repeat(2000),
+        "c": "x".repeat(20_000)}});
+    attack!(
+        "nested template values",
+        move |h: &reqwest::Client, u: &String, a: &String, _n: u64| {
+            let r = h
+                .post(format!("{u}/v1/templates/nested/run"))
+                .bearer_auth(a)
+                .json(&nested);
+            async move { (send(r).await, &[422u16][..]) }
+        }
+    );
+    // Repeated and odd `wait` parameters; oversized and deeply nested bodies.
+    let odd = [
+        "?wait=1s&wait=2s",
+        "?wait=abc",
+        "?wait=99999h",
+        "?wait=%ff",
+        "?wait=",
+        "?x=1&wait=1s",
+    ];
+    attack!(
+        "odd wait / bad bodies",
+        move |h: &reqwest::Client, u: &String, a: &String, n: u64| {
+            let r = match n % 3 {
+            0 => h
+                .post(format!("{u}/v1/jobs{}", odd[n as usize % odd.len()]))
+                .bearer_auth(a)
+                .json(&json!({"action": "describe_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}})),
+            1 => h
+                .post(format!("{u}/v1/jobs"))
+                .bearer_auth(a)
+                .header("content-type", "application/json")
+                .body(format!("{}{}", "[".repeat(20_000), "]".repeat(20_000))),
+            _ => h
+                .post(format!("{u}/v1/jobs"))
+                .bearer_auth(a)
+                .header("content-type", "application/json")
+                .body(format!("{{\"action\": \"{}\"}}", "x".repeat(100_000))),
+        };
+            async move { (send(r).await, &[400u16, 413, 422][..]) }
+        }
+    );
+    // The real work: a steady stream of jobs, each checked at the end.
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    {
+        let (stop, tally, http, url, admin, accepted, iid) = (
+            stop.clone(),
+            tally.clone(),
+            http.clone(),
+            url.clone(),
+            admin.clone(),
+            accepted.clone(),
+            iid.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let spec = if n % 2 == 0 {
+                    json!({"action": "describe_instances", "targets": {"instance_ids": [iid]}})
+                } else {
+                    json!({"action": "create_tags", "targets": {"instance_ids": [iid]},
+                        "params": {"tags": {"Hostile": format!("n{n}")}}})
+                };
+                match http
+                    .post(format!("{url}/v1/jobs"))
+                    .bearer_auth(&admin)
+                    .json(&spec)
+                    .send()
+                    .await
+                {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        tally.lock().unwrap().saw("real jobs", s, &[202]);
+                        if s == 202 {
+                            let v: Value = r.json().await.unwrap_or(Value::Null);
+                            accepted
+                                .lock()
+                                .unwrap()
+                                .push(v["id"].as_str().unwrap_or("").into());
+                        }
+                    }
+                    Err(e) => tally.lock().unwrap().bad.push(format!("real job: {e}")),
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }));
+    }
+    // Idle connections and slowloris heads (a byte every 500 ms), held for the whole campaign.
+    let mut held = Vec::new();
+    for _ in 0..idle_n {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            held.push(s);
+        }
+    }
+    for _ in 0..slow_n {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+                    return;
+                };
+                let _ = s.write_all(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n").await;
+                for b in b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+                    if stop.load(Ordering::Relaxed) || s.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }));
+    }
+    // SSE floods on a job: beyond the token's share, 429; streams opened and dropped.
+    let sse_job = accepted_first(&http, &url, &admin, &iid).await;
+    attack!("sse flood", move |h: &reqwest::Client,
+                               u: &String,
+                               a: &String,
+                               _n: u64| {
+        let r = h
+            .get(format!("{u}/v1/jobs/{sse_job}/events"))
+            .bearer_auth(a);
+        async move {
+            match tokio::time::timeout(Duration::from_millis(300), r.send()).await {
+                Ok(Ok(r)) => (r.status().as_u16(), &[200u16, 429][..]),
+                Ok(Err(_)) => (0, &[200u16, 429][..]),
+                Err(_) => (200, &[200u16, 429][..]),
+            }
+        }
+    });
+
+    // Meanwhile: /healthz latency, RSS and liveness, sampled.
+    let (mut health_max, mut health_n, mut health_slow) = (Duration::ZERO, 0u64, 0u64);
+    let mut rss_max = 0;
+    let mut violations = Vec::new();
+    let probe = reqwest::Client::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        let t = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            probe.get(format!("{url}/healthz")).send(),
+        )
+        .await;
+        let took = t.elapsed();
+        if !matches!(&r, Ok(Ok(r)) if r.status() == 200) {
+            violations.push(format!("/healthz failed after {took:?}"));
+        }
+        health_n += 1;
+        health_max = health_max.max(took);
+        if took > Duration::from_millis(100) {
+            health_slow += 1;
+        }
+        rss_max = rss_max.max(d.rss_kib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(held);
+    if !d.alive() {
+        violations.push("the daemon died".into());
+    }
+    if health_slow > 0 {
+        violations.push(format!(
+            "/healthz took over 100 ms {health_slow} of {health_n} times (max {health_max:?})"
+        ));
+    }
+    let ids = accepted.lock().unwrap().clone();
+    let states = all_succeeded(&d, &ids, 5 * MINUTE, &mut violations).await;
+    let grown = db_bytes().saturating_sub(db_start);
+    let db_bound = 8 * 1024 * 1024;
+    if grown > db_bound {
+        violations.push(format!("database grew by {grown} bytes (bound {db_bound})"));
+    }
+    let rss_bound = 256 * 1024;
+    if rss_max > rss_bound {
+        violations.push(format!("RSS reached {rss_max} KiB (bound {rss_bound} KiB)"));
+    }
+    let t = tally.lock().unwrap();
+    violations.extend(t.bad.iter().cloned());
+    violations.extend(
+        d.log()
+            .lines()
+            .filter(|l| l.contains("panicked") || l.starts_with("injected"))
+            .take(10)
+            .map(|l| format!("daemon log: {l}")),
+    );
+    let mut rows: Vec<(&str, String)> = vec![
+        ("load", format!("{:.1} s", started.elapsed().as_secs_f64())),
+        (
+            "idle / slowloris connections",
+            format!("{idle_n} / {slow_n}"),
+        ),
+        (
+            "/healthz probes, max latency",
+            format!("{health_n}, {health_max:?}"),
+        ),
+        (
+            "RSS idle / max",
+            format!("{} / {} MiB", rss_idle / 1024, rss_max / 1024),
+        ),
+        ("database growth", format!("{} KiB", grown / 1024)),
+        ("real jobs", format!("{} {states:?}", ids.len())),
+    ];
+    let answers: Vec<String> = t.answers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let answers = answers.join(", ");
+    rows.push(("answers", answers));
+    report("hostile", &rows, &violations);
+}
+
+/// A job that stays around for SSE floods (a describe that has finished is fine: its stream ends).
+async fn accepted_first(http: &reqwest::Client, url: &str, admin: &str, iid: &str) -> String {
+    let r = http
+        .post(format!("{url}/v1/jobs"))
+        .bearer_auth(admin)
+        .json(&json!({"action": "describe_instances", "targets": {"instance_ids": [iid]}}))
+        .send()
+        .await
+        .expect("submit");
+    let v: Value = r.json().await.expect("job");
+    v["id"].as_str().unwrap_or("").to_string()
 }

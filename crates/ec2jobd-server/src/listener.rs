@@ -2,7 +2,8 @@
 //! than `http.header_read_timeout` to send a request's head (slowloris) or sit idle, with no request
 //! in flight and nothing read or written, for `http.idle_timeout`, and drains on shutdown.
 //!
-//! At the cap it stops accepting (the kernel's backlog holds newcomers) rather than accept and drop,
+//! An error answered to a request with a body carries `Connection: close` (the body may be unread,
+//! so the connection cannot be reused). At the cap it stops accepting (the kernel's backlog holds newcomers) rather than accept and drop,
 //! so file descriptors stay below the process limit, which [`raise_fd_limit`] lifts at start. It
 //! knows nothing of routes: it serves whatever [`Router`] it is given.
 
@@ -181,10 +182,28 @@ pub async fn serve(
             let app = app.clone();
             hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let guard = InFlight::new(&activity);
+                let has_body = req.headers().contains_key(hyper::header::TRANSFER_ENCODING)
+                    || req
+                        .headers()
+                        .get(hyper::header::CONTENT_LENGTH)
+                        .is_some_and(|v| v.as_bytes() != b"0");
                 let fut = tower::ServiceExt::oneshot(app.clone(), req);
                 async move {
-                    let r = fut.await;
+                    let mut r = fut.await;
                     drop(guard);
+                    // An error may be answered before the body was read (413, 401), and then the
+                    // connection cannot be reused: say so, or a client's next request on it races
+                    // the close and fails.
+                    if let Ok(res) = &mut r {
+                        if has_body
+                            && (res.status().is_client_error() || res.status().is_server_error())
+                        {
+                            res.headers_mut().insert(
+                                hyper::header::CONNECTION,
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                        }
+                    }
                     r
                 }
             })
