@@ -1,7 +1,6 @@
 //! Stress campaigns (issue 7): crash, graceful stop, EC2 faults, storage faults, overload and (issue
-//! 12) hostile input, each
-//! against real moto servers and the real binary. Each prints one table of figures and fails on any
-//! violation of the daemon's promise: an accepted job is never lost, never runs its side effects
+//! 12) hostile input, each against real moto servers and the real binary. Each prints one table of
+//! figures and fails on any violation of the daemon's promise: an accepted job is never lost, never runs its side effects
 //! twice, and never reports success that did not happen (checked in moto, not in our own answers).
 //!
 //! The short forms run in CI with the rest of the suite. The long forms (the sizes issue 7 names:
