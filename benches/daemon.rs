@@ -14,6 +14,9 @@
 //! 6. `GET /v1/jobs` p50/p99 with 1,000,000 jobs in the table (newest page, a state filter, an
 //!    action filter, a one-day window 15 days back, and 20 pages deep by cursor), beside the same
 //!    queries over 1,000 jobs.
+//! 7. Retention (issue 12): submission p50/p99 while the pruner deletes the ~97% of 1,000,000
+//!    finished jobs that are older than a day, beside the same submissions on the same database
+//!    with retention off; and how fast it prunes.
 //!
 //! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
 //! with ids and times spread over 30 days. Settings: BENCH_JOBS (claim throughput, default 20000),
@@ -28,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::{bench_daemon, cpu_time, Daemon, Moto};
+use common::{bench_daemon, bench_daemon_with, cpu_time, Daemon, Moto};
 use ec2jobd_spec::{Clock, JobResults, JobSpec, SystemClock};
 use ec2jobd_store::{Finish, NewJob, SqliteOptions, SqliteStore, Store};
 use serde_json::json;
@@ -270,8 +273,9 @@ fn fill(db: &Path, template: &str, rows: u64) {
         let mut ins = conn
             .prepare(
                 "INSERT INTO jobs (id, state, action, spec, created_at, updated_at, started_at, \
-                 finished_at, attempts, max_attempts, run_after, timeout_ms, results, progress) \
-                 VALUES (?1, ?2, 'describe_instances', ?3, ?4, ?4, ?4, ?4, 1, 3, ?4, 3600000, ?5, ?6)",
+                 finished_at, attempts, max_attempts, run_after, timeout_ms, results, progress, \
+                 outbox_done_at) \
+                 VALUES (?1, ?2, 'describe_instances', ?3, ?4, ?4, ?4, ?4, 1, 3, ?4, 3600000, ?5, ?6, ?4)",
             )
             .expect("prepare");
         for i in 0..rows {
@@ -398,6 +402,83 @@ async fn big_tables(moto: &Moto, template_dir: &Path, template: &str, big: u64) 
     }
 }
 
+/// p50/p99 of `n` submissions from 8 concurrent clients.
+async fn submit_latency(d: &Daemon, n: usize) -> (Duration, Duration) {
+    let spec = json!({"action": "describe_instances", "allow_empty": true,
+        "targets": {"tags": {"Bench": "none"}}});
+    let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (url, admin, spec, lat) = (d.url.clone(), d.admin.clone(), spec.clone(), lat.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for _ in 0..n / 8 {
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/v1/jobs"))
+                    .bearer_auth(&admin)
+                    .json(&spec)
+                    .send()
+                    .await
+                    .expect("submit");
+                assert_eq!(r.status(), 202);
+                lat.lock().unwrap().push(t.elapsed());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client");
+    }
+    let mut lat = lat.lock().unwrap().clone();
+    lat.sort();
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+/// Submission latency while the pruner works through `rows` old finished jobs, beside the same
+/// database with retention off.
+async fn prune_under_load(moto: &Moto, template_dir: &Path, template: &str, rows: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["bench.db", "admin.token"] {
+        std::fs::copy(template_dir.join(f), dir.path().join(f)).expect("copy");
+    }
+    fill(&dir.path().join("bench.db"), template, rows);
+    let n = 2_000;
+    let keep = "[retention]\njobs = \"0s\"\n";
+    let d = bench_daemon_with(dir.path(), &moto.url, 4, keep).await;
+    let (idle50, idle99) = submit_latency(&d, n).await;
+    drop(d);
+    let prune = "[retention]\njobs = \"1d\"\ninterval = \"1h\"\n";
+    let t = Instant::now();
+    let d = bench_daemon_with(dir.path(), &moto.url, 4, prune).await;
+    let (busy50, busy99) = submit_latency(&d, n).await;
+    let during = d.metric("ec2jobd_pruned_total{what=\"jobs\"}").await;
+    let mut pruned = during;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = d.metric("ec2jobd_pruned_total{what=\"jobs\"}").await;
+        if now > 0.0 && now == pruned {
+            break;
+        }
+        pruned = now;
+    }
+    let took = t.elapsed().as_secs_f64() - 0.5;
+    println!(
+        "pruning {rows} jobs: {pruned} deleted in {took:.1} s ({:.0}/s), {during} of them during {n} submissions; \
+         submit p50/p99 {} / {} (retention off: {} / {})",
+        pruned / took,
+        ms(busy50),
+        ms(busy99),
+        ms(idle50),
+        ms(idle99)
+    );
+    row(
+        &format!("submit p50 / p99 while pruning {pruned} of {rows} finished jobs"),
+        format!("{} / {} ({:.2}× p99; {:.0} jobs pruned/s)", ms(busy50), ms(busy99),
+            busy99.as_secs_f64() / idle99.as_secs_f64().max(1e-9), pruned / took),
+        format!("retention off: {} / {}", ms(idle50), ms(idle99)),
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
@@ -407,10 +488,18 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         println!("\nec2jobd daemon figures");
-        claim_complete(jobs).await;
+        let only_prune = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "prune");
+        if !only_prune {
+            claim_complete(jobs).await;
+        }
         let moto = Moto::start().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let template = against_moto(&moto, dir.path()).await;
+        if only_prune {
+            prune_under_load(&moto, dir.path(), &template, big).await;
+            return;
+        }
         big_tables(&moto, dir.path(), &template, big).await;
+        prune_under_load(&moto, dir.path(), &template, big).await;
     });
 }

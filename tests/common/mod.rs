@@ -660,6 +660,11 @@ pub fn cpu_time(pid: u32) -> Duration {
 /// 200 ms idle poll, the given worker count, EC2 through `endpoint`. Its admin token is kept in
 /// `dir/admin.token`, so a copy of the directory starts with the same token.
 pub async fn bench_daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon {
+    bench_daemon_with(dir, endpoint, workers, "").await
+}
+
+/// [`bench_daemon`] with more TOML appended to its config (e.g. a `[retention]` table).
+pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra: &str) -> Daemon {
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -667,7 +672,7 @@ pub async fn bench_daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon 
             "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
              [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
              [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n\
-             [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n",
+             [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n{extra}",
             db = dir.join("bench.db").display()
         ),
     )
