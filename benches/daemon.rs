@@ -473,8 +473,13 @@ async fn prune_under_load(moto: &Moto, template_dir: &Path, template: &str, rows
     );
     row(
         &format!("submit p50 / p99 while pruning {pruned} of {rows} finished jobs"),
-        format!("{} / {} ({:.2}× p99; {:.0} jobs pruned/s)", ms(busy50), ms(busy99),
-            busy99.as_secs_f64() / idle99.as_secs_f64().max(1e-9), pruned / took),
+        format!(
+            "{} / {} ({:.2}× p99; {:.0} jobs pruned/s)",
+            ms(busy50),
+            ms(busy99),
+            busy99.as_secs_f64() / idle99.as_secs_f64().max(1e-9),
+            pruned / took
+        ),
         format!("retention off: {} / {}", ms(idle50), ms(idle99)),
     );
 }

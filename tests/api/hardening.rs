@@ -151,20 +151,35 @@ async fn refused_sns_deliveries_do_not_fill_the_disk() {
             .unwrap();
         assert_eq!(r.status(), 403);
     }
+    // A refusal whose caller text holds a newline (log injection).
+    let forged = json!({"Type": "Notification", "MessageId": "m",
+        "TopicArn": "arn:aws:sns:us-east-1:123456789012:x\nforged log line",
+        "Message": "x", "Timestamp": "2026-12-02T00:00:00.000Z", "SignatureVersion": "1",
+        "Signature": "AAAA",
+        "SigningCertURL": "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123abcd.pem"});
+    let r = http
+        .post(format!("{}/v1/sns/alarms", d.url))
+        .body(forged.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
     let grown = db_bytes(&d).saturating_sub(base);
     assert!(grown < 64 * 1024, "database grew by {grown} bytes");
     let (_, page) = d.get_json("/v1/sns/deliveries").await;
     let rows = page["deliveries"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{page}");
-    assert_eq!(rows[0]["count"], 300);
+    assert_eq!(rows[0]["count"], 301);
     assert_eq!(rows[0]["code"], "topic");
     assert!(rows[0]["topic_arn"].as_str().unwrap().len() <= 256);
     assert_eq!(
         d.metric_sum("ec2jobd_sns_refused", "code=\"topic\"").await,
-        300.0
+        301.0
     );
     // The refusal's caller text is logged escaped: no line of the log starts with what it sent.
-    assert!(!d.log().lines().any(|l| l.starts_with("forged")));
+    let log = d.log();
+    assert!(log.contains("forged log line"), "the refusal was logged");
+    assert!(!log.lines().any(|l| l.starts_with("forged")), "{log}");
 }
 
 /// Reads until the server closes the connection; the time it took, or None when it stayed open
