@@ -2,6 +2,8 @@
 //! waits, and the daemon being unreachable.
 
 mod common;
+#[path = "cli/readme.rs"]
+mod readme;
 
 use std::process::Command;
 
@@ -377,4 +379,42 @@ async fn waiting_client_rides_out_a_daemon_restart() {
     let (_, page) = d.get_json("/v1/jobs").await;
     assert_eq!(page["jobs"].as_array().map(Vec::len), Some(1), "{page}");
     assert_eq!(page["jobs"][0]["state"], "succeeded");
+}
+
+/// The walkthrough's token step can be repeated (`--replace`), and a token command without
+/// `--config` refuses to create a database nobody reads.
+#[test]
+fn token_create_is_repeatable_and_the_wrong_database_is_loud() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(dir.path(), &DaemonOpts::default());
+    let c = config.to_str().unwrap();
+    let create = |extra: &[&str]| {
+        let mut args = vec![
+            "token", "create", "--role", "admin", "--name", "me", "--config", c,
+        ];
+        args.extend_from_slice(extra);
+        common::run_cli(&args)
+    };
+    let (st, first, err) = create(&[]);
+    assert!(
+        st.success() && err.contains("created a new database"),
+        "{err}"
+    );
+    let (st, _, err) = create(&[]);
+    assert!(!st.success() && err.contains("already exists"), "{err}");
+    let (st, second, err) = create(&["--replace"]);
+    assert!(st.success(), "{err}");
+    assert!(!second.trim().is_empty() && second != first);
+    // Without --config, in a directory with no database: an error naming the way out, no file.
+    let empty = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .args(["token", "create", "--role", "admin", "--name", "me"])
+        .current_dir(empty.path())
+        .env_remove("EC2JOBD_CONFIG")
+        .env_remove("EC2JOBD_DATABASE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--config"), "{err}");
+    assert!(!empty.path().join("ec2jobd.db").exists());
 }

@@ -94,6 +94,10 @@ enum TokenCmd {
         /// Unique name.
         #[arg(long)]
         name: String,
+        /// Replace (revoke) an existing token of that name instead of failing, so the command can be
+        /// repeated, e.g. in a new shell.
+        #[arg(long)]
+        replace: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -119,8 +123,27 @@ fn load(config: &ConfigArg, flags: &Overrides) -> anyhow::Result<Config> {
     Config::load(config.config.as_deref(), std::env::vars(), flags)
 }
 
+/// The store for token commands. Without `--config` they use only an existing database: a token
+/// put into a new `./ec2jobd.db` (the wrong directory, or a forgotten `--config`) could never
+/// authenticate against the daemon. With `--config`, a new database is created and said so.
 async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
     let cfg = load(config, &Overrides::default())?;
+    if let Some(path) = cfg.database.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path);
+        if !std::path::Path::new(path).exists() {
+            match &config.config {
+                None => bail!(
+                    "no database at `{path}` (the built-in `database`; no --config was given): pass \
+                     the daemon's --config (e.g. --config config/local.toml)"
+                ),
+                Some(c) => eprintln!(
+                    "note: created a new database at `{path}` (config key `database` of {}); \
+                     only a daemon using this database accepts the token",
+                    c.display()
+                ),
+            }
+        }
+    }
     Ok(Arc::new(
         app::open_store(&cfg, Arc::new(SystemClock)).await?,
     ))
@@ -180,11 +203,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Token { cmd } => match cmd {
-            TokenCmd::Create { role, name, config } => {
+            TokenCmd::Create {
+                role,
+                name,
+                replace,
+                config,
+            } => {
                 if !valid_token_name(&name) {
                     bail!("--name: 1-64 letters, digits, `.`, `_` or `-`");
                 }
                 let store = store_for(&config).await?;
+                if replace && store.revoke_token(&name).await? {
+                    eprintln!("revoked the earlier token `{name}`");
+                }
                 let (token, hash) = new_token();
                 store
                     .create_token(&name, role, &hash)

@@ -36,6 +36,8 @@ pub enum Output {
     Table,
     /// `KEY=value` lines from `/v1/jobs/{id}/outputs` (for `eval` in shell schedulers).
     Env,
+    /// Only the job id (`JOB=$(ec2jobd submit … --output id)`); one id per line for lists.
+    Id,
 }
 
 /// Where the daemon is.
@@ -420,6 +422,7 @@ impl Client {
 
     async fn print(&self, job: &Value, output: Output) -> R<()> {
         match output {
+            Output::Id => println!("{}", job["id"].as_str().unwrap_or("")),
             Output::Json => println!("{}", serde_json::to_string_pretty(job).unwrap_or_default()),
             Output::Table => {
                 println!("id       {}", job["id"].as_str().unwrap_or(""));
@@ -593,7 +596,12 @@ pub async fn jobs(cmd: JobsCmd) -> R<u8> {
                     "{}",
                     serde_json::to_string_pretty(&page).unwrap_or_default()
                 ),
-                _ => {
+                Output::Id => {
+                    for j in page["jobs"].as_array().into_iter().flatten() {
+                        println!("{}", j["id"].as_str().unwrap_or(""));
+                    }
+                }
+                Output::Table | Output::Env => {
                     for j in page["jobs"].as_array().into_iter().flatten() {
                         println!(
                             "{}  {:<10} {:<26} {}",
