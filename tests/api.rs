@@ -1,6 +1,8 @@
 //! End-to-end tests of the v1 API: the real binary on a free port with a temporary database, and a
 //! real moto server as the EC2 endpoint.
 
+#[path = "api/clients.rs"]
+mod clients;
 mod common;
 #[path = "api/hardening.rs"]
 mod hardening;

@@ -191,14 +191,92 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The metrics in the format asked for: OpenMetrics 1.0 text, or Prometheus's classic text
+    /// format 0.0.4 (what `promtool check metrics` and older scrapers read).
+    pub fn render(&self, format: Exposition) -> String {
         let mut out = String::new();
         if let Err(e) = encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
         }
-        out
+        match format {
+            Exposition::OpenMetrics => out,
+            Exposition::Classic => classic(&out),
+        }
     }
+}
+
+/// The two text formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// `application/openmetrics-text; version=1.0.0`.
+    OpenMetrics,
+    /// `text/plain; version=0.0.4`.
+    Classic,
+}
+
+impl Exposition {
+    /// OpenMetrics when the `Accept` header names it with a non-zero quality (as Prometheus
+    /// does), the classic format otherwise (no header, `text/plain`, `*/*`).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let asks = accept.is_some_and(|a| {
+            a.split(',').any(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                let media = parts.next().unwrap_or_default();
+                let q_zero = parts.any(|p| {
+                    p.strip_prefix("q=")
+                        .and_then(|q| q.parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !q_zero
+            })
+        });
+        if asks {
+            Exposition::OpenMetrics
+        } else {
+            Exposition::Classic
+        }
+    }
+
+    /// The Content-Type of the answer.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Exposition::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text rewritten as the classic format: a family is named as its samples are (a
+/// counter `x` samples `x_total`, an info family `x` samples `x_info`), types the classic format
+/// lacks are `untyped`, and `# UNIT` and `# EOF` lines go. Samples stay as they are.
+fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+        let (family, kind) = match kind {
+            "counter" if !name.ends_with("_total") => (format!("{name}_total"), kind),
+            "info" => (format!("{name}_info"), "gauge"),
+            "counter" | "gauge" | "histogram" | "summary" => (name.to_string(), kind),
+            _ => (name.to_string(), "untyped"),
+        };
+        // HELP comes just before TYPE in both formats: rename the HELP line already written.
+        if family != name {
+            let help = format!("# HELP {name} ");
+            if let Some(at) = out.rfind(&help) {
+                out.replace_range(at..at + help.len(), &format!("# HELP {family} "));
+            }
+        }
+        out.push_str(&format!("# TYPE {family} {kind}\n"));
+    }
+    out
 }
 
 impl CallObserver for Metrics {
@@ -234,5 +312,50 @@ impl CallObserver for Metrics {
                 .get_or_create(&vec![("operation".into(), operation.into())])
                 .inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_names_families_as_their_samples() {
+        let om = "# HELP a_calls Calls.\n# TYPE a_calls counter\na_calls_total{x=\"1\"} 2\n\
+                  # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n\
+                  # HELP a_build Build.\n# TYPE a_build info\na_build_info{v=\"1\"} 1\n\
+                  # HELP a_s Sizes.\n# TYPE a_s gaugehistogram\n# UNIT a_s bytes\n# EOF\n";
+        assert_eq!(
+            classic(om),
+            "# HELP a_calls_total Calls.\n# TYPE a_calls_total counter\na_calls_total{x=\"1\"} 2\n\
+             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n\
+             # HELP a_build_info Build.\n# TYPE a_build_info gauge\na_build_info{v=\"1\"} 1\n\
+             # HELP a_s Sizes.\n# TYPE a_s untyped\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        use Exposition::*;
+        assert_eq!(Exposition::negotiate(None), Classic);
+        assert_eq!(Exposition::negotiate(Some("*/*")), Classic);
+        assert_eq!(
+            Exposition::negotiate(Some("text/plain;version=0.0.4")),
+            Classic
+        );
+        assert_eq!(
+            Exposition::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
+            OpenMetrics
+        );
+        assert_eq!(
+            Exposition::negotiate(Some("Application/OpenMetrics-Text; q=0.1")),
+            OpenMetrics
+        );
+        assert_eq!(
+            Exposition::negotiate(Some("application/openmetrics-text;q=0, text/plain")),
+            Classic
+        );
     }
 }

@@ -15,10 +15,12 @@ use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
     info(
         title = "ec2jobd",
         description = "Runs EC2 operations as durable, auditable jobs. Every /v1 route needs `Authorization: Bearer <token>`; errors are `application/problem+json`.",
-        license(name = "Apache-2.0")
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
     ),
+    servers((url = "/", description = "The daemon serving this document (Swagger UI calls it here)")),
     paths(
         jobs::submit, jobs::list, jobs::get_job, jobs::cancel, jobs::events, jobs::outputs,
+        jobs::outputs_env,
         jobs::report,
         catalog::catalog, sns::deliver, sns::deliveries, sns::list_hooks, sns::get_hook,
         sns::put_hook, sns::delete_hook,
@@ -46,6 +48,9 @@ use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
 )]
 pub struct ApiDoc;
 
+/// The bearer scheme every /v1 route (but the SNS hook) requires; the operations that require
+/// nothing (health, metrics, this document, the SNS hook, which SNS signs instead) say so with
+/// `security: []`, so linters and generated clients know they are public on purpose.
 struct Bearer;
 
 impl Modify for Bearer {
@@ -55,6 +60,19 @@ impl Modify for Bearer {
                 "bearer",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
             );
+        }
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.security.get_or_insert_with(Vec::new);
+            }
         }
     }
 }
@@ -84,7 +102,7 @@ fn problem(description: &str) -> RefOr<Response> {
 
 impl Problems {
     fn operation(path: &str, method: &str, op: &mut Operation) {
-        let secured = op.security.is_some();
+        let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
         let body = op.request_body.is_some();
         let params = op.parameters.as_ref().is_some_and(|p| !p.is_empty());
         let responses = &mut op.responses.responses;
@@ -198,6 +216,10 @@ mod tests {
             assert!(put[code].is_object(), "{code} missing: {put}");
         }
         assert!(doc["paths"]["/healthz"]["get"]["responses"]["401"].is_null());
+        assert_eq!(
+            doc["paths"]["/healthz"]["get"]["security"],
+            serde_json::json!([])
+        );
     }
 
     #[test]

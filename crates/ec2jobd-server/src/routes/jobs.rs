@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/outputs", get(outputs))
+        .route("/v1/jobs/{id}/outputs/env", get(outputs_env))
         .route("/v1/jobs/{id}/report", get(report))
 }
 
@@ -432,7 +433,7 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
 
 /// List jobs, newest first.
 #[utoipa::path(
-    get, path = "/v1/jobs", tag = "jobs",
+    get, path = "/v1/jobs", tag = "jobs", operation_id = "list_jobs",
     params(
         ("state" = Option<JobState>, Query, description = "Only jobs in this state"),
         ("action" = Option<Action>, Query, description = "Only jobs of this action"),
@@ -590,7 +591,7 @@ pub async fn cancel(
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event"),
     ),
     responses(
-        (status = 200, description = "text/event-stream of JobEvent", body = JobEvent, content_type = "text/event-stream"),
+        (status = 200, description = "Server-Sent Events: `event:` the kind, `id:` the sequence number, `data:` a JobEvent as JSON", body = String, content_type = "text/event-stream"),
         (status = 404, body = Problem),
         (status = 429, description = "http.max_streams (or the token's share) event streams are open (Retry-After)", body = Problem),
     ),
@@ -803,15 +804,18 @@ pub async fn report(
 
 /// The job's results as flat variables for schedulers: `INSTANCE_ID_1`, `PUBLIC_DNS_NAME_1`,
 /// `PUBLIC_IP_1`, `PRIVATE_IP_1`, … as a JSON object, or with `?format=env` as `KEY=value` lines
-/// (values quoted for a POSIX shell where needed).
+/// (values quoted for a POSIX shell where needed; the same text as `/outputs/env`).
 #[utoipa::path(
     get, path = "/v1/jobs/{id}/outputs", tag = "jobs",
     params(
         ("id" = String, Path, description = "Job id"),
-        ("format" = Option<String>, Query, pattern = "^(json|env)$", description = "`json` (default) or `env`"),
+        ("format" = Option<String>, Query, pattern = "^(json|env)$", description = "`json` (default) or `env` (text/plain `KEY=value` lines)"),
     ),
     responses(
-        (status = 200, description = "Flat variables", body = std::collections::BTreeMap<String, String>),
+        (status = 200, description = "Flat variables: a JSON object, or `KEY=value` lines with `?format=env`", content(
+            (std::collections::BTreeMap<String, String> = "application/json"),
+            (String = "text/plain"),
+        )),
         (status = 400, body = Problem),
         (status = 404, body = Problem),
     ),
@@ -823,7 +827,6 @@ pub async fn outputs(
     Path(id): Path<String>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Viewer)?;
     let Query(params) =
         query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
     let mut env = false;
@@ -847,9 +850,39 @@ pub async fn outputs(
             }
         }
     }
+    output_answer(&state, &caller, &id, env).await
+}
+
+/// The job's outputs as `KEY=value` lines for `eval` in a shell: what `outputs?format=env` answers,
+/// as an operation of its own for generated clients (one content type per operation).
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/outputs/env", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "`KEY=value` lines, values quoted for a POSIX shell", body = String, content_type = "text/plain"),
+        (status = 404, body = Problem),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn outputs_env(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    output_answer(&state, &caller, &id, true).await
+}
+
+/// The answer of both outputs routes.
+async fn output_answer(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    env: bool,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
     let job = state
         .store
-        .get(&id)
+        .get(id)
         .await?
         .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
     let vars = output_vars(&job);

@@ -2,7 +2,7 @@
 //! Swagger UI (served from assets vendored in the binary; nothing is fetched at build or run time).
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -10,6 +10,7 @@ use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, Problem};
+use crate::metrics::Exposition;
 use crate::openapi::ApiDoc;
 use crate::state::AppState;
 
@@ -51,20 +52,26 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiEr
     }))
 }
 
-/// Prometheus metrics (OpenMetrics text), all named `ec2jobd_*`.
+/// Prometheus metrics, all named `ec2jobd_*`: OpenMetrics text when `Accept` asks for
+/// `application/openmetrics-text` (Prometheus does), the classic text format 0.0.4 otherwise.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text")))]
-pub async fn metrics(State(state): State<AppState>) -> Response {
+    params(("Accept" = Option<String>, Header, description = "`application/openmetrics-text` for OpenMetrics")),
+    responses((status = 200, description = "Metrics text", content(
+        (String = "text/plain"),
+        (String = "application/openmetrics-text"),
+    ))))]
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.store.counts().await {
         Ok(c) => state.metrics.set_counts(&c),
         Err(e) => tracing::warn!(error = %e, "could not count jobs for metrics"),
     }
+    let format = Exposition::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "Accept"),
+        ],
+        state.metrics.render(format),
     )
         .into_response()
 }

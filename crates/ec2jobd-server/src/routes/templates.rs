@@ -278,7 +278,7 @@ pub struct NamedTemplate {
 }
 
 /// Every saved template.
-#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", operation_id = "list_templates",
     responses((status = 200, body = [NamedTemplate])), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,

@@ -104,7 +104,7 @@ pub async fn create(
 
 /// List tokens (names and roles; never secrets).
 #[utoipa::path(
-    get, path = "/v1/tokens", tag = "tokens",
+    get, path = "/v1/tokens", tag = "tokens", operation_id = "list_tokens",
     responses((status = 200, body = [TokenInfo]), (status = 403, body = Problem)),
     security(("bearer" = []))
 )]
