@@ -16,7 +16,8 @@
 //!    queries over 1,000 jobs.
 //! 7. Retention (issue 12): submission p50/p99 while the pruner deletes the ~97% of 1,000,000
 //!    finished jobs that are older than a day, beside the same submissions on the same database
-//!    with retention off; and how fast it prunes.
+//!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this;
+//!    BENCH_PRUNE_EXTRA adds `[retention]` keys, e.g. `batch = 500`, to compare settings).
 //!
 //! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
 //! with ids and times spread over 30 days. Settings: BENCH_JOBS (claim throughput, default 20000),
@@ -447,9 +448,12 @@ async fn prune_under_load(moto: &Moto, template_dir: &Path, template: &str, rows
     let d = bench_daemon_with(dir.path(), &moto.url, 4, keep).await;
     let (idle50, idle99) = submit_latency(&d, n).await;
     drop(d);
-    let prune = "[retention]\njobs = \"1d\"\ninterval = \"1h\"\n";
+    let prune = format!(
+        "[retention]\njobs = \"1d\"\ninterval = \"1h\"\n{}",
+        std::env::var("BENCH_PRUNE_EXTRA").unwrap_or_default()
+    );
     let t = Instant::now();
-    let d = bench_daemon_with(dir.path(), &moto.url, 4, prune).await;
+    let d = bench_daemon_with(dir.path(), &moto.url, 4, &prune).await;
     let (busy50, busy99) = submit_latency(&d, n).await;
     let during = d.metric("ec2jobd_pruned_total{what=\"jobs\"}").await;
     let mut pruned = during;

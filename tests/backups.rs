@@ -381,18 +381,7 @@ async fn slow_failed_and_interrupted_snapshots() {
     let id = d.submit(&spec).await;
     let j = d.wait_final(&id, MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
-    let events = d
-        .req(
-            reqwest::Method::GET,
-            &format!("/v1/jobs/{id}/events"),
-            &d.admin,
-        )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let events = d.text(&format!("/v1/jobs/{id}/events")).await;
     assert!(
         events.contains("0 of 1 snapshot(s) completed (40% overall)"),
         "{events}"
@@ -692,17 +681,11 @@ async fn ami_rotation_and_cross_region_copies() {
         .await;
     assert_eq!(out["IMAGE_ID_1"], last_id, "{out}");
     let report = d
-        .req(
-            reqwest::Method::GET,
-            &format!("/v1/jobs/{}/report", out["JOB_ID"].as_str().unwrap()),
-            &d.admin,
-        )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .text(&format!(
+            "/v1/jobs/{}/report",
+            out["JOB_ID"].as_str().unwrap()
+        ))
+        .await;
     assert!(
         report.contains("AMI rotation") && report.contains(first),
         "{report}"

@@ -374,18 +374,7 @@ async fn run_instances_launches_tags_and_waits_for_checks() {
     assert_eq!(out["INSTANCE_ID_1"], inst[0]["instance_id"]);
     assert_eq!(out["PRIVATE_IP_2"], inst[1]["private_ip"]);
     assert_eq!(out["CHECKS_1"], "2/2 checks passed");
-    let env = d
-        .req(
-            reqwest::Method::GET,
-            &format!("/v1/jobs/{id}/outputs?format=env"),
-            &d.admin,
-        )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let env = d.text(&format!("/v1/jobs/{id}/outputs?format=env")).await;
     assert!(
         env.lines()
             .any(|l| l == format!("INSTANCE_ID_1={}", inst[0]["instance_id"].as_str().unwrap())),

@@ -411,19 +411,7 @@ async fn job_outcomes_are_published_to_a_topic() {
     // Events record it; a topic that does not exist is retried, recorded, and the job still succeeded.
     let events = |id: String| {
         let d = &d;
-        async move {
-            d.req(
-                reqwest::Method::GET,
-                &format!("/v1/jobs/{id}/events"),
-                &d.admin,
-            )
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-        }
+        async move { d.text(&format!("/v1/jobs/{id}/events")).await }
     };
     assert!(events(first.clone()).await.contains("event: notified"));
     let missing = format!("{topic}-missing");
@@ -723,18 +711,7 @@ async fn a_notification_pending_at_kill_9_is_published_once_after_restart() {
     d.spawn().await;
     let deadline = std::time::Instant::now() + MINUTE;
     loop {
-        let events = d
-            .req(
-                reqwest::Method::GET,
-                &format!("/v1/jobs/{id}/events"),
-                &d.admin,
-            )
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let events = d.text(&format!("/v1/jobs/{id}/events")).await;
         if events.contains("event: notified") {
             break;
         }

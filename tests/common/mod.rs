@@ -365,6 +365,17 @@ impl Daemon {
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// The text an admin GET of `path` answers (events, reports, `KEY=value` outputs).
+    pub async fn text(&self, path: &str) -> String {
+        self.req(reqwest::Method::GET, path, &self.admin)
+            .send()
+            .await
+            .expect("GET")
+            .text()
+            .await
+            .expect("body")
+    }
+
     pub async fn job(&self, id: &str) -> Value {
         let (s, v) = self.get_json(&format!("/v1/jobs/{id}")).await;
         assert_eq!(s, 200, "GET job {id}: {v}");

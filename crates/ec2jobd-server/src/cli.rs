@@ -179,8 +179,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Prune { config, dry_run } => {
             let cfg = load(&config, &Overrides::default())?;
             let store = app::open_store(&cfg, Arc::new(SystemClock)).await?;
-            let p =
-                crate::retention::prune_once(&store, &SystemClock, &cfg.retention, dry_run).await?;
+            let p = crate::retention::prune_once(
+                &store,
+                &SystemClock,
+                &cfg.retention,
+                dry_run,
+                &|_, _| {},
+            )
+            .await?;
             let verb = if dry_run { "would delete" } else { "deleted" };
             let age = |d: &crate::config::Dur| {
                 if d.0.is_zero() {

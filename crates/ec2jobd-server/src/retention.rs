@@ -1,7 +1,8 @@
 //! Retention (`[retention]`): deletes finished jobs (their events with them) and SNS deliveries
 //! past their age, in batches of `retention.batch` rows through the store's writer. After each batch
-//! the pruner pauses as long as the batch took, so a large backlog takes at most half the writer's
-//! time and submissions keep their latency. `ec2jobd prune` runs the same pass once, or counts what
+//! the pruner pauses `PAUSE_FACTOR` times as long as the batch took, so a large backlog takes at most
+//! a quarter of the writer's time and submissions keep their latency (benchmarked: submission p99
+//! while pruning 1,000,000 jobs against retention off). `ec2jobd prune` runs the same pass once, or counts what
 //! it would delete with `--dry-run`. Nothing here knows SQL: the store decides what is prunable
 //! (finished, and out of the notification outbox).
 
@@ -28,12 +29,17 @@ fn cutoff(now_ms: i64, keep: Duration) -> Option<i64> {
     (!keep.is_zero()).then(|| now_ms - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// One pass over everything past its age.
+/// After a batch, the pruner rests this many times as long as the batch took.
+const PAUSE_FACTOR: u32 = 3;
+
+/// One pass over everything past its age. `progress` hears of each batch as it is deleted
+/// (`"jobs"` or `"sns_deliveries"`, rows), so metrics move while a long backlog is pruned.
 pub async fn prune_once(
     store: &dyn Store,
     clock: &dyn Clock,
     cfg: &RetentionSection,
     dry_run: bool,
+    progress: &(dyn Fn(&'static str, u64) + Send + Sync),
 ) -> Result<Pruned, StoreError> {
     let now = clock.now_ms();
     let mut out = Pruned::default();
@@ -42,6 +48,7 @@ pub async fn prune_once(
             || store.prune_jobs(before, cfg.batch, dry_run),
             cfg.batch,
             dry_run,
+            |n| progress("jobs", n),
         )
         .await?;
     }
@@ -50,14 +57,21 @@ pub async fn prune_once(
             || store.prune_deliveries(before, cfg.batch, dry_run),
             cfg.batch,
             dry_run,
+            |n| progress("sns_deliveries", n),
         )
         .await?;
     }
     Ok(out)
 }
 
-/// Runs `one` until a batch comes back short, pausing after each as long as it took.
-async fn batches<F, Fut>(one: F, batch: u32, dry_run: bool) -> Result<u64, StoreError>
+/// Runs `one` until a batch comes back short, pausing after each `PAUSE_FACTOR` times as long as
+/// it took.
+async fn batches<F, Fut>(
+    one: F,
+    batch: u32,
+    dry_run: bool,
+    progress: impl Fn(u64),
+) -> Result<u64, StoreError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<u64, StoreError>>,
@@ -67,10 +81,13 @@ where
         let start = Instant::now();
         let n = one().await?;
         total += n;
+        if !dry_run && n > 0 {
+            progress(n);
+        }
         if dry_run || n < u64::from(batch) {
             return Ok(total);
         }
-        tokio::time::sleep(start.elapsed()).await;
+        tokio::time::sleep(start.elapsed() * PAUSE_FACTOR).await;
     }
 }
 
@@ -82,15 +99,14 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    let progress = |what: &'static str, n: u64| metrics.pruned(what, n);
     loop {
         let pass = tokio::select! {
-            r = prune_once(store.as_ref(), clock.as_ref(), &cfg, false) => r,
+            r = prune_once(store.as_ref(), clock.as_ref(), &cfg, false, &progress) => r,
             _ = shutdown.cancelled() => return,
         };
         match pass {
             Ok(p) => {
-                metrics.pruned("jobs", p.jobs);
-                metrics.pruned("sns_deliveries", p.sns_deliveries);
                 if p != Pruned::default() {
                     tracing::info!(
                         jobs = p.jobs,
