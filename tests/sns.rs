@@ -566,7 +566,7 @@ async fn hooks_managed_over_the_api() {
     .await;
     let topic = "arn:aws:sns:us-east-1:123456789012:ec2-events";
     let hook = json!({"topics": [topic], "rules": [{"name": "restart-stopped", "instance_state": "stopped",
-        "job": {"action": "describe_instances", "targets": {"instance_ids": ["{instance_id}"]}}},
+        "job": {"action": "describe_instances", "priority": 7, "targets": {"instance_ids": ["{instance_id}"]}}},
         {"name": "tag-running", "instance_state": "running", "template": "tag-it",
          "parameters": {"instance_id": "{instance_id}"}}]});
     // The second rule names a saved template.
@@ -629,6 +629,7 @@ async fn hooks_managed_over_the_api() {
     let j = d.wait_final(a["job_id"].as_str().unwrap(), MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["results"]["instances"][0]["instance_id"], ids[0].as_str());
+    assert_eq!(j["spec"]["priority"], 7, "the rule's own priority");
 
     let running = event.replace("\"stopped\"", "\"running\"");
     let body2 = signed(&[
@@ -650,6 +651,10 @@ async fn hooks_managed_over_the_api() {
     let j = d.wait_final(a["job_id"].as_str().unwrap(), MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(moto.tagged("Seen", "running").await, ids);
+    assert_eq!(
+        j["spec"]["priority"], 100,
+        "sns.priority, as the template sets none"
+    );
 
     let r = d
         .req(

@@ -118,6 +118,8 @@ pub struct SnsSection {
     pub cert_max_bytes: usize,
     /// Certificates kept in memory.
     pub cert_cache: usize,
+    /// Priority of the jobs rules queue when their job or template sets none (-1000 to 1000).
+    pub priority: i32,
     /// Hooks by name: `POST /v1/sns/<name>`.
     #[serde(default)]
     pub hooks: BTreeMap<String, HookSection>,
@@ -671,6 +673,9 @@ impl Config {
                 };
                 bail!("config key `{key}`: {msg}");
             }
+        }
+        if !(-1000..=1000).contains(&self.sns.priority) {
+            bail!("config key `sns.priority`: -1000 to 1000");
         }
         if self.retention.batch == 0 || self.retention.batch > 10_000 {
             bail!("config key `retention.batch`: 1 to 10000");

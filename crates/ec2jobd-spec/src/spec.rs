@@ -471,6 +471,12 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<u32>,
+    /// Claim order: a queued job with a higher priority is started first (then the one due first).
+    /// -1000 to 1000; default 0 for submissions, `sns.priority` (100) for jobs SNS rules queue, so
+    /// an alarm's job never waits behind queued bulk work. Set on a workflow, not on its steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -1000, maximum = 1000)]
+    pub priority: Option<i32>,
     /// Process the instances in waves (instance actions): at most `max_concurrency` at a time, no
     /// new wave once more than `max_errors` failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -951,6 +957,13 @@ impl JobSpec {
                         "each step needs its own `action` (steps do not nest)",
                     ));
                 }
+                if st.spec.priority.is_some() {
+                    return Err(SpecError::new(
+                        field("priority"),
+                        "invalid_param",
+                        "set priority on the workflow, not on a step",
+                    ));
+                }
                 if matches!(st.spec.action, Action::Workflow) || st.spec.steps.is_some() {
                     return Err(SpecError::new(
                         field("action"),
@@ -1085,6 +1098,13 @@ impl JobSpec {
                     "must be between 1 and 100",
                 ));
             }
+        }
+        if self.priority.is_some_and(|p| !(-1000..=1000).contains(&p)) {
+            return Err(SpecError::new(
+                "priority",
+                "out_of_range",
+                "must be between -1000 and 1000",
+            ));
         }
         Ok(self)
     }
@@ -1585,6 +1605,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "max_attempts");
+        let e = parse(
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"},
+            "priority": 1001}),
+        )
+        .unwrap_err();
+        assert_eq!((e.field.as_str(), e.code), ("priority", "out_of_range"));
+        let e = parse(json!({"steps": [{"action": "describe_instances",
+            "targets": {"tags": "a=b"}, "priority": 5}]}))
+        .unwrap_err();
+        assert_eq!(e.field, "steps[0].priority");
+        assert!(parse(
+            json!({"action": "describe_instances", "targets": {"tags": "a=b"}, "priority": -1000})
+        )
+        .is_ok());
     }
 
     #[test]
@@ -1630,6 +1664,7 @@ mod fuzz {
         "allow_empty",
         "timeout",
         "max_attempts",
+        "priority",
         "rate",
         "notify",
         "steps",

@@ -284,14 +284,16 @@ async fn writer_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Work>, m
     }
 }
 
-/// Claims the `?4` queued jobs due first. `INDEXED BY jobs_claim` pins the partial index on
-/// (run_after, id): left to itself the planner picks `jobs_state_id` for `state = 'queued'` and sorts
-/// every queued job in a temporary B-tree on each claim, which made claiming O(queue) (339 claims/s
-/// with 20,000 queued, measured by `benches/daemon.rs`). A test checks the plan.
+/// Claims the `?4` due queued jobs of the highest priority, the one due first among equals.
+/// `INDEXED BY jobs_claim_priority` pins the partial index on (priority DESC, run_after, id): left
+/// to itself the planner picks `jobs_state_id` for `state = 'queued'` and sorts every queued job in
+/// a temporary B-tree on each claim, which made claiming O(queue) (339 claims/s with 20,000 queued,
+/// measured by `benches/daemon.rs`). A test checks the plan.
 const CLAIM: &str = "UPDATE jobs SET state = 'running', lease_owner = ?1, lease_expires_at = ?2, \
      attempts = attempts + 1, started_at = COALESCE(started_at, ?3), updated_at = ?3 \
-     WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_claim \
-                  WHERE state = 'queued' AND run_after <= ?3 ORDER BY run_after, id LIMIT ?4)";
+     WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_claim_priority \
+                  WHERE state = 'queued' AND run_after <= ?3 \
+                  ORDER BY priority DESC, run_after, id LIMIT ?4)";
 
 /// The `GET /v1/jobs` query for these filters (bind order: state, action, since + its id bound,
 /// until + its id bound, cursor, limit).
@@ -452,8 +454,8 @@ impl Store for SqliteStore {
                     };
                     sqlx::query(
                         "INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
-                         created_at, updated_at, max_attempts, run_after, timeout_ms, progress) \
-                         VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         created_at, updated_at, max_attempts, run_after, timeout_ms, progress, \
+                         priority) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&id)
                     .bind(new.spec.action.as_str())
@@ -466,6 +468,7 @@ impl Store for SqliteStore {
                     .bind(now)
                     .bind(new.timeout_ms)
                     .bind(encode(&progress))
+                    .bind(new.spec.priority.unwrap_or(0))
                     .execute(&mut *conn)
                     .await?;
                     add_event(

@@ -462,6 +462,8 @@ async fn notification(
         if spec.notify.is_none() {
             spec.notify = h.notify.clone();
         }
+        // An alarm's job goes ahead of queued bulk work unless its rule or template says otherwise.
+        spec.priority.get_or_insert(state.config.sns.priority);
         spec
     });
     let spec = match spec {

@@ -127,6 +127,51 @@ async fn fencing_stops_a_stale_worker() {
         .is_err());
 }
 
+/// Claims take the highest priority first, then the job due first: a later high-priority job
+/// overtakes queued bulk work, and a low one waits for it.
+#[tokio::test]
+async fn claims_take_the_highest_priority_first() {
+    let f = fixture().await;
+    let with = |priority: i32| {
+        let mut n = new_job("i-01234567", None);
+        n.spec.priority = Some(priority);
+        n
+    };
+    let bulk: Vec<Job> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(enqueue(&f.store, "i-01234567").await);
+        }
+        v
+    };
+    f.clock.advance(1);
+    let low = match f.store.enqueue(with(-5)).await.unwrap() {
+        Enqueued::Created(j) => j,
+        Enqueued::Replayed(_) => unreachable!(),
+    };
+    f.clock.advance(1);
+    let alarm = match f.store.enqueue(with(100)).await.unwrap() {
+        Enqueued::Created(j) => j,
+        Enqueued::Replayed(_) => unreachable!(),
+    };
+    let order: Vec<String> = {
+        let mut v = Vec::new();
+        while let Some(c) = f.store.claim("w", 10_000, 1).await.unwrap().pop() {
+            v.push(c.job.id);
+        }
+        v
+    };
+    let want: Vec<String> = std::iter::once(alarm.id.clone())
+        .chain({
+            let mut ids: Vec<String> = bulk.iter().map(|j| j.id.clone()).collect();
+            ids.sort();
+            ids
+        })
+        .chain(std::iter::once(low.id.clone()))
+        .collect();
+    assert_eq!(order, want);
+}
+
 #[tokio::test]
 async fn retry_is_not_claimable_before_its_time() {
     let f = fixture().await;
@@ -381,12 +426,15 @@ async fn tokens_are_unique_and_revocable() {
     assert!(f.store.token_by_hash("ab").await.unwrap().is_none());
 }
 
-/// The claim and the next-due query walk the partial index `jobs_claim`: no temporary B-tree, no
-/// scan of every queued job (which made claims O(queue)).
+/// The claim and the next-due query walk their partial indexes (`jobs_claim_priority`,
+/// `jobs_claim`): no temporary B-tree, no scan of every queued job (which made claims O(queue)).
 #[tokio::test]
 async fn claim_queries_use_the_claim_index() {
     let f = fixture().await;
-    for sql in [CLAIM, NEXT_RUN_AFTER] {
+    for (sql, index) in [
+        (CLAIM, "jobs_claim_priority"),
+        (NEXT_RUN_AFTER, "jobs_claim"),
+    ] {
         let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
             .bind("w")
             .bind(1i64)
@@ -399,7 +447,10 @@ async fn claim_queries_use_the_claim_index() {
             .map(|r| r.get::<String, _>("detail"))
             .collect();
         let text = plan.join("\n");
-        assert!(text.contains("jobs_claim"), "{sql}:\n{text}");
+        let names_it = text
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .any(|w| w == index);
+        assert!(names_it, "{sql}:\n{text}");
         assert!(!text.contains("TEMP B-TREE"), "{sql}:\n{text}");
         assert!(!text.contains("jobs_state_id"), "{sql}:\n{text}");
     }
