@@ -52,10 +52,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiEr
     }))
 }
 
-/// Prometheus metrics, all named `ec2jobd_*`: OpenMetrics text when `Accept` asks for
+/// Prometheus metrics, all named `ec2jobd_*`: OpenMetrics text when the `Accept` header asks for
 /// `application/openmetrics-text` (Prometheus does), the classic text format 0.0.4 otherwise.
+/// (OpenAPI ignores an `Accept` parameter, so the two content types below say it.)
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    params(("Accept" = Option<String>, Header, description = "`application/openmetrics-text` for OpenMetrics")),
     responses((status = 200, description = "Metrics text", content(
         (String = "text/plain"),
         (String = "application/openmetrics-text"),
