@@ -128,9 +128,9 @@ fn load(config: &ConfigArg, flags: &Overrides) -> anyhow::Result<Config> {
 /// authenticate against the daemon. With `--config`, a new database is created and said so.
 async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
     let cfg = load(config, &Overrides::default())?;
-    if let Some(path) = cfg.database.strip_prefix("sqlite://") {
-        let path = path.split('?').next().unwrap_or(path);
-        if !std::path::Path::new(path).exists() {
+    if let Some(path) = ec2jobd_store::database_file(&cfg.database) {
+        if !path.exists() {
+            let path = path.display();
             match &config.config {
                 None => bail!(
                     "no database at `{path}` (the built-in `database`; no --config was given): pass \

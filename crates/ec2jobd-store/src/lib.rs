@@ -18,7 +18,7 @@ use ec2jobd_spec::{Job, JobError, JobEvent, JobResults, JobSpec, JobState, Progr
 use serde::Serialize;
 use tokio::sync::{broadcast, Notify};
 
-pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+pub use sqlite::{database_file, SqliteOptions, SqliteStore, Synchronous};
 
 /// Everything that can go wrong in the store, in terms the API can map to a status code.
 #[derive(Debug, thiserror::Error)]

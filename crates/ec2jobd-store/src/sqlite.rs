@@ -119,7 +119,9 @@ impl SqliteStore {
             })
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(true);
-        create_private(connect.get_filename())?;
+        if let Some(file) = file_of(&connect) {
+            create_private(file)?;
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .connect_with(connect.clone())
@@ -191,14 +193,23 @@ impl SqliteStore {
     }
 }
 
+/// The file a `sqlite:` database URL names, as sqlx reads it; `None` for in-memory databases,
+/// `file:` URIs and URLs that are not SQLite's.
+pub fn database_file(url: &str) -> Option<std::path::PathBuf> {
+    let connect = SqliteConnectOptions::from_str(url).ok()?;
+    file_of(&connect).map(std::path::Path::to_path_buf)
+}
+
+fn file_of(connect: &SqliteConnectOptions) -> Option<&std::path::Path> {
+    let path = connect.get_filename();
+    let name = path.to_string_lossy();
+    (!(name.is_empty() || name == ":memory:" || name.starts_with("file:"))).then_some(path)
+}
+
 /// Creates the database file readable by its owner only (0600) when it does not exist yet; SQLite
 /// gives its WAL and shared-memory files the database file's permissions. An existing file keeps
 /// its permissions (an operator may have chosen them).
 fn create_private(path: &std::path::Path) -> Result<()> {
-    let name = path.to_string_lossy();
-    if name.is_empty() || name == ":memory:" || name.starts_with("file:") {
-        return Ok(());
-    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
