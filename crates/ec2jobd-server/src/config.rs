@@ -674,7 +674,7 @@ impl Config {
                 bail!("config key `{key}`: {msg}");
             }
         }
-        if !(-1000..=1000).contains(&self.sns.priority) {
+        if !ec2jobd_spec::PRIORITY_RANGE.contains(&self.sns.priority) {
             bail!("config key `sns.priority`: -1000 to 1000");
         }
         if self.retention.batch == 0 || self.retention.batch > 10_000 {

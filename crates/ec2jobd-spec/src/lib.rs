@@ -20,5 +20,5 @@ pub use job::{
 pub use role::Role;
 pub use spec::{
     is_aws_region, parse_duration, Action, Amount, BackupNaming, Filter, IdList, JobSpec, Notify,
-    Rate, SpecError, Step, TagSet, Targets, WaitSpec, WaitUntil,
+    Rate, SpecError, Step, TagSet, Targets, WaitSpec, WaitUntil, PRIORITY_RANGE,
 };

@@ -716,6 +716,9 @@ impl Param {
 }
 
 /// `wait.timeout` when the request leaves it out.
+/// The priorities a job (or `sns.priority`) may have.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+
 const DEFAULT_WAIT_TIMEOUT: &str = "15m";
 /// `wait.interval` when the request leaves it out.
 const DEFAULT_WAIT_INTERVAL: &str = "15s";
@@ -1099,7 +1102,7 @@ impl JobSpec {
                 ));
             }
         }
-        if self.priority.is_some_and(|p| !(-1000..=1000).contains(&p)) {
+        if self.priority.is_some_and(|p| !PRIORITY_RANGE.contains(&p)) {
             return Err(SpecError::new(
                 "priority",
                 "out_of_range",
