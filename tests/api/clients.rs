@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use super::common::{Daemon, DaemonOpts, Moto};
+use super::common::{repo, Daemon, DaemonOpts, Moto};
 use serde_json::json;
 
 /// The path of an outside tool `scripts/ensure-clients` installed.
@@ -15,10 +15,6 @@ fn tool(var: &str) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         panic!("{var} is not set: run scripts/test (scripts/ensure-clients installs it)")
     })
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// `promtool check metrics` on `text` (it reads stdin).

@@ -4,11 +4,11 @@
 //! command's output must show the `#>` lines after it, in order (`…` matches anything). The only
 //! edit made to the README's text is the daemon's address.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::common::{bin, free_port};
+use super::common::{bin, free_port, repo};
 
 /// One command (one or more lines) and the lines its output must show.
 #[derive(Debug)]
@@ -105,10 +105,6 @@ impl Drop for RunLocal {
             .status();
         let _ = self.child.wait();
     }
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 #[test]

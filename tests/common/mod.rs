@@ -145,6 +145,11 @@ pub struct Daemon {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The top of the checkout (README, scripts, config, openapi).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ec2jobd")
 }
