@@ -7,8 +7,15 @@
 //!    per polling round (target: ⌈1000/100⌉ = 10), the daemon's memory while they wait, and how long
 //!    the 1,000 jobs take to finish once the checks pass.
 //!
+//! 3. Parked waits (issue 14): 200 one-instance start jobs whose checks stay `initializing` for 8 s
+//!    after each instance starts, with the default 4 workers: time until all succeeded, and how long
+//!    a describe job submitted right after them takes; beside it the same with parking off
+//!    (`queue.max_waiting = 0`: each job holds its worker while it waits) on fewer jobs, since that
+//!    takes 8 s per 4 jobs.
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
-//! BENCH_WINDOW_SECS (measuring window, default 10).
+//! BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200), BENCH_IN_PLACE
+//! (default 20), BENCH_ONLY=parked (this part only).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,7 +24,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::{bench_daemon, Moto};
+use common::{bench_daemon, bench_daemon_with, Moto};
 use serde_json::{json, Value};
 
 const OPS: &[&str] = &[
@@ -125,20 +132,17 @@ async fn calls_per_action(moto: &Moto) {
     }
 }
 
-async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
+/// `waiters` jobs waiting on their own instance each, parked (`queue` empty) or in place
+/// (`max_waiting = 0`, as many workers as jobs).
+async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &str) {
+    let waiters = ids.len();
+    let how = if queue.is_empty() {
+        "parked"
+    } else {
+        "in place"
+    };
     println!(
-        "\nShared status polling: {waiters} jobs, each waiting for status_ok on its own instance"
-    );
-    let t = Instant::now();
-    let mut ids = Vec::new();
-    while ids.len() < waiters {
-        let n = (waiters - ids.len()).min(500) as i32;
-        ids.extend(moto.launch(n, &[("Bench", "herd")]).await);
-    }
-    println!(
-        "  launched {} instances in moto in {:.1}s",
-        ids.len(),
-        t.elapsed().as_secs_f64()
+        "\nShared status polling: {waiters} jobs, each waiting for status_ok on its own instance ({how})"
     );
     let proxy = FaultProxy::start(&moto.url, 2).await;
     proxy.set(|f| {
@@ -148,7 +152,7 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
         ))
     });
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = bench_daemon(tmp.path(), &proxy.url, waiters).await;
+    let d = bench_daemon_with(tmp.path(), &proxy.url, waiters, queue).await;
     let idle_rss = d.rss_kib();
     let t = Instant::now();
     let mut jobs = Vec::new();
@@ -205,12 +209,12 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
         (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64
     );
     println!(
-        "| DescribeInstanceStatus calls per round, {waiters} jobs waiting | {per_round:.1} (max {} in flight) | ⌈{waiters}/100⌉ = {} |",
+        "| DescribeInstanceStatus calls per round, {waiters} jobs waiting ({how}) | {per_round:.1} (max {} in flight) | ⌈{waiters}/100⌉ = {} |",
         proxy.max_in_flight("DescribeInstanceStatus"),
         waiters.div_ceil(100)
     );
     println!(
-        "| RSS with {waiters} jobs waiting for checks | {:.0} MiB ({:.0} KiB/job) | idle: {:.0} MiB |",
+        "| RSS with {waiters} jobs waiting for checks ({how}) | {:.0} MiB ({:.1} KiB/job) | idle: {:.0} MiB |",
         waiting_rss as f64 / 1024.0,
         (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64,
         idle_rss as f64 / 1024.0
@@ -228,6 +232,87 @@ async fn shared_polling(moto: &Moto, waiters: usize, window: Duration) {
     );
 }
 
+/// One run of `n` start jobs (one stopped instance each, checks `initializing` for 8 s after the
+/// start) and a describe job submitted after them; returns (seconds until all succeeded, seconds
+/// the describe job took, KiB of RSS per job while they all waited, StartInstances calls).
+async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, Option<f64>, u64) {
+    moto.stop(ids).await;
+    let proxy = FaultProxy::start(&moto.url, 3).await;
+    proxy.set(|f| f.checks_after_start = Some(Duration::from_secs(8)));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = bench_daemon_with(tmp.path(), &proxy.url, 4, queue).await;
+    let idle = d.rss_kib();
+    let t = Instant::now();
+    let specs: Vec<Value> = ids
+        .iter()
+        .map(|iid| {
+            json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "1s", "timeout": "30m"}})
+        })
+        .collect();
+    let jobs = futures::future::join_all(specs.iter().map(|s| d.submit(s))).await;
+    let t_describe = Instant::now();
+    let describe = d
+        .submit(&json!({"action": "describe_instances", "targets": {"instance_ids": [ids[0]]}}))
+        .await;
+    let j = d.wait_final(&describe, Duration::from_secs(3600)).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let describe_secs = t_describe.elapsed().as_secs_f64();
+    // Memory while every job waits (parked runs only: in place, most jobs are still queued).
+    let mut per_job = None;
+    if queue.is_empty() {
+        while d.metric("ec2jobd_jobs_parked").await < ids.len() as f64 {
+            if d.metric("ec2jobd_jobs_finished_total").await > 0.0 {
+                break; // some finished before all parked: no clean figure
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if d.metric("ec2jobd_jobs_parked").await == ids.len() as f64 {
+            per_job = Some(d.rss_kib().saturating_sub(idle) as f64 / ids.len() as f64);
+        }
+    }
+    for id in &jobs {
+        let j = d.wait_final(id, Duration::from_secs(3600)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
+    }
+    (
+        t.elapsed().as_secs_f64(),
+        describe_secs,
+        per_job,
+        proxy.calls("StartInstances"),
+    )
+}
+
+async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
+    println!("\nParked waits: one-instance start jobs, checks initializing for 8 s after each start, 4 workers");
+    let mut ids = Vec::new();
+    while ids.len() < parked.max(in_place) {
+        let n = (parked.max(in_place) - ids.len()).min(500) as i32;
+        ids.extend(moto.launch(n, &[("Bench", "parked")]).await);
+    }
+    let (all, describe, per_job, calls) = start_herd(moto, &ids[..parked], "").await;
+    println!(
+        "  parked: {parked} jobs succeeded {all:.1}s after submission (target ≤ 13 s), {calls} StartInstances; \
+         a describe job submitted after them took {describe:.2}s (target < 1 s); RSS {} per waiting job",
+        per_job.map_or("n/a".into(), |k| format!("{k:.1} KiB"))
+    );
+    let (all_b, describe_b, _, _) = start_herd(moto, &ids[..in_place], "max_waiting = 0\n").await;
+    println!(
+        "  in place (max_waiting = 0): {in_place} jobs succeeded {all_b:.1}s after submission; \
+         the describe job took {describe_b:.2}s"
+    );
+    println!(
+        "| {parked} start jobs, checks 8 s, 4 workers: all succeeded | {all:.1} s (describe job behind them: {describe:.2} s) | waits in place: {in_place} jobs {all_b:.1} s (describe {describe_b:.2} s) |"
+    );
+    if let Some(k) = per_job {
+        println!(
+            "| RSS per parked job ({parked} parked) | {k:.1} KiB | see the {}-waiter row for waits in place |",
+            env_num("BENCH_WAITERS", 1000)
+        );
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
@@ -235,10 +320,33 @@ fn main() {
     let waiters = env_num("BENCH_WAITERS", 1000) as usize;
     let window = Duration::from_secs(env_num("BENCH_WINDOW_SECS", 10));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let only_parked = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "parked");
     rt.block_on(async {
+        let moto = Moto::start().await;
+        parked_waits(
+            &moto,
+            env_num("BENCH_PARKED", 200) as usize,
+            env_num("BENCH_IN_PLACE", 20) as usize,
+        )
+        .await;
+        if only_parked {
+            return;
+        }
         let moto = Moto::start().await;
         calls_per_action(&moto).await;
         let moto = Moto::start().await;
-        shared_polling(&moto, waiters, window).await;
+        let t = Instant::now();
+        let mut ids = Vec::new();
+        while ids.len() < waiters {
+            let n = (waiters - ids.len()).min(500) as i32;
+            ids.extend(moto.launch(n, &[("Bench", "herd")]).await);
+        }
+        println!(
+            "\n  launched {} instances in moto in {:.1}s",
+            ids.len(),
+            t.elapsed().as_secs_f64()
+        );
+        shared_polling(&moto, &ids, window, "").await;
+        shared_polling(&moto, &ids, window, "max_waiting = 0\n").await;
     });
 }

@@ -398,11 +398,13 @@ async fn crash_campaign() {
     let mut rng = seeded("crash");
     let moto = Moto::start().await;
     let image = moto.image().await;
-    // A little latency so kills land inside calls and waits, not only between them.
+    // A little latency so kills land inside calls and waits, not only between them; checks that
+    // take 2 s after each start so kills also land while jobs are parked.
     let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
     proxy.set(|f| {
         f.latency = Duration::from_millis(5);
         f.latency_jitter = Duration::from_millis(45);
+        f.checks_after_start = Some(Duration::from_secs(2));
     });
     let jobs = mixed_jobs(
         &moto,
@@ -426,6 +428,7 @@ async fn crash_campaign() {
     }
     let total = ids.len() as f64;
     let mut kill_points = Vec::new();
+    let mut parked_at_kill = Vec::new();
     for k in 0..kills {
         // A random moment in the k-th slice of the run, measured in finished jobs.
         let at = ((k as f64 + rng.gen_range(0.2..0.9)) / (kills as f64 + 1.0) * total) as u64;
@@ -438,6 +441,7 @@ async fn crash_campaign() {
             tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
         }
         kill_points.push(finished(&d).await);
+        parked_at_kill.push(d.metric("ec2jobd_jobs_parked").await as u64);
         d.kill9();
         d.spawn().await;
     }
@@ -457,7 +461,12 @@ async fn crash_campaign() {
         .iter()
         .map(|(op, n)| format!("{op} {}/{n}", proxy.calls(op)))
         .collect();
-    let violations = check.violations.clone();
+    let mut violations = check.violations.clone();
+    if parked_at_kill.iter().all(|n| *n == 0) {
+        violations.push(format!(
+            "no kill landed while jobs were parked ({parked_at_kill:?})"
+        ));
+    }
     report(
         "crash",
         &[
@@ -469,6 +478,7 @@ async fn crash_campaign() {
                 "SIGKILLs at finished-job counts",
                 format!("{kills} at {kill_points:?}"),
             ),
+            ("jobs parked at each kill", format!("{parked_at_kill:?}")),
             ("final states", format!("{:?}", check.states)),
             (
                 "jobs that needed more than one attempt",

@@ -612,3 +612,145 @@ async fn waves_respect_max_concurrency_and_stop_after_max_errors() {
     assert_eq!(r.status(), 422);
     assert_eq!(r.json::<Value>().await.unwrap()["field"], "rate");
 }
+
+/// Polls `/metrics` until `ec2jobd_jobs_parked` reads `n`.
+async fn parked(d: &Daemon, n: f64) {
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let now = d.metric("ec2jobd_jobs_parked").await;
+        if now == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{now} jobs parked, expected {n}\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One start job per (stopped) instance, with the checks held at `initializing` until the test
+/// lets them pass; returns once every job is parked.
+async fn park_start_jobs(
+    moto: &Moto,
+    proxy: &FaultProxy,
+    d: &Daemon,
+    ids: &[String],
+) -> Vec<String> {
+    moto.stop(ids).await;
+    proxy.set(|f| f.instance_status = Some(("initializing".into(), Instant::now() + MINUTE * 5)));
+    let mut jobs = Vec::new();
+    for iid in ids {
+        jobs.push(
+            d.submit(
+                &json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "200ms", "timeout": "2m"}}),
+            )
+            .await,
+        );
+    }
+    parked(d, ids.len() as f64).await;
+    jobs
+}
+
+/// Waits hold no worker: with one worker, eight start jobs whose checks stay `initializing` are all
+/// parked at once, a describe job submitted after them runs meanwhile, a parked job is cancelled
+/// with what its wait saw, and the rest resume and succeed once the checks pass.
+#[tokio::test]
+async fn waiting_jobs_hold_no_worker() {
+    let (moto, proxy, d, ids) = rig(8, &[], 1).await;
+    let jobs = park_start_jobs(&moto, &proxy, &d, &ids).await;
+    let describe = d
+        .submit(&json!({"action": "describe_instances", "targets": {"instance_ids": ids.clone()}}))
+        .await;
+    let j = d.wait_final(&describe, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    for id in &jobs {
+        let j = d.job(id).await;
+        assert_eq!(j["state"], "running", "still waiting: {j}");
+        assert_eq!(j["progress"]["phase"], "waiting", "{j}");
+    }
+    // Cancel one: it ends with what its wait saw.
+    let r = d
+        .req(
+            reqwest::Method::POST,
+            &format!("/v1/jobs/{}/cancel", jobs[0]),
+            &d.admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let j = d.wait_final(&jobs[0], MINUTE).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    let r = &j["results"]["instances"][0];
+    assert_eq!(r["checks"], "1/2 checks passed", "{j}");
+    assert_eq!(r["previous_state"], "stopped", "{j}");
+    parked(&d, 7.0).await;
+    // The checks pass: every other job resumes and succeeds.
+    proxy.set(|f| f.instance_status = None);
+    for id in &jobs[1..] {
+        let j = d.wait_final(id, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"], 1, "resuming is not another attempt: {j}");
+        let r = &j["results"]["instances"][0];
+        assert_eq!(r["checks"], "2/2 checks passed", "{j}");
+        assert_eq!(r["outcome"], "called", "{j}");
+        assert!(r["seconds_to_status_ok"].as_f64().is_some(), "{j}");
+        assert!(
+            j["results"]["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains("all reached status_ok (2/2 checks passed)")),
+            "{j}"
+        );
+    }
+    // A finished job's event stream ends after its last event.
+    let events = d.text(&format!("/v1/jobs/{}/events", jobs[1])).await;
+    for k in ["parked", "wait_ended", "resumed", "succeeded"] {
+        assert!(
+            events.contains(&format!("event: {k}")),
+            "{k} missing from {events}"
+        );
+    }
+    assert_eq!(
+        proxy.calls("StartInstances"),
+        8,
+        "one call per job, none repeated"
+    );
+    parked(&d, 0.0).await;
+}
+
+/// Parked jobs survive their process: after kill -9 their leases expire and they are parked again
+/// (one more attempt, as for any job whose process died); after a graceful stop they are given
+/// back and parked again at once (no attempt counted). No start call is repeated.
+#[tokio::test]
+async fn parked_waits_survive_kill_9_and_restart() {
+    let (moto, proxy, mut d, ids) = rig(3, &[], 1).await;
+    let jobs = park_start_jobs(&moto, &proxy, &d, &ids).await;
+    d.kill9();
+    d.spawn().await;
+    // The lot's leases (3 s) expire; each job is claimed again and parks from its checkpoint.
+    parked(&d, 3.0).await;
+    for id in &jobs {
+        let j = d.job(id).await;
+        assert_eq!(
+            (j["state"].as_str(), j["attempts"].as_u64()),
+            (Some("running"), Some(2)),
+            "{j}"
+        );
+    }
+    assert!(d.terminate(MINUTE).success());
+    d.spawn().await;
+    parked(&d, 3.0).await;
+    proxy.set(|f| f.instance_status = None);
+    for id in &jobs {
+        let j = d.wait_final(id, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+        assert_eq!(j["attempts"], 2, "a graceful restart costs no attempt: {j}");
+        let r = &j["results"]["instances"][0];
+        assert_eq!(r["checks"], "2/2 checks passed", "{j}");
+        assert_eq!(r["outcome"], "called", "{j}");
+    }
+    assert_eq!(proxy.calls("StartInstances"), 3, "no start call repeated");
+}

@@ -679,15 +679,22 @@ pub async fn bench_daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon 
     bench_daemon_with(dir, endpoint, workers, "").await
 }
 
-/// [`bench_daemon`] with more TOML appended to its config (e.g. a `[retention]` table).
+/// [`bench_daemon`] with more TOML appended to its config (e.g. a `[retention]` table); keys before
+/// any table header go into `[queue]` (e.g. `max_waiting = 0`).
 pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra: &str) -> Daemon {
+    let tables = if extra.starts_with('[') {
+        Some(0)
+    } else {
+        extra.find("\n[").map(|i| i + 1)
+    };
+    let (queue, extra) = extra.split_at(tables.unwrap_or(extra.len()));
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
              [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
-             [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n\
+             [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n{queue}\n\
              [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n{extra}",
             db = dir.join("bench.db").display()
         ),

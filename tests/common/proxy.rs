@@ -21,6 +21,10 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct Faults {
     /// Until this instant, DescribeInstanceStatus reports InstanceStatus with this summary.
     pub instance_status: Option<(String, Instant)>,
+    /// For this long after an instance was started (a StartInstances or RebootInstances request
+    /// naming it, or a RunInstances answer), DescribeInstanceStatus reports its InstanceStatus as
+    /// `initializing`, as AWS does while an instance boots.
+    pub checks_after_start: Option<Duration>,
     /// Until this instant, DescribeInstanceStatus reports SystemStatus with this summary.
     pub system_status: Option<(String, Instant)>,
     /// Until this instant, DescribeInstanceStatus reports running instances in this state
@@ -75,6 +79,8 @@ struct Shared {
     /// RunInstances answers by ClientToken: AWS makes a repeated request with the same token return
     /// the first one's instances; moto ignores the token, so the proxy does what AWS does.
     client_tokens: Mutex<HashMap<String, Reply>>,
+    /// When each instance was last started, as seen passing through.
+    started: Mutex<HashMap<String, Instant>>,
     rng: Mutex<StdRng>,
     http: reqwest::Client,
 }
@@ -95,6 +101,7 @@ impl FaultProxy {
             stats: Mutex::new(Stats::default()),
             in_flight: Mutex::new(HashMap::new()),
             client_tokens: Mutex::new(HashMap::new()),
+            started: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             http: reqwest::Client::new(),
         });
@@ -509,7 +516,53 @@ async fn forward(
         let xml = error_xml("Unavailable", "The service is unavailable.", "fault-503");
         return Some((503, xml, "fault-503".into()));
     }
+    let starts: Vec<String> = if matches!(op, "StartInstances" | "RebootInstances") {
+        body.split('&')
+            .filter(|kv| kv.starts_with("InstanceId."))
+            .filter_map(|kv| kv.split_once('=').map(|(_, v)| v.to_string()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let (status, mut text, rid) = send_upstream(s, path, headers, body).await?;
+    if status == 200 {
+        let now = Instant::now();
+        let mut started = s.started.lock().unwrap();
+        for id in starts {
+            started.insert(id, now);
+        }
+        if op == "RunInstances" {
+            for id in text.split("<instanceId>").skip(1) {
+                if let Some((id, _)) = id.split_once("</instanceId>") {
+                    started.insert(id.to_string(), now);
+                }
+            }
+        }
+    }
+    if op == "DescribeInstanceStatus" {
+        if let Some(boot) = faults.checks_after_start {
+            let started = s.started.lock().unwrap().clone();
+            let booting = |id: &str| started.get(id).is_some_and(|t| t.elapsed() < boot);
+            // Each instance's part of the answer runs from its <instanceId> to the next one.
+            let mut parts = text.split("<instanceId>");
+            let mut out = parts.next().unwrap_or_default().to_string();
+            for part in parts {
+                out.push_str("<instanceId>");
+                let id = part.split("</instanceId>").next().unwrap_or_default();
+                if booting(id) {
+                    out.push_str(&rewrite_status(
+                        part.to_string(),
+                        "instanceStatus",
+                        "initializing",
+                    ));
+                    note(s);
+                } else {
+                    out.push_str(part);
+                }
+            }
+            text = out;
+        }
+    }
     if op == "DescribeSnapshots" || op == "CreateSnapshot" {
         if let Some((state, progress, until)) = &faults.snapshot_state {
             if Instant::now() < *until && text.contains("<status>completed</status>") {

@@ -33,7 +33,9 @@ mod watch;
 
 pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
-pub use watch::{evaluate, InstanceStatus, Round, StatusWatcher, Verdict, WaitFailure};
+pub use watch::{
+    evaluate, InstanceStatus, Judge, Registration, Round, StatusWatcher, Verdict, WaitFailure,
+};
 
 /// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.
 #[derive(Debug, Clone)]

@@ -7,6 +7,10 @@
 //!
 //! The round interval is the shortest interval any current waiter asked for. The watcher's task runs
 //! only while someone waits.
+//!
+//! Judging one wait round by round is [`Judge`]'s: [`StatusWatcher::wait`] uses it for a worker that
+//! waits in place, and the server's parking lot for jobs whose waits hold no worker (many judges fed
+//! by one subscription to the rounds).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,7 +23,7 @@ use tokio::time::Instant;
 use crate::{Ec2, Ec2Error};
 
 /// What one round saw of one instance.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct InstanceStatus {
     /// Instance state name (`pending`, `running`, `stopped`, …).
     pub state: String,
@@ -143,6 +147,8 @@ pub struct Round {
     pub number: u64,
     /// Ids asked about in this round (a waiter judges only those).
     pub asked: HashSet<String>,
+    /// When its first call was made (a wait judges only rounds that began after it did).
+    pub began: Option<Instant>,
     /// What EC2 reported.
     pub statuses: HashMap<String, InstanceStatus>,
     /// A failed call in this round, if any.
@@ -188,14 +194,132 @@ pub struct StatusWatcher {
     rounds: watch::Sender<Arc<Round>>,
 }
 
-struct Registration<'a> {
-    watcher: &'a StatusWatcher,
+/// Keeps instance ids in the watcher's rounds until dropped.
+pub struct Registration {
+    watcher: Arc<StatusWatcher>,
     id: u64,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.watcher.lock().waiters.remove(&self.id);
+    }
+}
+
+/// One wait judged round by round: which instances must meet which condition, and what has been
+/// seen of them so far.
+#[derive(Debug, Clone)]
+pub struct Judge {
+    ids: Vec<String>,
+    until: WaitUntil,
+    /// Purged while waiting for `terminated`: counted as gone.
+    gone: HashSet<String>,
+    /// Instances seen on their way up: one that is back at stopping/stopped was started and fell
+    /// back (EC2 stops an instance it cannot start, e.g. without a KMS grant for its volume).
+    moving: HashSet<String>,
+    /// The latest status seen of each instance.
+    pub last: HashMap<String, InstanceStatus>,
+    /// Rounds that began earlier may have asked before the call this wait follows took effect.
+    since: Instant,
+}
+
+impl Judge {
+    /// A judge of `until` over `ids`.
+    pub fn new(ids: &[String], until: WaitUntil) -> Self {
+        Self {
+            ids: ids.to_vec(),
+            until,
+            gone: HashSet::new(),
+            moving: HashSet::new(),
+            last: HashMap::new(),
+            since: Instant::now(),
+        }
+    }
+
+    /// The instances judged.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// How many instances met the condition in the latest round seen.
+    pub fn done(&self) -> usize {
+        self.ids
+            .iter()
+            .filter(|id| evaluate(self.until, self.last.get(*id)) == Verdict::Done)
+            .count()
+    }
+
+    /// Whether `round` tells about this wait: it asked about every instance, and began after the
+    /// wait did.
+    pub fn concerns(&self, round: &Round) -> bool {
+        round.began.is_none_or(|b| b >= self.since)
+            && self.ids.iter().all(|i| round.asked.contains(i))
+    }
+
+    /// Judges one round: `None` while the wait goes on (or the round did not ask about all of this
+    /// wait's instances: it began before they were registered), `Some(Ok)` once every instance meets
+    /// the condition, `Some(Err)` when one never can or EC2 refused the status call for good.
+    pub fn observe(&mut self, round: &Round) -> Option<Result<(), WaitFailure>> {
+        if !self.concerns(round) {
+            return None;
+        }
+        for id in &self.ids {
+            if let Some(s) = round.statuses.get(id) {
+                self.last.insert(id.clone(), s.clone());
+            }
+        }
+        if let Some(e) = &round.error {
+            if e.code == "InvalidInstanceID.NotFound" && self.until == WaitUntil::Terminated {
+                // A purged terminated instance makes the whole chunk fail: treat them as gone.
+                self.gone.extend(
+                    self.ids
+                        .iter()
+                        .filter(|i| !round.statuses.contains_key(*i))
+                        .cloned(),
+                );
+            } else if !e.transient {
+                return Some(Err(WaitFailure::Aws(e.clone())));
+            } else {
+                return None;
+            }
+        }
+        let mut all_done = true;
+        for id in &self.ids {
+            let st = if self.gone.contains(id) {
+                None
+            } else {
+                round.statuses.get(id)
+            };
+            let verdict = match st.map(|s| s.state.as_str()) {
+                Some("pending" | "running") => {
+                    self.moving.insert(id.clone());
+                    evaluate(self.until, st)
+                }
+                Some(state @ ("stopping" | "stopped"))
+                    if self.moving.contains(id)
+                        && matches!(self.until, WaitUntil::Running | WaitUntil::StatusOk) =>
+                {
+                    Verdict::Failed(
+                        "InstanceStopped".into(),
+                        format!("the instance went back to {state} while starting"),
+                    )
+                }
+                _ => evaluate(self.until, st),
+            };
+            match verdict {
+                Verdict::Done => {}
+                Verdict::Waiting(_) => all_done = false,
+                Verdict::Failed(code, message) => {
+                    return Some(Err(WaitFailure::Failed {
+                        instance_id: id.clone(),
+                        code,
+                        message,
+                        last: self.last.clone(),
+                    }))
+                }
+            }
+        }
+        all_done.then_some(Ok(()))
     }
 }
 
@@ -213,7 +337,13 @@ impl StatusWatcher {
         self.reg.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(self: &Arc<Self>, ids: &[String], interval: Duration) -> Registration<'_> {
+    /// Rounds as they are published (the latest one first).
+    pub fn rounds(&self) -> watch::Receiver<Arc<Round>> {
+        self.rounds.subscribe()
+    }
+
+    /// Adds `ids` to every round, polled at least every `interval`, until the registration drops.
+    pub fn register(self: &Arc<Self>, ids: &[String], interval: Duration) -> Registration {
         let mut reg = self.lock();
         reg.next += 1;
         let id = reg.next;
@@ -229,7 +359,10 @@ impl StatusWatcher {
             let me = self.clone();
             tokio::spawn(async move { me.poll().await });
         }
-        Registration { watcher: self, id }
+        Registration {
+            watcher: self.clone(),
+            id,
+        }
     }
 
     async fn poll(self: Arc<Self>) {
@@ -261,6 +394,7 @@ impl StatusWatcher {
             let mut round = Round {
                 number,
                 asked: ids.iter().cloned().collect(),
+                began: Some(Instant::now()),
                 ..Default::default()
             };
             for chunk in ids.chunks(100) {
@@ -285,84 +419,27 @@ impl StatusWatcher {
         interval: Duration,
         mut on_round: impl FnMut(&Round, &HashMap<String, InstanceStatus>),
     ) -> Result<HashMap<String, InstanceStatus>, WaitFailure> {
-        let mut last: HashMap<String, InstanceStatus> = HashMap::new();
         if until == WaitUntil::None || ids.is_empty() {
-            return Ok(last);
+            return Ok(HashMap::new());
         }
         let mut rx = self.rounds.subscribe();
         let _reg = self.register(ids, interval);
         let deadline = Instant::now() + timeout;
-        let mut gone: HashSet<String> = HashSet::new();
-        // Instances seen on their way up: one that is back at stopping/stopped was started and fell
-        // back (EC2 stops an instance it cannot start, e.g. without a KMS grant for its volume).
-        let mut moving: HashSet<String> = HashSet::new();
+        let mut judge = Judge::new(ids, until);
         loop {
             tokio::select! {
-                r = rx.changed() => if r.is_err() { return Err(WaitFailure::Timeout(last)) },
-                _ = tokio::time::sleep_until(deadline) => return Err(WaitFailure::Timeout(last)),
+                r = rx.changed() => if r.is_err() { return Err(WaitFailure::Timeout(judge.last)) },
+                _ = tokio::time::sleep_until(deadline) => return Err(WaitFailure::Timeout(judge.last)),
             }
             let round = rx.borrow_and_update().clone();
-            if !ids.iter().all(|i| round.asked.contains(i)) {
-                continue; // a round that started before we registered
+            let verdict = judge.observe(&round);
+            if judge.concerns(&round) {
+                on_round(&round, &judge.last);
             }
-            for id in ids {
-                if let Some(s) = round.statuses.get(id) {
-                    last.insert(id.clone(), s.clone());
-                }
-            }
-            on_round(&round, &last);
-            if let Some(e) = &round.error {
-                if e.code == "InvalidInstanceID.NotFound" && until == WaitUntil::Terminated {
-                    // A purged terminated instance makes the whole chunk fail: treat them as gone.
-                    gone.extend(
-                        ids.iter()
-                            .filter(|i| !round.statuses.contains_key(*i))
-                            .cloned(),
-                    );
-                } else if !e.transient {
-                    return Err(WaitFailure::Aws(e.clone()));
-                } else {
-                    continue;
-                }
-            }
-            let mut all_done = true;
-            for id in ids {
-                let st = if gone.contains(id) {
-                    None
-                } else {
-                    round.statuses.get(id)
-                };
-                let verdict = match st.map(|s| s.state.as_str()) {
-                    Some("pending" | "running") => {
-                        moving.insert(id.clone());
-                        evaluate(until, st)
-                    }
-                    Some(state @ ("stopping" | "stopped"))
-                        if moving.contains(id)
-                            && matches!(until, WaitUntil::Running | WaitUntil::StatusOk) =>
-                    {
-                        Verdict::Failed(
-                            "InstanceStopped".into(),
-                            format!("the instance went back to {state} while starting"),
-                        )
-                    }
-                    _ => evaluate(until, st),
-                };
-                match verdict {
-                    Verdict::Done => {}
-                    Verdict::Waiting(_) => all_done = false,
-                    Verdict::Failed(code, message) => {
-                        return Err(WaitFailure::Failed {
-                            instance_id: id.clone(),
-                            code,
-                            message,
-                            last,
-                        })
-                    }
-                }
-            }
-            if all_done {
-                return Ok(last);
+            match verdict {
+                None => {}
+                Some(Ok(())) => return Ok(judge.last),
+                Some(Err(f)) => return Err(f),
             }
         }
     }

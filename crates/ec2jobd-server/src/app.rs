@@ -21,6 +21,7 @@ use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
 use crate::executor::Ec2Executor;
 use crate::metrics::Metrics;
+use crate::parking::Parking;
 use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
 use crate::runner::{Runner, RunnerConfig};
 use crate::sns::notify::Notifier;
@@ -160,23 +161,34 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     let q = &cfg.queue;
-    let runner = Arc::new(Runner::new(
+    let lot = Parking::new(
         store.clone(),
-        Arc::new(Ec2Executor::new(pool.clone())),
-        RunnerConfig {
-            workers: q.workers,
-            lease: q.lease.0,
-            heartbeat: q.heartbeat.0,
-            poll_interval: q.poll_interval.0,
-            reap_interval: q.reap_interval.0,
-            backoff_base: q.backoff_base.0,
-            backoff_max: q.backoff_max.0,
-            grace: cfg.shutdown_grace.0,
-        },
-        metrics.clone(),
+        pool.clone(),
         clock.clone(),
-        rand::random(),
-    ));
+        metrics.clone(),
+        q.lease.0,
+        q.max_waiting,
+    );
+    let runner = Arc::new(
+        Runner::new(
+            store.clone(),
+            Arc::new(Ec2Executor::new(pool.clone(), lot.clone())),
+            RunnerConfig {
+                workers: q.workers,
+                lease: q.lease.0,
+                heartbeat: q.heartbeat.0,
+                poll_interval: q.poll_interval.0,
+                reap_interval: q.reap_interval.0,
+                backoff_base: q.backoff_base.0,
+                backoff_max: q.backoff_max.0,
+                grace: cfg.shutdown_grace.0,
+            },
+            metrics.clone(),
+            clock.clone(),
+            rand::random(),
+        )
+        .with_parking(lot),
+    );
     let shutdown = CancellationToken::new();
     let state = AppState {
         config: Arc::new(cfg.clone()),

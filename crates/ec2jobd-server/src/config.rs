@@ -316,6 +316,8 @@ pub struct QueueSection {
     pub reap_interval: Dur,
     /// Submissions beyond this many queued jobs get 429 with Retry-After (0: no limit).
     pub max_queued: u64,
+    /// Most jobs parked (waiting without a worker) at once; more wait holding their worker.
+    pub max_waiting: usize,
 }
 
 /// `[sqlite]`.

@@ -10,16 +10,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
-use ec2jobd_ec2::{
-    evaluate, Attribute, CallOutcome, Ec2, Ec2Error, Ec2Pool, InstanceStatus, Launch, Protection,
-    Verdict, WaitFailure,
-};
+use ec2jobd_ec2::{Attribute, CallOutcome, Ec2, Ec2Error, Ec2Pool, Launch, Protection};
 use ec2jobd_spec::{Action, InstanceResult, JobError, JobResults, WaitUntil};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::parking::{wait_error, InstanceWait, Parking, WaitOutcome};
 use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
@@ -62,12 +60,50 @@ fn made_by_filters(ctx: &ExecCtx) -> ec2jobd_ec2::Filters {
 /// Runs EC2 jobs.
 pub struct Ec2Executor {
     pool: Arc<Ec2Pool>,
+    lot: Arc<Parking>,
 }
 
 impl Ec2Executor {
-    /// An executor over the configured accounts.
-    pub fn new(pool: Arc<Ec2Pool>) -> Self {
-        Self { pool }
+    /// An executor over the configured accounts, judging instance waits in `lot`.
+    pub fn new(pool: Arc<Ec2Pool>, lot: Arc<Parking>) -> Self {
+        Self { pool, lot }
+    }
+}
+
+/// The `phase` of a parked job's checkpoint.
+const PARKED: &str = "parked";
+
+/// What an instance action knows when its final wait begins and needs after it: the checkpoint
+/// of a job parked for that wait, from which it is finished once the wait ends (or parked again,
+/// when the process holding it died).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AfterWait {
+    /// Always [`PARKED`].
+    phase: String,
+    /// The wait.
+    wait: InstanceWait,
+    /// Every target.
+    ids: Vec<String>,
+    /// Their states before the call.
+    before: HashMap<String, String>,
+    /// Those the call was made for.
+    todo: Vec<String>,
+    /// Those whose termination protection the job turned off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unprotected: Vec<String>,
+    /// Request ids of the calls made before the wait.
+    #[serde(default)]
+    request_ids: Vec<String>,
+}
+
+impl AfterWait {
+    /// The parked state in a whole job's checkpoint (workflow steps do not park).
+    fn of(ctx: &ExecCtx) -> Option<AfterWait> {
+        let cp = ctx.checkpoint.as_ref()?;
+        if ctx.step.is_some() || cp.get("phase").and_then(|p| p.as_str()) != Some(PARKED) {
+            return None;
+        }
+        serde_json::from_value(cp.clone()).ok()
     }
 }
 
@@ -98,6 +134,25 @@ impl Executor for Ec2Executor {
             .get(account, region)
             .await
             .map_err(|e| failed(e, JobResults::default()))?;
+        if let Some(after) = AfterWait::of(ctx) {
+            let results = JobResults {
+                request_ids: after.request_ids.clone(),
+                ..Default::default()
+            };
+            let waited = ctx
+                .waited
+                .clone()
+                .map(serde_json::from_value::<WaitOutcome>);
+            return match waited {
+                Some(Ok(outcome)) => self.finish_wait(ctx, &ec2, after, results, outcome).await,
+                // Parked by a process that died (or gave it back at shutdown): wait again.
+                None => self.wait_and_finish(ctx, &ec2, after, results, true).await,
+                Some(Err(e)) => Err(ExecError::permanent(
+                    "CorruptCheckpoint",
+                    format!("the outcome of the job's wait cannot be read: {e}"),
+                )),
+            };
+        }
         match spec.action {
             Action::DescribeInstances => describe(ctx, &ec2, account, region).await,
             Action::RunInstances => self.run_instances(ctx, &ec2, account, region).await,
@@ -358,16 +413,6 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
     Ok(results)
 }
 
-fn describe_status(id: &str, s: Option<&InstanceStatus>) -> String {
-    match s {
-        None => format!("{id} (not reported)"),
-        Some(s) => match s.checks() {
-            Some(c) => format!("{id} ({}, {c})", s.state),
-            None => format!("{id} ({})", s.state),
-        },
-    }
-}
-
 impl Ec2Executor {
     async fn call(
         &self,
@@ -448,7 +493,7 @@ impl Ec2Executor {
                 .filter(|i| i.state != "terminated" && i.state != "shutting-down")
                 .collect();
         }
-        let started = Instant::now();
+        let since = self.lot.now_ms();
         let fresh = launched.is_empty();
         if fresh {
             ctx.check_cancel(&results)?;
@@ -515,17 +560,16 @@ impl Ec2Executor {
                 .map(|id| (id.clone(), "launched by an earlier attempt".to_string()))
                 .collect()
         };
-        self.wait_and_finish(
+        let after = self.after_wait(
             ctx,
-            ec2,
             (account, region),
             (&ids, &ids),
             &before,
             &todo,
-            started,
-            results,
-        )
-        .await
+            since,
+            &results,
+        );
+        self.wait_and_finish(ctx, ec2, after, results, true).await
     }
 
     async fn instance_action(
@@ -590,7 +634,7 @@ impl Ec2Executor {
                 )
                 .await;
         }
-        let started = Instant::now();
+        let since = self.lot.now_ms();
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;
             ctx.save_checkpoint(json!({"phase": "calling", "ids": todo}))
@@ -623,24 +667,17 @@ impl Ec2Executor {
                 .await?;
         }
 
-        let mut results = self
-            .wait_and_finish(
-                ctx,
-                ec2,
-                (account, region),
-                (&ids, &ids),
-                &before,
-                &todo,
-                started,
-                results,
-            )
-            .await?;
-        for r in &mut results.instances {
-            if unprotected.contains(&r.instance_id) {
-                r.outcome = Some("called (termination protection turned off)".into());
-            }
-        }
-        Ok(results)
+        let mut after = self.after_wait(
+            ctx,
+            (account, region),
+            (&ids, &ids),
+            &before,
+            &todo,
+            since,
+            &results,
+        );
+        after.unprotected = unprotected;
+        self.wait_and_finish(ctx, ec2, after, results, true).await
     }
 
     /// `modify_instance_attribute`. A type change needs a stopped instance, so a running one is
@@ -751,7 +788,7 @@ impl Ec2Executor {
         }
 
         ctx.check_cancel(&results)?;
-        let started = Instant::now();
+        let since = self.lot.now_ms();
         if !resize.is_empty() || !restart.is_empty() {
             ctx.save_checkpoint(json!({"phase": "resizing", "restart": restart}))
                 .await?;
@@ -855,17 +892,19 @@ impl Ec2Executor {
             .filter(|id| resize.contains(*id) || restart.contains(*id) || !protections.is_empty())
             .cloned()
             .collect();
+        let after = self.after_wait(
+            ctx,
+            (account, region),
+            (&ids, &restart),
+            &before,
+            &todo,
+            since,
+            &results,
+        );
+        // What follows the wait (the per-instance account of the change) is not in the
+        // checkpoint, so this wait is made in place.
         let mut results = self
-            .wait_and_finish(
-                ctx,
-                ec2,
-                (account, region),
-                (&ids, &restart),
-                &before,
-                &todo,
-                started,
-                results,
-            )
+            .wait_and_finish(ctx, ec2, after, results, false)
             .await?;
         for r in &mut results.instances {
             let mut did = Vec::new();
@@ -932,13 +971,10 @@ impl Ec2Executor {
             .map_err(|e| failed(e, results.clone()))?;
         match watcher.wait(ids, until, timeout, interval, |_, _| {}).await {
             Ok(_) => Ok(()),
-            Err(f) => Err(match wait_failure(f, ids, until, timeout) {
-                Ok((error, _)) => ExecError::Failed {
-                    error,
-                    transient: false,
-                    results: results.clone(),
-                },
-                Err(e) => failed(e, results.clone()),
+            Err(f) => Err(ExecError::Failed {
+                error: wait_error(f, ids, until, timeout).0,
+                transient: false,
+                results: results.clone(),
             }),
         }
     }
@@ -1003,122 +1039,149 @@ impl Ec2Executor {
         Ok(protected)
     }
 
-    /// Waits through the shared watcher (reporting progress as instances become ready), then
-    /// describes the instances for the results and writes the summary.
+    /// What an instance action knows when its final wait begins: `ids` are every target,
+    /// `wait_ids` those to wait for, `since_ms` when the call was made.
     #[allow(clippy::too_many_arguments)]
-    async fn wait_and_finish(
+    fn after_wait(
         &self,
         ctx: &ExecCtx,
-        ec2: &Ec2,
         (account, region): (&str, &str),
         (ids, wait_ids): (&[String], &[String]),
         before: &HashMap<String, String>,
         todo: &[String],
-        started: Instant,
+        since_ms: i64,
+        results: &JobResults,
+    ) -> AfterWait {
+        let (until, timeout, interval) = ctx.job.spec.wait_settings();
+        AfterWait {
+            phase: PARKED.into(),
+            wait: InstanceWait {
+                account: account.into(),
+                region: region.into(),
+                ids: wait_ids.to_vec(),
+                until,
+                since_ms,
+                deadline_ms: self.lot.now_ms() + timeout.as_millis() as i64,
+                timeout_ms: timeout.as_millis() as u64,
+                interval_ms: interval.as_millis() as u64,
+                attempt_deadline_ms: None,
+                attempt_limit_ms: None,
+            },
+            ids: ids.to_vec(),
+            before: before.clone(),
+            todo: todo.to_vec(),
+            unprotected: Vec::new(),
+            request_ids: results.request_ids.clone(),
+        }
+    }
+
+    /// Waits for the instances — parked without a worker when `parkable` and the job may park,
+    /// in place otherwise — then finishes the job with [`Self::finish_wait`].
+    async fn wait_and_finish(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        mut after: AfterWait,
+        results: JobResults,
+        parkable: bool,
+    ) -> Result<JobResults, ExecError> {
+        let wait = &mut after.wait;
+        if wait.until == WaitUntil::None || wait.ids.is_empty() {
+            return self
+                .finish_wait(ctx, ec2, after, results, WaitOutcome::default())
+                .await;
+        }
+        ctx.check_cancel(&results)?;
+        let total = wait.ids.len() as u64;
+        ctx.progress(
+            "waiting",
+            &format!("waiting for {} on {total} instance(s)", wait.until.as_str()),
+            Some(0),
+            Some(total),
+        )
+        .await?;
+        wait.attempt_deadline_ms = Some(ctx.deadline_ms);
+        wait.attempt_limit_ms = Some(ctx.limit.as_millis() as u64);
+        if parkable && ctx.may_park() {
+            let state = serde_json::to_value(&after).unwrap_or_default();
+            return Err(ctx.park(after.wait, state));
+        }
+        let rx = self
+            .lot
+            .wait_here(&ctx.job.id, ctx.worker(), ctx.label(), wait.clone())
+            .await
+            .map_err(|e| failed(e, results.clone()))?;
+        tokio::pin!(rx);
+        let outcome = tokio::select! {
+            o = &mut rx => o,
+            _ = ctx.cancelled() => {
+                // The lot answers a cancel with what the wait saw so far.
+                self.lot.cancel(&ctx.job.id);
+                rx.await
+            }
+        }
+        .unwrap_or_else(|_| WaitOutcome {
+            cancelled: true,
+            ..Default::default()
+        });
+        self.finish_wait(ctx, ec2, after, results, outcome).await
+    }
+
+    /// After the wait: describes the instances for the results and writes the summary, or fails
+    /// (or ends cancelled) with what the wait saw.
+    async fn finish_wait(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        after: AfterWait,
         mut results: JobResults,
+        outcome: WaitOutcome,
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let op = spec.action.as_str();
-        let (until, wait_timeout, interval) = spec.wait_settings();
-        // Wait through the shared watcher, reporting progress as instances become ready.
-        let mut to_running: HashMap<String, f64> = HashMap::new();
-        let mut to_ok: HashMap<String, f64> = HashMap::new();
-        let mut last: HashMap<String, InstanceStatus> = HashMap::new();
-        let wait_result = if until == WaitUntil::None || wait_ids.is_empty() {
-            Ok(HashMap::new())
-        } else {
-            ctx.check_cancel(&results)?;
-            let total = wait_ids.len() as u64;
-            ctx.progress(
-                "waiting",
-                &format!("waiting for {} on {total} instance(s)", until.as_str()),
-                Some(0),
-                Some(total),
-            )
-            .await?;
-            let watcher = self
-                .pool
-                .watcher(account, region)
-                .await
-                .map_err(|e| failed(e, results.clone()))?;
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let wait = watcher.wait(wait_ids, until, wait_timeout, interval, move |_, seen| {
-                let _ = tx.send(seen.clone());
-            });
-            tokio::pin!(wait);
-            let mut reported_done = 0;
-            let mut note_times = |seen: &HashMap<String, InstanceStatus>| {
-                let t = started.elapsed().as_secs_f64();
-                for (id, st) in seen {
-                    if st.state == "running" {
-                        to_running.entry(id.clone()).or_insert(t);
-                    }
-                    if evaluate(WaitUntil::StatusOk, Some(st)) == Verdict::Done {
-                        to_ok.entry(id.clone()).or_insert(t);
-                    }
-                }
-            };
-            let r = loop {
-                tokio::select! {
-                    r = &mut wait => break r,
-                    Some(seen) = rx.recv() => {
-                        note_times(&seen);
-                        let done = wait_ids.iter().filter(|id| evaluate(until, seen.get(*id)) == Verdict::Done).count() as u64;
-                        last = seen;
-                        if done != reported_done {
-                            reported_done = done;
-                            ctx.progress("waiting", &format!("{done} of {total} instance(s) reached {}", until.as_str()), Some(done), Some(total)).await?;
-                        }
-                    }
-                    _ = ctx.cancelled() => {
-                        results.instances = self.final_results(ec2, ids, before, &last, &to_running, &to_ok, todo).await;
-                        return Err(ExecError::Cancelled(results));
-                    }
-                }
-            };
-            // The last round may complete the wait before its message was read.
-            while let Ok(seen) = rx.try_recv() {
-                note_times(&seen);
-            }
-            r
-        };
-        let statuses = match wait_result {
-            Ok(s) => s,
-            Err(f) => {
-                let (error, seen) = match wait_failure(f, wait_ids, until, wait_timeout) {
-                    Ok(x) => x,
-                    Err(e) => return Err(failed(e, results)),
-                };
-                results.instances = self
-                    .final_results(ec2, ids, before, &seen, &to_running, &to_ok, todo)
-                    .await;
-                let mut error = error;
-                if error.code == "InstanceStopped" {
-                    let reason = results
-                        .instances
-                        .iter()
-                        .find(|i| error.message.starts_with(&format!("{}:", i.instance_id)))
-                        .and_then(|i| i.state_reason.as_deref());
-                    error.message.push_str(&format!(
-                        " (StateReason: {})",
-                        reason.unwrap_or("none reported")
-                    ));
-                }
-                return Err(ExecError::Failed {
-                    error,
-                    transient: false,
-                    results,
-                });
-            }
-        };
+        let AfterWait {
+            wait,
+            ids,
+            before,
+            todo,
+            unprotected,
+            ..
+        } = after;
+        let until = wait.until;
         results.instances = self
-            .final_results(ec2, ids, before, &statuses, &to_running, &to_ok, todo)
+            .final_results(ec2, &ids, &before, &outcome, &todo)
             .await;
+        for r in &mut results.instances {
+            if unprotected.contains(&r.instance_id) {
+                r.outcome = Some("called (termination protection turned off)".into());
+            }
+        }
+        if outcome.cancelled {
+            return Err(ExecError::Cancelled(results));
+        }
+        if let Some(mut error) = outcome.error {
+            if error.code == "InstanceStopped" {
+                let reason = results
+                    .instances
+                    .iter()
+                    .find(|i| error.message.starts_with(&format!("{}:", i.instance_id)))
+                    .and_then(|i| i.state_reason.as_deref());
+                error.message.push_str(&format!(
+                    " (StateReason: {})",
+                    reason.unwrap_or("none reported")
+                ));
+            }
+            return Err(ExecError::Failed {
+                error,
+                transient: false,
+                results,
+            });
+        }
         let n = ids.len() as u64;
         let acted = todo.len();
         let mut summary = format!("{op}: {acted} of {n} instance{} needed the call", plural(n));
-        if until != WaitUntil::None && !wait_ids.is_empty() {
-            let all = if wait_ids.len() == ids.len() {
+        if until != WaitUntil::None && !wait.ids.is_empty() {
+            let all = if wait.ids.len() == ids.len() {
                 "all"
             } else {
                 "the restarted ones"
@@ -1144,15 +1207,12 @@ impl Ec2Executor {
 
     /// Describes the instances once more for their addresses and names, and merges in what the wait
     /// saw. A failing describe is not the job's failure: the call and wait already succeeded.
-    #[allow(clippy::too_many_arguments)]
     async fn final_results(
         &self,
         ec2: &Ec2,
         ids: &[String],
         before: &HashMap<String, String>,
-        statuses: &HashMap<String, InstanceStatus>,
-        to_running: &HashMap<String, f64>,
-        to_ok: &HashMap<String, f64>,
+        seen: &WaitOutcome,
         todo: &[String],
     ) -> Vec<InstanceResult> {
         let targets = ec2jobd_spec::Targets {
@@ -1183,7 +1243,7 @@ impl Ec2Executor {
                         state: "unknown".into(),
                         ..Default::default()
                     });
-                if let Some(st) = statuses.get(id) {
+                if let Some(st) = seen.last.get(id) {
                     if !st.state.is_empty() {
                         r.state = st.state.clone();
                     }
@@ -1193,8 +1253,8 @@ impl Ec2Executor {
                     r.checks = st.checks();
                 }
                 r.previous_state = before.get(id).cloned();
-                r.seconds_to_running = to_running.get(id).copied();
-                r.seconds_to_status_ok = to_ok.get(id).copied();
+                r.seconds_to_running = seen.to_running.get(id).copied();
+                r.seconds_to_status_ok = seen.to_ok.get(id).copied();
                 r.outcome = Some(if todo.contains(id) {
                     "called".to_string()
                 } else {
@@ -1207,47 +1267,4 @@ impl Ec2Executor {
             })
             .collect()
     }
-}
-
-/// A failed wait as the job's error (and the last status seen); `Err` when EC2 refused the status
-/// calls themselves.
-fn wait_failure(
-    f: WaitFailure,
-    ids: &[String],
-    until: WaitUntil,
-    timeout: std::time::Duration,
-) -> Result<(JobError, HashMap<String, InstanceStatus>), Ec2Error> {
-    let (code, message, seen) = match f {
-        WaitFailure::Timeout(seen) => {
-            let list: Vec<String> = ids
-                .iter()
-                .map(|id| describe_status(id, seen.get(id)))
-                .collect();
-            (
-                "WaitTimeout".to_string(),
-                format!(
-                    "not {} after {}: {}",
-                    until.as_str(),
-                    humantime::format_duration(timeout),
-                    list.join("; ")
-                ),
-                seen,
-            )
-        }
-        WaitFailure::Failed {
-            instance_id,
-            code,
-            message,
-            last,
-        } => (code, format!("{instance_id}: {message}"), last),
-        WaitFailure::Aws(e) => return Err(e),
-    };
-    Ok((
-        JobError {
-            code,
-            message,
-            request_id: None,
-        },
-        seen,
-    ))
 }

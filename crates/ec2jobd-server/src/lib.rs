@@ -13,6 +13,7 @@ pub mod executor;
 pub mod listener;
 pub mod metrics;
 pub mod openapi;
+pub mod parking;
 pub mod report;
 pub mod retention;
 pub mod routes;

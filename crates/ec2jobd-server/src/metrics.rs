@@ -29,6 +29,7 @@ pub struct Metrics {
     retried: Family<Labels, Counter>,
     status_rounds: Counter,
     status_round_instances: Gauge,
+    parked: Gauge,
     sns_refused: Family<Labels, Counter>,
     pruned: Family<Labels, Counter>,
 }
@@ -113,6 +114,12 @@ impl Metrics {
             "Instances asked about in the latest status round (instances jobs are waiting on)",
             status_round_instances.clone(),
         );
+        let parked = Gauge::default();
+        registry.register(
+            "jobs_parked",
+            "Jobs of this process waiting for instances without holding a worker",
+            parked.clone(),
+        );
         let sns_refused = Family::<Labels, Counter>::default();
         registry.register(
             "sns_refused",
@@ -126,6 +133,7 @@ impl Metrics {
             pruned.clone(),
         );
         Self {
+            parked,
             pruned,
             sns_refused,
             registry,
@@ -154,6 +162,11 @@ impl Metrics {
                 self.queue_depth.set(*n);
             }
         }
+    }
+
+    /// Jobs parked in this process now.
+    pub fn set_parked(&self, n: i64) {
+        self.parked.set(n);
     }
 
     /// Retention deleted `n` rows of `what`.

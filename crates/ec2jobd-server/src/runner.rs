@@ -6,6 +6,11 @@
 //! lease was taken over writes nothing. On shutdown workers stop claiming, running attempts get the
 //! grace period to finish, and whatever is still running after it is released back to the queue so
 //! the next start resumes it from its last checkpoint.
+//!
+//! An executor that reaches a wait needing no worker returns [`ExecError::Park`]: the runner parks
+//! the job in the store (checkpoint saved, lease handed to the [`Parking`] lot) and hands the wait to
+//! the lot, and the worker takes the next job. When the wait ends the lot queues the job again and
+//! a worker claims it with the wait's outcome ([`ExecCtx::waited`]).
 
 // `ExecError::Failed` carries the results gathered so far, which makes it large; it is returned once
 // per attempt, so boxing it would buy nothing measurable and cost clarity at every match.
@@ -27,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
+use crate::parking::{InstanceWait, Parking};
 
 /// Why an attempt did not succeed.
 #[derive(Debug)]
@@ -44,6 +50,14 @@ pub enum ExecError {
     Cancelled(JobResults),
     /// This worker no longer holds the job; nothing may be written.
     LeaseLost,
+    /// The job waits for instances and needs no worker meanwhile: park it with `checkpoint` (which
+    /// holds the wait and how to go on after it) and watch `wait`.
+    Park {
+        /// What it waits for.
+        wait: InstanceWait,
+        /// The checkpoint to save with it.
+        checkpoint: serde_json::Value,
+    },
 }
 
 impl ExecError {
@@ -58,7 +72,7 @@ impl ExecError {
                 results,
             },
             ExecError::Cancelled(_) => ExecError::Cancelled(results),
-            ExecError::LeaseLost => ExecError::LeaseLost,
+            other @ (ExecError::LeaseLost | ExecError::Park { .. }) => other,
         }
     }
 
@@ -82,6 +96,13 @@ pub struct ExecCtx {
     pub job: Job,
     /// Resume state from an earlier attempt.
     pub checkpoint: Option<serde_json::Value>,
+    /// What the job's parked wait saw, when it resumes after one.
+    pub waited: Option<serde_json::Value>,
+    /// When this attempt's time limit ends (ms).
+    pub deadline_ms: i64,
+    /// The attempt's time limit.
+    pub limit: Duration,
+    lot: Option<Arc<Parking>>,
     worker: String,
     store: Arc<dyn Store>,
     cancel: CancellationToken,
@@ -109,6 +130,10 @@ impl ExecCtx {
         ExecCtx {
             job,
             checkpoint,
+            waited: None,
+            deadline_ms: self.deadline_ms,
+            limit: self.limit,
+            lot: None,
             worker: self.worker.clone(),
             store: self.store.clone(),
             cancel: self.cancel.clone(),
@@ -149,16 +174,45 @@ impl ExecCtx {
         }
     }
 
-    /// Saves resume state; later attempts receive it as `checkpoint`.
-    pub async fn save_checkpoint(&self, state: serde_json::Value) -> Result<(), ExecError> {
-        let state = match &self.envelope {
+    /// `state` as the job's checkpoint: a workflow step's goes inside the workflow's envelope.
+    fn wrap(&self, state: serde_json::Value) -> serde_json::Value {
+        match &self.envelope {
             Some(env) => {
                 let mut env = env.clone();
                 env["inner"] = state;
                 env
             }
             None => state,
-        };
+        }
+    }
+
+    /// The lease holder's id (progress written on the job's behalf is written as it).
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    /// What goes before this context's progress messages (a workflow step's `[name] `).
+    pub fn label(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether the job may park its wait: a whole job (not a workflow step) in a runner with a
+    /// parking lot that has room (`queue.max_waiting`).
+    pub fn may_park(&self) -> bool {
+        self.envelope.is_none() && self.lot.as_ref().is_some_and(|l| l.has_room())
+    }
+
+    /// The error that parks the job for `wait`, saving `state` as its checkpoint.
+    pub fn park(&self, wait: InstanceWait, state: serde_json::Value) -> ExecError {
+        ExecError::Park {
+            wait,
+            checkpoint: self.wrap(state),
+        }
+    }
+
+    /// Saves resume state; later attempts receive it as `checkpoint`.
+    pub async fn save_checkpoint(&self, state: serde_json::Value) -> Result<(), ExecError> {
+        let state = self.wrap(state);
         self.store
             .checkpoint(&self.job.id, &self.worker, state)
             .await
@@ -236,6 +290,7 @@ pub struct Runner {
     active: Mutex<HashMap<String, CancellationToken>>,
     id_prefix: String,
     on_finished: Mutex<Option<FinishedHook>>,
+    lot: Option<Arc<Parking>>,
 }
 
 /// What the runner calls with a job it brought to a final state.
@@ -262,7 +317,14 @@ impl Runner {
             active: Mutex::new(HashMap::new()),
             id_prefix,
             on_finished: Mutex::new(None),
+            lot: None,
         }
+    }
+
+    /// Jobs of this runner park their waits in `lot` instead of holding a worker.
+    pub fn with_parking(mut self, lot: Arc<Parking>) -> Self {
+        self.lot = Some(lot);
+        self
     }
 
     /// Called with each job this runner brings to a final state (notifications).
@@ -292,6 +354,9 @@ impl Runner {
         if let Some(t) = self.lock_active().get(job_id) {
             t.cancel();
         }
+        if let Some(lot) = &self.lot {
+            lot.cancel(job_id);
+        }
     }
 
     /// Jobs running in this process now.
@@ -318,6 +383,10 @@ impl Runner {
             let stop = stop.clone();
             tokio::spawn(async move { me.reap(stop).await })
         };
+        let lot = self.lot.clone().map(|lot| {
+            let (every, stop) = (self.cfg.heartbeat, stop.clone());
+            (lot.clone(), tokio::spawn(lot.run(every, stop)))
+        });
         let grace = self.cfg.grace;
         tokio::spawn(async move {
             let timer = {
@@ -331,6 +400,11 @@ impl Runner {
             while set.join_next().await.is_some() {}
             timer.abort();
             let _ = reaper.await;
+            if let Some((lot, renewals)) = lot {
+                // After the workers: no job parks once its jobs are given back.
+                let _ = renewals.await;
+                lot.release().await;
+            }
         })
     }
 
@@ -400,7 +474,9 @@ impl Runner {
         let job = claimed.job.clone();
         let id = job.id.clone();
         let action = job.action.as_str();
-        if job.cancel_requested {
+        // A job resuming after its wait goes to the executor even when cancelled: it reports what
+        // the wait saw.
+        if job.cancel_requested && claimed.waited.is_none() {
             self.record(worker, &job, Finish::Cancelled(job.results.clone()), 0.0)
                 .await;
             return;
@@ -431,9 +507,14 @@ impl Runner {
                 .instrument(tracing::Span::current()),
             )
         };
+        let limit = Duration::from_millis(claimed.timeout_ms.max(1) as u64);
         let ctx = ExecCtx {
             job: job.clone(),
             checkpoint: claimed.checkpoint,
+            waited: claimed.waited,
+            deadline_ms: self.clock.now_ms() + limit.as_millis() as i64,
+            limit,
+            lot: self.lot.clone(),
             worker: worker.to_string(),
             store: self.store.clone(),
             cancel,
@@ -441,7 +522,6 @@ impl Runner {
             prefix: String::new(),
             step: None,
         };
-        let limit = Duration::from_millis(claimed.timeout_ms.max(1) as u64);
         let started = Instant::now();
         let outcome = tokio::select! {
             r = tokio::time::timeout(limit, self.executor.execute(&ctx)) => Some(r.unwrap_or_else(|_| {
@@ -471,6 +551,10 @@ impl Runner {
                 tracing::warn!("lease lost; another worker owns the job now");
                 return;
             }
+            Some(Err(ExecError::Park { wait, checkpoint })) => {
+                self.park(worker, &id, wait, checkpoint).await;
+                return;
+            }
             Some(Err(ExecError::Cancelled(results))) => {
                 if lease_lost.load(Ordering::SeqCst) {
                     tracing::warn!("lease lost; another worker owns the job now");
@@ -495,6 +579,38 @@ impl Runner {
             }
         };
         self.record(worker, &job, finish, secs).await;
+    }
+
+    /// Parks the job in the store and hands its wait to the lot; the worker is free afterwards.
+    async fn park(
+        &self,
+        worker: &str,
+        id: &str,
+        wait: InstanceWait,
+        checkpoint: serde_json::Value,
+    ) {
+        let Some(lot) = &self.lot else {
+            // Executors park only when `ExecCtx::may_park` said yes, which needs a lot.
+            tracing::error!("an executor parked a job in a runner without a parking lot");
+            return;
+        };
+        let message = format!("waiting for {} without holding a worker", wait.describe());
+        let lease_ms = self.cfg.lease.as_millis() as i64;
+        match self
+            .store
+            .park(id, worker, lot.id(), lease_ms, checkpoint, &message)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(wait = %wait.describe(), "parked");
+                lot.park(id, wait).await;
+            }
+            Err(StoreError::LeaseLost) => tracing::warn!("lease lost before the job was parked"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not park; the lease will expire and the job resumes from its last checkpoint"
+            ),
+        }
     }
 
     async fn record(&self, worker: &str, job: &Job, finish: Finish, secs: f64) {

@@ -121,6 +121,8 @@ pub struct Claimed {
     pub timeout_ms: i64,
     /// Resume state saved by an earlier attempt's executor.
     pub checkpoint: Option<serde_json::Value>,
+    /// What the job's last parked wait saw, once it ended (see [`Store::park`]).
+    pub waited: Option<serde_json::Value>,
 }
 
 /// How a worker ends its hold on a job.
@@ -313,6 +315,32 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, id: &str, worker: &str) -> Result<()>;
     /// Re-queues running jobs whose lease expired (failing those out of attempts). Returns how many.
     async fn requeue_expired(&self) -> Result<u64>;
+    /// Parks a job the worker holds for a wait that needs no worker: saves `checkpoint` (what it
+    /// waits for and how it goes on), and hands the lease to the parking lot `lot`, which renews it
+    /// with [`Store::renew_lot`]. The job stays `running`; `message` goes into its event log.
+    async fn park(
+        &self,
+        id: &str,
+        worker: &str,
+        lot: &str,
+        lease_ms: i64,
+        checkpoint: serde_json::Value,
+        message: &str,
+    ) -> Result<()>;
+    /// Ends a parked wait: the job is queued again with `outcome` (claims hand it over as
+    /// [`Claimed::waited`]), the attempt not counted a second time. Fenced by the lot's id.
+    async fn unpark(
+        &self,
+        id: &str,
+        lot: &str,
+        outcome: serde_json::Value,
+        message: &str,
+    ) -> Result<()>;
+    /// Renews the lease of every job `lot` holds; returns the ids of those whose cancel was asked.
+    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<String>>;
+    /// Gives every job `lot` holds back to the queue untouched (graceful shutdown), the attempt not
+    /// counted: the next claim parks it again. Returns how many.
+    async fn release_lot(&self, lot: &str) -> Result<u64>;
     /// A job's events after `after_seq`, oldest first.
     async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>>;
     /// The earliest `run_after` (ms) among queued jobs, so idle workers can sleep exactly until a

@@ -390,10 +390,12 @@ fn job_from_row(row: &SqliteRow) -> Result<Job> {
 
 fn claimed_from_row(row: &SqliteRow) -> Result<Claimed> {
     let checkpoint: Option<String> = row.try_get("checkpoint")?;
+    let waited: Option<String> = row.try_get("wait_outcome")?;
     Ok(Claimed {
         job: job_from_row(row)?,
         timeout_ms: row.try_get("timeout_ms")?,
         checkpoint: checkpoint.map(|c| decode("checkpoint", &c)).transpose()?,
+        waited: waited.map(|w| decode("wait_outcome", &w)).transpose()?,
     })
 }
 
@@ -623,7 +625,7 @@ impl Store for SqliteStore {
             .write(move |conn| {
                 Box::pin(async move {
                     let now = clock.now_ms();
-                    let rows = sqlx::query(&format!("{CLAIM} RETURNING {JOB_COLS}"))
+                    let rows = sqlx::query(&format!("{CLAIM} RETURNING {JOB_COLS}, wait_outcome"))
                         .bind(&worker)
                         .bind(now + lease_ms)
                         .bind(now)
@@ -633,13 +635,18 @@ impl Store for SqliteStore {
                     let mut out = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let c = claimed_from_row(row)?;
+                        let (kind, verb) = if c.waited.is_some() {
+                            ("resumed", "resumed after its wait")
+                        } else {
+                            ("started", "started")
+                        };
                         add_event(
                             conn,
                             &c.job.id,
                             now,
-                            "started",
+                            kind,
                             &format!(
-                                "attempt {} of {} started",
+                                "attempt {} of {} {verb}",
                                 c.job.attempts, c.job.max_attempts
                             ),
                             &json!({"attempt": c.job.attempts, "worker": worker}),
@@ -925,6 +932,145 @@ impl Store for SqliteStore {
         }
         if !ids.is_empty() {
             self.notify.notify_one();
+        }
+        Ok(ids.len() as u64)
+    }
+
+    async fn park(
+        &self,
+        id: &str,
+        worker: &str,
+        lot: &str,
+        lease_ms: i64,
+        checkpoint: Value,
+        message: &str,
+    ) -> Result<()> {
+        let (job_id, worker, lot) = (id.to_string(), worker.to_string(), lot.to_string());
+        let message = message.to_string();
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let n = sqlx::query(
+                    "UPDATE jobs SET checkpoint = ?, wait_outcome = NULL, lease_owner = ?, \
+                     lease_expires_at = ?, updated_at = ? \
+                     WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                )
+                .bind(encode(&checkpoint))
+                .bind(&lot)
+                .bind(now + lease_ms)
+                .bind(now)
+                .bind(&job_id)
+                .bind(&worker)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::LeaseLost);
+                }
+                add_event(conn, &job_id, now, "parked", &message, &json!({"lot": lot})).await
+            })
+        })
+        .await?;
+        self.announce(id);
+        Ok(())
+    }
+
+    async fn unpark(&self, id: &str, lot: &str, outcome: Value, message: &str) -> Result<()> {
+        let (job_id, lot, message) = (id.to_string(), lot.to_string(), message.to_string());
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                // `run_after` stays the job's first due time: a job that has waited goes on ahead
+                // of jobs of its priority that have not started.
+                let n = sqlx::query(
+                    "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), \
+                     wait_outcome = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? \
+                     WHERE id = ? AND lease_owner = ? AND state = 'running'",
+                )
+                .bind(encode(&outcome))
+                .bind(now)
+                .bind(&job_id)
+                .bind(&lot)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::LeaseLost);
+                }
+                add_event(conn, &job_id, now, "wait_ended", &message, &Value::Null).await
+            })
+        })
+        .await?;
+        self.announce(id);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<String>> {
+        let lot = lot.to_string();
+        let clock = self.clock.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let now = clock.now_ms();
+                let rows = sqlx::query(
+                    "UPDATE jobs INDEXED BY jobs_lease_owner SET lease_expires_at = ? \
+                     WHERE lease_owner = ? AND state = 'running' RETURNING id, cancel_requested",
+                )
+                .bind(now + lease_ms)
+                .bind(&lot)
+                .fetch_all(conn)
+                .await?;
+                let mut cancel = Vec::new();
+                for r in rows {
+                    if r.try_get::<i64, _>("cancel_requested")? != 0 {
+                        cancel.push(r.try_get("id")?);
+                    }
+                }
+                Ok(cancel)
+            })
+        })
+        .await
+    }
+
+    async fn release_lot(&self, lot: &str) -> Result<u64> {
+        let lot = lot.to_string();
+        let clock = self.clock.clone();
+        let ids = self
+            .write(move |conn| {
+                Box::pin(async move {
+                    let now = clock.now_ms();
+                    let rows = sqlx::query(
+                        "UPDATE jobs INDEXED BY jobs_lease_owner SET state = 'queued', \
+                         attempts = MAX(attempts - 1, 0), run_after = ?1, updated_at = ?1, \
+                         lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE lease_owner = ?2 AND state = 'running' RETURNING id",
+                    )
+                    .bind(now)
+                    .bind(&lot)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                    let mut ids = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        let id: String = row.try_get("id")?;
+                        add_event(
+                            conn,
+                            &id,
+                            now,
+                            "requeued",
+                            "released at shutdown while waiting; waits again after restart",
+                            &Value::Null,
+                        )
+                        .await?;
+                        ids.push(id);
+                    }
+                    Ok(ids)
+                })
+            })
+            .await?;
+        for id in &ids {
+            self.announce(id);
         }
         Ok(ids.len() as u64)
     }

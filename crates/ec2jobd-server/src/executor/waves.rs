@@ -12,6 +12,7 @@ use ec2jobd_spec::{JobError, JobResults, Rate, WaitUntil};
 use serde_json::json;
 
 use super::{str_list, Ec2Executor};
+use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
 impl Ec2Executor {
@@ -126,9 +127,12 @@ impl Ec2Executor {
             .filter(|id| !done.contains(id) && !failed.iter().any(|(f, _)| f == *id))
             .cloned()
             .collect();
-        let mut rows = self
-            .final_results(ec2, ids, before, &last, &HashMap::new(), &to_ok, todo)
-            .await;
+        let seen = WaitOutcome {
+            last,
+            to_ok,
+            ..Default::default()
+        };
+        let mut rows = self.final_results(ec2, ids, before, &seen, todo).await;
         for r in &mut rows {
             let id = &r.instance_id;
             if let Some((_, why)) = failed.iter().find(|(f, _)| f == id) {

@@ -100,7 +100,8 @@ impl Ec2Executor {
                     });
                     return Err(ExecError::Cancelled(with_steps(&done)));
                 }
-                Err(ExecError::LeaseLost) => return Err(ExecError::LeaseLost),
+                // Steps wait in place (`ExecCtx::may_park` is false for them).
+                Err(e @ (ExecError::LeaseLost | ExecError::Park { .. })) => return Err(e),
             };
             let failure = error.clone();
             done.push(StepResult {

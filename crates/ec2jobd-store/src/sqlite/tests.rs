@@ -630,3 +630,100 @@ async fn prune_deletes_old_finished_jobs_and_deliveries_in_batches() {
     );
     assert!(f.store.list_deliveries(None, 10).await.unwrap().is_empty());
 }
+
+/// A parked job is held by its lot, not by the worker that parked it: the worker's writes are
+/// refused, the lot renews every lease it holds in one call (learning of cancels), and ending the
+/// wait queues the job again with the outcome, the attempt counted once.
+#[tokio::test]
+async fn parked_jobs_belong_to_their_lot_until_the_wait_ends() {
+    let f = fixture().await;
+    let job = enqueue(&f.store, "i-01234567").await;
+    let other = enqueue(&f.store, "i-01234568").await;
+    assert_eq!(f.store.claim("w", 1_000, 2).await.unwrap().len(), 2);
+    let cp = json!({"phase": "parked", "ids": ["i-01234567"]});
+    f.store
+        .park(&job.id, "w", "lot", 1_000, cp.clone(), "waiting")
+        .await
+        .unwrap();
+    f.store
+        .park(&other.id, "w", "lot", 1_000, cp.clone(), "waiting")
+        .await
+        .unwrap();
+    // The worker that parked it no longer holds it.
+    assert!(matches!(
+        f.store.heartbeat(&job.id, "w", 1_000).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        f.store
+            .finish(&job.id, "w", Finish::Succeeded(JobResults::default()))
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    // The lot's renewal keeps both past the first lease, and reports a cancel.
+    f.clock.advance(900);
+    f.store.cancel(&other.id).await.unwrap();
+    assert_eq!(
+        f.store.renew_lot("lot", 1_000).await.unwrap(),
+        vec![other.id.clone()]
+    );
+    f.clock.advance(900);
+    assert_eq!(f.store.requeue_expired().await.unwrap(), 0, "renewed");
+    assert_eq!(
+        f.store.get(&job.id).await.unwrap().unwrap().state,
+        JobState::Running,
+        "a parked job stays running"
+    );
+    // Another lot cannot end the wait; this one can.
+    let outcome = json!({"error": null});
+    assert!(matches!(
+        f.store
+            .unpark(&job.id, "other-lot", outcome.clone(), "done")
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    f.store
+        .unpark(&job.id, "lot", outcome.clone(), "done")
+        .await
+        .unwrap();
+    let c = f.store.claim("w2", 1_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].job.id, job.id);
+    assert_eq!(c[0].job.attempts, 1, "resuming is not another attempt");
+    assert_eq!(c[0].checkpoint.as_ref(), Some(&cp));
+    assert_eq!(c[0].waited.as_ref(), Some(&outcome));
+    let kinds: Vec<String> = f
+        .store
+        .events(&job.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["queued", "started", "parked", "wait_ended", "resumed"]
+    );
+    // Parking again forgets the last outcome.
+    f.store
+        .park(&job.id, "w2", "lot", 1_000, cp.clone(), "waiting")
+        .await
+        .unwrap();
+    // At shutdown the lot gives its jobs back; the next claim has no outcome and counts no attempt.
+    assert_eq!(f.store.release_lot("lot").await.unwrap(), 2);
+    let c = f.store.claim("w3", 1_000, 2).await.unwrap();
+    assert_eq!(c.len(), 2);
+    for c in &c {
+        assert_eq!(c.job.attempts, 1);
+        assert_eq!(c.waited, None);
+    }
+    // A lot that dies leaves its leases to expire like a worker's.
+    for c in &c {
+        f.store
+            .park(&c.job.id, "w3", "dead-lot", 1_000, cp.clone(), "waiting")
+            .await
+            .unwrap();
+    }
+    f.clock.advance(1_001);
+    assert_eq!(f.store.requeue_expired().await.unwrap(), 2);
+}

@@ -1,0 +1,589 @@
+//! The parking lot: where every job's final instance wait is judged, most of them without a worker.
+//!
+//! A job that reaches its wait for instances (running, stopped, terminated, "2/2 checks passed")
+//! hands it here. **Parked** — the usual case — its worker is free at once: the store keeps the wait
+//! in the job's checkpoint and passes the job's lease to this lot, which renews the leases of all
+//! its jobs in one write per heartbeat and learns of cancels from it. **Waited in place** (workflow
+//! steps, actions that go on after their wait, or once `queue.max_waiting` jobs are parked) the
+//! worker awaits the outcome here instead. Either way one task per account+region feeds every wait
+//! from the shared [`StatusWatcher`](ec2jobd_ec2::StatusWatcher)'s rounds, reports progress, and
+//! ends each wait — arrived, failed, timed out or cancelled — with a [`WaitOutcome`]: a parked job is
+//! queued again with it and the executor resumes after the wait; a waiting worker gets it back.
+//!
+//! A lot that dies (kill -9) leaves its leases to expire; the jobs are then claimed like any running
+//! job whose worker died, and the executor parks them again from their checkpoint. At shutdown the
+//! lot gives its jobs back to the queue so the next start parks them again at once.
+//!
+//! Must not: call EC2 itself (the watcher polls), decide what a job does after its wait (the
+//! executor does), or keep more per job than its wait: memory per parked job is a benchmark figure.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ec2jobd_ec2::{
+    evaluate, Ec2Error, Ec2Pool, InstanceStatus, Judge, Registration, StatusWatcher, Verdict,
+    WaitFailure,
+};
+use ec2jobd_spec::{Clock, JobError, Progress, WaitUntil};
+use ec2jobd_store::{NewEvent, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// What a job waits for: saved in its checkpoint while parked, so a restart can park it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceWait {
+    /// Account of the instances.
+    pub account: String,
+    /// Region of the instances.
+    pub region: String,
+    /// The instances that must meet `until`.
+    pub ids: Vec<String>,
+    /// The condition.
+    pub until: WaitUntil,
+    /// When the call the wait follows was made (ms): seconds to running and to status ok count
+    /// from here.
+    pub since_ms: i64,
+    /// When the wait gives up (ms).
+    pub deadline_ms: i64,
+    /// The wait's timeout, for the message of a `WaitTimeout`.
+    pub timeout_ms: u64,
+    /// Polling interval asked for.
+    pub interval_ms: u64,
+    /// When the current attempt's time limit ends (ms): reaching it first is the attempt's
+    /// `JobTimeout`, as for a worker that waits in place. Set again at each (re)parking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_deadline_ms: Option<i64>,
+    /// The attempt's time limit, for the `JobTimeout` message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_limit_ms: Option<u64>,
+}
+
+impl InstanceWait {
+    /// "status_ok on 3 instance(s)".
+    pub fn describe(&self) -> String {
+        format!("{} on {} instance(s)", self.until.as_str(), self.ids.len())
+    }
+
+    /// When the wait ends at the latest: its own deadline or the attempt's, whichever is first.
+    pub fn ends_ms(&self) -> i64 {
+        self.attempt_deadline_ms
+            .map_or(self.deadline_ms, |a| a.min(self.deadline_ms))
+    }
+
+    fn attempt_ran_out(&self) -> bool {
+        self.attempt_deadline_ms
+            .is_some_and(|a| a < self.deadline_ms)
+    }
+}
+
+/// How a wait ended, and what it saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WaitOutcome {
+    /// Why the wait failed (`WaitTimeout`, `StatusCheckImpaired`, `InstanceTerminated`,
+    /// `InstanceStopped`, `JobTimeout`, or EC2's code); `None` when every instance arrived or the
+    /// wait was cancelled.
+    pub error: Option<JobError>,
+    /// A user cancelled the job during the wait.
+    #[serde(default)]
+    pub cancelled: bool,
+    /// The latest status seen of each instance.
+    #[serde(default)]
+    pub last: HashMap<String, InstanceStatus>,
+    /// Seconds from the call until each instance was first seen running.
+    #[serde(default)]
+    pub to_running: HashMap<String, f64>,
+    /// Seconds from the call until each instance first passed every status check.
+    #[serde(default)]
+    pub to_ok: HashMap<String, f64>,
+}
+
+/// How an instance status reads in an error message: `i-1 (running, 1/2 checks passed)`.
+pub fn describe_status(id: &str, s: Option<&InstanceStatus>) -> String {
+    match s {
+        None => format!("{id} (not reported)"),
+        Some(s) => match s.checks() {
+            Some(c) => format!("{id} ({}, {c})", s.state),
+            None => format!("{id} ({})", s.state),
+        },
+    }
+}
+
+/// A failed wait as the job's error, and the last status seen.
+pub fn wait_error(
+    f: WaitFailure,
+    ids: &[String],
+    until: WaitUntil,
+    timeout: Duration,
+) -> (JobError, HashMap<String, InstanceStatus>) {
+    let error = |code: String, message: String| JobError {
+        code,
+        message,
+        request_id: None,
+    };
+    match f {
+        WaitFailure::Timeout(seen) => {
+            let list: Vec<String> = ids
+                .iter()
+                .map(|id| describe_status(id, seen.get(id)))
+                .collect();
+            let message = format!(
+                "not {} after {}: {}",
+                until.as_str(),
+                humantime::format_duration(timeout),
+                list.join("; ")
+            );
+            (error("WaitTimeout".into(), message), seen)
+        }
+        WaitFailure::Failed {
+            instance_id,
+            code,
+            message,
+            last,
+        } => (error(code, format!("{instance_id}: {message}")), last),
+        WaitFailure::Aws(e) => (
+            JobError {
+                code: e.code,
+                message: e.message,
+                request_id: e.request_id,
+            },
+            HashMap::new(),
+        ),
+    }
+}
+
+enum Cmd {
+    Add {
+        job: String,
+        wait: Box<InstanceWait>,
+        holder: String,
+        label: String,
+        reply: Option<oneshot::Sender<WaitOutcome>>,
+    },
+    Cancel(String),
+}
+
+/// One wait being judged.
+struct Entry {
+    wait: InstanceWait,
+    /// Who holds the job's lease (the lot, or the worker waiting in place): progress is written
+    /// as them.
+    holder: String,
+    /// Put before progress messages (a workflow step's `[name] `).
+    label: String,
+    judge: Judge,
+    to_running: HashMap<String, f64>,
+    to_ok: HashMap<String, f64>,
+    reported: usize,
+    reply: Option<oneshot::Sender<WaitOutcome>>,
+    _registration: Registration,
+}
+
+enum Ending {
+    Arrived,
+    Failed(WaitFailure),
+    TimedOut,
+    Cancelled,
+}
+
+impl Entry {
+    fn note_times(&mut self, now_ms: i64) {
+        let t = (now_ms - self.wait.since_ms).max(0) as f64 / 1000.0;
+        for (id, st) in &self.judge.last {
+            if st.state == "running" {
+                self.to_running.entry(id.clone()).or_insert(t);
+            }
+            if evaluate(WaitUntil::StatusOk, Some(st)) == Verdict::Done {
+                self.to_ok.entry(id.clone()).or_insert(t);
+            }
+        }
+    }
+
+    fn outcome(self, ending: Ending) -> (WaitOutcome, Option<oneshot::Sender<WaitOutcome>>) {
+        let w = &self.wait;
+        let timeout = Duration::from_millis(w.timeout_ms);
+        let (error, last, cancelled) = match ending {
+            Ending::Arrived => (None, self.judge.last, false),
+            Ending::Cancelled => (None, self.judge.last, true),
+            Ending::TimedOut => match w.attempt_limit_ms.filter(|_| w.attempt_ran_out()) {
+                Some(limit) => (
+                    Some(JobError {
+                        code: "JobTimeout".into(),
+                        message: format!(
+                            "the attempt exceeded its time limit of {}",
+                            humantime::format_duration(Duration::from_millis(limit))
+                        ),
+                        request_id: None,
+                    }),
+                    self.judge.last,
+                    false,
+                ),
+                None => {
+                    let (e, last) = wait_error(
+                        WaitFailure::Timeout(self.judge.last),
+                        &w.ids,
+                        w.until,
+                        timeout,
+                    );
+                    (Some(e), last, false)
+                }
+            },
+            Ending::Failed(f) => {
+                let (e, mut last) = wait_error(f, &w.ids, w.until, timeout);
+                if last.is_empty() {
+                    last = self.judge.last;
+                }
+                (Some(e), last, false)
+            }
+        };
+        (
+            WaitOutcome {
+                error,
+                cancelled,
+                last,
+                to_running: self.to_running,
+                to_ok: self.to_ok,
+            },
+            self.reply,
+        )
+    }
+}
+
+/// The parking lot of one process.
+pub struct Parking {
+    id: String,
+    store: Arc<dyn Store>,
+    pool: Arc<Ec2Pool>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    lease: Duration,
+    max_parked: usize,
+    parked: AtomicUsize,
+    regions: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Cmd>>>,
+}
+
+impl Parking {
+    /// A lot whose jobs' leases last `lease`, holding at most `max_parked` parked jobs.
+    pub fn new(
+        store: Arc<dyn Store>,
+        pool: Arc<Ec2Pool>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        lease: Duration,
+        max_parked: usize,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            id: format!("{}-{:08x}-lot", std::process::id(), rand::random::<u32>()),
+            store,
+            pool,
+            clock,
+            metrics,
+            lease,
+            max_parked,
+            parked: AtomicUsize::new(0),
+            regions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The lot's lease-holder id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The lot's clock (waits count time from it).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Whether another job may park (`queue.max_waiting`).
+    pub fn has_room(&self) -> bool {
+        self.parked.load(Ordering::SeqCst) < self.max_parked
+    }
+
+    /// Jobs parked here now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
+
+    fn set_parked(&self, delta: isize) {
+        let n = if delta >= 0 {
+            self.parked.fetch_add(delta as usize, Ordering::SeqCst) + delta as usize
+        } else {
+            self.parked
+                .fetch_sub(delta.unsigned_abs(), Ordering::SeqCst)
+                - delta.unsigned_abs()
+        };
+        self.metrics.set_parked(n as i64);
+    }
+
+    async fn region(
+        self: &Arc<Self>,
+        account: &str,
+        region: &str,
+    ) -> Result<mpsc::UnboundedSender<Cmd>, Ec2Error> {
+        let key = (account.to_string(), region.to_string());
+        if let Some(tx) = self.lock().get(&key) {
+            return Ok(tx.clone());
+        }
+        let watcher = self.pool.watcher(account, region).await?;
+        let mut regions = self.lock();
+        let tx = regions.entry(key).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(self.clone().judge_region(watcher, rx));
+            tx
+        });
+        Ok(tx.clone())
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), mpsc::UnboundedSender<Cmd>>> {
+        self.regions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes over the wait of a job the store just parked in this lot.
+    pub async fn park(self: &Arc<Self>, job: &str, wait: InstanceWait) {
+        self.set_parked(1);
+        let (account, region) = (wait.account.clone(), wait.region.clone());
+        let cmd = Cmd::Add {
+            job: job.to_string(),
+            wait: Box::new(wait),
+            holder: self.id.clone(),
+            label: String::new(),
+            reply: None,
+        };
+        match self.region(&account, &region).await {
+            Ok(tx) if tx.send(cmd).is_ok() => {}
+            Ok(_) | Err(_) => {
+                // The account's client could be built for the call, so this is not expected; the
+                // job's lease is not renewed past this point and it is claimed again once expired.
+                tracing::error!(
+                    job,
+                    "cannot watch {account}/{region}; the job resumes once its lease expires"
+                );
+                self.set_parked(-1);
+            }
+        }
+    }
+
+    /// Judges a wait for a worker that waits in place (holding the job's lease as `holder`);
+    /// progress messages start with `label`.
+    pub async fn wait_here(
+        self: &Arc<Self>,
+        job: &str,
+        holder: &str,
+        label: &str,
+        wait: InstanceWait,
+    ) -> Result<oneshot::Receiver<WaitOutcome>, Ec2Error> {
+        let tx = self.region(&wait.account, &wait.region).await?;
+        let (reply, rx) = oneshot::channel();
+        let _ = tx.send(Cmd::Add {
+            job: job.to_string(),
+            wait: Box::new(wait),
+            holder: holder.to_string(),
+            label: label.to_string(),
+            reply: Some(reply),
+        });
+        Ok(rx)
+    }
+
+    /// Ends the wait of a job (parked or waited in place) as cancelled, if it is waiting here.
+    pub fn cancel(&self, job: &str) {
+        for tx in self.lock().values() {
+            let _ = tx.send(Cmd::Cancel(job.to_string()));
+        }
+    }
+
+    /// Renews the leases of the parked jobs every `heartbeat` and hands on cancels, until `stop`.
+    pub async fn run(self: Arc<Self>, heartbeat: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(heartbeat) => {}
+                _ = stop.cancelled() => break,
+            }
+            if self.parked() == 0 {
+                continue;
+            }
+            match self
+                .store
+                .renew_lot(&self.id, self.lease.as_millis() as i64)
+                .await
+            {
+                Ok(cancels) => {
+                    for id in cancels {
+                        self.cancel(&id);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not renew the parked jobs' leases"),
+            }
+        }
+    }
+
+    /// Gives the parked jobs back to the queue (shutdown, once no worker can park any more): the
+    /// next start parks them again at once instead of waiting for their leases to expire.
+    pub async fn release(&self) {
+        match self.store.release_lot(&self.id).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "parked jobs given back to the queue at shutdown"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give the parked jobs back; their leases will expire")
+            }
+        }
+    }
+
+    /// The task judging every wait of one account+region.
+    async fn judge_region(
+        self: Arc<Self>,
+        watcher: Arc<StatusWatcher>,
+        mut rx: mpsc::UnboundedReceiver<Cmd>,
+    ) {
+        let mut waits: HashMap<String, Entry> = HashMap::new();
+        let mut rounds = watcher.rounds();
+        loop {
+            let next = waits.values().map(|e| e.wait.ends_ms()).min();
+            let sleep = match next {
+                Some(at) => Duration::from_millis((at - self.clock.now_ms()).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(Cmd::Add { job, wait, holder, label, reply }) => {
+                        let interval = Duration::from_millis(wait.interval_ms.max(1));
+                        let entry = Entry {
+                            judge: Judge::new(&wait.ids, wait.until),
+                            _registration: watcher.register(&wait.ids, interval),
+                            wait: *wait,
+                            holder,
+                            label,
+                            to_running: HashMap::new(),
+                            to_ok: HashMap::new(),
+                            reported: 0,
+                            reply,
+                        };
+                        if let Some(old) = waits.insert(job, entry) {
+                            // The same job handed over twice: the newer wait replaces the older.
+                            if old.reply.is_none() {
+                                self.set_parked(-1);
+                            }
+                        }
+                    }
+                    Some(Cmd::Cancel(job)) => {
+                        if let Some(e) = waits.remove(&job) {
+                            self.end(job, e, Ending::Cancelled);
+                        }
+                    }
+                },
+                changed = rounds.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let round = rounds.borrow_and_update().clone();
+                    let now = self.clock.now_ms();
+                    let mut ended = Vec::new();
+                    for (job, e) in waits.iter_mut() {
+                        if !e.judge.concerns(&round) {
+                            continue;
+                        }
+                        let verdict = e.judge.observe(&round);
+                        e.note_times(now);
+                        match verdict {
+                            Some(Ok(())) => ended.push((job.clone(), Ending::Arrived)),
+                            Some(Err(f)) => ended.push((job.clone(), Ending::Failed(f))),
+                            None => {
+                                let done = e.judge.done();
+                                if done != e.reported {
+                                    e.reported = done;
+                                    self.report(job, e, done);
+                                }
+                            }
+                        }
+                    }
+                    for (job, ending) in ended {
+                        if let Some(e) = waits.remove(&job) {
+                            self.end(job, e, ending);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {
+                    let now = self.clock.now_ms();
+                    let late: Vec<String> = waits
+                        .iter()
+                        .filter(|(_, e)| e.wait.ends_ms() <= now)
+                        .map(|(j, _)| j.clone())
+                        .collect();
+                    for job in late {
+                        if let Some(e) = waits.remove(&job) {
+                            self.end(job, e, Ending::TimedOut);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes "k of n instance(s) reached …" as the job's lease holder.
+    fn report(&self, job: &str, e: &Entry, done: usize) {
+        let total = e.wait.ids.len() as u64;
+        let message = format!(
+            "{}{done} of {total} instance(s) reached {}",
+            e.label,
+            e.wait.until.as_str()
+        );
+        let progress = Progress {
+            phase: "waiting".into(),
+            message: message.clone(),
+            done: Some(done as u64),
+            total: Some(total),
+        };
+        let event = NewEvent {
+            kind: "progress".into(),
+            message,
+            data: json!({"phase": "waiting", "done": done, "total": total}),
+        };
+        let (store, job, holder) = (self.store.clone(), job.to_string(), e.holder.clone());
+        tokio::spawn(async move {
+            match store.progress(&job, &holder, progress, event).await {
+                Ok(()) | Err(StoreError::LeaseLost) => {}
+                Err(e) => tracing::warn!(job, error = %e, "could not record wait progress"),
+            }
+        });
+    }
+
+    /// Hands a finished wait's outcome on: to the waiting worker, or back to the queue.
+    fn end(self: &Arc<Self>, job: String, e: Entry, ending: Ending) {
+        let what = e.wait.describe();
+        let (outcome, reply) = e.outcome(ending);
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+            return;
+        }
+        self.set_parked(-1);
+        let message = match (&outcome.error, outcome.cancelled) {
+            (_, true) => format!("wait for {what} ended by the cancel; resuming"),
+            (Some(err), _) => format!("wait for {what} failed ({}); resuming", err.code),
+            (None, false) => format!("{what} reached; resuming"),
+        };
+        let value = serde_json::to_value(&outcome).unwrap_or_default();
+        let me = self.clone();
+        tokio::spawn(async move {
+            // A failed write is retried: the lease is still this lot's and renewed meanwhile.
+            let mut delay = Duration::from_millis(500);
+            loop {
+                match me.store.unpark(&job, &me.id, value.clone(), &message).await {
+                    Ok(()) | Err(StoreError::LeaseLost) => return,
+                    Err(e) => {
+                        tracing::warn!(job, error = %e, "could not end a parked wait; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    }
+}
