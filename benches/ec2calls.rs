@@ -13,9 +13,13 @@
 //!    (`queue.max_waiting = 0`: each job holds its worker while it waits) on fewer jobs, since that
 //!    takes 8 s per 4 jobs.
 //!
+//! 4. Priority (issue 14): with 300 bulk jobs queued, an SNS-delivered alarm's job: how long from the
+//!    delivery to its first EC2 call (its first progress event, written just before the call), with
+//!    the rules' default priority (`sns.priority`, 100) and, as the baseline, with the rule setting 0.
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
 //! BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200), BENCH_IN_PLACE
-//! (default 20), BENCH_ONLY=parked (this part only).
+//! (default 20), BENCH_BULK (default 300), BENCH_ONLY=core (parts 3 and 4 only).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -24,7 +28,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
-use common::{bench_daemon, bench_daemon_with, Moto};
+use common::{bench_daemon, bench_daemon_with, sns_cert_dir, sns_signed, Moto};
 use serde_json::{json, Value};
 
 const OPS: &[&str] = &[
@@ -313,6 +317,116 @@ async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
     }
 }
 
+/// Milliseconds from `t0_ms` (wall clock) to the first progress event of job `id`.
+async fn first_progress_after(d: &common::Daemon, id: &str, t0_ms: i64) -> i64 {
+    let events = d.text(&format!("/v1/jobs/{id}/events")).await;
+    let at = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|e| e["kind"] == "progress")
+        .and_then(|e| e["at"].as_str().map(String::from))
+        .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
+        .expect("a progress event");
+    at.timestamp_millis() - t0_ms
+}
+
+async fn sns_priority(moto: &Moto, bulk: usize) {
+    println!("\nPriority: an SNS alarm's job behind {bulk} queued bulk jobs (4 workers, 20 ms per EC2 call)");
+    let ids = moto.launch(1, &[("Bench", "priority")]).await;
+    let proxy = FaultProxy::start(&moto.url, 5).await;
+    proxy.set(|f| f.latency = Duration::from_millis(20));
+    let certs = sns_cert_dir();
+    let topic = "arn:aws:sns:us-east-1:123456789012:alarms";
+    let mut figures = Vec::new();
+    for rule_priority in [None, Some(0)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = bench_daemon_with(
+            tmp.path(),
+            &proxy.url,
+            4,
+            &format!("[sns]\ncert_dir = \"{}\"\n", certs.path().display()),
+        )
+        .await;
+        let mut job = json!({"action": "reboot_instances", "targets": {"instance_ids": ["{instance_id}"]},
+            "wait": {"until": "none"}});
+        if let Some(p) = rule_priority {
+            job["priority"] = json!(p);
+        }
+        let hook = json!({"topics": [topic], "rules": [{"name": "reboot", "instance_state": "stopped", "job": job}]});
+        let r = d
+            .req(reqwest::Method::PUT, "/v1/sns/hooks/alarms", &d.admin)
+            .json(&hook)
+            .send()
+            .await
+            .expect("PUT hook");
+        assert!(
+            r.status().is_success(),
+            "{}",
+            r.text().await.unwrap_or_default()
+        );
+        let specs: Vec<Value> = (0..bulk)
+            .map(|n| {
+                json!({"action": "create_tags", "targets": {"instance_ids": [ids[0]]},
+                    "params": {"tags": {"Bulk": n.to_string()}}})
+            })
+            .collect();
+        let bulk_ids = futures::future::join_all(specs.iter().map(|s| d.submit(s))).await;
+        let event =
+            json!({"detail-type": "EC2 Instance State-change Notification", "source": "aws.ec2",
+            "region": "us-east-1", "account": "123456789012",
+            "detail": {"instance-id": ids[0], "state": "stopped"}})
+            .to_string();
+        let now = chrono::Utc::now();
+        let stamp = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let body = sns_signed(&[
+            ("Message", &event),
+            ("MessageId", &format!("m-{}", rule_priority.unwrap_or(100))),
+            ("Timestamp", &stamp),
+            ("TopicArn", topic),
+            ("Type", "Notification"),
+        ]);
+        let t0 = chrono::Utc::now().timestamp_millis();
+        let r = d
+            .http
+            .post(format!("{}/v1/sns/alarms", d.url))
+            .body(body)
+            .send()
+            .await
+            .expect("deliver");
+        let a: Value = r.json().await.expect("delivery answer");
+        let job = a["job_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{a}"))
+            .to_string();
+        let j = d.wait_final(&job, Duration::from_secs(600)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        let ms = first_progress_after(&d, &job, t0).await;
+        let behind = {
+            let mut n = 0;
+            for id in &bulk_ids {
+                if d.job(id).await["state"] == "queued" {
+                    n += 1;
+                }
+            }
+            n
+        };
+        for id in &bulk_ids {
+            d.wait_final(id, Duration::from_secs(600)).await;
+        }
+        let label = match rule_priority {
+            None => "sns.priority (100)".to_string(),
+            Some(p) => format!("rule priority {p}"),
+        };
+        println!("  {label}: first EC2 call {ms} ms after the delivery ({behind} bulk jobs still queued when it finished)");
+        figures.push(ms);
+    }
+    println!(
+        "| SNS alarm's job, first EC2 call behind {bulk} queued bulk jobs | {} ms (target ≤ 200 ms) | rule priority 0: {} ms |",
+        figures[0], figures[1]
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
@@ -320,7 +434,7 @@ fn main() {
     let waiters = env_num("BENCH_WAITERS", 1000) as usize;
     let window = Duration::from_secs(env_num("BENCH_WINDOW_SECS", 10));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let only_parked = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "parked");
+    let only_core = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "core");
     rt.block_on(async {
         let moto = Moto::start().await;
         parked_waits(
@@ -329,7 +443,9 @@ fn main() {
             env_num("BENCH_IN_PLACE", 20) as usize,
         )
         .await;
-        if only_parked {
+        let moto = Moto::start().await;
+        sns_priority(&moto, env_num("BENCH_BULK", 300) as usize).await;
+        if only_core {
             return;
         }
         let moto = Moto::start().await;

@@ -445,14 +445,7 @@ async fn job_outcomes_are_published_to_a_topic() {
 async fn subscription_confirmation_goes_through_the_api_behind_basic_auth() {
     let moto = Moto::start().await;
     let proxy = common::proxy::FaultProxy::start(&moto.url, 1).await;
-    let certs = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        "tests/fixtures/sns-test-cert.pem",
-        certs
-            .path()
-            .join("SimpleNotificationService-0123456789abcdef.pem"),
-    )
-    .unwrap();
+    let certs = common::sns_cert_dir();
     let topic = sns(&moto)
         .await
         .create_topic()
@@ -475,7 +468,7 @@ async fn subscription_confirmation_goes_through_the_api_behind_basic_auth() {
     })
     .await;
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let body = signed(&[
+    let body = common::sns_signed(&[
         ("Message", "You have chosen to subscribe to the topic."),
         ("MessageId", "c0ffee00-0000-4000-8000-000000000001"),
         ("SubscribeURL", "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=x&Token=tok-42"),
@@ -515,49 +508,13 @@ async fn subscription_confirmation_goes_through_the_api_behind_basic_auth() {
     assert_eq!(page["deliveries"][0]["kind"], "SubscriptionConfirmation");
 }
 
-/// An SNS message with these signed fields (given in AWS's signing order), signed v2 with the
-/// pinned test key; its certificate URL names the file the tests pre-seed.
-fn signed(fields: &[(&str, &str)]) -> String {
-    use base64::Engine;
-    use rsa::pkcs1v15::SigningKey;
-    use rsa::pkcs8::DecodePrivateKey;
-    use rsa::signature::{SignatureEncoding, Signer};
-    let text: String = fields.iter().map(|(k, v)| format!("{k}\n{v}\n")).collect();
-    let key =
-        rsa::RsaPrivateKey::from_pkcs8_pem(include_str!("fixtures/sns-test-key.pem")).unwrap();
-    let sig = SigningKey::<sha2::Sha256>::new(key)
-        .sign(text.as_bytes())
-        .to_vec();
-    let mut body: serde_json::Map<String, Value> = fields
-        .iter()
-        .map(|(k, v)| (k.to_string(), json!(v)))
-        .collect();
-    body.insert("SignatureVersion".into(), json!("2"));
-    body.insert(
-        "Signature".into(),
-        json!(base64::engine::general_purpose::STANDARD.encode(sig)),
-    );
-    body.insert(
-        "SigningCertURL".into(),
-        json!("https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"),
-    );
-    Value::Object(body).to_string()
-}
-
 /// Hooks managed over the API: admins create one (its rules checked: 422 naming the rule), a signed
 /// EC2 state-change event delivered to it queues the rule's job, and deleting it makes the hook 404.
 #[tokio::test]
 async fn hooks_managed_over_the_api() {
     let moto = Moto::start().await;
     let ids = moto.launch(1, &[]).await;
-    let certs = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        "tests/fixtures/sns-test-cert.pem",
-        certs
-            .path()
-            .join("SimpleNotificationService-0123456789abcdef.pem"),
-    )
-    .unwrap();
+    let certs = common::sns_cert_dir();
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(moto.url.clone()),
         extra: format!("[sns]\ncert_dir = \"{}\"\n", certs.path().display()),
@@ -609,7 +566,7 @@ async fn hooks_managed_over_the_api() {
         "detail": {"instance-id": ids[0], "state": "stopped"}})
         .to_string();
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let body = signed(&[
+    let body = common::sns_signed(&[
         ("Message", &event),
         ("MessageId", "e1"),
         ("Timestamp", &now),
@@ -632,7 +589,7 @@ async fn hooks_managed_over_the_api() {
     assert_eq!(j["spec"]["priority"], 7, "the rule's own priority");
 
     let running = event.replace("\"stopped\"", "\"running\"");
-    let body2 = signed(&[
+    let body2 = common::sns_signed(&[
         ("Message", &running),
         ("MessageId", "e2"),
         ("Timestamp", &now),

@@ -707,3 +707,48 @@ pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra
     let admin = std::fs::read_to_string(&token).expect("token file");
     Daemon::attach(config, admin).await
 }
+
+/// A directory holding the test SNS signing certificate under the name [`sns_signed`]'s messages
+/// point at, for `sns.cert_dir` (as an air-gapped host pre-seeds it).
+pub fn sns_cert_dir() -> tempfile::TempDir {
+    let certs = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        repo().join("tests/fixtures/sns-test-cert.pem"),
+        certs
+            .path()
+            .join("SimpleNotificationService-0123456789abcdef.pem"),
+    )
+    .expect("copy the test certificate");
+    certs
+}
+
+/// An SNS message with these signed fields (given in AWS's signing order), signed v2 with the
+/// pinned test key; its certificate URL names the file the tests pre-seed.
+pub fn sns_signed(fields: &[(&str, &str)]) -> String {
+    use base64::Engine;
+    use rsa::pkcs1v15::SigningKey;
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::signature::{SignatureEncoding, Signer};
+    let text: String = fields.iter().map(|(k, v)| format!("{k}\n{v}\n")).collect();
+    let key =
+        rsa::RsaPrivateKey::from_pkcs8_pem(include_str!("../fixtures/sns-test-key.pem")).unwrap();
+    let sig = SigningKey::<sha2::Sha256>::new(key)
+        .sign(text.as_bytes())
+        .to_vec();
+    let mut body: serde_json::Map<String, Value> = fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
+    body.insert("SignatureVersion".into(), serde_json::json!("2"));
+    body.insert(
+        "Signature".into(),
+        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(sig)),
+    );
+    body.insert(
+        "SigningCertURL".into(),
+        serde_json::json!(
+            "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-0123456789abcdef.pem"
+        ),
+    );
+    Value::Object(body).to_string()
+}
