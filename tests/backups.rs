@@ -437,10 +437,14 @@ async fn slow_failed_and_interrupted_snapshots() {
     );
     let tagged = moto.snapshots_tagged("ec2jobd:job-id", &id).await;
     assert_eq!(tagged.len(), 1, "{tagged:?}\n{j}\n{}", d.log());
-    assert!(rows(&j)[&root]["snapshot"]["outcome"]
-        .as_str()
-        .unwrap()
-        .contains("earlier attempt"));
+    assert!(
+        rows(&j)[&root]["snapshot"]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("earlier attempt"),
+        "{j}\n{}",
+        d.text(&format!("/v1/jobs/{id}/events")).await
+    );
 
     // kill -9 while the snapshot is pending, and while the daemon is down the snapshot is deleted
     // (as the rotation of a newer generation by another job on the group would): after restart the
