@@ -17,9 +17,14 @@
 //!    delivery to its first EC2 call (its first progress event, written just before the call), with
 //!    the rules' default priority (`sns.priority`, 100) and, as the baseline, with the rule setting 0.
 //!
+//! 5. Coalesced calls (issue 14): behind the proxy enforcing EC2's default request buckets, with
+//!    pacing on, 500 one-instance start jobs at once (then stop, reboot, create_tags): calls made,
+//!    throttles, and time until all succeeded, beside the least time one call per job could take
+//!    with that bucket ((500 - size) / refill).
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
 //! BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200), BENCH_IN_PLACE
-//! (default 20), BENCH_BULK (default 300), BENCH_ONLY=core (parts 3 and 4 only).
+//! (default 20), BENCH_BULK (default 300), BENCH_COALESCE (default 500), BENCH_ONLY=core (parts 3 to 5 only).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -288,6 +293,71 @@ async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, u64)
     )
 }
 
+async fn coalesced_calls(moto: &Moto, n: usize) {
+    println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, 4 workers");
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let k = (n - ids.len()).min(500) as i32;
+        ids.extend(moto.launch(k, &[("Bench", "coalesce")]).await);
+    }
+    moto.stop(&ids).await;
+    let proxy = FaultProxy::start(&moto.url, 9).await;
+    proxy.set(|f| f.ec2_buckets = true);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = bench_daemon_with(tmp.path(), &proxy.url, 4, "[pacing]\nenabled = true\n").await;
+    // (action, operation, extra spec, EC2's bucket size and refill)
+    let runs = [
+        ("start_instances", "StartInstances", json!({}), 5.0, 2.0),
+        ("stop_instances", "StopInstances", json!({}), 50.0, 5.0),
+        ("start_instances", "StartInstances", json!({}), 5.0, 2.0),
+        ("reboot_instances", "RebootInstances", json!({}), 50.0, 5.0),
+        (
+            "create_tags",
+            "CreateTags",
+            json!({"params": {"tags": {"Coalesced": "yes"}}}),
+            100.0,
+            10.0,
+        ),
+    ];
+    for (action, op, extra, size, refill) in runs {
+        let calls0 = proxy.calls(op);
+        let throttles0 = proxy.injected_total();
+        let specs: Vec<Value> = ids
+            .iter()
+            .map(|iid| {
+                let mut s = json!({"action": action, "targets": {"instance_ids": [iid]},
+                    "wait": {"interval": "1s", "timeout": "30m"}});
+                if let Some(p) = extra.get("params") {
+                    s["params"] = p.clone();
+                }
+                s
+            })
+            .collect();
+        let t = Instant::now();
+        let mut jobs = Vec::new();
+        for chunk in specs.chunks(50) {
+            jobs.extend(futures::future::join_all(chunk.iter().map(|s| d.submit(s))).await);
+        }
+        for id in &jobs {
+            let j = d.wait_final(id, Duration::from_secs(1800)).await;
+            assert_eq!(j["state"], "succeeded", "{j}");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let calls = proxy.calls(op) - calls0;
+        let throttles = proxy.injected_total() - throttles0;
+        let bound = (n as f64 - size).max(0.0) / refill;
+        println!(
+            "  {action}: {n} jobs in {secs:.1}s with {calls} {op} calls (most ids {}), {throttles} throttles; \
+             one call per job needs ≥ {bound:.0}s ({:.1}%; target ≤ 5%, ≤ 10 calls, 0 throttles)",
+            proxy.max_ids(op),
+            secs / bound.max(0.001) * 100.0
+        );
+        println!(
+            "| {n} one-instance {action} jobs, EC2 buckets enforced | {secs:.1} s, {calls} {op} calls, {throttles} throttles | one call per job: ≥ {bound:.0} s, {n} calls |"
+        );
+    }
+}
+
 async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
     println!("\nParked waits: one-instance start jobs, checks initializing for 8 s after each start, 4 workers");
     let mut ids = Vec::new();
@@ -438,6 +508,8 @@ fn main() {
         .await;
         let moto = Moto::start().await;
         sns_priority(&moto, env_num("BENCH_BULK", 300) as usize).await;
+        let moto = Moto::start().await;
+        coalesced_calls(&moto, env_num("BENCH_COALESCE", 500) as usize).await;
         if only_core {
             return;
         }

@@ -160,7 +160,8 @@ async fn injected_throttling_5xx_drops_and_latency_still_reach_the_right_state()
         6,
         &[("Group", "chaos")],
         4,
-        "\n[pacing]\nstart_instances = { burst = 1, per_second = 4 }\n",
+        // Each job calls alone (no coalescing), so the faults and the bucket meet many calls.
+        "\n[pacing]\nstart_instances = { burst = 1, per_second = 4 }\ncoalesce_window = \"0s\"\n",
     )
     .await;
     proxy.set(|f| {
@@ -651,6 +652,11 @@ async fn park_start_jobs(
         );
     }
     parked(d, ids.len() as f64).await;
+    // Parked at once; `waiting` once the lot made their (shared) start call and recorded it.
+    for id in &jobs {
+        d.wait_for(id, MINUTE, |j| j["progress"]["phase"] == "waiting")
+            .await;
+    }
     jobs
 }
 
@@ -713,11 +719,7 @@ async fn waiting_jobs_hold_no_worker() {
             "{k} missing from {events}"
         );
     }
-    assert_eq!(
-        proxy.calls("StartInstances"),
-        8,
-        "one call per job, none repeated"
-    );
+    assert_eq!(proxy.ids("StartInstances"), 8, "no instance started twice");
     parked(&d, 0.0).await;
 }
 
@@ -752,5 +754,56 @@ async fn parked_waits_survive_kill_9_and_restart() {
         assert_eq!(r["checks"], "2/2 checks passed", "{j}");
         assert_eq!(r["outcome"], "called", "{j}");
     }
-    assert_eq!(proxy.calls("StartInstances"), 3, "no start call repeated");
+    assert_eq!(proxy.ids("StartInstances"), 3, "no instance started twice");
+}
+
+/// Coalesced calls: twenty one-instance start jobs and one naming an instance that does not exist,
+/// submitted at once, share a few DescribeInstances and StartInstances calls; the batch EC2 refuses
+/// for the missing id is sent again without it, so only that job fails, with EC2's code.
+#[tokio::test]
+async fn a_batch_fails_only_the_job_whose_instance_is_missing() {
+    let (moto, proxy, d, ids) = rig(20, &[], 8).await;
+    moto.stop(&ids).await;
+    let spec = |iid: &str| {
+        json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+            "wait": {"until": "running", "interval": "200ms", "timeout": "1m"}})
+    };
+    let missing = "i-0123456789abcdef0";
+    let mut specs: Vec<Value> = ids.iter().map(|i| spec(i)).collect();
+    specs.insert(7, spec(missing));
+    let jobs = futures::future::join_all(specs.iter().map(|s| d.submit(s))).await;
+    for (id, s) in jobs.iter().zip(&specs) {
+        let j = d.wait_final(id, MINUTE).await;
+        if s["targets"]["instance_ids"][0] == missing {
+            assert_eq!(j["state"], "failed", "{j}");
+            assert_eq!(j["error"]["code"], "InvalidInstanceID.NotFound", "{j}");
+            assert!(
+                j["error"]["message"].as_str().unwrap().contains(missing),
+                "{j}"
+            );
+        } else {
+            assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+            assert_eq!(j["results"]["instances"][0]["state"], "running", "{j}");
+            assert_eq!(j["results"]["instances"][0]["outcome"], "called", "{j}");
+        }
+    }
+    assert_eq!(moto.states(&ids).await, vec!["running"; 20]);
+    let (starts, describes) = (
+        proxy.calls("StartInstances"),
+        proxy.calls("DescribeInstances"),
+    );
+    eprintln!(
+        "21 jobs: {starts} StartInstances (most ids {}), {describes} DescribeInstances (most ids {})",
+        proxy.max_ids("StartInstances"),
+        proxy.max_ids("DescribeInstances")
+    );
+    assert!(starts < 20, "{starts} StartInstances calls for 20 jobs");
+    assert!(
+        proxy.max_ids("StartInstances") > 1,
+        "calls carried several jobs' ids"
+    );
+    assert!(
+        proxy.max_ids("DescribeInstances") > 1,
+        "describes carried several jobs' ids"
+    );
 }

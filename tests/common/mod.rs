@@ -672,8 +672,9 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// A daemon for benchmarks on `dir`: production defaults except pacing (off: moto is not AWS) and a
-/// 200 ms idle poll, the given worker count, EC2 through `endpoint`. Its admin token is kept in
+/// A daemon for benchmarks on `dir`: production defaults except pacing (off: moto is not AWS, unless
+/// the extra TOML brings a `[pacing]` table) and a 200 ms idle poll, the given worker count, EC2
+/// through `endpoint`. Its admin token is kept in
 /// `dir/admin.token`, so a copy of the directory starts with the same token.
 pub async fn bench_daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon {
     bench_daemon_with(dir, endpoint, workers, "").await
@@ -688,6 +689,12 @@ pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra
         extra.find("\n[").map(|i| i + 1)
     };
     let (queue, extra) = extra.split_at(tables.unwrap_or(extra.len()));
+    // Pacing is off (moto is not AWS) unless the caller brings its own `[pacing]`.
+    let pacing = if extra.contains("[pacing]") {
+        ""
+    } else {
+        "[pacing]\nenabled = false\n"
+    };
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -695,7 +702,7 @@ pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra
             "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
              [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
              [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n{queue}\n\
-             [pacing]\nenabled = false\n[log]\nlevel = \"warn\"\n{extra}",
+             {pacing}[log]\nlevel = \"warn\"\n{extra}",
             db = dir.join("bench.db").display()
         ),
     )

@@ -53,6 +53,23 @@ pub struct Faults {
     pub error: Option<(String, u16, String)>,
     /// When set, latency and share-based faults hit only these operations.
     pub only: Option<Vec<String>>,
+    /// EC2's default request token buckets per operation (Describe* 100 refilled at 20/s,
+    /// StartInstances and RunInstances 5 at 2/s, TerminateInstances 100 at 5/s, CreateTags 100 at
+    /// 10/s, other mutating calls 50 at 5/s): a call finding its bucket empty is answered
+    /// `503 RequestLimitExceeded`, as EC2 does, and counted as injected.
+    pub ec2_buckets: bool,
+}
+
+/// EC2's default bucket (size, refill per second) for an operation.
+fn ec2_bucket(op: &str) -> (&'static str, f64, f64) {
+    match op {
+        "StartInstances" => ("start", 5.0, 2.0),
+        "RunInstances" => ("run", 5.0, 2.0),
+        "TerminateInstances" => ("terminate", 100.0, 5.0),
+        "CreateTags" => ("create_tags", 100.0, 10.0),
+        o if o.starts_with("Describe") => ("describe", 100.0, 20.0),
+        _ => ("mutating", 50.0, 5.0),
+    }
 }
 
 #[derive(Default)]
@@ -64,6 +81,7 @@ struct Stats {
     last_body: HashMap<String, String>,
     order: Vec<String>,
     max_ids: HashMap<String, usize>,
+    ids: HashMap<String, usize>,
     answered: HashMap<String, u64>,
     arrived: Vec<Instant>,
     /// (operation, the request's `ec2jobd:job-id` tag, the id moto answered) of every
@@ -81,6 +99,8 @@ struct Shared {
     client_tokens: Mutex<HashMap<String, Reply>>,
     /// When each instance was last started, as seen passing through.
     started: Mutex<HashMap<String, Instant>>,
+    /// EC2's request buckets (`Faults::ec2_buckets`): tokens left and when last refilled.
+    buckets: Mutex<HashMap<&'static str, (f64, Instant)>>,
     rng: Mutex<StdRng>,
     http: reqwest::Client,
 }
@@ -102,6 +122,7 @@ impl FaultProxy {
             in_flight: Mutex::new(HashMap::new()),
             client_tokens: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             http: reqwest::Client::new(),
         });
@@ -187,6 +208,18 @@ impl FaultProxy {
     /// Requests that came in absolute form, i.e. from a client configured to use this as its proxy.
     pub fn forward_proxied(&self) -> u64 {
         self.shared.stats.lock().unwrap().as_forward_proxy
+    }
+
+    /// Instance ids all calls of an operation carried, together.
+    pub fn ids(&self, op: &str) -> usize {
+        self.shared
+            .stats
+            .lock()
+            .unwrap()
+            .ids
+            .get(op)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The most instance ids one call of an operation carried.
@@ -331,6 +364,7 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         let ids = body.matches("InstanceId.").count();
         let m = st.max_ids.entry(op.clone()).or_default();
         *m = (*m).max(ids);
+        *st.ids.entry(op.clone()).or_default() += ids;
         let m = st.max_in_flight.entry(op.clone()).or_default();
         *m = (*m).max(now_in);
     }
@@ -488,6 +522,31 @@ async fn forward(
             .entry(op.to_string())
             .or_default() += 1
     };
+    if faults.ec2_buckets {
+        let (class, size, refill) = ec2_bucket(op);
+        let now = Instant::now();
+        let empty = {
+            let mut b = s.buckets.lock().unwrap();
+            let (tokens, at) = b.entry(class).or_insert((size, now));
+            *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * refill).min(size);
+            *at = now;
+            if *tokens >= 1.0 {
+                *tokens -= 1.0;
+                false
+            } else {
+                true
+            }
+        };
+        if empty {
+            note(s);
+            let xml = error_xml(
+                "RequestLimitExceeded",
+                "Request limit exceeded.",
+                "fault-bucket",
+            );
+            return Some((503, xml, "fault-bucket".into()));
+        }
+    }
     if let Some((target, status, code)) = &faults.error {
         if target == op {
             note(s);

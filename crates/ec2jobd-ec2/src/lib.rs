@@ -26,11 +26,13 @@ use aws_sdk_ec2::types::{Filter as AwsFilter, Instance, Tag};
 use ec2jobd_spec::{InstanceResult, Targets};
 
 mod attempts;
+mod coalesce;
 mod ebs;
 mod pace;
 mod unanswered;
 mod watch;
 
+pub use coalesce::{named_ids, Coalescer, SharedAnswer, SharedCall, MAX_IDS};
 pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use watch::{
@@ -202,6 +204,7 @@ pub struct Ec2Pool {
     pacing: PacingConfig,
     clients: Mutex<ClientMap>,
     watchers: Mutex<HashMap<(String, String), Arc<StatusWatcher>>>,
+    coalescers: Mutex<HashMap<(String, String), Arc<Coalescer>>>,
     observer: Arc<dyn CallObserver>,
 }
 
@@ -217,8 +220,24 @@ impl Ec2Pool {
             pacing,
             clients: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
+            coalescers: Mutex::new(HashMap::new()),
             observer,
         }
+    }
+
+    /// The one coalescer of an account and region.
+    pub async fn coalescer(&self, account: &str, region: &str) -> Result<Arc<Coalescer>, Ec2Error> {
+        let key = (account.to_string(), region.to_string());
+        let lock = || self.coalescers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = lock().get(&key) {
+            return Ok(c.clone());
+        }
+        let ec2 = self.get(account, region).await?;
+        let window = self.pacing.coalesce_window;
+        Ok(lock()
+            .entry(key)
+            .or_insert_with(|| Coalescer::new(ec2, window))
+            .clone())
     }
 
     /// The one status watcher of an account and region.

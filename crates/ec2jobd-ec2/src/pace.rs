@@ -38,6 +38,8 @@ pub struct PacingConfig {
     pub create_tags: Rate,
     /// CreateSnapshot, DeleteSnapshot, CopySnapshot.
     pub snapshots: Rate,
+    /// How long the same instance call from several jobs is gathered into one (zero: never).
+    pub coalesce_window: Duration,
 }
 
 impl Default for PacingConfig {
@@ -52,6 +54,7 @@ impl Default for PacingConfig {
             terminate_instances: r(100, 5.0),
             create_tags: r(100, 10.0),
             snapshots: r(100, 5.0),
+            coalesce_window: Duration::from_millis(20),
         }
     }
 }
@@ -105,6 +108,16 @@ impl Pacer {
 
     /// Takes a token for `operation`, waiting until one is free. Returns how long it waited.
     pub async fn acquire(&self, operation: &str) -> Duration {
+        self.wait_for_token(operation, true).await
+    }
+
+    /// Waits until `operation`'s bucket has a token, without taking it: a caller that gathers work
+    /// for one call (coalescing) keeps gathering until the call could go out.
+    pub async fn ready(&self, operation: &str) -> Duration {
+        self.wait_for_token(operation, false).await
+    }
+
+    async fn wait_for_token(&self, operation: &str, take: bool) -> Duration {
         if !self.cfg.enabled {
             return Duration::ZERO;
         }
@@ -123,7 +136,9 @@ impl Pacer {
                 b.tokens = (b.tokens + refill).min(rate.burst as f64);
                 b.at = now;
                 if b.tokens >= 1.0 {
-                    b.tokens -= 1.0;
+                    if take {
+                        b.tokens -= 1.0;
+                    }
                     return start.elapsed();
                 }
                 Duration::from_secs_f64((1.0 - b.tokens) / rate.per_second.max(0.001))
@@ -191,6 +206,29 @@ mod tests {
         assert!(
             t0.elapsed() >= Duration::from_millis(499),
             "but not beyond it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_waits_for_a_token_without_taking_it() {
+        let p = Pacer::new(tiny());
+        for _ in 0..5 {
+            p.acquire("StartInstances").await;
+        }
+        let t0 = Instant::now();
+        p.ready("StartInstances").await;
+        assert!(t0.elapsed() >= Duration::from_millis(499), "empty bucket");
+        let t1 = Instant::now();
+        assert_eq!(
+            p.ready("StartInstances").await,
+            Duration::ZERO,
+            "still there"
+        );
+        p.acquire("StartInstances").await;
+        assert_eq!(
+            t1.elapsed(),
+            Duration::ZERO,
+            "the token `ready` saw is taken"
         );
     }
 

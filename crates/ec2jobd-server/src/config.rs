@@ -163,6 +163,8 @@ pub struct PacingSection {
     pub create_tags: RateSection,
     /// CreateSnapshot, DeleteSnapshot, CopySnapshot.
     pub snapshots: RateSection,
+    /// How long one instance call asked for by several jobs is gathered ("0s": never).
+    pub coalesce_window: Dur,
 }
 
 /// One bucket: `{ burst = 100, per_second = 20 }`.
@@ -659,6 +661,9 @@ impl Config {
                 bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
             }
         }
+        if p.coalesce_window.0 > std::time::Duration::from_secs(1) {
+            bail!("config key `pacing.coalesce_window`: at most 1s (every call it gathers waits that long)");
+        }
         if let Some(n) = self.notify.default_notify() {
             n.check("notify")
                 .map_err(|e| anyhow::anyhow!("config key `{}`: {}", e.field, e.message))?;
@@ -716,6 +721,7 @@ impl Config {
             terminate_instances: r(p.terminate_instances),
             create_tags: r(p.create_tags),
             snapshots: r(p.snapshots),
+            coalesce_window: p.coalesce_window.0,
         }
     }
 

@@ -12,12 +12,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ec2jobd_ec2::{Attribute, CallOutcome, Ec2, Ec2Error, Ec2Pool, Launch, Protection};
+use ec2jobd_ec2::{
+    Attribute, CallOutcome, Coalescer, Described, Ec2, Ec2Error, Ec2Pool, Launch, Protection,
+    SharedCall,
+};
 use ec2jobd_spec::{Action, InstanceResult, JobError, JobResults, WaitUntil};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::parking::{wait_error, InstanceWait, Parking, WaitOutcome};
+use crate::parking::{wait_error, InstanceWait, Parking, PlannedCall, WaitOutcome};
 use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
@@ -68,6 +71,12 @@ impl Ec2Executor {
     pub fn new(pool: Arc<Ec2Pool>, lot: Arc<Parking>) -> Self {
         Self { pool, lot }
     }
+}
+
+/// Ends `wait` with the attempt's time limit, if that comes first.
+fn bound_by_attempt(ctx: &ExecCtx, wait: &mut InstanceWait) {
+    wait.attempt_deadline_ms = Some(ctx.deadline_ms);
+    wait.attempt_limit_ms = Some(ctx.limit.as_millis() as u64);
 }
 
 /// The `phase` of a parked job's checkpoint.
@@ -215,11 +224,13 @@ async fn describe(
     Ok(results)
 }
 
-/// Finds the target instances (one paginated DescribeInstances). `Ok(None)`: none matched and the
-/// job allows that, so it is done with `results`' summary.
+/// Finds the target instances (one paginated DescribeInstances; shared with other jobs' through
+/// `shared` when the targets are instance ids alone). `Ok(None)`: none matched and the job allows
+/// that, so it is done with `results`' summary.
 async fn resolve(
     ctx: &ExecCtx,
     ec2: &Ec2,
+    shared: Option<Arc<Coalescer>>,
     results: &mut JobResults,
 ) -> Result<Option<Vec<InstanceResult>>, ExecError> {
     ctx.check_cancel(results)?;
@@ -230,8 +241,22 @@ async fn resolve(
         None,
     )
     .await?;
+    let t = &ctx.job.spec.targets;
+    let by_id = match (&t.instance_ids, &t.tags, &t.filters, shared) {
+        (Some(ids), None, None, Some(c)) => Some((ids.0.clone(), c)),
+        _ => None,
+    };
     let found = tokio::select! {
-        r = ec2.describe_instances(&ctx.job.spec.targets, false) => r,
+        r = async {
+            match by_id {
+                Some((ids, c)) => c.call(SharedCall::Describe, ids).await.map(|a| Described {
+                    instances: a.instances,
+                    request_ids: a.request_ids,
+                    dry_run_ok: false,
+                }),
+                None => ec2.describe_instances(t, false).await,
+            }
+        } => r,
         _ = ctx.cancelled() => return Err(ExecError::Cancelled(results.clone())),
     }
     .map_err(|e| failed(e, JobResults::default()))?;
@@ -335,6 +360,25 @@ fn settled(action: Action, state: &str) -> bool {
     }
 }
 
+/// The call of an instance action that several jobs can share, if it has one.
+fn shared_call(spec: &ec2jobd_spec::JobSpec) -> Option<SharedCall> {
+    Some(match spec.action {
+        Action::StartInstances => SharedCall::Start,
+        Action::StopInstances => SharedCall::Stop {
+            force: spec.flag("force"),
+            hibernate: spec.flag("hibernate"),
+        },
+        Action::RebootInstances => SharedCall::Reboot,
+        Action::TerminateInstances => SharedCall::Terminate,
+        Action::CreateTags => SharedCall::CreateTags(string_map(spec.params.get("tags"))),
+        Action::DeleteTags => SharedCall::DeleteTags {
+            keys: str_list(spec.params.get("keys")),
+            tags: string_map(spec.params.get("tags")),
+        },
+        _ => return None,
+    })
+}
+
 fn string_map(v: Option<&serde_json::Value>) -> BTreeMap<String, String> {
     v.and_then(|v| v.as_object())
         .map(|m| {
@@ -363,7 +407,7 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
         return describe(ctx, ec2, "", "").await;
     }
     let mut results = JobResults::default();
-    let Some(found) = resolve(ctx, ec2, &mut results).await? else {
+    let Some(found) = resolve(ctx, ec2, None, &mut results).await? else {
         return Ok(results);
     };
     let required = str_list(spec.params.get("required_keys"));
@@ -414,14 +458,33 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
 }
 
 impl Ec2Executor {
+    /// Makes the job's call for `ids`: shared with other jobs' same call through the account's
+    /// coalescer, except dry runs, which stay the job's own.
     async fn call(
         &self,
         ec2: &Ec2,
         ctx: &ExecCtx,
+        (account, region): (&str, &str),
         ids: &[String],
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
         let spec = &ctx.job.spec;
         let dry = spec.dry_run;
+        if let (Some(shared), false) = (shared_call(spec), dry) {
+            let answer = self
+                .pool
+                .coalescer(account, region)
+                .await?
+                .call(shared, ids.to_vec())
+                .await?;
+            return Ok(answer
+                .request_ids
+                .into_iter()
+                .map(|r| CallOutcome {
+                    request_id: Some(r),
+                    dry_run_ok: false,
+                })
+                .collect());
+        }
         match spec.action {
             Action::StartInstances => ec2.start_instances(ids, dry).await,
             Action::StopInstances => {
@@ -582,7 +645,8 @@ impl Ec2Executor {
         let spec = &ctx.job.spec;
         let action = spec.action;
         let mut results = JobResults::default();
-        let Some(found) = resolve(ctx, ec2, &mut results).await? else {
+        let shared = self.pool.coalescer(account, region).await.ok();
+        let Some(found) = resolve(ctx, ec2, shared, &mut results).await? else {
             return Ok(results);
         };
         if let Some(e) = refuse_states(action, &found, &results) {
@@ -634,7 +698,16 @@ impl Ec2Executor {
                 )
                 .await;
         }
-        let since = self.lot.now_ms();
+        let mut after = self.after_wait(
+            ctx,
+            (account, region),
+            (&ids, &ids),
+            &before,
+            &todo,
+            self.lot.now_ms(),
+            &results,
+        );
+        after.unprotected = unprotected;
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;
             ctx.save_checkpoint(json!({"phase": "calling", "ids": todo}))
@@ -646,9 +719,20 @@ impl Ec2Executor {
                 Some(todo.len() as u64),
             )
             .await?;
+            if let (Some(shared), false, true) = (shared_call(spec), spec.dry_run, ctx.may_park()) {
+                // The lot makes the call with other jobs' same call, then watches the instances.
+                bound_by_attempt(ctx, &mut after.wait);
+                let call = PlannedCall {
+                    call: shared,
+                    ids: todo.clone(),
+                    then: serde_json::to_value(&after).unwrap_or_default(),
+                };
+                let state = json!({"phase": "calling", "ids": todo});
+                return Err(ctx.park(after.wait, state, Some(call)));
+            }
             // A mutating call is never abandoned half-way: cancel is honoured after it returns.
             let outs = self
-                .call(ec2, ctx, &todo)
+                .call(ec2, ctx, (account, region), &todo)
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             results
@@ -665,18 +749,8 @@ impl Ec2Executor {
             }
             ctx.save_checkpoint(json!({"phase": "called", "ids": todo}))
                 .await?;
+            after.request_ids.clone_from(&results.request_ids);
         }
-
-        let mut after = self.after_wait(
-            ctx,
-            (account, region),
-            (&ids, &ids),
-            &before,
-            &todo,
-            since,
-            &results,
-        );
-        after.unprotected = unprotected;
         self.wait_and_finish(ctx, ec2, after, results, true).await
     }
 
@@ -696,7 +770,7 @@ impl Ec2Executor {
         let spec = &ctx.job.spec;
         let dry = spec.dry_run;
         let mut results = JobResults::default();
-        let Some(found) = resolve(ctx, ec2, &mut results).await? else {
+        let Some(found) = resolve(ctx, ec2, None, &mut results).await? else {
             return Ok(results);
         };
         if let Some(e) = refuse_states(spec.action, &found, &results) {
@@ -1100,11 +1174,10 @@ impl Ec2Executor {
             Some(total),
         )
         .await?;
-        wait.attempt_deadline_ms = Some(ctx.deadline_ms);
-        wait.attempt_limit_ms = Some(ctx.limit.as_millis() as u64);
+        bound_by_attempt(ctx, wait);
         if parkable && ctx.may_park() {
             let state = serde_json::to_value(&after).unwrap_or_default();
-            return Err(ctx.park(after.wait, state));
+            return Err(ctx.park(after.wait, state, None));
         }
         let rx = self
             .lot
@@ -1148,6 +1221,9 @@ impl Ec2Executor {
             ..
         } = after;
         let until = wait.until;
+        results
+            .request_ids
+            .extend(outcome.request_ids.iter().cloned());
         results.instances = self
             .final_results(ec2, &ids, &before, &outcome, &todo)
             .await;
@@ -1173,7 +1249,7 @@ impl Ec2Executor {
             }
             return Err(ExecError::Failed {
                 error,
-                transient: false,
+                transient: outcome.transient,
                 results,
             });
         }

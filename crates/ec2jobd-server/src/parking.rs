@@ -10,6 +10,11 @@
 //! ends each wait — arrived, failed, timed out or cancelled — with a [`WaitOutcome`]: a parked job is
 //! queued again with it and the executor resumes after the wait; a waiting worker gets it back.
 //!
+//! A parked job may hand over its mutating call too ([`PlannedCall`]): the lot makes it through the
+//! account+region's [`Coalescer`](ec2jobd_ec2::Coalescer), together with the same call of every other
+//! job (one StartInstances for many jobs), saves the checkpoint that says the call was made, and then
+//! watches the instances. A call that fails ends the wait with its error.
+//!
 //! A lot that dies (kill -9) leaves its leases to expire; the jobs are then claimed like any running
 //! job whose worker died, and the executor parks them again from their checkpoint. At shutdown the
 //! lot gives its jobs back to the queue so the next start parks them again at once.
@@ -23,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ec2jobd_ec2::{
-    evaluate, Ec2Error, Ec2Pool, InstanceStatus, Judge, Registration, StatusWatcher, Verdict,
-    WaitFailure,
+    evaluate, Ec2Error, Ec2Pool, InstanceStatus, Judge, Registration, SharedCall, StatusWatcher,
+    Verdict, WaitFailure,
 };
 use ec2jobd_spec::{Clock, JobError, Progress, WaitUntil};
 use ec2jobd_store::{NewEvent, Store, StoreError};
@@ -101,6 +106,34 @@ pub struct WaitOutcome {
     /// Seconds from the call until each instance first passed every status check.
     #[serde(default)]
     pub to_ok: HashMap<String, f64>,
+    /// Request ids of the call the lot made for the job ([`PlannedCall`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
+    /// The error may pass on another attempt (a call that failed transiently).
+    #[serde(default)]
+    pub transient: bool,
+}
+
+/// A mutating call a parked job leaves to the lot, to be made with the same call of other jobs.
+#[derive(Debug, Clone)]
+pub struct PlannedCall {
+    /// The call.
+    pub call: SharedCall,
+    /// The job's instances.
+    pub ids: Vec<String>,
+    /// The job's checkpoint once the call is made (it then waits like any parked job).
+    pub then: serde_json::Value,
+}
+
+/// What a job hands over when it gives its worker back.
+#[derive(Debug)]
+pub struct Parked {
+    /// What it waits for.
+    pub wait: InstanceWait,
+    /// The checkpoint saved as it parks.
+    pub checkpoint: serde_json::Value,
+    /// The call to make before the wait, if the job left it to the lot.
+    pub call: Option<PlannedCall>,
 }
 
 /// How an instance status reads in an error message: `i-1 (running, 1/2 checks passed)`.
@@ -165,6 +198,23 @@ enum Cmd {
         label: String,
         reply: Option<oneshot::Sender<WaitOutcome>>,
     },
+    /// A parked job whose call the lot makes first.
+    Call {
+        job: String,
+        wait: Box<InstanceWait>,
+        call: PlannedCall,
+    },
+    /// The call was made (and its checkpoint saved): wait now.
+    Called {
+        job: String,
+        wait: Box<InstanceWait>,
+        request_ids: Vec<String>,
+    },
+    /// The call failed, or its job was lost: end with this outcome (`None`: drop the job).
+    Uncalled {
+        job: String,
+        outcome: Option<Box<WaitOutcome>>,
+    },
     Cancel(String),
 }
 
@@ -180,6 +230,7 @@ struct Entry {
     to_running: HashMap<String, f64>,
     to_ok: HashMap<String, f64>,
     reported: usize,
+    request_ids: Vec<String>,
     reply: Option<oneshot::Sender<WaitOutcome>>,
     _registration: Registration,
 }
@@ -248,6 +299,8 @@ impl Entry {
                 last,
                 to_running: self.to_running,
                 to_ok: self.to_ok,
+                request_ids: self.request_ids,
+                transient: false,
             },
             self.reply,
         )
@@ -334,7 +387,7 @@ impl Parking {
         let mut regions = self.lock();
         let tx = regions.entry(key).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(self.clone().judge_region(watcher, rx));
+            tokio::spawn(self.clone().judge_region(watcher, tx.clone(), rx));
             tx
         });
         Ok(tx.clone())
@@ -346,29 +399,109 @@ impl Parking {
         self.regions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes over the wait of a job the store just parked in this lot.
-    pub async fn park(self: &Arc<Self>, job: &str, wait: InstanceWait) {
+    /// Takes over a job the store just parked in this lot: its call, if it left one, then its
+    /// wait.
+    pub async fn park(self: &Arc<Self>, job: &str, wait: InstanceWait, call: Option<PlannedCall>) {
         self.set_parked(1);
         let (account, region) = (wait.account.clone(), wait.region.clone());
-        let cmd = Cmd::Add {
-            job: job.to_string(),
-            wait: Box::new(wait),
-            holder: self.id.clone(),
-            label: String::new(),
-            reply: None,
-        };
-        match self.region(&account, &region).await {
-            Ok(tx) if tx.send(cmd).is_ok() => {}
-            Ok(_) | Err(_) => {
-                // The account's client could be built for the call, so this is not expected; the
-                // job's lease is not renewed past this point and it is claimed again once expired.
-                tracing::error!(
-                    job,
-                    "cannot watch {account}/{region}; the job resumes once its lease expires"
-                );
-                self.set_parked(-1);
+        let error = match self.region(&account, &region).await {
+            Ok(tx) => {
+                let (job, wait) = (job.to_string(), Box::new(wait));
+                let cmd = match call {
+                    Some(call) => Cmd::Call { job, wait, call },
+                    None => Cmd::Add {
+                        job,
+                        wait,
+                        holder: self.id.clone(),
+                        label: String::new(),
+                        reply: None,
+                    },
+                };
+                if tx.send(cmd).is_ok() {
+                    return;
+                }
+                Ec2Error {
+                    code: "Internal".into(),
+                    message: format!("the wait task of {account}/{region} stopped"),
+                    request_id: None,
+                    transient: true,
+                }
             }
-        }
+            Err(e) => e,
+        };
+        // Not expected (the job's own client was built). The lot renews every lease it holds, so
+        // the job must not stay here untracked: its wait ends with the error, to be retried.
+        tracing::error!(job, error = %error.message, "cannot watch {account}/{region}");
+        let outcome = WaitOutcome {
+            error: Some(JobError {
+                code: error.code,
+                message: error.message,
+                request_id: error.request_id,
+            }),
+            transient: true,
+            ..Default::default()
+        };
+        self.deliver(job.to_string(), outcome, None);
+    }
+
+    /// Makes a parked job's call (shared with other jobs'), saves the checkpoint that says so, and
+    /// tells the region's task how it went.
+    async fn make_call(
+        self: Arc<Self>,
+        tx: mpsc::UnboundedSender<Cmd>,
+        job: String,
+        wait: Box<InstanceWait>,
+        call: PlannedCall,
+    ) {
+        let failed = |e: Ec2Error| Cmd::Uncalled {
+            job: job.clone(),
+            outcome: Some(Box::new(WaitOutcome {
+                transient: e.transient,
+                error: Some(JobError {
+                    code: e.code,
+                    message: e.message,
+                    request_id: e.request_id,
+                }),
+                ..Default::default()
+            })),
+        };
+        let answer = match self.pool.coalescer(&wait.account, &wait.region).await {
+            Ok(c) => c.call(call.call, call.ids).await,
+            Err(e) => Err(e),
+        };
+        let cmd = match answer {
+            Err(e) => failed(e),
+            Ok(answer) => {
+                let mut delay = Duration::from_millis(200);
+                loop {
+                    match self
+                        .store
+                        .checkpoint(&job, &self.id, call.then.clone())
+                        .await
+                    {
+                        Ok(()) => {
+                            break Cmd::Called {
+                                job: job.clone(),
+                                wait,
+                                request_ids: answer.request_ids,
+                            }
+                        }
+                        Err(StoreError::LeaseLost) => {
+                            break Cmd::Uncalled {
+                                job: job.clone(),
+                                outcome: None,
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(job, error = %e, "could not record a call; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
+            }
+        };
+        let _ = tx.send(cmd);
     }
 
     /// Judges a wait for a worker that waits in place (holding the job's lease as `holder`);
@@ -440,9 +573,12 @@ impl Parking {
     async fn judge_region(
         self: Arc<Self>,
         watcher: Arc<StatusWatcher>,
+        tx: mpsc::UnboundedSender<Cmd>,
         mut rx: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let mut waits: HashMap<String, Entry> = HashMap::new();
+        // Jobs whose call is being made, and whether a cancel came meanwhile (honoured after it).
+        let mut calling: HashMap<String, bool> = HashMap::new();
         let mut rounds = watcher.rounds();
         loop {
             let next = waits.values().map(|e| e.wait.ends_ms()).min();
@@ -453,6 +589,39 @@ impl Parking {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
+                    Some(Cmd::Call { job, wait, call }) => {
+                        calling.insert(job.clone(), false);
+                        tokio::spawn(self.clone().make_call(tx.clone(), job, wait, call));
+                    }
+                    Some(Cmd::Uncalled { job, outcome }) => {
+                        calling.remove(&job);
+                        match outcome {
+                            Some(o) => self.deliver(job, *o, None),
+                            None => self.set_parked(-1),
+                        }
+                    }
+                    Some(Cmd::Called { job, wait, request_ids }) => {
+                        let cancelled = calling.remove(&job).unwrap_or(false);
+                        if cancelled || wait.until == WaitUntil::None || wait.ids.is_empty() {
+                            let outcome = WaitOutcome { cancelled, request_ids, ..Default::default() };
+                            self.deliver(job, outcome, None);
+                            continue;
+                        }
+                        self.report(&job, &self.id, "", &wait, 0);
+                        let interval = Duration::from_millis(wait.interval_ms.max(1));
+                        waits.insert(job, Entry {
+                            judge: Judge::new(&wait.ids, wait.until),
+                            _registration: watcher.register(&wait.ids, interval),
+                            wait: *wait,
+                            holder: self.id.clone(),
+                            label: String::new(),
+                            to_running: HashMap::new(),
+                            to_ok: HashMap::new(),
+                            reported: 0,
+                            request_ids,
+                            reply: None,
+                        });
+                    }
                     Some(Cmd::Add { job, wait, holder, label, reply }) => {
                         let interval = Duration::from_millis(wait.interval_ms.max(1));
                         let entry = Entry {
@@ -464,6 +633,7 @@ impl Parking {
                             to_running: HashMap::new(),
                             to_ok: HashMap::new(),
                             reported: 0,
+                            request_ids: Vec::new(),
                             reply,
                         };
                         if let Some(old) = waits.insert(job, entry) {
@@ -476,6 +646,8 @@ impl Parking {
                     Some(Cmd::Cancel(job)) => {
                         if let Some(e) = waits.remove(&job) {
                             self.end(job, e, Ending::Cancelled);
+                        } else if let Some(c) = calling.get_mut(&job) {
+                            *c = true;
                         }
                     }
                 },
@@ -499,7 +671,7 @@ impl Parking {
                                 let done = e.judge.done();
                                 if done != e.reported {
                                     e.reported = done;
-                                    self.report(job, e, done);
+                                    self.report(job, &e.holder, &e.label, &e.wait, done);
                                 }
                             }
                         }
@@ -527,14 +699,15 @@ impl Parking {
         }
     }
 
-    /// Writes "k of n instance(s) reached …" as the job's lease holder.
-    fn report(&self, job: &str, e: &Entry, done: usize) {
-        let total = e.wait.ids.len() as u64;
-        let message = format!(
-            "{}{done} of {total} instance(s) reached {}",
-            e.label,
-            e.wait.until.as_str()
-        );
+    /// Writes "k of n instance(s) reached …" (at 0: "waiting for …") as the job's lease holder.
+    fn report(&self, job: &str, holder: &str, label: &str, wait: &InstanceWait, done: usize) {
+        let total = wait.ids.len() as u64;
+        let until = wait.until.as_str();
+        let message = if done == 0 {
+            format!("{label}waiting for {until} on {total} instance(s)")
+        } else {
+            format!("{label}{done} of {total} instance(s) reached {until}")
+        };
         let progress = Progress {
             phase: "waiting".into(),
             message: message.clone(),
@@ -546,7 +719,7 @@ impl Parking {
             message,
             data: json!({"phase": "waiting", "done": done, "total": total}),
         };
-        let (store, job, holder) = (self.store.clone(), job.to_string(), e.holder.clone());
+        let (store, job, holder) = (self.store.clone(), job.to_string(), holder.to_string());
         tokio::spawn(async move {
             match store.progress(&job, &holder, progress, event).await {
                 Ok(()) | Err(StoreError::LeaseLost) => {}
@@ -557,17 +730,25 @@ impl Parking {
 
     /// Hands a finished wait's outcome on: to the waiting worker, or back to the queue.
     fn end(self: &Arc<Self>, job: String, e: Entry, ending: Ending) {
-        let what = e.wait.describe();
         let (outcome, reply) = e.outcome(ending);
+        self.deliver(job, outcome, reply);
+    }
+
+    fn deliver(
+        self: &Arc<Self>,
+        job: String,
+        outcome: WaitOutcome,
+        reply: Option<oneshot::Sender<WaitOutcome>>,
+    ) {
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
             return;
         }
         self.set_parked(-1);
         let message = match (&outcome.error, outcome.cancelled) {
-            (_, true) => format!("wait for {what} ended by the cancel; resuming"),
-            (Some(err), _) => format!("wait for {what} failed ({}); resuming", err.code),
-            (None, false) => format!("{what} reached; resuming"),
+            (_, true) => "wait ended by the cancel; resuming".to_string(),
+            (Some(err), _) => format!("wait failed ({}); resuming", err.code),
+            (None, false) => "wait over; resuming".to_string(),
         };
         let value = serde_json::to_value(&outcome).unwrap_or_default();
         let me = self.clone();

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
-use crate::parking::{InstanceWait, Parking};
+use crate::parking::{InstanceWait, Parked, Parking, PlannedCall};
 
 /// Why an attempt did not succeed.
 #[derive(Debug)]
@@ -50,14 +50,9 @@ pub enum ExecError {
     Cancelled(JobResults),
     /// This worker no longer holds the job; nothing may be written.
     LeaseLost,
-    /// The job waits for instances and needs no worker meanwhile: park it with `checkpoint` (which
-    /// holds the wait and how to go on after it) and watch `wait`.
-    Park {
-        /// What it waits for.
-        wait: InstanceWait,
-        /// The checkpoint to save with it.
-        checkpoint: serde_json::Value,
-    },
+    /// The job waits for instances (and perhaps for a call the lot makes first) and needs no
+    /// worker meanwhile: park it.
+    Park(Box<Parked>),
 }
 
 impl ExecError {
@@ -72,7 +67,7 @@ impl ExecError {
                 results,
             },
             ExecError::Cancelled(_) => ExecError::Cancelled(results),
-            other @ (ExecError::LeaseLost | ExecError::Park { .. }) => other,
+            other @ (ExecError::LeaseLost | ExecError::Park(_)) => other,
         }
     }
 
@@ -202,12 +197,22 @@ impl ExecCtx {
         self.envelope.is_none() && self.lot.as_ref().is_some_and(|l| l.has_room())
     }
 
-    /// The error that parks the job for `wait`, saving `state` as its checkpoint.
-    pub fn park(&self, wait: InstanceWait, state: serde_json::Value) -> ExecError {
-        ExecError::Park {
+    /// The error that parks the job for `wait`, saving `state` as its checkpoint; with `call`, the
+    /// lot makes that call first.
+    pub fn park(
+        &self,
+        wait: InstanceWait,
+        state: serde_json::Value,
+        call: Option<PlannedCall>,
+    ) -> ExecError {
+        ExecError::Park(Box::new(Parked {
             wait,
             checkpoint: self.wrap(state),
-        }
+            call: call.map(|c| PlannedCall {
+                then: self.wrap(c.then),
+                ..c
+            }),
+        }))
     }
 
     /// Saves resume state; later attempts receive it as `checkpoint`.
@@ -551,8 +556,8 @@ impl Runner {
                 tracing::warn!("lease lost; another worker owns the job now");
                 return;
             }
-            Some(Err(ExecError::Park { wait, checkpoint })) => {
-                self.park(worker, &id, wait, checkpoint).await;
+            Some(Err(ExecError::Park(parked))) => {
+                self.park(worker, &id, *parked).await;
                 return;
             }
             Some(Err(ExecError::Cancelled(results))) => {
@@ -581,20 +586,27 @@ impl Runner {
         self.record(worker, &job, finish, secs).await;
     }
 
-    /// Parks the job in the store and hands its wait to the lot; the worker is free afterwards.
-    async fn park(
-        &self,
-        worker: &str,
-        id: &str,
-        wait: InstanceWait,
-        checkpoint: serde_json::Value,
-    ) {
+    /// Parks the job in the store and hands its call and wait to the lot; the worker is free
+    /// afterwards.
+    async fn park(&self, worker: &str, id: &str, parked: Parked) {
+        let Parked {
+            wait,
+            checkpoint,
+            call,
+        } = parked;
         let Some(lot) = &self.lot else {
             // Executors park only when `ExecCtx::may_park` said yes, which needs a lot.
             tracing::error!("an executor parked a job in a runner without a parking lot");
             return;
         };
-        let message = format!("waiting for {} without holding a worker", wait.describe());
+        let message = match &call {
+            Some(c) => format!(
+                "{} and waiting for {} without holding a worker",
+                c.call.operation(),
+                wait.describe()
+            ),
+            None => format!("waiting for {} without holding a worker", wait.describe()),
+        };
         let lease_ms = self.cfg.lease.as_millis() as i64;
         match self
             .store
@@ -603,7 +615,7 @@ impl Runner {
         {
             Ok(()) => {
                 tracing::info!(wait = %wait.describe(), "parked");
-                lot.park(id, wait).await;
+                lot.park(id, wait, call).await;
             }
             Err(StoreError::LeaseLost) => tracing::warn!("lease lost before the job was parked"),
             Err(e) => tracing::warn!(

@@ -69,7 +69,7 @@ impl Ec2Executor {
                 Some(n as u64),
             )
             .await?;
-            match self.call(ec2, ctx, wave).await {
+            match self.call(ec2, ctx, (account, region), wave).await {
                 Err(e) => {
                     failed.extend(
                         wave.iter()

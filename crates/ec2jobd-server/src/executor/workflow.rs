@@ -101,7 +101,7 @@ impl Ec2Executor {
                     return Err(ExecError::Cancelled(with_steps(&done)));
                 }
                 // Steps wait in place (`ExecCtx::may_park` is false for them).
-                Err(e @ (ExecError::LeaseLost | ExecError::Park { .. })) => return Err(e),
+                Err(e @ (ExecError::LeaseLost | ExecError::Park(_))) => return Err(e),
             };
             let failure = error.clone();
             done.push(StepResult {

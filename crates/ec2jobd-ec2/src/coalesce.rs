@@ -1,0 +1,301 @@
+//! Coalesced calls: per account+region, the same instance call asked for by many jobs — start,
+//! stop (same force/hibernate), reboot, terminate, tags with identical tag sets, and describe by id —
+//! is gathered for a short window, and further until the pacer has a token for it, then sent as one
+//! call with every caller's ids (up to [`MAX_IDS`]); the answer is split back per caller.
+//!
+//! A batch never turns one caller's bad input into another's failure: when EC2 refuses a batch
+//! because of some ids (`InvalidInstanceID.NotFound`, `IncorrectInstanceState`, … naming them),
+//! the callers that asked for those ids get the error and the rest are sent again without them; when
+//! such an error names no id of the batch, the batch is split in halves until it does. Errors that
+//! are not about ids (throttling beyond the SDK's retries, permissions) reach every caller, as they
+//! would have reached each alone.
+//!
+//! Must not: know jobs, checkpoints or dry runs (callers make dry runs alone, and keep their own
+//! crash safety: they checkpoint before asking and check states after a restart).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ec2jobd_spec::{IdList, InstanceResult, Targets};
+use tokio::sync::oneshot;
+
+use crate::{Ec2, Ec2Error};
+
+/// Most instance ids in one coalesced call.
+pub const MAX_IDS: usize = 500;
+
+/// A call many callers can share: the operation and everything but the ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SharedCall {
+    /// DescribeInstances by instance id.
+    Describe,
+    /// StartInstances.
+    Start,
+    /// StopInstances with these flags.
+    Stop {
+        /// `Force`.
+        force: bool,
+        /// `Hibernate`.
+        hibernate: bool,
+    },
+    /// RebootInstances.
+    Reboot,
+    /// TerminateInstances.
+    Terminate,
+    /// CreateTags with this tag set.
+    CreateTags(BTreeMap<String, String>),
+    /// DeleteTags of these keys and key/value pairs.
+    DeleteTags {
+        /// Keys removed whatever their value.
+        keys: Vec<String>,
+        /// Pairs removed where the value matches.
+        tags: BTreeMap<String, String>,
+    },
+}
+
+impl SharedCall {
+    /// The EC2 operation.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            SharedCall::Describe => "DescribeInstances",
+            SharedCall::Start => "StartInstances",
+            SharedCall::Stop { .. } => "StopInstances",
+            SharedCall::Reboot => "RebootInstances",
+            SharedCall::Terminate => "TerminateInstances",
+            SharedCall::CreateTags(_) => "CreateTags",
+            SharedCall::DeleteTags { .. } => "DeleteTags",
+        }
+    }
+}
+
+/// One caller's part of a shared call's answer.
+#[derive(Debug, Clone, Default)]
+pub struct SharedAnswer {
+    /// Request ids of the call(s) that carried the caller's ids.
+    pub request_ids: Vec<String>,
+    /// For a describe: the caller's instances, in EC2's order.
+    pub instances: Vec<InstanceResult>,
+}
+
+/// Error codes EC2 gives when some ids of a call are at fault (not the caller or the service).
+const ID_ERRORS: &[&str] = &[
+    "InvalidInstanceID.NotFound",
+    "InvalidInstanceID.Malformed",
+    "IncorrectInstanceState",
+    "IncorrectState",
+    "InvalidParameterValue",
+    "OperationNotPermitted",
+    "UnsupportedOperation",
+];
+
+/// The instance ids an EC2 error message names (`The instance ID 'i-0abc' does not exist`).
+pub fn named_ids(message: &str) -> HashSet<String> {
+    message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|t| {
+            t.strip_prefix("i-")
+                .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .map(String::from)
+        .collect()
+}
+
+struct Caller {
+    ids: Vec<String>,
+    reply: oneshot::Sender<Result<SharedAnswer, Ec2Error>>,
+}
+
+/// The coalescer of one account+region.
+pub struct Coalescer {
+    ec2: Ec2,
+    window: Duration,
+    pending: Mutex<HashMap<SharedCall, Vec<Caller>>>,
+}
+
+impl Coalescer {
+    /// Gathers calls for `window` (zero: every call goes alone, at once).
+    pub fn new(ec2: Ec2, window: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            ec2,
+            window,
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SharedCall, Vec<Caller>>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `what` for `ids`, together with whoever asks for the same call meanwhile.
+    pub async fn call(
+        self: &Arc<Self>,
+        what: SharedCall,
+        ids: Vec<String>,
+    ) -> Result<SharedAnswer, Ec2Error> {
+        if self.window.is_zero() || ids.is_empty() {
+            return self.invoke(&what, &ids).await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let first = {
+            let mut pending = self.lock();
+            let callers = pending.entry(what.clone()).or_default();
+            callers.push(Caller { ids, reply });
+            callers.len() == 1
+        };
+        if first {
+            tokio::spawn(self.clone().flush(what));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(Ec2Error {
+                code: "Internal".into(),
+                message: "the shared call was dropped".into(),
+                transient: true,
+                request_id: None,
+            })
+        })
+    }
+
+    /// Sends what gathered for `what` once the window passed and the pacer has a token, one batch
+    /// of at most [`MAX_IDS`] ids per token, until nobody waits.
+    async fn flush(self: Arc<Self>, what: SharedCall) {
+        tokio::time::sleep(self.window).await;
+        loop {
+            self.ec2.pacer.ready(what.operation()).await;
+            let (batch, more) = {
+                let mut pending = self.lock();
+                let callers = pending.remove(&what).unwrap_or_default();
+                let mut batch = Vec::new();
+                let mut rest = Vec::new();
+                let mut n = 0;
+                for c in callers {
+                    if batch.is_empty() || n + c.ids.len() <= MAX_IDS {
+                        n += c.ids.len();
+                        batch.push(c);
+                    } else {
+                        rest.push(c);
+                    }
+                }
+                let more = !rest.is_empty();
+                if more {
+                    // Callers arriving meanwhile join these; this loop stays their flusher.
+                    pending.insert(what.clone(), rest);
+                }
+                (batch, more)
+            };
+            let (me, w) = (self.clone(), what.clone());
+            tokio::spawn(async move { me.send(w, batch).await });
+            if !more {
+                return;
+            }
+        }
+    }
+
+    /// Sends one batch, answering each caller; ids EC2 names as at fault are answered with the
+    /// error and the rest sent again.
+    fn send(
+        self: &Arc<Self>,
+        what: SharedCall,
+        mut callers: Vec<Caller>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            while !callers.is_empty() {
+                let mut ids: Vec<String> = Vec::new();
+                let mut seen = HashSet::new();
+                for id in callers.iter().flat_map(|c| c.ids.iter()) {
+                    if seen.insert(id.as_str()) {
+                        ids.push(id.clone());
+                    }
+                }
+                match self.invoke(&what, &ids).await {
+                    Ok(answer) => {
+                        for c in callers {
+                            let mine: HashSet<&String> = c.ids.iter().collect();
+                            let part = SharedAnswer {
+                                request_ids: answer.request_ids.clone(),
+                                instances: answer
+                                    .instances
+                                    .iter()
+                                    .filter(|i| mine.contains(&i.instance_id))
+                                    .cloned()
+                                    .collect(),
+                            };
+                            let _ = c.reply.send(Ok(part));
+                        }
+                        return;
+                    }
+                    Err(e) if callers.len() > 1 && ID_ERRORS.contains(&e.code.as_str()) => {
+                        let named = named_ids(&e.message);
+                        let (bad, good): (Vec<Caller>, Vec<Caller>) = callers
+                            .into_iter()
+                            .partition(|c| c.ids.iter().any(|i| named.contains(i)));
+                        if bad.is_empty() {
+                            // The error names none of the batch's ids: halve until it does.
+                            let mut first = good;
+                            let second = first.split_off(first.len() / 2);
+                            self.send(what.clone(), first).await;
+                            self.send(what, second).await;
+                            return;
+                        }
+                        for c in bad {
+                            let _ = c.reply.send(Err(e.clone()));
+                        }
+                        callers = good;
+                    }
+                    Err(e) => {
+                        for c in callers {
+                            let _ = c.reply.send(Err(e.clone()));
+                        }
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    async fn invoke(&self, what: &SharedCall, ids: &[String]) -> Result<SharedAnswer, Ec2Error> {
+        let ec2 = &self.ec2;
+        let outs = match what {
+            SharedCall::Describe => {
+                let targets = Targets {
+                    instance_ids: Some(IdList(ids.to_vec())),
+                    ..Default::default()
+                };
+                let d = ec2.describe_instances(&targets, false).await?;
+                return Ok(SharedAnswer {
+                    request_ids: d.request_ids,
+                    instances: d.instances,
+                });
+            }
+            SharedCall::Start => ec2.start_instances(ids, false).await?,
+            SharedCall::Stop { force, hibernate } => {
+                ec2.stop_instances(ids, *force, *hibernate, false).await?
+            }
+            SharedCall::Reboot => ec2.reboot_instances(ids, false).await?,
+            SharedCall::Terminate => ec2.terminate_instances(ids, false).await?,
+            SharedCall::CreateTags(tags) => ec2.create_tags(ids, tags, false).await?,
+            SharedCall::DeleteTags { keys, tags } => {
+                ec2.delete_tags(ids, keys, tags, false).await?
+            }
+        };
+        Ok(SharedAnswer {
+            request_ids: outs.into_iter().filter_map(|o| o.request_id).collect(),
+            instances: Vec::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_ids_an_error_names() {
+        let one = named_ids("The instance ID 'i-0123456789abcdef0' does not exist");
+        assert_eq!(one, HashSet::from(["i-0123456789abcdef0".to_string()]));
+        let two = named_ids("The instance IDs 'i-01234567, i-89abcdef' do not exist");
+        assert_eq!(two.len(), 2);
+        assert!(named_ids("You are not authorized to perform this operation.").is_empty());
+        assert!(named_ids("ami-12345678 and i- and i-xyz").is_empty());
+    }
+}
