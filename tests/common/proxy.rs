@@ -361,7 +361,8 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         st.last_body.insert(op.clone(), body.clone());
         st.order.push(op.clone());
         st.arrived.push(Instant::now());
-        let ids = body.matches("InstanceId.").count();
+        // Instance calls name ids as InstanceId.N; tag calls as ResourceId.N.
+        let ids = body.matches("InstanceId.").count() + body.matches("ResourceId.").count();
         let m = st.max_ids.entry(op.clone()).or_default();
         *m = (*m).max(ids);
         *st.ids.entry(op.clone()).or_default() += ids;

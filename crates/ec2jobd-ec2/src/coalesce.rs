@@ -1,7 +1,8 @@
 //! Coalesced calls: per account+region, the same instance call asked for by many jobs — start,
 //! stop (same force/hibernate), reboot, terminate, tags with identical tag sets, and describe by id —
-//! is gathered for a short window, and further until the pacer has a token for it, then sent as one
-//! call with every caller's ids (up to [`MAX_IDS`]); the answer is split back per caller.
+//! is gathered until no new caller came for a short window (at most [`MAX_GATHER`]), and further
+//! until the pacer has a token for it, then sent as one call with every caller's ids (up to
+//! [`MAX_IDS`]); the answer is split back per caller.
 //!
 //! A batch never turns one caller's bad input into another's failure: when EC2 refuses a batch
 //! because of some ids (`InvalidInstanceID.NotFound`, `IncorrectInstanceState`, … naming them),
@@ -24,6 +25,9 @@ use crate::{Ec2, Ec2Error};
 
 /// Most instance ids in one coalesced call.
 pub const MAX_IDS: usize = 500;
+
+/// Longest a call is held gathering callers, however many keep coming.
+pub const MAX_GATHER: Duration = Duration::from_secs(1);
 
 /// A call many callers can share: the operation and everything but the ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -159,7 +163,20 @@ impl Coalescer {
     /// Sends what gathered for `what` once the window passed and the pacer has a token, one batch
     /// of at most [`MAX_IDS`] ids per token, until nobody waits.
     async fn flush(self: Arc<Self>, what: SharedCall) {
-        tokio::time::sleep(self.window).await;
+        // Gather while callers keep coming (each window brings more), up to MAX_GATHER: callers
+        // that wait for the answer stop coming once all of them are here, so they are not held
+        // longer than one quiet window; callers that hand work over (the parking lot) keep coming
+        // under load and fill large batches.
+        let began = tokio::time::Instant::now();
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(self.window).await;
+            let now = self.lock().get(&what).map_or(0, |c| c.len());
+            if now == seen || now >= MAX_IDS || began.elapsed() >= MAX_GATHER {
+                break;
+            }
+            seen = now;
+        }
         loop {
             self.ec2.pacer.ready(what.operation()).await;
             let (batch, more) = {

@@ -1295,20 +1295,24 @@ impl Ec2Executor {
             instance_ids: Some(ec2jobd_spec::IdList(ids.to_vec())),
             ..Default::default()
         };
-        let described: HashMap<String, InstanceResult> = match ec2
-            .describe_instances(&targets, false)
-            .await
-        {
-            Ok(d) => d
-                .instances
-                .into_iter()
-                .map(|i| (i.instance_id.clone(), i))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "final describe failed; results carry what the wait saw");
-                HashMap::new()
+        // The parking lot describes the instances as their wait ends (one call for every wait that
+        // ended together); describe here only what it did not.
+        let mut described: HashMap<String, InstanceResult> = seen
+            .described
+            .iter()
+            .flatten()
+            .map(|i| (i.instance_id.clone(), i.clone()))
+            .collect();
+        if !ids.iter().all(|id| described.contains_key(id)) {
+            match ec2.describe_instances(&targets, false).await {
+                Ok(d) => {
+                    described.extend(d.instances.into_iter().map(|i| (i.instance_id.clone(), i)))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "final describe failed; results carry what the wait saw")
+                }
             }
-        };
+        }
         ids.iter()
             .map(|id| {
                 let mut r = described

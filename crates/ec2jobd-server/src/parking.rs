@@ -112,6 +112,10 @@ pub struct WaitOutcome {
     /// The error may pass on another attempt (a call that failed transiently).
     #[serde(default)]
     pub transient: bool,
+    /// The instances as described when the wait ended (addresses, names), by one describe shared
+    /// with the other jobs whose waits ended then; absent when that describe failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub described: Option<Vec<ec2jobd_spec::InstanceResult>>,
 }
 
 /// A mutating call a parked job leaves to the lot, to be made with the same call of other jobs.
@@ -301,6 +305,7 @@ impl Entry {
                 to_ok: self.to_ok,
                 request_ids: self.request_ids,
                 transient: false,
+                described: None,
             },
             self.reply,
         )
@@ -604,7 +609,7 @@ impl Parking {
                         let cancelled = calling.remove(&job).unwrap_or(false);
                         if cancelled || wait.until == WaitUntil::None || wait.ids.is_empty() {
                             let outcome = WaitOutcome { cancelled, request_ids, ..Default::default() };
-                            self.deliver(job, outcome, None);
+                            self.describe_then_deliver(job, outcome, None, *wait);
                             continue;
                         }
                         self.report(&job, &self.id, "", &wait, 0);
@@ -730,8 +735,34 @@ impl Parking {
 
     /// Hands a finished wait's outcome on: to the waiting worker, or back to the queue.
     fn end(self: &Arc<Self>, job: String, e: Entry, ending: Ending) {
+        let wait = e.wait.clone();
         let (outcome, reply) = e.outcome(ending);
-        self.deliver(job, outcome, reply);
+        self.describe_then_deliver(job, outcome, reply, wait);
+    }
+
+    /// Describes the wait's instances for the job's results first: the describes of every wait
+    /// ending together are one shared call, where each resumed job would otherwise make its own.
+    fn describe_then_deliver(
+        self: &Arc<Self>,
+        job: String,
+        mut outcome: WaitOutcome,
+        reply: Option<oneshot::Sender<WaitOutcome>>,
+        wait: InstanceWait,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let described = match me.pool.coalescer(&wait.account, &wait.region).await {
+                Ok(c) => c.call(SharedCall::Describe, wait.ids.clone()).await,
+                Err(e) => Err(e),
+            };
+            match described {
+                Ok(a) => outcome.described = Some(a.instances),
+                Err(e) => {
+                    tracing::debug!(job, error = %e, "describe after the wait failed; the job describes")
+                }
+            }
+            me.deliver(job, outcome, reply);
+        });
     }
 
     fn deliver(
