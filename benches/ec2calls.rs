@@ -8,7 +8,7 @@
 //!    the 1,000 jobs take to finish once the checks pass.
 //!
 //! 3. Parked waits (issue 14): 200 one-instance start jobs whose checks stay `initializing` for 8 s
-//!    after each instance starts, with the default 4 workers: time until all succeeded, and how long
+//!    after each instance starts, with the default config (16 workers): time until all succeeded, and how long
 //!    a describe job submitted right after them takes; beside it the same with parking off
 //!    (`queue.max_waiting = 0`: each job holds its worker while it waits) on fewer jobs, since that
 //!    takes 8 s per 4 jobs.
@@ -49,6 +49,9 @@ const OPS: &[&str] = &[
     "DeleteTags",
     "ModifyInstanceAttribute",
 ];
+
+/// `queue.workers` in config/default.toml: the execution-core figures are for the default config.
+const DEFAULT_WORKERS: usize = 16;
 
 fn env_num(k: &str, d: u64) -> u64 {
     std::env::var(k)
@@ -264,7 +267,7 @@ async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, u64)
     let proxy = FaultProxy::start(&moto.url, 3).await;
     proxy.set(|f| f.checks_after_start = Some(Duration::from_secs(8)));
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = bench_daemon_with(tmp.path(), &proxy.url, 4, queue).await;
+    let d = bench_daemon_with(tmp.path(), &proxy.url, DEFAULT_WORKERS, queue).await;
     let t = Instant::now();
     let specs: Vec<Value> = ids
         .iter()
@@ -294,7 +297,7 @@ async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, u64)
 }
 
 async fn coalesced_calls(moto: &Moto, n: usize) {
-    println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, 4 workers");
+    println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, {DEFAULT_WORKERS} workers");
     let mut ids = Vec::new();
     while ids.len() < n {
         let k = (n - ids.len()).min(500) as i32;
@@ -304,7 +307,13 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
     let proxy = FaultProxy::start(&moto.url, 9).await;
     proxy.set(|f| f.ec2_buckets = true);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = bench_daemon_with(tmp.path(), &proxy.url, 4, "[pacing]\nenabled = true\n").await;
+    let d = bench_daemon_with(
+        tmp.path(),
+        &proxy.url,
+        DEFAULT_WORKERS,
+        "[pacing]\nenabled = true\n",
+    )
+    .await;
     // (action, operation, extra spec, EC2's bucket size and refill)
     let runs = [
         ("start_instances", "StartInstances", json!({}), 5.0, 2.0),
@@ -359,7 +368,7 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
 }
 
 async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
-    println!("\nParked waits: one-instance start jobs, checks initializing for 8 s after each start, 4 workers");
+    println!("\nParked waits: one-instance start jobs, checks initializing for 8 s after each start, {DEFAULT_WORKERS} workers");
     let mut ids = Vec::new();
     while ids.len() < parked.max(in_place) {
         let n = (parked.max(in_place) - ids.len()).min(500) as i32;
@@ -376,7 +385,7 @@ async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
          the describe job took {describe_b:.2}s"
     );
     println!(
-        "| {parked} start jobs, checks 8 s, 4 workers: all succeeded | {all:.1} s (describe job behind them: {describe:.2} s) | waits in place: {in_place} jobs {all_b:.1} s (describe {describe_b:.2} s) |"
+        "| {parked} start jobs, checks 8 s, default config: all succeeded | {all:.1} s (describe job behind them: {describe:.2} s) | waits in place: {in_place} jobs {all_b:.1} s (describe {describe_b:.2} s) |"
     );
 }
 
@@ -395,7 +404,7 @@ async fn first_progress_after(d: &common::Daemon, id: &str, t0_ms: i64) -> i64 {
 }
 
 async fn sns_priority(moto: &Moto, bulk: usize) {
-    println!("\nPriority: an SNS alarm's job behind {bulk} queued bulk jobs (4 workers, 20 ms per EC2 call)");
+    println!("\nPriority: an SNS alarm's job behind {bulk} queued bulk jobs ({DEFAULT_WORKERS} workers, 20 ms per EC2 call)");
     let ids = moto.launch(1, &[("Bench", "priority")]).await;
     let proxy = FaultProxy::start(&moto.url, 5).await;
     proxy.set(|f| f.latency = Duration::from_millis(20));
@@ -407,7 +416,7 @@ async fn sns_priority(moto: &Moto, bulk: usize) {
         let d = bench_daemon_with(
             tmp.path(),
             &proxy.url,
-            4,
+            DEFAULT_WORKERS,
             &format!("[sns]\ncert_dir = \"{}\"\n", certs.path().display()),
         )
         .await;

@@ -1,8 +1,10 @@
 //! Coalesced calls: per account+region, the same instance call asked for by many jobs — start,
 //! stop (same force/hibernate), reboot, terminate, tags with identical tag sets, and describe by id —
-//! is gathered until no new caller came for a short window (at most [`MAX_GATHER`]), and further
+//! is gathered until no new caller came for a quiet window (at most [`MAX_GATHER`]), and further
 //! until the pacer has a token for it, then sent as one call with every caller's ids (up to
-//! [`MAX_IDS`]); the answer is split back per caller.
+//! [`MAX_IDS`]); the answer is split back per caller. Describes, which a worker waits on, use a short
+//! window; mutating calls, which the parking lot makes for jobs that hold no worker, a longer one, so
+//! a steady stream of jobs fills few large calls.
 //!
 //! A batch never turns one caller's bad input into another's failure: when EC2 refuses a batch
 //! because of some ids (`InvalidInstanceID.NotFound`, `IncorrectInstanceState`, … naming them),
@@ -114,15 +116,18 @@ struct Caller {
 pub struct Coalescer {
     ec2: Ec2,
     window: Duration,
+    hold: Duration,
     pending: Mutex<HashMap<SharedCall, Vec<Caller>>>,
 }
 
 impl Coalescer {
-    /// Gathers calls for `window` (zero: every call goes alone, at once).
-    pub fn new(ec2: Ec2, window: Duration) -> Arc<Self> {
+    /// Gathers describes until no caller came for `window`, mutating calls for `hold` (zero
+    /// `window`: every call goes alone, at once).
+    pub fn new(ec2: Ec2, window: Duration, hold: Duration) -> Arc<Self> {
         Arc::new(Self {
             ec2,
             window,
+            hold: hold.max(window),
             pending: Mutex::new(HashMap::new()),
         })
     }
@@ -168,9 +173,13 @@ impl Coalescer {
         // longer than one quiet window; callers that hand work over (the parking lot) keep coming
         // under load and fill large batches.
         let began = tokio::time::Instant::now();
+        let quiet = match what {
+            SharedCall::Describe => self.window,
+            _ => self.hold,
+        };
         let mut seen = 0;
         loop {
-            tokio::time::sleep(self.window).await;
+            tokio::time::sleep(quiet).await;
             let now = self.lock().get(&what).map_or(0, |c| c.len());
             if now == seen || now >= MAX_IDS || began.elapsed() >= MAX_GATHER {
                 break;

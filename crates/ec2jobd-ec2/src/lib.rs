@@ -233,10 +233,10 @@ impl Ec2Pool {
             return Ok(c.clone());
         }
         let ec2 = self.get(account, region).await?;
-        let window = self.pacing.coalesce_window;
+        let (window, hold) = (self.pacing.coalesce_window, self.pacing.coalesce_hold);
         Ok(lock()
             .entry(key)
-            .or_insert_with(|| Coalescer::new(ec2, window))
+            .or_insert_with(|| Coalescer::new(ec2, window, hold))
             .clone())
     }
 

@@ -38,8 +38,12 @@ pub struct PacingConfig {
     pub create_tags: Rate,
     /// CreateSnapshot, DeleteSnapshot, CopySnapshot.
     pub snapshots: Rate,
-    /// How long the same instance call from several jobs is gathered into one (zero: never).
+    /// Describes by id of several jobs are gathered into one until none came for this long (zero:
+    /// no coalescing at all).
     pub coalesce_window: Duration,
+    /// The same for mutating instance calls, which jobs that hold no worker leave to the parking
+    /// lot.
+    pub coalesce_hold: Duration,
 }
 
 impl Default for PacingConfig {
@@ -55,6 +59,7 @@ impl Default for PacingConfig {
             create_tags: r(100, 10.0),
             snapshots: r(100, 5.0),
             coalesce_window: Duration::from_millis(20),
+            coalesce_hold: Duration::from_millis(250),
         }
     }
 }

@@ -163,8 +163,10 @@ pub struct PacingSection {
     pub create_tags: RateSection,
     /// CreateSnapshot, DeleteSnapshot, CopySnapshot.
     pub snapshots: RateSection,
-    /// How long one instance call asked for by several jobs is gathered ("0s": never).
+    /// Describes by id of several jobs gather until none came for this long ("0s": no coalescing).
     pub coalesce_window: Dur,
+    /// Mutating instance calls of several jobs gather until none came for this long.
+    pub coalesce_hold: Dur,
 }
 
 /// One bucket: `{ burst = 100, per_second = 20 }`.
@@ -661,8 +663,13 @@ impl Config {
                 bail!("config key `pacing.{k}`: burst and per_second must be greater than zero");
             }
         }
-        if p.coalesce_window.0 > std::time::Duration::from_secs(1) {
-            bail!("config key `pacing.coalesce_window`: at most 1s (every call it gathers waits that long)");
+        for (k, d) in [
+            ("coalesce_window", p.coalesce_window.0),
+            ("coalesce_hold", p.coalesce_hold.0),
+        ] {
+            if d > std::time::Duration::from_secs(1) {
+                bail!("config key `pacing.{k}`: at most 1s (a call gathering waits that long)");
+            }
         }
         if let Some(n) = self.notify.default_notify() {
             n.check("notify")
@@ -722,6 +729,7 @@ impl Config {
             create_tags: r(p.create_tags),
             snapshots: r(p.snapshots),
             coalesce_window: p.coalesce_window.0,
+            coalesce_hold: p.coalesce_hold.0,
         }
     }
 
