@@ -24,7 +24,7 @@
 //!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
 //! BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200), BENCH_IN_PLACE
-//! (default 20), BENCH_BULK (default 300), BENCH_COALESCE (default 500), BENCH_ONLY=core (parts 3 to 5 only).
+//! (default 20), BENCH_BULK (default 300), BENCH_COALESCE (default 500), BENCH_ONLY=core (parts 3 to 5 only) or BENCH_ONLY=polling (part 2).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -161,8 +161,10 @@ async fn submit_herd(d: &common::Daemon, ids: &[String]) -> Vec<String> {
     jobs
 }
 
-/// `waiters` jobs waiting on their own instance each, parked (`queue` empty) or in place
-/// (`max_waiting = 0`, as many workers as jobs).
+/// `waiters` jobs waiting on their own instance each: parked (`queue` empty; the default worker
+/// count) or in place (`max_waiting = 0`, as many workers as jobs, each waiting in its worker).
+/// Memory is reported against a fresh daemon and against one that already ran as many jobs (its
+/// SQLite caches and allocator warmed up).
 async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &str) {
     let waiters = ids.len();
     let how = if queue.is_empty() {
@@ -175,7 +177,12 @@ async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &s
     );
     let proxy = FaultProxy::start(&moto.url, 2).await;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = bench_daemon_with(tmp.path(), &proxy.url, waiters, queue).await;
+    let workers = if queue.is_empty() {
+        DEFAULT_WORKERS
+    } else {
+        waiters
+    };
+    let d = bench_daemon_with(tmp.path(), &proxy.url, workers, queue).await;
     let cold_rss = d.rss_kib();
     // A first herd whose checks pass at once warms the daemon up (SQLite's page caches, the
     // allocator's high-water mark from handling as many jobs), so the figure below is what
@@ -229,10 +236,12 @@ async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &s
         proxy.max_in_flight("DescribeInstanceStatus"),
     );
     println!(
-        "  daemon RSS: {:.1} MiB at start, {:.1} MiB after a first {waiters} jobs ran, {:.1} MiB with {waiters} jobs waiting ({:.1} KiB per waiting job)",
+        "  daemon RSS ({workers} workers): {:.1} MiB at start, {:.1} MiB after a first {waiters} jobs ran, {:.1} MiB with {waiters} jobs waiting \
+         ({:.1} KiB per waiting job over the start, {:.1} KiB over the warmed-up daemon)",
         cold_rss as f64 / 1024.0,
         idle_rss as f64 / 1024.0,
         waiting_rss as f64 / 1024.0,
+        (waiting_rss.saturating_sub(cold_rss)) as f64 / waiters as f64,
         (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64
     );
     println!(
@@ -241,9 +250,11 @@ async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &s
         waiters.div_ceil(100)
     );
     println!(
-        "| RSS with {waiters} jobs waiting for checks ({how}) | {:.0} MiB ({:.1} KiB/job) | idle after {waiters} jobs ran: {:.0} MiB |",
+        "| RSS with {waiters} jobs waiting for checks ({how}, {workers} workers) | {:.0} MiB: {:.1} KiB/job over the start, {:.1} over the warmed-up daemon | at start {:.0} MiB; after {waiters} jobs ran {:.0} MiB |",
         waiting_rss as f64 / 1024.0,
+        (waiting_rss.saturating_sub(cold_rss)) as f64 / waiters as f64,
         (waiting_rss.saturating_sub(idle_rss)) as f64 / waiters as f64,
+        cold_rss as f64 / 1024.0,
         idle_rss as f64 / 1024.0
     );
     proxy.set(|f| f.instance_status = None);
@@ -499,6 +510,24 @@ async fn sns_priority(moto: &Moto, bulk: usize) {
     );
 }
 
+/// Part 2 on a moto of its own: parked, then in place.
+async fn polling(waiters: usize, window: Duration) {
+    let moto = Moto::start().await;
+    let t = Instant::now();
+    let mut ids = Vec::new();
+    while ids.len() < waiters {
+        let n = (waiters - ids.len()).min(500) as i32;
+        ids.extend(moto.launch(n, &[("Bench", "herd")]).await);
+    }
+    println!(
+        "\n  launched {} instances in moto in {:.1}s",
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    );
+    shared_polling(&moto, &ids, window, "").await;
+    shared_polling(&moto, &ids, window, "max_waiting = 0\n").await;
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
@@ -506,8 +535,12 @@ fn main() {
     let waiters = env_num("BENCH_WAITERS", 1000) as usize;
     let window = Duration::from_secs(env_num("BENCH_WINDOW_SECS", 10));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let only_core = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "core");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let only_core = only == "core";
     rt.block_on(async {
+        if only == "polling" {
+            return polling(waiters, window).await;
+        }
         let moto = Moto::start().await;
         parked_waits(
             &moto,
@@ -524,19 +557,6 @@ fn main() {
         }
         let moto = Moto::start().await;
         calls_per_action(&moto).await;
-        let moto = Moto::start().await;
-        let t = Instant::now();
-        let mut ids = Vec::new();
-        while ids.len() < waiters {
-            let n = (waiters - ids.len()).min(500) as i32;
-            ids.extend(moto.launch(n, &[("Bench", "herd")]).await);
-        }
-        println!(
-            "\n  launched {} instances in moto in {:.1}s",
-            ids.len(),
-            t.elapsed().as_secs_f64()
-        );
-        shared_polling(&moto, &ids, window, "").await;
-        shared_polling(&moto, &ids, window, "max_waiting = 0\n").await;
+        polling(waiters, window).await;
     });
 }
