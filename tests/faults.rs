@@ -677,7 +677,14 @@ async fn waiting_jobs_hold_no_worker() {
         assert_eq!(j["state"], "running", "still waiting: {j}");
         assert_eq!(j["progress"]["phase"], "waiting", "{j}");
     }
-    // Cancel one: it ends with what its wait saw.
+    // Cancel one once its wait has judged a round (a round that began after every wait did): it
+    // ends with what the wait saw.
+    let rounds = d.metric("ec2jobd_status_rounds_total").await;
+    let deadline = Instant::now() + MINUTE;
+    while d.metric("ec2jobd_status_rounds_total").await < rounds + 2.0 {
+        assert!(Instant::now() < deadline, "no status rounds");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let r = d
         .req(
             reqwest::Method::POST,

@@ -89,6 +89,17 @@ pub struct Ec2Error {
     pub transient: bool,
 }
 
+impl From<Ec2Error> for ec2jobd_spec::JobError {
+    /// The job's error for an EC2 error: AWS's code, message and request id, as AWS gave them.
+    fn from(e: Ec2Error) -> Self {
+        ec2jobd_spec::JobError {
+            code: e.code,
+            message: e.message,
+            request_id: e.request_id,
+        }
+    }
+}
+
 impl Ec2Error {
     fn config(message: impl Into<String>) -> Self {
         Self {

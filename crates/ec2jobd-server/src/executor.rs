@@ -118,12 +118,8 @@ impl AfterWait {
 
 fn failed(e: Ec2Error, results: JobResults) -> ExecError {
     ExecError::Failed {
-        error: JobError {
-            code: e.code,
-            message: e.message,
-            request_id: e.request_id,
-        },
         transient: e.transient,
+        error: e.into(),
         results,
     }
 }

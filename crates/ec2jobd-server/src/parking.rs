@@ -183,14 +183,7 @@ pub fn wait_error(
             message,
             last,
         } => (error(code, format!("{instance_id}: {message}")), last),
-        WaitFailure::Aws(e) => (
-            JobError {
-                code: e.code,
-                message: e.message,
-                request_id: e.request_id,
-            },
-            HashMap::new(),
-        ),
+        WaitFailure::Aws(e) => (e.into(), HashMap::new()),
     }
 }
 
@@ -438,11 +431,7 @@ impl Parking {
         // the job must not stay here untracked: its wait ends with the error, to be retried.
         tracing::error!(job, error = %error.message, "cannot watch {account}/{region}");
         let outcome = WaitOutcome {
-            error: Some(JobError {
-                code: error.code,
-                message: error.message,
-                request_id: error.request_id,
-            }),
+            error: Some(error.into()),
             transient: true,
             ..Default::default()
         };
@@ -462,11 +451,7 @@ impl Parking {
             job: job.clone(),
             outcome: Some(Box::new(WaitOutcome {
                 transient: e.transient,
-                error: Some(JobError {
-                    code: e.code,
-                    message: e.message,
-                    request_id: e.request_id,
-                }),
+                error: Some(e.into()),
                 ..Default::default()
             })),
         };
