@@ -800,3 +800,58 @@ async fn ami_rotation_and_cross_region_copies() {
         .unwrap()
         .contains("deleted snap-"));
 }
+
+/// Snapshot waits of many jobs share the account's polling rounds: twelve jobs waiting for their
+/// snapshots to complete cost one DescribeSnapshots per round, not one per job.
+#[tokio::test]
+async fn snapshot_waits_of_many_jobs_share_each_round() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(12, &[("Backup", "herd")]).await;
+    let proxy = FaultProxy::start(&moto.url, 3).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        workers: 16,
+        ..Default::default()
+    })
+    .await;
+    proxy.set(|f| {
+        f.snapshot_state = Some(("pending".into(), "40%".into(), Instant::now() + MINUTE))
+    });
+    let mut jobs = Vec::new();
+    for iid in &ids {
+        jobs.push(
+            d.submit(
+                &json!({"action": "create_snapshots", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "200ms", "timeout": "2m"}}),
+            )
+            .await,
+        );
+    }
+    for id in &jobs {
+        d.wait_for(id, MINUTE, |j| {
+            j["progress"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("0 of 1 snapshot(s) completed"))
+        })
+        .await;
+    }
+    let rounds = "ec2jobd_status_rounds_total";
+    let (r0, c0) = (d.metric(rounds).await, proxy.calls("DescribeSnapshots"));
+    let deadline = Instant::now() + MINUTE;
+    while d.metric(rounds).await < r0 + 5.0 {
+        assert!(Instant::now() < deadline, "no rounds");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (r1, c1) = (d.metric(rounds).await, proxy.calls("DescribeSnapshots"));
+    let (made, calls) = (r1 - r0, (c1 - c0) as f64);
+    eprintln!("12 jobs waiting for snapshots: {calls} DescribeSnapshots over {made} rounds");
+    assert!(
+        calls <= made + 1.0,
+        "{calls} DescribeSnapshots calls over {made} rounds for 12 waiting jobs"
+    );
+    proxy.set(|f| f.snapshot_state = None);
+    for id in &jobs {
+        let j = d.wait_final(id, MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    }
+}

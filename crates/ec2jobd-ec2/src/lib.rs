@@ -37,6 +37,7 @@ pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use watch::{
     evaluate, InstanceStatus, Judge, Registration, Round, StatusWatcher, Verdict, WaitFailure,
+    Watched,
 };
 
 /// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.

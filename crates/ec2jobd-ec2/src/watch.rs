@@ -8,6 +8,9 @@
 //! The round interval is the shortest interval any current waiter asked for. The watcher's task runs
 //! only while someone waits.
 //!
+//! The same rounds poll snapshots and AMIs that jobs wait on ([`Watched`]): the union of their ids in
+//! chunks of 200 per DescribeSnapshots / DescribeImages call, whatever the number of jobs.
+//!
 //! Judging one wait round by round is [`Judge`]'s: [`StatusWatcher::wait`] uses it for a worker that
 //! waits in place, and the server's parking lot for jobs whose waits hold no worker (many judges fed
 //! by one subscription to the rounds).
@@ -153,6 +156,22 @@ pub struct Round {
     pub statuses: HashMap<String, InstanceStatus>,
     /// A failed call in this round, if any.
     pub error: Option<Ec2Error>,
+    /// Snapshots and AMIs: state and progress of each id asked about.
+    pub resources: HashMap<String, (String, Option<String>)>,
+    /// Snapshots and AMIs the round could not describe (a chunk that failed for one id is asked
+    /// again one id at a time, so one job's vanished snapshot fails only that job).
+    pub resource_errors: HashMap<String, Ec2Error>,
+}
+
+/// What a registration asks each round about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// Instance status (DescribeInstanceStatus, 100 ids per call).
+    Instances,
+    /// Snapshots (DescribeSnapshots, 200 ids per call).
+    Snapshots,
+    /// AMIs (DescribeImages, 200 ids per call).
+    Images,
 }
 
 /// Why a wait ended without its condition holding.
@@ -176,6 +195,7 @@ pub enum WaitFailure {
 }
 
 struct Waiter {
+    kind: Watched,
     ids: Vec<String>,
     interval: Duration,
 }
@@ -342,14 +362,27 @@ impl StatusWatcher {
         self.rounds.subscribe()
     }
 
-    /// Adds `ids` to every round, polled at least every `interval`, until the registration drops.
+    /// Adds instance `ids` to every round, polled at least every `interval`, until the
+    /// registration drops.
     pub fn register(self: &Arc<Self>, ids: &[String], interval: Duration) -> Registration {
+        self.register_kind(Watched::Instances, ids, interval)
+    }
+
+    /// Adds `ids` of `kind` to every round, polled at least every `interval`, until the
+    /// registration drops.
+    pub fn register_kind(
+        self: &Arc<Self>,
+        kind: Watched,
+        ids: &[String],
+        interval: Duration,
+    ) -> Registration {
         let mut reg = self.lock();
         reg.next += 1;
         let id = reg.next;
         reg.waiters.insert(
             id,
             Waiter {
+                kind,
                 ids: ids.to_vec(),
                 interval,
             },
@@ -368,32 +401,46 @@ impl StatusWatcher {
     async fn poll(self: Arc<Self>) {
         let mut number = self.rounds.borrow().number;
         loop {
-            let (ids, interval) = {
+            let ([ids, snapshots, images], interval) = {
                 let mut reg = self.lock();
                 if reg.waiters.is_empty() {
                     reg.polling = false;
                     return;
                 }
-                let mut ids: Vec<String> = reg
-                    .waiters
-                    .values()
-                    .flat_map(|w| w.ids.iter().cloned())
-                    .collect::<HashSet<_>>()
-                    .into_iter()
-                    .collect();
-                ids.sort();
+                let union = |kind: Watched| {
+                    let mut ids: Vec<String> = reg
+                        .waiters
+                        .values()
+                        .filter(|w| w.kind == kind)
+                        .flat_map(|w| w.ids.iter().cloned())
+                        .collect::<HashSet<_>>()
+                        .into_iter()
+                        .collect();
+                    ids.sort();
+                    ids
+                };
+                let all = [
+                    union(Watched::Instances),
+                    union(Watched::Snapshots),
+                    union(Watched::Images),
+                ];
                 let interval = reg
                     .waiters
                     .values()
                     .map(|w| w.interval)
                     .min()
                     .unwrap_or(Duration::from_secs(15));
-                (ids, interval)
+                (all, interval)
             };
             number += 1;
             let mut round = Round {
                 number,
-                asked: ids.iter().cloned().collect(),
+                asked: ids
+                    .iter()
+                    .chain(&snapshots)
+                    .chain(&images)
+                    .cloned()
+                    .collect(),
                 began: Some(Instant::now()),
                 ..Default::default()
             };
@@ -403,9 +450,61 @@ impl StatusWatcher {
                     Err(e) => round.error = Some(e),
                 }
             }
+            for (kind, list) in [(Watched::Snapshots, &snapshots), (Watched::Images, &images)] {
+                for chunk in list.chunks(200) {
+                    self.describe_resources(kind, chunk, &mut round).await;
+                }
+            }
             self.ec2.observer.round(ids.len());
             self.rounds.send_replace(Arc::new(round));
             tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// One chunk of snapshots or AMIs into `round`; a chunk EC2 refuses for good is asked again
+    /// one id at a time, so the error lands on the id at fault only.
+    async fn describe_resources(&self, kind: Watched, chunk: &[String], round: &mut Round) {
+        let ask = |ids: Vec<String>| async move {
+            match kind {
+                Watched::Snapshots => self
+                    .ec2
+                    .describe_snapshots(Some(ids), &Vec::new(), false)
+                    .await
+                    .map(|(found, _, _)| {
+                        found
+                            .into_iter()
+                            .map(|s| (s.snapshot_id, (s.state, s.progress)))
+                            .collect::<Vec<_>>()
+                    }),
+                _ => self
+                    .ec2
+                    .describe_images(Some(ids), &Vec::new())
+                    .await
+                    .map(|(found, _)| {
+                        found
+                            .into_iter()
+                            .map(|i| (i.image_id, (i.state, None)))
+                            .collect::<Vec<_>>()
+                    }),
+            }
+        };
+        match ask(chunk.to_vec()).await {
+            Ok(found) => round.resources.extend(found),
+            Err(e) if e.transient || chunk.len() == 1 => {
+                for id in chunk {
+                    round.resource_errors.insert(id.clone(), e.clone());
+                }
+            }
+            Err(_) => {
+                for id in chunk {
+                    match ask(vec![id.clone()]).await {
+                        Ok(found) => round.resources.extend(found),
+                        Err(e) => {
+                            round.resource_errors.insert(id.clone(), e);
+                        }
+                    }
+                }
+            }
         }
     }
 

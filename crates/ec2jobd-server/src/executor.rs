@@ -43,6 +43,11 @@ pub const STEP_TAG: &str = "ec2jobd:step";
 /// (AMI names 128, descriptions 255): a bound on work, not the final length.
 const NAME_BUDGET: usize = 4096;
 
+/// The job's region (filled in at submission; the fallback only guards old rows).
+fn job_region(ctx: &ExecCtx) -> &str {
+    ctx.job.spec.region.as_deref().unwrap_or("us-east-1")
+}
+
 /// The tags marking what this job (and step) creates.
 fn made_by(ctx: &ExecCtx) -> BTreeMap<String, String> {
     let mut t = BTreeMap::from([(JOB_TAG.to_string(), ctx.job.id.clone())]);
@@ -133,7 +138,7 @@ impl Executor for Ec2Executor {
         }
         // Account and region are filled in at submission; these fallbacks only guard old rows.
         let account = spec.account.as_deref().unwrap_or("default");
-        let region = spec.region.as_deref().unwrap_or("us-east-1");
+        let region = job_region(ctx);
         let ec2 = self
             .pool
             .get(account, region)

@@ -105,7 +105,7 @@ impl Metrics {
         let status_rounds = Counter::default();
         registry.register(
             "status_rounds",
-            "Polling rounds of the shared status watchers (each asks DescribeInstanceStatus about every waiting instance, 100 per call)",
+            "Polling rounds of the shared status watchers (each asks DescribeInstanceStatus about every waiting instance, 100 per call, and DescribeSnapshots/DescribeImages about every awaited snapshot and AMI, 200 per call)",
             status_rounds.clone(),
         );
         let status_round_instances = Gauge::default();

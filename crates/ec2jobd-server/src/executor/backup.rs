@@ -412,7 +412,7 @@ impl Ec2Executor {
 
         let until = spec.wait_settings().0;
         if until == WaitUntil::Completed {
-            self.wait_snapshots(ctx, ec2, &sources, &mut made, &results)
+            self.wait_snapshots(ctx, &sources, &mut made, &results)
                 .await?;
         }
 
@@ -494,7 +494,6 @@ impl Ec2Executor {
     async fn wait_snapshots(
         &self,
         ctx: &ExecCtx,
-        ec2: &Ec2,
         sources: &[Source],
         made: &mut BTreeMap<String, SnapshotResult>,
         results: &JobResults,
@@ -509,12 +508,18 @@ impl Ec2Executor {
             .map(|(v, s)| (s.snapshot_id.clone(), v.clone()))
             .collect();
         let r = self
-            .wait_ready(ctx, ec2, Ready::Snapshots, &mut seen, &|id| {
-                format!(
-                    "snapshot {id} of {}",
-                    volume_of.get(id).map(String::as_str).unwrap_or("?")
-                )
-            })
+            .wait_ready(
+                ctx,
+                super::job_region(ctx),
+                Ready::Snapshots,
+                &mut seen,
+                &|id| {
+                    format!(
+                        "snapshot {id} of {}",
+                        volume_of.get(id).map(String::as_str).unwrap_or("?")
+                    )
+                },
+            )
             .await;
         for s in made.values_mut() {
             if let Some((state, progress)) = seen.get(&s.snapshot_id) {

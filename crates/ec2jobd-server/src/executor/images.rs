@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ec2jobd_ec2::{CopyOptions, Ec2};
+use ec2jobd_ec2::{CopyOptions, Ec2, Watched};
 use ec2jobd_spec::{
     ImageResult, InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, WaitUntil,
 };
@@ -116,14 +116,16 @@ fn state_failure(code: &str, message: String, results: &JobResults) -> ExecError
 }
 
 impl Ec2Executor {
-    /// Polls until every id in `seen` is ready, reporting progress as it changes; fails when one
-    /// fails or at the job's wait timeout. `seen` holds the states known so far (from the creating
-    /// calls) and ends with the last ones; `label` names an id in messages. Errors carry no results:
-    /// callers attach theirs.
+    /// Waits until every id in `seen` is ready, reporting progress as it changes; fails when one
+    /// fails or at the job's wait timeout. The ids are polled by the account+region's shared
+    /// watcher (`region`: where they live), together with every other job's: ⌈N/200⌉ calls per
+    /// round for N awaited snapshots or AMIs. `seen` holds the states known so far (from the
+    /// creating calls) and ends with the last ones; `label` names an id in messages. Errors carry
+    /// no results: callers attach theirs.
     pub(super) async fn wait_ready(
         &self,
         ctx: &ExecCtx,
-        ec2: &Ec2,
+        region: &str,
         kind: Ready,
         seen: &mut BTreeMap<String, (String, Option<String>)>,
         label: &(dyn Fn(&str) -> String + Sync),
@@ -131,6 +133,20 @@ impl Ec2Executor {
         let (_, timeout, interval) = ctx.job.spec.wait_settings();
         let deadline = tokio::time::Instant::now() + timeout;
         let empty = JobResults::default();
+        let account = ctx.job.spec.account.as_deref().unwrap_or("default");
+        let watcher = self
+            .pool
+            .watcher(account, region)
+            .await
+            .map_err(|e| failed(e, empty.clone()))?;
+        let watched = match kind {
+            Ready::Snapshots => Watched::Snapshots,
+            Ready::Images => Watched::Images,
+        };
+        let mut rounds = watcher.rounds();
+        let since = tokio::time::Instant::now();
+        let ids: Vec<String> = seen.keys().cloned().collect();
+        let _registration = watcher.register_kind(watched, &ids, interval);
         let mut last_report = String::new();
         loop {
             if let Some((id, (state, _))) = seen.iter().find(|(_, (st, _))| kind.failed(st)) {
@@ -176,8 +192,7 @@ impl Ec2Executor {
             if pending.is_empty() {
                 return Ok(());
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 let list: Vec<String> = pending
                     .iter()
                     .map(|id| {
@@ -200,31 +215,26 @@ impl Ec2Executor {
                     &empty,
                 ));
             }
+            // The next round that began after this wait registered and asked about its ids.
             tokio::select! {
-                _ = tokio::time::sleep(interval.min(deadline - now)) => {}
+                r = rounds.changed() => if r.is_err() { continue },
+                _ = tokio::time::sleep_until(deadline) => continue,
                 _ = ctx.cancelled() => return Err(ExecError::Cancelled(empty)),
             }
-            for chunk in pending.chunks(200) {
-                let fresh: Vec<(String, String, Option<String>)> = match kind {
-                    Ready::Snapshots => ec2
-                        .describe_snapshots(Some(chunk.to_vec()), &Vec::new(), false)
-                        .await
-                        .map_err(|e| failed(e, empty.clone()))?
-                        .0
-                        .into_iter()
-                        .map(|s| (s.snapshot_id, s.state, s.progress))
-                        .collect(),
-                    Ready::Images => ec2
-                        .describe_images(Some(chunk.to_vec()), &Vec::new())
-                        .await
-                        .map_err(|e| failed(e, empty.clone()))?
-                        .0
-                        .into_iter()
-                        .map(|i| (i.image_id, i.state, None))
-                        .collect(),
-                };
-                for (id, st, p) in fresh {
-                    seen.insert(id, (st, p));
+            let round = rounds.borrow_and_update().clone();
+            if round.began.is_some_and(|b| b < since)
+                || !pending.iter().all(|id| round.asked.contains(id))
+            {
+                continue;
+            }
+            for id in &pending {
+                if let Some(e) = round.resource_errors.get(id) {
+                    if !e.transient {
+                        return Err(failed(e.clone(), empty.clone()));
+                    }
+                }
+                if let Some((st, p)) = round.resources.get(id) {
+                    seen.insert(id.clone(), (st.clone(), p.clone()));
                 }
             }
         }
@@ -397,9 +407,13 @@ impl Ec2Executor {
                 .map(|i| (i.image_id.clone(), (i.state.clone(), None)))
                 .collect();
             let r = self
-                .wait_ready(ctx, ec2, Ready::Images, &mut seen, &|id| {
-                    format!("AMI {id}")
-                })
+                .wait_ready(
+                    ctx,
+                    super::job_region(ctx),
+                    Ready::Images,
+                    &mut seen,
+                    &|id| format!("AMI {id}"),
+                )
                 .await;
             for img in made.values_mut() {
                 if let Some((st, _)) = seen.get(&img.image_id) {
@@ -830,7 +844,7 @@ impl Ec2Executor {
         let source_of: HashMap<String, String> =
             copies.iter().map(|(s, c)| (c.clone(), s.clone())).collect();
         let wait = if spec.wait_settings().0 == WaitUntil::Completed {
-            self.wait_ready(ctx, &dest, kind, &mut seen, &|id| {
+            self.wait_ready(ctx, &dest_region, kind, &mut seen, &|id| {
                 format!(
                     "copy {id} of {}",
                     source_of.get(id).map(String::as_str).unwrap_or("?")
