@@ -22,9 +22,14 @@
 //!    throttles, and time until all succeeded, beside the least time one call per job could take
 //!    with that bucket ((500 - size) / refill).
 //!
+//! 6. Snapshot waits (issue 14): N `create_snapshots` jobs (one instance's root volume each) whose
+//!    snapshots the proxy holds `pending`: DescribeSnapshots calls per polling round while all wait
+//!    (target ⌈N/200⌉). Snapshot waits still hold their worker, so this part runs N workers.
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
 //! BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200), BENCH_IN_PLACE
-//! (default 20), BENCH_BULK (default 300), BENCH_COALESCE (default 500), BENCH_ONLY=core (parts 3 to 5 only) or BENCH_ONLY=polling (part 2).
+//! (default 20), BENCH_BULK (default 300), BENCH_COALESCE (default 500), BENCH_SNAPSHOTS (default 1000), BENCH_ONLY=core (parts 3 to 6 only) or BENCH_ONLY=polling
+//! (part 2).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -307,6 +312,75 @@ async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, u64)
     )
 }
 
+async fn snapshot_waits(moto: &Moto, n: usize) {
+    println!("\nSnapshot waits: {n} create_snapshots jobs, snapshots held pending, {n} workers");
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let k = (n - ids.len()).min(500) as i32;
+        ids.extend(moto.launch(k, &[("Bench", "snapshots")]).await);
+    }
+    let proxy = FaultProxy::start(&moto.url, 11).await;
+    proxy.set(|f| {
+        f.snapshot_state = Some((
+            "pending".into(),
+            "10%".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = bench_daemon(tmp.path(), &proxy.url, n).await;
+    let specs: Vec<Value> = ids
+        .iter()
+        .map(|iid| {
+            json!({"action": "create_snapshots", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "1s", "timeout": "30m"}})
+        })
+        .collect();
+    let mut jobs = Vec::new();
+    for chunk in specs.chunks(50) {
+        jobs.extend(futures::future::join_all(chunk.iter().map(|s| d.submit(s))).await);
+    }
+    // Every job waiting: as many CreateSnapshot calls as jobs have reached the proxy, and every
+    // job's progress says it waits.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while proxy.answered("CreateSnapshot") < n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "not all snapshots made:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &jobs {
+        d.wait_for(id, Duration::from_secs(600), |j| {
+            j["progress"]["phase"] == "waiting"
+        })
+        .await;
+    }
+    let rounds = "ec2jobd_status_rounds_total";
+    let (r0, c0) = (d.metric(rounds).await, proxy.calls("DescribeSnapshots"));
+    while d.metric(rounds).await < r0 + 5.0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (r1, c1) = (d.metric(rounds).await, proxy.calls("DescribeSnapshots"));
+    let per_round = (c1 - c0) as f64 / (r1 - r0).max(1.0);
+    println!(
+        "  {} DescribeSnapshots over {} rounds = {per_round:.1} per round (target ⌈{n}/200⌉ = {})",
+        c1 - c0,
+        r1 - r0,
+        n.div_ceil(200)
+    );
+    println!(
+        "| DescribeSnapshots calls per round, {n} snapshot jobs waiting | {per_round:.1} | ⌈{n}/200⌉ = {}; one poll per job: {n} |",
+        n.div_ceil(200)
+    );
+    proxy.set(|f| f.snapshot_state = None);
+    for id in &jobs {
+        let j = d.wait_final(id, Duration::from_secs(600)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+}
+
 async fn coalesced_calls(moto: &Moto, n: usize) {
     println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, {DEFAULT_WORKERS} workers");
     let mut ids = Vec::new();
@@ -552,6 +626,8 @@ fn main() {
         sns_priority(&moto, env_num("BENCH_BULK", 300) as usize).await;
         let moto = Moto::start().await;
         coalesced_calls(&moto, env_num("BENCH_COALESCE", 500) as usize).await;
+        let moto = Moto::start().await;
+        snapshot_waits(&moto, env_num("BENCH_SNAPSHOTS", 1000) as usize).await;
         if only_core {
             return;
         }
