@@ -152,16 +152,21 @@ async fn calls_per_action(moto: &Moto) {
 /// One start job per instance (already running: no call, a wait for status_ok), 50 submissions
 /// at a time.
 async fn submit_herd(d: &common::Daemon, ids: &[String]) -> Vec<String> {
+    let specs: Vec<Value> = ids
+        .iter()
+        .map(|iid| {
+            json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "1s", "timeout": "30m"}})
+        })
+        .collect();
+    submit_all(d, &specs).await
+}
+
+/// Submits every spec, 50 at a time; the job ids in order.
+async fn submit_all(d: &common::Daemon, specs: &[Value]) -> Vec<String> {
     let mut jobs = Vec::new();
-    for chunk in ids.chunks(50) {
-        let specs: Vec<Value> = chunk
-            .iter()
-            .map(|iid| {
-                json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
-                    "wait": {"interval": "1s", "timeout": "30m"}})
-            })
-            .collect();
-        jobs.extend(futures::future::join_all(specs.iter().map(|s| d.submit(s))).await);
+    for chunk in specs.chunks(50) {
+        jobs.extend(futures::future::join_all(chunk.iter().map(|s| d.submit(s))).await);
     }
     jobs
 }
@@ -336,10 +341,7 @@ async fn snapshot_waits(moto: &Moto, n: usize) {
                 "wait": {"interval": "1s", "timeout": "30m"}})
         })
         .collect();
-    let mut jobs = Vec::new();
-    for chunk in specs.chunks(50) {
-        jobs.extend(futures::future::join_all(chunk.iter().map(|s| d.submit(s))).await);
-    }
+    let jobs = submit_all(&d, &specs).await;
     // Every job waiting: as many CreateSnapshot calls as jobs have reached the proxy, and every
     // job's progress says it waits.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -428,10 +430,7 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
             })
             .collect();
         let t = Instant::now();
-        let mut jobs = Vec::new();
-        for chunk in specs.chunks(50) {
-            jobs.extend(futures::future::join_all(chunk.iter().map(|s| d.submit(s))).await);
-        }
+        let jobs = submit_all(&d, &specs).await;
         for id in &jobs {
             let j = d.wait_final(id, Duration::from_secs(1800)).await;
             assert_eq!(j["state"], "succeeded", "{j}");
