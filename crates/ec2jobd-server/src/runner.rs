@@ -364,6 +364,11 @@ impl Runner {
         }
     }
 
+    /// Jobs parked in this process's lot now (each returns to the queue when its wait ends).
+    pub fn parked(&self) -> usize {
+        self.lot.as_ref().map_or(0, |l| l.parked())
+    }
+
     /// Jobs running in this process now.
     pub fn running(&self) -> usize {
         self.lock_active().len()

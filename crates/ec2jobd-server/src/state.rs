@@ -44,11 +44,14 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Admits one more job when fewer than `max` are queued (`max` 0: always); `Ok(false)` when full.
+    /// Admits one more job when fewer than `max` are queued, counting the `returning` jobs parked
+    /// in this process (each comes back to the queue when its wait ends) (`max` 0: always);
+    /// `Ok(false)` when full.
     pub async fn admit(
         &self,
         store: &dyn Store,
         max: u64,
+        returning: u64,
     ) -> Result<bool, ec2jobd_store::StoreError> {
         if max == 0 {
             return Ok(true);
@@ -66,7 +69,7 @@ impl Admission {
                 d
             }
         };
-        if depth as u64 >= max {
+        if depth.max(0) as u64 + returning >= max {
             return Ok(false);
         }
         if let Some((_, d)) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {

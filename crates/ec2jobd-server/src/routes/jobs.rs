@@ -339,7 +339,12 @@ pub async fn enqueue_and_answer(
 /// Refuses a submission with 429 (and Retry-After) when `queue.max_queued` jobs are waiting.
 pub async fn admit(state: &AppState) -> Result<(), ApiError> {
     let max = state.config.queue.max_queued;
-    if state.admission.admit(state.store.as_ref(), max).await? {
+    let returning = state.runner.parked() as u64;
+    if state
+        .admission
+        .admit(state.store.as_ref(), max, returning)
+        .await?
+    {
         return Ok(());
     }
     let mut e = ApiError::new(
