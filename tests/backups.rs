@@ -411,20 +411,24 @@ async fn slow_failed_and_interrupted_snapshots() {
         .contains_key(first.as_str().unwrap()));
     proxy.set(|f| f.snapshot_state = None);
 
-    // kill -9 while CreateSnapshot is in flight: the call still lands in moto; after restart the
-    // job finds that snapshot by its tag and makes no second one.
+    // kill -9 while CreateSnapshot is in flight: the call lands in moto, its answer is held; after
+    // restart the job finds that snapshot by its tag and makes no second one.
     proxy.set(|f| {
-        f.latency = Duration::from_millis(1500);
+        f.answer_delay = Duration::from_secs(3600);
         f.only = Some(vec!["CreateSnapshot".into()]);
     });
     let calls = proxy.calls("CreateSnapshot");
     let id = d.submit(&spec).await;
-    d.wait_for(&id, MINUTE, |j| {
-        j["progress"]["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("CreateSnapshot of"))
-    })
-    .await;
+    let deadline = Instant::now() + MINUTE;
+    while !proxy
+        .created("CreateSnapshot")
+        .iter()
+        .any(|(j, _)| *j == id)
+    {
+        assert!(Instant::now() < deadline, "no CreateSnapshot took effect");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.set(|f| f.answer_delay = Duration::ZERO);
     d.kill9();
     d.spawn().await;
     let j = d.wait_final(&id, MINUTE).await;
@@ -450,7 +454,6 @@ async fn slow_failed_and_interrupted_snapshots() {
     // (as the rotation of a newer generation by another job on the group would): after restart the
     // job reports it as made and deleted, and does not make it again (found in the checkpoint).
     proxy.set(|f| {
-        f.latency = Duration::ZERO;
         f.only = None;
         f.snapshot_state = Some((
             "pending".into(),

@@ -40,6 +40,9 @@ pub struct Faults {
     pub latency: Duration,
     /// Plus a uniformly drawn extra delay up to this (latency 100 ms + jitter 400 ms: 100–500 ms).
     pub latency_jitter: Duration,
+    /// Added after a call is forwarded, before its answer is written: the call takes effect at
+    /// once and its answer is late (a client killed meanwhile never reads it).
+    pub answer_delay: Duration,
     /// Dropped calls are first forwarded to moto, so the call takes effect and only its answer is
     /// lost (the hard case for mutating calls); otherwise they never reach moto.
     pub drop_after_forward: bool,
@@ -370,6 +373,18 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         *m = (*m).max(now_in);
     }
     let reply = forward(&s, &op, &path, &headers, body).await;
+    let delay = {
+        let f = s.faults.lock().unwrap();
+        let applies = f.only.as_ref().is_none_or(|ops| ops.contains(&op));
+        if applies {
+            f.answer_delay
+        } else {
+            Duration::ZERO
+        }
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     // Out of flight before the answer is written: the client may send its next call the moment it
     // reads this one.
     counter.fetch_sub(1, Ordering::SeqCst);

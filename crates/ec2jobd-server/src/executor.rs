@@ -16,7 +16,8 @@ use ec2jobd_ec2::{
     Attribute, CallOutcome, Coalescer, Described, Ec2, Ec2Error, Ec2Pool, Launch, Protection,
     SharedCall,
 };
-use ec2jobd_spec::{Action, InstanceResult, JobError, JobResults, WaitUntil};
+use ec2jobd_spec::action::{AuditParams, ModifyParams, OnMissing, RunParams};
+use ec2jobd_spec::{Action, ActionSpec, InstanceResult, JobError, JobResults, WaitUntil};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -133,7 +134,13 @@ fn failed(e: Ec2Error, results: JobResults) -> ExecError {
 impl Executor for Ec2Executor {
     async fn execute(&self, ctx: &ExecCtx) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
-        if spec.action == Action::Workflow {
+        let act = spec.action_spec().map_err(|e| {
+            ExecError::permanent(
+                "InvalidSpec",
+                format!("the job's stored parameters no longer read: {e}"),
+            )
+        })?;
+        if act == ActionSpec::Workflow {
             return self.workflow(ctx).await;
         }
         // Account and region are filled in at submission; these fallbacks only guard old rows.
@@ -163,22 +170,38 @@ impl Executor for Ec2Executor {
                 )),
             };
         }
-        match spec.action {
-            Action::DescribeInstances => describe(ctx, &ec2, account, region).await,
-            Action::RunInstances => self.run_instances(ctx, &ec2, account, region).await,
-            Action::ModifyInstanceAttribute => self.modify(ctx, &ec2, account, region).await,
-            Action::AuditTags => audit_tags(ctx, &ec2).await,
-            Action::CreateSnapshots => self.create_snapshots(ctx, &ec2, (account, region)).await,
-            Action::DescribeSnapshots => self.snapshots_action(ctx, &ec2, false).await,
-            Action::DeleteSnapshots => self.snapshots_action(ctx, &ec2, true).await,
-            Action::CreateImage => self.create_image(ctx, &ec2).await,
-            Action::DeregisterImage => self.deregister_image(ctx, &ec2).await,
-            Action::CopySnapshot => {
-                self.copy(ctx, &ec2, (account, region), Ready::Snapshots)
-                    .await
+        let at = (account, region);
+        let instances = |call, unprotect| self.instance_action(ctx, &ec2, at, call, unprotect);
+        match &act {
+            ActionSpec::DescribeInstances => describe(ctx, &ec2, account, region).await,
+            ActionSpec::RunInstances(p) => self.run_instances(ctx, &ec2, p, at).await,
+            ActionSpec::ModifyInstanceAttribute(p) => self.modify(ctx, &ec2, p, at).await,
+            ActionSpec::AuditTags(p) => audit_tags(ctx, &ec2, p).await,
+            ActionSpec::CreateSnapshots(p) => self.create_snapshots(ctx, &ec2, p, at).await,
+            ActionSpec::DescribeSnapshots => self.snapshots_action(ctx, &ec2, false).await,
+            ActionSpec::DeleteSnapshots => self.snapshots_action(ctx, &ec2, true).await,
+            ActionSpec::CreateImage(p) => self.create_image(ctx, &ec2, p).await,
+            ActionSpec::DeregisterImage(p) => self.deregister_image(ctx, &ec2, p).await,
+            ActionSpec::CopySnapshot(p) => self.copy(ctx, &ec2, p, at, Ready::Snapshots).await,
+            ActionSpec::CopyImage(p) => self.copy(ctx, &ec2, p, at, Ready::Images).await,
+            ActionSpec::StartInstances => instances(SharedCall::Start, false).await,
+            ActionSpec::StopInstances(p) => {
+                let (force, hibernate) = (p.force(), p.hibernate());
+                instances(SharedCall::Stop { force, hibernate }, false).await
             }
-            Action::CopyImage => self.copy(ctx, &ec2, (account, region), Ready::Images).await,
-            _ => self.instance_action(ctx, &ec2, account, region).await,
+            ActionSpec::RebootInstances => instances(SharedCall::Reboot, false).await,
+            ActionSpec::TerminateInstances(p) => instances(SharedCall::Terminate, p.force()).await,
+            ActionSpec::CreateTags(p) => {
+                instances(SharedCall::CreateTags(p.tags.clone()), false).await
+            }
+            ActionSpec::DeleteTags(p) => {
+                let call = SharedCall::DeleteTags {
+                    keys: p.keys.clone().unwrap_or_default(),
+                    tags: p.tags.clone().unwrap_or_default(),
+                };
+                instances(call, false).await
+            }
+            ActionSpec::Workflow => self.workflow(ctx).await,
         }
     }
 }
@@ -361,35 +384,6 @@ fn settled(action: Action, state: &str) -> bool {
     }
 }
 
-/// The call of an instance action that several jobs can share, if it has one.
-fn shared_call(spec: &ec2jobd_spec::JobSpec) -> Option<SharedCall> {
-    Some(match spec.action {
-        Action::StartInstances => SharedCall::Start,
-        Action::StopInstances => SharedCall::Stop {
-            force: spec.flag("force"),
-            hibernate: spec.flag("hibernate"),
-        },
-        Action::RebootInstances => SharedCall::Reboot,
-        Action::TerminateInstances => SharedCall::Terminate,
-        Action::CreateTags => SharedCall::CreateTags(string_map(spec.params.get("tags"))),
-        Action::DeleteTags => SharedCall::DeleteTags {
-            keys: str_list(spec.params.get("keys")),
-            tags: string_map(spec.params.get("tags")),
-        },
-        _ => return None,
-    })
-}
-
-fn string_map(v: Option<&serde_json::Value>) -> BTreeMap<String, String> {
-    v.and_then(|v| v.as_object())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn str_list(v: Option<&serde_json::Value>) -> Vec<String> {
     v.and_then(|v| v.as_array())
         .map(|a| {
@@ -402,7 +396,7 @@ fn str_list(v: Option<&serde_json::Value>) -> Vec<String> {
 
 /// `audit_tags`: lists the live instances in scope that lack any required tag key. Terminated
 /// instances are left out: they cannot be fixed and drop out of EC2 within the hour.
-async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
+async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2, p: &AuditParams) -> Result<JobResults, ExecError> {
     let spec = &ctx.job.spec;
     if spec.dry_run {
         return describe(ctx, ec2, "", "").await;
@@ -411,7 +405,7 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
     let Some(found) = resolve(ctx, ec2, None, &mut results).await? else {
         return Ok(results);
     };
-    let required = str_list(spec.params.get("required_keys"));
+    let required = &p.required_keys;
     let mut offenders = Vec::new();
     for mut i in found {
         if matches!(i.state.as_str(), "terminated" | "shutting-down") {
@@ -439,7 +433,7 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
     );
     ctx.progress("done", &summary, Some(n), Some(n)).await?;
     results.summary = Some(summary);
-    if !offenders.is_empty() && spec.param_str("on_missing") != Some("warn") {
+    if !offenders.is_empty() && p.on_missing() == OnMissing::Fail {
         return Err(ExecError::Failed {
             error: JobError {
                 code: "MissingTags".into(),
@@ -459,23 +453,23 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2) -> Result<JobResults, ExecError> {
 }
 
 impl Ec2Executor {
-    /// Makes the job's call for `ids`: shared with other jobs' same call through the account's
+    /// Makes `call` for `ids`: shared with other jobs' same call through the account's
     /// coalescer, except dry runs, which stay the job's own.
     async fn call(
         &self,
         ec2: &Ec2,
         ctx: &ExecCtx,
         (account, region): (&str, &str),
+        call: &SharedCall,
         ids: &[String],
     ) -> Result<Vec<CallOutcome>, Ec2Error> {
-        let spec = &ctx.job.spec;
-        let dry = spec.dry_run;
-        if let (Some(shared), false) = (shared_call(spec), dry) {
+        let dry = ctx.job.spec.dry_run;
+        if !dry {
             let answer = self
                 .pool
                 .coalescer(account, region)
                 .await?
-                .call(shared, ids.to_vec())
+                .call(call.clone(), ids.to_vec())
                 .await?;
             return Ok(answer
                 .request_ids
@@ -486,35 +480,17 @@ impl Ec2Executor {
                 })
                 .collect());
         }
-        match spec.action {
-            Action::StartInstances => ec2.start_instances(ids, dry).await,
-            Action::StopInstances => {
-                ec2.stop_instances(ids, spec.flag("force"), spec.flag("hibernate"), dry)
-                    .await
+        match call {
+            SharedCall::Start => ec2.start_instances(ids, dry).await,
+            SharedCall::Stop { force, hibernate } => {
+                ec2.stop_instances(ids, *force, *hibernate, dry).await
             }
-            Action::RebootInstances => ec2.reboot_instances(ids, dry).await,
-            Action::TerminateInstances => ec2.terminate_instances(ids, dry).await,
-            Action::CreateTags => {
-                ec2.create_tags(ids, &string_map(spec.params.get("tags")), dry)
-                    .await
-            }
-            Action::DeleteTags => {
-                let keys = str_list(spec.params.get("keys"));
-                ec2.delete_tags(ids, &keys, &string_map(spec.params.get("tags")), dry)
-                    .await
-            }
-            Action::DescribeInstances
-            | Action::RunInstances
-            | Action::ModifyInstanceAttribute
-            | Action::AuditTags
-            | Action::CreateSnapshots
-            | Action::DescribeSnapshots
-            | Action::DeleteSnapshots
-            | Action::CopySnapshot
-            | Action::CreateImage
-            | Action::DeregisterImage
-            | Action::CopyImage
-            | Action::Workflow => Ok(Vec::new()),
+            SharedCall::Reboot => ec2.reboot_instances(ids, dry).await,
+            SharedCall::Terminate => ec2.terminate_instances(ids, dry).await,
+            SharedCall::CreateTags(tags) => ec2.create_tags(ids, tags, dry).await,
+            SharedCall::DeleteTags { keys, tags } => ec2.delete_tags(ids, keys, tags, dry).await,
+            // Targets are described by `resolve`, never through here.
+            SharedCall::Describe => Ok(Vec::new()),
         }
     }
 
@@ -526,8 +502,8 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
-        account: &str,
-        region: &str,
+        p: &RunParams,
+        (account, region): (&str, &str),
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let job_id = &ctx.job.id;
@@ -561,25 +537,22 @@ impl Ec2Executor {
         let fresh = launched.is_empty();
         if fresh {
             ctx.check_cancel(&results)?;
-            let (min, max) = spec.counts();
-            let mut tags = string_map(spec.params.get("tags"));
+            let (min, max) = p.counts();
+            let mut tags = p.tags.clone().unwrap_or_default();
             tags.extend(made_by(ctx));
             let launch = Launch {
-                image_id: spec.param_str("image_id").unwrap_or_default().to_string(),
-                instance_type: spec
-                    .param_str("instance_type")
-                    .unwrap_or_default()
-                    .to_string(),
+                image_id: p.image_id.clone(),
+                instance_type: p.instance_type.clone(),
                 min_count: min,
                 max_count: max,
-                key_name: spec.param_str("key_name").map(String::from),
-                subnet_id: spec.param_str("subnet_id").map(String::from),
-                security_group_ids: str_list(spec.params.get("security_group_ids")),
-                availability_zone: spec.param_str("availability_zone").map(String::from),
-                user_data: spec.param_str("user_data").map(String::from),
-                iam_instance_profile: spec.param_str("iam_instance_profile").map(String::from),
+                key_name: p.key_name.clone(),
+                subnet_id: p.subnet_id.clone(),
+                security_group_ids: p.security_group_ids.clone().unwrap_or_default(),
+                availability_zone: p.availability_zone.clone(),
+                user_data: p.user_data.clone(),
+                iam_instance_profile: p.iam_instance_profile.clone(),
                 tags,
-                termination_protection: spec.flag("termination_protection"),
+                termination_protection: p.termination_protection.unwrap_or(false),
                 client_token: match &ctx.step {
                     Some((i, _)) => format!("ec2jobd-{job_id}-step{i}"),
                     None => format!("ec2jobd-{job_id}-run"),
@@ -636,12 +609,15 @@ impl Ec2Executor {
         self.wait_and_finish(ctx, ec2, after, results, true).await
     }
 
+    /// Start, stop, reboot, terminate and tag jobs: `call` for the targets that need it;
+    /// `unprotect`: turn termination protection off first (`terminate_instances`, `params.force`).
     async fn instance_action(
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
-        account: &str,
-        region: &str,
+        (account, region): (&str, &str),
+        call: SharedCall,
+        unprotect: bool,
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let action = spec.action;
@@ -680,7 +656,7 @@ impl Ec2Executor {
         };
         let op = action.as_str();
         let unprotected = if action == Action::TerminateInstances {
-            self.clear_termination_protection(ctx, ec2, &todo, &results)
+            self.clear_termination_protection(ctx, ec2, &todo, unprotect, &results)
                 .await?
         } else {
             Vec::new()
@@ -693,7 +669,7 @@ impl Ec2Executor {
                     (account, region),
                     &ids,
                     &before,
-                    &todo,
+                    (&call, &todo),
                     rate,
                     results,
                 )
@@ -720,11 +696,11 @@ impl Ec2Executor {
                 Some(todo.len() as u64),
             )
             .await?;
-            if let (Some(shared), false, true) = (shared_call(spec), spec.dry_run, ctx.may_park()) {
+            if !spec.dry_run && ctx.may_park() {
                 // The lot makes the call with other jobs' same call, then watches the instances.
                 bound_by_attempt(ctx, &mut after.wait);
                 let call = PlannedCall {
-                    call: shared,
+                    call,
                     ids: todo.clone(),
                     then: serde_json::to_value(&after).unwrap_or_default(),
                 };
@@ -733,7 +709,7 @@ impl Ec2Executor {
             }
             // A mutating call is never abandoned half-way: cancel is honoured after it returns.
             let outs = self
-                .call(ec2, ctx, (account, region), &todo)
+                .call(ec2, ctx, (account, region), &call, &todo)
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             results
@@ -765,8 +741,8 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
-        account: &str,
-        region: &str,
+        p: &ModifyParams,
+        (account, region): (&str, &str),
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let dry = spec.dry_run;
@@ -782,7 +758,7 @@ impl Ec2Executor {
             .iter()
             .map(|i| (i.instance_id.clone(), i.state.clone()))
             .collect();
-        let want_type = spec.param_str("instance_type");
+        let want_type = p.instance_type.as_deref();
         let old_type: HashMap<String, String> = found
             .iter()
             .filter_map(|i| Some((i.instance_id.clone(), i.instance_type.clone()?)))
@@ -810,12 +786,11 @@ impl Ec2Executor {
             .cloned()
             .collect();
         let protections: Vec<Attribute> = [
-            ("termination_protection", Protection::Termination),
-            ("stop_protection", Protection::Stop),
+            (p.termination_protection, Protection::Termination),
+            (p.stop_protection, Protection::Stop),
         ]
         .into_iter()
-        .filter(|(k, _)| spec.params.contains_key(*k))
-        .map(|(k, p)| Attribute::Protection(p, spec.flag(k)))
+        .filter_map(|(on, which)| Some(Attribute::Protection(which, on?)))
         .collect();
         let note = |r: &mut JobResults, outs: Vec<CallOutcome>| {
             r.request_ids
@@ -1062,6 +1037,7 @@ impl Ec2Executor {
         ctx: &ExecCtx,
         ec2: &Ec2,
         ids: &[String],
+        force: bool,
         results: &JobResults,
     ) -> Result<Vec<String>, ExecError> {
         let spec = &ctx.job.spec;
@@ -1078,7 +1054,7 @@ impl Ec2Executor {
         if protected.is_empty() || spec.dry_run {
             return Ok(Vec::new());
         }
-        if !spec.flag("force") {
+        if !force {
             return Err(ExecError::Failed {
                 error: JobError {
                     code: "TerminationProtected".into(),

@@ -132,9 +132,9 @@ pub fn render(job: &Job) -> String {
         );
         if r.volumes.iter().any(|v| v.rotation.is_some()) {
             let keep = spec
-                .params
-                .get("keep")
-                .and_then(|k| k.as_u64())
+                .action_spec()
+                .ok()
+                .and_then(|a| a.keep())
                 .map(|k| format!(" (keep {k})"))
                 .unwrap_or_default();
             let _ = writeln!(out, "\nRotation{keep}");

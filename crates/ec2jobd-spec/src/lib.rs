@@ -6,12 +6,14 @@
 //! it depends on none of them. The injected [`Clock`] lives here because the store, the runner and the
 //! EC2 waits all need the same notion of "now", and tests need to move it by hand.
 
+pub mod action;
 mod clock;
 mod job;
 pub mod placeholders;
 mod role;
 mod spec;
 
+pub use action::ActionSpec;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use job::{
     ImageResult, InstanceResult, Job, JobError, JobEvent, JobResults, JobState, Progress,

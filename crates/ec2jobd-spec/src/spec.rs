@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::action::ActionSpec;
 use crate::placeholders;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
@@ -166,7 +167,11 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        field: impl Into<String>,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             field: field.into(),
             code,
@@ -641,80 +646,6 @@ impl Notify {
     }
 }
 
-/// The shape a parameter must have.
-#[derive(Debug, Clone, Copy)]
-enum Param {
-    Bool,
-    Str,
-    StrList,
-    Tags,
-    Count,
-    OneOf(&'static [&'static str]),
-    Name,
-    Region,
-}
-
-impl Param {
-    fn check(self, field: &str, v: &serde_json::Value) -> Result<(), SpecError> {
-        let (ok, want) = match self {
-            Param::Bool => (v.is_boolean(), "true or false"),
-            Param::Str => (
-                v.as_str()
-                    .is_some_and(|s| !s.is_empty() && s.len() <= 16 * 1024),
-                "a non-empty string",
-            ),
-            Param::StrList => (
-                v.as_array().is_some_and(|a| {
-                    !a.is_empty() && a.iter().all(|k| k.as_str().is_some_and(|k| !k.is_empty()))
-                }),
-                "a non-empty list of non-empty strings",
-            ),
-            Param::Tags => (
-                v.as_object().is_some_and(|m| {
-                    !m.is_empty()
-                        && m.iter().all(|(k, v)| {
-                            !k.is_empty()
-                                && k.chars().count() <= 128
-                                && v.as_str().is_some_and(|v| v.chars().count() <= 256)
-                        })
-                }),
-                "a non-empty object of tag key (1-128 characters) to string value (at most 256)",
-            ),
-            Param::Count => (
-                v.as_u64().is_some_and(|n| (1..=1000).contains(&n)),
-                "a whole number from 1 to 1000",
-            ),
-            Param::Name => (
-                v.as_str().is_some_and(|s| is_name(s, b"-_.")),
-                "1-64 letters, digits, `-`, `_` or `.`",
-            ),
-            Param::Region => (
-                v.as_str().is_some_and(is_aws_region),
-                "a region name like `eu-west-1`",
-            ),
-            Param::OneOf(choices) => {
-                if v.as_str().is_some_and(|s| choices.contains(&s)) {
-                    return Ok(());
-                }
-                return Err(SpecError::new(
-                    field,
-                    "invalid_param",
-                    format!("must be one of {}", choices.join(", ")),
-                ));
-            }
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(SpecError::new(
-                field,
-                "invalid_param",
-                format!("must be {want}"),
-            ))
-        }
-    }
-}
-
 /// `wait.timeout` when the request leaves it out.
 /// The priorities a job (or `sns.priority`) may have.
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
@@ -762,7 +693,7 @@ pub const TEMPLATE_FIELDS: &[&str] = &[
     "group",
 ];
 
-fn check_template(field: &str, t: &str) -> Result<(), SpecError> {
+pub(crate) fn check_template(field: &str, t: &str) -> Result<(), SpecError> {
     let syntax = placeholders::Syntax::Braces;
     let err = |e: placeholders::RenderError| SpecError::new(field, "invalid_param", e.to_string());
     for name in placeholders::names(t, syntax).map_err(err)? {
@@ -856,7 +787,7 @@ pub fn is_aws_region(r: &str) -> bool {
     }
 }
 
-fn is_name(s: &str, extra: &[u8]) -> bool {
+pub(crate) fn is_name(s: &str, extra: &[u8]) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
@@ -1030,7 +961,7 @@ impl JobSpec {
         } else {
             self.targets = normalize_targets(self.targets, self.action.target_kind())?;
         }
-        self.check_params()?;
+        self.params = self.action_spec()?.params();
         let wait = self.wait.take().unwrap_or_default();
         let until = wait.until.unwrap_or_else(|| self.action.default_wait());
         if !self.action.waits().contains(&until) {
@@ -1112,180 +1043,9 @@ impl JobSpec {
         Ok(self)
     }
 
-    fn check_params(&self) -> Result<(), SpecError> {
-        use Param::*;
-        let table: &[(&str, Param)] = match self.action {
-            Action::DescribeInstances | Action::StartInstances | Action::RebootInstances => &[],
-            Action::RunInstances => &[
-                ("image_id", Str),
-                ("instance_type", Str),
-                ("min_count", Count),
-                ("max_count", Count),
-                ("key_name", Str),
-                ("subnet_id", Str),
-                ("security_group_ids", StrList),
-                ("availability_zone", Str),
-                ("user_data", Str),
-                ("iam_instance_profile", Str),
-                ("tags", Tags),
-                ("termination_protection", Bool),
-            ],
-            Action::StopInstances => &[("force", Bool), ("hibernate", Bool)],
-            Action::TerminateInstances => &[("force", Bool)],
-            Action::CreateTags => &[("tags", Tags)],
-            Action::DeleteTags => &[("keys", StrList), ("tags", Tags)],
-            Action::ModifyInstanceAttribute => &[
-                ("instance_type", Str),
-                ("termination_protection", Bool),
-                ("stop_protection", Bool),
-            ],
-            Action::AuditTags => &[
-                ("required_keys", StrList),
-                ("on_missing", OneOf(&["fail", "warn"])),
-            ],
-            Action::CreateSnapshots => &[
-                ("description", Str),
-                ("tags", Tags),
-                ("copy_tags", Bool),
-                ("keep", Count),
-                ("group", Name),
-                ("devices", StrList),
-                ("stop_first", Bool),
-            ],
-            Action::DescribeSnapshots | Action::DeleteSnapshots => &[],
-            Action::CopySnapshot => &[
-                ("destination_region", Region),
-                ("description", Str),
-                ("encrypted", Bool),
-                ("kms_key_id", Str),
-                ("tags", Tags),
-            ],
-            Action::CreateImage => &[
-                ("name", Str),
-                ("description", Str),
-                ("no_reboot", Bool),
-                ("tags", Tags),
-                ("copy_tags", Bool),
-                ("keep", Count),
-                ("group", Name),
-            ],
-            Action::DeregisterImage => &[("delete_snapshots", Bool)],
-            Action::Workflow => &[],
-            Action::CopyImage => &[
-                ("destination_region", Region),
-                ("name", Str),
-                ("description", Str),
-                ("encrypted", Bool),
-                ("kms_key_id", Str),
-                ("tags", Tags),
-            ],
-        };
-        for (key, value) in &self.params {
-            let field = format!("params.{key}");
-            let Some((_, kind)) = table.iter().find(|(k, _)| k == key) else {
-                return Err(SpecError::new(
-                    field,
-                    "unknown_param",
-                    format!("`{}` takes no parameter `{key}`", self.action),
-                ));
-            };
-            kind.check(&field, value)?;
-        }
-        let required: &[&str] = match self.action {
-            Action::RunInstances => &["image_id", "instance_type"],
-            Action::CreateTags => &["tags"],
-            Action::AuditTags => &["required_keys"],
-            Action::CopySnapshot | Action::CopyImage => &["destination_region"],
-            _ => &[],
-        };
-        for key in required {
-            if !self.params.contains_key(*key) {
-                return Err(SpecError::new(
-                    format!("params.{key}"),
-                    "missing_param",
-                    format!("{} needs `params.{key}`", self.action),
-                ));
-            }
-        }
-        if self.action == Action::DeleteTags
-            && !self.params.contains_key("tags")
-            && !self.params.contains_key("keys")
-        {
-            return Err(SpecError::new(
-                "params.keys",
-                "missing_param",
-                "delete_tags needs `params.keys` (or `params.tags`)",
-            ));
-        }
-        if let Some(t) = self.param_str("description") {
-            check_template("params.description", t)?;
-        }
-        if let Some(t) = self.param_str("name") {
-            check_template("params.name", t)?;
-            if self.action == Action::CreateImage
-                && !t.contains("{timestamp}")
-                && !t.contains("{job_id}")
-            {
-                return Err(SpecError::new(
-                    "params.name",
-                    "invalid_param",
-                    "AMI names must be unique: include `{timestamp}` or `{job_id}`",
-                ));
-            }
-        }
-        if self.action == Action::ModifyInstanceAttribute && self.params.is_empty() {
-            return Err(SpecError::new(
-                "params",
-                "missing_param",
-                "modify_instance_attribute needs at least one of `params.instance_type`, \
-                 `params.termination_protection`, `params.stop_protection`",
-            ));
-        }
-        if self.action == Action::RunInstances {
-            if let Some(img) = self.params.get("image_id").and_then(|v| v.as_str()) {
-                if !img.starts_with("ami-") {
-                    return Err(SpecError::new(
-                        "params.image_id",
-                        "invalid_param",
-                        format!("`{img}` is not an AMI id (ami-…)"),
-                    ));
-                }
-            }
-            let (min, max) = self.counts();
-            if max < min {
-                return Err(SpecError::new(
-                    "params.max_count",
-                    "invalid_param",
-                    "must be at least min_count",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// `run_instances` counts: `min_count` (default 1) and `max_count` (default `min_count`).
-    pub fn counts(&self) -> (u32, u32) {
-        let get = |k: &str| {
-            self.params
-                .get(k)
-                .and_then(|v| v.as_u64())
-                .map(|n| n as u32)
-        };
-        let min = get("min_count").unwrap_or(1);
-        (min, get("max_count").unwrap_or(min))
-    }
-
-    /// A string parameter (already validated).
-    pub fn param_str(&self, name: &str) -> Option<&str> {
-        self.params.get(name).and_then(|v| v.as_str())
-    }
-
-    /// A boolean parameter (already validated), false when absent.
-    pub fn flag(&self, name: &str) -> bool {
-        self.params
-            .get(name)
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
+    /// The action with its typed parameters (checked at submission; a stored spec reads back).
+    pub fn action_spec(&self) -> Result<ActionSpec, SpecError> {
+        ActionSpec::parse(self.action, &self.params)
     }
 
     /// The wait settings as durations (filled in by `normalize`; defaults if called before).

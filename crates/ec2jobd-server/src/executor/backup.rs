@@ -19,15 +19,14 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ec2jobd_ec2::{Ec2, Filters, VolumeInfo};
+use ec2jobd_spec::action::SnapshotParams;
 use ec2jobd_spec::{
     InstanceResult, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
 };
 use serde_json::json;
 
 use super::rotation::{self, Made};
-use super::{
-    dry_run_verdict, failed, no_targets, plural, str_list, string_map, Ec2Executor, Ready, JOB_TAG,
-};
+use super::{dry_run_verdict, failed, no_targets, plural, str_list, Ec2Executor, Ready, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
@@ -90,6 +89,7 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
+        devices: &[String],
         results: &mut JobResults,
     ) -> Result<Vec<Source>, ExecError> {
         let t = &ctx.job.spec.targets;
@@ -155,7 +155,6 @@ impl Ec2Executor {
             }
             vols
         };
-        let devices = str_list(ctx.job.spec.params.get("devices"));
         let mut out = Vec::new();
         for v in volumes {
             let att = v
@@ -182,6 +181,7 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
+        p: &SnapshotParams,
         place: (&str, &str),
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
@@ -195,7 +195,8 @@ impl Ec2Executor {
             None,
         )
         .await?;
-        let sources = self.backup_sources(ctx, ec2, &mut results).await?;
+        let devices = p.devices.as_deref().unwrap_or_default();
+        let sources = self.backup_sources(ctx, ec2, devices, &mut results).await?;
         if sources.is_empty() {
             if spec.allow_empty {
                 results.summary = Some("no volume matched the targets; nothing to do".into());
@@ -203,11 +204,12 @@ impl Ec2Executor {
             }
             return Err(no_targets(results));
         }
-        let group = spec.param_str("group").unwrap_or("default");
-        let template = spec.param_str("description").unwrap_or(DEFAULT_DESCRIPTION);
+        let group = p.backup.group();
+        let template = p.description.as_deref().unwrap_or(DEFAULT_DESCRIPTION);
         let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
-        let user_tags = string_map(spec.params.get("tags"));
-        let copy_tags = spec.flag("copy_tags");
+        let user_tags = p.backup.tags.clone().unwrap_or_default();
+        let copy_tags = p.backup.copy_tags.unwrap_or(false);
+        let stop_first = p.stop_first.unwrap_or(false);
         let tags_for = |src: &Source| {
             let mut tags = BTreeMap::new();
             if copy_tags {
@@ -278,7 +280,7 @@ impl Ec2Executor {
         }
         let live = |id: &str| matches!(insts[id].state.as_str(), "running" | "pending");
         let (mut restart, mut to_stop) = (Vec::new(), Vec::new());
-        if spec.flag("stop_first") {
+        if stop_first {
             for id in insts.keys() {
                 let needs_snapshot = sources.iter().any(|s| {
                     s.instance.as_ref().is_some_and(|i| &i.instance_id == id)
@@ -394,7 +396,7 @@ impl Ec2Executor {
         joined.map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
         self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
-        if spec.flag("stop_first") {
+        if stop_first {
             results.instances = insts
                 .into_values()
                 .map(|mut i| {
@@ -417,7 +419,7 @@ impl Ec2Executor {
         }
 
         // Rotation, only once the whole new generation completed.
-        let keep = spec.params.get("keep").and_then(|k| k.as_u64());
+        let keep = p.backup.keep;
         let mut rotations: HashMap<String, RotationResult> = HashMap::new();
         let rotation_note = match keep {
             Some(keep) if until == WaitUntil::Completed => {

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ec2jobd_ec2::{CopyOptions, Ec2, Watched};
+use ec2jobd_spec::action::{CopyParams, DeregisterParams, ImageParams};
 use ec2jobd_spec::{
     ImageResult, InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, WaitUntil,
 };
@@ -19,7 +20,7 @@ use serde_json::json;
 
 use super::backup::ROTATION_TAG;
 use super::rotation::{self, Made};
-use super::{dry_run_verdict, failed, no_targets, plural, string_map, Ec2Executor, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag on a copy naming what it was copied from.
@@ -245,6 +246,7 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
+        p: &ImageParams,
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let job_id = &ctx.job.id;
@@ -259,16 +261,17 @@ impl Ec2Executor {
         if insts.is_empty() {
             return Err(no_targets(results));
         }
-        let group = spec.param_str("group").unwrap_or("default");
+        let group = p.backup.group();
         let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
-        let name_t = spec.param_str("name").unwrap_or(DEFAULT_IMAGE_NAME);
-        let desc_t = spec
-            .param_str("description")
+        let name_t = p.name.as_deref().unwrap_or(DEFAULT_IMAGE_NAME);
+        let desc_t = p
+            .description
+            .as_deref()
             .unwrap_or("ec2jobd AMI of {instance_id} ({name}) {datetime}");
-        let user_tags = string_map(spec.params.get("tags"));
+        let user_tags = p.backup.tags.clone().unwrap_or_default();
         let tags_for = |i: &InstanceResult| {
             let mut tags = BTreeMap::new();
-            if spec.flag("copy_tags") {
+            if p.backup.copy_tags.unwrap_or(false) {
                 tags.extend(
                     i.tags
                         .iter()
@@ -281,7 +284,7 @@ impl Ec2Executor {
             tags.insert(INSTANCE_TAG.to_string(), i.instance_id.clone());
             tags
         };
-        let no_reboot = spec.flag("no_reboot");
+        let no_reboot = p.no_reboot.unwrap_or(false);
         if spec.dry_run {
             let mut ok = true;
             for i in &insts {
@@ -454,7 +457,7 @@ impl Ec2Executor {
             }
         }
         // Rotation, once every new AMI is available.
-        let keep = spec.params.get("keep").and_then(|k| k.as_u64());
+        let keep = p.backup.keep;
         let mut note = String::new();
         if let Some(keep) = keep {
             if until == WaitUntil::Completed {
@@ -591,6 +594,7 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
+        p: &DeregisterParams,
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let mut results = JobResults::default();
@@ -611,7 +615,7 @@ impl Ec2Executor {
             if !spec.dry_run {
                 img.state = "deregistered".into();
                 let mut did = vec!["deregistered".to_string()];
-                if spec.flag("delete_snapshots") {
+                if p.delete_snapshots.unwrap_or(false) {
                     for s in &img.snapshot_ids {
                         match ec2.delete_snapshot(s, false).await {
                             Ok(o) => {
@@ -680,16 +684,14 @@ impl Ec2Executor {
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
+        p: &CopyParams,
         (account, region): (&str, &str),
         kind: Ready,
     ) -> Result<JobResults, ExecError> {
         let spec = &ctx.job.spec;
         let job_id = &ctx.job.id;
         let mut results = JobResults::default();
-        let dest_region = spec
-            .param_str("destination_region")
-            .unwrap_or(region)
-            .to_string();
+        let dest_region = p.destination_region.clone();
         let dest = self
             .pool
             .get(account, &dest_region)
@@ -740,12 +742,12 @@ impl Ec2Executor {
             }
             return Err(no_targets(results));
         }
-        let mut tags = string_map(spec.params.get("tags"));
+        let mut tags = p.tags.clone().unwrap_or_default();
         tags.extend(super::made_by(ctx));
         let opts = |source: &str, desc: Option<&str>| CopyOptions {
-            encrypted: spec.flag("encrypted"),
-            kms_key_id: spec.param_str("kms_key_id").map(String::from),
-            description: spec.param_str("description").map(String::from).or_else(|| {
+            encrypted: p.encrypted.unwrap_or(false),
+            kms_key_id: p.kms_key_id.clone(),
+            description: p.description.clone().or_else(|| {
                 Some(format!(
                     "copy of {source} from {region}{}",
                     desc.map(|d| format!(": {d}")).unwrap_or_default()
@@ -810,7 +812,7 @@ impl Ec2Executor {
                 Ready::Images => {
                     let name =
                         ami_name(&format!("{}-copy-{job_id}", desc.as_deref().unwrap_or(src)));
-                    let name = spec.param_str("name").map(ami_name).unwrap_or(name);
+                    let name = p.name.as_deref().map(ami_name).unwrap_or(name);
                     dest.copy_image(region, src, &name, &o, spec.dry_run).await
                 }
             }

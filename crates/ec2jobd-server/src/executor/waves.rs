@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use ec2jobd_ec2::{evaluate, Ec2, Verdict, WaitFailure};
+use ec2jobd_ec2::{evaluate, Ec2, SharedCall, Verdict, WaitFailure};
 use ec2jobd_spec::{JobError, JobResults, Rate, WaitUntil};
 use serde_json::json;
 
@@ -16,7 +16,8 @@ use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
 impl Ec2Executor {
-    /// Runs `todo` in waves; `ids` are every target (for the results), `before` their states.
+    /// Makes `call` for `todo` in waves; `ids` are every target (for the results), `before` their
+    /// states.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn in_waves(
         &self,
@@ -25,7 +26,7 @@ impl Ec2Executor {
         (account, region): (&str, &str),
         ids: &[String],
         before: &HashMap<String, String>,
-        todo: &[String],
+        (call, todo): (&SharedCall, &[String]),
         rate: &Rate,
         mut results: JobResults,
     ) -> Result<JobResults, ExecError> {
@@ -69,7 +70,7 @@ impl Ec2Executor {
                 Some(n as u64),
             )
             .await?;
-            match self.call(ec2, ctx, (account, region), wave).await {
+            match self.call(ec2, ctx, (account, region), call, wave).await {
                 Err(e) => {
                     failed.extend(
                         wave.iter()

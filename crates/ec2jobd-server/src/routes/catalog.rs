@@ -95,28 +95,22 @@ pub fn check(name: &str, acct: &AccountSection, spec: &JobSpec) -> Result<(), Ap
     if let Some(r) = spec.region.as_deref() {
         checks.push(("region", r, &acct.allowed_regions, "allowed_regions"));
     }
-    if spec.action == Action::RunInstances {
-        if let Some(img) = spec.param_str("image_id") {
-            checks.push((
-                "params.image_id",
-                img,
-                &acct.allowed_images,
-                "allowed_images",
-            ));
-        }
+    let act = spec.action_spec()?;
+    if let Some(img) = act.image_id() {
+        checks.push((
+            "params.image_id",
+            img,
+            &acct.allowed_images,
+            "allowed_images",
+        ));
     }
-    if matches!(
-        spec.action,
-        Action::RunInstances | Action::ModifyInstanceAttribute
-    ) {
-        if let Some(t) = spec.param_str("instance_type") {
-            checks.push((
-                "params.instance_type",
-                t,
-                &acct.allowed_instance_types,
-                "allowed_instance_types",
-            ));
-        }
+    if let Some(t) = act.instance_type() {
+        checks.push((
+            "params.instance_type",
+            t,
+            &acct.allowed_instance_types,
+            "allowed_instance_types",
+        ));
     }
     for (field, value, list, key) in checks {
         if !allowed(list, value) {
