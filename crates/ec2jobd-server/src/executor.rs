@@ -19,17 +19,18 @@ use ec2jobd_ec2::{
 use ec2jobd_spec::action::{AuditParams, ModifyParams, OnMissing, RunParams};
 use ec2jobd_spec::{Action, ActionSpec, InstanceResult, JobError, JobResults, WaitUntil};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::parking::{wait_error, InstanceWait, Parking, PlannedCall, WaitOutcome};
 use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
+mod checkpoint;
 mod images;
 mod rotation;
 mod waves;
 mod workflow;
 pub use backup::ROTATION_TAG;
+use checkpoint::Checkpoint;
 use images::Ready;
 pub use images::SOURCE_TAG;
 
@@ -85,16 +86,11 @@ fn bound_by_attempt(ctx: &ExecCtx, wait: &mut InstanceWait) {
     wait.attempt_limit_ms = Some(ctx.limit.as_millis() as u64);
 }
 
-/// The `phase` of a parked job's checkpoint.
-const PARKED: &str = "parked";
-
 /// What an instance action knows when its final wait begins and needs after it: the checkpoint
 /// of a job parked for that wait, from which it is finished once the wait ends (or parked again,
 /// when the process holding it died).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct AfterWait {
-    /// Always [`PARKED`].
-    phase: String,
     /// The wait.
     wait: InstanceWait,
     /// Every target.
@@ -114,11 +110,10 @@ struct AfterWait {
 impl AfterWait {
     /// The parked state in a whole job's checkpoint (workflow steps do not park).
     fn of(ctx: &ExecCtx) -> Option<AfterWait> {
-        let cp = ctx.checkpoint.as_ref()?;
-        if ctx.step.is_some() || cp.get("phase").and_then(|p| p.as_str()) != Some(PARKED) {
-            return None;
+        match Checkpoint::of(ctx) {
+            Some(Checkpoint::Parked(after)) if ctx.step.is_none() => Some(*after),
+            _ => None,
         }
-        serde_json::from_value(cp.clone()).ok()
     }
 }
 
@@ -143,6 +138,7 @@ impl Executor for Ec2Executor {
         if act == ActionSpec::Workflow {
             return self.workflow(ctx).await;
         }
+        Checkpoint::check(ctx)?;
         // Account and region are filled in at submission; these fallbacks only guard old rows.
         let account = spec.account.as_deref().unwrap_or("default");
         let region = job_region(ctx);
@@ -384,16 +380,6 @@ fn settled(action: Action, state: &str) -> bool {
     }
 }
 
-fn str_list(v: Option<&serde_json::Value>) -> Vec<String> {
-    v.and_then(|v| v.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// `audit_tags`: lists the live instances in scope that lack any required tag key. Terminated
 /// instances are left out: they cannot be fixed and drop out of EC2 within the hour.
 async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2, p: &AuditParams) -> Result<JobResults, ExecError> {
@@ -558,7 +544,7 @@ impl Ec2Executor {
                     None => format!("ec2jobd-{job_id}-run"),
                 },
             };
-            ctx.save_checkpoint(json!({"phase": "calling"})).await?;
+            Checkpoint::Calling { ids: Vec::new() }.save(ctx).await?;
             ctx.progress(
                 "calling",
                 &format!(
@@ -587,8 +573,11 @@ impl Ec2Executor {
             return Ok(results);
         }
         let ids: Vec<String> = launched.iter().map(|i| i.instance_id.clone()).collect();
-        ctx.save_checkpoint(json!({"phase": "called", "ids": ids}))
-            .await?;
+        let called = Checkpoint::Called {
+            ids: ids.clone(),
+            restart: Vec::new(),
+        };
+        called.save(ctx).await?;
         let todo = if fresh { ids.clone() } else { Vec::new() };
         let before: HashMap<String, String> = if fresh {
             HashMap::new()
@@ -637,12 +626,7 @@ impl Ec2Executor {
 
         // Reboot and tagging leave no state to observe: a checkpoint after the call stops a resumed
         // attempt from making it twice.
-        let called_before = ctx
-            .checkpoint
-            .as_ref()
-            .and_then(|c| c.get("phase"))
-            .and_then(|p| p.as_str())
-            == Some("called");
+        let called_before = matches!(Checkpoint::of(ctx), Some(Checkpoint::Called { .. }));
         let todo: Vec<String> = match action {
             // A dry run is a permission check: it asks for every target, whatever its state.
             _ if spec.dry_run => ids.clone(),
@@ -687,8 +671,8 @@ impl Ec2Executor {
         after.unprotected = unprotected;
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;
-            ctx.save_checkpoint(json!({"phase": "calling", "ids": todo}))
-                .await?;
+            let calling = Checkpoint::Calling { ids: todo.clone() };
+            calling.save(ctx).await?;
             ctx.progress(
                 "calling",
                 &format!("{op} on {} instance(s) in {account}/{region}", todo.len()),
@@ -699,13 +683,13 @@ impl Ec2Executor {
             if !spec.dry_run && ctx.may_park() {
                 // The lot makes the call with other jobs' same call, then watches the instances.
                 bound_by_attempt(ctx, &mut after.wait);
+                let wait = after.wait.clone();
                 let call = PlannedCall {
                     call,
-                    ids: todo.clone(),
-                    then: serde_json::to_value(&after).unwrap_or_default(),
+                    ids: todo,
+                    then: Checkpoint::Parked(Box::new(after)).to_value(),
                 };
-                let state = json!({"phase": "calling", "ids": todo});
-                return Err(ctx.park(after.wait, state, Some(call)));
+                return Err(ctx.park(wait, calling.to_value(), Some(call)));
             }
             // A mutating call is never abandoned half-way: cancel is honoured after it returns.
             let outs = self
@@ -724,8 +708,11 @@ impl Ec2Executor {
                 ));
                 return Ok(results);
             }
-            ctx.save_checkpoint(json!({"phase": "called", "ids": todo}))
-                .await?;
+            let called = Checkpoint::Called {
+                ids: todo,
+                restart: Vec::new(),
+            };
+            called.save(ctx).await?;
             after.request_ids.clone_from(&results.request_ids);
         }
         self.wait_and_finish(ctx, ec2, after, results, true).await
@@ -771,10 +758,8 @@ impl Ec2Executor {
                 .collect(),
             None => Vec::new(),
         };
-        let earlier: Vec<String> = ctx
-            .checkpoint
-            .as_ref()
-            .map(|c| str_list(c.get("restart")))
+        let earlier: Vec<String> = Checkpoint::of(ctx)
+            .map(|c| c.restart().to_vec())
             .unwrap_or_default();
         let restart: Vec<String> = ids
             .iter()
@@ -840,8 +825,10 @@ impl Ec2Executor {
         ctx.check_cancel(&results)?;
         let since = self.lot.now_ms();
         if !resize.is_empty() || !restart.is_empty() {
-            ctx.save_checkpoint(json!({"phase": "resizing", "restart": restart}))
-                .await?;
+            let resizing = Checkpoint::Resizing {
+                restart: restart.clone(),
+            };
+            resizing.save(ctx).await?;
             // `before` is this attempt's own look, so a resumed attempt acts on what is true now.
             let live = &before;
             let stop: Vec<String> = restart
@@ -935,8 +922,11 @@ impl Ec2Executor {
                 note(&mut results, vec![out]);
             }
         }
-        ctx.save_checkpoint(json!({"phase": "called", "restart": restart}))
-            .await?;
+        let called = Checkpoint::Called {
+            ids: Vec::new(),
+            restart: restart.clone(),
+        };
+        called.save(ctx).await?;
         let todo: Vec<String> = ids
             .iter()
             .filter(|id| resize.contains(*id) || restart.contains(*id) || !protections.is_empty())
@@ -1105,7 +1095,6 @@ impl Ec2Executor {
     ) -> AfterWait {
         let (until, timeout, interval) = ctx.job.spec.wait_settings();
         AfterWait {
-            phase: PARKED.into(),
             wait: InstanceWait {
                 account: account.into(),
                 region: region.into(),
@@ -1153,8 +1142,9 @@ impl Ec2Executor {
         .await?;
         bound_by_attempt(ctx, wait);
         if parkable && ctx.may_park() {
-            let state = serde_json::to_value(&after).unwrap_or_default();
-            return Err(ctx.park(after.wait, state, None));
+            let wait = wait.clone();
+            let state = Checkpoint::Parked(Box::new(after)).to_value();
+            return Err(ctx.park(wait, state, None));
         }
         let rx = self
             .lot

@@ -23,10 +23,10 @@ use ec2jobd_spec::action::SnapshotParams;
 use ec2jobd_spec::{
     InstanceResult, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
 };
-use serde_json::json;
 
+use super::checkpoint::{self, Checkpoint};
 use super::rotation::{self, Made};
-use super::{dry_run_verdict, failed, no_targets, plural, str_list, Ec2Executor, Ready, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor, Ready, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
@@ -261,16 +261,14 @@ impl Ec2Executor {
                 }
             }
             // Checkpointed but gone: a newer generation's rotation deleted it (see `rotation`).
-            rotation::add_checkpointed(ctx, "snapshots", &mut made);
+            rotation::add_checkpointed(ctx, |m| &m.snapshots, &mut made);
         }
         let total = sources.len() as u64;
 
         // stop_first: instances with a volume still to snapshot are stopped first; the list to
         // start again is checkpointed before the first stop so a resumed attempt finishes the job.
-        let earlier: Vec<String> = ctx
-            .checkpoint
-            .as_ref()
-            .map(|c| str_list(c.get("restart")))
+        let earlier: Vec<String> = Checkpoint::of(ctx)
+            .map(|c| c.restart().to_vec())
             .unwrap_or_default();
         let mut insts: BTreeMap<String, InstanceResult> = BTreeMap::new();
         for src in &sources {
@@ -296,8 +294,10 @@ impl Ec2Executor {
         }
         let created = async {
             if !to_stop.is_empty() {
-                ctx.save_checkpoint(json!({"phase": "stopping", "restart": restart}))
-                    .await?;
+                let stopping = Checkpoint::Stopping {
+                    restart: restart.clone(),
+                };
+                stopping.save(ctx).await?;
                 ctx.progress(
                     "calling",
                     &format!(
@@ -329,9 +329,13 @@ impl Ec2Executor {
                     continue;
                 }
                 ctx.check_cancel(&results)?;
-                ctx.save_checkpoint(json!({"phase": "creating", "volume": vol,
-                    "snapshots": rotation::ids(&made), "restart": restart}))
-                    .await?;
+                let creating = Checkpoint::Creating(checkpoint::Made {
+                    volume: Some(vol.clone()),
+                    snapshots: rotation::ids(&made),
+                    restart: restart.clone(),
+                    ..Default::default()
+                });
+                creating.save(ctx).await?;
                 ctx.progress(
                     "calling",
                     &format!("CreateSnapshot of {vol} ({} of {total})", made.len() + 1),
@@ -353,9 +357,12 @@ impl Ec2Executor {
                     s.outcome = Some("created".into());
                     made.insert(vol.clone(), s);
                 }
-                ctx.save_checkpoint(json!({"phase": "created",
-                    "snapshots": rotation::ids(&made), "restart": restart}))
-                    .await?;
+                let created = Checkpoint::Created(checkpoint::Made {
+                    snapshots: rotation::ids(&made),
+                    restart: restart.clone(),
+                    ..Default::default()
+                });
+                created.save(ctx).await?;
             }
             Ok::<(), ExecError>(())
         }

@@ -16,9 +16,9 @@ use ec2jobd_spec::action::{CopyParams, DeregisterParams, ImageParams};
 use ec2jobd_spec::{
     ImageResult, InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, WaitUntil,
 };
-use serde_json::json;
 
 use super::backup::ROTATION_TAG;
+use super::checkpoint::{self, Checkpoint};
 use super::rotation::{self, Made};
 use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
@@ -331,7 +331,7 @@ impl Ec2Executor {
                 }
             }
             // Checkpointed but gone: a newer generation's rotation deregistered it.
-            rotation::add_checkpointed(ctx, "images", &mut made);
+            rotation::add_checkpointed(ctx, |m| &m.images, &mut made);
         }
         let total = insts.len() as u64;
         let created = async {
@@ -340,9 +340,12 @@ impl Ec2Executor {
                     continue;
                 }
                 ctx.check_cancel(&results)?;
-                ctx.save_checkpoint(json!({"phase": "creating", "instance": i.instance_id,
-                "images": rotation::ids(&made)}))
-                    .await?;
+                let creating = Checkpoint::Creating(checkpoint::Made {
+                    instance: Some(i.instance_id.clone()),
+                    images: rotation::ids(&made),
+                    ..Default::default()
+                });
+                creating.save(ctx).await?;
                 ctx.progress(
                     "calling",
                     &format!(
@@ -380,9 +383,12 @@ impl Ec2Executor {
                         },
                     );
                 }
-                ctx.save_checkpoint(json!({"phase": "created", "instance": i.instance_id,
-                "images": rotation::ids(&made)}))
-                    .await?;
+                let created = Checkpoint::Created(checkpoint::Made {
+                    instance: Some(i.instance_id.clone()),
+                    images: rotation::ids(&made),
+                    ..Default::default()
+                });
+                created.save(ctx).await?;
             }
             Ok::<(), ExecError>(())
         }
@@ -793,8 +799,8 @@ impl Ec2Executor {
                 continue;
             }
             ctx.check_cancel(&results)?;
-            ctx.save_checkpoint(json!({"phase": "copying", "source": src}))
-                .await?;
+            let source = src.clone();
+            Checkpoint::Copying { source }.save(ctx).await?;
             ctx.progress(
                 "calling",
                 &format!(
@@ -828,8 +834,8 @@ impl Ec2Executor {
                 }
                 copies.insert(src.clone(), id);
             }
-            ctx.save_checkpoint(json!({"phase": "copied", "source": src}))
-                .await?;
+            let source = src.clone();
+            Checkpoint::Copied { source }.save(ctx).await?;
         }
         if spec.dry_run {
             results.summary = Some(format!(

@@ -13,6 +13,7 @@ use ec2jobd_ec2::{Ec2, Ec2Error};
 use ec2jobd_spec::{ImageResult, JobResults, SnapshotResult};
 
 use super::backup::ROTATION_TAG;
+use super::checkpoint::{self, Checkpoint};
 use crate::runner::ExecCtx;
 
 /// A snapshot or AMI a backup job made, as rotation bookkeeping sees it.
@@ -79,24 +80,23 @@ impl Made for ImageResult {
 }
 
 /// Key (volume or instance) → id of what this attempt made so far, for the checkpoint.
-pub(super) fn ids<T: Made>(made: &BTreeMap<String, T>) -> BTreeMap<&str, &str> {
-    made.iter().map(|(k, m)| (k.as_str(), m.id())).collect()
+pub(super) fn ids<T: Made>(made: &BTreeMap<String, T>) -> BTreeMap<String, String> {
+    made.iter()
+        .map(|(k, m)| (k.clone(), m.id().to_string()))
+        .collect()
 }
 
-/// Adds what earlier attempts checkpointed under `field` but EC2 no longer has (not found by the
-/// job tag) as rotated away.
+/// Adds what earlier attempts checkpointed (`field` picks snapshots or AMIs) but EC2 no longer
+/// has (not found by the job tag) as rotated away.
 pub(super) fn add_checkpointed<T: Made>(
     ctx: &ExecCtx,
-    field: &str,
+    field: fn(&checkpoint::Made) -> &BTreeMap<String, String>,
     made: &mut BTreeMap<String, T>,
 ) {
-    let saved: BTreeMap<String, String> = ctx
-        .checkpoint
-        .as_ref()
-        .and_then(|c| c.get(field))
-        .and_then(|m| serde_json::from_value(m.clone()).ok())
-        .unwrap_or_default();
-    for (key, id) in saved {
+    let cp = Checkpoint::of(ctx);
+    let saved = cp.as_ref().and_then(Checkpoint::made).map(field);
+    for (key, id) in saved.into_iter().flatten() {
+        let (key, id) = (key.clone(), id.clone());
         let m = T::rotated_away(id, &key);
         made.entry(key).or_insert(m);
     }

@@ -9,9 +9,8 @@ use std::time::Instant;
 
 use ec2jobd_ec2::{evaluate, Ec2, SharedCall, Verdict, WaitFailure};
 use ec2jobd_spec::{JobError, JobResults, Rate, WaitUntil};
-use serde_json::json;
 
-use super::{str_list, Ec2Executor};
+use super::{Checkpoint, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
@@ -36,12 +35,10 @@ impl Ec2Executor {
         let n = todo.len();
         let size = rate.max_concurrency.of(n).max(1);
         let max_errors = rate.max_errors.of(n);
-        let cp = ctx.checkpoint.as_ref();
-        let mut done: Vec<String> = cp.map(|c| str_list(c.get("done"))).unwrap_or_default();
-        let mut failed: Vec<(String, String)> = cp
-            .and_then(|c| c.get("failed"))
-            .and_then(|f| serde_json::from_value(f.clone()).ok())
-            .unwrap_or_default();
+        let (mut done, mut failed) = match Checkpoint::of(ctx) {
+            Some(Checkpoint::Waves { done, failed }) => (done, failed),
+            _ => (Vec::new(), Vec::new()),
+        };
         let pending: Vec<String> = todo
             .iter()
             .filter(|id| !done.contains(id) && !failed.iter().any(|(f, _)| f == *id))
@@ -120,8 +117,11 @@ impl Ec2Executor {
                     }
                 }
             }
-            ctx.save_checkpoint(json!({"phase": "waves", "done": done, "failed": failed}))
-                .await?;
+            let waves = Checkpoint::Waves {
+                done: done.clone(),
+                failed: failed.clone(),
+            };
+            waves.save(ctx).await?;
         }
         let untouched: Vec<String> = todo
             .iter()

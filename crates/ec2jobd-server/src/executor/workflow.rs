@@ -2,26 +2,24 @@
 //! inside the job's lease, cancel and time limit. A step's targets may be the instances an earlier
 //! step acted on or launched (`{"from_step": "<name>"}`).
 //!
-//! The workflow checkpoints `{"step": i, "done": [results of finished steps], "inner": …}`, where
-//! `inner` is the running step's own checkpoint; a resumed attempt skips the finished steps and
+//! The workflow checkpoints an `Envelope` (`{"step": i, "done": [results of finished steps],
+//! "inner": …}`), where `inner` is the running step's own checkpoint; a resumed attempt skips the finished steps and
 //! resumes the running one from its own checkpoint (so a launch is not repeated: what a step creates
 //! is tagged with the job id and the step's name). A failed step stops the workflow unless it says
 //! `"on_failure": "continue"`; a transient failure ends the attempt so the job is retried from there.
 
-use ec2jobd_spec::{IdList, JobError, JobResults, StepResult};
-use serde_json::json;
-
+use super::checkpoint::Envelope;
 use super::Ec2Executor;
 use crate::runner::{ExecCtx, ExecError, Executor};
+use ec2jobd_spec::{IdList, JobError, JobResults, StepResult};
 
 impl Ec2Executor {
     /// Runs a `workflow` job.
     pub(super) async fn workflow(&self, ctx: &ExecCtx) -> Result<JobResults, ExecError> {
         let steps = ctx.job.spec.steps.clone().unwrap_or_default();
         let n = steps.len();
-        let cp = ctx.checkpoint.clone().unwrap_or_default();
-        let mut done: Vec<StepResult> =
-            serde_json::from_value(cp["done"].clone()).unwrap_or_default();
+        let cp = Envelope::of(ctx)?;
+        let mut done: Vec<StepResult> = cp.done.clone();
         let with_steps = |done: &Vec<StepResult>| JobResults {
             steps: done.clone(),
             ..Default::default()
@@ -59,10 +57,13 @@ impl Ec2Executor {
                 }
                 spec.targets.instance_ids = Some(IdList(ids));
             }
-            let inner = (cp["step"].as_u64() == Some(i as u64))
-                .then(|| cp["inner"].clone())
-                .filter(|v| !v.is_null());
-            let envelope = json!({"step": i, "done": done});
+            let inner = (cp.step == i).then(|| cp.inner.clone()).flatten();
+            let envelope = Envelope {
+                step: i,
+                done: done.clone(),
+                inner: None,
+            }
+            .to_value();
             ctx.save_checkpoint(envelope.clone()).await?;
             ctx.progress(
                 "step",
@@ -111,8 +112,12 @@ impl Ec2Executor {
                 error,
                 results: Box::new(results),
             });
-            ctx.save_checkpoint(json!({"step": i + 1, "done": done}))
-                .await?;
+            let next = Envelope {
+                step: i + 1,
+                done: done.clone(),
+                inner: None,
+            };
+            ctx.save_checkpoint(next.to_value()).await?;
             if let Some(e) = failure {
                 if st.on_failure.as_deref() != Some("continue") {
                     let error = JobError {
