@@ -19,14 +19,14 @@ use tower_http::trace::TraceLayer;
 use crate::auth;
 use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
-use crate::executor::Ec2Executor;
 use crate::metrics::Metrics;
-use crate::parking::Parking;
 use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
-use crate::runner::{Runner, RunnerConfig};
 use crate::sns::notify::Notifier;
 use crate::sns::verify::{CertStore, HttpFetcher};
 use crate::state::AppState;
+use ec2jobd_exec::executor::Ec2Executor;
+use ec2jobd_exec::parking::Parking;
+use ec2jobd_exec::runner::{Runner, RunnerConfig};
 
 /// Opens the configured store (applying migrations).
 pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<SqliteStore> {

@@ -1,6 +1,7 @@
-//! The ec2jobd daemon: HTTP API (axum), authentication, the job runner and the EC2 executor, config
-//! and the command line. This crate wires the others together: `spec` for the vocabulary, `store`
-//! for the durable queue, `ec2` for AWS. It holds no SQL and no AWS calls of its own.
+//! The ec2jobd daemon: HTTP API (axum), authentication, config and the command line. This crate
+//! wires the others together: `spec` for the vocabulary, `store` for the durable queue, `ec2` for
+//! AWS, `exec` for the runner and executor that work the queue. It holds no SQL and no AWS calls of
+//! its own.
 
 pub mod app;
 pub mod auth;
@@ -9,14 +10,11 @@ pub mod client;
 pub mod config;
 pub mod deadline;
 pub mod error;
-pub mod executor;
 pub mod listener;
 pub mod metrics;
 pub mod openapi;
-pub mod parking;
 pub mod report;
 pub mod retention;
 pub mod routes;
-pub mod runner;
 pub mod sns;
 pub mod state;

@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use ec2jobd_ec2::CallObserver;
+use ec2jobd_exec::RunObserver;
 use ec2jobd_spec::JobState;
 
 type Labels = Vec<(String, String)>;
@@ -164,11 +165,6 @@ impl Metrics {
         }
     }
 
-    /// Jobs parked in this process now.
-    pub fn set_parked(&self, n: i64) {
-        self.parked.set(n);
-    }
-
     /// Retention deleted `n` rows of `what`.
     pub fn pruned(&self, what: &str, n: u64) {
         self.pruned
@@ -188,20 +184,6 @@ impl Metrics {
         self.submitted
             .get_or_create(&vec![("action".into(), action.into())])
             .inc();
-    }
-
-    /// An attempt ended; `outcome` is the resulting state or `retry`.
-    pub fn attempt(&self, action: &str, outcome: &str, seconds: f64) {
-        let labels = vec![
-            ("action".into(), action.to_string()),
-            ("outcome".into(), outcome.to_string()),
-        ];
-        self.duration.get_or_create(&labels).observe(seconds);
-        if outcome == "retry" {
-            self.retries.inc();
-        } else {
-            self.finished.get_or_create(&labels).inc();
-        }
     }
 
     /// The metrics in the format asked for: OpenMetrics 1.0 text, or Prometheus's classic text
@@ -290,6 +272,27 @@ fn classic(openmetrics: &str) -> String {
         out.push_str(&format!("# TYPE {family} {kind}\n"));
     }
     out
+}
+
+impl RunObserver for Metrics {
+    /// An attempt ended; `outcome` is the resulting state or `retry`.
+    fn attempt(&self, action: &str, outcome: &str, seconds: f64) {
+        let labels = vec![
+            ("action".into(), action.to_string()),
+            ("outcome".into(), outcome.to_string()),
+        ];
+        self.duration.get_or_create(&labels).observe(seconds);
+        if outcome == "retry" {
+            self.retries.inc();
+        } else {
+            self.finished.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Jobs parked in this process now.
+    fn set_parked(&self, n: i64) {
+        self.parked.set(n);
+    }
 }
 
 impl CallObserver for Metrics {

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::TokenCache;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::runner::Runner;
+use ec2jobd_exec::runner::Runner;
 
 /// Passed to every handler with `Router::with_state`. Cheap to clone: everything is behind `Arc`.
 #[derive(Clone)]

@@ -104,7 +104,7 @@ async fn rig(steps: Vec<Step>, cfg: RunnerConfig) -> Rig {
         store.clone(),
         script.clone(),
         cfg,
-        Arc::new(Metrics::new()),
+        Arc::new(()),
         Arc::new(SystemClock),
         7,
     ));

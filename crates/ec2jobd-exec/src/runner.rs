@@ -31,8 +31,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
 use crate::parking::{InstanceWait, Parked, Parking, PlannedCall};
+use crate::RunObserver;
 
 /// Why an attempt did not succeed.
 #[derive(Debug)]
@@ -289,7 +289,7 @@ pub struct Runner {
     store: Arc<dyn Store>,
     executor: Arc<dyn Executor>,
     cfg: RunnerConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn RunObserver>,
     clock: Arc<dyn Clock>,
     rng: Mutex<StdRng>,
     active: Mutex<HashMap<String, CancellationToken>>,
@@ -307,7 +307,7 @@ impl Runner {
         store: Arc<dyn Store>,
         executor: Arc<dyn Executor>,
         cfg: RunnerConfig,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn RunObserver>,
         clock: Arc<dyn Clock>,
         seed: u64,
     ) -> Self {

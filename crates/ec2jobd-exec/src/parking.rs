@@ -38,7 +38,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::RunObserver;
 
 /// What a job waits for: saved in its checkpoint while parked, so a restart can park it again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,7 +311,7 @@ pub struct Parking {
     store: Arc<dyn Store>,
     pool: Arc<Ec2Pool>,
     clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn RunObserver>,
     lease: Duration,
     max_parked: usize,
     parked: AtomicUsize,
@@ -324,7 +324,7 @@ impl Parking {
         store: Arc<dyn Store>,
         pool: Arc<Ec2Pool>,
         clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn RunObserver>,
         lease: Duration,
         max_parked: usize,
     ) -> Arc<Self> {
