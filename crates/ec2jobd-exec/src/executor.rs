@@ -26,6 +26,7 @@ use crate::runner::{ExecCtx, ExecError, Executor};
 mod backup;
 mod checkpoint;
 mod images;
+mod plan;
 mod rotation;
 mod waves;
 mod workflow;
@@ -291,36 +292,13 @@ async fn resolve(
     Ok(Some(found.instances))
 }
 
-/// States from which the action cannot do what it promises. Checked before any call, because EC2
-/// does not always refuse (moto starts a terminated instance) and a wait would only time out.
-fn wrong_state(action: Action, state: &str) -> Option<&'static str> {
-    let gone = matches!(state, "terminated" | "shutting-down");
-    match action {
-        Action::StartInstances | Action::StopInstances | Action::ModifyInstanceAttribute
-            if gone =>
-        {
-            Some("it is terminated")
-        }
-        Action::RebootInstances if gone || matches!(state, "stopped" | "stopping") => {
-            Some("only running instances can be rebooted")
-        }
-        _ => None,
-    }
-}
-
 /// The refusal when some target is in a state the action cannot act from.
 fn refuse_states(
     action: Action,
     found: &[InstanceResult],
     results: &JobResults,
 ) -> Option<ExecError> {
-    let bad: Vec<String> = found
-        .iter()
-        .filter_map(|i| {
-            wrong_state(action, &i.state)
-                .map(|why| format!("{} is {} ({why})", i.instance_id, i.state))
-        })
-        .collect();
+    let bad = plan::refused(action, found);
     if bad.is_empty() {
         return None;
     }
@@ -367,16 +345,6 @@ fn no_targets(results: JobResults) -> ExecError {
         },
         transient: false,
         results,
-    }
-}
-
-/// States in which the action has nothing left to do for an instance.
-fn settled(action: Action, state: &str) -> bool {
-    match action {
-        Action::StartInstances => matches!(state, "running" | "pending"),
-        Action::StopInstances => matches!(state, "stopped" | "stopping"),
-        Action::TerminateInstances => matches!(state, "terminated" | "shutting-down"),
-        _ => false,
     }
 }
 
@@ -618,26 +586,9 @@ impl Ec2Executor {
         if let Some(e) = refuse_states(action, &found, &results) {
             return Err(e);
         }
-        let ids: Vec<String> = found.iter().map(|i| i.instance_id.clone()).collect();
-        let before: HashMap<String, String> = found
-            .iter()
-            .map(|i| (i.instance_id.clone(), i.state.clone()))
-            .collect();
-
-        // Reboot and tagging leave no state to observe: a checkpoint after the call stops a resumed
-        // attempt from making it twice.
-        let called_before = matches!(Checkpoint::of(ctx), Some(Checkpoint::Called { .. }));
-        let todo: Vec<String> = match action {
-            // A dry run is a permission check: it asks for every target, whatever its state.
-            _ if spec.dry_run => ids.clone(),
-            Action::StartInstances | Action::StopInstances | Action::TerminateInstances => ids
-                .iter()
-                .filter(|id| !settled(action, &before[*id]))
-                .cloned()
-                .collect(),
-            _ if called_before => Vec::new(),
-            _ => ids.clone(),
-        };
+        let targets = plan::Targets::of(&found);
+        let todo = plan::to_call(action, &targets, Checkpoint::of(ctx).as_ref(), spec.dry_run);
+        let plan::Targets { ids, before } = targets;
         let op = action.as_str();
         let unprotected = if action == Action::TerminateInstances {
             self.clear_termination_protection(ctx, ec2, &todo, unprotect, &results)
@@ -740,43 +691,18 @@ impl Ec2Executor {
         if let Some(e) = refuse_states(spec.action, &found, &results) {
             return Err(e);
         }
-        let ids: Vec<String> = found.iter().map(|i| i.instance_id.clone()).collect();
-        let before: HashMap<String, String> = found
-            .iter()
-            .map(|i| (i.instance_id.clone(), i.state.clone()))
-            .collect();
+        let targets = plan::Targets::of(&found);
+        let plan::Modify {
+            resize,
+            restart,
+            protections,
+        } = plan::modify(p, &found, &targets, Checkpoint::of(ctx).as_ref());
+        let plan::Targets { ids, before } = targets;
         let want_type = p.instance_type.as_deref();
         let old_type: HashMap<String, String> = found
             .iter()
             .filter_map(|i| Some((i.instance_id.clone(), i.instance_type.clone()?)))
             .collect();
-        let resize: Vec<String> = match want_type {
-            Some(t) => ids
-                .iter()
-                .filter(|id| old_type.get(*id).map(String::as_str) != Some(t))
-                .cloned()
-                .collect(),
-            None => Vec::new(),
-        };
-        let earlier: Vec<String> = Checkpoint::of(ctx)
-            .map(|c| c.restart().to_vec())
-            .unwrap_or_default();
-        let restart: Vec<String> = ids
-            .iter()
-            .filter(|id| {
-                earlier.contains(id)
-                    || (resize.contains(id)
-                        && matches!(before[*id].as_str(), "running" | "pending"))
-            })
-            .cloned()
-            .collect();
-        let protections: Vec<Attribute> = [
-            (p.termination_protection, Protection::Termination),
-            (p.stop_protection, Protection::Stop),
-        ]
-        .into_iter()
-        .filter_map(|(on, which)| Some(Attribute::Protection(which, on?)))
-        .collect();
         let note = |r: &mut JobResults, outs: Vec<CallOutcome>| {
             r.request_ids
                 .extend(outs.into_iter().filter_map(|o| o.request_id));
@@ -891,7 +817,7 @@ impl Ec2Executor {
             let start: Vec<String> = restart
                 .iter()
                 .filter(|id| {
-                    !settled(
+                    !plan::settled(
                         Action::StartInstances,
                         live.get(*id).map(String::as_str).unwrap_or(""),
                     ) || stop.contains(*id)
@@ -948,7 +874,8 @@ impl Ec2Executor {
             .await?;
         for r in &mut results.instances {
             let mut did = Vec::new();
-            if resize.contains(&r.instance_id) || earlier.contains(&r.instance_id) {
+            // `restart` holds those an earlier attempt resized (they already have the new type).
+            if resize.contains(&r.instance_id) || restart.contains(&r.instance_id) {
                 r.previous_instance_type = old_type.get(&r.instance_id).cloned();
                 did.push(format!(
                     "type {} -> {}",

@@ -26,7 +26,7 @@ use ec2jobd_spec::{
 
 use super::checkpoint::{self, Checkpoint};
 use super::rotation::{self, Made};
-use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor, Ready, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor, Ready, JOB_TAG};
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
@@ -277,21 +277,17 @@ impl Ec2Executor {
             }
         }
         let live = |id: &str| matches!(insts[id].state.as_str(), "running" | "pending");
-        let (mut restart, mut to_stop) = (Vec::new(), Vec::new());
-        if stop_first {
-            for id in insts.keys() {
-                let needs_snapshot = sources.iter().any(|s| {
-                    s.instance.as_ref().is_some_and(|i| &i.instance_id == id)
+        let (restart, to_stop) = if stop_first {
+            let needs_snapshot = |id: &str| {
+                sources.iter().any(|s| {
+                    s.instance.as_ref().is_some_and(|i| i.instance_id == id)
                         && !made.contains_key(&s.volume.volume_id)
-                });
-                if live(id) && needs_snapshot {
-                    to_stop.push(id.clone());
-                }
-                if earlier.contains(id) || (live(id) && needs_snapshot) {
-                    restart.push(id.clone());
-                }
-            }
-        }
+                })
+            };
+            plan::stop_first(&insts, needs_snapshot, &earlier)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let created = async {
             if !to_stop.is_empty() {
                 let stopping = Checkpoint::Stopping {

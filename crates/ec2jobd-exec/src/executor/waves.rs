@@ -10,7 +10,7 @@ use std::time::Instant;
 use ec2jobd_ec2::{evaluate, Ec2, SharedCall, Verdict, WaitFailure};
 use ec2jobd_spec::{JobError, JobResults, Rate, WaitUntil};
 
-use super::{Checkpoint, Ec2Executor};
+use super::{plan, Checkpoint, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
@@ -39,12 +39,7 @@ impl Ec2Executor {
             Some(Checkpoint::Waves { done, failed }) => (done, failed),
             _ => (Vec::new(), Vec::new()),
         };
-        let pending: Vec<String> = todo
-            .iter()
-            .filter(|id| !done.contains(id) && !failed.iter().any(|(f, _)| f == *id))
-            .cloned()
-            .collect();
-        let waves: Vec<&[String]> = pending.chunks(size).collect();
+        let waves = plan::waves(todo, &done, &failed, size);
         let started = Instant::now();
         let mut to_ok: HashMap<String, f64> = HashMap::new();
         let mut last: HashMap<String, ec2jobd_ec2::InstanceStatus> = HashMap::new();
