@@ -623,16 +623,9 @@ impl Ec2Executor {
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;
             let calling = Checkpoint::Calling { ids: todo.clone() };
-            calling.save(ctx).await?;
-            ctx.progress(
-                "calling",
-                &format!("{op} on {} instance(s) in {account}/{region}", todo.len()),
-                Some(0),
-                Some(todo.len() as u64),
-            )
-            .await?;
             if !spec.dry_run && ctx.may_park() {
                 // The lot makes the call with other jobs' same call, then watches the instances.
+                // Parking saves `calling` and the progress naming the call in one write.
                 bound_by_attempt(ctx, &mut after.wait);
                 let wait = after.wait.clone();
                 let call = PlannedCall {
@@ -642,6 +635,14 @@ impl Ec2Executor {
                 };
                 return Err(ctx.park(wait, calling.to_value(), Some(call)));
             }
+            calling.save(ctx).await?;
+            ctx.progress(
+                "calling",
+                &format!("{op} on {} instance(s) in {account}/{region}", todo.len()),
+                Some(0),
+                Some(todo.len() as u64),
+            )
+            .await?;
             // A mutating call is never abandoned half-way: cancel is honoured after it returns.
             let outs = self
                 .call(ec2, ctx, (account, region), &call, &todo)
@@ -1059,6 +1060,13 @@ impl Ec2Executor {
                 .await;
         }
         ctx.check_cancel(&results)?;
+        bound_by_attempt(ctx, wait);
+        if parkable && ctx.may_park() {
+            // Parking records the waiting progress with the checkpoint.
+            let wait = wait.clone();
+            let state = Checkpoint::Parked(Box::new(after)).to_value();
+            return Err(ctx.park(wait, state, None));
+        }
         let total = wait.ids.len() as u64;
         ctx.progress(
             "waiting",
@@ -1067,12 +1075,6 @@ impl Ec2Executor {
             Some(total),
         )
         .await?;
-        bound_by_attempt(ctx, wait);
-        if parkable && ctx.may_park() {
-            let wait = wait.clone();
-            let state = Checkpoint::Parked(Box::new(after)).to_value();
-            return Err(ctx.park(wait, state, None));
-        }
         let rx = self
             .lot
             .wait_here(&ctx.job.id, ctx.worker(), ctx.label(), wait.clone())

@@ -23,7 +23,7 @@
 //! executor does), or keep more per job than its wait: memory per parked job is a benchmark figure.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -315,6 +315,8 @@ pub struct Parking {
     lease: Duration,
     max_parked: usize,
     parked: AtomicUsize,
+    /// Jobs this lot has queued again since it started (see [`Parking::returned`]).
+    returned: AtomicU64,
     regions: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Cmd>>>,
 }
 
@@ -337,6 +339,7 @@ impl Parking {
             lease,
             max_parked,
             parked: AtomicUsize::new(0),
+            returned: AtomicU64::new(0),
             regions: Mutex::new(HashMap::new()),
         })
     }
@@ -356,9 +359,15 @@ impl Parking {
         self.parked.load(Ordering::SeqCst) < self.max_parked
     }
 
-    /// Jobs parked here now.
+    /// Jobs parked here now (each counted until the store has it queued again).
     pub fn parked(&self) -> usize {
         self.parked.load(Ordering::SeqCst)
+    }
+
+    /// Jobs this lot has queued again since it started: admission adds those returned since it
+    /// last read the queue's depth, which does not hold them yet.
+    pub fn returned(&self) -> u64 {
+        self.returned.load(Ordering::SeqCst)
     }
 
     fn set_parked(&self, delta: isize) {
@@ -760,7 +769,6 @@ impl Parking {
             let _ = reply.send(outcome);
             return;
         }
-        self.set_parked(-1);
         let message = match (&outcome.error, outcome.cancelled) {
             (_, true) => "wait ended by the cancel; resuming".to_string(),
             (Some(err), _) => format!("wait failed ({}); resuming", err.code),
@@ -773,7 +781,13 @@ impl Parking {
             let mut delay = Duration::from_millis(500);
             loop {
                 match me.store.unpark(&job, &me.id, value.clone(), &message).await {
-                    Ok(()) | Err(StoreError::LeaseLost) => return,
+                    Ok(()) | Err(StoreError::LeaseLost) => {
+                        // Counted as returned before it stops counting as parked: admission
+                        // never sees it in neither.
+                        me.returned.fetch_add(1, Ordering::SeqCst);
+                        me.set_parked(-1);
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(job, error = %e, "could not end a parked wait; retrying");
                         tokio::time::sleep(delay).await;

@@ -369,6 +369,11 @@ impl Runner {
         self.lot.as_ref().map_or(0, |l| l.parked())
     }
 
+    /// Jobs this process's lot has queued again since it started ([`Parking::returned`]).
+    pub fn returned(&self) -> u64 {
+        self.lot.as_ref().map_or(0, |l| l.returned())
+    }
+
     /// Jobs running in this process now.
     pub fn running(&self) -> usize {
         self.lock_active().len()
@@ -604,18 +609,31 @@ impl Runner {
             tracing::error!("an executor parked a job in a runner without a parking lot");
             return;
         };
-        let message = match &call {
-            Some(c) => format!(
-                "{} and waiting for {} without holding a worker",
-                c.call.operation(),
-                wait.describe()
+        let (phase, message) = match &call {
+            Some(c) => (
+                "calling",
+                format!(
+                    "{} on {} instance(s), then waiting for {} without holding a worker",
+                    c.call.operation(),
+                    c.ids.len(),
+                    wait.describe()
+                ),
             ),
-            None => format!("waiting for {} without holding a worker", wait.describe()),
+            None => (
+                "waiting",
+                format!("waiting for {} without holding a worker", wait.describe()),
+            ),
+        };
+        let progress = Progress {
+            phase: phase.into(),
+            message,
+            done: Some(0),
+            total: Some(wait.ids.len() as u64),
         };
         let lease_ms = self.cfg.lease.as_millis() as i64;
         match self
             .store
-            .park(id, worker, lot.id(), lease_ms, checkpoint, &message)
+            .park(id, worker, lot.id(), lease_ms, checkpoint, progress)
             .await
         {
             Ok(()) => {

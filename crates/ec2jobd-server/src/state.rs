@@ -37,42 +37,48 @@ pub struct AppState {
 }
 
 /// Admission control: the queue depth, read from the store at most every 250 ms and counted up
-/// between reads by this process's own submissions, so a burst cannot slip past the limit.
+/// between reads by this process's own submissions and the parked jobs its lot queued again, so
+/// neither a burst nor waits ending together slip past the limit.
 #[derive(Debug, Default)]
 pub struct Admission {
-    seen: std::sync::Mutex<Option<(std::time::Instant, i64)>>,
+    /// When the depth was read, the depth (plus admissions since), the lot's `returned` then.
+    seen: std::sync::Mutex<Option<(std::time::Instant, i64, u64)>>,
 }
 
 impl Admission {
-    /// Admits one more job when fewer than `max` are queued, counting the `returning` jobs parked
-    /// in this process (each comes back to the queue when its wait ends) (`max` 0: always);
-    /// `Ok(false)` when full.
+    /// Admits one more job when fewer than `max` are queued (`max` 0: always), counting the
+    /// jobs parked in this process, each of which comes back to the queue when its wait ends
+    /// (`parked` now, and `returned`: how many the lot has queued again so far); `Ok(false)` when
+    /// full.
     pub async fn admit(
         &self,
         store: &dyn Store,
         max: u64,
-        returning: u64,
+        (parked, returned): (u64, u64),
     ) -> Result<bool, ec2jobd_store::StoreError> {
         if max == 0 {
             return Ok(true);
         }
         let fresh = {
             let g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            g.filter(|(at, _)| at.elapsed() < std::time::Duration::from_millis(250))
+            g.filter(|(at, ..)| at.elapsed() < std::time::Duration::from_millis(250))
         };
-        let depth = match fresh {
-            Some((_, d)) => d,
+        let (depth, returned_then) = match fresh {
+            Some((_, d, r)) => (d, r),
             None => {
+                // `returned` is taken before the read: a job returned meanwhile is counted twice
+                // (refusing early), never missed.
                 let d = store.queued().await?;
                 *self.seen.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((std::time::Instant::now(), d));
-                d
+                    Some((std::time::Instant::now(), d, returned));
+                (d, returned)
             }
         };
-        if depth.max(0) as u64 + returning >= max {
+        let since = returned.saturating_sub(returned_then);
+        if depth.max(0) as u64 + since + parked >= max {
             return Ok(false);
         }
-        if let Some((_, d)) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        if let Some((_, d, _)) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
             *d += 1;
         }
         Ok(true)

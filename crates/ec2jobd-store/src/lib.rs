@@ -317,7 +317,8 @@ pub trait Store: Send + Sync + 'static {
     async fn requeue_expired(&self) -> Result<u64>;
     /// Parks a job the worker holds for a wait that needs no worker: saves `checkpoint` (what it
     /// waits for and how it goes on), and hands the lease to the parking lot `lot`, which renews it
-    /// with [`Store::renew_lot`]. The job stays `running`; `message` goes into its event log.
+    /// with [`Store::renew_lot`]. The job stays `running` with `progress`, whose message goes into
+    /// its event log: one write for all three.
     async fn park(
         &self,
         id: &str,
@@ -325,7 +326,7 @@ pub trait Store: Send + Sync + 'static {
         lot: &str,
         lease_ms: i64,
         checkpoint: serde_json::Value,
-        message: &str,
+        progress: Progress,
     ) -> Result<()>;
     /// Ends a parked wait: the job is queued again with `outcome` (claims hand it over as
     /// [`Claimed::waited`]), the attempt not counted a second time. Fenced by the lot's id.

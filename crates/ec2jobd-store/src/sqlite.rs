@@ -943,20 +943,20 @@ impl Store for SqliteStore {
         lot: &str,
         lease_ms: i64,
         checkpoint: Value,
-        message: &str,
+        progress: Progress,
     ) -> Result<()> {
         let (job_id, worker, lot) = (id.to_string(), worker.to_string(), lot.to_string());
-        let message = message.to_string();
         let clock = self.clock.clone();
         self.write(move |conn| {
             Box::pin(async move {
                 let now = clock.now_ms();
                 let n = sqlx::query(
-                    "UPDATE jobs SET checkpoint = ?, wait_outcome = NULL, lease_owner = ?, \
-                     lease_expires_at = ?, updated_at = ? \
+                    "UPDATE jobs SET checkpoint = ?, progress = ?, wait_outcome = NULL, \
+                     lease_owner = ?, lease_expires_at = ?, updated_at = ? \
                      WHERE id = ? AND lease_owner = ? AND state = 'running'",
                 )
                 .bind(encode(&checkpoint))
+                .bind(encode(&progress))
                 .bind(&lot)
                 .bind(now + lease_ms)
                 .bind(now)
@@ -968,7 +968,8 @@ impl Store for SqliteStore {
                 if n == 0 {
                     return Err(StoreError::LeaseLost);
                 }
-                add_event(conn, &job_id, now, "parked", &message, &json!({"lot": lot})).await
+                let data = json!({"lot": lot, "phase": progress.phase});
+                add_event(conn, &job_id, now, "parked", &progress.message, &data).await
             })
         })
         .await?;

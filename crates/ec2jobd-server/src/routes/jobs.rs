@@ -339,10 +339,10 @@ pub async fn enqueue_and_answer(
 /// Refuses a submission with 429 (and Retry-After) when `queue.max_queued` jobs are waiting.
 pub async fn admit(state: &AppState) -> Result<(), ApiError> {
     let max = state.config.queue.max_queued;
-    let returning = state.runner.parked() as u64;
+    let lot = (state.runner.parked() as u64, state.runner.returned());
     if state
         .admission
-        .admit(state.store.as_ref(), max, returning)
+        .admit(state.store.as_ref(), max, lot)
         .await?
     {
         return Ok(());

@@ -634,6 +634,15 @@ async fn prune_deletes_old_finished_jobs_and_deliveries_in_batches() {
 /// A parked job is held by its lot, not by the worker that parked it: the worker's writes are
 /// refused, the lot renews every lease it holds in one call (learning of cancels), and ending the
 /// wait queues the job again with the outcome, the attempt counted once.
+fn waiting() -> Progress {
+    Progress {
+        phase: "waiting".into(),
+        message: "waiting".into(),
+        done: None,
+        total: None,
+    }
+}
+
 #[tokio::test]
 async fn parked_jobs_belong_to_their_lot_until_the_wait_ends() {
     let f = fixture().await;
@@ -642,11 +651,11 @@ async fn parked_jobs_belong_to_their_lot_until_the_wait_ends() {
     assert_eq!(f.store.claim("w", 1_000, 2).await.unwrap().len(), 2);
     let cp = json!({"phase": "parked", "ids": ["i-01234567"]});
     f.store
-        .park(&job.id, "w", "lot", 1_000, cp.clone(), "waiting")
+        .park(&job.id, "w", "lot", 1_000, cp.clone(), waiting())
         .await
         .unwrap();
     f.store
-        .park(&other.id, "w", "lot", 1_000, cp.clone(), "waiting")
+        .park(&other.id, "w", "lot", 1_000, cp.clone(), waiting())
         .await
         .unwrap();
     // The worker that parked it no longer holds it.
@@ -706,7 +715,7 @@ async fn parked_jobs_belong_to_their_lot_until_the_wait_ends() {
     );
     // Parking again forgets the last outcome.
     f.store
-        .park(&job.id, "w2", "lot", 1_000, cp.clone(), "waiting")
+        .park(&job.id, "w2", "lot", 1_000, cp.clone(), waiting())
         .await
         .unwrap();
     // At shutdown the lot gives its jobs back; the next claim has no outcome and counts no attempt.
@@ -720,7 +729,7 @@ async fn parked_jobs_belong_to_their_lot_until_the_wait_ends() {
     // A lot that dies leaves its leases to expire like a worker's.
     for c in &c {
         f.store
-            .park(&c.job.id, "w3", "dead-lot", 1_000, cp.clone(), "waiting")
+            .park(&c.job.id, "w3", "dead-lot", 1_000, cp.clone(), waiting())
             .await
             .unwrap();
     }
