@@ -255,32 +255,35 @@ async fn resolve(
     results: &mut JobResults,
 ) -> Result<Option<Vec<InstanceResult>>, ExecError> {
     ctx.check_cancel(results)?;
-    ctx.progress(
-        "resolving_targets",
-        "finding the target instances",
-        None,
-        None,
-    )
-    .await?;
     let t = &ctx.job.spec.targets;
     let by_id = match (&t.instance_ids, &t.tags, &t.filters, shared) {
         (Some(ids), None, None, Some(c)) => Some((ids.0.clone(), c)),
         _ => None,
     };
-    let found = tokio::select! {
-        r = async {
-            match by_id {
-                Some((ids, c)) => c.call(SharedCall::Describe, ids).await.map(|a| Described {
-                    instances: a.instances,
-                    request_ids: a.request_ids,
-                    dry_run_ok: false,
-                }),
-                None => ec2.describe_instances(t, false).await,
-            }
-        } => r,
-        _ = ctx.cancelled() => return Err(ExecError::Cancelled(results.clone())),
-    }
-    .map_err(|e| failed(e, JobResults::default()))?;
+    let describe = async {
+        tokio::select! {
+            r = async {
+                match by_id {
+                    Some((ids, c)) => c.call(SharedCall::Describe, ids).await.map(|a| Described {
+                        instances: a.instances,
+                        request_ids: a.request_ids,
+                        dry_run_ok: false,
+                    }),
+                    None => ec2.describe_instances(t, false).await,
+                }
+            } => Some(r),
+            _ = ctx.cancelled() => None,
+        }
+    };
+    let found = ctx
+        .quietly(
+            "resolving_targets",
+            "finding the target instances",
+            describe,
+        )
+        .await?
+        .ok_or_else(|| ExecError::Cancelled(results.clone()))?
+        .map_err(|e| failed(e, JobResults::default()))?;
     results.request_ids.extend(found.request_ids);
     if found.instances.is_empty() {
         if ctx.job.spec.allow_empty {

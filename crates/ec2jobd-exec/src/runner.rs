@@ -34,6 +34,9 @@ use tracing::Instrument;
 use crate::parking::{InstanceWait, Parked, Parking, PlannedCall};
 use crate::RunObserver;
 
+/// How long a step may take before [`ExecCtx::quietly`] records its progress.
+pub const QUIET_STEP: Duration = Duration::from_millis(200);
+
 /// Why an attempt did not succeed.
 #[derive(Debug)]
 pub enum ExecError {
@@ -167,6 +170,24 @@ impl ExecCtx {
                 Ok(())
             }
         }
+    }
+
+    /// Awaits `step`, recording `phase`/`message` as progress only if it is still going after
+    /// [`QUIET_STEP`]: a step that ends sooner (a describe shared with other jobs) costs no write,
+    /// one that hangs still shows what the job is doing.
+    pub async fn quietly<T>(
+        &self,
+        phase: &str,
+        message: &str,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<T, ExecError> {
+        tokio::pin!(step);
+        tokio::select! {
+            out = &mut step => return Ok(out),
+            _ = tokio::time::sleep(QUIET_STEP) => {}
+        }
+        self.progress(phase, message, None, None).await?;
+        Ok(step.await)
     }
 
     /// `state` as the job's checkpoint: a workflow step's goes inside the workflow's envelope.
