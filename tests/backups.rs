@@ -715,18 +715,18 @@ async fn ami_rotation_and_cross_region_copies() {
         );
     }
 
-    // Copy the newest AMI to another region: tagged with the job and its source there.
+    // Copy the newest AMI to another region: tagged with the job and its source there, its name
+    // and description templates filled in.
     let newest = amis[2]["image_id"].as_str().unwrap();
-    let j = d
-        .wait_final(
-            &d.submit(
-                &json!({"action": "copy_image", "targets": {"image_ids": [newest]},
-                "params": {"destination_region": "eu-west-1"}, "wait": {"interval": "200ms"}}),
-            )
-            .await,
-            MINUTE,
+    let copy_job = d
+        .submit(
+            &json!({"action": "copy_image", "targets": {"image_ids": [newest]},
+            "params": {"destination_region": "eu-west-1", "name": "dr-{job_id}",
+                       "description": "DR copy of {name}"},
+            "wait": {"interval": "200ms"}}),
         )
         .await;
+    let j = d.wait_final(&copy_job, MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
     let copy = j["results"]["images"][0]["image_id"]
         .as_str()
@@ -741,6 +741,15 @@ async fn ami_rotation_and_cross_region_copies() {
         .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
         .collect();
     assert_eq!(tags["ec2jobd:source"], format!("us-east-1/{newest}"));
+    assert_eq!(
+        img.images()[0].name(),
+        Some(format!("dr-{copy_job}").as_str())
+    );
+    let source_name = amis[2]["name"].as_str().unwrap();
+    assert_eq!(
+        img.images()[0].description(),
+        Some(format!("DR copy of {source_name}").as_str())
+    );
 
     // Snapshot copies to another region, encrypted.
     let snap_job = d

@@ -104,6 +104,28 @@ fn fill(
     .unwrap_or_else(|_| t.to_string())
 }
 
+/// A copy's `name` or `description` template filled in: `{name}` is the source's name (AMI) or
+/// description (snapshot); `{job_id}` and the dates as for backups; the instance, volume, device
+/// and group placeholders are empty (a copy has none of its own).
+fn fill_copy(
+    t: &str,
+    source: Option<&str>,
+    job_id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> String {
+    ec2jobd_spec::BackupNaming {
+        name: source.unwrap_or(""),
+        instance_id: "",
+        volume_id: "",
+        device: "",
+        job_id,
+        group: "",
+        at,
+    }
+    .render(t, super::NAME_BUDGET)
+    .unwrap_or_else(|_| t.to_string())
+}
+
 fn state_failure(code: &str, message: String, results: &JobResults) -> ExecError {
     ExecError::Failed {
         error: JobError {
@@ -750,15 +772,20 @@ impl Ec2Executor {
         }
         let mut tags = p.tags.clone().unwrap_or_default();
         tags.extend(super::made_by(ctx));
+        let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
         let opts = |source: &str, desc: Option<&str>| CopyOptions {
             encrypted: p.encrypted.unwrap_or(false),
             kms_key_id: p.kms_key_id.clone(),
-            description: p.description.clone().or_else(|| {
-                Some(format!(
-                    "copy of {source} from {region}{}",
-                    desc.map(|d| format!(": {d}")).unwrap_or_default()
-                ))
-            }),
+            description: p
+                .description
+                .as_deref()
+                .map(|t| fill_copy(t, desc, job_id, at))
+                .or_else(|| {
+                    Some(format!(
+                        "copy of {source} from {region}{}",
+                        desc.map(|d| format!(": {d}")).unwrap_or_default()
+                    ))
+                }),
             tags: {
                 let mut t = tags.clone();
                 t.insert(SOURCE_TAG.to_string(), format!("{region}/{source}"));
@@ -818,7 +845,11 @@ impl Ec2Executor {
                 Ready::Images => {
                     let name =
                         ami_name(&format!("{}-copy-{job_id}", desc.as_deref().unwrap_or(src)));
-                    let name = p.name.as_deref().map(ami_name).unwrap_or(name);
+                    let name = p
+                        .name
+                        .as_deref()
+                        .map(|t| ami_name(&fill_copy(t, desc.as_deref(), job_id, at)))
+                        .unwrap_or(name);
                     dest.copy_image(region, src, &name, &o, spec.dry_run).await
                 }
             }

@@ -13,10 +13,11 @@ use crate::spec::{check_template, SpecError};
 pub struct CopyParams {
     /// The region the copies go to.
     pub destination_region: String,
-    /// Name template of an AMI copy (`copy_image` only).
+    /// Name template of an AMI copy (`copy_image` only): `{name}` is the source AMI's name;
+    /// `{job_id}`, `{date}`, `{datetime}`, `{timestamp}` as for backups.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// Description template of the copies.
+    /// Description template of the copies (`{name}`: the source's name or description).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Encrypt the copies.
