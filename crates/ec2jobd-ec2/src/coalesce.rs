@@ -13,6 +13,9 @@
 //! are not about ids (throttling beyond the SDK's retries, permissions) reach every caller, as they
 //! would have reached each alone.
 //!
+//! It reaches EC2 through [`Ec2Api`] (the driver's [`Ec2`] in the daemon; a scripted EC2 in the unit
+//! tests below, which show the batching, splitting and halving with answers moto cannot give).
+//!
 //! Must not: know jobs, checkpoints or dry runs (callers make dry runs alone, and keep their own
 //! crash safety: they checkpoint before asking and check states after a restart).
 
@@ -114,7 +117,7 @@ struct Caller {
 
 /// The coalescer of one account+region.
 pub struct Coalescer {
-    ec2: Ec2,
+    ec2: Arc<dyn Ec2Api>,
     window: Duration,
     hold: Duration,
     pending: Mutex<HashMap<SharedCall, Vec<Caller>>>,
@@ -123,7 +126,7 @@ pub struct Coalescer {
 impl Coalescer {
     /// Gathers describes until no caller came for `window`, mutating calls for `hold` (zero
     /// `window`: every call goes alone, at once).
-    pub fn new(ec2: Ec2, window: Duration, hold: Duration) -> Arc<Self> {
+    pub fn new(ec2: Arc<dyn Ec2Api>, window: Duration, hold: Duration) -> Arc<Self> {
         Arc::new(Self {
             ec2,
             window,
@@ -143,7 +146,7 @@ impl Coalescer {
         ids: Vec<String>,
     ) -> Result<SharedAnswer, Ec2Error> {
         if self.window.is_zero() || ids.is_empty() {
-            return self.invoke(&what, &ids).await;
+            return self.ec2.call(&what, &ids).await;
         }
         let (reply, answer) = oneshot::channel();
         let first = {
@@ -187,7 +190,7 @@ impl Coalescer {
             seen = now;
         }
         loop {
-            self.ec2.pacer.ready(what.operation()).await;
+            self.ec2.ready(what.operation()).await;
             let (batch, more) = {
                 let mut pending = self.lock();
                 let callers = pending.remove(&what).unwrap_or_default();
@@ -233,7 +236,7 @@ impl Coalescer {
                         ids.push(id.clone());
                     }
                 }
-                match self.invoke(&what, &ids).await {
+                match self.ec2.call(&what, &ids).await {
                     Ok(answer) => {
                         for c in callers {
                             let mine: HashSet<&String> = c.ids.iter().collect();
@@ -278,9 +281,27 @@ impl Coalescer {
             }
         })
     }
+}
 
-    async fn invoke(&self, what: &SharedCall, ids: &[String]) -> Result<SharedAnswer, Ec2Error> {
-        let ec2 = &self.ec2;
+/// What a coalescer needs of EC2: the pacer's word that an operation may go, and the shared call
+/// itself. [`Ec2`] is the real one; unit tests script one, to show what the batching does with
+/// answers moto cannot give.
+#[async_trait::async_trait]
+pub trait Ec2Api: Send + Sync {
+    /// Waits until the pacer would let `operation` go (taking no token).
+    async fn ready(&self, operation: &str);
+    /// Makes `what` for `ids`, not as a dry run.
+    async fn call(&self, what: &SharedCall, ids: &[String]) -> Result<SharedAnswer, Ec2Error>;
+}
+
+#[async_trait::async_trait]
+impl Ec2Api for Ec2 {
+    async fn ready(&self, operation: &str) {
+        self.pacer.ready(operation).await;
+    }
+
+    async fn call(&self, what: &SharedCall, ids: &[String]) -> Result<SharedAnswer, Ec2Error> {
+        let ec2 = self;
         let outs = match what {
             SharedCall::Describe => {
                 let targets = Targets {
@@ -314,6 +335,115 @@ impl Coalescer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted EC2: refuses any call naming an id in `missing` with the error EC2 gives
+    /// (`InvalidInstanceID.NotFound` naming the ids it found missing, or, with `anonymous`, naming
+    /// none), answers the rest, and records every call's ids.
+    #[derive(Default)]
+    struct Scripted {
+        missing: Vec<String>,
+        anonymous: bool,
+        calls: Mutex<Vec<Vec<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Ec2Api for Scripted {
+        async fn ready(&self, _: &str) {}
+
+        async fn call(&self, _: &SharedCall, ids: &[String]) -> Result<SharedAnswer, Ec2Error> {
+            self.calls.lock().unwrap().push(ids.to_vec());
+            let bad: Vec<&String> = ids.iter().filter(|i| self.missing.contains(i)).collect();
+            if !bad.is_empty() {
+                let named = if self.anonymous {
+                    "One or more instance IDs are invalid".to_string()
+                } else {
+                    format!(
+                        "The instance IDs '{}' do not exist",
+                        bad.iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                return Err(Ec2Error {
+                    code: "InvalidInstanceID.NotFound".into(),
+                    message: named,
+                    transient: false,
+                    request_id: Some(format!("r-{}", self.calls.lock().unwrap().len())),
+                });
+            }
+            Ok(SharedAnswer {
+                request_ids: vec![format!("r-{}", self.calls.lock().unwrap().len())],
+                instances: Vec::new(),
+            })
+        }
+    }
+
+    /// `callers` each ask for their ids at once; the answers in the same order.
+    async fn gather(
+        ec2: Arc<Scripted>,
+        callers: &[&[&str]],
+    ) -> Vec<Result<SharedAnswer, Ec2Error>> {
+        let c = Coalescer::new(ec2, Duration::from_millis(20), Duration::from_millis(250));
+        let asks: Vec<_> = callers
+            .iter()
+            .map(|ids| {
+                let (c, ids) = (c.clone(), ids.iter().map(|s| s.to_string()).collect());
+                tokio::spawn(async move { c.call(SharedCall::Start, ids).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for a in asks {
+            out.push(a.await.expect("caller task"));
+        }
+        out
+    }
+
+    fn ids(calls: &Mutex<Vec<Vec<String>>>) -> Vec<Vec<String>> {
+        calls.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_within_the_window_share_one_call() {
+        let ec2 = Arc::new(Scripted::default());
+        let answers = gather(ec2.clone(), &[&["i-1"], &["i-2", "i-1"], &["i-3"]]).await;
+        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert_eq!(ids(&ec2.calls), [["i-1", "i-2", "i-3"]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_caller_naming_a_missing_id_fails() {
+        let ec2 = Arc::new(Scripted {
+            missing: vec!["i-2".into()],
+            ..Default::default()
+        });
+        let answers = gather(ec2.clone(), &[&["i-1"], &["i-2"], &["i-3"]]).await;
+        assert!(answers[0].is_ok() && answers[2].is_ok(), "{answers:?}");
+        let e = answers[1].as_ref().unwrap_err();
+        assert_eq!(e.code, "InvalidInstanceID.NotFound");
+        // The batch, then the others again without the missing id.
+        assert_eq!(
+            ids(&ec2.calls),
+            [vec!["i-1", "i-2", "i-3"], vec!["i-1", "i-3"]]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_naming_no_id_is_narrowed_down_by_halving() {
+        let ec2 = Arc::new(Scripted {
+            missing: vec!["i-4".into()],
+            anonymous: true,
+            ..Default::default()
+        });
+        let answers = gather(ec2.clone(), &[&["i-1"], &["i-2"], &["i-3"], &["i-4"]]).await;
+        let failed: Vec<usize> = (0..4).filter(|k| answers[*k].is_err()).collect();
+        assert_eq!(failed, [3], "{answers:?}");
+        // 4 → 2+2 → the half with i-4 splits again; i-4 alone fails by itself.
+        let calls = ids(&ec2.calls);
+        assert_eq!(calls.first().map(Vec::len), Some(4));
+        assert_eq!(calls.last(), Some(&vec!["i-4".to_string()]));
+        assert!(calls.len() <= 5, "{calls:?}");
+    }
 
     #[test]
     fn finds_the_ids_an_error_names() {

@@ -248,7 +248,7 @@ impl Ec2Pool {
         let (window, hold) = (self.pacing.coalesce_window, self.pacing.coalesce_hold);
         Ok(lock()
             .entry(key)
-            .or_insert_with(|| Coalescer::new(ec2, window, hold))
+            .or_insert_with(|| Coalescer::new(Arc::new(ec2), window, hold))
             .clone())
     }
 
