@@ -82,18 +82,20 @@ fn ami_name(s: &str) -> String {
     }
 }
 
-/// Fills an AMI name or description template (placeholders of [`ec2jobd_spec::BackupNaming`],
-/// checked at submission).
+/// Fills an AMI or copy name or description template (placeholders of
+/// [`ec2jobd_spec::BackupNaming`], checked at submission). `source`: the imaged instance (its Name
+/// tag and id), or for a copy the source's name or description and no instance; a copy has no
+/// group either.
 fn fill(
     t: &str,
-    inst: &InstanceResult,
+    (name, instance_id): (&str, &str),
     job_id: &str,
     group: &str,
     at: chrono::DateTime<chrono::Utc>,
 ) -> String {
     ec2jobd_spec::BackupNaming {
-        name: inst.name.as_deref().unwrap_or(""),
-        instance_id: &inst.instance_id,
+        name,
+        instance_id,
         volume_id: "",
         device: "",
         job_id,
@@ -104,26 +106,9 @@ fn fill(
     .unwrap_or_else(|_| t.to_string())
 }
 
-/// A copy's `name` or `description` template filled in: `{name}` is the source's name (AMI) or
-/// description (snapshot); `{job_id}` and the dates as for backups; the instance, volume, device
-/// and group placeholders are empty (a copy has none of its own).
-fn fill_copy(
-    t: &str,
-    source: Option<&str>,
-    job_id: &str,
-    at: chrono::DateTime<chrono::Utc>,
-) -> String {
-    ec2jobd_spec::BackupNaming {
-        name: source.unwrap_or(""),
-        instance_id: "",
-        volume_id: "",
-        device: "",
-        job_id,
-        group: "",
-        at,
-    }
-    .render(t, super::NAME_BUDGET)
-    .unwrap_or_else(|_| t.to_string())
+/// An instance as [`fill`]'s source.
+fn of(i: &InstanceResult) -> (&str, &str) {
+    (i.name.as_deref().unwrap_or(""), &i.instance_id)
 }
 
 fn state_failure(code: &str, message: String, results: &JobResults) -> ExecError {
@@ -313,8 +298,8 @@ impl Ec2Executor {
                 let (_, out) = ec2
                     .create_image(
                         &i.instance_id,
-                        &ami_name(&fill(name_t, i, job_id, group, at)),
-                        &fill(desc_t, i, job_id, group, at),
+                        &ami_name(&fill(name_t, of(i), job_id, group, at)),
+                        &fill(desc_t, of(i), job_id, group, at),
                         no_reboot,
                         &tags_for(i),
                         true,
@@ -379,12 +364,12 @@ impl Ec2Executor {
                     Some(total),
                 )
                 .await?;
-                let name = ami_name(&fill(name_t, i, job_id, group, at));
+                let name = ami_name(&fill(name_t, of(i), job_id, group, at));
                 let (id, out) = ec2
                     .create_image(
                         &i.instance_id,
                         &name,
-                        &fill(desc_t, i, job_id, group, at),
+                        &fill(desc_t, of(i), job_id, group, at),
                         no_reboot,
                         &tags_for(i),
                         false,
@@ -779,7 +764,7 @@ impl Ec2Executor {
             description: p
                 .description
                 .as_deref()
-                .map(|t| fill_copy(t, desc, job_id, at))
+                .map(|t| fill(t, (desc.unwrap_or(""), ""), job_id, "", at))
                 .or_else(|| {
                     Some(format!(
                         "copy of {source} from {region}{}",
@@ -848,7 +833,15 @@ impl Ec2Executor {
                     let name = p
                         .name
                         .as_deref()
-                        .map(|t| ami_name(&fill_copy(t, desc.as_deref(), job_id, at)))
+                        .map(|t| {
+                            ami_name(&fill(
+                                t,
+                                (desc.as_deref().unwrap_or(""), ""),
+                                job_id,
+                                "",
+                                at,
+                            ))
+                        })
                         .unwrap_or(name);
                     dest.copy_image(region, src, &name, &o, spec.dry_run).await
                 }
