@@ -1,5 +1,8 @@
-//! The executor that runs jobs against EC2 through the driver crate. It checks for cancellation at
-//! every boundary and turns driver errors into job errors that keep the AWS code and request id.
+//! The executor that runs jobs against EC2 through the driver crate. It reads the job's stored
+//! params back into its [`ActionSpec`] and dispatches on it (each action gets its typed params),
+//! checks for cancellation at every boundary and turns driver errors into job errors that keep the
+//! AWS code and request id. What to call for which instances is planned in `plan.rs` (pure); what
+//! an attempt leaves for the next is a typed `Checkpoint` (`checkpoint.rs`).
 //!
 //! Instance actions share one flow: resolve the targets (describe), make the call for the instances
 //! that need it, wait through the account+region's shared [`StatusWatcher`](ec2jobd_ec2::StatusWatcher),

@@ -6,7 +6,7 @@
 //! its jobs in one write per heartbeat and learns of cancels from it. **Waited in place** (workflow
 //! steps, actions that go on after their wait, or once `queue.max_waiting` jobs are parked) the
 //! worker awaits the outcome here instead. Either way one task per account+region feeds every wait
-//! from the shared [`StatusWatcher`](ec2jobd_ec2::StatusWatcher)'s rounds, reports progress, and
+//! from the shared [`StatusWatcher`]'s rounds, reports progress, and
 //! ends each wait — arrived, failed, timed out or cancelled — with a [`WaitOutcome`]: a parked job is
 //! queued again with it and the executor resumes after the wait; a waiting worker gets it back.
 //!
