@@ -26,7 +26,7 @@ use std::time::Duration;
 use ec2jobd_spec::{IdList, InstanceResult, Targets};
 use tokio::sync::oneshot;
 
-use crate::{Ec2, Ec2Error};
+use crate::{CallOutcome, Ec2, Ec2Error};
 
 /// Most instance ids in one coalesced call.
 pub const MAX_IDS: usize = 500;
@@ -301,34 +301,47 @@ impl Ec2Api for Ec2 {
     }
 
     async fn call(&self, what: &SharedCall, ids: &[String]) -> Result<SharedAnswer, Ec2Error> {
-        let ec2 = self;
-        let outs = match what {
-            SharedCall::Describe => {
-                let targets = Targets {
-                    instance_ids: Some(IdList(ids.to_vec())),
-                    ..Default::default()
-                };
-                let d = ec2.describe_instances(&targets, false).await?;
-                return Ok(SharedAnswer {
-                    request_ids: d.request_ids,
-                    instances: d.instances,
-                });
-            }
-            SharedCall::Start => ec2.start_instances(ids, false).await?,
-            SharedCall::Stop { force, hibernate } => {
-                ec2.stop_instances(ids, *force, *hibernate, false).await?
-            }
-            SharedCall::Reboot => ec2.reboot_instances(ids, false).await?,
-            SharedCall::Terminate => ec2.terminate_instances(ids, false).await?,
-            SharedCall::CreateTags(tags) => ec2.create_tags(ids, tags, false).await?,
-            SharedCall::DeleteTags { keys, tags } => {
-                ec2.delete_tags(ids, keys, tags, false).await?
-            }
-        };
+        if *what == SharedCall::Describe {
+            let targets = Targets {
+                instance_ids: Some(IdList(ids.to_vec())),
+                ..Default::default()
+            };
+            let d = self.describe_instances(&targets, false).await?;
+            return Ok(SharedAnswer {
+                request_ids: d.request_ids,
+                instances: d.instances,
+            });
+        }
+        let outs = self.instance_call(what, ids, false).await?;
         Ok(SharedAnswer {
             request_ids: outs.into_iter().filter_map(|o| o.request_id).collect(),
             instances: Vec::new(),
         })
+    }
+}
+
+impl Ec2 {
+    /// Makes a mutating shared call for `ids` alone (a dry run, or a coalescer's batch); a
+    /// describe is not one (`Ok` with no outcome).
+    pub async fn instance_call(
+        &self,
+        what: &SharedCall,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        match what {
+            SharedCall::Describe => Ok(Vec::new()),
+            SharedCall::Start => self.start_instances(ids, dry_run).await,
+            SharedCall::Stop { force, hibernate } => {
+                self.stop_instances(ids, *force, *hibernate, dry_run).await
+            }
+            SharedCall::Reboot => self.reboot_instances(ids, dry_run).await,
+            SharedCall::Terminate => self.terminate_instances(ids, dry_run).await,
+            SharedCall::CreateTags(tags) => self.create_tags(ids, tags, dry_run).await,
+            SharedCall::DeleteTags { keys, tags } => {
+                self.delete_tags(ids, keys, tags, dry_run).await
+            }
+        }
     }
 }
 

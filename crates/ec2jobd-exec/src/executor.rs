@@ -440,18 +440,7 @@ impl Ec2Executor {
                 })
                 .collect());
         }
-        match call {
-            SharedCall::Start => ec2.start_instances(ids, dry).await,
-            SharedCall::Stop { force, hibernate } => {
-                ec2.stop_instances(ids, *force, *hibernate, dry).await
-            }
-            SharedCall::Reboot => ec2.reboot_instances(ids, dry).await,
-            SharedCall::Terminate => ec2.terminate_instances(ids, dry).await,
-            SharedCall::CreateTags(tags) => ec2.create_tags(ids, tags, dry).await,
-            SharedCall::DeleteTags { keys, tags } => ec2.delete_tags(ids, keys, tags, dry).await,
-            // Targets are described by `resolve`, never through here.
-            SharedCall::Describe => Ok(Vec::new()),
-        }
+        ec2.instance_call(call, ids, true).await
     }
 
     /// Launches instances, never twice for one job: the call carries a ClientToken derived from
