@@ -153,14 +153,17 @@ async fn calls_per_action(moto: &Moto) {
 /// One start job per instance (already running: no call, a wait for status_ok), 50 submissions
 /// at a time.
 async fn submit_herd(d: &common::Daemon, ids: &[String]) -> Vec<String> {
-    let specs: Vec<Value> = ids
-        .iter()
+    submit_all(d, &herd_specs(ids)).await
+}
+
+/// One start job per instance, waiting for status_ok.
+fn herd_specs(ids: &[String]) -> Vec<Value> {
+    ids.iter()
         .map(|iid| {
             json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
                 "wait": {"interval": "1s", "timeout": "30m"}})
         })
-        .collect();
-    submit_all(d, &specs).await
+        .collect()
 }
 
 /// Submits every spec, 50 at a time; the job ids in order.
@@ -291,13 +294,7 @@ async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, u64)
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = bench_daemon_with(tmp.path(), &proxy.url, DEFAULT_WORKERS, queue).await;
     let t = Instant::now();
-    let specs: Vec<Value> = ids
-        .iter()
-        .map(|iid| {
-            json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
-                "wait": {"interval": "1s", "timeout": "30m"}})
-        })
-        .collect();
+    let specs = herd_specs(ids);
     let jobs = futures::future::join_all(specs.iter().map(|s| d.submit(s))).await;
     let describe = d
         .submit(&json!({"action": "describe_instances", "targets": {"instance_ids": [ids[0]]}}))

@@ -63,12 +63,16 @@ fn made_by(ctx: &ExecCtx) -> BTreeMap<String, String> {
     t
 }
 
+/// Describe filters matching every one of `tags`.
+fn filters_for_tags(tags: &BTreeMap<String, String>) -> ec2jobd_ec2::Filters {
+    tags.iter()
+        .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
+        .collect()
+}
+
 /// Describe filters finding what this job (and step) created.
 fn made_by_filters(ctx: &ExecCtx) -> ec2jobd_ec2::Filters {
-    made_by(ctx)
-        .into_iter()
-        .map(|(k, v)| (format!("tag:{k}"), vec![v]))
-        .collect()
+    filters_for_tags(&made_by(ctx))
 }
 
 /// Runs EC2 jobs.

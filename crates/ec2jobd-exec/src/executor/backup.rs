@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ec2jobd_ec2::{Ec2, Filters, VolumeInfo};
+use ec2jobd_ec2::{Ec2, VolumeInfo};
 use ec2jobd_spec::action::SnapshotParams;
 use ec2jobd_spec::{
     InstanceResult, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
@@ -44,12 +44,6 @@ struct Source {
     volume: VolumeInfo,
     instance: Option<InstanceResult>,
     device: Option<String>,
-}
-
-fn filters_for_tags(tags: &BTreeMap<String, String>) -> Filters {
-    tags.iter()
-        .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
-        .collect()
 }
 
 /// Fills the description template (placeholders of [`ec2jobd_spec::BackupNaming`], checked at
@@ -99,7 +93,7 @@ impl Ec2Executor {
             let filters = t
                 .volume_tags
                 .as_ref()
-                .map(|tags| filters_for_tags(&tags.0))
+                .map(|tags| super::filters_for_tags(&tags.0))
                 .unwrap_or_default();
             let (vols, rids) = ec2
                 .describe_volumes(t.volume_ids.as_ref().map(|l| l.0.clone()), &filters)
@@ -623,7 +617,7 @@ impl Ec2Executor {
         let mut filters = t
             .snapshot_tags
             .as_ref()
-            .map(|tags| filters_for_tags(&tags.0))
+            .map(|tags| super::filters_for_tags(&tags.0))
             .unwrap_or_default();
         if let Some(v) = &t.volume_ids {
             filters.push(("volume-id".into(), v.0.clone()));

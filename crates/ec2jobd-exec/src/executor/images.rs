@@ -673,12 +673,7 @@ impl Ec2Executor {
         let filters = t
             .image_tags
             .as_ref()
-            .map(|tags| {
-                tags.0
-                    .iter()
-                    .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
-                    .collect()
-            })
+            .map(|tags| super::filters_for_tags(&tags.0))
             .unwrap_or_default();
         let (imgs, rids) = ec2
             .describe_images(t.image_ids.as_ref().map(|l| l.0.clone()), &filters)
@@ -714,15 +709,10 @@ impl Ec2Executor {
         let sources: Vec<(String, Option<String>)> = match kind {
             Ready::Snapshots => {
                 let t = &spec.targets;
-                let mut filters: ec2jobd_ec2::Filters = t
+                let mut filters = t
                     .snapshot_tags
                     .as_ref()
-                    .map(|tags| {
-                        tags.0
-                            .iter()
-                            .map(|(k, v)| (format!("tag:{k}"), vec![v.clone()]))
-                            .collect()
-                    })
+                    .map(|tags| super::filters_for_tags(&tags.0))
                     .unwrap_or_default();
                 if let Some(v) = &t.volume_ids {
                     filters.push(("volume-id".into(), v.0.clone()));
