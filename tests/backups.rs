@@ -813,8 +813,9 @@ async fn ami_rotation_and_cross_region_copies() {
         .contains("deleted snap-"));
 }
 
-/// Snapshot waits of many jobs share the account's polling rounds: twelve jobs waiting for their
-/// snapshots to complete cost one DescribeSnapshots per round, not one per job.
+/// Snapshot waits of many jobs hold no worker and share the account's polling rounds: twelve jobs
+/// of a daemon with two workers all wait for their snapshots to complete at once (parked), at one
+/// DescribeSnapshots per round, not one per job.
 #[tokio::test]
 async fn snapshot_waits_of_many_jobs_share_each_round() {
     let moto = Moto::start().await;
@@ -822,7 +823,7 @@ async fn snapshot_waits_of_many_jobs_share_each_round() {
     let proxy = FaultProxy::start(&moto.url, 3).await;
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(proxy.url.clone()),
-        workers: 16,
+        workers: 2,
         ..Default::default()
     })
     .await;
@@ -847,6 +848,7 @@ async fn snapshot_waits_of_many_jobs_share_each_round() {
         })
         .await;
     }
+    assert_eq!(d.metric("ec2jobd_jobs_parked").await, 12.0, "{}", d.log());
     let rounds = "ec2jobd_status_rounds_total";
     let (r0, c0) = (d.metric(rounds).await, proxy.calls("DescribeSnapshots"));
     let deadline = Instant::now() + MINUTE;

@@ -36,8 +36,8 @@ pub use coalesce::{named_ids, Coalescer, SharedAnswer, SharedCall, MAX_IDS};
 pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use watch::{
-    evaluate, InstanceStatus, Judge, Registration, Round, StatusWatcher, Verdict, WaitFailure,
-    Watched,
+    evaluate, InstanceStatus, Judge, ReadyJudge, ReadyState, Registration, Round, StatusWatcher,
+    Verdict, WaitFailure, Watched,
 };
 
 /// How to reach one AWS account: the `[accounts.<name>]` config table, minus anything secret.

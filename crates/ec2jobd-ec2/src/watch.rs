@@ -11,11 +11,12 @@
 //! The same rounds poll snapshots and AMIs that jobs wait on ([`Watched`]): the union of their ids in
 //! chunks of 200 per DescribeSnapshots / DescribeImages call, whatever the number of jobs.
 //!
-//! Judging one wait round by round is [`Judge`]'s: [`StatusWatcher::wait`] uses it for a worker that
-//! waits in place, and the server's parking lot for jobs whose waits hold no worker (many judges fed
-//! by one subscription to the rounds).
+//! Judging one wait round by round is [`Judge`]'s (instances) and [`ReadyJudge`]'s (snapshots and
+//! AMIs): [`StatusWatcher::wait`] uses the first for a worker that waits in place, and the parking
+//! lot both, for jobs whose waits hold no worker (many judges fed by one subscription to the
+//! rounds).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -164,14 +165,167 @@ pub struct Round {
 }
 
 /// What a registration asks each round about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Watched {
     /// Instance status (DescribeInstanceStatus, 100 ids per call).
+    #[default]
     Instances,
-    /// Snapshots (DescribeSnapshots, 200 ids per call).
+    /// Snapshots (DescribeSnapshots, 200 ids per call), until `completed` (`error` fails).
     Snapshots,
-    /// AMIs (DescribeImages, 200 ids per call).
+    /// AMIs (DescribeImages, 200 ids per call), until `available` (`failed`, `invalid`, `error`,
+    /// `deregistered` fail).
     Images,
+}
+
+impl Watched {
+    /// The state a snapshot or AMI is ready in.
+    pub fn done(self) -> &'static str {
+        match self {
+            Watched::Instances => "running",
+            Watched::Snapshots => "completed",
+            Watched::Images => "available",
+        }
+    }
+
+    /// Whether a snapshot or AMI in `state` will never be ready.
+    pub fn failed(self, state: &str) -> bool {
+        match self {
+            Watched::Instances => false,
+            Watched::Snapshots => state == "error",
+            Watched::Images => matches!(state, "failed" | "invalid" | "error" | "deregistered"),
+        }
+    }
+
+    /// How ids of this kind are counted in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Watched::Instances => "instance(s)",
+            Watched::Snapshots => "snapshot(s)",
+            Watched::Images => "AMI(s)",
+        }
+    }
+
+    /// The error code of a snapshot or AMI that will never be ready.
+    pub fn failure_code(self) -> &'static str {
+        match self {
+            Watched::Images => "ImageFailed",
+            _ => "SnapshotFailed",
+        }
+    }
+}
+
+/// State and progress (`"40%"`, snapshots only) of a snapshot or AMI.
+pub type ReadyState = (String, Option<String>);
+
+/// One wait for snapshots or AMIs to be ready, judged round by round ([`Judge`]'s counterpart).
+#[derive(Debug, Clone)]
+pub struct ReadyJudge {
+    kind: Watched,
+    /// The latest state seen of each id (`pending` until a round tells).
+    pub seen: BTreeMap<String, ReadyState>,
+    since: Instant,
+}
+
+impl ReadyJudge {
+    /// A judge of `ids` (snapshots or AMIs, by `kind`).
+    pub fn new(kind: Watched, ids: &[String]) -> Self {
+        Self {
+            kind,
+            seen: ids
+                .iter()
+                .map(|id| (id.clone(), ("pending".to_string(), None)))
+                .collect(),
+            since: Instant::now(),
+        }
+    }
+
+    /// How many are ready.
+    pub fn done(&self) -> usize {
+        self.seen
+            .values()
+            .filter(|(st, _)| st == self.kind.done())
+            .count()
+    }
+
+    /// Those not ready yet.
+    pub fn pending(&self) -> impl Iterator<Item = (&String, &ReadyState)> {
+        self.seen
+            .iter()
+            .filter(|(_, (st, _))| st != self.kind.done())
+    }
+
+    /// "1 of 2 snapshot(s) completed (40% overall)": changes whenever there is progress to show.
+    pub fn report(&self) -> String {
+        let total = self.seen.len();
+        let mut report = format!(
+            "{} of {total} {} {}",
+            self.done(),
+            self.kind.noun(),
+            self.kind.done()
+        );
+        if self.kind == Watched::Snapshots {
+            report.push_str(&format!(" ({}% overall)", self.percent()));
+        }
+        report
+    }
+
+    /// Snapshots: their mean progress in percent (AMIs report none: 0).
+    pub fn percent(&self) -> u64 {
+        if self.kind != Watched::Snapshots {
+            return 0;
+        }
+        let sum: u64 = self
+            .seen
+            .values()
+            .map(|(st, p)| {
+                if st == self.kind.done() {
+                    100
+                } else {
+                    p.as_deref()
+                        .and_then(|p| p.trim_end_matches('%').parse::<u64>().ok())
+                        .unwrap_or(0)
+                }
+            })
+            .sum();
+        sum / self.seen.len().max(1) as u64
+    }
+
+    /// Whether `round` tells about this wait: it began after the wait did and asked about every id
+    /// not ready yet.
+    pub fn concerns(&self, round: &Round) -> bool {
+        round.began.is_none_or(|b| b >= self.since)
+            && self.pending().all(|(id, _)| round.asked.contains(id))
+    }
+
+    /// Judges one round: `None` while the wait goes on, `Some(Ok)` once every id is ready,
+    /// `Some(Err)` when one never will be (`Failed` naming it, with `failure_code`) or EC2 refused
+    /// to describe it for good.
+    pub fn observe(&mut self, round: &Round) -> Option<Result<(), WaitFailure>> {
+        if !self.concerns(round) {
+            return None;
+        }
+        let pending: Vec<String> = self.pending().map(|(id, _)| id.clone()).collect();
+        for id in &pending {
+            if let Some(e) = round.resource_errors.get(id) {
+                if !e.transient {
+                    return Some(Err(WaitFailure::Aws(e.clone())));
+                }
+            }
+            if let Some(st) = round.resources.get(id) {
+                self.seen.insert(id.clone(), st.clone());
+            }
+        }
+        if let Some((id, (state, _))) = self.seen.iter().find(|(_, (st, _))| self.kind.failed(st)) {
+            return Some(Err(WaitFailure::Failed {
+                instance_id: id.clone(),
+                code: self.kind.failure_code().into(),
+                message: format!("ended in state {state}"),
+                last: HashMap::new(),
+            }));
+        }
+        self.pending().next().is_none().then_some(Ok(()))
+    }
 }
 
 /// Why a wait ended without its condition holding.
@@ -547,6 +701,77 @@ impl StatusWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn round(asked: &[&str], states: &[(&str, &str, Option<&str>)]) -> Round {
+        Round {
+            number: 1,
+            asked: asked.iter().map(|s| s.to_string()).collect(),
+            began: Some(Instant::now()),
+            resources: states
+                .iter()
+                .map(|(id, st, p)| (id.to_string(), (st.to_string(), p.map(String::from))))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn readiness_is_judged_on_rounds_that_asked_about_every_pending_id() {
+        let ids = ["snap-1".to_string(), "snap-2".to_string()];
+        let mut j = ReadyJudge::new(Watched::Snapshots, &ids);
+        // A round that did not ask about snap-2 tells nothing.
+        assert!(j
+            .observe(&round(&["snap-1"], &[("snap-1", "completed", None)]))
+            .is_none());
+        assert_eq!(j.done(), 0);
+        let r = round(
+            &["snap-1", "snap-2"],
+            &[
+                ("snap-1", "completed", Some("100%")),
+                ("snap-2", "pending", Some("40%")),
+            ],
+        );
+        assert!(j.observe(&r).is_none());
+        assert_eq!(j.report(), "1 of 2 snapshot(s) completed (70% overall)");
+        // Once snap-1 is ready, rounds need ask only about snap-2.
+        assert!(matches!(
+            j.observe(&round(
+                &["snap-2"],
+                &[("snap-2", "completed", Some("100%"))]
+            )),
+            Some(Ok(()))
+        ));
+
+        let mut j = ReadyJudge::new(Watched::Images, &["ami-1".to_string()]);
+        match j.observe(&round(&["ami-1"], &[("ami-1", "failed", None)])) {
+            Some(Err(WaitFailure::Failed {
+                instance_id,
+                code,
+                message,
+                ..
+            })) => {
+                assert_eq!(
+                    (instance_id.as_str(), code.as_str()),
+                    ("ami-1", "ImageFailed")
+                );
+                assert_eq!(message, "ended in state failed");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A transient describe error waits; a lasting one fails.
+        let mut j = ReadyJudge::new(Watched::Snapshots, &["snap-9".to_string()]);
+        let err = |transient| Ec2Error {
+            code: "X".into(),
+            message: "m".into(),
+            request_id: None,
+            transient,
+        };
+        let mut r = round(&["snap-9"], &[]);
+        r.resource_errors.insert("snap-9".into(), err(true));
+        assert!(j.observe(&r).is_none());
+        r.resource_errors.insert("snap-9".into(), err(false));
+        assert!(matches!(j.observe(&r), Some(Err(WaitFailure::Aws(_)))));
+    }
 
     fn st(state: &str, sys: &str, inst: &str, ebs: Option<&str>) -> InstanceStatus {
         InstanceStatus {

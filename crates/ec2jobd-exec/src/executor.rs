@@ -17,19 +17,20 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ec2jobd_ec2::{
     Attribute, CallOutcome, Coalescer, Described, Ec2, Ec2Error, Ec2Pool, Launch, Protection,
-    SharedCall,
+    SharedCall, Watched,
 };
 use ec2jobd_spec::action::{AuditParams, ModifyParams, OnMissing, RunParams};
 use ec2jobd_spec::{Action, ActionSpec, InstanceResult, JobError, JobResults, WaitUntil};
 use serde::{Deserialize, Serialize};
 
-use crate::parking::{wait_error, InstanceWait, Parking, PlannedCall, WaitOutcome};
+use crate::parking::{wait_error, Parking, PlannedCall, Wait, WaitOutcome};
 use crate::runner::{ExecCtx, ExecError, Executor};
 
 mod backup;
 mod checkpoint;
 mod images;
 mod plan;
+mod ready;
 mod rotation;
 mod waves;
 mod workflow;
@@ -89,7 +90,7 @@ impl Ec2Executor {
 }
 
 /// Ends `wait` with the attempt's time limit, if that comes first.
-fn bound_by_attempt(ctx: &ExecCtx, wait: &mut InstanceWait) {
+fn bound_by_attempt(ctx: &ExecCtx, wait: &mut Wait) {
     wait.attempt_deadline_ms = Some(ctx.deadline_ms);
     wait.attempt_limit_ms = Some(ctx.limit.as_millis() as u64);
 }
@@ -100,7 +101,7 @@ fn bound_by_attempt(ctx: &ExecCtx, wait: &mut InstanceWait) {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct AfterWait {
     /// The wait.
-    wait: InstanceWait,
+    wait: Wait,
     /// Every target.
     ids: Vec<String>,
     /// Their states before the call.
@@ -115,14 +116,18 @@ struct AfterWait {
     request_ids: Vec<String>,
 }
 
-impl AfterWait {
-    /// The parked state in a whole job's checkpoint (workflow steps do not park).
-    fn of(ctx: &ExecCtx) -> Option<AfterWait> {
-        match Checkpoint::of(ctx) {
-            Some(Checkpoint::Parked(after)) if ctx.step.is_none() => Some(*after),
-            _ => None,
-        }
-    }
+/// The outcome of the wait a parked job resumes after (none: its lot died before the wait ended).
+#[allow(clippy::result_large_err)] // once per resumed attempt
+fn waited(ctx: &ExecCtx) -> Result<Option<WaitOutcome>, ExecError> {
+    let Some(v) = &ctx.waited else {
+        return Ok(None);
+    };
+    serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+        ExecError::permanent(
+            "CorruptCheckpoint",
+            format!("the outcome of the job's wait cannot be read: {e}"),
+        )
+    })
 }
 
 fn failed(e: Ec2Error, results: JobResults) -> ExecError {
@@ -155,24 +160,32 @@ impl Executor for Ec2Executor {
             .get(account, region)
             .await
             .map_err(|e| failed(e, JobResults::default()))?;
-        if let Some(after) = AfterWait::of(ctx) {
-            let results = JobResults {
-                request_ids: after.request_ids.clone(),
-                ..Default::default()
-            };
-            let waited = ctx
-                .waited
-                .clone()
-                .map(serde_json::from_value::<WaitOutcome>);
-            return match waited {
-                Some(Ok(outcome)) => self.finish_wait(ctx, &ec2, after, results, outcome).await,
-                // Parked by a process that died (or gave it back at shutdown): wait again.
-                None => self.wait_and_finish(ctx, &ec2, after, results, true).await,
-                Some(Err(e)) => Err(ExecError::permanent(
-                    "CorruptCheckpoint",
-                    format!("the outcome of the job's wait cannot be read: {e}"),
-                )),
-            };
+        // A job parked for a wait resumes after it with the wait's outcome. Parked by a process
+        // that died (or given back at shutdown), an instance wait is waited again; a backup or
+        // copy runs again from the start, which finds what it made (and what rotation removed
+        // meanwhile) before it waits again.
+        match Checkpoint::of(ctx).filter(|_| ctx.step.is_none()) {
+            Some(Checkpoint::Parked(after)) => {
+                let results = JobResults {
+                    request_ids: after.request_ids.clone(),
+                    ..Default::default()
+                };
+                return match waited(ctx)? {
+                    Some(o) => self.finish_wait(ctx, &ec2, *after, results, o).await,
+                    None => self.wait_and_finish(ctx, &ec2, *after, results, true).await,
+                };
+            }
+            Some(Checkpoint::ParkedReady(after)) => {
+                let backup = match &act {
+                    ActionSpec::CreateSnapshots(p) => Some(&p.backup),
+                    ActionSpec::CreateImage(p) => Some(&p.backup),
+                    _ => None,
+                };
+                if let Some(o) = waited(ctx)? {
+                    return self.finish_ready(ctx, &ec2, backup, *after, o).await;
+                }
+            }
+            _ => {}
         }
         let at = (account, region);
         let instances = |call, unprotect| self.instance_action(ctx, &ec2, at, call, unprotect);
@@ -1022,10 +1035,12 @@ impl Ec2Executor {
     ) -> AfterWait {
         let (until, timeout, interval) = ctx.job.spec.wait_settings();
         AfterWait {
-            wait: InstanceWait {
+            wait: Wait {
                 account: account.into(),
                 region: region.into(),
+                kind: Watched::Instances,
                 ids: wait_ids.to_vec(),
+                labels: BTreeMap::new(),
                 until,
                 since_ms,
                 deadline_ms: self.lot.now_ms() + timeout.as_millis() as i64,
@@ -1052,31 +1067,42 @@ impl Ec2Executor {
         results: JobResults,
         parkable: bool,
     ) -> Result<JobResults, ExecError> {
-        let wait = &mut after.wait;
-        if wait.until == WaitUntil::None || wait.ids.is_empty() {
+        if after.wait.until == WaitUntil::None || after.wait.ids.is_empty() {
             return self
                 .finish_wait(ctx, ec2, after, results, WaitOutcome::default())
                 .await;
         }
         ctx.check_cancel(&results)?;
-        bound_by_attempt(ctx, wait);
-        if parkable && ctx.may_park() {
+        bound_by_attempt(ctx, &mut after.wait);
+        let parked =
+            (parkable && ctx.may_park()).then(|| Checkpoint::Parked(Box::new(after.clone())));
+        let outcome = self
+            .wait_for(ctx, after.wait.clone(), parked, &results)
+            .await?;
+        self.finish_wait(ctx, ec2, after, results, outcome).await
+    }
+
+    /// Parks the job for `wait` when given the checkpoint to park with (the job may park: see
+    /// [`ExecCtx::may_park`]): `Err(Park)`, its worker is free. Otherwise the worker waits here
+    /// for the lot's judgement, passing a cancel on. The wait is bounded by the attempt's limit.
+    async fn wait_for(
+        &self,
+        ctx: &ExecCtx,
+        wait: Wait,
+        parked: Option<Checkpoint>,
+        results: &JobResults,
+    ) -> Result<WaitOutcome, ExecError> {
+        if let Some(state) = parked {
             // Parking records the waiting progress with the checkpoint.
-            let wait = wait.clone();
-            let state = Checkpoint::Parked(Box::new(after)).to_value();
-            return Err(ctx.park(wait, state, None));
+            return Err(ctx.park(wait, state.to_value(), None));
         }
         let total = wait.ids.len() as u64;
-        ctx.progress(
-            "waiting",
-            &format!("waiting for {} on {total} instance(s)", wait.until.as_str()),
-            Some(0),
-            Some(total),
-        )
-        .await?;
+        let message = format!("waiting for {}", wait.describe());
+        ctx.progress("waiting", &message, Some(0), Some(total))
+            .await?;
         let rx = self
             .lot
-            .wait_here(&ctx.job.id, ctx.worker(), ctx.label(), wait.clone())
+            .wait_here(&ctx.job.id, ctx.worker(), ctx.label(), wait)
             .await
             .map_err(|e| failed(e, results.clone()))?;
         tokio::pin!(rx);
@@ -1092,7 +1118,7 @@ impl Ec2Executor {
             cancelled: true,
             ..Default::default()
         });
-        self.finish_wait(ctx, ec2, after, results, outcome).await
+        Ok(outcome)
     }
 
     /// After the wait: describes the instances for the results and writes the summary, or fails

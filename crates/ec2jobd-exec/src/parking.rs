@@ -1,12 +1,13 @@
-//! The parking lot: where every job's final instance wait is judged, most of them without a worker.
+//! The parking lot: where every job's final wait is judged, most of them without a worker.
 //!
-//! A job that reaches its wait for instances (running, stopped, terminated, "2/2 checks passed")
-//! hands it here. **Parked** — the usual case — its worker is free at once: the store keeps the wait
+//! A job that reaches its wait for instances (running, stopped, terminated, "2/2 checks passed"),
+//! or for the snapshots or AMIs it made to be ready ([`Wait::kind`]), hands it here. **Parked** — the usual case — its worker is free at once: the store keeps the wait
 //! in the job's checkpoint and passes the job's lease to this lot, which renews the leases of all
 //! its jobs in one write per heartbeat and learns of cancels from it. **Waited in place** (workflow
 //! steps, actions that go on after their wait, or once `queue.max_waiting` jobs are parked) the
 //! worker awaits the outcome here instead. Either way one task per account+region feeds every wait
-//! from the shared [`StatusWatcher`]'s rounds, reports progress, and
+//! from the shared [`StatusWatcher`]'s rounds (⌈N/100⌉ DescribeInstanceStatus and ⌈N/200⌉
+//! DescribeSnapshots/DescribeImages calls a round, whatever the number of jobs), reports progress, and
 //! ends each wait — arrived, failed, timed out or cancelled — with a [`WaitOutcome`]: a parked job is
 //! queued again with it and the executor resumes after the wait; a waiting worker gets it back.
 //!
@@ -22,14 +23,14 @@
 //! Must not: call EC2 itself (the watcher polls), decide what a job does after its wait (the
 //! executor does), or keep more per job than its wait: memory per parked job is a benchmark figure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ec2jobd_ec2::{
-    evaluate, Ec2Error, Ec2Pool, InstanceStatus, Judge, Registration, SharedCall, StatusWatcher,
-    Verdict, WaitFailure,
+    evaluate, Ec2Error, Ec2Pool, InstanceStatus, Judge, ReadyJudge, ReadyState, Registration,
+    SharedCall, StatusWatcher, Verdict, WaitFailure, Watched,
 };
 use ec2jobd_spec::{Clock, JobError, Progress, WaitUntil};
 use ec2jobd_store::{NewEvent, Store, StoreError};
@@ -42,13 +43,20 @@ use crate::RunObserver;
 
 /// What a job waits for: saved in its checkpoint while parked, so a restart can park it again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InstanceWait {
+pub struct Wait {
     /// Account of the instances.
     pub account: String,
     /// Region of the instances.
     pub region: String,
-    /// The instances that must meet `until`.
+    /// What `ids` are: instances (the default, absent from the JSON), or snapshots or AMIs that
+    /// must be ready (`until` is then `completed`).
+    #[serde(default, skip_serializing_if = "is_instances")]
+    pub kind: Watched,
+    /// The instances that must meet `until` (snapshots or AMIs: be ready).
     pub ids: Vec<String>,
+    /// How a snapshot or AMI is named in messages (`snapshot snap-1 of vol-1`), when not by its id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// The condition.
     pub until: WaitUntil,
     /// When the call the wait follows was made (ms): seconds to running and to status ok count
@@ -69,10 +77,24 @@ pub struct InstanceWait {
     pub attempt_limit_ms: Option<u64>,
 }
 
-impl InstanceWait {
-    /// "status_ok on 3 instance(s)".
+fn is_instances(k: &Watched) -> bool {
+    *k == Watched::Instances
+}
+
+impl Wait {
+    /// "status_ok on 3 instance(s)", "completed on 2 snapshot(s)".
     pub fn describe(&self) -> String {
-        format!("{} on {} instance(s)", self.until.as_str(), self.ids.len())
+        format!(
+            "{} on {} {}",
+            self.until.as_str(),
+            self.ids.len(),
+            self.kind.noun()
+        )
+    }
+
+    /// How `id` reads in messages.
+    fn label<'a>(&'a self, id: &'a str) -> &'a str {
+        self.labels.get(id).map_or(id, String::as_str)
     }
 
     /// When the wait ends at the latest: its own deadline or the attempt's, whichever is first.
@@ -116,6 +138,9 @@ pub struct WaitOutcome {
     /// with the other jobs whose waits ended then; absent when that describe failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub described: Option<Vec<ec2jobd_spec::InstanceResult>>,
+    /// Snapshots or AMIs waited for: the latest state and progress seen of each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ready: BTreeMap<String, ReadyState>,
 }
 
 /// A mutating call a parked job leaves to the lot, to be made with the same call of other jobs.
@@ -133,7 +158,7 @@ pub struct PlannedCall {
 #[derive(Debug)]
 pub struct Parked {
     /// What it waits for.
-    pub wait: InstanceWait,
+    pub wait: Wait,
     /// The checkpoint saved as it parks.
     pub checkpoint: serde_json::Value,
     /// The call to make before the wait, if the job left it to the lot.
@@ -190,7 +215,7 @@ pub fn wait_error(
 enum Cmd {
     Add {
         job: String,
-        wait: Box<InstanceWait>,
+        wait: Box<Wait>,
         holder: String,
         label: String,
         reply: Option<oneshot::Sender<WaitOutcome>>,
@@ -198,13 +223,13 @@ enum Cmd {
     /// A parked job whose call the lot makes first.
     Call {
         job: String,
-        wait: Box<InstanceWait>,
+        wait: Box<Wait>,
         call: PlannedCall,
     },
     /// The call was made (and its checkpoint saved): wait now.
     Called {
         job: String,
-        wait: Box<InstanceWait>,
+        wait: Box<Wait>,
         request_ids: Vec<String>,
     },
     /// The call failed, or its job was lost: end with this outcome (`None`: drop the job).
@@ -217,19 +242,57 @@ enum Cmd {
 
 /// One wait being judged.
 struct Entry {
-    wait: InstanceWait,
+    wait: Wait,
     /// Who holds the job's lease (the lot, or the worker waiting in place): progress is written
     /// as them.
     holder: String,
     /// Put before progress messages (a workflow step's `[name] `).
     label: String,
-    judge: Judge,
+    judge: Judging,
     to_running: HashMap<String, f64>,
     to_ok: HashMap<String, f64>,
-    reported: usize,
+    /// What the latest progress report said (ids done, and for snapshots the overall percent).
+    reported: (usize, u64),
     request_ids: Vec<String>,
     reply: Option<oneshot::Sender<WaitOutcome>>,
     _registration: Registration,
+}
+
+/// The judge of one wait, by what it waits for.
+enum Judging {
+    Instances(Judge),
+    Ready(ReadyJudge),
+}
+
+impl Judging {
+    fn new(wait: &Wait) -> Self {
+        match wait.kind {
+            Watched::Instances => Judging::Instances(Judge::new(&wait.ids, wait.until)),
+            kind => Judging::Ready(ReadyJudge::new(kind, &wait.ids)),
+        }
+    }
+
+    fn concerns(&self, round: &ec2jobd_ec2::Round) -> bool {
+        match self {
+            Judging::Instances(j) => j.concerns(round),
+            Judging::Ready(j) => j.concerns(round),
+        }
+    }
+
+    fn observe(&mut self, round: &ec2jobd_ec2::Round) -> Option<Result<(), WaitFailure>> {
+        match self {
+            Judging::Instances(j) => j.observe(round),
+            Judging::Ready(j) => j.observe(round),
+        }
+    }
+
+    /// Progress as (done, overall percent); a new report is written when it changes.
+    fn progress(&self) -> (usize, u64) {
+        match self {
+            Judging::Instances(j) => (j.done(), 0),
+            Judging::Ready(j) => (j.done(), j.percent()),
+        }
+    }
 }
 
 enum Ending {
@@ -240,9 +303,34 @@ enum Ending {
 }
 
 impl Entry {
+    fn new(
+        watcher: &Arc<StatusWatcher>,
+        wait: Wait,
+        holder: String,
+        label: String,
+        reply: Option<oneshot::Sender<WaitOutcome>>,
+    ) -> Self {
+        let interval = Duration::from_millis(wait.interval_ms.max(1));
+        Entry {
+            judge: Judging::new(&wait),
+            _registration: watcher.register_kind(wait.kind, &wait.ids, interval),
+            wait,
+            holder,
+            label,
+            to_running: HashMap::new(),
+            to_ok: HashMap::new(),
+            reported: (0, 0),
+            request_ids: Vec::new(),
+            reply,
+        }
+    }
+
     fn note_times(&mut self, now_ms: i64) {
+        let Judging::Instances(judge) = &self.judge else {
+            return;
+        };
         let t = (now_ms - self.wait.since_ms).max(0) as f64 / 1000.0;
-        for (id, st) in &self.judge.last {
+        for (id, st) in &judge.last {
             if st.state == "running" {
                 self.to_running.entry(id.clone()).or_insert(t);
             }
@@ -255,38 +343,65 @@ impl Entry {
     fn outcome(self, ending: Ending) -> (WaitOutcome, Option<oneshot::Sender<WaitOutcome>>) {
         let w = &self.wait;
         let timeout = Duration::from_millis(w.timeout_ms);
+        let error = |code: &str, message: String| JobError {
+            code: code.into(),
+            message,
+            request_id: None,
+        };
+        let (last, ready) = match self.judge {
+            Judging::Instances(j) => (j.last, BTreeMap::new()),
+            Judging::Ready(j) => (HashMap::new(), j.seen),
+        };
         let (error, last, cancelled) = match ending {
-            Ending::Arrived => (None, self.judge.last, false),
-            Ending::Cancelled => (None, self.judge.last, true),
+            Ending::Arrived => (None, last, false),
+            Ending::Cancelled => (None, last, true),
             Ending::TimedOut => match w.attempt_limit_ms.filter(|_| w.attempt_ran_out()) {
                 Some(limit) => (
-                    Some(JobError {
-                        code: "JobTimeout".into(),
-                        message: format!(
+                    Some(error(
+                        "JobTimeout",
+                        format!(
                             "the attempt exceeded its time limit of {}",
                             humantime::format_duration(Duration::from_millis(limit))
                         ),
-                        request_id: None,
-                    }),
-                    self.judge.last,
+                    )),
+                    last,
                     false,
                 ),
-                None => {
-                    let (e, last) = wait_error(
-                        WaitFailure::Timeout(self.judge.last),
-                        &w.ids,
-                        w.until,
-                        timeout,
+                None if w.kind != Watched::Instances => {
+                    let list: Vec<String> = ready
+                        .iter()
+                        .filter(|(_, (st, _))| st != w.kind.done())
+                        .map(|(id, (st, p))| {
+                            let p = p.as_deref().map(|p| format!(", {p}")).unwrap_or_default();
+                            format!("{} ({st}{p})", w.label(id))
+                        })
+                        .collect();
+                    let message = format!(
+                        "not {} after {}: {}",
+                        w.kind.done(),
+                        humantime::format_duration(timeout),
+                        list.join("; ")
                     );
+                    (Some(error("WaitTimeout", message)), last, false)
+                }
+                None => {
+                    let (e, last) =
+                        wait_error(WaitFailure::Timeout(last), &w.ids, w.until, timeout);
                     (Some(e), last, false)
                 }
             },
+            Ending::Failed(WaitFailure::Failed {
+                instance_id,
+                code,
+                message,
+                ..
+            }) if w.kind != Watched::Instances => {
+                let message = format!("{} {message}", w.label(&instance_id));
+                (Some(error(&code, message)), last, false)
+            }
             Ending::Failed(f) => {
-                let (e, mut last) = wait_error(f, &w.ids, w.until, timeout);
-                if last.is_empty() {
-                    last = self.judge.last;
-                }
-                (Some(e), last, false)
+                let (e, seen) = wait_error(f, &w.ids, w.until, timeout);
+                (Some(e), if seen.is_empty() { last } else { seen }, false)
             }
         };
         (
@@ -299,6 +414,7 @@ impl Entry {
                 request_ids: self.request_ids,
                 transient: false,
                 described: None,
+                ready,
             },
             self.reply,
         )
@@ -408,7 +524,7 @@ impl Parking {
 
     /// Takes over a job the store just parked in this lot: its call, if it left one, then its
     /// wait.
-    pub async fn park(self: &Arc<Self>, job: &str, wait: InstanceWait, call: Option<PlannedCall>) {
+    pub async fn park(self: &Arc<Self>, job: &str, wait: Wait, call: Option<PlannedCall>) {
         self.set_parked(1);
         let (account, region) = (wait.account.clone(), wait.region.clone());
         let error = match self.region(&account, &region).await {
@@ -453,7 +569,7 @@ impl Parking {
         self: Arc<Self>,
         tx: mpsc::UnboundedSender<Cmd>,
         job: String,
-        wait: Box<InstanceWait>,
+        wait: Box<Wait>,
         call: PlannedCall,
     ) {
         let failed = |e: Ec2Error| Cmd::Uncalled {
@@ -510,7 +626,7 @@ impl Parking {
         job: &str,
         holder: &str,
         label: &str,
-        wait: InstanceWait,
+        wait: Wait,
     ) -> Result<oneshot::Receiver<WaitOutcome>, Ec2Error> {
         let tx = self.region(&wait.account, &wait.region).await?;
         let (reply, rx) = oneshot::channel();
@@ -606,35 +722,13 @@ impl Parking {
                             self.describe_then_deliver(job, outcome, None, *wait);
                             continue;
                         }
-                        self.report(&job, &self.id, "", &wait, 0);
-                        let interval = Duration::from_millis(wait.interval_ms.max(1));
-                        waits.insert(job, Entry {
-                            judge: Judge::new(&wait.ids, wait.until),
-                            _registration: watcher.register(&wait.ids, interval),
-                            wait: *wait,
-                            holder: self.id.clone(),
-                            label: String::new(),
-                            to_running: HashMap::new(),
-                            to_ok: HashMap::new(),
-                            reported: 0,
-                            request_ids,
-                            reply: None,
-                        });
+                        let mut entry = Entry::new(&watcher, *wait, self.id.clone(), String::new(), None);
+                        entry.request_ids = request_ids;
+                        drop(self.report(&job, &entry));
+                        waits.insert(job, entry);
                     }
                     Some(Cmd::Add { job, wait, holder, label, reply }) => {
-                        let interval = Duration::from_millis(wait.interval_ms.max(1));
-                        let entry = Entry {
-                            judge: Judge::new(&wait.ids, wait.until),
-                            _registration: watcher.register(&wait.ids, interval),
-                            wait: *wait,
-                            holder,
-                            label,
-                            to_running: HashMap::new(),
-                            to_ok: HashMap::new(),
-                            reported: 0,
-                            request_ids: Vec::new(),
-                            reply,
-                        };
+                        let entry = Entry::new(&watcher, *wait, holder, label, reply);
                         if let Some(old) = waits.insert(job, entry) {
                             // The same job handed over twice: the newer wait replaces the older.
                             if old.reply.is_none() {
@@ -667,10 +761,10 @@ impl Parking {
                             Some(Ok(())) => ended.push((job.clone(), Ending::Arrived)),
                             Some(Err(f)) => ended.push((job.clone(), Ending::Failed(f))),
                             None => {
-                                let done = e.judge.done();
-                                if done != e.reported {
-                                    e.reported = done;
-                                    self.report(job, &e.holder, &e.label, &e.wait, done);
+                                let now = e.judge.progress();
+                                if now != e.reported {
+                                    e.reported = now;
+                                    drop(self.report(job, e));
                                 }
                             }
                         }
@@ -698,14 +792,23 @@ impl Parking {
         }
     }
 
-    /// Writes "k of n instance(s) reached …" (at 0: "waiting for …") as the job's lease holder.
-    fn report(&self, job: &str, holder: &str, label: &str, wait: &InstanceWait, done: usize) {
+    /// Writes the wait's progress as the job's lease holder: "waiting for status_ok on 3
+    /// instance(s)", "1 of 3 instance(s) reached status_ok", "1 of 2 snapshot(s) completed (70%
+    /// overall)".
+    fn report(&self, job: &str, e: &Entry) -> tokio::task::JoinHandle<()> {
+        let wait = &e.wait;
         let total = wait.ids.len() as u64;
         let until = wait.until.as_str();
-        let message = if done == 0 {
-            format!("{label}waiting for {until} on {total} instance(s)")
-        } else {
-            format!("{label}{done} of {total} instance(s) reached {until}")
+        let label = &e.label;
+        let (done, _) = e.judge.progress();
+        let message = match &e.judge {
+            Judging::Ready(j) => format!("{label}{}", j.report()),
+            Judging::Instances(_) if done == 0 => {
+                format!("{label}waiting for {until} on {total} instance(s)")
+            }
+            Judging::Instances(_) => {
+                format!("{label}{done} of {total} instance(s) reached {until}")
+            }
         };
         let progress = Progress {
             phase: "waiting".into(),
@@ -718,17 +821,31 @@ impl Parking {
             message,
             data: json!({"phase": "waiting", "done": done, "total": total}),
         };
-        let (store, job, holder) = (self.store.clone(), job.to_string(), holder.to_string());
+        let (store, job, holder) = (self.store.clone(), job.to_string(), e.holder.clone());
         tokio::spawn(async move {
             match store.progress(&job, &holder, progress, event).await {
                 Ok(()) | Err(StoreError::LeaseLost) => {}
                 Err(e) => tracing::warn!(job, error = %e, "could not record wait progress"),
             }
-        });
+        })
     }
 
     /// Hands a finished wait's outcome on: to the waiting worker, or back to the queue.
     fn end(self: &Arc<Self>, job: String, e: Entry, ending: Ending) {
+        if let Judging::Ready(_) = &e.judge {
+            // The last progress ("2 of 2 snapshot(s) completed") is written before the job moves
+            // on; there is nothing to describe.
+            let last = matches!(ending, Ending::Arrived).then(|| self.report(&job, &e));
+            let (outcome, reply) = e.outcome(ending);
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Some(written) = last {
+                    let _ = written.await;
+                }
+                me.deliver(job, outcome, reply);
+            });
+            return;
+        }
         let wait = e.wait.clone();
         let (outcome, reply) = e.outcome(ending);
         self.describe_then_deliver(job, outcome, reply, wait);
@@ -741,7 +858,7 @@ impl Parking {
         job: String,
         mut outcome: WaitOutcome,
         reply: Option<oneshot::Sender<WaitOutcome>>,
-        wait: InstanceWait,
+        wait: Wait,
     ) {
         let me = self.clone();
         tokio::spawn(async move {

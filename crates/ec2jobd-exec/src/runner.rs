@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::parking::{InstanceWait, Parked, Parking, PlannedCall};
+use crate::parking::{Parked, Parking, PlannedCall, Wait};
 use crate::RunObserver;
 
 /// How long a step may take before [`ExecCtx::quietly`] records its progress.
@@ -222,7 +222,7 @@ impl ExecCtx {
     /// lot makes that call first.
     pub fn park(
         &self,
-        wait: InstanceWait,
+        wait: Wait,
         state: serde_json::Value,
         call: Option<PlannedCall>,
     ) -> ExecError {

@@ -18,15 +18,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ec2jobd_ec2::{Ec2, VolumeInfo};
-use ec2jobd_spec::action::SnapshotParams;
+use ec2jobd_ec2::{Ec2, VolumeInfo, Watched};
+use ec2jobd_spec::action::{BackupParams, SnapshotParams};
 use ec2jobd_spec::{
     InstanceResult, JobResults, RotationResult, SnapshotResult, VolumeResult, WaitUntil,
 };
 
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
+use super::ready::ready_failure;
 use super::rotation::{self, Made};
-use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor, Ready, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor, JOB_TAG};
+use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
@@ -44,6 +46,21 @@ struct Source {
     volume: VolumeInfo,
     instance: Option<InstanceResult>,
     device: Option<String>,
+}
+
+impl Source {
+    /// The volume's row in the results, before anything is made of it.
+    fn row(&self) -> VolumeResult {
+        VolumeResult {
+            volume_id: self.volume.volume_id.clone(),
+            instance_id: self.instance.as_ref().map(|i| i.instance_id.clone()),
+            instance_name: self.instance.as_ref().and_then(|i| i.name.clone()),
+            device: self.device.clone(),
+            size_gib: self.volume.size_gib,
+            snapshot: None,
+            rotation: None,
+        }
+    }
 }
 
 /// Fills the description template (placeholders of [`ec2jobd_spec::BackupNaming`], checked at
@@ -198,6 +215,7 @@ impl Ec2Executor {
             }
             return Err(no_targets(results));
         }
+        let rows: Vec<VolumeResult> = sources.iter().map(Source::row).collect();
         let group = p.backup.group();
         let template = p.description.as_deref().unwrap_or(DEFAULT_DESCRIPTION);
         let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
@@ -341,7 +359,7 @@ impl Ec2Executor {
                         false,
                     )
                     .await
-                    .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+                    .map_err(|e| failed(e, partial(&rows, &made, &results)))?;
                 results.request_ids.extend(out.request_id);
                 if let Some(mut s) = snap {
                     s.outcome = Some("created".into());
@@ -378,7 +396,7 @@ impl Ec2Executor {
             let outs = ec2
                 .start_instances(&to_start, false)
                 .await
-                .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+                .map_err(|e| failed(e, partial(&rows, &made, &results)))?;
             results
                 .request_ids
                 .extend(outs.into_iter().filter_map(|o| o.request_id));
@@ -390,7 +408,7 @@ impl Ec2Executor {
             _ => rotation::join(ec2, group, &mut made, &mut results).await,
         };
         created?;
-        joined.map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+        joined.map_err(|e| failed(e, partial(&rows, &made, &results)))?;
         self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
         if stop_first {
@@ -409,16 +427,51 @@ impl Ec2Executor {
                 .collect();
         }
 
-        let until = spec.wait_settings().0;
-        if until == WaitUntil::Completed {
-            self.wait_snapshots(ctx, &sources, &mut made, &results)
-                .await?;
+        let labels = made
+            .iter()
+            .filter(|(_, s)| {
+                !matches!(s.state.as_str(), "completed" | SnapshotResult::ROTATED_AWAY)
+            })
+            .map(|(v, s)| {
+                let id = s.snapshot_id.clone();
+                (id.clone(), format!("snapshot {id} of {v}"))
+            })
+            .collect();
+        let after = AfterReady {
+            wait: self.ready_wait(ctx, place.1, Watched::Snapshots, labels),
+            results,
+            made: ReadyMade::Snapshots { rows, made },
+        };
+        self.ready_and_finish(ctx, ec2, Some(&p.backup), after)
+            .await
+    }
+
+    /// After the wait for the new snapshots (or none asked for): rotation, the volume rows and
+    /// the summary.
+    pub(super) async fn finish_snapshots(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        backup: &BackupParams,
+        (rows, mut made): (Vec<VolumeResult>, BTreeMap<String, SnapshotResult>),
+        mut results: JobResults,
+        outcome: WaitOutcome,
+    ) -> Result<JobResults, ExecError> {
+        for s in made.values_mut() {
+            if let Some((state, progress)) = outcome.ready.get(&s.snapshot_id) {
+                s.state = state.clone();
+                s.progress = progress.clone();
+            }
         }
+        let partial = |made: &BTreeMap<_, _>, results: &JobResults| partial(&rows, made, results);
+        ready_failure(&outcome, || partial(&made, &results), backup.keep.is_some())?;
+        let until = ctx.job.spec.wait_settings().0;
+        let group = backup.group();
+        let total = rows.len() as u64;
 
         // Rotation, only once the whole new generation completed.
-        let keep = p.backup.keep;
         let mut rotations: HashMap<String, RotationResult> = HashMap::new();
-        let rotation_note = match keep {
+        let rotation_note = match backup.keep {
             Some(keep) if until == WaitUntil::Completed => {
                 ctx.progress(
                     "rotating",
@@ -427,10 +480,9 @@ impl Ec2Executor {
                     None,
                 )
                 .await?;
-                rotations = self
-                    .rotate(ec2, group, &sources, keep as usize, &mut results)
+                rotations = rotate(ec2, group, &rows, keep as usize, &mut results)
                     .await
-                    .map_err(|e| failed(e, self.partial(&sources, &made, &results)))?;
+                    .map_err(|e| failed(e, partial(&made, &results)))?;
                 let deleted: usize = rotations.values().map(|r| r.deleted.len()).sum();
                 let in_use: usize = rotations.values().map(|r| r.in_use.len()).sum();
                 let mut n = format!("; rotation kept {keep} per volume, deleted {deleted}");
@@ -442,7 +494,7 @@ impl Ec2Executor {
             Some(_) => "; rotation skipped (it runs only after waiting for completed)".into(),
             None => String::new(),
         };
-        results.volumes = self.volume_rows(&sources, &made, &mut rotations);
+        results.volumes = volume_rows(&rows, &made, &mut rotations);
         let done = made.values().filter(|s| s.state == "completed").count();
         let summary = format!(
             "{} snapshot{} of {total} volume{} ({done} completed){rotation_note}",
@@ -455,154 +507,108 @@ impl Ec2Executor {
         results.summary = Some(summary);
         Ok(results)
     }
+}
 
-    /// Results so far, for a failure part-way.
-    fn partial(
-        &self,
-        sources: &[Source],
-        made: &BTreeMap<String, SnapshotResult>,
-        results: &JobResults,
-    ) -> JobResults {
-        JobResults {
-            volumes: self.volume_rows(sources, made, &mut HashMap::new()),
-            ..results.clone()
-        }
+/// Results so far, for a failure part-way.
+fn partial(
+    rows: &[VolumeResult],
+    made: &BTreeMap<String, SnapshotResult>,
+    results: &JobResults,
+) -> JobResults {
+    JobResults {
+        volumes: volume_rows(rows, made, &mut HashMap::new()),
+        ..results.clone()
     }
+}
 
-    fn volume_rows(
-        &self,
-        sources: &[Source],
-        made: &BTreeMap<String, SnapshotResult>,
-        rotations: &mut HashMap<String, RotationResult>,
-    ) -> Vec<VolumeResult> {
-        sources
-            .iter()
-            .map(|s| VolumeResult {
-                volume_id: s.volume.volume_id.clone(),
-                instance_id: s.instance.as_ref().map(|i| i.instance_id.clone()),
-                instance_name: s.instance.as_ref().and_then(|i| i.name.clone()),
-                device: s.device.clone(),
-                size_gib: s.volume.size_gib,
-                snapshot: made.get(&s.volume.volume_id).cloned(),
-                rotation: rotations.remove(&s.volume.volume_id),
-            })
-            .collect()
-    }
+/// The volume rows with what was made of each and its rotation.
+fn volume_rows(
+    rows: &[VolumeResult],
+    made: &BTreeMap<String, SnapshotResult>,
+    rotations: &mut HashMap<String, RotationResult>,
+) -> Vec<VolumeResult> {
+    rows.iter()
+        .map(|r| VolumeResult {
+            snapshot: made.get(&r.volume_id).cloned(),
+            rotation: rotations.remove(&r.volume_id),
+            ..r.clone()
+        })
+        .collect()
+}
 
-    /// Waits until every new snapshot is `completed` (see [`Ec2Executor::wait_ready`]).
-    async fn wait_snapshots(
-        &self,
-        ctx: &ExecCtx,
-        sources: &[Source],
-        made: &mut BTreeMap<String, SnapshotResult>,
-        results: &JobResults,
-    ) -> Result<(), ExecError> {
-        let mut seen: BTreeMap<String, (String, Option<String>)> = made
-            .values()
-            .filter(|s| s.state != SnapshotResult::ROTATED_AWAY)
-            .map(|s| (s.snapshot_id.clone(), (s.state.clone(), s.progress.clone())))
-            .collect();
-        let volume_of: HashMap<String, String> = made
-            .iter()
-            .map(|(v, s)| (s.snapshot_id.clone(), v.clone()))
-            .collect();
-        let r = self
-            .wait_ready(
-                ctx,
-                super::job_region(ctx),
-                Ready::Snapshots,
-                &mut seen,
-                &|id| {
-                    format!(
-                        "snapshot {id} of {}",
-                        volume_of.get(id).map(String::as_str).unwrap_or("?")
-                    )
-                },
+/// Keeps the `keep` newest completed snapshots of each volume's rotation group, deletes the
+/// rest (an `InvalidSnapshot.InUse` answer keeps it as in use). Returns rotation per volume.
+async fn rotate(
+    ec2: &Ec2,
+    group: &str,
+    rows: &[VolumeResult],
+    keep: usize,
+    results: &mut JobResults,
+) -> Result<HashMap<String, RotationResult>, ec2jobd_ec2::Ec2Error> {
+    let keys: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{group}/{}", r.volume_id))
+        .collect();
+    let mut by_group: HashMap<String, Vec<SnapshotResult>> = HashMap::new();
+    for chunk in keys.chunks(PER_DESCRIBE) {
+        let (found, rids, _) = ec2
+            .describe_snapshots(
+                None,
+                &vec![(format!("tag:{ROTATION_TAG}"), chunk.to_vec())],
+                false,
             )
-            .await;
-        for s in made.values_mut() {
-            if let Some((state, progress)) = seen.get(&s.snapshot_id) {
-                s.state = state.clone();
-                s.progress = progress.clone();
+            .await?;
+        results.request_ids.extend(rids);
+        for s in found {
+            if let Some(g) = s.tags.get(ROTATION_TAG) {
+                by_group.entry(g.clone()).or_default().push(s);
             }
         }
-        r.map_err(|e| e.with_results(self.partial(sources, made, results)))
     }
-
-    /// Keeps the `keep` newest completed snapshots of each volume's rotation group, deletes the
-    /// rest (an `InvalidSnapshot.InUse` answer keeps it as in use). Returns rotation per volume.
-    async fn rotate(
-        &self,
-        ec2: &Ec2,
-        group: &str,
-        sources: &[Source],
-        keep: usize,
-        results: &mut JobResults,
-    ) -> Result<HashMap<String, RotationResult>, ec2jobd_ec2::Ec2Error> {
-        let keys: Vec<String> = sources
-            .iter()
-            .map(|s| format!("{group}/{}", s.volume.volume_id))
+    let mut out = HashMap::new();
+    for (row, key) in rows.iter().zip(keys) {
+        let mut gens: Vec<SnapshotResult> = by_group
+            .remove(&key)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.state == "completed")
             .collect();
-        let mut by_group: HashMap<String, Vec<SnapshotResult>> = HashMap::new();
-        for chunk in keys.chunks(PER_DESCRIBE) {
-            let (found, rids, _) = ec2
-                .describe_snapshots(
-                    None,
-                    &vec![(format!("tag:{ROTATION_TAG}"), chunk.to_vec())],
-                    false,
-                )
-                .await?;
-            results.request_ids.extend(rids);
-            for s in found {
-                if let Some(g) = s.tags.get(ROTATION_TAG) {
-                    by_group.entry(g.clone()).or_default().push(s);
+        // Newest first. Start times have second precision, so ties are broken by the job id
+        // that made the snapshot (ULIDs sort by time), then by snapshot id.
+        let age = |s: &SnapshotResult| {
+            (
+                s.start_time.clone(),
+                s.tags.get(JOB_TAG).cloned(),
+                s.snapshot_id.clone(),
+            )
+        };
+        gens.sort_by_key(|s| std::cmp::Reverse(age(s)));
+        let mut r = RotationResult {
+            group: key,
+            ..Default::default()
+        };
+        for (i, s) in gens.into_iter().enumerate() {
+            if i < keep {
+                r.kept.push(s.snapshot_id);
+                continue;
+            }
+            match ec2.delete_snapshot(&s.snapshot_id, false).await {
+                Ok(o) => {
+                    results.request_ids.extend(o.request_id);
+                    r.deleted.push(s.snapshot_id);
                 }
+                Err(e) if e.code == "InvalidSnapshot.InUse" => r.in_use.push(s.snapshot_id),
+                // Gone already (a resumed rotation, or someone else deleted it).
+                Err(e) if e.code == "InvalidSnapshot.NotFound" => r.deleted.push(s.snapshot_id),
+                Err(e) => return Err(e),
             }
         }
-        let mut out = HashMap::new();
-        for src in sources {
-            let key = format!("{group}/{}", src.volume.volume_id);
-            let mut gens: Vec<SnapshotResult> = by_group
-                .remove(&key)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|s| s.state == "completed")
-                .collect();
-            // Newest first. Start times have second precision, so ties are broken by the job id
-            // that made the snapshot (ULIDs sort by time), then by snapshot id.
-            let age = |s: &SnapshotResult| {
-                (
-                    s.start_time.clone(),
-                    s.tags.get(JOB_TAG).cloned(),
-                    s.snapshot_id.clone(),
-                )
-            };
-            gens.sort_by_key(|s| std::cmp::Reverse(age(s)));
-            let mut r = RotationResult {
-                group: key,
-                ..Default::default()
-            };
-            for (i, s) in gens.into_iter().enumerate() {
-                if i < keep {
-                    r.kept.push(s.snapshot_id);
-                    continue;
-                }
-                match ec2.delete_snapshot(&s.snapshot_id, false).await {
-                    Ok(o) => {
-                        results.request_ids.extend(o.request_id);
-                        r.deleted.push(s.snapshot_id);
-                    }
-                    Err(e) if e.code == "InvalidSnapshot.InUse" => r.in_use.push(s.snapshot_id),
-                    // Gone already (a resumed rotation, or someone else deleted it).
-                    Err(e) if e.code == "InvalidSnapshot.NotFound" => r.deleted.push(s.snapshot_id),
-                    Err(e) => return Err(e),
-                }
-            }
-            out.insert(src.volume.volume_id.clone(), r);
-        }
-        Ok(out)
+        out.insert(row.volume_id.clone(), r);
     }
+    Ok(out)
+}
 
+impl Ec2Executor {
     /// `describe_snapshots` and `delete_snapshots`: the snapshots by id, tags or volume.
     pub(super) async fn snapshots_action(
         &self,

@@ -13,11 +13,12 @@
 
 use std::collections::BTreeMap;
 
-use ec2jobd_spec::StepResult;
+use ec2jobd_spec::{ImageResult, JobResults, SnapshotResult, StepResult, VolumeResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::AfterWait;
+use crate::parking::Wait;
 use crate::runner::{ExecCtx, ExecError};
 
 /// The version [`Checkpoint::save`] writes; readable: this and every earlier one.
@@ -42,6 +43,9 @@ pub(super) enum Checkpoint {
     },
     /// Parked for the final instance wait: the wait and what follows it.
     Parked(Box<AfterWait>),
+    /// Parked until the snapshots or AMIs a backup or copy made are ready: the wait and what
+    /// the action finishes with.
+    ParkedReady(Box<AfterReady>),
     /// A resize is stopping, changing and starting: `restart` must be started again.
     Resizing { restart: Vec<String> },
     /// A backup is stopping instances first: `restart` must be started again.
@@ -82,6 +86,39 @@ pub(super) struct Made {
     /// Instances stopped for the snapshots, to start again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restart: Vec<String>,
+}
+
+/// What a backup or copy holds while its snapshots or AMIs become ready, and finishes with
+/// afterwards (rotation, results, summary): the same whether it waited in place or parked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct AfterReady {
+    /// The wait (its `kind`: snapshots or AMIs; `ids` empty when none is pending).
+    pub wait: Wait,
+    /// Results so far (request ids, and the instances a backup stopped and started again).
+    pub results: JobResults,
+    /// What the action made.
+    pub made: ReadyMade,
+}
+
+/// What a backup or copy made, by action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "of", rename_all = "snake_case")]
+pub(super) enum ReadyMade {
+    /// `create_snapshots`: the volume rows (without snapshot or rotation) and volume → snapshot.
+    Snapshots {
+        rows: Vec<VolumeResult>,
+        made: BTreeMap<String, SnapshotResult>,
+    },
+    /// `create_image`: instance → AMI, and the number of instances targeted.
+    Images {
+        made: BTreeMap<String, ImageResult>,
+        total: u64,
+    },
+    /// `copy_snapshot`, `copy_image`: source → copy, in the wait's region, from `source_region`.
+    Copies {
+        copies: BTreeMap<String, String>,
+        source_region: String,
+    },
 }
 
 /// Reads a stored checkpoint of either kind, refusing a version this build does not know.
@@ -186,10 +223,27 @@ impl Checkpoint {
         }
     }
 
-    /// What a backup made so far.
-    pub(super) fn made(&self) -> Option<&Made> {
+    /// What a backup made so far (also while it waits for it to be ready).
+    pub(super) fn made(&self) -> Option<Made> {
         match self {
-            Checkpoint::Creating(m) | Checkpoint::Created(m) => Some(m),
+            Checkpoint::Creating(m) | Checkpoint::Created(m) => Some(m.clone()),
+            Checkpoint::ParkedReady(after) => match &after.made {
+                ReadyMade::Snapshots { made, .. } => Some(Made {
+                    snapshots: made
+                        .iter()
+                        .map(|(v, s)| (v.clone(), s.snapshot_id.clone()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ReadyMade::Images { made, .. } => Some(Made {
+                    images: made
+                        .iter()
+                        .map(|(i, a)| (i.clone(), a.image_id.clone()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ReadyMade::Copies { .. } => None,
+            },
             _ => None,
         }
     }
@@ -230,6 +284,34 @@ mod tests {
         .unwrap();
         assert_eq!(cp.restart(), ["i-1"]);
         assert_eq!(cp.made().unwrap().snapshots["vol-1"], "snap-1");
+    }
+
+    /// A backup parked until its snapshots complete: the wait (snapshots, with labels) and what it
+    /// finishes with read back, and a resumed attempt that runs again learns what it made.
+    #[test]
+    fn parked_readiness_waits_round_trip_and_name_what_was_made() {
+        let v = json!({"phase": "parked_ready", "v": 1,
+            "wait": {"account": "default", "region": "eu-west-1", "kind": "snapshots",
+                "ids": ["snap-1"], "labels": {"snap-1": "snapshot snap-1 of vol-1"},
+                "until": "completed", "since_ms": 1, "deadline_ms": 2, "timeout_ms": 3,
+                "interval_ms": 4},
+            "results": {"request_ids": ["r-1"]},
+            "made": {"of": "snapshots", "rows": [{"volume_id": "vol-1"}],
+                "made": {"vol-1": {"snapshot_id": "snap-1", "state": "pending"}}}});
+        let cp = Checkpoint::read(&v).unwrap();
+        let Checkpoint::ParkedReady(after) = &cp else {
+            panic!("{cp:?}")
+        };
+        assert_eq!(after.wait.kind, ec2jobd_ec2::Watched::Snapshots);
+        assert_eq!(after.wait.describe(), "completed on 1 snapshot(s)");
+        assert_eq!(cp.made().unwrap().snapshots["vol-1"], "snap-1");
+        assert_eq!(Checkpoint::read(&cp.to_value()).unwrap(), cp);
+        // An instance wait's JSON has no kind: it reads as instances.
+        let old = json!({"account": "a", "region": "r", "ids": ["i-1"], "until": "running",
+            "since_ms": 1, "deadline_ms": 2, "timeout_ms": 3, "interval_ms": 4});
+        let w: Wait = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(w.kind, ec2jobd_ec2::Watched::Instances);
+        assert_eq!(serde_json::to_value(&w).unwrap(), old);
     }
 
     #[test]

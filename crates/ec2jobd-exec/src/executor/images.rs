@@ -1,26 +1,29 @@
 //! AMI backups and copies: `create_image` with generation rotation per instance,
-//! `deregister_image`, and cross-region `copy_snapshot` / `copy_image`; plus the one poller that
-//! waits for snapshots to complete and AMIs to become available.
+//! `deregister_image`, and cross-region `copy_snapshot` / `copy_image`.
 //!
 //! The same rules as snapshot backups hold: what ec2jobd creates carries `ec2jobd:job-id` (and an
 //! AMI `ec2jobd:instance`) set in the creating call, and an AMI gets `ec2jobd:rotation`
 //! (`<group>/<instance id>`) once its job holds it in a checkpoint; a resumed attempt looks for what
 //! it already made (by job tag, and for copies by `ec2jobd:source`) before making anything, and
-//! reports a checkpointed AMI that rotation has deregistered since instead of making it again; rotation runs only after the new generation is available, counts only available AMIs
-//! it made for that group and instance, and deletes a deregistered AMI's snapshots with it.
+//! reports a checkpointed AMI that rotation has deregistered since instead of making it again;
+//! rotation runs only after the new generation is available, counts only available AMIs it made
+//! for that group and instance, and deletes a deregistered AMI's snapshots with it. Waiting for
+//! AMIs and copies to be ready is `ready.rs`'s.
 
 use std::collections::{BTreeMap, HashMap};
 
 use ec2jobd_ec2::{CopyOptions, Ec2, Watched};
-use ec2jobd_spec::action::{CopyParams, DeregisterParams, ImageParams};
+use ec2jobd_spec::action::{BackupParams, CopyParams, DeregisterParams, ImageParams};
 use ec2jobd_spec::{
-    ImageResult, InstanceResult, JobError, JobResults, RotationResult, SnapshotResult, WaitUntil,
+    ImageResult, InstanceResult, JobResults, RotationResult, SnapshotResult, WaitUntil,
 };
 
 use super::backup::ROTATION_TAG;
-use super::checkpoint::{self, Checkpoint};
+use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
+use super::ready::ready_failure;
 use super::rotation::{self, Made};
 use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor, JOB_TAG};
+use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag on a copy naming what it was copied from.
@@ -32,32 +35,21 @@ pub const INSTANCE_TAG: &str = "ec2jobd:instance";
 /// Name of an AMI when the job gives none.
 const DEFAULT_IMAGE_NAME: &str = "ec2jobd-{instance_id}-{timestamp}";
 
-/// What [`Ec2Executor::wait_ready`] polls.
+/// What a copy action copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ready {
-    /// Snapshots, until `completed` (`error` fails).
+    /// `copy_snapshot`.
     Snapshots,
-    /// AMIs, until `available` (`failed`, `invalid`, `error`, `deregistered` fail).
+    /// `copy_image`.
     Images,
 }
 
 impl Ready {
-    fn done(self) -> &'static str {
+    /// What its copies' wait watches.
+    fn watched(self) -> Watched {
         match self {
-            Ready::Snapshots => "completed",
-            Ready::Images => "available",
-        }
-    }
-    fn failed(self, state: &str) -> bool {
-        match self {
-            Ready::Snapshots => state == "error",
-            Ready::Images => matches!(state, "failed" | "invalid" | "error" | "deregistered"),
-        }
-    }
-    fn noun(self) -> &'static str {
-        match self {
-            Ready::Snapshots => "snapshot(s)",
-            Ready::Images => "AMI(s)",
+            Ready::Snapshots => Watched::Snapshots,
+            Ready::Images => Watched::Images,
         }
     }
 }
@@ -111,143 +103,7 @@ fn of(i: &InstanceResult) -> (&str, &str) {
     (i.name.as_deref().unwrap_or(""), &i.instance_id)
 }
 
-fn state_failure(code: &str, message: String, results: &JobResults) -> ExecError {
-    ExecError::Failed {
-        error: JobError {
-            code: code.into(),
-            message,
-            request_id: None,
-        },
-        transient: false,
-        results: results.clone(),
-    }
-}
-
 impl Ec2Executor {
-    /// Waits until every id in `seen` is ready, reporting progress as it changes; fails when one
-    /// fails or at the job's wait timeout. The ids are polled by the account+region's shared
-    /// watcher (`region`: where they live), together with every other job's: ⌈N/200⌉ calls per
-    /// round for N awaited snapshots or AMIs. `seen` holds the states known so far (from the
-    /// creating calls) and ends with the last ones; `label` names an id in messages. Errors carry
-    /// no results: callers attach theirs.
-    pub(super) async fn wait_ready(
-        &self,
-        ctx: &ExecCtx,
-        region: &str,
-        kind: Ready,
-        seen: &mut BTreeMap<String, (String, Option<String>)>,
-        label: &(dyn Fn(&str) -> String + Sync),
-    ) -> Result<(), ExecError> {
-        let (_, timeout, interval) = ctx.job.spec.wait_settings();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let empty = JobResults::default();
-        let account = ctx.job.spec.account.as_deref().unwrap_or("default");
-        let watcher = self
-            .pool
-            .watcher(account, region)
-            .await
-            .map_err(|e| failed(e, empty.clone()))?;
-        let watched = match kind {
-            Ready::Snapshots => Watched::Snapshots,
-            Ready::Images => Watched::Images,
-        };
-        let mut rounds = watcher.rounds();
-        let since = tokio::time::Instant::now();
-        let ids: Vec<String> = seen.keys().cloned().collect();
-        let _registration = watcher.register_kind(watched, &ids, interval);
-        let mut last_report = String::new();
-        loop {
-            if let Some((id, (state, _))) = seen.iter().find(|(_, (st, _))| kind.failed(st)) {
-                return Err(state_failure(
-                    if kind == Ready::Snapshots {
-                        "SnapshotFailed"
-                    } else {
-                        "ImageFailed"
-                    },
-                    format!("{} ended in state {state}; rotation did not run", label(id)),
-                    &empty,
-                ));
-            }
-            let pending: Vec<String> = seen
-                .iter()
-                .filter(|(_, (st, _))| st != kind.done())
-                .map(|(id, _)| id.clone())
-                .collect();
-            let total = seen.len() as u64;
-            let done = total - pending.len() as u64;
-            let mut report = format!("{done} of {total} {} {}", kind.noun(), kind.done());
-            if kind == Ready::Snapshots {
-                let pct: u64 = seen
-                    .values()
-                    .map(|(st, p)| {
-                        if st == kind.done() {
-                            100
-                        } else {
-                            p.as_deref()
-                                .and_then(|p| p.trim_end_matches('%').parse::<u64>().ok())
-                                .unwrap_or(0)
-                        }
-                    })
-                    .sum::<u64>()
-                    / total.max(1);
-                report.push_str(&format!(" ({pct}% overall)"));
-            }
-            if report != last_report {
-                ctx.progress("waiting", &report, Some(done), Some(total))
-                    .await?;
-                last_report = report;
-            }
-            if pending.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let list: Vec<String> = pending
-                    .iter()
-                    .map(|id| {
-                        let (st, p) = &seen[id];
-                        format!(
-                            "{} ({st}{})",
-                            label(id),
-                            p.as_deref().map(|p| format!(", {p}")).unwrap_or_default()
-                        )
-                    })
-                    .collect();
-                return Err(state_failure(
-                    "WaitTimeout",
-                    format!(
-                        "not {} after {}: {}; rotation did not run",
-                        kind.done(),
-                        humantime::format_duration(timeout),
-                        list.join("; ")
-                    ),
-                    &empty,
-                ));
-            }
-            // The next round that began after this wait registered and asked about its ids.
-            tokio::select! {
-                r = rounds.changed() => if r.is_err() { continue },
-                _ = tokio::time::sleep_until(deadline) => continue,
-                _ = ctx.cancelled() => return Err(ExecError::Cancelled(empty)),
-            }
-            let round = rounds.borrow_and_update().clone();
-            if round.began.is_some_and(|b| b < since)
-                || !pending.iter().all(|id| round.asked.contains(id))
-            {
-                continue;
-            }
-            for id in &pending {
-                if let Some(e) = round.resource_errors.get(id) {
-                    if !e.transient {
-                        return Err(failed(e.clone(), empty.clone()));
-                    }
-                }
-                if let Some((st, p)) = round.resources.get(id) {
-                    seen.insert(id.clone(), (st.clone(), p.clone()));
-                }
-            }
-        }
-    }
-
     /// `create_image`; see the module docs.
     pub(super) async fn create_image(
         &self,
@@ -415,32 +271,44 @@ impl Ec2Executor {
                 .find(|i| &i.instance_id == inst)
                 .and_then(|i| i.name.clone());
         }
-        let until = spec.wait_settings().0;
-        if until == WaitUntil::Completed {
-            let mut seen: BTreeMap<String, (String, Option<String>)> = made
-                .values()
-                .filter(|i| i.state != ImageResult::ROTATED_AWAY)
-                .map(|i| (i.image_id.clone(), (i.state.clone(), None)))
-                .collect();
-            let r = self
-                .wait_ready(
-                    ctx,
-                    super::job_region(ctx),
-                    Ready::Images,
-                    &mut seen,
-                    &|id| format!("AMI {id}"),
-                )
-                .await;
-            for img in made.values_mut() {
-                if let Some((st, _)) = seen.get(&img.image_id) {
-                    img.state = st.clone();
-                }
+        let labels = made
+            .values()
+            .filter(|i| !matches!(i.state.as_str(), "available" | ImageResult::ROTATED_AWAY))
+            .map(|i| (i.image_id.clone(), format!("AMI {}", i.image_id)))
+            .collect();
+        let after = AfterReady {
+            wait: self.ready_wait(ctx, super::job_region(ctx), Watched::Images, labels),
+            results,
+            made: ReadyMade::Images { made, total },
+        };
+        self.ready_and_finish(ctx, ec2, Some(&p.backup), after)
+            .await
+    }
+
+    /// After the wait for the new AMIs (or none asked for): their snapshots tagged like them,
+    /// rotation and the summary.
+    pub(super) async fn finish_images(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        backup: &BackupParams,
+        (mut made, total): (BTreeMap<String, ImageResult>, u64),
+        mut results: JobResults,
+        outcome: WaitOutcome,
+    ) -> Result<JobResults, ExecError> {
+        for img in made.values_mut() {
+            if let Some((st, _)) = outcome.ready.get(&img.image_id) {
+                img.state = st.clone();
             }
-            let partial = JobResults {
-                images: made.values().cloned().collect(),
-                ..results.clone()
-            };
-            r.map_err(|e| e.with_results(partial))?;
+        }
+        let partial = |made: &BTreeMap<String, ImageResult>, results: &JobResults| JobResults {
+            images: made.values().cloned().collect(),
+            ..results.clone()
+        };
+        ready_failure(&outcome, || partial(&made, &results), backup.keep.is_some())?;
+        let until = ctx.job.spec.wait_settings().0;
+        let group = backup.group();
+        if until == WaitUntil::Completed {
             // The AMIs' snapshots carry the same tags, added now that they are known.
             let ids: Vec<String> = made
                 .values()
@@ -470,9 +338,8 @@ impl Ec2Executor {
             }
         }
         // Rotation, once every new AMI is available.
-        let keep = p.backup.keep;
         let mut note = String::new();
-        if let Some(keep) = keep {
+        if let Some(keep) = backup.keep {
             if until == WaitUntil::Completed {
                 ctx.progress(
                     "rotating",
@@ -490,15 +357,7 @@ impl Ec2Executor {
                         &mut results,
                     )
                     .await
-                    .map_err(|e| {
-                        failed(
-                            e,
-                            JobResults {
-                                images: made.values().cloned().collect(),
-                                ..results.clone()
-                            },
-                        )
-                    })?;
+                    .map_err(|e| failed(e, partial(&made, &results)))?;
                 let deregistered: usize = rot.values().map(|r| r.deleted.len()).sum();
                 let snaps: usize = rot.values().map(|r| r.deleted_snapshots.len()).sum();
                 note = format!(
@@ -859,49 +718,63 @@ impl Ec2Executor {
             ));
             return Ok(results);
         }
-        let mut seen: BTreeMap<String, (String, Option<String>)> = copies
-            .values()
-            .map(|id| (id.clone(), ("pending".into(), None)))
+        let labels = copies
+            .iter()
+            .map(|(src, c)| (c.clone(), format!("copy {c} of {src}")))
             .collect();
-        let source_of: HashMap<String, String> =
-            copies.iter().map(|(s, c)| (c.clone(), s.clone())).collect();
-        let wait = if spec.wait_settings().0 == WaitUntil::Completed {
-            self.wait_ready(ctx, &dest_region, kind, &mut seen, &|id| {
-                format!(
-                    "copy {id} of {}",
-                    source_of.get(id).map(String::as_str).unwrap_or("?")
-                )
-            })
-            .await
-        } else {
-            Ok(())
+        let after = AfterReady {
+            wait: self.ready_wait(ctx, &dest_region, kind.watched(), labels),
+            results,
+            made: ReadyMade::Copies {
+                copies,
+                source_region: region.to_string(),
+            },
         };
-        for (src, copy) in &copies {
-            let state = seen.get(copy).map(|(s, _)| s.clone()).unwrap_or_default();
-            let outcome = Some(format!("copy of {src} ({region})"));
-            match kind {
-                Ready::Snapshots => results.snapshots.push(SnapshotResult {
-                    snapshot_id: copy.clone(),
-                    state,
-                    progress: seen.get(copy).and_then(|(_, p)| p.clone()),
-                    region: Some(dest_region.clone()),
-                    outcome,
-                    ..Default::default()
-                }),
-                Ready::Images => results.images.push(ImageResult {
-                    image_id: copy.clone(),
-                    state,
-                    region: Some(dest_region.clone()),
-                    outcome,
-                    ..Default::default()
-                }),
-            }
-        }
-        wait.map_err(|e| e.with_results(results.clone()))?;
-        let n = copies.len() as u64;
-        let summary = format!("copied {n} {} to {dest_region}", kind.noun());
-        ctx.progress("done", &summary, Some(n), Some(n)).await?;
-        results.summary = Some(summary);
-        Ok(results)
+        self.ready_and_finish(ctx, ec2, None, after).await
     }
+}
+
+/// After the wait for the copies (in `dest_region`, of `kind`; or none asked for): their rows and
+/// the summary.
+pub(super) async fn finish_copies(
+    ctx: &ExecCtx,
+    kind: Watched,
+    (region, dest_region): (&str, &str),
+    copies: BTreeMap<String, String>,
+    mut results: JobResults,
+    outcome: WaitOutcome,
+) -> Result<JobResults, ExecError> {
+    for (src, copy) in &copies {
+        let (state, progress) = outcome
+            .ready
+            .get(copy)
+            .cloned()
+            .unwrap_or(("pending".into(), None));
+        let outcome = Some(format!("copy of {src} ({region})"));
+        let region = Some(dest_region.to_string());
+        let image_id = copy.clone();
+        match kind {
+            Watched::Images => results.images.push(ImageResult {
+                image_id,
+                state,
+                region,
+                outcome,
+                ..Default::default()
+            }),
+            _ => results.snapshots.push(SnapshotResult {
+                snapshot_id: image_id,
+                state,
+                progress,
+                region,
+                outcome,
+                ..Default::default()
+            }),
+        }
+    }
+    ready_failure(&outcome, || results.clone(), false)?;
+    let n = copies.len() as u64;
+    let summary = format!("copied {n} {} to {dest_region}", kind.noun());
+    ctx.progress("done", &summary, Some(n), Some(n)).await?;
+    results.summary = Some(summary);
+    Ok(results)
 }

@@ -93,9 +93,8 @@ pub(super) fn add_checkpointed<T: Made>(
     field: fn(&checkpoint::Made) -> &BTreeMap<String, String>,
     made: &mut BTreeMap<String, T>,
 ) {
-    let cp = Checkpoint::of(ctx);
-    let saved = cp.as_ref().and_then(Checkpoint::made).map(field);
-    for (key, id) in saved.into_iter().flatten() {
+    let saved = Checkpoint::of(ctx).and_then(|c| c.made());
+    for (key, id) in saved.as_ref().map(field).into_iter().flatten() {
         let (key, id) = (key.clone(), id.clone());
         let m = T::rotated_away(id, &key);
         made.entry(key).or_insert(m);

@@ -1,0 +1,147 @@
+//! Waiting until the snapshots or AMIs a backup or copy made are ready, the same way instance
+//! waits are: parked without a worker when the job may park, judged by the parking lot in place
+//! otherwise (workflow steps), in both cases from the account+region's shared rounds (⌈N/200⌉
+//! DescribeSnapshots or DescribeImages calls per round for every job's N ids together).
+//!
+//! What the action finishes with afterwards (rotation, results, summary) is an
+//! [`AfterReady`] checkpoint, so a parked job resumes straight into its finish; one whose lot
+//! died runs again from the start, which finds what it made by its tags (and what rotation
+//! removed meanwhile, by this checkpoint) and waits again. The finishes themselves live with their actions (`backup.rs`,
+//! `images.rs`); this file only waits and dispatches. Must not call EC2 itself.
+
+// `ExecError` is large by design (see runner.rs).
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+
+use ec2jobd_ec2::{Ec2, Watched};
+use ec2jobd_spec::action::BackupParams;
+use ec2jobd_spec::{JobResults, WaitUntil};
+
+use super::checkpoint::{AfterReady, Checkpoint, ReadyMade};
+use super::images::finish_copies;
+use super::{bound_by_attempt, Ec2Executor};
+use crate::parking::{Wait, WaitOutcome};
+use crate::runner::{ExecCtx, ExecError};
+
+impl Ec2Executor {
+    /// The wait for `labels`' ids (snapshots or AMIs by `kind`, in `region`; each with how it
+    /// reads in messages) to be ready, with the job's timeout and interval. Empty when the job
+    /// does not wait for `completed`.
+    pub(super) fn ready_wait(
+        &self,
+        ctx: &ExecCtx,
+        region: &str,
+        kind: Watched,
+        labels: BTreeMap<String, String>,
+    ) -> Wait {
+        let (until, timeout, interval) = ctx.job.spec.wait_settings();
+        let labels = if until == WaitUntil::Completed {
+            labels
+        } else {
+            BTreeMap::new()
+        };
+        let now = self.lot.now_ms();
+        Wait {
+            account: ctx.job.spec.account.as_deref().unwrap_or("default").into(),
+            region: region.into(),
+            kind,
+            ids: labels.keys().cloned().collect(),
+            labels: labels.into_iter().filter(|(id, l)| id != l).collect(),
+            until,
+            since_ms: now,
+            deadline_ms: now + timeout.as_millis() as i64,
+            timeout_ms: timeout.as_millis() as u64,
+            interval_ms: interval.as_millis() as u64,
+            attempt_deadline_ms: None,
+            attempt_limit_ms: None,
+        }
+    }
+
+    /// Waits for `after.wait` (parked when the job may park: `Err(Park)`), then finishes the
+    /// action. `backup`: the job's backup params (rotation), for snapshots and AMIs.
+    pub(super) async fn ready_and_finish(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        backup: Option<&BackupParams>,
+        mut after: AfterReady,
+    ) -> Result<JobResults, ExecError> {
+        let outcome = if after.wait.until != WaitUntil::Completed || after.wait.ids.is_empty() {
+            WaitOutcome::default()
+        } else {
+            ctx.check_cancel(&after.results)?;
+            bound_by_attempt(ctx, &mut after.wait);
+            let parked = ctx
+                .may_park()
+                .then(|| Checkpoint::ParkedReady(Box::new(after.clone())));
+            self.wait_for(ctx, after.wait.clone(), parked, &after.results)
+                .await?
+        };
+        self.finish_ready(ctx, ec2, backup, after, outcome).await
+    }
+
+    /// Finishes the action after its wait ended with `outcome` (or was skipped).
+    pub(super) async fn finish_ready(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        backup: Option<&BackupParams>,
+        after: AfterReady,
+        outcome: WaitOutcome,
+    ) -> Result<JobResults, ExecError> {
+        let AfterReady {
+            wait,
+            results,
+            made,
+        } = after;
+        match (made, backup) {
+            (ReadyMade::Snapshots { rows, made }, Some(b)) => {
+                self.finish_snapshots(ctx, ec2, b, (rows, made), results, outcome)
+                    .await
+            }
+            (ReadyMade::Images { made, total }, Some(b)) => {
+                self.finish_images(ctx, ec2, b, (made, total), results, outcome)
+                    .await
+            }
+            (
+                ReadyMade::Copies {
+                    copies,
+                    source_region,
+                },
+                None,
+            ) => {
+                let places = (source_region.as_str(), wait.region.as_str());
+                finish_copies(ctx, wait.kind, places, copies, results, outcome).await
+            }
+            _ => Err(ExecError::permanent(
+                "CorruptCheckpoint",
+                "the job's parked wait belongs to another action",
+            )),
+        }
+    }
+}
+
+/// The job's end when its wait for readiness was cancelled or failed, with `results` (built only
+/// then); `rotation`: the message says rotation did not run.
+pub(super) fn ready_failure(
+    outcome: &WaitOutcome,
+    results: impl FnOnce() -> JobResults,
+    rotation: bool,
+) -> Result<(), ExecError> {
+    if outcome.cancelled {
+        return Err(ExecError::Cancelled(results()));
+    }
+    if let Some(e) = &outcome.error {
+        let mut error = e.clone();
+        if rotation {
+            error.message.push_str("; rotation did not run");
+        }
+        return Err(ExecError::Failed {
+            error,
+            transient: outcome.transient,
+            results: results(),
+        });
+    }
+    Ok(())
+}
