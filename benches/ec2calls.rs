@@ -25,12 +25,13 @@
 //!
 //! 6. Snapshot waits (issue 14): N `create_snapshots` jobs (one instance's root volume each) whose
 //!    snapshots the proxy holds `pending`: DescribeSnapshots calls per polling round while all wait
-//!    (target ⌈N/200⌉). Snapshot waits still hold their worker, so this part runs N workers.
+//!    (target ⌈N/200⌉), with the default number of workers: the waits are parked.
 //!
-//! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default 1000),
-//! BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200), BENCH_IN_PLACE
-//! (default 20), BENCH_BULK (default 300), BENCH_COALESCE (default 500), BENCH_SNAPSHOTS (default 1000), BENCH_ONLY=core (parts 3 to 6 only), BENCH_ONLY=parked (part 3) or BENCH_ONLY=polling
-//! (part 2).
+//! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default
+//! 1000), BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200),
+//! BENCH_IN_PLACE (default 64), BENCH_BULK (default 300), BENCH_COALESCE (default 500),
+//! BENCH_SNAPSHOTS (default 1000); BENCH_ONLY=core (parts 3 to 6 only), BENCH_ONLY=parked (part 3),
+//! BENCH_ONLY=snapshots (part 6) or BENCH_ONLY=polling (part 2).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -328,7 +329,9 @@ async fn start_herd(moto: &Moto, ids: &[String], queue: &str) -> (f64, f64, u64)
 }
 
 async fn snapshot_waits(moto: &Moto, n: usize) {
-    println!("\nSnapshot waits: {n} create_snapshots jobs, snapshots held pending, {n} workers");
+    println!(
+        "\nSnapshot waits: {n} create_snapshots jobs, snapshots held pending, {DEFAULT_WORKERS} workers"
+    );
     let mut ids = Vec::new();
     while ids.len() < n {
         let k = (n - ids.len()).min(500) as i32;
@@ -343,7 +346,7 @@ async fn snapshot_waits(moto: &Moto, n: usize) {
         ))
     });
     let tmp = tempfile::tempdir().expect("tempdir");
-    let d = bench_daemon(tmp.path(), &proxy.url, n).await;
+    let d = bench_daemon(tmp.path(), &proxy.url, DEFAULT_WORKERS).await;
     let specs: Vec<Value> = ids
         .iter()
         .map(|iid| {
@@ -369,6 +372,10 @@ async fn snapshot_waits(moto: &Moto, n: usize) {
         })
         .await;
     }
+    println!(
+        "  all {n} waiting, {} of them parked",
+        d.metric("ec2jobd_jobs_parked").await
+    );
     let rounds = "ec2jobd_status_rounds_total";
     let (r0, c0) = (d.metric(rounds).await, proxy.calls("DescribeSnapshots"));
     while d.metric(rounds).await < r0 + 5.0 {
@@ -623,6 +630,10 @@ fn main() {
     rt.block_on(async {
         if only == "polling" {
             return polling(waiters, window).await;
+        }
+        if only == "snapshots" {
+            let moto = Moto::start().await;
+            return snapshot_waits(&moto, env_num("BENCH_SNAPSHOTS", 1000) as usize).await;
         }
         let moto = Moto::start().await;
         parked_waits(

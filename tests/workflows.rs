@@ -158,6 +158,8 @@ async fn cancel_mid_workflow_and_resume_after_kill_9() {
             .is_some_and(|m| m.starts_with("[hang] waiting"))
     })
     .await;
+    // The step's wait holds no worker: the whole job is parked in it.
+    assert_eq!(d.metric("ec2jobd_jobs_parked").await, 1.0, "{}", d.log());
     let r = d
         .req(
             reqwest::Method::POST,
@@ -188,10 +190,11 @@ async fn cancel_mid_workflow_and_resume_after_kill_9() {
              "wait": {"interval": "200ms"}},
         ]}))
         .await;
+    // The step leaves its call to the parking lot (shared with other jobs' same call).
     d.wait_for(&id, MINUTE, |j| {
         j["progress"]["message"]
             .as_str()
-            .is_some_and(|m| m.starts_with("[tag] create_tags on"))
+            .is_some_and(|m| m.starts_with("[tag] CreateTags on 1 instance(s) without"))
     })
     .await;
     d.kill9();

@@ -164,7 +164,7 @@ impl Executor for Ec2Executor {
         // that died (or given back at shutdown), an instance wait is waited again; a backup or
         // copy runs again from the start, which finds what it made (and what rotation removed
         // meanwhile) before it waits again.
-        match Checkpoint::of(ctx).filter(|_| ctx.step.is_none()) {
+        match Checkpoint::of(ctx) {
             Some(Checkpoint::Parked(after)) => {
                 let results = JobResults {
                     request_ids: after.request_ids.clone(),

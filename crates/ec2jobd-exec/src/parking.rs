@@ -3,8 +3,8 @@
 //! A job that reaches its wait for instances (running, stopped, terminated, "2/2 checks passed"),
 //! or for the snapshots or AMIs it made to be ready ([`Wait::kind`]), hands it here. **Parked** — the usual case — its worker is free at once: the store keeps the wait
 //! in the job's checkpoint and passes the job's lease to this lot, which renews the leases of all
-//! its jobs in one write per heartbeat and learns of cancels from it. **Waited in place** (workflow
-//! steps, actions that go on after their wait, or once `queue.max_waiting` jobs are parked) the
+//! its jobs in one write per heartbeat and learns of cancels from it. **Waited in place** (actions that
+//! go on after their wait within the attempt, or once `queue.max_waiting` jobs are parked) the
 //! worker awaits the outcome here instead. Either way one task per account+region feeds every wait
 //! from the shared [`StatusWatcher`]'s rounds (⌈N/100⌉ DescribeInstanceStatus and ⌈N/200⌉
 //! DescribeSnapshots/DescribeImages calls a round, whatever the number of jobs), reports progress, and
@@ -163,6 +163,8 @@ pub struct Parked {
     pub checkpoint: serde_json::Value,
     /// The call to make before the wait, if the job left it to the lot.
     pub call: Option<PlannedCall>,
+    /// Put before the wait's progress messages (a workflow step's `[name] `).
+    pub label: String,
 }
 
 /// How an instance status reads in an error message: `i-1 (running, 1/2 checks passed)`.
@@ -225,12 +227,14 @@ enum Cmd {
         job: String,
         wait: Box<Wait>,
         call: PlannedCall,
+        label: String,
     },
     /// The call was made (and its checkpoint saved): wait now.
     Called {
         job: String,
         wait: Box<Wait>,
         request_ids: Vec<String>,
+        label: String,
     },
     /// The call failed, or its job was lost: end with this outcome (`None`: drop the job).
     Uncalled {
@@ -524,19 +528,30 @@ impl Parking {
 
     /// Takes over a job the store just parked in this lot: its call, if it left one, then its
     /// wait.
-    pub async fn park(self: &Arc<Self>, job: &str, wait: Wait, call: Option<PlannedCall>) {
+    pub async fn park(
+        self: &Arc<Self>,
+        job: &str,
+        wait: Wait,
+        call: Option<PlannedCall>,
+        label: String,
+    ) {
         self.set_parked(1);
         let (account, region) = (wait.account.clone(), wait.region.clone());
         let error = match self.region(&account, &region).await {
             Ok(tx) => {
                 let (job, wait) = (job.to_string(), Box::new(wait));
                 let cmd = match call {
-                    Some(call) => Cmd::Call { job, wait, call },
+                    Some(call) => Cmd::Call {
+                        job,
+                        wait,
+                        call,
+                        label,
+                    },
                     None => Cmd::Add {
                         job,
                         wait,
                         holder: self.id.clone(),
-                        label: String::new(),
+                        label,
                         reply: None,
                     },
                 };
@@ -570,7 +585,7 @@ impl Parking {
         tx: mpsc::UnboundedSender<Cmd>,
         job: String,
         wait: Box<Wait>,
-        call: PlannedCall,
+        (call, label): (PlannedCall, String),
     ) {
         let failed = |e: Ec2Error| Cmd::Uncalled {
             job: job.clone(),
@@ -599,6 +614,7 @@ impl Parking {
                                 job: job.clone(),
                                 wait,
                                 request_ids: answer.request_ids,
+                                label,
                             }
                         }
                         Err(StoreError::LeaseLost) => {
@@ -704,9 +720,9 @@ impl Parking {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Call { job, wait, call }) => {
+                    Some(Cmd::Call { job, wait, call, label }) => {
                         calling.insert(job.clone(), false);
-                        tokio::spawn(self.clone().make_call(tx.clone(), job, wait, call));
+                        tokio::spawn(self.clone().make_call(tx.clone(), job, wait, (call, label)));
                     }
                     Some(Cmd::Uncalled { job, outcome }) => {
                         calling.remove(&job);
@@ -715,14 +731,14 @@ impl Parking {
                             None => self.set_parked(-1),
                         }
                     }
-                    Some(Cmd::Called { job, wait, request_ids }) => {
+                    Some(Cmd::Called { job, wait, request_ids, label }) => {
                         let cancelled = calling.remove(&job).unwrap_or(false);
                         if cancelled || wait.until == WaitUntil::None || wait.ids.is_empty() {
                             let outcome = WaitOutcome { cancelled, request_ids, ..Default::default() };
                             self.describe_then_deliver(job, outcome, None, *wait);
                             continue;
                         }
-                        let mut entry = Entry::new(&watcher, *wait, self.id.clone(), String::new(), None);
+                        let mut entry = Entry::new(&watcher, *wait, self.id.clone(), label, None);
                         entry.request_ids = request_ids;
                         drop(self.report(&job, &entry));
                         waits.insert(job, entry);

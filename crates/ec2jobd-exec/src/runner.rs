@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use ec2jobd_spec::{Clock, Job, JobError, JobResults, Progress};
+use ec2jobd_spec::{Clock, Job, JobError, JobResults, Progress, WaitUntil};
 use ec2jobd_store::{Claimed, Finish, NewEvent, Store, StoreError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -125,13 +125,15 @@ impl ExecCtx {
         let mut job = self.job.clone();
         job.action = spec.action;
         job.spec = spec;
+        // The outcome of a wait this step parked for: only the step the job resumes in has one.
+        let waited = checkpoint.as_ref().and(self.waited.clone());
         ExecCtx {
             job,
             checkpoint,
-            waited: None,
+            waited,
             deadline_ms: self.deadline_ms,
             limit: self.limit,
-            lot: None,
+            lot: self.lot.clone(),
             worker: self.worker.clone(),
             store: self.store.clone(),
             cancel: self.cancel.clone(),
@@ -212,10 +214,10 @@ impl ExecCtx {
         &self.prefix
     }
 
-    /// Whether the job may park its wait: a whole job (not a workflow step) in a runner with a
-    /// parking lot that has room (`queue.max_waiting`).
+    /// Whether the job may park its wait (a workflow step: the whole job, resuming in that step):
+    /// a runner with a parking lot that has room (`queue.max_waiting`).
     pub fn may_park(&self) -> bool {
-        self.envelope.is_none() && self.lot.as_ref().is_some_and(|l| l.has_room())
+        self.lot.as_ref().is_some_and(|l| l.has_room())
     }
 
     /// The error that parks the job for `wait`, saving `state` as its checkpoint; with `call`, the
@@ -228,6 +230,7 @@ impl ExecCtx {
     ) -> ExecError {
         ExecError::Park(Box::new(Parked {
             wait,
+            label: self.prefix.clone(),
             checkpoint: self.wrap(state),
             call: call.map(|c| PlannedCall {
                 then: self.wrap(c.then),
@@ -624,6 +627,7 @@ impl Runner {
             wait,
             checkpoint,
             call,
+            label,
         } = parked;
         let Some(lot) = &self.lot else {
             // Executors park only when `ExecCtx::may_park` said yes, which needs a lot.
@@ -631,18 +635,22 @@ impl Runner {
             return;
         };
         let (phase, message) = match &call {
-            Some(c) => (
-                "calling",
-                format!(
-                    "{} on {} instance(s), then waiting for {} without holding a worker",
-                    c.call.operation(),
-                    c.ids.len(),
-                    wait.describe()
-                ),
-            ),
+            Some(c) => {
+                let then = match wait.until {
+                    WaitUntil::None => String::new(),
+                    _ => format!(", then waiting for {}", wait.describe()),
+                };
+                let (op, n) = (c.call.operation(), c.ids.len());
+                let message =
+                    format!("{label}{op} on {n} instance(s){then} without holding a worker");
+                ("calling", message)
+            }
             None => (
                 "waiting",
-                format!("waiting for {} without holding a worker", wait.describe()),
+                format!(
+                    "{label}waiting for {} without holding a worker",
+                    wait.describe()
+                ),
             ),
         };
         let progress = Progress {
@@ -659,7 +667,7 @@ impl Runner {
         {
             Ok(()) => {
                 tracing::info!(wait = %wait.describe(), "parked");
-                lot.park(id, wait, call).await;
+                lot.park(id, wait, call, label).await;
             }
             Err(StoreError::LeaseLost) => tracing::warn!("lease lost before the job was parked"),
             Err(e) => tracing::warn!(

@@ -118,7 +118,7 @@ impl Metrics {
         let parked = Gauge::default();
         registry.register(
             "jobs_parked",
-            "Jobs of this process waiting for instances without holding a worker",
+            "Jobs of this process waiting (for instances, snapshots or AMIs) without holding a worker",
             parked.clone(),
         );
         let sns_refused = Family::<Labels, Counter>::default();

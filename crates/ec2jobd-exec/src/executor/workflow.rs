@@ -25,7 +25,10 @@ impl Ec2Executor {
             ..Default::default()
         };
         for (i, st) in steps.iter().enumerate().skip(done.len()) {
-            ctx.check_cancel(&with_steps(&done))?;
+            // A step resuming after its parked wait ends itself (a cancel included).
+            if !(cp.step == i && ctx.waited.is_some()) {
+                ctx.check_cancel(&with_steps(&done))?;
+            }
             let name = st.name.clone().unwrap_or_else(|| format!("step-{}", i + 1));
             let mut spec = (*st.spec).clone();
             if let Some(from) = spec.targets.from_step.take() {
@@ -57,11 +60,13 @@ impl Ec2Executor {
                 }
                 spec.targets.instance_ids = Some(IdList(ids));
             }
+            // The step resumes from its own checkpoint, kept in the envelope until it saves the
+            // next (a second crash before then must find it still).
             let inner = (cp.step == i).then(|| cp.inner.clone()).flatten();
             let envelope = Envelope {
                 step: i,
                 done: done.clone(),
-                inner: None,
+                inner: inner.clone(),
             }
             .to_value();
             ctx.save_checkpoint(envelope.clone()).await?;
@@ -101,7 +106,8 @@ impl Ec2Executor {
                     });
                     return Err(ExecError::Cancelled(with_steps(&done)));
                 }
-                // Steps wait in place (`ExecCtx::may_park` is false for them).
+                // A step that parks parks the whole job (its checkpoint inside this envelope); the
+                // job resumes in this step with the wait's outcome (`ExecCtx::waited`).
                 Err(e @ (ExecError::LeaseLost | ExecError::Park(_))) => return Err(e),
             };
             let failure = error.clone();
