@@ -501,6 +501,10 @@ async fn modify_resizes_leaving_state_as_found_audit_lists_missing_tags_wrong_st
     let id = d.submit(&spec).await;
     let j = d.wait_final(&id, MINUTE).await;
     assert_eq!(j["state"], "succeeded", "{j}");
+    // The final wait (2/2 checks after the restart) held no worker: the job parked for it, and
+    // its per-instance account of the change came back from the checkpoint.
+    let events = d.text(&format!("/v1/jobs/{id}/events")).await;
+    assert!(events.contains("event: parked"), "{events}");
     let r = by_id(&j);
     assert_eq!(r[&running]["previous_instance_type"], "t3.micro");
     assert_eq!(r[&running]["instance_type"], "t3.small");

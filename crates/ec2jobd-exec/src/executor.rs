@@ -108,13 +108,24 @@ struct AfterWait {
     before: HashMap<String, String>,
     /// Those the call was made for.
     todo: Vec<String>,
-    /// Those whose termination protection the job turned off.
+    /// Those whose termination protection the job turned off (checkpoints written before
+    /// `outcomes` held it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     unprotected: Vec<String>,
     /// Request ids of the calls made before the wait.
     #[serde(default)]
     request_ids: Vec<String>,
+    /// What the action did to an instance, where it says more than "called": termination
+    /// protection turned off, a resize's account of the change.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    outcomes: BTreeMap<String, String>,
+    /// A resized instance's type before the resize.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    previous_types: BTreeMap<String, String>,
 }
+
+/// The outcome of an instance whose termination protection a terminate job turned off.
+const UNPROTECTED: &str = "called (termination protection turned off)";
 
 /// The outcome of the wait a parked job resumes after (none: its lot died before the wait ended).
 #[allow(clippy::result_large_err)] // once per resumed attempt
@@ -172,7 +183,7 @@ impl Executor for Ec2Executor {
                 };
                 return match waited(ctx)? {
                     Some(o) => self.finish_wait(ctx, &ec2, *after, results, o).await,
-                    None => self.wait_and_finish(ctx, &ec2, *after, results, true).await,
+                    None => self.wait_and_finish(ctx, &ec2, *after, results).await,
                 };
             }
             Some(Checkpoint::ParkedReady(after)) => {
@@ -575,7 +586,7 @@ impl Ec2Executor {
             since,
             &results,
         );
-        self.wait_and_finish(ctx, ec2, after, results, true).await
+        self.wait_and_finish(ctx, ec2, after, results).await
     }
 
     /// Start, stop, reboot, terminate and tag jobs: `call` for the targets that need it;
@@ -631,7 +642,11 @@ impl Ec2Executor {
             self.lot.now_ms(),
             &results,
         );
-        after.unprotected = unprotected;
+        after.outcomes.extend(
+            unprotected
+                .into_iter()
+                .map(|id| (id, UNPROTECTED.to_string())),
+        );
         if !todo.is_empty() {
             ctx.check_cancel(&results)?;
             let calling = Checkpoint::Calling { ids: todo.clone() };
@@ -679,7 +694,7 @@ impl Ec2Executor {
             called.save(ctx).await?;
             after.request_ids.clone_from(&results.request_ids);
         }
-        self.wait_and_finish(ctx, ec2, after, results, true).await
+        self.wait_and_finish(ctx, ec2, after, results).await
     }
 
     /// `modify_instance_attribute`. A type change needs a stopped instance, so a running one is
@@ -871,7 +886,7 @@ impl Ec2Executor {
             .filter(|id| resize.contains(*id) || restart.contains(*id) || !protections.is_empty())
             .cloned()
             .collect();
-        let after = self.after_wait(
+        let mut after = self.after_wait(
             ctx,
             (account, region),
             (&ids, &restart),
@@ -880,22 +895,22 @@ impl Ec2Executor {
             since,
             &results,
         );
-        // What follows the wait (the per-instance account of the change) is not in the
-        // checkpoint, so this wait is made in place.
-        let mut results = self
-            .wait_and_finish(ctx, ec2, after, results, false)
-            .await?;
-        for r in &mut results.instances {
+        // The per-instance account of the change goes into the checkpoint, so the final wait
+        // parks like any other.
+        for id in &ids {
             let mut did = Vec::new();
             // `restart` holds those an earlier attempt resized (they already have the new type).
-            if resize.contains(&r.instance_id) || restart.contains(&r.instance_id) {
-                r.previous_instance_type = old_type.get(&r.instance_id).cloned();
+            if resize.contains(id) || restart.contains(id) {
+                let previous = old_type.get(id);
+                if let Some(t) = previous {
+                    after.previous_types.insert(id.clone(), t.clone());
+                }
                 did.push(format!(
                     "type {} -> {}",
-                    r.previous_instance_type.as_deref().unwrap_or("?"),
+                    previous.map(String::as_str).unwrap_or("?"),
                     want_type.unwrap_or("?")
                 ));
-                if restart.contains(&r.instance_id) {
+                if restart.contains(id) {
                     did.push("stopped and started again".into());
                 }
             } else if let Some(t) = want_type {
@@ -913,9 +928,9 @@ impl Ec2Executor {
                     ));
                 }
             }
-            r.outcome = Some(did.join("; "));
+            after.outcomes.insert(id.clone(), did.join("; "));
         }
-        Ok(results)
+        self.wait_and_finish(ctx, ec2, after, results).await
     }
 
     /// Waits through the shared watcher until every instance in `ids` meets `until`, with one
@@ -1053,19 +1068,20 @@ impl Ec2Executor {
             before: before.clone(),
             todo: todo.to_vec(),
             unprotected: Vec::new(),
+            outcomes: BTreeMap::new(),
+            previous_types: BTreeMap::new(),
             request_ids: results.request_ids.clone(),
         }
     }
 
-    /// Waits for the instances — parked without a worker when `parkable` and the job may park,
-    /// in place otherwise — then finishes the job with [`Self::finish_wait`].
+    /// Waits for the instances — parked without a worker when the job may park, in place
+    /// otherwise — then finishes the job with [`Self::finish_wait`].
     async fn wait_and_finish(
         &self,
         ctx: &ExecCtx,
         ec2: &Ec2,
         mut after: AfterWait,
         results: JobResults,
-        parkable: bool,
     ) -> Result<JobResults, ExecError> {
         if after.wait.until == WaitUntil::None || after.wait.ids.is_empty() {
             return self
@@ -1074,8 +1090,9 @@ impl Ec2Executor {
         }
         ctx.check_cancel(&results)?;
         bound_by_attempt(ctx, &mut after.wait);
-        let parked =
-            (parkable && ctx.may_park()).then(|| Checkpoint::Parked(Box::new(after.clone())));
+        let parked = ctx
+            .may_park()
+            .then(|| Checkpoint::Parked(Box::new(after.clone())));
         let outcome = self
             .wait_for(ctx, after.wait.clone(), parked, &results)
             .await?;
@@ -1139,8 +1156,15 @@ impl Ec2Executor {
             before,
             todo,
             unprotected,
+            mut outcomes,
+            previous_types,
             ..
         } = after;
+        outcomes.extend(
+            unprotected
+                .into_iter()
+                .map(|id| (id, UNPROTECTED.to_string())),
+        );
         let until = wait.until;
         results
             .request_ids
@@ -1149,8 +1173,11 @@ impl Ec2Executor {
             .final_results(ec2, &ids, &before, &outcome, &todo)
             .await;
         for r in &mut results.instances {
-            if unprotected.contains(&r.instance_id) {
-                r.outcome = Some("called (termination protection turned off)".into());
+            if let Some(o) = outcomes.remove(&r.instance_id) {
+                r.outcome = Some(o);
+            }
+            if let Some(t) = previous_types.get(&r.instance_id) {
+                r.previous_instance_type = Some(t.clone());
             }
         }
         if outcome.cancelled {
