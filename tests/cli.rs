@@ -418,3 +418,51 @@ fn token_create_is_repeatable_and_the_wrong_database_is_loud() {
     assert!(!o.status.success() && err.contains("--config"), "{err}");
     assert!(!empty.path().join("ec2jobd.db").exists());
 }
+
+/// `ec2jobd migrate` prepares a PostgreSQL database (once: a second run applies nothing), never
+/// echoing the URL's password; `serve` on it says plainly that it cannot serve from one yet.
+#[test]
+fn migrate_prepares_a_postgres_database() {
+    let Ok(admin) = std::env::var("TEST_POSTGRES_URL") else {
+        eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test starts a server)");
+        return;
+    };
+    let name = format!("cli_{}", std::process::id());
+    let psql = |sql: &str| {
+        let o = Command::new("psql")
+            .args([admin.as_str(), "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("psql runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    psql(&format!("DROP DATABASE IF EXISTS {name}"));
+    psql(&format!("CREATE DATABASE {name}"));
+    // The test server trusts local connections: the password is there to be hidden.
+    let url = admin
+        .replacen("postgres@", "postgres:hunter2@", 1)
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{name}"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(dir.path(), &DaemonOpts::default());
+    let run = |cmd: &str| {
+        let o = Command::new(bin())
+            .args([cmd, "--config", config.to_str().unwrap()])
+            .env("EC2JOBD_DATABASE", &url)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        (o.status.success(), err)
+    };
+    let (ok, err) = run("migrate");
+    assert!(
+        ok && err.contains("1 migration(s) applied to postgres://postgres:***@"),
+        "{err}"
+    );
+    let (ok, err) = run("migrate");
+    assert!(ok && err.contains("0 migration(s) applied"), "{err}");
+    let (ok, err) = run("serve");
+    assert!(!ok && err.contains("does not serve from one yet"), "{err}");
+    psql(&format!("DROP DATABASE {name}"));
+}

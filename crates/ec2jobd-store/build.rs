@@ -1,5 +1,6 @@
-// `sqlx::migrate!` embeds migrations/sqlite at compile time; rebuild when a migration is added or
-// changed, not only when Rust sources change.
+// `sqlx::migrate!` embeds migrations/sqlite and migrations/postgres at compile time; rebuild when a
+// migration is added or changed, not only when Rust sources change.
 fn main() {
     println!("cargo:rerun-if-changed=../../migrations/sqlite");
+    println!("cargo:rerun-if-changed=../../migrations/postgres");
 }

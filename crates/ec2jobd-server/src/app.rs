@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::Router;
 use ec2jobd_ec2::{AccountConfig, Ec2Pool};
 use ec2jobd_spec::{Clock, SystemClock};
-use ec2jobd_store::{SqliteOptions, SqliteStore, Store, Synchronous};
+use ec2jobd_store::{postgres, SqliteOptions, SqliteStore, Store, Synchronous};
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -30,6 +30,13 @@ use ec2jobd_exec::runner::{Runner, RunnerConfig};
 
 /// Opens the configured store (applying migrations).
 pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<SqliteStore> {
+    if postgres::is_postgres_url(&cfg.database) {
+        bail!(
+            "database `{}`: this version prepares a PostgreSQL database (`ec2jobd migrate`) but \
+             does not serve from one yet; use sqlite://PATH",
+            postgres::redact(&cfg.database)
+        );
+    }
     let opts = SqliteOptions {
         url: cfg.database.clone(),
         synchronous: match cfg.sqlite.synchronous {

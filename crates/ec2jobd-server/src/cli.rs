@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use ec2jobd_spec::{Role, SystemClock};
-use ec2jobd_store::Store;
+use ec2jobd_store::{postgres, Store};
 use utoipa::OpenApi;
 
 use crate::app;
@@ -172,6 +172,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Migrate { config } => {
             let cfg = load(&config, &Overrides::default())?;
+            if postgres::is_postgres_url(&cfg.database) {
+                let url = postgres::redact(&cfg.database);
+                let pool = postgres::connect(&cfg.database, 1)
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?;
+                let n = postgres::migrate(&pool)
+                    .await
+                    .with_context(|| format!("migrating {url}"))?;
+                eprintln!("{n} migration(s) applied to {url}");
+                return Ok(());
+            }
             app::open_store(&cfg, Arc::new(SystemClock)).await?;
             eprintln!("migrations applied to {}", cfg.database);
             Ok(())

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use ec2jobd_store::postgres::{is_postgres_url, redact};
 use serde::{Deserialize, Deserializer};
 
 /// The defaults, documented key by key.
@@ -36,7 +37,7 @@ impl<'de> Deserialize<'de> for Dur {
 pub struct Config {
     /// HTTP listen address.
     pub listen: String,
-    /// Store URL (`sqlite://…`).
+    /// Store URL (`sqlite://…`; `postgres://…` for `ec2jobd migrate` so far).
     pub database: String,
     /// Account for jobs that name none.
     pub default_account: String,
@@ -565,10 +566,10 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.listen_addr()?;
-        if !self.database.starts_with("sqlite:") {
+        if !self.database.starts_with("sqlite:") && !is_postgres_url(&self.database) {
             bail!(
-                "config key `database`: `{}` is not supported (use sqlite://PATH)",
-                self.database
+                "config key `database`: `{}` is not supported (use sqlite://PATH or postgres://…)",
+                redact(&self.database)
             );
         }
         if !self.accounts.contains_key(&self.default_account) {

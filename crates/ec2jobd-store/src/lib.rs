@@ -2,13 +2,14 @@
 //!
 //! [`Store`] is the queue's whole contract: enqueue (with idempotency keys), claim with a lease,
 //! heartbeat, fenced completion, retries with a not-before time, lease expiry, cancel, the event log,
-//! executor checkpoints and API tokens. [`SqliteStore`] implements it for the embedded default; a
-//! PostgreSQL implementation for replicas that share one queue is meant to sit beside it behind the
-//! same trait.
+//! executor checkpoints and API tokens. [`SqliteStore`] implements it for the embedded default; the
+//! PostgreSQL implementation for replicas that share one queue sits beside it behind the same trait
+//! ([`postgres`]: so far its schema and migrations).
 //!
 //! This room knows SQL and the spec types; it must not know HTTP or AWS. Backoff is decided by the
 //! caller (the runner) and passed in as a time, so the store stays free of policy.
 
+pub mod postgres;
 mod sqlite;
 
 use std::sync::Arc;

@@ -1,0 +1,115 @@
+//! PostgreSQL, for several daemons sharing one queue: the schema (`migrations/postgres`) and
+//! applying it. The PostgreSQL [`Store`](crate::Store) (claims with `FOR UPDATE SKIP LOCKED`,
+//! leader leases, LISTEN/NOTIFY hints) is built on this schema next; until then `ec2jobd migrate`
+//! prepares a database and the daemon serves from SQLite only.
+//!
+//! The schema enforces what replicas must agree on without talking to each other: one job per
+//! idempotency key, one accepted SNS delivery per message and hook, one leader per lease name.
+//! Must not: know HTTP or AWS.
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::{Result, StoreError};
+
+static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// Whether `url` names a PostgreSQL database (`postgres://…` or `postgresql://…`).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// `url` with its password (if any) replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// A pool of at most `max_connections` to `url`.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
+    let opts: PgConnectOptions = url
+        .parse()
+        .map_err(|_| StoreError::Unavailable(format!("not a PostgreSQL URL: {}", redact(url))))?;
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+        .map_err(StoreError::from)
+}
+
+/// Applies the migrations not applied yet; returns how many it applied. Safe to run from several
+/// replicas at once (sqlx holds an advisory lock while it migrates).
+pub async fn migrate(pool: &PgPool) -> Result<usize> {
+    let before = applied(pool).await?;
+    MIGRATOR
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("migrating: {e}")))?;
+    Ok(applied(pool).await? - before)
+}
+
+/// Takes or renews the lease `name` for `holder` until `now_ms + ttl_ms`: granted when no one
+/// holds it, `holder` already does, or the holder's lease ran out (a replica that died). One
+/// statement, so two replicas asking at once cannot both be granted. Returns whether `holder`
+/// holds it now.
+pub async fn take_lease(
+    pool: &PgPool,
+    name: &str,
+    holder: &str,
+    now_ms: i64,
+    ttl_ms: i64,
+) -> Result<bool> {
+    let granted: Option<String> = sqlx::query_scalar(
+        "INSERT INTO leader (name, holder, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+         WHERE leader.holder = EXCLUDED.holder OR leader.expires_at <= $4
+         RETURNING holder",
+    )
+    .bind(name)
+    .bind(holder)
+    .bind(now_ms + ttl_ms)
+    .bind(now_ms)
+    .fetch_optional(pool)
+    .await?;
+    Ok(granted.is_some())
+}
+
+/// Gives the lease `name` up if `holder` has it (a graceful stop), so another replica need not
+/// wait for it to run out.
+pub async fn release_lease(pool: &PgPool, name: &str, holder: &str) -> Result<()> {
+    sqlx::query("DELETE FROM leader WHERE name = $1 AND holder = $2")
+        .bind(name)
+        .bind(holder)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+async fn applied(pool: &PgPool) -> Result<usize> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(0);
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await?;
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+//! Against a real PostgreSQL server: `scripts/test` starts a throwaway one
+//! (`scripts/ensure-postgres`) and passes its URL in `TEST_POSTGRES_URL`; each test makes a
+//! database of its own on it. Without the variable (a bare `cargo test`) these tests say so and
+//! return.
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection};
+
+use super::*;
+
+/// A pool on a new, empty database, or `None` when no server was given.
+async fn fresh_database() -> Option<PgPool> {
+    let Ok(url) = std::env::var("TEST_POSTGRES_URL") else {
+        eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test starts a server)");
+        return None;
+    };
+    let admin = PgConnectOptions::from_str(&url).expect("TEST_POSTGRES_URL is a PostgreSQL URL");
+    let name = format!("t_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let mut conn = PgConnection::connect_with(&admin)
+        .await
+        .expect("connect to the test server");
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database");
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(admin.database(&name))
+        .await
+        .expect("connect to the test database");
+    Some(pool)
+}
+
+#[test]
+fn passwords_never_reach_messages() {
+    assert_eq!(
+        redact("postgres://app:s3cr:et@db.internal:5432/ec2jobd?sslmode=require"),
+        "postgres://app:***@db.internal:5432/ec2jobd?sslmode=require"
+    );
+    assert_eq!(
+        redact("postgres://app@db/ec2jobd"),
+        "postgres://app@db/ec2jobd"
+    );
+    assert_eq!(redact("sqlite://ec2jobd.db"), "sqlite://ec2jobd.db");
+    assert!(is_postgres_url("postgresql://h/d") && !is_postgres_url("sqlite://x"));
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_make_every_table() {
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    let n = migrate(&pool).await.unwrap();
+    assert!(n >= 1, "applied {n}");
+    assert_eq!(
+        migrate(&pool).await.unwrap(),
+        0,
+        "a second run applies nothing"
+    );
+    for table in [
+        "jobs",
+        "job_events",
+        "api_tokens",
+        "meta",
+        "sns_deliveries",
+        "sns_hooks",
+        "templates",
+        "leader",
+    ] {
+        let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{table}: {e}"));
+        assert_eq!(rows, 0, "{table}");
+    }
+}
+
+/// The claim walks the index in claim order (priority, due time, id) instead of sorting the queue.
+#[tokio::test]
+async fn the_claim_order_has_its_index() {
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    migrate(&pool).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    conn.execute("SET enable_seqscan = off").await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT id FROM jobs WHERE state = 'queued' AND run_after <= 1
+         ORDER BY priority DESC, run_after, id LIMIT 8 FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("jobs_claim_priority"), "{plan}");
+    assert!(!plan.contains("Sort"), "the index gives the order:\n{plan}");
+}
+
+/// What two replicas must agree on is the database's to enforce: one job per idempotency key, one
+/// accepted delivery per SNS message and hook (duplicates are still recorded).
+#[tokio::test]
+async fn keys_and_deliveries_are_unique_across_writers() {
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    migrate(&pool).await.unwrap();
+    let job = |id: &str| {
+        sqlx::query(
+            "INSERT INTO jobs (id, state, action, spec, idempotency_key, created_at, updated_at,
+                max_attempts, run_after, timeout_ms)
+             VALUES ($1, 'queued', 'start_instances', '{}', 'key-1', 0, 0, 3, 0, 1000)
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        )
+        .bind(id.to_string())
+    };
+    assert_eq!(job("a").execute(&pool).await.unwrap().rows_affected(), 1);
+    assert_eq!(job("b").execute(&pool).await.unwrap().rows_affected(), 0);
+
+    let delivery = |outcome: &'static str| {
+        sqlx::query(
+            "INSERT INTO sns_deliveries (at, hook, message_id, outcome) VALUES (0, 'alarms', 'm-1', $1)",
+        )
+        .bind(outcome)
+    };
+    delivery("accepted").execute(&pool).await.unwrap();
+    let second = delivery("accepted").execute(&pool).await.unwrap_err();
+    let code = second
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.to_string());
+    assert_eq!(code.as_deref(), Some("23505"), "{second}");
+    delivery("duplicate").execute(&pool).await.unwrap();
+}
+
+/// One leader per lease: taken, renewed by its holder, refused to another until it runs out, then
+/// taken over; given up at a graceful stop.
+#[tokio::test]
+async fn leader_lease_is_held_by_one_replica_at_a_time() {
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    migrate(&pool).await.unwrap();
+    let ttl = 10_000;
+    assert!(take_lease(&pool, "maintenance", "a", 0, ttl).await.unwrap());
+    assert!(!take_lease(&pool, "maintenance", "b", 1_000, ttl)
+        .await
+        .unwrap());
+    assert!(take_lease(&pool, "maintenance", "a", 5_000, ttl)
+        .await
+        .unwrap());
+    // a's renewal runs to 15 000.
+    assert!(!take_lease(&pool, "maintenance", "b", 14_999, ttl)
+        .await
+        .unwrap());
+    assert!(take_lease(&pool, "maintenance", "b", 15_000, ttl)
+        .await
+        .unwrap());
+    assert!(!take_lease(&pool, "maintenance", "a", 15_001, ttl)
+        .await
+        .unwrap());
+    // Another lease name is independent.
+    assert!(take_lease(&pool, "schedules", "a", 15_001, ttl)
+        .await
+        .unwrap());
+    release_lease(&pool, "maintenance", "a").await.unwrap();
+    assert!(!take_lease(&pool, "maintenance", "a", 15_002, ttl)
+        .await
+        .unwrap());
+    release_lease(&pool, "maintenance", "b").await.unwrap();
+    assert!(take_lease(&pool, "maintenance", "a", 15_003, ttl)
+        .await
+        .unwrap());
+
+    // Many replicas asking at once: exactly one is granted.
+    sqlx::query("DELETE FROM leader")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let asks = (0..16).map(|i| {
+        let pool = pool.clone();
+        async move {
+            take_lease(&pool, "race", &format!("r{i}"), 0, ttl)
+                .await
+                .unwrap()
+        }
+    });
+    let granted = futures_join_all(asks).await;
+    assert_eq!(granted.iter().filter(|g| **g).count(), 1, "{granted:?}");
+}
+
+async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<bool> {
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
