@@ -1035,6 +1035,32 @@ impl Ec2Executor {
         Ok(protected)
     }
 
+    /// A wait for `ids` (of `kind`) in `account`/`region` with the job's wait settings, ending
+    /// its timeout from now; `since_ms`: when the call it follows was made.
+    fn new_wait(
+        &self,
+        ctx: &ExecCtx,
+        (account, region): (&str, &str),
+        (kind, ids): (Watched, Vec<String>),
+        since_ms: i64,
+    ) -> Wait {
+        let (until, timeout, interval) = ctx.job.spec.wait_settings();
+        Wait {
+            account: account.into(),
+            region: region.into(),
+            kind,
+            ids,
+            labels: BTreeMap::new(),
+            until,
+            since_ms,
+            deadline_ms: self.lot.now_ms() + timeout.as_millis() as i64,
+            timeout_ms: timeout.as_millis() as u64,
+            interval_ms: interval.as_millis() as u64,
+            attempt_deadline_ms: None,
+            attempt_limit_ms: None,
+        }
+    }
+
     /// What an instance action knows when its final wait begins: `ids` are every target,
     /// `wait_ids` those to wait for, `since_ms` when the call was made.
     #[allow(clippy::too_many_arguments)]
@@ -1048,22 +1074,13 @@ impl Ec2Executor {
         since_ms: i64,
         results: &JobResults,
     ) -> AfterWait {
-        let (until, timeout, interval) = ctx.job.spec.wait_settings();
         AfterWait {
-            wait: Wait {
-                account: account.into(),
-                region: region.into(),
-                kind: Watched::Instances,
-                ids: wait_ids.to_vec(),
-                labels: BTreeMap::new(),
-                until,
+            wait: self.new_wait(
+                ctx,
+                (account, region),
+                (Watched::Instances, wait_ids.to_vec()),
                 since_ms,
-                deadline_ms: self.lot.now_ms() + timeout.as_millis() as i64,
-                timeout_ms: timeout.as_millis() as u64,
-                interval_ms: interval.as_millis() as u64,
-                attempt_deadline_ms: None,
-                attempt_limit_ms: None,
-            },
+            ),
             ids: ids.to_vec(),
             before: before.clone(),
             todo: todo.to_vec(),

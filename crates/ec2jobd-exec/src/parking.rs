@@ -1,15 +1,17 @@
 //! The parking lot: where every job's final wait is judged, most of them without a worker.
 //!
 //! A job that reaches its wait for instances (running, stopped, terminated, "2/2 checks passed"),
-//! or for the snapshots or AMIs it made to be ready ([`Wait::kind`]), hands it here. **Parked** — the usual case — its worker is free at once: the store keeps the wait
-//! in the job's checkpoint and passes the job's lease to this lot, which renews the leases of all
-//! its jobs in one write per heartbeat and learns of cancels from it. **Waited in place** (actions that
-//! go on after their wait within the attempt, or once `queue.max_waiting` jobs are parked) the
-//! worker awaits the outcome here instead. Either way one task per account+region feeds every wait
-//! from the shared [`StatusWatcher`]'s rounds (⌈N/100⌉ DescribeInstanceStatus and ⌈N/200⌉
-//! DescribeSnapshots/DescribeImages calls a round, whatever the number of jobs), reports progress, and
-//! ends each wait — arrived, failed, timed out or cancelled — with a [`WaitOutcome`]: a parked job is
-//! queued again with it and the executor resumes after the wait; a waiting worker gets it back.
+//! or for the snapshots or AMIs it made to be ready ([`Wait::kind`]), hands it here. **Parked** —
+//! the usual case — its worker is free at once: the store keeps the wait in the job's checkpoint
+//! and passes the job's lease to this lot, which renews the leases of all its jobs in one write per
+//! heartbeat and learns of cancels from it. **Waited in place** (actions that go on after their
+//! wait within the attempt, or once `queue.max_waiting` jobs are parked) the worker awaits the
+//! outcome here instead. Either way one task per account+region feeds every wait from the shared
+//! [`StatusWatcher`]'s rounds (⌈N/100⌉ DescribeInstanceStatus and ⌈N/200⌉
+//! DescribeSnapshots/DescribeImages calls a round, whatever the number of jobs), reports progress,
+//! and ends each wait — arrived, failed, timed out or cancelled — with a [`WaitOutcome`]: a parked
+//! job is queued again with it and the executor resumes after the wait; a waiting worker gets it
+//! back.
 //!
 //! A parked job may hand over its mutating call too ([`PlannedCall`]): the lot makes it through the
 //! account+region's [`Coalescer`](ec2jobd_ec2::Coalescer), together with the same call of every other
@@ -30,7 +32,7 @@ use std::time::Duration;
 
 use ec2jobd_ec2::{
     evaluate, Ec2Error, Ec2Pool, InstanceStatus, Judge, ReadyJudge, ReadyState, Registration,
-    SharedCall, StatusWatcher, Verdict, WaitFailure, Watched,
+    Round, SharedCall, StatusWatcher, Verdict, WaitFailure, Watched,
 };
 use ec2jobd_spec::{Clock, JobError, Progress, WaitUntil};
 use ec2jobd_store::{NewEvent, Store, StoreError};
@@ -276,14 +278,14 @@ impl Judging {
         }
     }
 
-    fn concerns(&self, round: &ec2jobd_ec2::Round) -> bool {
+    fn concerns(&self, round: &Round) -> bool {
         match self {
             Judging::Instances(j) => j.concerns(round),
             Judging::Ready(j) => j.concerns(round),
         }
     }
 
-    fn observe(&mut self, round: &ec2jobd_ec2::Round) -> Option<Result<(), WaitFailure>> {
+    fn observe(&mut self, round: &Round) -> Option<Result<(), WaitFailure>> {
         match self {
             Judging::Instances(j) => j.observe(round),
             Judging::Ready(j) => j.observe(round),

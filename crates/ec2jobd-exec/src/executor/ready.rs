@@ -35,27 +35,17 @@ impl Ec2Executor {
         kind: Watched,
         labels: BTreeMap<String, String>,
     ) -> Wait {
-        let (until, timeout, interval) = ctx.job.spec.wait_settings();
-        let labels = if until == WaitUntil::Completed {
-            labels
-        } else {
-            BTreeMap::new()
+        let account = ctx.job.spec.account.as_deref().unwrap_or("default");
+        let ids = match ctx.job.spec.wait_settings().0 {
+            WaitUntil::Completed => labels.keys().cloned().collect(),
+            _ => Vec::new(),
         };
-        let now = self.lot.now_ms();
-        Wait {
-            account: ctx.job.spec.account.as_deref().unwrap_or("default").into(),
-            region: region.into(),
-            kind,
-            ids: labels.keys().cloned().collect(),
-            labels: labels.into_iter().filter(|(id, l)| id != l).collect(),
-            until,
-            since_ms: now,
-            deadline_ms: now + timeout.as_millis() as i64,
-            timeout_ms: timeout.as_millis() as u64,
-            interval_ms: interval.as_millis() as u64,
-            attempt_deadline_ms: None,
-            attempt_limit_ms: None,
-        }
+        let mut wait = self.new_wait(ctx, (account, region), (kind, ids), self.lot.now_ms());
+        wait.labels = labels
+            .into_iter()
+            .filter(|(id, l)| id != l && wait.ids.contains(id))
+            .collect();
+        wait
     }
 
     /// Waits for `after.wait` (parked when the job may park: `Err(Park)`), then finishes the
