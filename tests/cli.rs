@@ -420,9 +420,10 @@ fn token_create_is_repeatable_and_the_wrong_database_is_loud() {
 }
 
 /// `ec2jobd migrate` prepares a PostgreSQL database (once: a second run applies nothing), never
-/// echoing the URL's password; `serve` on it says plainly that it cannot serve from one yet.
+/// echoing the URL's password; `serve` on it says plainly that it cannot serve from one yet;
+/// `ec2jobd store copy` moves a node's SQLite history into it, once.
 #[test]
-fn migrate_prepares_a_postgres_database() {
+fn migrate_and_copy_into_a_postgres_database() {
     let Ok(admin) = std::env::var("TEST_POSTGRES_URL") else {
         eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test starts a server)");
         return;
@@ -464,5 +465,40 @@ fn migrate_prepares_a_postgres_database() {
     assert!(ok && err.contains("0 migration(s) applied"), "{err}");
     let (ok, err) = run("serve");
     assert!(!ok && err.contains("does not serve from one yet"), "{err}");
+
+    // A node's database with a token in it, copied in (the schema is there already).
+    let c = config.to_str().unwrap();
+    let (st, _, err) = common::run_cli(&[
+        "token", "create", "--role", "viewer", "--name", "reader", "--config", c,
+    ]);
+    assert!(st.success(), "{err}");
+    let sqlite = format!(
+        "sqlite://{}",
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("database = \"sqlite://"))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("the test config names its database")
+    );
+    let copy = || {
+        let o = Command::new(bin())
+            .args(["store", "copy", "--from", &sqlite, "--to", &url])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        (o.status.success(), err)
+    };
+    let (ok, err) = copy();
+    assert!(
+        ok && err.contains("1 api_tokens") && err.contains("0 jobs"),
+        "{err}"
+    );
+    let (ok, err) = copy();
+    assert!(
+        !ok && err.contains("1 in api_tokens") && err.contains("--allow-non-empty"),
+        "{err}"
+    );
     psql(&format!("DROP DATABASE {name}"));
 }

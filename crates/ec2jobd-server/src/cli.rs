@@ -1,5 +1,5 @@
-//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, and `token create|list|revoke` on
-//! this host's config and database; `submit` and `jobs …` as an HTTP client of a running daemon
+//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, `store copy`, and
+//! `token create|list|revoke` on this host's config and database; `submit` and `jobs …` as an HTTP client of a running daemon
 //! (see [`crate::client`] for their exit codes).
 
 use std::path::PathBuf;
@@ -68,6 +68,11 @@ enum Cmd {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Move a store's contents.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
     /// Manage API tokens.
     Token {
         #[command(subcommand)]
@@ -112,6 +117,23 @@ enum TokenCmd {
         name: String,
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Copy a single node's SQLite history (jobs, events, tokens, templates, SNS hooks and
+    /// deliveries) into a PostgreSQL database, migrating it first. The source is only read.
+    Copy {
+        /// The SQLite database: sqlite://PATH.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database: postgres://USER[:PASSWORD]@HOST[:PORT]/DB.
+        #[arg(long)]
+        to: String,
+        /// Copy into a target that already has rows (rows whose key exists are kept as they are).
+        #[arg(long)]
+        allow_non_empty: bool,
     },
 }
 
@@ -185,6 +207,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             app::open_store(&cfg, Arc::new(SystemClock)).await?;
             eprintln!("migrations applied to {}", cfg.database);
+            Ok(())
+        }
+        Cmd::Store {
+            cmd:
+                StoreCmd::Copy {
+                    from,
+                    to,
+                    allow_non_empty,
+                },
+        } => {
+            if !from.starts_with("sqlite:") || !postgres::is_postgres_url(&to) {
+                bail!("store copy goes from sqlite://PATH to postgres://…");
+            }
+            let url = postgres::redact(&to);
+            let pool = postgres::connect(&to, 2)
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            let copied = postgres::copy_from_sqlite(&from, &pool, allow_non_empty)
+                .await
+                .with_context(|| format!("copying {from} into {url}"))?;
+            let list: Vec<String> = copied.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            eprintln!("copied {} from {from} into {url}", list.join(", "));
             Ok(())
         }
         Cmd::Prune { config, dry_run } => {

@@ -199,3 +199,154 @@ async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static
     }
     out
 }
+
+/// A single node's history moves into PostgreSQL as it is: every table's rows (more than one page
+/// of jobs), event numbers kept and continued after, booleans as booleans; a target with rows is
+/// refused unless asked, and then nothing is written twice.
+#[tokio::test]
+async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
+    use crate::{
+        Enqueued, Named, NewDelivery, NewEvent, NewJob, SqliteOptions, SqliteStore, Store,
+    };
+    use ec2jobd_spec::{JobSpec, ManualClock, Role};
+    use serde_json::json;
+
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("node.db").display());
+    let clock = std::sync::Arc::new(ManualClock::new(1_800_000_000_000));
+    let opts = SqliteOptions {
+        url: url.clone(),
+        ..Default::default()
+    };
+    let node = SqliteStore::open(opts, clock).await.unwrap();
+    let spec: JobSpec = serde_json::from_value::<JobSpec>(
+        json!({"action": "describe_instances", "targets": {"instance_ids": "i-01234567"}}),
+    )
+    .unwrap()
+    .normalize()
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..(copy::PAGE + 20) {
+        let new = NewJob {
+            spec: spec.clone(),
+            idempotency_key: (i == 3).then(|| "key-3".to_string()),
+            max_attempts: 3,
+            timeout_ms: 60_000,
+        };
+        match node.enqueue(new).await.unwrap() {
+            Enqueued::Created(j) => ids.push(j.id),
+            Enqueued::Replayed(_) => panic!("new key"),
+        }
+    }
+    node.note(
+        &ids[7],
+        NewEvent {
+            kind: "progress".into(),
+            message: "half way".into(),
+            data: json!({"done": 1}),
+        },
+    )
+    .await
+    .unwrap();
+    // A running job with a cancel asked for: its flag must arrive as a boolean true.
+    let running = node.claim("w-1", 60_000, 1).await.unwrap().remove(0).job.id;
+    node.cancel(&running).await.unwrap();
+    node.create_token("ops", Role::Operator, &"ab".repeat(32))
+        .await
+        .unwrap();
+    node.put_named(
+        Named::Template,
+        "nightly",
+        json!({"spec": {"action": "stop_instances"}}),
+    )
+    .await
+    .unwrap();
+    node.put_named(Named::SnsHook, "alarms", json!({"rules": []}))
+        .await
+        .unwrap();
+    node.record_delivery(NewDelivery {
+        hook: "alarms".into(),
+        message_id: Some("m-1".into()),
+        topic_arn: None,
+        kind: Some("Notification".into()),
+        outcome: "accepted".into(),
+        reason: None,
+        rule: Some("r".into()),
+        job_id: Some(ids[0].clone()),
+        code: None,
+    })
+    .await
+    .unwrap();
+    let events_in_node = node.events(&ids[7], 0, 100).await.unwrap();
+    drop(node);
+
+    let copied = copy_from_sqlite(&url, &pool, false).await.unwrap();
+    let n = |t: &str| copied.iter().find(|(name, _)| *name == t).unwrap().1;
+    assert_eq!(n("jobs"), ids.len() as u64);
+    assert!(n("job_events") >= ids.len() as u64, "{copied:?}");
+    assert_eq!(
+        (
+            n("api_tokens"),
+            n("templates"),
+            n("sns_hooks"),
+            n("sns_deliveries")
+        ),
+        (1, 1, 1, 1)
+    );
+    let (state, cancel, owner): (String, bool, Option<String>) =
+        sqlx::query_as("SELECT state, cancel_requested, lease_owner FROM jobs WHERE id = $1")
+            .bind(&running)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), cancel, owner.as_deref()),
+        ("running", true, Some("w-1"))
+    );
+    let cancelled: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE cancel_requested")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(cancelled, 1);
+    let key: Option<String> = sqlx::query_scalar("SELECT idempotency_key FROM jobs WHERE id = $1")
+        .bind(&ids[3])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(key.as_deref(), Some("key-3"));
+    // Event numbers as they were; new ones continue after the highest.
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM job_events WHERE job_id = $1 ORDER BY seq")
+            .bind(&ids[7])
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        seqs,
+        events_in_node.iter().map(|e| e.seq).collect::<Vec<_>>()
+    );
+    let max: i64 = sqlx::query_scalar("SELECT max(seq) FROM job_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let next: i64 = sqlx::query_scalar(
+        "INSERT INTO job_events (job_id, at, kind, message) VALUES ($1, 0, 'x', 'y') RETURNING seq",
+    )
+    .bind(&ids[0])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(next, max + 1);
+
+    // Again: refused, naming what is there; with leave to, nothing is written twice.
+    let e = copy_from_sqlite(&url, &pool, false).await.unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Conflict(m) if m.contains("--allow-non-empty")),
+        "{e}"
+    );
+    let again = copy_from_sqlite(&url, &pool, true).await.unwrap();
+    assert!(again.iter().all(|(_, n)| *n == 0), "{again:?}");
+}
