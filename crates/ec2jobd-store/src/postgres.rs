@@ -1,8 +1,9 @@
 //! PostgreSQL, for several daemons sharing one queue: the schema (`migrations/postgres`) and
 //! applying it. The PostgreSQL [`Store`](crate::Store) (claims with `FOR UPDATE SKIP LOCKED`,
-//! leader leases, LISTEN/NOTIFY hints) is built on this schema next; until then `ec2jobd migrate`
-//! prepares a database, `ec2jobd store copy` moves a SQLite history into it ([`copy_from_sqlite`]),
-//! and the daemon serves from SQLite only.
+//! leader leases, LISTEN/NOTIFY hints) is built on this schema and these parts next: leader
+//! leases ([`take_lease`]), wake-up hints ([`hints`]). Until then `ec2jobd migrate` prepares a
+//! database, `ec2jobd store copy` moves a SQLite history into it ([`copy_from_sqlite`]), and the
+//! daemon serves from SQLite only.
 //!
 //! The schema enforces what replicas must agree on without talking to each other: one job per
 //! idempotency key, one accepted SNS delivery per message and hook, one leader per lease name.
@@ -113,6 +114,7 @@ async fn applied(pool: &PgPool) -> Result<usize> {
 }
 
 mod copy;
+pub mod hints;
 pub use copy::copy_from_sqlite;
 
 #[cfg(test)]

@@ -12,6 +12,11 @@ use super::*;
 
 /// A pool on a new, empty database, or `None` when no server was given.
 async fn fresh_database() -> Option<PgPool> {
+    fresh_database_at().await.map(|(pool, _)| pool)
+}
+
+/// A pool on a new, empty database and its URL, or `None` when no server was given.
+async fn fresh_database_at() -> Option<(PgPool, String)> {
     let Ok(url) = std::env::var("TEST_POSTGRES_URL") else {
         eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test starts a server)");
         return None;
@@ -29,7 +34,10 @@ async fn fresh_database() -> Option<PgPool> {
         .connect_with(admin.database(&name))
         .await
         .expect("connect to the test database");
-    Some(pool)
+    let at = url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{name}"));
+    Some((pool, at.expect("the URL names a database")))
 }
 
 #[test]
@@ -349,4 +357,59 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     );
     let again = copy_from_sqlite(&url, &pool, true).await.unwrap();
     assert!(again.iter().all(|(_, n)| *n == 0), "{again:?}");
+}
+
+/// A hint sent in a committed transaction wakes a listener on another connection; when the
+/// listener's connection is killed it reconnects, wakes once for what it may have missed, and
+/// hears the next hint.
+#[tokio::test]
+async fn hints_wake_listeners_and_survive_a_lost_connection() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::Notify;
+
+    let Some((pool, url)) = fresh_database_at().await else {
+        return;
+    };
+    let wake = Arc::new(Notify::new());
+    let bound = Duration::from_secs(20);
+    // Registers for the next wake-up before the thing that causes it.
+    macro_rules! armed {
+        ($n:ident) => {
+            let $n = wake.notified();
+            tokio::pin!($n);
+            $n.as_mut().enable();
+        };
+    }
+    armed!(first);
+    let listener = hints::listen(url, wake.clone());
+    let waited = |what: &'static str| move |r: Result<(), _>| r.map_err(|_| what).unwrap();
+    waited("the first look, once listening")(tokio::time::timeout(bound, first).await);
+
+    armed!(committed);
+    let mut tx = pool.begin().await.unwrap();
+    hints::hint(&mut tx).await.unwrap();
+    hints::hint(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    waited("a committed hint")(tokio::time::timeout(bound, committed).await);
+
+    armed!(reconnected);
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "one listening connection");
+    waited("the look after the killed connection was made again")(
+        tokio::time::timeout(bound, reconnected).await,
+    );
+
+    armed!(after);
+    let mut tx = pool.begin().await.unwrap();
+    hints::hint(&mut tx).await.unwrap();
+    tx.commit().await.unwrap();
+    waited("a hint after the reconnect")(tokio::time::timeout(bound, after).await);
+    listener.abort();
 }

@@ -1,0 +1,68 @@
+//! Wake-up hints between replicas: LISTEN/NOTIFY on one channel. A replica that queues a job (or
+//! returns a parked one) sends a hint inside the same transaction, so it is delivered at commit and
+//! never for a rolled-back write (several in one transaction arrive once); every replica listens on
+//! a dedicated connection and wakes its workers. Hints only make claims prompt: polling stays the
+//! correctness path, so a lost connection (hints sent meanwhile are lost) is re-made with backoff
+//! and counted as a hint itself, and with `poll_only` (PgBouncer in transaction pooling, which
+//! cannot hold a LISTEN) nobody listens at all.
+//! Must not: decide what a woken worker does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgConnection;
+use tokio::sync::Notify;
+
+use crate::Result;
+
+/// The channel job hints go on.
+pub const JOBS_CHANNEL: &str = "ec2jobd_jobs";
+
+/// Sends a job hint from inside the transaction on `conn`.
+pub async fn hint(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(JOBS_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Listens for job hints on a connection of its own to `url` and wakes `wake` for each, and once
+/// whenever the connection had to be made again. Runs until aborted.
+pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut listener = match connect(&url).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for job hints; polling meanwhile");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            // Hints sent while there was no listener are lost: look once.
+            wake.notify_waiters();
+            loop {
+                match listener.try_recv().await {
+                    Ok(Some(_)) => wake.notify_waiters(),
+                    // The connection dropped and was made again: hints may have been missed.
+                    Ok(None) => wake.notify_waiters(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "job hint connection lost; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn connect(url: &str) -> Result<PgListener> {
+    let mut l = PgListener::connect(url).await?;
+    l.listen(JOBS_CHANNEL).await?;
+    Ok(l)
+}
