@@ -10,6 +10,7 @@
 //! caller (the runner) and passed in as a time, so the store stays free of policy.
 
 pub mod postgres;
+mod row;
 mod sqlite;
 
 use std::sync::Arc;

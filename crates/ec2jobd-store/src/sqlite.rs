@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use ec2jobd_spec::{Clock, Job, JobError, JobEvent, JobResults, JobSpec, JobState, Progress, Role};
+use ec2jobd_spec::{Clock, Job, JobError, JobEvent, JobResults, JobState, Progress, Role};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
@@ -29,9 +28,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, Row};
+use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
+use crate::row::{decode, ts, ClaimedRow, JobRow, JOB_COLS};
 use crate::{
     CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
     NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
@@ -348,55 +348,16 @@ const PRUNABLE: &str =
     "INDEXED BY jobs_state_id WHERE state IN ('succeeded', 'failed', 'cancelled') \
     AND id < ?1 AND outbox_done_at IS NOT NULL";
 
-const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, attempts, \
-    max_attempts, run_after, cancel_requested, error, results, progress, timeout_ms, checkpoint";
-
-fn ts(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
-}
-
-fn decode<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
 fn encode<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
 fn job_from_row(row: &SqliteRow) -> Result<Job> {
-    let state: String = row.try_get("state")?;
-    let state = JobState::from_str(&state).map_err(StoreError::Corrupt)?;
-    let spec: JobSpec = decode("spec", row.try_get::<&str, _>("spec")?)?;
-    let error: Option<String> = row.try_get("error")?;
-    let attempts: i64 = row.try_get("attempts")?;
-    let run_after: i64 = row.try_get("run_after")?;
-    Ok(Job {
-        id: row.try_get("id")?,
-        state,
-        action: spec.action,
-        created_at: ts(row.try_get("created_at")?),
-        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(ts),
-        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(ts),
-        attempts: attempts as u32,
-        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-        next_attempt_at: (state == JobState::Queued && attempts > 0).then(|| ts(run_after)),
-        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
-        error: error.map(|e| decode("error", &e)).transpose()?,
-        results: decode("results", row.try_get::<&str, _>("results")?)?,
-        progress: decode("progress", row.try_get::<&str, _>("progress")?)?,
-        spec,
-    })
+    JobRow::from_row(row)?.into_job()
 }
 
 fn claimed_from_row(row: &SqliteRow) -> Result<Claimed> {
-    let checkpoint: Option<String> = row.try_get("checkpoint")?;
-    let waited: Option<String> = row.try_get("wait_outcome")?;
-    Ok(Claimed {
-        job: job_from_row(row)?,
-        timeout_ms: row.try_get("timeout_ms")?,
-        checkpoint: checkpoint.map(|c| decode("checkpoint", &c)).transpose()?,
-        waited: waited.map(|w| decode("wait_outcome", &w)).transpose()?,
-    })
+    ClaimedRow::from_row(row)?.into_claimed()
 }
 
 async fn add_event(

@@ -289,6 +289,7 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     .await
     .unwrap();
     let events_in_node = node.events(&ids[7], 0, 100).await.unwrap();
+    let running_in_node = node.get(&running).await.unwrap().unwrap();
     drop(node);
 
     let copied = copy_from_sqlite(&url, &pool, false).await.unwrap();
@@ -319,6 +320,19 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
         .await
         .unwrap();
     assert_eq!(cancelled, 1);
+    // The copied row reads back, through the decoding both backends share, as the node showed it.
+    let row: crate::row::JobRow = sqlx::query_as(&format!(
+        "SELECT {} FROM jobs WHERE id = $1",
+        crate::row::JOB_COLS
+    ))
+    .bind(&running)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        serde_json::to_value(row.into_job().unwrap()).unwrap(),
+        serde_json::to_value(&running_in_node).unwrap()
+    );
     let key: Option<String> = sqlx::query_scalar("SELECT idempotency_key FROM jobs WHERE id = $1")
         .bind(&ids[3])
         .fetch_one(&pool)

@@ -1,0 +1,95 @@
+//! A `jobs` row as both backends read it: the same columns (migrations/sqlite and
+//! migrations/postgres), decoded by one derive for SQLite's and PostgreSQL's rows alike, and turned
+//! into the API's [`Job`] and the runner's [`Claimed`] in one place.
+//! Must not: hold SQL beyond the column list, or know either backend's dialect.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use ec2jobd_spec::{Job, JobSpec, JobState};
+
+use crate::{Claimed, Result, StoreError};
+
+/// The columns [`JobRow`] and [`ClaimedRow`] read (with `wait_outcome` for a claim).
+pub(crate) const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, \
+    attempts, max_attempts, run_after, cancel_requested, error, results, progress, timeout_ms, \
+    checkpoint";
+
+/// A stored time (ms since the epoch) as a time.
+pub(crate) fn ts(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Stored JSON read back; a row that does not read is corrupt, not unavailable.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// The columns of a job the API shows.
+#[derive(sqlx::FromRow)]
+pub(crate) struct JobRow {
+    id: String,
+    state: String,
+    spec: String,
+    created_at: i64,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    attempts: i32,
+    max_attempts: i32,
+    run_after: i64,
+    cancel_requested: bool,
+    error: Option<String>,
+    results: String,
+    progress: String,
+}
+
+impl JobRow {
+    pub(crate) fn into_job(self) -> Result<Job> {
+        let state = JobState::from_str(&self.state).map_err(StoreError::Corrupt)?;
+        let spec: JobSpec = decode("spec", &self.spec)?;
+        Ok(Job {
+            id: self.id,
+            state,
+            action: spec.action,
+            created_at: ts(self.created_at),
+            started_at: self.started_at.map(ts),
+            finished_at: self.finished_at.map(ts),
+            attempts: self.attempts as u32,
+            max_attempts: self.max_attempts as u32,
+            next_attempt_at: (state == JobState::Queued && self.attempts > 0)
+                .then(|| ts(self.run_after)),
+            cancel_requested: self.cancel_requested,
+            error: self.error.map(|e| decode("error", &e)).transpose()?,
+            results: decode("results", &self.results)?,
+            progress: decode("progress", &self.progress)?,
+            spec,
+        })
+    }
+}
+
+/// A job as a claim hands it to the runner.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ClaimedRow {
+    #[sqlx(flatten)]
+    job: JobRow,
+    timeout_ms: i64,
+    checkpoint: Option<String>,
+    wait_outcome: Option<String>,
+}
+
+impl ClaimedRow {
+    pub(crate) fn into_claimed(self) -> Result<Claimed> {
+        Ok(Claimed {
+            job: self.job.into_job()?,
+            timeout_ms: self.timeout_ms,
+            checkpoint: self
+                .checkpoint
+                .map(|c| decode("checkpoint", &c))
+                .transpose()?,
+            waited: self
+                .wait_outcome
+                .map(|w| decode("wait_outcome", &w))
+                .transpose()?,
+        })
+    }
+}
