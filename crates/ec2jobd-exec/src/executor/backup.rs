@@ -27,7 +27,7 @@ use ec2jobd_spec::{
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
 use super::ready::ready_failure;
 use super::rotation::{self, Made};
-use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
@@ -549,9 +549,9 @@ async fn rotate(
         .iter()
         .map(|r| format!("{group}/{}", r.volume_id))
         .collect();
-    let mut by_group: HashMap<String, Vec<SnapshotResult>> = HashMap::new();
+    let mut found = Vec::new();
     for chunk in keys.chunks(PER_DESCRIBE) {
-        let (found, rids, _) = ec2
+        let (f, rids, _) = ec2
             .describe_snapshots(
                 None,
                 &vec![(format!("tag:{ROTATION_TAG}"), chunk.to_vec())],
@@ -559,39 +559,18 @@ async fn rotate(
             )
             .await?;
         results.request_ids.extend(rids);
-        for s in found {
-            if let Some(g) = s.tags.get(ROTATION_TAG) {
-                by_group.entry(g.clone()).or_default().push(s);
-            }
-        }
+        found.extend(f);
     }
+    let mut groups = rotation::by_group(found);
     let mut out = HashMap::new();
     for (row, key) in rows.iter().zip(keys) {
-        let mut gens: Vec<SnapshotResult> = by_group
-            .remove(&key)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| s.state == "completed")
-            .collect();
-        // Newest first. Start times have second precision, so ties are broken by the job id
-        // that made the snapshot (ULIDs sort by time), then by snapshot id.
-        let age = |s: &SnapshotResult| {
-            (
-                s.start_time.clone(),
-                s.tags.get(JOB_TAG).cloned(),
-                s.snapshot_id.clone(),
-            )
-        };
-        gens.sort_by_key(|s| std::cmp::Reverse(age(s)));
+        let (kept, past) = rotation::generations(groups.remove(&key).unwrap_or_default(), keep);
         let mut r = RotationResult {
             group: key,
+            kept: kept.into_iter().map(|s| s.snapshot_id).collect(),
             ..Default::default()
         };
-        for (i, s) in gens.into_iter().enumerate() {
-            if i < keep {
-                r.kept.push(s.snapshot_id);
-                continue;
-            }
+        for s in past {
             match ec2.delete_snapshot(&s.snapshot_id, false).await {
                 Ok(o) => {
                     results.request_ids.extend(o.request_id);

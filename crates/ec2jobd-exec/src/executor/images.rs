@@ -22,7 +22,7 @@ use super::backup::ROTATION_TAG;
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
 use super::ready::ready_failure;
 use super::rotation::{self, Made};
-use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor, JOB_TAG};
+use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
@@ -399,43 +399,24 @@ impl Ec2Executor {
         results: &mut JobResults,
     ) -> Result<HashMap<String, RotationResult>, ec2jobd_ec2::Ec2Error> {
         let keys: Vec<String> = instances.iter().map(|i| format!("{group}/{i}")).collect();
-        let mut by_group: HashMap<String, Vec<ImageResult>> = HashMap::new();
+        let mut found = Vec::new();
         for chunk in keys.chunks(200) {
-            let (found, rids) = ec2
+            let (f, rids) = ec2
                 .describe_images(None, &vec![(format!("tag:{ROTATION_TAG}"), chunk.to_vec())])
                 .await?;
             results.request_ids.extend(rids);
-            for img in found {
-                if let Some(g) = img.tags.get(ROTATION_TAG) {
-                    by_group.entry(g.clone()).or_default().push(img);
-                }
-            }
+            found.extend(f);
         }
+        let mut groups = rotation::by_group(found);
         let mut out = HashMap::new();
         for (inst, key) in instances.iter().zip(keys) {
-            let mut gens: Vec<ImageResult> = by_group
-                .remove(&key)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|i| i.state == "available")
-                .collect();
-            // Newest first; ties broken by the making job's id (ULIDs sort by time), then the id.
-            gens.sort_by_key(|i| {
-                std::cmp::Reverse((
-                    i.creation_date.clone(),
-                    i.tags.get(JOB_TAG).cloned(),
-                    i.image_id.clone(),
-                ))
-            });
+            let (kept, past) = rotation::generations(groups.remove(&key).unwrap_or_default(), keep);
             let mut r = RotationResult {
                 group: key,
+                kept: kept.into_iter().map(|i| i.image_id).collect(),
                 ..Default::default()
             };
-            for (n, img) in gens.into_iter().enumerate() {
-                if n < keep {
-                    r.kept.push(img.image_id);
-                    continue;
-                }
+            for img in past {
                 match ec2.deregister_image(&img.image_id, false).await {
                     Ok(o) => results.request_ids.extend(o.request_id),
                     Err(e) if e.code.starts_with("InvalidAMIID") => {}

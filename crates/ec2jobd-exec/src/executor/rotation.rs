@@ -7,19 +7,26 @@
 //! fault campaigns caught exactly that, for snapshots and for AMIs). One that rotation removes after
 //! the checkpoint is reported as made and since removed, never made again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ec2jobd_ec2::{Ec2, Ec2Error};
 use ec2jobd_spec::{ImageResult, JobResults, SnapshotResult};
 
 use super::backup::ROTATION_TAG;
 use super::checkpoint::{self, Checkpoint};
+use super::JOB_TAG;
 use crate::runner::ExecCtx;
 
 /// A snapshot or AMI a backup job made, as rotation bookkeeping sees it.
 pub(super) trait Made {
     /// The state reported when rotation removed it before its job recorded it.
     const ROTATED_AWAY: &'static str;
+    /// The state in which it counts as a generation (a failed or unfinished one never does).
+    const READY: &'static str;
+    /// When EC2 says it was made (second precision).
+    fn made_at(&self) -> Option<&str>;
+    /// Its tags, as last seen or set.
+    fn tags(&self) -> &BTreeMap<String, String>;
     /// The EC2 id.
     fn id(&self) -> &str;
     /// The EC2 state (or [`Made::ROTATED_AWAY`]).
@@ -32,6 +39,13 @@ pub(super) trait Made {
 
 impl Made for SnapshotResult {
     const ROTATED_AWAY: &'static str = "deleted";
+    const READY: &'static str = "completed";
+    fn made_at(&self) -> Option<&str> {
+        self.start_time.as_deref()
+    }
+    fn tags(&self) -> &BTreeMap<String, String> {
+        &self.tags
+    }
     fn id(&self) -> &str {
         &self.snapshot_id
     }
@@ -57,6 +71,13 @@ impl Made for SnapshotResult {
 
 impl Made for ImageResult {
     const ROTATED_AWAY: &'static str = "deregistered";
+    const READY: &'static str = "available";
+    fn made_at(&self) -> Option<&str> {
+        self.creation_date.as_deref()
+    }
+    fn tags(&self) -> &BTreeMap<String, String> {
+        &self.tags
+    }
     fn id(&self) -> &str {
         &self.image_id
     }
@@ -77,6 +98,39 @@ impl Made for ImageResult {
             ..Default::default()
         }
     }
+}
+
+/// What a describe by rotation tag found, by rotation group (`<group>/<key>`).
+pub(super) fn by_group<T: Made>(found: Vec<T>) -> HashMap<String, Vec<T>> {
+    let mut groups: HashMap<String, Vec<T>> = HashMap::new();
+    for m in found {
+        if let Some(g) = m.tags().get(ROTATION_TAG).cloned() {
+            groups.entry(g).or_default().push(m);
+        }
+    }
+    groups
+}
+
+/// One group's generations, newest first, split into the `keep` kept and those past them. Only
+/// ready ones count. Times have second precision, so ties are broken by the id of the job that
+/// made them (ULIDs sort by time), then by their own id.
+pub(super) fn generations<T: Made>(group: Vec<T>, keep: usize) -> (Vec<T>, Vec<T>) {
+    let mut gens: Vec<T> = group
+        .into_iter()
+        .filter(|m| m.state() == T::READY)
+        .collect();
+    gens.sort_by(|a, b| {
+        let age = |m: &T| {
+            (
+                m.made_at().map(String::from),
+                m.tags().get(JOB_TAG).cloned(),
+                m.id().to_string(),
+            )
+        };
+        age(b).cmp(&age(a))
+    });
+    let past = gens.split_off(keep.min(gens.len()));
+    (gens, past)
 }
 
 /// Key (volume or instance) → id of what this attempt made so far, for the checkpoint.
@@ -121,4 +175,63 @@ pub(super) async fn join<T: Made>(
         m.tags_mut().insert(ROTATION_TAG.into(), value);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, state: &str, at: &str, job: &str, group: &str) -> SnapshotResult {
+        SnapshotResult {
+            snapshot_id: id.into(),
+            state: state.into(),
+            start_time: Some(at.into()),
+            tags: BTreeMap::from([
+                (JOB_TAG.to_string(), job.to_string()),
+                (ROTATION_TAG.to_string(), group.to_string()),
+            ]),
+            ..Default::default()
+        }
+    }
+
+    /// Newest first, ties within a second broken by the making job's id, then the snapshot's;
+    /// failed and unfinished ones are no generation; groups apart.
+    #[test]
+    fn generations_are_the_ready_ones_newest_first() {
+        let t = "2026-12-03T10:00:00Z";
+        let found = vec![
+            snap("snap-a", "completed", t, "01JOB1", "g/vol-1"),
+            snap("snap-b", "completed", t, "01JOB2", "g/vol-1"),
+            snap(
+                "snap-c",
+                "completed",
+                "2026-12-03T09:00:00Z",
+                "01JOB9",
+                "g/vol-1",
+            ),
+            snap(
+                "snap-d",
+                "error",
+                "2026-12-03T11:00:00Z",
+                "01JOB3",
+                "g/vol-1",
+            ),
+            snap(
+                "snap-e",
+                "pending",
+                "2026-12-03T11:00:00Z",
+                "01JOB4",
+                "g/vol-1",
+            ),
+            snap("snap-f", "completed", t, "01JOB5", "g/vol-2"),
+        ];
+        let mut groups = by_group(found);
+        let (kept, past) = generations(groups.remove("g/vol-1").unwrap(), 2);
+        let ids =
+            |v: &[SnapshotResult]| v.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&kept), ["snap-b", "snap-a"]);
+        assert_eq!(ids(&past), ["snap-c"]);
+        let (kept, past) = generations(groups.remove("g/vol-2").unwrap(), 5);
+        assert_eq!((ids(&kept).len(), past.len()), (1, 0));
+    }
 }
