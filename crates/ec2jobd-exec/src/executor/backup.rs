@@ -463,8 +463,11 @@ impl Ec2Executor {
                 s.progress = progress.clone();
             }
         }
-        let partial = |made: &BTreeMap<_, _>, results: &JobResults| partial(&rows, made, results);
-        ready_failure(&outcome, || partial(&made, &results), backup.keep.is_some())?;
+        ready_failure(
+            &outcome,
+            || partial(&rows, &made, &results),
+            backup.keep.is_some(),
+        )?;
         let until = ctx.job.spec.wait_settings().0;
         let group = backup.group();
         let total = rows.len() as u64;
@@ -482,7 +485,7 @@ impl Ec2Executor {
                 .await?;
                 rotations = rotate(ec2, group, &rows, keep as usize, &mut results)
                     .await
-                    .map_err(|e| failed(e, partial(&made, &results)))?;
+                    .map_err(|e| failed(e, partial(&rows, &made, &results)))?;
                 let deleted: usize = rotations.values().map(|r| r.deleted.len()).sum();
                 let in_use: usize = rotations.values().map(|r| r.in_use.len()).sum();
                 let mut n = format!("; rotation kept {keep} per volume, deleted {deleted}");

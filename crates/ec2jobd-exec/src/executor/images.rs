@@ -732,13 +732,13 @@ pub(super) async fn finish_copies(
             .cloned()
             .unwrap_or(("pending".into(), None));
         let outcome = Some(format!("copy of {src} ({region})"));
-        let region = Some(dest_region.to_string());
+        let in_region = Some(dest_region.to_string());
         let image_id = copy.clone();
         match kind {
             Watched::Images => results.images.push(ImageResult {
                 image_id,
                 state,
-                region,
+                region: in_region,
                 outcome,
                 ..Default::default()
             }),
@@ -746,7 +746,7 @@ pub(super) async fn finish_copies(
                 snapshot_id: image_id,
                 state,
                 progress,
-                region,
+                region: in_region,
                 outcome,
                 ..Default::default()
             }),

@@ -36,15 +36,13 @@ impl Ec2Executor {
         labels: BTreeMap<String, String>,
     ) -> Wait {
         let account = ctx.job.spec.account.as_deref().unwrap_or("default");
-        let ids = match ctx.job.spec.wait_settings().0 {
-            WaitUntil::Completed => labels.keys().cloned().collect(),
-            _ => Vec::new(),
+        let labels = match ctx.job.spec.wait_settings().0 {
+            WaitUntil::Completed => labels,
+            _ => BTreeMap::new(),
         };
+        let ids = labels.keys().cloned().collect();
         let mut wait = self.new_wait(ctx, (account, region), (kind, ids), self.lot.now_ms());
-        wait.labels = labels
-            .into_iter()
-            .filter(|(id, l)| id != l && wait.ids.contains(id))
-            .collect();
+        wait.labels = labels.into_iter().filter(|(id, l)| id != l).collect();
         wait
     }
 

@@ -48,9 +48,9 @@ pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
             wake.notify_waiters();
             loop {
                 match listener.try_recv().await {
-                    Ok(Some(_)) => wake.notify_waiters(),
-                    // The connection dropped and was made again: hints may have been missed.
-                    Ok(None) => wake.notify_waiters(),
+                    // A hint, or (`None`) the connection dropped and was made again: hints may
+                    // have been missed.
+                    Ok(_) => wake.notify_waiters(),
                     Err(e) => {
                         tracing::warn!(error = %e, "job hint connection lost; reconnecting");
                         break;
