@@ -2,16 +2,19 @@
 //!
 //! [`Store`] is the queue's whole contract: enqueue (with idempotency keys), claim with a lease,
 //! heartbeat, fenced completion, retries with a not-before time, lease expiry, cancel, the event log,
-//! executor checkpoints and API tokens. [`SqliteStore`] implements it for the embedded default; the
-//! PostgreSQL implementation for replicas that share one queue sits beside it behind the same trait
-//! ([`postgres`]: so far its schema and migrations).
+//! executor checkpoints, API tokens and leader leases. [`SqliteStore`] implements it for the
+//! embedded default, [`PgStore`] for replicas that share one queue ([`postgres`]). Both write the
+//! same rows and events (`shared`, `row`), and one test suite (`suite`) runs against both.
 //!
 //! This room knows SQL and the spec types; it must not know HTTP or AWS. Backoff is decided by the
 //! caller (the runner) and passed in as a time, so the store stays free of policy.
 
 pub mod postgres;
 mod row;
+mod shared;
 mod sqlite;
+#[cfg(test)]
+mod suite;
 
 use std::sync::Arc;
 
@@ -20,6 +23,7 @@ use ec2jobd_spec::{Job, JobError, JobEvent, JobResults, JobSpec, JobState, Progr
 use serde::Serialize;
 use tokio::sync::{broadcast, Notify};
 
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{database_file, SqliteOptions, SqliteStore, Synchronous};
 
 /// Everything that can go wrong in the store, in terms the API can map to a status code.
@@ -363,7 +367,6 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
     /// Deletes a token; false when there was none by that name.
     async fn revoke_token(&self, name: &str) -> Result<bool>;
-    /// Receives the id of every job whose event log grew (for live event streams).
     /// Appends an event to a job in any state, unfenced: things that happen after a job ended
     /// (its notification was published or failed).
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
@@ -398,6 +401,15 @@ pub trait Store: Send + Sync + 'static {
     async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>>;
     /// Deliveries, newest first, with id below `before` when given.
     async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>>;
+    /// Takes or renews the leader lease `name` for this process for `ttl_ms`; true while this
+    /// process holds it. Periodic work that must run once per queue, not once per daemon
+    /// (publishing the outbox, pruning), runs only while its lease is held. A queue one process
+    /// owns (SQLite) always grants it.
+    async fn lead(&self, name: &str, ttl_ms: i64) -> Result<bool>;
+    /// Gives the lease `name` up if this process holds it (a graceful stop).
+    async fn resign(&self, name: &str) -> Result<()>;
+    /// Receives the id of every job whose event log grew (for live event streams), including
+    /// jobs other processes sharing the queue work on.
     fn subscribe(&self) -> broadcast::Receiver<String>;
     /// Notified whenever work may have become claimable (enqueue, retry, release, requeue).
     fn work_available(&self) -> Arc<Notify>;

@@ -1,9 +1,6 @@
 //! PostgreSQL, for several daemons sharing one queue: the schema (`migrations/postgres`) and
-//! applying it. The PostgreSQL [`Store`](crate::Store) (claims with `FOR UPDATE SKIP LOCKED`,
-//! leader leases, LISTEN/NOTIFY hints) is built on this schema and these parts next: leader
-//! leases ([`take_lease`]), wake-up hints ([`hints`]). Until then `ec2jobd migrate` prepares a
-//! database, `ec2jobd store copy` moves a SQLite history into it ([`copy_from_sqlite`]), and the
-//! daemon serves from SQLite only.
+//! applying it, leader leases ([`take_lease`]), wake-up hints ([`hints`]), the [`PgStore`] built on
+//! them (`store`), and moving a SQLite history in ([`copy_from_sqlite`], `ec2jobd store copy`).
 //!
 //! The schema enforces what replicas must agree on without talking to each other: one job per
 //! idempotency key, one accepted SNS delivery per message and hook, one leader per lease name.
@@ -115,7 +112,9 @@ async fn applied(pool: &PgPool) -> Result<usize> {
 
 mod copy;
 pub mod hints;
+mod store;
 pub use copy::copy_from_sqlite;
+pub use store::{PgOptions, PgStore};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

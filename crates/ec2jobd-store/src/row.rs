@@ -1,4 +1,4 @@
-//! A `jobs` row as both backends read it: the same columns (migrations/sqlite and
+//! A `jobs` row (and an SNS delivery's, and a token's) as both backends read it: the same columns (migrations/sqlite and
 //! migrations/postgres), decoded by one derive for SQLite's and PostgreSQL's rows alike, and turned
 //! into the API's [`Job`] and the runner's [`Claimed`] in one place.
 //! Must not: hold SQL beyond the column list, or know either backend's dialect.
@@ -8,7 +8,9 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use ec2jobd_spec::{Job, JobSpec, JobState};
 
-use crate::{Claimed, Result, StoreError};
+use ec2jobd_spec::Role;
+
+use crate::{Claimed, Delivery, Result, StoreError, TokenInfo};
 
 /// The columns [`JobRow`] and [`ClaimedRow`] read (with `wait_outcome` for a claim).
 pub(crate) const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, \
@@ -90,6 +92,62 @@ impl ClaimedRow {
                 .wait_outcome
                 .map(|w| decode("wait_outcome", &w))
                 .transpose()?,
+        })
+    }
+}
+
+/// An `sns_deliveries` row (`SELECT *` / `RETURNING *`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct DeliveryRow {
+    id: i64,
+    at: i64,
+    hook: String,
+    message_id: Option<String>,
+    topic_arn: Option<String>,
+    kind: Option<String>,
+    outcome: String,
+    reason: Option<String>,
+    rule: Option<String>,
+    job_id: Option<String>,
+    code: Option<String>,
+    count: i32,
+    last_at: Option<i64>,
+}
+
+impl From<DeliveryRow> for Delivery {
+    fn from(r: DeliveryRow) -> Self {
+        Delivery {
+            id: r.id,
+            at: ts(r.at),
+            hook: r.hook,
+            message_id: r.message_id,
+            topic_arn: r.topic_arn,
+            kind: r.kind,
+            outcome: r.outcome,
+            reason: r.reason,
+            rule: r.rule,
+            job_id: r.job_id,
+            code: r.code,
+            count: i64::from(r.count),
+            last_at: r.last_at.map(ts),
+        }
+    }
+}
+
+/// An `api_tokens` row without its hash (`name, role, created_at`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct TokenRow {
+    name: String,
+    role: String,
+    created_at: i64,
+}
+
+impl TokenRow {
+    pub(crate) fn into_info(self) -> Result<TokenInfo> {
+        Ok(TokenInfo {
+            name: self.name,
+            role: Role::from_str(&self.role).map_err(StoreError::Corrupt)?,
+            created_at: ts(self.created_at),
         })
     }
 }

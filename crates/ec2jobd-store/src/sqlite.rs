@@ -16,13 +16,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use ec2jobd_spec::{Clock, Job, JobError, JobEvent, JobResults, JobState, Progress, Role};
+use ec2jobd_spec::{Clock, Job, JobEvent, JobState, Progress, Role};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -31,7 +30,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
-use crate::row::{decode, ts, ClaimedRow, JobRow, JOB_COLS};
+use crate::row::{decode, ts, ClaimedRow, DeliveryRow, JobRow, TokenRow, JOB_COLS};
+use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
     NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
@@ -101,7 +101,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
     writer: mpsc::Sender<Work>,
     clock: Arc<dyn Clock>,
-    ids: Mutex<ulid::Generator>,
+    ids: Ids,
     events_tx: broadcast::Sender<String>,
     notify: Arc<Notify>,
 }
@@ -137,8 +137,8 @@ impl SqliteStore {
         Ok(Self {
             pool,
             writer: tx,
+            ids: Ids::new(clock.clone()),
             clock,
-            ids: Mutex::new(ulid::Generator::new()),
             events_tx,
             notify: Arc::new(Notify::new()),
         })
@@ -177,15 +177,6 @@ impl SqliteStore {
         let gone = || StoreError::Unavailable("database writer stopped".into());
         self.writer.send(work).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
-    }
-
-    fn new_id(&self) -> String {
-        let at = UNIX_EPOCH + Duration::from_millis(self.clock.now_ms().max(0) as u64);
-        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        match g.generate_from_datetime(at) {
-            Ok(id) => id.to_string(),
-            Err(_) => ulid::Ulid::from_datetime(at).to_string(),
-        }
     }
 
     fn announce(&self, job_id: &str) {
@@ -332,11 +323,6 @@ fn list_sql(q: &ListQuery) -> String {
     sql
 }
 
-/// The smallest ULID of a millisecond (ids of jobs created at or after it sort at or after it).
-fn id_bound(ms: i64) -> String {
-    ulid::Ulid::from_parts(ms.max(0) as u64, 0).to_string()
-}
-
 /// When the next queued job is due (idle workers ask on each idle loop): the first entry of
 /// `jobs_claim`, not a scan of the queued jobs.
 const NEXT_RUN_AFTER: &str =
@@ -347,10 +333,6 @@ const NEXT_RUN_AFTER: &str =
 const PRUNABLE: &str =
     "INDEXED BY jobs_state_id WHERE state IN ('succeeded', 'failed', 'cancelled') \
     AND id < ?1 AND outbox_done_at IS NOT NULL";
-
-fn encode<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
-}
 
 fn job_from_row(row: &SqliteRow) -> Result<Job> {
     JobRow::from_row(row)?.into_job()
@@ -387,14 +369,10 @@ async fn load_job(conn: &mut SqliteConnection, id: &str) -> Result<Option<Job>> 
     row.as_ref().map(job_from_row).transpose()
 }
 
-fn spec_hash(spec_json: &str) -> String {
-    hex::encode(Sha256::digest(spec_json.as_bytes()))
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn enqueue(&self, new: NewJob) -> Result<Enqueued> {
-        let id = self.new_id();
+        let id = self.ids.next();
         let clock = self.clock.clone();
         let out = self
             .write(move |conn| {
@@ -421,11 +399,7 @@ impl Store for SqliteStore {
                         }
                     }
                     let now = clock.now_ms();
-                    let progress = Progress {
-                        phase: "queued".into(),
-                        message: "waiting for a worker".into(),
-                        ..Default::default()
-                    };
+                    let progress = shared::queued_progress();
                     sqlx::query(
                         "INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
                          created_at, updated_at, max_attempts, run_after, timeout_ms, progress, \
@@ -445,31 +419,11 @@ impl Store for SqliteStore {
                     .bind(new.spec.priority.unwrap_or(0))
                     .execute(&mut *conn)
                     .await?;
-                    add_event(
-                        conn,
-                        &id,
-                        now,
-                        "queued",
-                        "job accepted",
-                        &json!({"action": new.spec.action}),
-                    )
-                    .await?;
-                    Ok(Enqueued::Created(Job {
-                        id: id.clone(),
-                        state: JobState::Queued,
-                        action: new.spec.action,
-                        spec: new.spec,
-                        created_at: ts(now),
-                        started_at: None,
-                        finished_at: None,
-                        attempts: 0,
-                        max_attempts: new.max_attempts,
-                        next_attempt_at: None,
-                        cancel_requested: false,
-                        error: None,
-                        results: JobResults::default(),
-                        progress,
-                    }))
+                    let (kind, message, data) = shared::queued_event(&new);
+                    add_event(conn, &id, now, kind, &message, &data).await?;
+                    Ok(Enqueued::Created(shared::created_job(
+                        id, new, now, progress,
+                    )))
                 })
             })
             .await?;
@@ -533,11 +487,7 @@ impl Store for SqliteStore {
                             )
                             .bind(now)
                             .bind(now)
-                            .bind(encode(&Progress {
-                                phase: "done".into(),
-                                message: "cancelled before it started".into(),
-                                ..Default::default()
-                            }))
+                            .bind(encode(&shared::cancelled_progress()))
                             .bind(&id)
                             .execute(&mut *conn)
                             .await?;
@@ -560,7 +510,7 @@ impl Store for SqliteStore {
                                     &id,
                                     now,
                                     "cancel_requested",
-                                    "cancel requested; the worker stops at its next step or wait",
+                                    shared::CANCEL_REQUESTED,
                                     &Value::Null,
                                 )
                                 .await?;
@@ -596,23 +546,8 @@ impl Store for SqliteStore {
                     let mut out = Vec::with_capacity(rows.len());
                     for row in &rows {
                         let c = claimed_from_row(row)?;
-                        let (kind, verb) = if c.waited.is_some() {
-                            ("resumed", "resumed after its wait")
-                        } else {
-                            ("started", "started")
-                        };
-                        add_event(
-                            conn,
-                            &c.job.id,
-                            now,
-                            kind,
-                            &format!(
-                                "attempt {} of {} {verb}",
-                                c.job.attempts, c.job.max_attempts
-                            ),
-                            &json!({"attempt": c.job.attempts, "worker": worker}),
-                        )
-                        .await?;
+                        let (kind, message, data) = shared::claim_event(&c, &worker);
+                        add_event(conn, &c.job.id, now, kind, &message, &data).await?;
                         out.push(c);
                     }
                     Ok(out)
@@ -730,11 +665,7 @@ impl Store for SqliteStore {
                             .bind(run_after_ms)
                             .bind(encode(error))
                             .bind(now)
-                            .bind(encode(&Progress {
-                                phase: "retry_wait".into(),
-                                message: format!("retrying after transient error {}", error.code),
-                                ..Default::default()
-                            }))
+                            .bind(encode(&shared::retry_progress(error)))
                             .bind(&job_id)
                             .bind(&worker)
                             .execute(&mut *conn)
@@ -744,11 +675,8 @@ impl Store for SqliteStore {
                         Finish::Succeeded(results)
                         | Finish::Failed(_, results)
                         | Finish::Cancelled(results) => {
-                            let (state, error) = match &outcome {
-                                Finish::Succeeded(_) => ("succeeded", None),
-                                Finish::Failed(e, _) => ("failed", Some(encode(e))),
-                                _ => ("cancelled", None),
-                            };
+                            let (state, error) =
+                                shared::final_state(&outcome).unwrap_or(("failed", None));
                             sqlx::query(
                                 "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, error = ?, \
                                  results = ?, lease_owner = NULL, lease_expires_at = NULL, \
@@ -770,32 +698,7 @@ impl Store for SqliteStore {
                     if n == 0 {
                         return Err(StoreError::LeaseLost);
                     }
-                    let (kind, message, data) = match &outcome {
-                        Finish::Succeeded(r) => (
-                            "succeeded",
-                            r.summary.clone().unwrap_or_else(|| "job succeeded".into()),
-                            Value::Null,
-                        ),
-                        Finish::Failed(e, _) => (
-                            "failed",
-                            format!("{}: {}", e.code, e.message),
-                            json!({"error": e}),
-                        ),
-                        Finish::Cancelled(_) => ("cancelled", "job cancelled".into(), Value::Null),
-                        Finish::Retry {
-                            error,
-                            run_after_ms,
-                        } => (
-                            "retry_scheduled",
-                            format!(
-                                "{}: {}; next attempt in {} ms",
-                                error.code,
-                                error.message,
-                                (run_after_ms - now).max(0)
-                            ),
-                            json!({"error": error, "run_after": ts(*run_after_ms)}),
-                        ),
-                    };
+                    let (kind, message, data) = shared::finish_event(&outcome, now);
                     add_event(conn, &job_id, now, kind, &message, &data).await?;
                     load_job(conn, &job_id)
                         .await?
@@ -836,7 +739,7 @@ impl Store for SqliteStore {
                     &job_id,
                     now,
                     "requeued",
-                    "released at shutdown; resumes from its last checkpoint",
+                    shared::RELEASED,
                     &Value::Null,
                 )
                 .await
@@ -854,12 +757,7 @@ impl Store for SqliteStore {
             .write(move |conn| {
                 Box::pin(async move {
                     let now = clock.now_ms();
-                    let expired = encode(&JobError {
-                        code: "LeaseExpired".into(),
-                        message: "the worker holding the job stopped answering and no attempts are left"
-                            .into(),
-                        request_id: None,
-                    });
+                    let expired = shared::lease_expired_error();
                     let rows = sqlx::query(
                         "UPDATE jobs SET \
                            state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
@@ -876,11 +774,7 @@ impl Store for SqliteStore {
                     for row in rows {
                         let id: String = row.try_get("id")?;
                         let state: String = row.try_get("state")?;
-                        let (kind, msg) = if state == "failed" {
-                            ("failed", "LeaseExpired: lease expired and no attempts are left")
-                        } else {
-                            ("requeued", "lease expired; queued again")
-                        };
+                        let (kind, msg) = shared::expired_event(&state);
                         add_event(conn, &id, now, kind, msg, &Value::Null).await?;
                         ids.push(id);
                     }
@@ -1021,7 +915,7 @@ impl Store for SqliteStore {
                             &id,
                             now,
                             "requeued",
-                            "released at shutdown while waiting; waits again after restart",
+                            shared::LOT_RELEASED,
                             &Value::Null,
                         )
                         .await?;
@@ -1147,13 +1041,8 @@ impl Store for SqliteStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {
-            let role: String = r.try_get("role")?;
             Ok((
-                TokenInfo {
-                    name: r.try_get("name")?,
-                    role: Role::from_str(&role).map_err(StoreError::Corrupt)?,
-                    created_at: ts(r.try_get("created_at")?),
-                },
+                TokenRow::from_row(&r)?.into_info()?,
                 r.try_get("token_sha256")?,
             ))
         })
@@ -1165,14 +1054,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| {
-                let role: String = r.try_get("role")?;
-                Ok(TokenInfo {
-                    name: r.try_get("name")?,
-                    role: Role::from_str(&role).map_err(StoreError::Corrupt)?,
-                    created_at: ts(r.try_get("created_at")?),
-                })
-            })
+            .map(|r| TokenRow::from_row(r)?.into_info())
             .collect()
     }
 
@@ -1462,6 +1344,15 @@ impl Store for SqliteStore {
         rows.iter().map(delivery_row).collect()
     }
 
+    async fn lead(&self, _name: &str, _ttl_ms: i64) -> Result<bool> {
+        // One process owns a SQLite queue (its lock file says so): it always leads.
+        Ok(true)
+    }
+
+    async fn resign(&self, _name: &str) -> Result<()> {
+        Ok(())
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<String> {
         self.events_tx.subscribe()
     }
@@ -1471,22 +1362,8 @@ impl Store for SqliteStore {
     }
 }
 
-fn delivery_row(r: &sqlx::sqlite::SqliteRow) -> Result<Delivery> {
-    Ok(Delivery {
-        id: r.try_get("id")?,
-        at: ts(r.try_get("at")?),
-        hook: r.try_get("hook")?,
-        message_id: r.try_get("message_id")?,
-        topic_arn: r.try_get("topic_arn")?,
-        kind: r.try_get("kind")?,
-        outcome: r.try_get("outcome")?,
-        reason: r.try_get("reason")?,
-        rule: r.try_get("rule")?,
-        job_id: r.try_get("job_id")?,
-        code: r.try_get("code")?,
-        count: r.try_get("count")?,
-        last_at: r.try_get::<Option<i64>, _>("last_at")?.map(ts),
-    })
+fn delivery_row(r: &SqliteRow) -> Result<Delivery> {
+    Ok(DeliveryRow::from_row(r)?.into())
 }
 
 #[cfg(test)]

@@ -9,10 +9,19 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::*;
+use crate::suite::{enqueue, new_job, pg_options};
+use crate::{Enqueued, NewEvent, Store};
+use ec2jobd_spec::{JobState, ManualClock, Progress};
+use std::sync::Arc;
 
 /// A pool on a new, empty database, or `None` when no server was given.
 async fn fresh_database() -> Option<PgPool> {
     fresh_database_at().await.map(|(pool, _)| pool)
+}
+
+/// The URL of a new, empty database, or `None` when no server was given.
+pub(crate) async fn fresh_database_url() -> Option<String> {
+    fresh_database_at().await.map(|(_, url)| url)
 }
 
 /// A pool on a new, empty database and its URL, or `None` when no server was given.
@@ -93,10 +102,11 @@ async fn the_claim_order_has_its_index() {
     migrate(&pool).await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
     conn.execute("SET enable_seqscan = off").await.unwrap();
-    let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN SELECT id FROM jobs WHERE state = 'queued' AND run_after <= 1
-         ORDER BY priority DESC, run_after, id LIMIT 8 FOR UPDATE SKIP LOCKED",
-    )
+    // The store's own claim pick ($1, $2 unused by it).
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN {}",
+        store::PICK.replace("$3", "1").replace("$4", "8")
+    ))
     .fetch_all(&mut *conn)
     .await
     .unwrap();
@@ -426,4 +436,148 @@ async fn hints_wake_listeners_and_survive_a_lost_connection() {
     tx.commit().await.unwrap();
     waited("a hint after the reconnect")(tokio::time::timeout(bound, after).await);
     listener.abort();
+}
+
+/// Two replicas' stores on one database.
+async fn two_replicas() -> Option<(PgStore, PgStore, Arc<ManualClock>)> {
+    let url = fresh_database_url().await?;
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let a = PgStore::open(pg_options(&url), clock.clone())
+        .await
+        .unwrap();
+    let b = PgStore::open(pg_options(&url), clock.clone())
+        .await
+        .unwrap();
+    Some((a, b, clock))
+}
+
+/// Replicas claiming from one queue at once never claim a job twice, and between them claim every
+/// job.
+#[tokio::test]
+async fn replicas_never_claim_one_job_twice() {
+    let Some((a, b, _)) = two_replicas().await else {
+        return;
+    };
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    for _ in 0..300 {
+        enqueue(&*a, "i-01234567").await;
+    }
+    let claimers = [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let c = s.claim(&format!("w{i}"), 60_000, 3).await.unwrap();
+                    if c.is_empty() {
+                        return got;
+                    }
+                    got.extend(c.into_iter().map(|c| c.job.id));
+                }
+            })
+        })
+        .collect::<Vec<_>>();
+    let mut all = Vec::new();
+    let mut per = Vec::new();
+    for c in claimers {
+        let got = c.await.unwrap();
+        per.push(got.len());
+        all.extend(got);
+    }
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!((n, all.len()), (300, 300), "claims per claimer {per:?}");
+    assert!(per.iter().filter(|n| **n > 0).count() >= 2, "{per:?}");
+}
+
+/// The same Idempotency-Key (or SNS message) reaching several replicas at once queues one job: one
+/// is created, every other submission gets that job back.
+#[tokio::test]
+async fn one_key_sent_to_replicas_at_once_queues_one_job() {
+    let Some((a, b, _)) = two_replicas().await else {
+        return;
+    };
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let sends: Vec<_> = (0..16)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                s.enqueue(new_job("i-01234567", Some("sns:alarms:m-1")))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    let mut replayed = Vec::new();
+    for t in sends {
+        match t.await.unwrap() {
+            Enqueued::Created(j) => created.push(j.id),
+            Enqueued::Replayed(j) => replayed.push(j.id),
+        }
+    }
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert!(replayed.iter().all(|id| *id == created[0]));
+    assert!(a.counts().await.unwrap().contains(&(JobState::Queued, 1)));
+}
+
+/// Work queued on one replica wakes the other's workers (a hint), and a job's events written on
+/// one replica reach live streams on the other (the event watcher); leader leases are held by one
+/// replica at a time and handed over when given up.
+#[tokio::test]
+async fn replicas_hear_of_each_others_work() {
+    let Some((a, b, _)) = two_replicas().await else {
+        return;
+    };
+    let bound = std::time::Duration::from_secs(20);
+    let wake = b.work_available();
+    let woken = wake.notified();
+    tokio::pin!(woken);
+    woken.as_mut().enable();
+    let mut stream = b.subscribe();
+    let job = enqueue(&a, "i-01234567").await;
+    tokio::time::timeout(bound, woken)
+        .await
+        .expect("b's workers woken by a's enqueue");
+    // Claimed and progressing on a; a stream on b hears of it.
+    let c = a.claim("a-w1", 60_000, 1).await.unwrap();
+    assert_eq!(c[0].job.id, job.id);
+    a.progress(
+        &job.id,
+        "a-w1",
+        Progress::default(),
+        NewEvent {
+            kind: "progress".into(),
+            message: "half way".into(),
+            data: serde_json::Value::Null,
+        },
+    )
+    .await
+    .unwrap();
+    let heard = tokio::time::timeout(bound, async {
+        loop {
+            match stream.recv().await {
+                Ok(id) if id == job.id => return,
+                Ok(_) => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(heard.is_ok(), "b's stream heard of a's job");
+    let kinds: Vec<String> = b
+        .events(&job.id, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["queued", "started", "progress"]);
+
+    assert!(a.lead("maintenance", 10_000).await.unwrap());
+    assert!(!b.lead("maintenance", 10_000).await.unwrap());
+    a.resign("maintenance").await.unwrap();
+    assert!(b.lead("maintenance", 10_000).await.unwrap());
 }

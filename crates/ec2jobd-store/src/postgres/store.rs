@@ -1,0 +1,1107 @@
+//! PostgreSQL implementation of [`Store`], for several daemons sharing one queue.
+//!
+//! Every write is one transaction on a pooled connection; PostgreSQL's row locks do what SQLite's
+//! single writer does. What replicas must agree on is the database's to enforce: claims take rows
+//! with `FOR UPDATE SKIP LOCKED` (two replicas never claim one job, and neither waits for the
+//! other), an idempotency key is a unique index (`ON CONFLICT DO NOTHING`, then the row that won is
+//! read back), a lease is the `lease_owner` fencing token as on SQLite, and expired leases are
+//! re-queued by whichever replica looks (the update is idempotent). The same writes as SQLite's,
+//! with the same events and progress (`shared`), so a job reads the same on either backend.
+//!
+//! Replicas learn of each other's work two ways, both hints with polling as the correctness path:
+//! new work wakes workers through LISTEN/NOTIFY ([`hints`], sent inside the writing transaction;
+//! off with `poll_only`), and job events written by other replicas are found by a watcher that
+//! reads new `job_events` rows every `watch_interval` and announces their jobs to this replica's
+//! live streams (SSE), so a stream on one replica follows a job running on another.
+//! Must not: know HTTP or AWS.
+
+use std::collections::{BTreeSet, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use ec2jobd_spec::{Clock, Job, JobEvent, JobState, Progress, Role};
+use serde_json::{json, Value};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{FromRow, PgConnection, Row};
+use tokio::sync::{broadcast, Notify};
+use tokio::task::JoinHandle;
+
+use super::{connect, hints, migrate, redact, release_lease, take_lease};
+use crate::row::{decode, ClaimedRow, DeliveryRow, JobRow, TokenRow, JOB_COLS};
+use crate::shared::{self, encode, id_bound, spec_hash, Ids};
+use crate::{
+    CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
+    NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
+};
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `postgres://user:password@host:port/database?…`
+    pub url: String,
+    /// Connections this replica keeps open (its workers, its API and its watcher share them).
+    pub max_connections: u32,
+    /// Never LISTEN (PgBouncer in transaction pooling cannot hold one): workers find new work by
+    /// polling only.
+    pub poll_only: bool,
+    /// How often other replicas' job events are looked for (live streams lag at most this).
+    pub watch_interval: Duration,
+}
+
+/// The shared queue. Cheap to share behind an `Arc`; its background tasks end when it is dropped.
+pub struct PgStore {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+    ids: Ids,
+    /// This replica's name in leader leases.
+    node: String,
+    events_tx: broadcast::Sender<String>,
+    notify: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Claims the `$4` due queued jobs of the highest priority, the one due first among equals,
+/// skipping rows another replica is claiming. The CTE walks `jobs_claim_priority` in its order (a
+/// test checks the plan).
+pub(super) const PICK: &str =
+    "SELECT id AS pick FROM jobs WHERE state = 'queued' AND run_after <= $3 \
+     ORDER BY priority DESC, run_after, id LIMIT $4 FOR UPDATE SKIP LOCKED";
+
+fn claim_sql() -> String {
+    format!(
+        "WITH picked AS ({PICK}) \
+         UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
+         attempts = attempts + 1, started_at = COALESCE(started_at, $3), updated_at = $3 \
+         FROM picked WHERE jobs.id = picked.pick RETURNING {JOB_COLS}, wait_outcome"
+    )
+}
+
+/// Finished jobs created before `$1` (an id) that have left the outbox: what retention deletes.
+const PRUNABLE: &str = "WHERE state IN ('succeeded', 'failed', 'cancelled') \
+    AND id < $1 AND outbox_done_at IS NOT NULL";
+
+fn job_from_row(row: &PgRow) -> Result<Job> {
+    JobRow::from_row(row)?.into_job()
+}
+
+fn delivery_row(row: &PgRow) -> Result<Delivery> {
+    Ok(DeliveryRow::from_row(row)?.into())
+}
+
+async fn add_event(
+    conn: &mut PgConnection,
+    job_id: &str,
+    at: i64,
+    kind: &str,
+    message: &str,
+    data: &Value,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, at, kind, message, data) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(job_id)
+    .bind(at)
+    .bind(kind)
+    .bind(message)
+    .bind(encode(data))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn load_job(conn: &mut PgConnection, id: &str) -> Result<Option<Job>> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+fn vanished(id: &str) -> StoreError {
+    StoreError::Corrupt(format!("job {id} vanished"))
+}
+
+impl PgStore {
+    /// Connects, applies migrations (safe from several replicas at once) and starts the hint
+    /// listener (unless `poll_only`) and the event watcher.
+    pub async fn open(opts: PgOptions, clock: Arc<dyn Clock>) -> Result<Self> {
+        let pool = connect(&opts.url, opts.max_connections).await?;
+        migrate(&pool).await?;
+        let notify = Arc::new(Notify::new());
+        let (events_tx, _) = broadcast::channel(4096);
+        let mut tasks = Vec::new();
+        if !opts.poll_only {
+            tasks.push(hints::listen(opts.url.clone(), notify.clone()));
+        }
+        // Events from here on are watched for: read before the store is handed out.
+        let from: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM job_events")
+            .fetch_one(&pool)
+            .await?;
+        tasks.push(tokio::spawn(watch_events(
+            pool.clone(),
+            events_tx.clone(),
+            opts.watch_interval,
+            from.unwrap_or(0),
+        )));
+        tracing::info!(database = %redact(&opts.url), poll_only = opts.poll_only, "PostgreSQL store open");
+        Ok(Self {
+            pool,
+            ids: Ids::new(clock.clone()),
+            clock,
+            node: format!("node-{}", ulid::Ulid::new()),
+            events_tx,
+            notify,
+            tasks,
+        })
+    }
+
+    fn announce(&self, job_id: &str) {
+        let _ = self.events_tx.send(job_id.to_string());
+    }
+}
+
+/// Announces the jobs of events other replicas wrote, read by sequence number. A number below the
+/// highest one read may still commit later (transactions end out of order), so numbers missing
+/// below it are looked for again until they appear or have been missing for [`GAP_PATIENCE`] (a
+/// rolled-back insert leaves a gap for good). Announcing a job twice is harmless: streams re-read
+/// its events after what they sent.
+async fn watch_events(pool: PgPool, tx: broadcast::Sender<String>, every: Duration, from: i64) {
+    const GAP_PATIENCE: Duration = Duration::from_secs(5);
+    const PAGE: i64 = 2_000;
+    let mut floor = from;
+    let mut seen: BTreeSet<i64> = BTreeSet::new();
+    let mut gap_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let from = floor;
+        let rows: Vec<(i64, String)> = match sqlx::query_as(
+            "SELECT seq, job_id FROM job_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(from)
+        .bind(PAGE)
+        .fetch_all(&pool)
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "event watch failed; trying again");
+                continue;
+            }
+        };
+        let mut jobs = HashSet::new();
+        for (seq, job) in rows {
+            if seen.insert(seq) {
+                jobs.insert(job);
+            }
+        }
+        // Nobody streaming here: nothing to tell, but the floor moves on.
+        if tx.receiver_count() > 0 {
+            for job in jobs {
+                let _ = tx.send(job);
+            }
+        }
+        let mut at = from;
+        while seen.remove(&(at + 1)) {
+            at += 1;
+        }
+        if let Some(&next) = seen.first() {
+            let since = *gap_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= GAP_PATIENCE {
+                at = next - 1;
+                while seen.remove(&(at + 1)) {
+                    at += 1;
+                }
+                gap_since = None;
+            }
+        } else {
+            gap_since = None;
+        }
+        floor = at;
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn enqueue(&self, new: NewJob) -> Result<Enqueued> {
+        let id = self.ids.next();
+        let spec_json = encode(&new.spec);
+        let hash = spec_hash(&spec_json);
+        let now = self.clock.now_ms();
+        let progress = shared::queued_progress();
+        let mut tx = self.pool.begin().await?;
+        // A key another replica is inserting right now makes this insert wait for its commit and
+        // then do nothing; the row that won is read back below.
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, created_at, \
+             updated_at, max_attempts, run_after, timeout_ms, progress, priority) \
+             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6, $7, $6, $8, $9, $10) \
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        )
+        .bind(&id)
+        .bind(new.spec.action.as_str())
+        .bind(&spec_json)
+        .bind(&new.idempotency_key)
+        .bind(&hash)
+        .bind(now)
+        .bind(new.max_attempts as i32)
+        .bind(new.timeout_ms)
+        .bind(encode(&progress))
+        .bind(new.spec.priority.unwrap_or(0))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let key = new.idempotency_key.as_deref().unwrap_or_default();
+            let row = sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            let existing: String = row.try_get("id")?;
+            let existing_hash: Option<String> = row.try_get("request_hash")?;
+            if existing_hash.as_deref() != Some(hash.as_str()) {
+                return Err(StoreError::IdempotencyConflict { job_id: existing });
+            }
+            let job = load_job(&mut tx, &existing)
+                .await?
+                .ok_or_else(|| vanished(&existing))?;
+            return Ok(Enqueued::Replayed(job));
+        }
+        let (kind, message, data) = shared::queued_event(&new);
+        add_event(&mut tx, &id, now, kind, &message, &data).await?;
+        hints::hint(&mut tx).await?;
+        tx.commit().await?;
+        self.announce(&id);
+        self.notify.notify_one();
+        Ok(Enqueued::Created(shared::created_job(
+            id, new, now, progress,
+        )))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>> {
+        let mut conn = self.pool.acquire().await?;
+        load_job(&mut conn, id).await
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Page> {
+        let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE true");
+        let mut n = 0;
+        let mut arg = || {
+            n += 1;
+            format!("${n}")
+        };
+        if q.state.is_some() {
+            sql.push_str(&format!(" AND state = {}", arg()));
+        }
+        if q.action.is_some() {
+            sql.push_str(&format!(" AND action = {}", arg()));
+        }
+        // Ids are ULIDs of the creation time: a time window is also an id range.
+        if q.since_ms.is_some() {
+            sql.push_str(&format!(" AND created_at >= {} AND id >= {}", arg(), arg()));
+        }
+        if q.until_ms.is_some() {
+            sql.push_str(&format!(" AND created_at < {} AND id < {}", arg(), arg()));
+        }
+        if q.before_id.is_some() {
+            sql.push_str(&format!(" AND id < {}", arg()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", arg()));
+        let mut query = sqlx::query(&sql);
+        if let Some(s) = q.state {
+            query = query.bind(s.as_str());
+        }
+        if let Some(a) = &q.action {
+            query = query.bind(a);
+        }
+        if let Some(s) = q.since_ms {
+            query = query.bind(s).bind(id_bound(s - 1000));
+        }
+        if let Some(u) = q.until_ms {
+            query = query.bind(u).bind(id_bound(u + 1000));
+        }
+        if let Some(b) = &q.before_id {
+            query = query.bind(b);
+        }
+        let limit = q.limit.max(1);
+        let rows = query.bind(limit as i64 + 1).fetch_all(&self.pool).await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if jobs.len() > limit as usize {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| j.id.clone())
+        } else {
+            None
+        };
+        Ok(Page { jobs, next_cursor })
+    }
+
+    async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        // Locked, so a claim on another replica cannot slip between the look and the write.
+        let row = sqlx::query(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(job) = row.as_ref().map(job_from_row).transpose()? else {
+            return Ok(None);
+        };
+        let out = match job.state {
+            JobState::Queued => {
+                sqlx::query(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1, \
+                     progress = $2 WHERE id = $3",
+                )
+                .bind(now)
+                .bind(encode(&shared::cancelled_progress()))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                add_event(
+                    &mut tx,
+                    id,
+                    now,
+                    "cancelled",
+                    "cancelled while queued",
+                    &Value::Null,
+                )
+                .await?;
+                CancelOutcome::Cancelled(load_job(&mut tx, id).await?.unwrap_or(job))
+            }
+            JobState::Running => {
+                if !job.cancel_requested {
+                    sqlx::query(
+                        "UPDATE jobs SET cancel_requested = true, updated_at = $1 WHERE id = $2",
+                    )
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    add_event(
+                        &mut tx,
+                        id,
+                        now,
+                        "cancel_requested",
+                        shared::CANCEL_REQUESTED,
+                        &Value::Null,
+                    )
+                    .await?;
+                }
+                CancelOutcome::Requested(load_job(&mut tx, id).await?.unwrap_or(job))
+            }
+            _ => return Ok(Some(CancelOutcome::AlreadyFinished(job))),
+        };
+        tx.commit().await?;
+        self.announce(id);
+        Ok(Some(out))
+    }
+
+    async fn claim(&self, worker: &str, lease_ms: i64, n: u32) -> Result<Vec<Claimed>> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(&claim_sql())
+            .bind(worker)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(n as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let c = ClaimedRow::from_row(row)?.into_claimed()?;
+            let (kind, message, data) = shared::claim_event(&c, worker);
+            add_event(&mut tx, &c.job.id, now, kind, &message, &data).await?;
+            out.push(c);
+        }
+        tx.commit().await?;
+        for c in &out {
+            self.announce(&c.job.id);
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(&self, id: &str, worker: &str, lease_ms: i64) -> Result<Heartbeat> {
+        let now = self.clock.now_ms();
+        let cancel: Option<bool> = sqlx::query_scalar(
+            "UPDATE jobs SET lease_expires_at = $1, updated_at = $2 \
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running' RETURNING cancel_requested",
+        )
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(id)
+        .bind(worker)
+        .fetch_optional(&self.pool)
+        .await?;
+        cancel
+            .map(|cancel_requested| Heartbeat { cancel_requested })
+            .ok_or(StoreError::LeaseLost)
+    }
+
+    async fn progress(
+        &self,
+        id: &str,
+        worker: &str,
+        progress: Progress,
+        event: NewEvent,
+    ) -> Result<()> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET progress = $1, updated_at = $2 \
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(encode(&progress))
+        .bind(now)
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        add_event(&mut tx, id, now, &event.kind, &event.message, &event.data).await?;
+        tx.commit().await?;
+        self.announce(id);
+        Ok(())
+    }
+
+    async fn checkpoint(&self, id: &str, worker: &str, state: Value) -> Result<()> {
+        let n = sqlx::query(
+            "UPDATE jobs SET checkpoint = $1 WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(encode(&state))
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = match (&outcome, shared::final_state(&outcome)) {
+            (
+                Finish::Retry {
+                    error,
+                    run_after_ms,
+                },
+                _,
+            ) => sqlx::query(
+                "UPDATE jobs SET state = 'queued', run_after = $1, error = $2, updated_at = $3, \
+                     lease_owner = NULL, lease_expires_at = NULL, progress = $4 \
+                     WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
+            )
+            .bind(run_after_ms)
+            .bind(encode(error))
+            .bind(now)
+            .bind(encode(&shared::retry_progress(error)))
+            .bind(id)
+            .bind(worker)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+            (
+                Finish::Succeeded(results)
+                | Finish::Failed(_, results)
+                | Finish::Cancelled(results),
+                state,
+            ) => {
+                let (state, error) = state.unwrap_or(("failed", None));
+                sqlx::query(
+                    "UPDATE jobs SET state = $1, finished_at = $2, updated_at = $2, error = $3, \
+                     results = $4, lease_owner = NULL, lease_expires_at = NULL, \
+                     progress = jsonb_set(progress::jsonb, '{phase}', '\"done\"')::text \
+                     WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
+                )
+                .bind(state)
+                .bind(now)
+                .bind(error)
+                .bind(encode(results))
+                .bind(id)
+                .bind(worker)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+            }
+        };
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        let (kind, message, data) = shared::finish_event(&outcome, now);
+        add_event(&mut tx, id, now, kind, &message, &data).await?;
+        let retry = matches!(outcome, Finish::Retry { .. });
+        if retry {
+            hints::hint(&mut tx).await?;
+        }
+        let job = load_job(&mut tx, id).await?.ok_or_else(|| vanished(id))?;
+        tx.commit().await?;
+        self.announce(id);
+        if retry {
+            self.notify.notify_one();
+        }
+        Ok(job)
+    }
+
+    async fn release(&self, id: &str, worker: &str) -> Result<()> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0), run_after = $1, \
+             updated_at = $1, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        add_event(&mut tx, id, now, "requeued", shared::RELEASED, &Value::Null).await?;
+        hints::hint(&mut tx).await?;
+        tx.commit().await?;
+        self.announce(id);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    async fn requeue_expired(&self) -> Result<u64> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        // Any replica may run this at any time: a row another is re-queuing is locked until it
+        // commits, and then no longer matches.
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "UPDATE jobs SET \
+               state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+               finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END, \
+               error = CASE WHEN attempts >= max_attempts THEN $2 ELSE error END, \
+               lease_owner = NULL, lease_expires_at = NULL, run_after = $1, updated_at = $1 \
+             WHERE state = 'running' AND lease_expires_at < $1 RETURNING id, state",
+        )
+        .bind(now)
+        .bind(shared::lease_expired_error())
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        for (id, state) in &rows {
+            let (kind, msg) = shared::expired_event(state);
+            add_event(&mut tx, id, now, kind, msg, &Value::Null).await?;
+        }
+        hints::hint(&mut tx).await?;
+        tx.commit().await?;
+        for (id, _) in &rows {
+            self.announce(id);
+        }
+        self.notify.notify_one();
+        Ok(rows.len() as u64)
+    }
+
+    async fn park(
+        &self,
+        id: &str,
+        worker: &str,
+        lot: &str,
+        lease_ms: i64,
+        checkpoint: Value,
+        progress: Progress,
+    ) -> Result<()> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET checkpoint = $1, progress = $2, wait_outcome = NULL, \
+             lease_owner = $3, lease_expires_at = $4, updated_at = $5 \
+             WHERE id = $6 AND lease_owner = $7 AND state = 'running'",
+        )
+        .bind(encode(&checkpoint))
+        .bind(encode(&progress))
+        .bind(lot)
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        let data = json!({"lot": lot, "phase": progress.phase});
+        add_event(&mut tx, id, now, "parked", &progress.message, &data).await?;
+        tx.commit().await?;
+        self.announce(id);
+        Ok(())
+    }
+
+    async fn unpark(&self, id: &str, lot: &str, outcome: Value, message: &str) -> Result<()> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        // `run_after` stays the job's first due time: a job that has waited goes on ahead of jobs
+        // of its priority that have not started.
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0), \
+             wait_outcome = $1, lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 \
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(encode(&outcome))
+        .bind(now)
+        .bind(id)
+        .bind(lot)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        add_event(&mut tx, id, now, "wait_ended", message, &Value::Null).await?;
+        hints::hint(&mut tx).await?;
+        tx.commit().await?;
+        self.announce(id);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<String>> {
+        let now = self.clock.now_ms();
+        let rows: Vec<(String, bool)> = sqlx::query_as(
+            "UPDATE jobs SET lease_expires_at = $1 \
+             WHERE lease_owner = $2 AND state = 'running' RETURNING id, cancel_requested",
+        )
+        .bind(now + lease_ms)
+        .bind(lot)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, cancel)| *cancel)
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    async fn release_lot(&self, lot: &str) -> Result<u64> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0), \
+             run_after = $1, updated_at = $1, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE lease_owner = $2 AND state = 'running' RETURNING id",
+        )
+        .bind(now)
+        .bind(lot)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &ids {
+            add_event(
+                &mut tx,
+                id,
+                now,
+                "requeued",
+                shared::LOT_RELEASED,
+                &Value::Null,
+            )
+            .await?;
+        }
+        if !ids.is_empty() {
+            hints::hint(&mut tx).await?;
+        }
+        tx.commit().await?;
+        for id in &ids {
+            self.announce(id);
+        }
+        Ok(ids.len() as u64)
+    }
+
+    async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, job_id, at, kind, message, data FROM job_events \
+             WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(id)
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobEvent {
+                    seq: r.try_get("seq")?,
+                    job_id: r.try_get("job_id")?,
+                    at: crate::row::ts(r.try_get("at")?),
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                    data: decode("event data", r.try_get::<&str, _>("data")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_run_after(&self) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar("SELECT min(run_after) FROM jobs WHERE state = 'queued'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn counts(&self) -> Result<Vec<(JobState, i64)>> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+        for (s, n) in rows {
+            if let Ok(st) = JobState::from_str(&s) {
+                if let Some(slot) = out.iter_mut().find(|(k, _)| *k == st) {
+                    slot.1 = n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn queued(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'queued'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('last_ping', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .bind(self.clock.now_ms().to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn create_token(&self, name: &str, role: Role, sha256_hex: &str) -> Result<TokenInfo> {
+        let now = self.clock.now_ms();
+        let r = sqlx::query(
+            "INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(name)
+        .bind(role.as_str())
+        .bind(sha256_hex)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(TokenInfo {
+                name: name.to_string(),
+                role,
+                created_at: crate::row::ts(now),
+            }),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Conflict(
+                format!("a token named `{name}` already exists"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>> {
+        let row = sqlx::query(
+            "SELECT name, role, token_sha256, created_at FROM api_tokens WHERE token_sha256 = $1",
+        )
+        .bind(sha256_hex)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok((
+                TokenRow::from_row(&r)?.into_info()?,
+                r.try_get("token_sha256")?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
+        let rows = sqlx::query("SELECT name, role, created_at FROM api_tokens ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| TokenRow::from_row(r)?.into_info())
+            .collect()
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM api_tokens WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn note(&self, id: &str, ev: NewEvent) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        add_event(
+            &mut conn,
+            id,
+            self.clock.now_ms(),
+            &ev.kind,
+            &ev.message,
+            &ev.data,
+        )
+        .await?;
+        self.announce(id);
+        Ok(())
+    }
+
+    async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLS}, outbox_tries FROM jobs \
+             WHERE outbox_done_at IS NULL AND finished_at IS NOT NULL AND outbox_after <= $1 \
+             ORDER BY outbox_after, id LIMIT $2"
+        ))
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    job_from_row(r)?,
+                    r.try_get::<i32, _>("outbox_tries")?.max(0) as u32,
+                ))
+            })
+            .collect()
+    }
+
+    async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await?;
+        for (id, ev) in &done {
+            sqlx::query("UPDATE jobs SET outbox_done_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            if let Some(ev) = ev {
+                add_event(&mut tx, id, now, &ev.kind, &ev.message, &ev.data).await?;
+            }
+        }
+        tx.commit().await?;
+        for (id, ev) in &done {
+            if ev.is_some() {
+                self.announce(id);
+            }
+        }
+        Ok(())
+    }
+
+    async fn outbox_retry(&self, id: &str, after_ms: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET outbox_tries = outbox_tries + 1, outbox_after = $1 WHERE id = $2",
+        )
+        .bind(after_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn prune_jobs(&self, created_before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
+        let before = id_bound(created_before_ms);
+        if dry_run {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM jobs {PRUNABLE}"))
+                .bind(&before)
+                .fetch_one(&self.pool)
+                .await?;
+            return Ok(n as u64);
+        }
+        let n = sqlx::query(&format!(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs {PRUNABLE} ORDER BY id LIMIT $2)"
+        ))
+        .bind(&before)
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
+        if dry_run {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sns_deliveries WHERE at < $1")
+                .bind(before_ms)
+                .fetch_one(&self.pool)
+                .await?;
+            return Ok(n as u64);
+        }
+        let n = sqlx::query(
+            "DELETE FROM sns_deliveries WHERE id IN \
+             (SELECT id FROM sns_deliveries ORDER BY id LIMIT $1) AND at < $2",
+        )
+        .bind(i64::from(limit))
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
+    async fn put_named(&self, kind: Named, name: &str, body: Value) -> Result<bool> {
+        let now = self.clock.now_ms();
+        // `xmax = 0` holds for a row this statement inserted, not for one it updated.
+        let created: bool = sqlx::query_scalar(&format!(
+            "INSERT INTO {} (name, body, created_at, updated_at) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at \
+             RETURNING (xmax = 0)",
+            kind.table()
+        ))
+        .bind(name)
+        .bind(encode(&body))
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(created)
+    }
+
+    async fn get_named(&self, kind: Named, name: &str) -> Result<Option<Value>> {
+        let body: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT body FROM {} WHERE name = $1",
+            kind.table()
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        body.map(|b| decode("body", &b)).transpose()
+    }
+
+    async fn list_named(&self, kind: Named) -> Result<Vec<(String, Value)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT name, body FROM {} ORDER BY name",
+            kind.table()
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(name, body)| Ok((name, decode("body", &body)?)))
+            .collect()
+    }
+
+    async fn delete_named(&self, kind: Named, name: &str) -> Result<bool> {
+        let n = sqlx::query(&format!("DELETE FROM {} WHERE name = $1", kind.table()))
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
+        let now = self.clock.now_ms();
+        let d = d.bounded();
+        if let (true, Some(code)) = (d.outcome == "rejected", &d.code) {
+            let folded = sqlx::query(
+                "UPDATE sns_deliveries SET count = count + 1, last_at = $1 WHERE id = \
+                 (SELECT id FROM sns_deliveries WHERE hook = $2 AND code = $3 AND outcome = 'rejected' \
+                  ORDER BY id DESC LIMIT 1) AND at >= $4 RETURNING *",
+            )
+            .bind(now)
+            .bind(&d.hook)
+            .bind(code)
+            .bind(now - REFUSAL_FOLD_MS)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = folded {
+                return delivery_row(&row);
+            }
+        }
+        let row = sqlx::query(
+            "INSERT INTO sns_deliveries (at, hook, message_id, topic_arn, kind, outcome, reason, \
+             rule, job_id, code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+        )
+        .bind(now)
+        .bind(&d.hook)
+        .bind(&d.message_id)
+        .bind(&d.topic_arn)
+        .bind(&d.kind)
+        .bind(&d.outcome)
+        .bind(&d.reason)
+        .bind(&d.rule)
+        .bind(&d.job_id)
+        .bind(&d.code)
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(row) => delivery_row(&row),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(StoreError::Conflict(format!(
+                    "message {} to hook `{}` was already accepted",
+                    d.message_id.unwrap_or_default(),
+                    d.hook
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>> {
+        let row = sqlx::query(
+            "SELECT * FROM sns_deliveries WHERE hook = $1 AND message_id = $2 \
+             AND outcome IN ('accepted', 'no_rule', 'confirmed') ORDER BY id LIMIT 1",
+        )
+        .bind(hook)
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(delivery_row).transpose()
+    }
+
+    async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>> {
+        let rows =
+            sqlx::query("SELECT * FROM sns_deliveries WHERE id < $1 ORDER BY id DESC LIMIT $2")
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(delivery_row).collect()
+    }
+
+    async fn lead(&self, name: &str, ttl_ms: i64) -> Result<bool> {
+        take_lease(&self.pool, name, &self.node, self.clock.now_ms(), ttl_ms).await
+    }
+
+    async fn resign(&self, name: &str) -> Result<()> {
+        release_lease(&self.pool, name, &self.node).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events_tx.subscribe()
+    }
+
+    fn work_available(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+}

@@ -1,0 +1,196 @@
+//! What both backends write alike, so a job's life reads the same on SQLite and PostgreSQL: job
+//! ids, the stored JSON and request hash, the progress a transition leaves, and the event each
+//! transition records (kind, sentence, detail).
+//! Must not: hold SQL, or know either backend's dialect.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use ec2jobd_spec::{Clock, Job, JobError, JobResults, JobState, Progress};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::row::ts;
+use crate::{Claimed, Finish, NewJob};
+
+/// Job ids: ULIDs of the store clock's time, increasing within a process.
+pub(crate) struct Ids {
+    clock: Arc<dyn Clock>,
+    ulids: Mutex<ulid::Generator>,
+}
+
+impl Ids {
+    pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            clock,
+            ulids: Mutex::new(ulid::Generator::new()),
+        }
+    }
+
+    pub(crate) fn next(&self) -> String {
+        let at = UNIX_EPOCH + Duration::from_millis(self.clock.now_ms().max(0) as u64);
+        let mut g = self.ulids.lock().unwrap_or_else(|p| p.into_inner());
+        match g.generate_from_datetime(at) {
+            Ok(id) => id.to_string(),
+            Err(_) => ulid::Ulid::from_datetime(at).to_string(),
+        }
+    }
+}
+
+/// JSON as stored (text).
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// The SHA-256 of a normalised spec: what makes an idempotency key's replay "the same request".
+pub(crate) fn spec_hash(spec_json: &str) -> String {
+    hex::encode(Sha256::digest(spec_json.as_bytes()))
+}
+
+/// The smallest ULID of a millisecond (ids of jobs created at or after it sort at or after it).
+pub(crate) fn id_bound(ms: i64) -> String {
+    ulid::Ulid::from_parts(ms.max(0) as u64, 0).to_string()
+}
+
+/// A new job's progress.
+pub(crate) fn queued_progress() -> Progress {
+    Progress {
+        phase: "queued".into(),
+        message: "waiting for a worker".into(),
+        ..Default::default()
+    }
+}
+
+/// The job `enqueue` stored, as the API shows it.
+pub(crate) fn created_job(id: String, new: NewJob, now: i64, progress: Progress) -> Job {
+    Job {
+        id,
+        state: JobState::Queued,
+        action: new.spec.action,
+        spec: new.spec,
+        created_at: ts(now),
+        started_at: None,
+        finished_at: None,
+        attempts: 0,
+        max_attempts: new.max_attempts,
+        next_attempt_at: None,
+        cancel_requested: false,
+        error: None,
+        results: JobResults::default(),
+        progress,
+    }
+}
+
+/// A stored event: kind, sentence, detail.
+pub(crate) type EventText = (&'static str, String, Value);
+
+/// The event of a new job.
+pub(crate) fn queued_event(new: &NewJob) -> EventText {
+    (
+        "queued",
+        "job accepted".into(),
+        json!({"action": new.spec.action}),
+    )
+}
+
+/// A queued job's progress once cancelled.
+pub(crate) fn cancelled_progress() -> Progress {
+    Progress {
+        phase: "done".into(),
+        message: "cancelled before it started".into(),
+        ..Default::default()
+    }
+}
+
+/// The event of a claim: a start, or a resumption after a parked wait.
+pub(crate) fn claim_event(c: &Claimed, worker: &str) -> EventText {
+    let (kind, verb) = if c.waited.is_some() {
+        ("resumed", "resumed after its wait")
+    } else {
+        ("started", "started")
+    };
+    (
+        kind,
+        format!(
+            "attempt {} of {} {verb}",
+            c.job.attempts, c.job.max_attempts
+        ),
+        json!({"attempt": c.job.attempts, "worker": worker}),
+    )
+}
+
+/// A job's progress while it waits for its retry.
+pub(crate) fn retry_progress(error: &JobError) -> Progress {
+    Progress {
+        phase: "retry_wait".into(),
+        message: format!("retrying after transient error {}", error.code),
+        ..Default::default()
+    }
+}
+
+/// The final state a finish writes, with its error (`None` for a retry).
+pub(crate) fn final_state(outcome: &Finish) -> Option<(&'static str, Option<String>)> {
+    match outcome {
+        Finish::Succeeded(_) => Some(("succeeded", None)),
+        Finish::Failed(e, _) => Some(("failed", Some(encode(e)))),
+        Finish::Cancelled(_) => Some(("cancelled", None)),
+        Finish::Retry { .. } => None,
+    }
+}
+
+/// The event of a finish.
+pub(crate) fn finish_event(outcome: &Finish, now: i64) -> EventText {
+    match outcome {
+        Finish::Succeeded(r) => (
+            "succeeded",
+            r.summary.clone().unwrap_or_else(|| "job succeeded".into()),
+            Value::Null,
+        ),
+        Finish::Failed(e, _) => (
+            "failed",
+            format!("{}: {}", e.code, e.message),
+            json!({"error": e}),
+        ),
+        Finish::Cancelled(_) => ("cancelled", "job cancelled".into(), Value::Null),
+        Finish::Retry {
+            error,
+            run_after_ms,
+        } => (
+            "retry_scheduled",
+            format!(
+                "{}: {}; next attempt in {} ms",
+                error.code,
+                error.message,
+                (run_after_ms - now).max(0)
+            ),
+            json!({"error": error, "run_after": ts(*run_after_ms)}),
+        ),
+    }
+}
+
+/// The error of a job whose lease expired with no attempts left.
+pub(crate) fn lease_expired_error() -> String {
+    encode(&JobError {
+        code: "LeaseExpired".into(),
+        message: "the worker holding the job stopped answering and no attempts are left".into(),
+        request_id: None,
+    })
+}
+
+/// The event of a job whose lease expired, by the state it went to.
+pub(crate) fn expired_event(state: &str) -> (&'static str, &'static str) {
+    if state == "failed" {
+        (
+            "failed",
+            "LeaseExpired: lease expired and no attempts are left",
+        )
+    } else {
+        ("requeued", "lease expired; queued again")
+    }
+}
+
+pub(crate) const CANCEL_REQUESTED: &str =
+    "cancel requested; the worker stops at its next step or wait";
+pub(crate) const RELEASED: &str = "released at shutdown; resumes from its last checkpoint";
+pub(crate) const LOT_RELEASED: &str =
+    "released at shutdown while waiting; waits again after restart";

@@ -1,0 +1,714 @@
+//! The queue's contract, one suite for both backends: every test here runs against SQLite (a
+//! file in a temp dir) and against PostgreSQL (a fresh database on the server `scripts/test`
+//! starts, `TEST_POSTGRES_URL`; without it the PostgreSQL half says so and returns), each with a
+//! hand-moved clock. What only one backend has (query plans, file modes, replicas) is tested
+//! beside it (`sqlite/tests.rs`, `postgres/tests.rs`).
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ec2jobd_spec::{
+    Clock, Job, JobError, JobResults, JobSpec, JobState, ManualClock, Progress, Role,
+};
+use serde_json::json;
+
+use crate::*;
+
+/// A store on a fresh database, its clock, and what must live as long as it (the temp dir).
+pub(crate) struct Fixture {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<ManualClock>,
+    _keep: Box<dyn Any + Send>,
+}
+
+const T0: i64 = 1_800_000_000_000;
+
+pub(crate) async fn sqlite_fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0));
+    let opts = SqliteOptions {
+        url: format!("sqlite://{}", dir.path().join("q.db").display()),
+        ..Default::default()
+    };
+    let store = SqliteStore::open(opts, clock.clone()).await.expect("open");
+    Fixture {
+        store: Arc::new(store),
+        clock,
+        _keep: Box::new(dir),
+    }
+}
+
+/// A PostgreSQL store on a new database, or `None` when no server was given.
+pub(crate) async fn postgres_fixture() -> Option<Fixture> {
+    let url = crate::postgres::tests::fresh_database_url().await?;
+    let clock = Arc::new(ManualClock::new(T0));
+    let store = PgStore::open(pg_options(&url), clock.clone())
+        .await
+        .expect("open");
+    Some(Fixture {
+        store: Arc::new(store),
+        clock,
+        _keep: Box::new(()),
+    })
+}
+
+/// Options for a test replica on `url`.
+pub(crate) fn pg_options(url: &str) -> PgOptions {
+    PgOptions {
+        url: url.to_string(),
+        max_connections: 8,
+        poll_only: false,
+        watch_interval: Duration::from_millis(50),
+    }
+}
+
+pub(crate) fn spec(ids: &str) -> JobSpec {
+    serde_json::from_value::<JobSpec>(json!({
+        "action": "describe_instances", "targets": {"instance_ids": ids}
+    }))
+    .unwrap()
+    .normalize()
+    .unwrap()
+}
+
+pub(crate) fn new_job(ids: &str, key: Option<&str>) -> NewJob {
+    NewJob {
+        spec: spec(ids),
+        idempotency_key: key.map(String::from),
+        max_attempts: 3,
+        timeout_ms: 60_000,
+    }
+}
+
+pub(crate) async fn enqueue(s: &dyn Store, ids: &str) -> Job {
+    match s.enqueue(new_job(ids, None)).await.unwrap() {
+        Enqueued::Created(j) => j,
+        Enqueued::Replayed(_) => panic!("no key, no replay"),
+    }
+}
+
+/// Each named test of this file, once per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::sqlite_fixture().await).await
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                if let Some(f) = super::postgres_fixture().await {
+                    super::$name(f).await
+                }
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    expired_lease_is_requeued_with_attempt_counted,
+    lease_expiry_out_of_attempts_fails_the_job,
+    fencing_stops_a_stale_worker,
+    claims_take_the_highest_priority_first,
+    retry_is_not_claimable_before_its_time,
+    idempotency_key_replays_and_conflicts,
+    cancel_queued_at_once_and_running_by_flag,
+    list_pages_newest_first_with_filters,
+    concurrent_enqueues_all_land_and_progress_is_fenced,
+    release_gives_the_attempt_back,
+    tokens_are_unique_and_revocable,
+    refused_deliveries_are_cut_and_folded,
+    prune_deletes_old_finished_jobs_and_deliveries_in_batches,
+    parked_jobs_belong_to_their_lot_until_the_wait_ends,
+    time_windows_find_jobs_created_in_them,
+);
+
+async fn expired_lease_is_requeued_with_attempt_counted(f: Fixture) {
+    let job = enqueue(&*f.store, "i-01234567").await;
+    let c = f.store.claim("w1", 1_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].job.attempts, 1);
+    assert_eq!(
+        f.store.requeue_expired().await.unwrap(),
+        0,
+        "lease still valid"
+    );
+    f.clock.advance(1_001);
+    assert_eq!(f.store.requeue_expired().await.unwrap(), 1);
+    let j = f.store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Queued);
+    let c = f.store.claim("w2", 1_000, 1).await.unwrap();
+    assert_eq!(c[0].job.attempts, 2, "the re-queued attempt counts");
+}
+
+async fn lease_expiry_out_of_attempts_fails_the_job(f: Fixture) {
+    let job = enqueue(&*f.store, "i-01234567").await;
+    for _ in 0..3 {
+        assert_eq!(f.store.claim("w", 10, 1).await.unwrap().len(), 1);
+        f.clock.advance(11);
+        f.store.requeue_expired().await.unwrap();
+    }
+    let j = f.store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.error.unwrap().code, "LeaseExpired");
+}
+
+async fn fencing_stops_a_stale_worker(f: Fixture) {
+    let job = enqueue(&*f.store, "i-01234567").await;
+    f.store.claim("stale", 100, 1).await.unwrap();
+    f.clock.advance(101);
+    f.store.requeue_expired().await.unwrap();
+    let c = f.store.claim("fresh", 10_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    // The stale worker wakes up and tries to write: every fenced write is refused.
+    let r = f
+        .store
+        .finish(&job.id, "stale", Finish::Succeeded(JobResults::default()))
+        .await;
+    assert!(matches!(r, Err(StoreError::LeaseLost)), "{r:?}");
+    assert!(matches!(
+        f.store.heartbeat(&job.id, "stale", 100).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        f.store
+            .checkpoint(&job.id, "stale", json!({"step": 1}))
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    let j = f
+        .store
+        .finish(&job.id, "fresh", Finish::Succeeded(JobResults::default()))
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Succeeded);
+    // And nobody can finish it twice.
+    assert!(f
+        .store
+        .finish(&job.id, "fresh", Finish::Succeeded(JobResults::default()))
+        .await
+        .is_err());
+}
+
+/// Claims take the highest priority first, then the job due first: a later high-priority job
+/// overtakes queued bulk work, and a low one waits for it.
+async fn claims_take_the_highest_priority_first(f: Fixture) {
+    let with = |priority: i32| {
+        let mut n = new_job("i-01234567", None);
+        n.spec.priority = Some(priority);
+        n
+    };
+    let bulk: Vec<Job> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(enqueue(&*f.store, "i-01234567").await);
+        }
+        v
+    };
+    f.clock.advance(1);
+    let low = match f.store.enqueue(with(-5)).await.unwrap() {
+        Enqueued::Created(j) => j,
+        Enqueued::Replayed(_) => unreachable!(),
+    };
+    f.clock.advance(1);
+    let alarm = match f.store.enqueue(with(100)).await.unwrap() {
+        Enqueued::Created(j) => j,
+        Enqueued::Replayed(_) => unreachable!(),
+    };
+    let order: Vec<String> = {
+        let mut v = Vec::new();
+        while let Some(c) = f.store.claim("w", 10_000, 1).await.unwrap().pop() {
+            v.push(c.job.id);
+        }
+        v
+    };
+    let want: Vec<String> = std::iter::once(alarm.id.clone())
+        .chain({
+            let mut ids: Vec<String> = bulk.iter().map(|j| j.id.clone()).collect();
+            ids.sort();
+            ids
+        })
+        .chain(std::iter::once(low.id.clone()))
+        .collect();
+    assert_eq!(order, want);
+}
+
+async fn retry_is_not_claimable_before_its_time(f: Fixture) {
+    let job = enqueue(&*f.store, "i-01234567").await;
+    f.store.claim("w", 10_000, 1).await.unwrap();
+    let at = f.clock.now_ms() + 5_000;
+    let err = JobError {
+        code: "Throttling".into(),
+        message: "slow down".into(),
+        request_id: None,
+    };
+    let j = f
+        .store
+        .finish(
+            &job.id,
+            "w",
+            Finish::Retry {
+                error: err,
+                run_after_ms: at,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.state, JobState::Queued);
+    assert_eq!(j.next_attempt_at.unwrap().timestamp_millis(), at);
+    assert!(f.store.claim("w", 10_000, 1).await.unwrap().is_empty());
+    f.clock.advance(5_000);
+    let c = f.store.claim("w", 10_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].job.attempts, 2);
+}
+
+async fn idempotency_key_replays_and_conflicts(f: Fixture) {
+    let a = f
+        .store
+        .enqueue(new_job("i-01234567", Some("k1")))
+        .await
+        .unwrap();
+    let Enqueued::Created(a) = a else {
+        panic!("first is created")
+    };
+    let b = f
+        .store
+        .enqueue(new_job("i-01234567", Some("k1")))
+        .await
+        .unwrap();
+    let Enqueued::Replayed(b) = b else {
+        panic!("same body replays")
+    };
+    assert_eq!(a.id, b.id);
+    let c = f.store.enqueue(new_job("i-89abcdef", Some("k1"))).await;
+    assert!(matches!(c, Err(StoreError::IdempotencyConflict { job_id }) if job_id == a.id));
+    let page = f
+        .store
+        .list(ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.jobs.len(), 1, "a conflict stores nothing");
+}
+
+async fn cancel_queued_at_once_and_running_by_flag(f: Fixture) {
+    let q = enqueue(&*f.store, "i-01234567").await;
+    let Some(CancelOutcome::Cancelled(j)) = f.store.cancel(&q.id).await.unwrap() else {
+        panic!("queued job cancels at once")
+    };
+    assert_eq!(j.state, JobState::Cancelled);
+    assert!(f.store.claim("w", 1_000, 5).await.unwrap().is_empty());
+
+    let r = enqueue(&*f.store, "i-01234567").await;
+    f.store.claim("w", 10_000, 1).await.unwrap();
+    assert!(matches!(
+        f.store.cancel(&r.id).await.unwrap(),
+        Some(CancelOutcome::Requested(_))
+    ));
+    assert!(
+        f.store
+            .heartbeat(&r.id, "w", 10_000)
+            .await
+            .unwrap()
+            .cancel_requested
+    );
+    f.store
+        .finish(&r.id, "w", Finish::Cancelled(JobResults::default()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store.cancel(&r.id).await.unwrap(),
+        Some(CancelOutcome::AlreadyFinished(_))
+    ));
+    assert!(f
+        .store
+        .cancel("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await
+        .unwrap()
+        .is_none());
+    let kinds: Vec<String> = f
+        .store
+        .events(&r.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["queued", "started", "cancel_requested", "cancelled"]
+    );
+}
+
+async fn list_pages_newest_first_with_filters(f: Fixture) {
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&*f.store, "i-01234567").await.id);
+        f.clock.advance(10);
+    }
+    let p1 = f
+        .store
+        .list(ListQuery {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        p1.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        [&ids[4], &ids[3]]
+    );
+    let p2 = f
+        .store
+        .list(ListQuery {
+            limit: 2,
+            before_id: p1.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        p2.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        [&ids[2], &ids[1]]
+    );
+    let p3 = f
+        .store
+        .list(ListQuery {
+            limit: 2,
+            before_id: p2.next_cursor,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(p3.jobs.len(), 1);
+    assert!(p3.next_cursor.is_none());
+    f.store.claim("w", 1_000, 1).await.unwrap();
+    let running = f
+        .store
+        .list(ListQuery {
+            limit: 10,
+            state: Some(JobState::Running),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.jobs.len(), 1);
+    assert_eq!(
+        running.jobs[0].id, ids[0],
+        "oldest runnable is claimed first"
+    );
+}
+
+async fn concurrent_enqueues_all_land_and_progress_is_fenced(f: Fixture) {
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let s = f.store.clone();
+        tasks.push(tokio::spawn(
+            async move { enqueue(&*s, "i-01234567").await.id },
+        ));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+    let counts = f.store.counts().await.unwrap();
+    assert!(counts.contains(&(JobState::Queued, 200)));
+    let c = f.store.claim("w", 1_000, 3).await.unwrap();
+    assert_eq!(c.len(), 3);
+    let ev = NewEvent {
+        kind: "progress".into(),
+        message: "half".into(),
+        data: json!({}),
+    };
+    f.store
+        .progress(
+            &c[0].job.id,
+            "w",
+            Progress {
+                phase: "calling".into(),
+                ..Default::default()
+            },
+            ev.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store
+            .progress(&c[0].job.id, "other", Progress::default(), ev)
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+}
+
+async fn release_gives_the_attempt_back(f: Fixture) {
+    let job = enqueue(&*f.store, "i-01234567").await;
+    f.store.claim("w", 1_000, 1).await.unwrap();
+    f.store.release(&job.id, "w").await.unwrap();
+    let j = f.store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
+}
+
+async fn tokens_are_unique_and_revocable(f: Fixture) {
+    f.store
+        .create_token("ci", Role::Operator, "ab")
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.store.create_token("ci", Role::Admin, "cd").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let (t, h) = f.store.token_by_hash("ab").await.unwrap().unwrap();
+    assert_eq!(
+        (t.name.as_str(), t.role, h.as_str()),
+        ("ci", Role::Operator, "ab")
+    );
+    assert!(f.store.revoke_token("ci").await.unwrap());
+    assert!(!f.store.revoke_token("ci").await.unwrap());
+    assert!(f.store.token_by_hash("ab").await.unwrap().is_none());
+}
+
+/// Refused SNS deliveries cannot fill the disk: every caller-supplied text is cut, and repeats of
+/// one kind to one hook within a minute count into one row (a new row once the minute has passed).
+async fn refused_deliveries_are_cut_and_folded(f: Fixture) {
+    let huge = "A".repeat(60_000);
+    let refusal = |code: &str| NewDelivery {
+        hook: "alarms".into(),
+        message_id: Some(huge.clone()),
+        topic_arn: Some(format!("arn:{huge}")),
+        kind: Some(huge.clone()),
+        outcome: "rejected".into(),
+        reason: Some(format!("topic `{huge}` is not accepted")),
+        code: Some(code.into()),
+        ..Default::default()
+    };
+    for _ in 0..300 {
+        f.store.record_delivery(refusal("topic")).await.unwrap();
+    }
+    f.store.record_delivery(refusal("signature")).await.unwrap();
+    let rows = f.store.list_deliveries(None, 500).await.unwrap();
+    assert_eq!(rows.len(), 2, "one row per kind: {rows:?}");
+    let topic = rows
+        .iter()
+        .find(|d| d.code.as_deref() == Some("topic"))
+        .unwrap();
+    assert_eq!(topic.count, 300);
+    assert!(topic.last_at.is_some());
+    for text in [
+        &topic.message_id,
+        &topic.topic_arn,
+        &topic.kind,
+        &topic.reason,
+    ] {
+        let t = text.as_deref().unwrap();
+        assert!(t.len() <= DELIVERY_FIELD_MAX, "{} bytes", t.len());
+        assert!(t.ends_with('…'));
+    }
+    // A minute later the same refusal starts a new row; accepted deliveries are never folded.
+    f.clock.advance(REFUSAL_FOLD_MS + 1);
+    f.store.record_delivery(refusal("topic")).await.unwrap();
+    for _ in 0..2 {
+        f.store
+            .record_delivery(NewDelivery {
+                hook: "alarms".into(),
+                outcome: "accepted".into(),
+                code: Some("topic".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let rows = f.store.list_deliveries(None, 500).await.unwrap();
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows[2].count, 1, "the new minute's refusal: {:?}", rows[2]);
+}
+
+/// Retention deletes finished jobs created before the cutoff (their events with them) once they
+/// left the outbox, in batches; running and queued jobs, newer jobs and outbox entries stay. Old
+/// deliveries go oldest first.
+async fn prune_deletes_old_finished_jobs_and_deliveries_in_batches(f: Fixture) {
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        let j = enqueue(&*f.store, "i-01234567").await;
+        let c = f.store.claim("w", 60_000, 1).await.unwrap();
+        f.store
+            .finish(&c[0].job.id, "w", Finish::Succeeded(Default::default()))
+            .await
+            .unwrap();
+        old.push(j.id);
+    }
+    let queued_old = enqueue(&*f.store, "i-01234567").await;
+    f.store
+        .record_delivery(NewDelivery {
+            hook: "h".into(),
+            outcome: "accepted".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    f.clock.advance(1_000);
+    let cutoff = f.clock.now_ms();
+    f.clock.advance(1_000);
+    let newer = enqueue(&*f.store, "i-01234567").await;
+    // Still in the outbox: nothing to prune yet.
+    assert_eq!(f.store.prune_jobs(cutoff, 100, true).await.unwrap(), 0);
+    let due: Vec<_> = f.store.outbox(f.clock.now_ms(), 100).await.unwrap();
+    assert_eq!(due.len(), 5);
+    f.store
+        .outbox_done(due.into_iter().map(|(j, _)| (j.id, None)).collect())
+        .await
+        .unwrap();
+    assert_eq!(f.store.prune_jobs(cutoff, 100, true).await.unwrap(), 5);
+    assert_eq!(f.store.prune_jobs(cutoff, 2, false).await.unwrap(), 2);
+    assert_eq!(f.store.prune_jobs(cutoff, 100, false).await.unwrap(), 3);
+    for id in &old {
+        assert!(f.store.get(id).await.unwrap().is_none());
+        assert!(f.store.events(id, 0, 10).await.unwrap().is_empty());
+    }
+    assert!(f.store.get(&queued_old.id).await.unwrap().is_some());
+    assert!(f.store.get(&newer.id).await.unwrap().is_some());
+    assert_eq!(
+        f.store.prune_deliveries(cutoff, 100, true).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        f.store.prune_deliveries(cutoff, 100, false).await.unwrap(),
+        1
+    );
+    assert!(f.store.list_deliveries(None, 10).await.unwrap().is_empty());
+}
+
+/// A parked job is held by its lot, not by the worker that parked it: the worker's writes are
+/// refused, the lot renews every lease it holds in one call (learning of cancels), and ending the
+/// wait queues the job again with the outcome, the attempt counted once.
+fn waiting() -> Progress {
+    Progress {
+        phase: "waiting".into(),
+        message: "waiting".into(),
+        done: None,
+        total: None,
+    }
+}
+
+async fn parked_jobs_belong_to_their_lot_until_the_wait_ends(f: Fixture) {
+    let job = enqueue(&*f.store, "i-01234567").await;
+    let other = enqueue(&*f.store, "i-01234568").await;
+    assert_eq!(f.store.claim("w", 1_000, 2).await.unwrap().len(), 2);
+    let cp = json!({"phase": "parked", "ids": ["i-01234567"]});
+    f.store
+        .park(&job.id, "w", "lot", 1_000, cp.clone(), waiting())
+        .await
+        .unwrap();
+    f.store
+        .park(&other.id, "w", "lot", 1_000, cp.clone(), waiting())
+        .await
+        .unwrap();
+    // The worker that parked it no longer holds it.
+    assert!(matches!(
+        f.store.heartbeat(&job.id, "w", 1_000).await,
+        Err(StoreError::LeaseLost)
+    ));
+    assert!(matches!(
+        f.store
+            .finish(&job.id, "w", Finish::Succeeded(JobResults::default()))
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    // The lot's renewal keeps both past the first lease, and reports a cancel.
+    f.clock.advance(900);
+    f.store.cancel(&other.id).await.unwrap();
+    assert_eq!(
+        f.store.renew_lot("lot", 1_000).await.unwrap(),
+        vec![other.id.clone()]
+    );
+    f.clock.advance(900);
+    assert_eq!(f.store.requeue_expired().await.unwrap(), 0, "renewed");
+    assert_eq!(
+        f.store.get(&job.id).await.unwrap().unwrap().state,
+        JobState::Running,
+        "a parked job stays running"
+    );
+    // Another lot cannot end the wait; this one can.
+    let outcome = json!({"error": null});
+    assert!(matches!(
+        f.store
+            .unpark(&job.id, "other-lot", outcome.clone(), "done")
+            .await,
+        Err(StoreError::LeaseLost)
+    ));
+    f.store
+        .unpark(&job.id, "lot", outcome.clone(), "done")
+        .await
+        .unwrap();
+    let c = f.store.claim("w2", 1_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].job.id, job.id);
+    assert_eq!(c[0].job.attempts, 1, "resuming is not another attempt");
+    assert_eq!(c[0].checkpoint.as_ref(), Some(&cp));
+    assert_eq!(c[0].waited.as_ref(), Some(&outcome));
+    let kinds: Vec<String> = f
+        .store
+        .events(&job.id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["queued", "started", "parked", "wait_ended", "resumed"]
+    );
+    // Parking again forgets the last outcome.
+    f.store
+        .park(&job.id, "w2", "lot", 1_000, cp.clone(), waiting())
+        .await
+        .unwrap();
+    // At shutdown the lot gives its jobs back; the next claim has no outcome and counts no attempt.
+    assert_eq!(f.store.release_lot("lot").await.unwrap(), 2);
+    let c = f.store.claim("w3", 1_000, 2).await.unwrap();
+    assert_eq!(c.len(), 2);
+    for c in &c {
+        assert_eq!(c.job.attempts, 1);
+        assert_eq!(c.waited, None);
+    }
+    // A lot that dies leaves its leases to expire like a worker's.
+    for c in &c {
+        f.store
+            .park(&c.job.id, "w3", "dead-lot", 1_000, cp.clone(), waiting())
+            .await
+            .unwrap();
+    }
+    f.clock.advance(1_001);
+    assert_eq!(f.store.requeue_expired().await.unwrap(), 2);
+}
+
+/// A time window finds exactly the jobs created in it.
+async fn time_windows_find_jobs_created_in_them(f: Fixture) {
+    let t0 = f.clock.now_ms();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&*f.store, "i-01234567").await.id);
+        f.clock.advance(60_000);
+    }
+    // Created at t0, +1 min, ... +4 min: the window [+1 min, +3 min) holds the 2nd and 3rd.
+    let page = f
+        .store
+        .list(ListQuery {
+            since_ms: Some(t0 + 60_000),
+            until_ms: Some(t0 + 180_000),
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
+}
