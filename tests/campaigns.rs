@@ -1554,3 +1554,368 @@ async fn accepted_first(http: &reqwest::Client, url: &str, admin: &str, iid: &st
     let v: Value = r.json().await.expect("job");
     v["id"].as_str().unwrap_or("").to_string()
 }
+
+/// Replicas (issue 15): three daemons on one PostgreSQL database behave as one service. Mixed jobs
+/// go round-robin to all three; EC2 state-change alarms arrive through SNS, each delivery sent to
+/// two replicas at once; replicas are SIGKILLed at random moments one at a time (and restarted),
+/// and PostgreSQL itself is restarted once mid-run. Every job must end succeeded, nothing be
+/// created twice (counted at the proxy, where calls take effect), each SNS message queue one job,
+/// and the parked waits of a killed replica be taken up by another process once their lease runs
+/// out (how long that took is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_campaign() {
+    let Some(database) = common::postgres_database() else {
+        return;
+    };
+    let per = size(5, 50);
+    let kills = size(2, 5);
+    let alarms = size(6, 30);
+    let mut rng = seeded("replicas");
+    let moto = Moto::start().await;
+    let image = moto.image().await;
+    let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
+    proxy.set(|f| {
+        f.latency = Duration::from_millis(5);
+        f.latency_jitter = Duration::from_millis(45);
+        f.checks_after_start = Some(Duration::from_secs(2));
+    });
+    let jobs = mixed_jobs(
+        &moto,
+        &["run", "stop", "start", "reboot", "snapshot", "image"],
+        per,
+        &mut rng,
+    )
+    .await;
+    let alarmed = moto.launch(alarms as i32, &[("Alarmed", "no")]).await;
+    let certs = common::sns_cert_dir();
+    let topic = "arn:aws:sns:us-east-1:123456789012:ec2-events";
+    let opts = DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        workers: 4,
+        database_url: Some(database.clone()),
+        env: vec![("EC2JOBD_QUEUE__MAX_ATTEMPTS".into(), "10".into())],
+        extra: format!(
+            r#"
+[sns]
+cert_dir = "{certs}"
+[sns.hooks.ec2-events]
+topics = ["{topic}"]
+[[sns.hooks.ec2-events.rules]]
+name = "mark-stopped"
+instance_state = "stopped"
+job = {{ action = "create_tags", targets = {{ instance_ids = ["{{instance_id}}"] }}, params = {{ tags = {{ Alarmed = "yes" }} }} }}
+"#,
+            certs = certs.path().display()
+        ),
+        ..Default::default()
+    };
+    let first = Daemon::start(opts.clone()).await;
+    let admin = first.admin.clone();
+    let mut ds = vec![first];
+    for _ in 1..3 {
+        ds.push(Daemon::replica(opts.clone(), admin.clone()).await);
+    }
+
+    // A live stream on one replica follows a job another runs.
+    let watched = ds[0]
+        .submit(&Job::Tag(alarmed[0].clone()).spec(&image, "replicas"))
+        .await;
+    let stream = ds[1]
+        .req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{watched}/events"),
+            &admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    let (mut kinds, mut lag_ms) = (Vec::new(), 0i64);
+    {
+        use futures::StreamExt;
+        let mut body = stream.bytes_stream();
+        let mut buf = String::new();
+        let read = tokio::time::timeout(MINUTE, async {
+            while let Some(chunk) = body.next().await {
+                let now = chrono::Utc::now();
+                buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                while let Some(end) = buf.find("\n\n") {
+                    let frame: String = buf.drain(..end + 2).collect();
+                    if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) {
+                        let ev: Value = serde_json::from_str(data).unwrap();
+                        kinds.push(ev["kind"].as_str().unwrap_or("?").to_string());
+                        if let Some(at) = ev["at"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        {
+                            lag_ms = lag_ms.max((now - at.to_utc()).num_milliseconds());
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "the stream on another replica ended: {kinds:?}"
+        );
+    }
+
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        ids.push(ds[i % 3].submit(&job.spec(&image, "replicas")).await);
+    }
+    // Each alarm delivered to two replicas at once.
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut deliveries = Vec::new();
+    for (n, iid) in alarmed.iter().enumerate() {
+        let event = json!({"detail-type": "EC2 Instance State-change Notification",
+            "source": "aws.ec2", "region": "us-east-1", "account": "123456789012",
+            "detail": {"instance-id": iid, "state": "stopped"}})
+        .to_string();
+        let message_id = format!("replicas-{n}");
+        let body = common::sns_signed(&[
+            ("Message", &event),
+            ("MessageId", &message_id),
+            ("Timestamp", &now),
+            ("TopicArn", topic),
+            ("Type", "Notification"),
+        ]);
+        let (a, b) = (n % 3, (n + 1) % 3);
+        let send = |d: &Daemon| {
+            d.http
+                .post(format!("{}/v1/sns/ec2-events", d.url))
+                .body(body.clone())
+                .send()
+        };
+        let (ra, rb) = tokio::join!(send(&ds[a]), send(&ds[b]));
+        let mut answers = Vec::new();
+        for r in [ra, rb] {
+            let r = r.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            answers.push((status, v));
+        }
+        deliveries.push((message_id, answers));
+    }
+
+    let lease = Duration::from_secs(3);
+    let total = (ids.len() + alarms) as f64;
+    let mut kill_points = Vec::new();
+    let mut parked_at_kill = Vec::new();
+    let mut takeovers: Vec<(String, chrono::DateTime<chrono::Utc>, u32)> = Vec::new();
+    let mut pg_restart = None;
+    let pg_restart_at = rng.gen_range(0..kills);
+    for k in 0..kills {
+        let at = ((k as f64 + rng.gen_range(0.2..0.9)) / (kills as f64 + 1.0) * total) as u64;
+        let victim = rng.gen_range(0..3);
+        let watcher = (victim + 1) % 3;
+        let deadline = Instant::now() + 3 * MINUTE;
+        while finished(&ds[watcher]).await < at {
+            assert!(
+                Instant::now() < deadline,
+                "no progress towards {at} finished jobs"
+            );
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
+        }
+        // Jobs running now: those the victim held parked are found afterwards by their events.
+        let running = running_jobs(&ds[watcher]).await;
+        kill_points.push(finished(&ds[watcher]).await);
+        parked_at_kill.push(ds[victim].metric("ec2jobd_jobs_parked").await as u64);
+        let pid = ds[victim].pid();
+        let killed_at = chrono::Utc::now();
+        ds[victim].kill9();
+        takeovers.extend(running.into_iter().map(|id| (id, killed_at, pid)));
+        ds[victim].spawn().await;
+        if k == pg_restart_at {
+            pg_restart = Some(common::restart_postgres());
+        }
+    }
+
+    let mut check = Checker::new(&moto, &proxy, "replicas");
+    for (i, (id, job)) in ids.iter().zip(&jobs).enumerate() {
+        let j = ds[i % 3].wait_final(id, 3 * MINUTE).await;
+        check.job(id, job, &j).await;
+    }
+    let mut violations = check.violations.clone();
+    // Each SNS message: one job, named by both answers; one accepted, one duplicate.
+    let mut alarm_jobs = BTreeSet::new();
+    let mut outcomes = BTreeMap::<String, usize>::new();
+    for (message, answers) in &deliveries {
+        let named: BTreeSet<&str> = answers
+            .iter()
+            .filter_map(|(_, v)| v["job_id"].as_str())
+            .collect();
+        for (status, v) in answers {
+            *outcomes
+                .entry(format!("{status} {}", v["outcome"].as_str().unwrap_or("?")))
+                .or_default() += 1;
+        }
+        let accepted = answers
+            .iter()
+            .filter(|(_, v)| v["outcome"] == "accepted")
+            .count();
+        if named.len() != 1 || accepted != 1 {
+            violations.push(format!(
+                "SNS message {message} sent to two replicas: {answers:?}"
+            ));
+        }
+        alarm_jobs.extend(named.into_iter().map(String::from));
+    }
+    for id in &alarm_jobs {
+        let j = ds[0].wait_final(id, 3 * MINUTE).await;
+        if j["state"] != "succeeded" {
+            violations.push(format!(
+                "alarm job {id} ended {}: {}",
+                j["state"], j["error"]
+            ));
+        }
+    }
+    let tagged: BTreeSet<String> = moto.tagged("Alarmed", "yes").await.into_iter().collect();
+    let want: BTreeSet<String> = alarmed.iter().cloned().collect();
+    if tagged != want {
+        violations.push(format!(
+            "alarmed instances tagged {tagged:?}, want {want:?}"
+        ));
+    }
+    let (_, listed) = ds[2].get_json("/v1/sns/deliveries?limit=500").await;
+    let accepted_rows = listed["deliveries"]
+        .as_array()
+        .map(|a| a.iter().filter(|d| d["outcome"] == "accepted").count())
+        .unwrap_or(0);
+    if accepted_rows != alarms {
+        violations.push(format!(
+            "{accepted_rows} accepted deliveries recorded for {alarms} messages"
+        ));
+    }
+    let elapsed = started.elapsed();
+    let (made, deleted) = check.volumes().await;
+    let (amis, deregistered) = check.images().await;
+
+    // Parked waits of a killed replica: re-queued once their lease ran out, then taken up.
+    let mut taken_up = Vec::new();
+    for (id, killed_at, pid) in &takeovers {
+        let events = events_of(&ds[0], id).await;
+        let at = |e: &Value| {
+            e["at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.to_utc())
+        };
+        // Parked when the victim died: the last event before the kill says so.
+        let before = events
+            .iter()
+            .rfind(|e| at(e).is_some_and(|t| t < *killed_at));
+        if before.is_none_or(|e| e["kind"] != "parked") {
+            continue;
+        }
+        let after: Vec<&Value> = events
+            .iter()
+            .filter(|e| at(e).is_some_and(|t| t >= *killed_at))
+            .collect();
+        // Its lease ran out (the victim's lot held it) rather than the wait ending.
+        let expired = after
+            .iter()
+            .position(|e| e["kind"] == "requeued" && e["message"] == "lease expired; queued again");
+        let Some(p) = expired else { continue };
+        let Some(next) = after[p..].iter().find(|e| e["kind"] == "started") else {
+            violations.push(format!(
+                "job {id}: re-queued after the kill but never started again"
+            ));
+            continue;
+        };
+        let by = next["data"]["worker"].as_str().unwrap_or("");
+        if by.starts_with(&format!("{pid}-")) {
+            violations.push(format!("job {id}: taken up by the dead process {pid}?"));
+        }
+        if let Some(t) = at(next) {
+            taken_up.push((t - *killed_at).num_milliseconds());
+        }
+    }
+    if parked_at_kill.iter().all(|n| *n == 0) {
+        violations.push(format!(
+            "no kill landed while the victim had parked jobs ({parked_at_kill:?})"
+        ));
+    }
+    let slowest = taken_up.iter().max().copied().unwrap_or(0);
+    // The lease, the reaper's interval and a claim's poll, with room for a loaded machine.
+    if slowest > (lease + Duration::from_secs(5)).as_millis() as i64 {
+        violations.push(format!(
+            "a dead replica's parked wait was taken up after {slowest} ms (lease {lease:?})"
+        ));
+    }
+    report(
+        "replicas",
+        &[
+            ("replicas on one PostgreSQL database", "3".into()),
+            (
+                "jobs (run/stop/start/reboot/snapshot/AMI), round-robin",
+                ids.len().to_string(),
+            ),
+            (
+                "SNS messages, each sent to two replicas",
+                format!(
+                    "{alarms} → {} job(s); answers {outcomes:?}",
+                    alarm_jobs.len()
+                ),
+            ),
+            (
+                "event stream on another replica",
+                format!("{kinds:?}, newest event {lag_ms} ms after it was written"),
+            ),
+            (
+                "SIGKILLs at finished-job counts",
+                format!("{kills} at {kill_points:?}"),
+            ),
+            (
+                "victim's parked jobs at each kill",
+                format!("{parked_at_kill:?}"),
+            ),
+            (
+                "parked waits of killed replicas taken up (ms after kill)",
+                format!(
+                    "{} jobs, slowest {slowest} ms (lease {lease:?})",
+                    taken_up.len()
+                ),
+            ),
+            (
+                "PostgreSQL restarted (away for)",
+                pg_restart.map_or("no".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+            ),
+            ("final states", format!("{:?}", check.states)),
+            (
+                "snapshots made / deleted by rotation",
+                format!("{made} / {deleted}"),
+            ),
+            (
+                "AMIs made / deregistered by rotation",
+                format!("{amis} / {deregistered}"),
+            ),
+            ("wall time", format!("{:.1} s", elapsed.as_secs_f64())),
+        ],
+        &violations,
+    );
+    if !kinds.contains(&"succeeded".to_string()) {
+        panic!("the stream on another replica did not show the job's end: {kinds:?}");
+    }
+}
+
+/// Ids of the jobs running now (parked ones among them).
+async fn running_jobs(d: &Daemon) -> Vec<String> {
+    let (_, page) = d.get_json("/v1/jobs?state=running&limit=500").await;
+    page["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|j| j["id"].as_str().map(String::from))
+        .collect()
+}
+
+/// A finished job's whole event log, read from its event stream (which ends with the job).
+async fn events_of(d: &Daemon, id: &str) -> Vec<Value> {
+    let text = d.text(&format!("/v1/jobs/{id}/events")).await;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .collect()
+}

@@ -119,6 +119,8 @@ pub struct DaemonOpts {
     pub env: Vec<(String, String)>,
     /// Where the database lives (default: the daemon's temporary directory).
     pub database: Option<PathBuf>,
+    /// A database URL instead (`postgres://…`, from [`postgres_database`]).
+    pub database_url: Option<String>,
 }
 
 impl Default for DaemonOpts {
@@ -129,6 +131,7 @@ impl Default for DaemonOpts {
             extra: String::new(),
             env: Vec::new(),
             database: None,
+            database_url: None,
         }
     }
 }
@@ -162,7 +165,7 @@ pub fn write_config(dir: &Path, opts: &DaemonOpts) -> PathBuf {
         .unwrap_or_default();
     let text = format!(
         r#"listen = "127.0.0.1:0"
-database = "sqlite://{db}"
+database = "{db}"
 shutdown_grace = "3s"
 
 [accounts.default]
@@ -185,17 +188,43 @@ reap_interval = "500ms"
 level = "info,ec2jobd_server=debug"
 {extra}
 "#,
-        db = opts
-            .database
-            .clone()
-            .unwrap_or_else(|| dir.join("ec2jobd.db"))
-            .display(),
+        db = opts.database_url.clone().unwrap_or_else(|| format!(
+            "sqlite://{}",
+            opts.database
+                .clone()
+                .unwrap_or_else(|| dir.join("ec2jobd.db"))
+                .display()
+        )),
         workers = opts.workers,
         extra = opts.extra,
     );
     let path = dir.join("ec2jobd.toml");
     std::fs::write(&path, text).expect("write config");
     path
+}
+
+/// A new, empty database on the PostgreSQL server `scripts/test` started (`TEST_POSTGRES_URL`),
+/// or `None` (said on stderr) when there is none.
+pub fn postgres_database() -> Option<String> {
+    let Ok(admin) = std::env::var("TEST_POSTGRES_URL") else {
+        eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test starts a server)");
+        return None;
+    };
+    let name = format!("e2e_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let o = Command::new("psql")
+        .args([
+            admin.as_str(),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    admin
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{name}"))
 }
 
 /// Runs `ec2jobd` with args and returns (status, stdout, stderr).
@@ -234,6 +263,26 @@ impl Daemon {
         let dir = tmp.path().to_path_buf();
         let config = write_config(&dir, &opts);
         let admin = create_token(&config, "admin", "admin");
+        let mut d = Daemon {
+            child: None,
+            url: String::new(),
+            dir,
+            config,
+            admin,
+            http: reqwest::Client::new(),
+            env: opts.env.clone(),
+            _tmp: Some(tmp),
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Another daemon with a directory and config of its own, on a database an earlier one made
+    /// (a replica sharing a PostgreSQL queue), authenticating with that one's admin token.
+    pub async fn replica(opts: DaemonOpts, admin: String) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let config = write_config(&dir, &opts);
         let mut d = Daemon {
             child: None,
             url: String::new(),
@@ -758,4 +807,49 @@ pub fn sns_signed(fields: &[(&str, &str)]) -> String {
         ),
     );
     Value::Object(body).to_string()
+}
+
+/// Restarts the PostgreSQL server `scripts/ensure-postgres` started (fast shutdown: open
+/// connections are cut, as when the server fails over), as the user that owns its cluster.
+/// Returns how long the server was away.
+pub fn restart_postgres() -> Duration {
+    let data =
+        std::env::var("TEST_POSTGRES_DATA").expect("TEST_POSTGRES_DATA (scripts/test sets it)");
+    let bin = std::env::var("TEST_POSTGRES_BIN").expect("TEST_POSTGRES_BIN (scripts/test sets it)");
+    let pg_ctl = format!("{bin}/pg_ctl");
+    // pg_ctl does not remember the log file: without one the server would keep our pipes open.
+    let log = Path::new(&data).with_file_name("server.log");
+    let log = log.to_str().expect("a UTF-8 path");
+    let args = [
+        "-D",
+        data.as_str(),
+        "-l",
+        log,
+        "-m",
+        "fast",
+        "-w",
+        "-t",
+        "60",
+        "restart",
+    ];
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let started = Instant::now();
+    let out = if root {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", pg_ctl.as_str()])
+            .args(args)
+            .output()
+    } else {
+        Command::new(&pg_ctl).args(args).output()
+    }
+    .expect("pg_ctl runs");
+    assert!(
+        out.status.success(),
+        "pg_ctl restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed()
 }

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::Router;
 use ec2jobd_ec2::{AccountConfig, Ec2Pool};
 use ec2jobd_spec::{Clock, SystemClock};
-use ec2jobd_store::{postgres, SqliteOptions, SqliteStore, Store, Synchronous};
+use ec2jobd_store::{postgres, PgOptions, PgStore, SqliteOptions, SqliteStore, Store, Synchronous};
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -28,14 +28,20 @@ use ec2jobd_exec::executor::Ec2Executor;
 use ec2jobd_exec::parking::Parking;
 use ec2jobd_exec::runner::{Runner, RunnerConfig};
 
-/// Opens the configured store (applying migrations).
-pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<SqliteStore> {
+/// Opens the configured store (applying migrations): SQLite, or PostgreSQL shared with other
+/// replicas.
+pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Arc<dyn Store>> {
     if postgres::is_postgres_url(&cfg.database) {
-        bail!(
-            "database `{}`: this version prepares a PostgreSQL database (`ec2jobd migrate`) but \
-             does not serve from one yet; use sqlite://PATH",
-            postgres::redact(&cfg.database)
-        );
+        let opts = PgOptions {
+            url: cfg.database.clone(),
+            max_connections: cfg.postgres.max_connections,
+            poll_only: cfg.postgres.poll_only,
+            watch_interval: cfg.postgres.watch_interval.0,
+        };
+        let store = PgStore::open(opts, clock)
+            .await
+            .with_context(|| format!("opening database `{}`", postgres::redact(&cfg.database)))?;
+        return Ok(Arc::new(store));
     }
     let opts = SqliteOptions {
         url: cfg.database.clone(),
@@ -47,9 +53,10 @@ pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<S
         max_connections: cfg.sqlite.max_connections,
         max_batch: cfg.sqlite.max_batch,
     };
-    SqliteStore::open(opts, clock)
+    let store = SqliteStore::open(opts, clock)
         .await
-        .with_context(|| format!("opening database `{}`", cfg.database))
+        .with_context(|| format!("opening database `{}`", cfg.database))?;
+    Ok(Arc::new(store))
 }
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `log.level`.
@@ -160,7 +167,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store: Arc<dyn Store> = Arc::new(open_store(&cfg, clock.clone()).await?);
+    let store = open_store(&cfg, clock.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let pool = Arc::new(Ec2Pool::new(
         account_configs(&cfg),
@@ -232,12 +239,20 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.notify.backoff_base.0,
         cfg.notify.backoff_max.0,
     ));
-    tokio::spawn(notifier.clone().run(shutdown.clone()));
+    let leading = crate::leader::start(
+        state.store.clone(),
+        cfg.postgres.leader_ttl.0,
+        state.metrics.clone(),
+        shutdown.clone(),
+    )
+    .await;
+    tokio::spawn(notifier.clone().run(leading.clone(), shutdown.clone()));
     tokio::spawn(crate::retention::run(
         state.store.clone(),
         clock.clone(),
         cfg.retention.clone(),
         state.metrics.clone(),
+        leading,
         shutdown.clone(),
     ));
     runner.on_finished(Arc::new(move |_job| notifier.job_finished()));

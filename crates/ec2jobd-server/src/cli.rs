@@ -166,9 +166,7 @@ async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
             }
         }
     }
-    Ok(Arc::new(
-        app::open_store(&cfg, Arc::new(SystemClock)).await?,
-    ))
+    app::open_store(&cfg, Arc::new(SystemClock)).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -235,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&config, &Overrides::default())?;
             let store = app::open_store(&cfg, Arc::new(SystemClock)).await?;
             let p = crate::retention::prune_once(
-                &store,
+                &*store,
                 &SystemClock,
                 &cfg.retention,
                 dry_run,

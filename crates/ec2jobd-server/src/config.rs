@@ -37,7 +37,7 @@ impl<'de> Deserialize<'de> for Dur {
 pub struct Config {
     /// HTTP listen address.
     pub listen: String,
-    /// Store URL (`sqlite://…`; `postgres://…` for `ec2jobd migrate` so far).
+    /// Store URL: `sqlite://…` (embedded) or `postgres://…` (replicas sharing one queue).
     pub database: String,
     /// Account for jobs that name none.
     pub default_account: String,
@@ -49,6 +49,8 @@ pub struct Config {
     pub queue: QueueSection,
     /// SQLite settings.
     pub sqlite: SqliteSection,
+    /// PostgreSQL settings (when `database` is a `postgres://` URL).
+    pub postgres: PostgresSection,
     /// HTTP settings.
     pub http: HttpSection,
     /// Logging.
@@ -337,6 +339,21 @@ pub struct SqliteSection {
     pub max_connections: u32,
     /// Group-commit batch limit.
     pub max_batch: usize,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Connections this daemon keeps open.
+    pub max_connections: u32,
+    /// Never LISTEN for wake-up hints (PgBouncer in transaction pooling): poll only.
+    pub poll_only: bool,
+    /// How often job events written by other replicas are looked for (live streams).
+    pub watch_interval: Dur,
+    /// How long the maintenance lease lasts without renewal: how soon another replica takes
+    /// publishing and pruning over from one that died.
+    pub leader_ttl: Dur,
 }
 
 /// `sqlite.synchronous`.

@@ -33,6 +33,7 @@ pub struct Metrics {
     parked: Gauge,
     sns_refused: Family<Labels, Counter>,
     pruned: Family<Labels, Counter>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -133,7 +134,14 @@ impl Metrics {
             "Rows deleted by retention (`jobs` with their events, `sns_deliveries`)",
             pruned.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this process holds the maintenance lease (publishes the outbox, prunes); with SQLite always 1",
+            leader.clone(),
+        );
         Self {
+            leader,
             parked,
             pruned,
             sns_refused,
@@ -151,6 +159,11 @@ impl Metrics {
             duration,
             ec2_calls,
         }
+    }
+
+    /// Whether this process leads maintenance now.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Sets the per-state gauges from a fresh count.

@@ -14,6 +14,7 @@ use ec2jobd_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionSection;
+use crate::leader::Leading;
 use crate::metrics::Metrics;
 
 /// What one pass deleted (or, dry, would delete).
@@ -91,16 +92,26 @@ where
     }
 }
 
-/// Prunes every `retention.interval` (first at start) until `shutdown`.
+/// Prunes every `retention.interval` (first at start) while this process is `leading`, until
+/// `shutdown`.
 pub async fn run(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     cfg: RetentionSection,
     metrics: Arc<Metrics>,
+    leading: Leading,
     shutdown: CancellationToken,
 ) {
     let progress = |what: &'static str, n: u64| metrics.pruned(what, n);
     loop {
+        if !leading.now() {
+            // Another replica prunes; look again in a while (it may die).
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.interval.0.min(Duration::from_secs(60))) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            continue;
+        }
         let pass = tokio::select! {
             r = prune_once(store.as_ref(), clock.as_ref(), &cfg, false, &progress) => r,
             _ = shutdown.cancelled() => return,

@@ -6,7 +6,8 @@
 //!
 //! Publishing never changes the job's outcome, and it survives restarts: a job reaches its final
 //! state and enters the store's outbox in one transaction, and this notifier publishes from the
-//! outbox (woken when a local job ends, and polling for the rest), so a daemon killed between a
+//! outbox (woken when a local job ends, and polling for the rest; with replicas, only the one
+//! leading maintenance publishes: `leader`), so a daemon killed between a
 //! job's end and its publish publishes it after restart. A failed publish is retried with
 //! exponential backoff and jitter, held in the outbox; every outcome is recorded as a job event
 //! (`notified` with SNS's message id, or `notify_failed` with the error) in the transaction that
@@ -25,6 +26,8 @@ use futures::StreamExt;
 use rand::Rng;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use crate::leader::Leading;
 
 /// Largest job JSON carried per machine protocol (four copies); SNS caps a message at 256 KiB.
 const MAX_JOB_JSON: usize = 48 * 1024;
@@ -83,9 +86,16 @@ impl Notifier {
         n.wants(job.state.as_str()).then_some(n)
     }
 
-    /// Publishes from the outbox until `shutdown`.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Publishes from the outbox while this process `leading`, until `shutdown`.
+    pub async fn run(self: Arc<Self>, leading: Leading, shutdown: CancellationToken) {
         loop {
+            if !leading.now() {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            }
             let full = match self.round().await {
                 Ok(full) => full,
                 Err(e) => {

@@ -1,0 +1,85 @@
+//! Leadership of periodic maintenance: what must run once per queue, not once per daemon
+//! (publishing the notification outbox, retention pruning, schedules later), runs only in the
+//! replica holding the store's `maintenance` lease. Every replica keeps asking (renewing every
+//! third of the lease's time to live); when the leader dies its lease runs out and another takes
+//! over; a graceful stop gives it up at once. With SQLite the one daemon always leads. Reaping
+//! expired job leases is not here: any replica may do it (the store's update is idempotent).
+//! Must not: do the maintenance itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ec2jobd_store::Store;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// The lease's name in the store.
+pub const MAINTENANCE: &str = "maintenance";
+
+/// Whether this process leads now; maintenance loops look before each round.
+#[derive(Clone)]
+pub struct Leading(watch::Receiver<bool>);
+
+impl Leading {
+    /// True while this process holds the lease.
+    pub fn now(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Always leading (a store only this process uses, and tests).
+    pub fn always() -> Self {
+        Self(watch::channel(true).1)
+    }
+}
+
+/// Asks for the lease once now (so a single daemon leads from its first moment), then keeps
+/// asking until `shutdown`, when it gives the lease up.
+pub async fn start(
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Leading {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+    let ask = {
+        let store = store.clone();
+        move || {
+            let store = store.clone();
+            async move {
+                match store.lead(MAINTENANCE, ttl_ms).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        // Unproven is not held: another replica may have it by now.
+                        tracing::warn!(error = %e, "cannot renew the maintenance lease");
+                        false
+                    }
+                }
+            }
+        }
+    };
+    let first = ask().await;
+    metrics.set_leader(first);
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(ttl / 3) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            let now = ask().await;
+            if now != *tx.borrow() {
+                tracing::info!(leading = now, "maintenance leadership changed");
+            }
+            metrics.set_leader(now);
+            let _ = tx.send(now);
+        }
+        let _ = tx.send(false);
+        metrics.set_leader(false);
+        if let Err(e) = store.resign(MAINTENANCE).await {
+            tracing::warn!(error = %e, "could not give the maintenance lease up");
+        }
+    });
+    Leading(rx)
+}
