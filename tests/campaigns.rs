@@ -48,6 +48,31 @@ fn seeded(name: &str) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
 
+/// Which queue a campaign's daemon uses.
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The daemon's `database_url` (`None`: SQLite in its directory), or `None` to skip (no
+    /// PostgreSQL server was given; said on stderr).
+    fn database(self) -> Option<Option<String>> {
+        match self {
+            Backend::Sqlite => Some(None),
+            Backend::Postgres => common::postgres_database().map(Some),
+        }
+    }
+
+    fn named(self, campaign: &str) -> String {
+        match self {
+            Backend::Sqlite => campaign.to_string(),
+            Backend::Postgres => format!("{campaign} on PostgreSQL"),
+        }
+    }
+}
+
 /// Prints a campaign's figures as one table, then fails on any violation (after printing them all).
 fn report(name: &str, rows: &[(&str, String)], violations: &[String]) {
     let form = if long() { "long" } else { "short" };
@@ -393,9 +418,23 @@ async fn finished(d: &Daemon) -> u64 {
 /// by the job's tag) and none claims a state moto does not show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_campaign() {
+    crash(Backend::Sqlite).await
+}
+
+/// The same on PostgreSQL (one daemon, its queue in a fresh database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_campaign_on_postgres() {
+    crash(Backend::Postgres).await
+}
+
+async fn crash(on: Backend) {
+    let Some(database_url) = on.database() else {
+        return;
+    };
+    let campaign = on.named("crash");
     let per = size(10, 60);
     let kills = size(2, 5);
-    let mut rng = seeded("crash");
+    let mut rng = seeded(&campaign);
     let moto = Moto::start().await;
     let image = moto.image().await;
     // A little latency so kills land inside calls and waits, not only between them; checks that
@@ -414,6 +453,7 @@ async fn crash_campaign() {
     )
     .await;
     let mut d = Daemon::start(DaemonOpts {
+        database_url: database_url.clone(),
         moto_url: Some(proxy.url.clone()),
         workers: 8,
         // Five kills may interrupt one job several times; its attempts must not run out.
@@ -474,7 +514,7 @@ async fn crash_campaign() {
         ));
     }
     report(
-        "crash",
+        &campaign,
         &[
             (
                 "jobs (run/stop/start/reboot/snapshot/AMI)",
@@ -585,8 +625,22 @@ async fn graceful_stop_campaign() {
 /// snapshot or AMI), and the throttles and retries show in `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_campaign() {
+    fault(Backend::Sqlite).await
+}
+
+/// The same on PostgreSQL (one daemon, its queue in a fresh database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_campaign_on_postgres() {
+    fault(Backend::Postgres).await
+}
+
+async fn fault(on: Backend) {
+    let Some(database_url) = on.database() else {
+        return;
+    };
+    let campaign = on.named("faults");
     let per = size(8, 60);
-    let mut rng = seeded("faults");
+    let mut rng = seeded(&campaign);
     let moto = Moto::start().await;
     let image = moto.image().await;
     let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
@@ -598,6 +652,7 @@ async fn fault_campaign() {
     )
     .await;
     let d = Daemon::start(DaemonOpts {
+        database_url: database_url.clone(),
         moto_url: Some(proxy.url.clone()),
         workers: 16,
         ..Default::default()
@@ -650,7 +705,7 @@ async fn fault_campaign() {
         }
     }
     report(
-        "faults",
+        &campaign,
         &[
             (
                 "jobs (run/stop/start/reboot/tag/snapshot/AMI)",
@@ -952,6 +1007,20 @@ async fn storage_fault_campaign() {
 /// the daemon's memory stays bounded, and every accepted job completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_campaign() {
+    overload(Backend::Sqlite).await
+}
+
+/// The same on PostgreSQL (one daemon, its queue in a fresh database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_campaign_on_postgres() {
+    overload(Backend::Postgres).await
+}
+
+async fn overload(on: Backend) {
+    let Some(database_url) = on.database() else {
+        return;
+    };
+    let campaign = on.named("overload");
     let secs = size(10, 60) as u64;
     let workers = 4;
     let clients = workers * 10;
@@ -960,6 +1029,7 @@ async fn overload_campaign() {
     let iid = moto.launch(1, &[("Load", "yes")]).await.remove(0);
     let d = Arc::new(
         Daemon::start(DaemonOpts {
+            database_url: database_url.clone(),
             moto_url: Some(moto.url.clone()),
             workers,
             env: vec![("EC2JOBD_QUEUE__MAX_QUEUED".into(), max_queued.to_string())],
@@ -1068,7 +1138,7 @@ async fn overload_campaign() {
         violations.push(format!("RSS reached {rss_max} KiB (bound {bound} KiB)"));
     }
     report(
-        "overload",
+        &campaign,
         &[
             (
                 "workers / concurrent submitters",
@@ -1612,9 +1682,13 @@ job = {{ action = "create_tags", targets = {{ instance_ids = ["{{instance_id}}"]
     let first = Daemon::start(opts.clone()).await;
     let admin = first.admin.clone();
     let mut ds = vec![first];
-    for _ in 1..3 {
-        ds.push(Daemon::replica(opts.clone(), admin.clone()).await);
-    }
+    ds.push(Daemon::replica(opts.clone(), admin.clone()).await);
+    // The third as behind PgBouncer in transaction pooling: no LISTEN, it finds work by polling.
+    let mut poll_only = opts.clone();
+    poll_only
+        .env
+        .push(("EC2JOBD_POSTGRES__POLL_ONLY".into(), "true".into()));
+    ds.push(Daemon::replica(poll_only, admin.clone()).await);
 
     // A live stream on one replica follows a job another runs.
     let watched = ds[0]
@@ -1788,6 +1862,9 @@ job = {{ action = "create_tags", targets = {{ instance_ids = ["{{instance_id}}"]
             "{accepted_rows} accepted deliveries recorded for {alarms} messages"
         ));
     }
+    if !ds[2].log().contains("poll_only=true") {
+        violations.push("the third replica did not run with postgres.poll_only".into());
+    }
     let elapsed = started.elapsed();
     let (made, deleted) = check.volumes().await;
     let (amis, deregistered) = check.images().await;
@@ -1818,7 +1895,11 @@ job = {{ action = "create_tags", targets = {{ instance_ids = ["{{instance_id}}"]
             .iter()
             .position(|e| e["kind"] == "requeued" && e["message"] == "lease expired; queued again");
         let Some(p) = expired else { continue };
-        let Some(next) = after[p..].iter().find(|e| e["kind"] == "started") else {
+        // "resumed" when its wait had ended just before (the outcome stays with the job).
+        let Some(next) = after[p..]
+            .iter()
+            .find(|e| e["kind"] == "started" || e["kind"] == "resumed")
+        else {
             violations.push(format!(
                 "job {id}: re-queued after the kill but never started again"
             ));
@@ -1847,7 +1928,10 @@ job = {{ action = "create_tags", targets = {{ instance_ids = ["{{instance_id}}"]
     report(
         "replicas",
         &[
-            ("replicas on one PostgreSQL database", "3".into()),
+            (
+                "replicas on one PostgreSQL database",
+                "3 (one with postgres.poll_only)".into(),
+            ),
             (
                 "jobs (run/stop/start/reboot/snapshot/AMI), round-robin",
                 ids.len().to_string(),
