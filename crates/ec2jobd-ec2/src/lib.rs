@@ -29,12 +29,14 @@ mod attempts;
 mod coalesce;
 mod ebs;
 mod pace;
+mod share;
 mod unanswered;
 mod watch;
 
 pub use coalesce::{named_ids, Coalescer, SharedAnswer, SharedCall, MAX_IDS};
 pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
+pub use share::{parse_scope, scope, RoundShare, SharedRound, Wants};
 pub use watch::{
     evaluate, InstanceStatus, Judge, ReadyJudge, ReadyState, Registration, Round, StatusWatcher,
     Verdict, WaitFailure, Watched,
@@ -77,7 +79,7 @@ pub struct AccountConfig {
 }
 
 /// A failed EC2 call, classified.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("{code}: {message}")]
 pub struct Ec2Error {
     /// AWS's error code (`InvalidInstanceID.NotFound`) or ours (`ConnectionError`, `Timeout`).
@@ -216,6 +218,7 @@ pub struct Ec2Pool {
     pacing: PacingConfig,
     clients: Mutex<ClientMap>,
     watchers: Mutex<HashMap<(String, String), Arc<StatusWatcher>>>,
+    share: std::sync::OnceLock<Arc<dyn RoundShare>>,
     coalescers: Mutex<HashMap<(String, String), Arc<Coalescer>>>,
     observer: Arc<dyn CallObserver>,
 }
@@ -232,9 +235,16 @@ impl Ec2Pool {
             pacing,
             clients: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
+            share: std::sync::OnceLock::new(),
             coalescers: Mutex::new(HashMap::new()),
             observer,
         }
+    }
+
+    /// Shares every status watcher's rounds through `share` (replicas of one queue); set once,
+    /// before the first watcher is made.
+    pub fn share_rounds(&self, share: Arc<dyn RoundShare>) {
+        let _ = self.share.set(share);
     }
 
     /// The one coalescer of an account and region.
@@ -266,7 +276,10 @@ impl Ec2Pool {
         let ec2 = self.get(account, region).await?;
         Ok(lock()
             .entry(key)
-            .or_insert_with(|| StatusWatcher::new(ec2))
+            .or_insert_with(|| match self.share.get() {
+                Some(share) => StatusWatcher::shared(ec2, share.clone(), scope(account, region)),
+                None => StatusWatcher::new(ec2),
+            })
             .clone())
     }
 

@@ -11,6 +11,9 @@
 //! The same rounds poll snapshots and AMIs that jobs wait on ([`Watched`]): the union of their ids in
 //! chunks of 200 per DescribeSnapshots / DescribeImages call, whatever the number of jobs.
 //!
+//! When several processes share one queue, the watcher of each may share its rounds
+//! ([`RoundShare`]): one process polls for all of them and the others read its rounds.
+//!
 //! Judging one wait round by round is [`Judge`]'s (instances) and [`ReadyJudge`]'s (snapshots and
 //! AMIs): [`StatusWatcher::wait`] uses the first for a worker that waits in place, and the parking
 //! lot both, for jobs whose waits hold no worker (many judges fed by one subscription to the
@@ -24,6 +27,7 @@ use ec2jobd_spec::WaitUntil;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::share::{RoundShare, SharedRound, Wants};
 use crate::{Ec2, Ec2Error};
 
 /// What one round saw of one instance.
@@ -366,6 +370,8 @@ pub struct StatusWatcher {
     ec2: Ec2,
     reg: Mutex<Registry>,
     rounds: watch::Sender<Arc<Round>>,
+    /// Rounds shared with the other processes of the queue, and this watcher's scope in it.
+    share: Option<(Arc<dyn RoundShare>, String)>,
 }
 
 /// Keeps instance ids in the watcher's rounds until dropped.
@@ -500,10 +506,21 @@ impl Judge {
 impl StatusWatcher {
     /// A watcher polling through `ec2`.
     pub fn new(ec2: Ec2) -> Arc<Self> {
+        Self::build(ec2, None)
+    }
+
+    /// A watcher whose rounds are shared through `share` under `scope` (see [`RoundShare`]):
+    /// it polls through `ec2` only while this process is the one that polls.
+    pub fn shared(ec2: Ec2, share: Arc<dyn RoundShare>, scope: String) -> Arc<Self> {
+        Self::build(ec2, Some((share, scope)))
+    }
+
+    fn build(ec2: Ec2, share: Option<(Arc<dyn RoundShare>, String)>) -> Arc<Self> {
         Arc::new(Self {
             ec2,
             reg: Mutex::new(Registry::default()),
             rounds: watch::channel(Arc::new(Round::default())).0,
+            share,
         })
     }
 
@@ -554,6 +571,8 @@ impl StatusWatcher {
 
     async fn poll(self: Arc<Self>) {
         let mut number = self.rounds.borrow().number;
+        // The last shared round taken (when another process polls): its number and start.
+        let mut followed = (0, 0);
         loop {
             let ([ids, snapshots, images], interval) = {
                 let mut reg = self.lock();
@@ -587,6 +606,29 @@ impl StatusWatcher {
                 (all, interval)
             };
             number += 1;
+            if let Some((share, scope)) = self.share.as_ref().filter(|(s, _)| !s.polls()) {
+                // Another process polls: take its latest round instead of calling EC2.
+                let wants = Wants {
+                    instances: ids,
+                    snapshots,
+                    images,
+                    interval_ms: interval.as_millis() as u64,
+                };
+                match share.follow(scope, &wants).await {
+                    Ok(Some(shared)) if (shared.number, shared.began_ms) != followed => {
+                        followed = (shared.number, shared.began_ms);
+                        self.rounds
+                            .send_replace(Arc::new(shared.cut(number, &wants)));
+                    }
+                    Ok(_) => number -= 1,
+                    Err(e) => {
+                        number -= 1;
+                        tracing::debug!(error = %e, "shared status round unavailable");
+                    }
+                }
+                tokio::time::sleep(interval).await;
+                continue;
+            }
             let mut round = Round {
                 number,
                 asked: ids
@@ -610,6 +652,11 @@ impl StatusWatcher {
                 }
             }
             self.ec2.observer.round(ids.len());
+            if let Some((share, scope)) = &self.share {
+                if let Err(e) = share.publish(scope, &SharedRound::of(&round)).await {
+                    tracing::debug!(error = %e, "could not share a status round");
+                }
+            }
             self.rounds.send_replace(Arc::new(round));
             tokio::time::sleep(interval).await;
         }

@@ -10,6 +10,7 @@
 pub mod executor;
 pub mod parking;
 pub mod runner;
+pub mod share;
 
 /// What the runner and the parking lot report as they work (the daemon's metrics implement it;
 /// `()` ignores everything).

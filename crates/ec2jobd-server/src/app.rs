@@ -27,6 +27,7 @@ use crate::state::AppState;
 use ec2jobd_exec::executor::Ec2Executor;
 use ec2jobd_exec::parking::Parking;
 use ec2jobd_exec::runner::{Runner, RunnerConfig};
+use ec2jobd_exec::share::ClusterRounds;
 
 /// Opens the configured store (applying migrations): SQLite, or PostgreSQL shared with other
 /// replicas.
@@ -174,6 +175,26 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.pacing_config(),
         metrics.clone(),
     ));
+    let shutdown = CancellationToken::new();
+    let leading = crate::leader::start(
+        store.clone(),
+        cfg.postgres.leader_ttl.0,
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .await;
+    if let Some(cluster) = store.cluster() {
+        // Replicas: the leader polls EC2 for every replica's waits (before any watcher exists).
+        let polls = leading.clone();
+        let rounds = ClusterRounds::new(
+            cluster,
+            pool.clone(),
+            Arc::new(move || polls.now()),
+            clock.clone(),
+        );
+        pool.share_rounds(rounds.clone());
+        tokio::spawn(rounds.adopt(shutdown.clone()));
+    }
     let q = &cfg.queue;
     let lot = Parking::new(
         store.clone(),
@@ -203,7 +224,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         )
         .with_parking(lot),
     );
-    let shutdown = CancellationToken::new();
     let state = AppState {
         config: Arc::new(cfg.clone()),
         store,
@@ -239,13 +259,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.notify.backoff_base.0,
         cfg.notify.backoff_max.0,
     ));
-    let leading = crate::leader::start(
-        state.store.clone(),
-        cfg.postgres.leader_ttl.0,
-        state.metrics.clone(),
-        shutdown.clone(),
-    )
-    .await;
     tokio::spawn(notifier.clone().run(leading.clone(), shutdown.clone()));
     tokio::spawn(crate::retention::run(
         state.store.clone(),

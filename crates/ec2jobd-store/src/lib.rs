@@ -408,9 +408,31 @@ pub trait Store: Send + Sync + 'static {
     async fn lead(&self, name: &str, ttl_ms: i64) -> Result<bool>;
     /// Gives the lease `name` up if this process holds it (a graceful stop).
     async fn resign(&self, name: &str) -> Result<()>;
+    /// What this store shares between processes beyond the queue (replicas on PostgreSQL);
+    /// `None` for a store one process owns.
+    fn cluster(&self) -> Option<Arc<dyn Cluster>> {
+        None
+    }
     /// Receives the id of every job whose event log grew (for live event streams), including
     /// jobs other processes sharing the queue work on.
     fn subscribe(&self) -> broadcast::Receiver<String>;
     /// Notified whenever work may have become claimable (enqueue, retry, release, requeue).
     fn work_available(&self) -> Arc<Notify>;
+}
+
+/// What replicas sharing one queue keep for each other beyond jobs: the status polling one of
+/// them does for all (what each waits on, by account+region `scope`, and the poller's latest
+/// round of each). Values are opaque JSON to the store.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// This process's name among the replicas.
+    fn node(&self) -> &str;
+    /// Records what this process waits on in `scope`, until `until_ms` unless renewed.
+    async fn put_wants(&self, scope: &str, wants: serde_json::Value, until_ms: i64) -> Result<()>;
+    /// What the other processes wait on and have renewed by `now_ms`: (scope, node, wants).
+    async fn wants(&self, now_ms: i64) -> Result<Vec<(String, String, serde_json::Value)>>;
+    /// Publishes the latest round of `scope`.
+    async fn put_round(&self, scope: &str, round: serde_json::Value) -> Result<()>;
+    /// The latest round of `scope`.
+    async fn round(&self, scope: &str) -> Result<Option<serde_json::Value>>;
 }

@@ -32,8 +32,8 @@ use super::{connect, hints, migrate, redact, release_lease, take_lease};
 use crate::row::{decode, ClaimedRow, DeliveryRow, JobRow, TokenRow, JOB_COLS};
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
-    CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
-    NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
+    CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
+    NewDelivery, NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
 };
 
 /// How to reach the database.
@@ -55,8 +55,8 @@ pub struct PgStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     ids: Ids,
-    /// This replica's name in leader leases.
-    node: String,
+    /// This replica's name in leader leases and shared status polling.
+    node: Arc<str>,
     events_tx: broadcast::Sender<String>,
     notify: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
@@ -158,7 +158,7 @@ impl PgStore {
             pool,
             ids: Ids::new(clock.clone()),
             clock,
-            node: format!("node-{}", ulid::Ulid::new()),
+            node: format!("node-{}", ulid::Ulid::new()).into(),
             events_tx,
             notify,
             tasks,
@@ -1097,11 +1097,87 @@ impl Store for PgStore {
         release_lease(&self.pool, name, &self.node).await
     }
 
+    fn cluster(&self) -> Option<Arc<dyn Cluster>> {
+        Some(Arc::new(PgCluster {
+            pool: self.pool.clone(),
+            node: self.node.clone(),
+            clock: self.clock.clone(),
+        }))
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<String> {
         self.events_tx.subscribe()
     }
 
     fn work_available(&self) -> Arc<Notify> {
         self.notify.clone()
+    }
+}
+
+/// The replicas' shared status polling, in `status_wants` and `status_rounds`.
+struct PgCluster {
+    pool: PgPool,
+    node: Arc<str>,
+    clock: Arc<dyn Clock>,
+}
+
+#[async_trait]
+impl Cluster for PgCluster {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn put_wants(&self, scope: &str, wants: Value, until_ms: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO status_wants (scope, node, wants, until_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (scope, node) DO UPDATE SET wants = EXCLUDED.wants, until_ms = EXCLUDED.until_ms",
+        )
+        .bind(scope)
+        .bind(&*self.node)
+        .bind(encode(&wants))
+        .bind(until_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn wants(&self, now_ms: i64) -> Result<Vec<(String, String, Value)>> {
+        // Rows of replicas that stopped renewing (stopped waiting, or died) go after a minute.
+        sqlx::query("DELETE FROM status_wants WHERE until_ms < $1")
+            .bind(now_ms - 60_000)
+            .execute(&self.pool)
+            .await?;
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT scope, node, wants FROM status_wants WHERE until_ms >= $1 AND node <> $2",
+        )
+        .bind(now_ms)
+        .bind(&*self.node)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(scope, node, w)| Ok((scope, node, decode("status wants", &w)?)))
+            .collect()
+    }
+
+    async fn put_round(&self, scope: &str, round: Value) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO status_rounds (scope, round, at) VALUES ($1, $2, $3) \
+             ON CONFLICT (scope) DO UPDATE SET round = EXCLUDED.round, at = EXCLUDED.at",
+        )
+        .bind(scope)
+        .bind(encode(&round))
+        .bind(self.clock.now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn round(&self, scope: &str) -> Result<Option<Value>> {
+        let r: Option<String> =
+            sqlx::query_scalar("SELECT round FROM status_rounds WHERE scope = $1")
+                .bind(scope)
+                .fetch_optional(&self.pool)
+                .await?;
+        r.map(|r| decode("status round", &r)).transpose()
     }
 }

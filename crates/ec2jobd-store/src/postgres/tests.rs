@@ -11,7 +11,7 @@ use sqlx::{Connection, Executor, PgConnection};
 use super::*;
 use crate::suite::{enqueue, new_job, pg_options};
 use crate::{Enqueued, NewEvent, Store};
-use ec2jobd_spec::{JobState, ManualClock, Progress};
+use ec2jobd_spec::{Clock, JobState, ManualClock, Progress};
 use std::sync::Arc;
 
 /// A pool on a new, empty database, or `None` when no server was given.
@@ -580,4 +580,38 @@ async fn replicas_hear_of_each_others_work() {
     assert!(!b.lead("maintenance", 10_000).await.unwrap());
     a.resign("maintenance").await.unwrap();
     assert!(b.lead("maintenance", 10_000).await.unwrap());
+}
+
+/// Shared status polling's rows: each replica's wants are seen by the others (not by itself) until
+/// they expire, renewed in place; the latest round of a scope replaces the one before.
+#[tokio::test]
+async fn replicas_share_what_they_wait_on_and_the_latest_round() {
+    let Some((a, b, clock)) = two_replicas().await else {
+        return;
+    };
+    let (ca, cb) = (a.cluster().unwrap(), b.cluster().unwrap());
+    assert_ne!(ca.node(), cb.node());
+    let now = clock.now_ms();
+    ca.put_wants("s1", serde_json::json!({"instances": ["i-1"]}), now + 1_000)
+        .await
+        .unwrap();
+    ca.put_wants("s1", serde_json::json!({"instances": ["i-2"]}), now + 1_000)
+        .await
+        .unwrap();
+    assert!(ca.wants(now).await.unwrap().is_empty(), "not its own");
+    let seen = cb.wants(now).await.unwrap();
+    assert_eq!(seen.len(), 1, "renewed in place: {seen:?}");
+    assert_eq!(seen[0].0, "s1");
+    assert_eq!(seen[0].1, ca.node());
+    assert_eq!(seen[0].2["instances"][0], "i-2");
+    assert!(cb.wants(now + 1_001).await.unwrap().is_empty(), "expired");
+
+    assert!(cb.round("s1").await.unwrap().is_none());
+    for n in 1..=2 {
+        ca.put_round("s1", serde_json::json!({"number": n}))
+            .await
+            .unwrap();
+    }
+    assert_eq!(cb.round("s1").await.unwrap().unwrap()["number"], 2);
+    assert!(cb.round("s2").await.unwrap().is_none());
 }
