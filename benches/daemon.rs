@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::{bench_daemon, bench_daemon_with, cpu_time, Daemon, Moto};
-use ec2jobd_spec::{Clock, JobResults, JobSpec, SystemClock};
-use ec2jobd_store::{Finish, NewJob, SqliteOptions, SqliteStore, Store};
+use ec2jobd_spec::{Clock, SystemClock};
+use ec2jobd_store::{SqliteOptions, SqliteStore, Store};
 use serde_json::json;
 
 fn env_num(k: &str, d: u64) -> u64 {
@@ -62,7 +62,7 @@ fn ms(d: Duration) -> String {
 
 async fn claim_complete(jobs: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(
+    let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(
             SqliteOptions {
                 url: format!("sqlite://{}", dir.path().join("claim.db").display()),
@@ -73,58 +73,7 @@ async fn claim_complete(jobs: u64) {
         .await
         .expect("open store"),
     );
-    let spec: JobSpec = serde_json::from_value(
-        json!({"action": "describe_instances", "targets": {"tags": {"Bench": "yes"}}}),
-    )
-    .expect("spec");
-    let spec = spec.normalize().expect("normalize");
-    let mut enq = Vec::new();
-    for t in 0..16 {
-        let (store, spec) = (store.clone(), spec.clone());
-        enq.push(tokio::spawn(async move {
-            for _ in (t..jobs).step_by(16) {
-                store
-                    .enqueue(NewJob {
-                        spec: spec.clone(),
-                        idempotency_key: None,
-                        max_attempts: 3,
-                        timeout_ms: 60_000,
-                    })
-                    .await
-                    .expect("enqueue");
-            }
-        }));
-    }
-    for t in enq {
-        t.await.expect("enqueue task");
-    }
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for w in 0..8 {
-        let store = store.clone();
-        workers.push(tokio::spawn(async move {
-            let me = format!("bench-{w}");
-            let mut done = 0u64;
-            loop {
-                let got = store.claim(&me, 60_000, 1).await.expect("claim");
-                if got.is_empty() {
-                    return done;
-                }
-                for c in got {
-                    store
-                        .finish(&c.job.id, &me, Finish::Succeeded(JobResults::default()))
-                        .await
-                        .expect("finish");
-                    done += 1;
-                }
-            }
-        }));
-    }
-    let mut done = 0;
-    for w in workers {
-        done += w.await.expect("worker");
-    }
-    let rate = done as f64 / start.elapsed().as_secs_f64();
+    let (done, rate) = common::claim_complete_rate(&[store], jobs, 8).await;
     let raw = raw_claim_complete(jobs.min(20_000));
     println!(
         "store claim+complete: {done} jobs, {rate:.0} jobs/s (8 workers); raw SQLite {raw:.0} jobs/s"

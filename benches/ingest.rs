@@ -5,9 +5,11 @@
 //! The daemon runs with `queue.workers = 0` so the figure is ingest alone (every accepted job is
 //! durably queued before its 202). Settings: BENCH_SECS (default 5), BENCH_CONNS (default 64).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SPEC: &str = r#"{"action":"describe_instances","targets":{"tags":{"AutoOn":"yes"}}}"#;
@@ -87,50 +89,9 @@ async fn http_ingest(sync: &str, secs: u64, conns: usize) -> Http {
         "{}/v1/jobs",
         line.trim().trim_start_matches("ec2jobd listening on ")
     );
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(conns)
-        .build()
-        .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let token = Arc::new(token);
-    let mut tasks = Vec::new();
-    for _ in 0..conns {
-        let (client, url, token) = (client.clone(), url.clone(), token.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .bearer_auth(token.as_str())
-                    .header("content-type", "application/json")
-                    .body(SPEC)
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) if r.status() == 202 => {
-                        let _ = r.bytes().await;
-                        lat.push(t.elapsed());
-                    }
-                    _ => errors += 1,
-                }
-            }
-            (lat, errors)
-        }));
-    }
-    let start = Instant::now();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await.expect("task");
-        all.extend(l);
-        errors += e;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
+    let (all, errors, elapsed) = common::submit_load(&[(url, token)], SPEC, secs, conns).await;
     let _ = child.kill();
     let _ = child.wait();
-    all.sort();
     let pct = |p: f64| {
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .copied()

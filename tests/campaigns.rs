@@ -2015,7 +2015,13 @@ async fn replicas_share_status_polling() {
     };
     let moto = Moto::start().await;
     let proxy = FaultProxy::start(&moto.url, 1).await;
-    proxy.set(|f| f.checks_after_start = Some(Duration::from_secs(3)));
+    // Checks held until every replica's job waits.
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
     let per = 20;
     let opts = DaemonOpts {
         moto_url: Some(proxy.url.clone()),
@@ -2037,6 +2043,23 @@ async fn replicas_share_status_polling() {
             "wait": {"until": "status_ok", "interval": "200ms", "timeout": "2m"}});
         jobs.push((d.submit(&spec).await, ids));
     }
+    let deadline = Instant::now() + 2 * MINUTE;
+    loop {
+        let mut parked = 0.0;
+        for d in &ds {
+            parked += d.metric("ec2jobd_jobs_parked").await;
+        }
+        if parked >= 3.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the three jobs never all waited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The leader takes the others' waits up within a second or so: its rounds then ask about all.
+    while proxy.max_ids("DescribeInstanceStatus") < 3 * per && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set(|f| f.instance_status = None);
     for (i, (id, ids)) in jobs.iter().enumerate() {
         let j = ds[i].wait_final(id, 2 * MINUTE).await;
         assert_eq!(j["state"], "succeeded", "{j}");

@@ -259,30 +259,22 @@ pub fn create_token(config: &Path, role: &str, name: &str) -> String {
 
 impl Daemon {
     pub async fn start(opts: DaemonOpts) -> Daemon {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().to_path_buf();
-        let config = write_config(&dir, &opts);
-        let admin = create_token(&config, "admin", "admin");
-        let mut d = Daemon {
-            child: None,
-            url: String::new(),
-            dir,
-            config,
-            admin,
-            http: reqwest::Client::new(),
-            env: opts.env.clone(),
-            _tmp: Some(tmp),
-        };
-        d.spawn().await;
-        d
+        Self::in_own_dir(opts, None).await
     }
 
     /// Another daemon with a directory and config of its own, on a database an earlier one made
     /// (a replica sharing a PostgreSQL queue), authenticating with that one's admin token.
     pub async fn replica(opts: DaemonOpts, admin: String) -> Daemon {
+        Self::in_own_dir(opts, Some(admin)).await
+    }
+
+    /// A daemon in a new temporary directory with its config; it creates its admin token unless
+    /// given one.
+    async fn in_own_dir(opts: DaemonOpts, admin: Option<String>) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let config = write_config(&dir, &opts);
+        let admin = admin.unwrap_or_else(|| create_token(&config, "admin", "admin"));
         let mut d = Daemon {
             child: None,
             url: String::new(),
@@ -732,6 +724,20 @@ pub async fn bench_daemon(dir: &Path, endpoint: &str, workers: usize) -> Daemon 
 /// [`bench_daemon`] with more TOML appended to its config (e.g. a `[retention]` table); keys before
 /// any table header go into `[queue]` (e.g. `max_waiting = 0`).
 pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra: &str) -> Daemon {
+    let db = format!("sqlite://{}", dir.join("bench.db").display());
+    bench_daemon_on(dir, endpoint, workers, extra, &db).await
+}
+
+/// [`bench_daemon_with`] on the database `database` (a `postgres://` URL for replicas: each
+/// replica needs a directory of its own; the first makes the token, the others are given it in
+/// `dir/admin.token`).
+pub async fn bench_daemon_on(
+    dir: &Path,
+    endpoint: &str,
+    workers: usize,
+    extra: &str,
+    database: &str,
+) -> Daemon {
     let tables = if extra.starts_with('[') {
         Some(0)
     } else {
@@ -748,11 +754,10 @@ pub async fn bench_daemon_with(dir: &Path, endpoint: &str, workers: usize, extra
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndatabase = \"sqlite://{db}\"\n\
+            "listen = \"127.0.0.1:0\"\ndatabase = \"{database}\"\n\
              [accounts.default]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\n\
              [queue]\nworkers = {workers}\npoll_interval = \"200ms\"\n{queue}\n\
              {pacing}[log]\nlevel = \"warn\"\n{extra}",
-            db = dir.join("bench.db").display()
         ),
     )
     .expect("config");
@@ -852,4 +857,120 @@ pub fn restart_postgres() -> Duration {
         String::from_utf8_lossy(&out.stderr)
     );
     started.elapsed()
+}
+
+/// Benchmarks' load: `conns` connections submitting `body` for `secs`, spread over `targets`
+/// (`/v1/jobs` URL, token) in turn. Returns the latency of every 202 (sorted), the number of
+/// other answers and failed requests, and the seconds it ran.
+pub async fn submit_load(
+    targets: &[(String, String)],
+    body: &'static str,
+    secs: u64,
+    conns: usize,
+) -> (Vec<Duration>, u64, f64) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(conns)
+        .build()
+        .expect("client");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let (client, (url, token)) = (client.clone(), targets[c % targets.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 202 => {
+                        let _ = r.bytes().await;
+                        lat.push(t.elapsed());
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let start = Instant::now();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("load task");
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort();
+    (all, errors, elapsed)
+}
+
+/// Benchmarks' queue run: `jobs` describe jobs enqueued by 16 tasks, then claimed and finished
+/// one at a time by `workers` tasks; tasks use `stores` in turn (replicas of one queue). Returns
+/// the jobs finished and the claiming's jobs per second.
+pub async fn claim_complete_rate(
+    stores: &[std::sync::Arc<dyn ec2jobd_store::Store>],
+    jobs: u64,
+    workers: usize,
+) -> (u64, f64) {
+    use ec2jobd_store::{Finish, NewJob};
+    let spec: ec2jobd_spec::JobSpec = serde_json::from_value(
+        serde_json::json!({"action": "describe_instances", "targets": {"tags": {"Bench": "yes"}}}),
+    )
+    .expect("spec");
+    let spec = spec.normalize().expect("normalize");
+    let mut enq = Vec::new();
+    for t in 0..16u64 {
+        let (store, spec) = (stores[t as usize % stores.len()].clone(), spec.clone());
+        enq.push(tokio::spawn(async move {
+            for _ in (t..jobs).step_by(16) {
+                store
+                    .enqueue(NewJob {
+                        spec: spec.clone(),
+                        idempotency_key: None,
+                        max_attempts: 3,
+                        timeout_ms: 60_000,
+                    })
+                    .await
+                    .expect("enqueue");
+            }
+        }));
+    }
+    for t in enq {
+        t.await.expect("enqueue task");
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let store = stores[w % stores.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let me = format!("bench-{w}");
+            let mut done = 0u64;
+            loop {
+                let got = store.claim(&me, 60_000, 1).await.expect("claim");
+                if got.is_empty() {
+                    return done;
+                }
+                for c in got {
+                    store
+                        .finish(&c.job.id, &me, Finish::Succeeded(Default::default()))
+                        .await
+                        .expect("finish");
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.expect("worker");
+    }
+    (done, done as f64 / start.elapsed().as_secs_f64())
 }

@@ -226,7 +226,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     let state = AppState {
         config: Arc::new(cfg.clone()),
-        store,
+        store: store.clone(),
         metrics,
         runner: runner.clone(),
         tokens: Default::default(),
@@ -297,6 +297,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .context("HTTP server")?;
     workers.await.ok();
+    // Another replica takes maintenance over at once instead of when the lease runs out.
+    if let Err(e) = store.resign(crate::leader::MAINTENANCE).await {
+        tracing::warn!(error = %e, "could not give the maintenance lease up");
+    }
     tracing::info!("ec2jobd stopped");
     Ok(())
 }

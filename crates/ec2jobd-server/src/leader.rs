@@ -28,11 +28,6 @@ impl Leading {
     pub fn now(&self) -> bool {
         *self.0.borrow()
     }
-
-    /// Always leading (a store only this process uses, and tests).
-    pub fn always() -> Self {
-        Self(watch::channel(true).1)
-    }
 }
 
 /// Asks for the lease once now (so a single daemon leads from its first moment), then keeps

@@ -11,6 +11,7 @@ use ec2jobd_spec::{Job, JobSpec, JobState};
 use ec2jobd_spec::Role;
 
 use crate::{Claimed, Delivery, Result, StoreError, TokenInfo};
+use ec2jobd_spec::JobEvent;
 
 /// The columns [`JobRow`] and [`ClaimedRow`] read (with `wait_outcome` for a claim).
 pub(crate) const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, \
@@ -148,6 +149,30 @@ impl TokenRow {
             name: self.name,
             role: Role::from_str(&self.role).map_err(StoreError::Corrupt)?,
             created_at: ts(self.created_at),
+        })
+    }
+}
+
+/// A `job_events` row (`seq, job_id, at, kind, message, data`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    seq: i64,
+    job_id: String,
+    at: i64,
+    kind: String,
+    message: String,
+    data: String,
+}
+
+impl EventRow {
+    pub(crate) fn into_event(self) -> Result<JobEvent> {
+        Ok(JobEvent {
+            seq: self.seq,
+            job_id: self.job_id,
+            at: ts(self.at),
+            kind: self.kind,
+            message: self.message,
+            data: decode("event data", &self.data)?,
         })
     }
 }

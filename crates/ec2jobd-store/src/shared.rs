@@ -1,7 +1,9 @@
 //! What both backends write alike, so a job's life reads the same on SQLite and PostgreSQL: job
 //! ids, the stored JSON and request hash, the progress a transition leaves, and the event each
-//! transition records (kind, sentence, detail).
-//! Must not: hold SQL, or know either backend's dialect.
+//! transition records (kind, sentence, detail); and the job list query, the one statement both
+//! dialects write alike (built with sqlx's `QueryBuilder`, which numbers placeholders per backend),
+//! with the page it makes.
+//! Must not: hold SQL where the dialects differ.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -10,8 +12,8 @@ use ec2jobd_spec::{Clock, Job, JobError, JobResults, JobState, Progress};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::row::ts;
-use crate::{Claimed, Finish, NewJob};
+use crate::row::{ts, JOB_COLS};
+use crate::{Claimed, Finish, ListQuery, NewJob, Page};
 
 /// Job ids: ULIDs of the store clock's time, increasing within a process.
 pub(crate) struct Ids {
@@ -194,3 +196,62 @@ pub(crate) const CANCEL_REQUESTED: &str =
 pub(crate) const RELEASED: &str = "released at shutdown; resumes from its last checkpoint";
 pub(crate) const LOT_RELEASED: &str =
     "released at shutdown while waiting; waits again after restart";
+
+/// The `GET /v1/jobs` query for these filters, asking one row more than the page holds (so the
+/// page knows whether there is a next one: [`page`]).
+pub(crate) fn list_query<'a, DB>(q: &'a ListQuery) -> sqlx::QueryBuilder<'a, DB>
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let mut b = sqlx::QueryBuilder::new(format!("SELECT {JOB_COLS} FROM jobs WHERE 1 = 1"));
+    if let Some(s) = q.state {
+        b.push(" AND state = ").push_bind(s.as_str().to_string());
+    }
+    if let Some(a) = &q.action {
+        b.push(" AND action = ").push_bind(a.clone());
+    }
+    // Ids are ULIDs of the creation time: a time window is also an id range, which lets the
+    // primary key find it instead of scanning every newer job for `created_at` (a second of
+    // slack covers the id and created_at being read from the clock apart).
+    if let Some(s) = q.since_ms {
+        b.push(" AND created_at >= ").push_bind(s);
+        b.push(" AND id >= ").push_bind(id_bound(s - 1000));
+    }
+    if let Some(u) = q.until_ms {
+        b.push(" AND created_at < ").push_bind(u);
+        b.push(" AND id < ").push_bind(id_bound(u + 1000));
+    }
+    if let Some(before) = &q.before_id {
+        b.push(" AND id < ").push_bind(before.clone());
+    }
+    b.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(i64::from(q.limit.max(1)) + 1);
+    b
+}
+
+/// The page of `GET /v1/jobs` from what [`list_query`] read.
+pub(crate) fn page(mut jobs: Vec<Job>, limit: u32) -> Page {
+    let limit = limit.max(1) as usize;
+    let next_cursor = if jobs.len() > limit {
+        jobs.truncate(limit);
+        jobs.last().map(|j| j.id.clone())
+    } else {
+        None
+    };
+    Page { jobs, next_cursor }
+}
+
+/// Jobs per state (every state, zero where none) from `(state, count)` rows.
+pub(crate) fn counts(rows: impl IntoIterator<Item = (String, i64)>) -> Vec<(JobState, i64)> {
+    let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
+    for (s, n) in rows {
+        if let Ok(st) = s.parse::<JobState>() {
+            if let Some(slot) = out.iter_mut().find(|(k, _)| *k == st) {
+                slot.1 = n;
+            }
+        }
+    }
+    out
+}

@@ -30,8 +30,8 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
-use crate::row::{decode, ts, ClaimedRow, DeliveryRow, JobRow, TokenRow, JOB_COLS};
-use crate::shared::{self, encode, id_bound, spec_hash, Ids};
+use crate::row::{ts, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, JOB_COLS};
+use crate::shared::{self, encode, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
     NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
@@ -297,32 +297,6 @@ const CLAIM: &str = "UPDATE jobs SET state = 'running', lease_owner = ?1, lease_
                   WHERE state = 'queued' AND run_after <= ?3 \
                   ORDER BY priority DESC, run_after, id LIMIT ?4)";
 
-/// The `GET /v1/jobs` query for these filters (bind order: state, action, since + its id bound,
-/// until + its id bound, cursor, limit).
-fn list_sql(q: &ListQuery) -> String {
-    let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE 1 = 1");
-    if q.state.is_some() {
-        sql.push_str(" AND state = ?");
-    }
-    if q.action.is_some() {
-        sql.push_str(" AND action = ?");
-    }
-    // Ids are ULIDs of the creation time: a time window is also an id range, which lets the
-    // primary key find it instead of scanning every newer job for `created_at` (a second of
-    // slack covers the id and created_at being read from the clock apart).
-    if q.since_ms.is_some() {
-        sql.push_str(" AND created_at >= ? AND id >= ?");
-    }
-    if q.until_ms.is_some() {
-        sql.push_str(" AND created_at < ? AND id < ?");
-    }
-    if q.before_id.is_some() {
-        sql.push_str(" AND id < ?");
-    }
-    sql.push_str(" ORDER BY id DESC LIMIT ?");
-    sql
-}
-
 /// When the next queued job is due (idle workers ask on each idle loop): the first entry of
 /// `jobs_claim`, not a scan of the queued jobs.
 const NEXT_RUN_AFTER: &str =
@@ -440,33 +414,12 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let sql = list_sql(&q);
-        let mut query = sqlx::query(&sql);
-        if let Some(s) = q.state {
-            query = query.bind(s.as_str());
-        }
-        if let Some(a) = &q.action {
-            query = query.bind(a);
-        }
-        if let Some(s) = q.since_ms {
-            query = query.bind(s).bind(id_bound(s - 1000));
-        }
-        if let Some(u) = q.until_ms {
-            query = query.bind(u).bind(id_bound(u + 1000));
-        }
-        if let Some(b) = &q.before_id {
-            query = query.bind(b);
-        }
-        let limit = q.limit.max(1);
-        let rows = query.bind(limit as i64 + 1).fetch_all(&self.pool).await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        let next_cursor = if jobs.len() > limit as usize {
-            jobs.truncate(limit as usize);
-            jobs.last().map(|j| j.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { jobs, next_cursor })
+        let rows = shared::list_query::<sqlx::Sqlite>(&q)
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
+        let jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(shared::page(jobs, q.limit))
     }
 
     async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>> {
@@ -942,16 +895,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| {
-                Ok(JobEvent {
-                    seq: r.try_get("seq")?,
-                    job_id: r.try_get("job_id")?,
-                    at: ts(r.try_get("at")?),
-                    kind: r.try_get("kind")?,
-                    message: r.try_get("message")?,
-                    data: decode("event data", r.try_get::<&str, _>("data")?)?,
-                })
-            })
+            .map(|r| EventRow::from_row(r)?.into_event())
             .collect()
     }
 
@@ -969,20 +913,11 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, i64)>> {
-        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
-        for r in rows {
-            let s: String = r.try_get("state")?;
-            let n: i64 = r.try_get("n")?;
-            if let Ok(st) = JobState::from_str(&s) {
-                if let Some(slot) = out.iter_mut().find(|(k, _)| *k == st) {
-                    slot.1 = n;
-                }
-            }
-        }
-        Ok(out)
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(shared::counts(rows))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -16,7 +16,6 @@
 //! Must not: know HTTP or AWS.
 
 use std::collections::{BTreeSet, HashSet};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +28,7 @@ use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
 
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
-use crate::row::{decode, ClaimedRow, DeliveryRow, JobRow, TokenRow, JOB_COLS};
+use crate::row::{decode, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, JOB_COLS};
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
@@ -293,55 +292,12 @@ impl Store for PgStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE true");
-        let mut n = 0;
-        let mut arg = || {
-            n += 1;
-            format!("${n}")
-        };
-        if q.state.is_some() {
-            sql.push_str(&format!(" AND state = {}", arg()));
-        }
-        if q.action.is_some() {
-            sql.push_str(&format!(" AND action = {}", arg()));
-        }
-        // Ids are ULIDs of the creation time: a time window is also an id range.
-        if q.since_ms.is_some() {
-            sql.push_str(&format!(" AND created_at >= {} AND id >= {}", arg(), arg()));
-        }
-        if q.until_ms.is_some() {
-            sql.push_str(&format!(" AND created_at < {} AND id < {}", arg(), arg()));
-        }
-        if q.before_id.is_some() {
-            sql.push_str(&format!(" AND id < {}", arg()));
-        }
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", arg()));
-        let mut query = sqlx::query(&sql);
-        if let Some(s) = q.state {
-            query = query.bind(s.as_str());
-        }
-        if let Some(a) = &q.action {
-            query = query.bind(a);
-        }
-        if let Some(s) = q.since_ms {
-            query = query.bind(s).bind(id_bound(s - 1000));
-        }
-        if let Some(u) = q.until_ms {
-            query = query.bind(u).bind(id_bound(u + 1000));
-        }
-        if let Some(b) = &q.before_id {
-            query = query.bind(b);
-        }
-        let limit = q.limit.max(1);
-        let rows = query.bind(limit as i64 + 1).fetch_all(&self.pool).await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        let next_cursor = if jobs.len() > limit as usize {
-            jobs.truncate(limit as usize);
-            jobs.last().map(|j| j.id.clone())
-        } else {
-            None
-        };
-        Ok(Page { jobs, next_cursor })
+        let rows = shared::list_query::<sqlx::Postgres>(&q)
+            .build()
+            .fetch_all(&self.pool)
+            .await?;
+        let jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        Ok(shared::page(jobs, q.limit))
     }
 
     async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>> {
@@ -745,16 +701,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| {
-                Ok(JobEvent {
-                    seq: r.try_get("seq")?,
-                    job_id: r.try_get("job_id")?,
-                    at: crate::row::ts(r.try_get("at")?),
-                    kind: r.try_get("kind")?,
-                    message: r.try_get("message")?,
-                    data: decode("event data", r.try_get::<&str, _>("data")?)?,
-                })
-            })
+            .map(|r| EventRow::from_row(r)?.into_event())
             .collect()
     }
 
@@ -771,15 +718,7 @@ impl Store for PgStore {
             sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
                 .fetch_all(&self.pool)
                 .await?;
-        let mut out: Vec<(JobState, i64)> = JobState::ALL.iter().map(|s| (*s, 0)).collect();
-        for (s, n) in rows {
-            if let Ok(st) = JobState::from_str(&s) {
-                if let Some(slot) = out.iter_mut().find(|(k, _)| *k == st) {
-                    slot.1 = n;
-                }
-            }
-        }
-        Ok(out)
+        Ok(shared::counts(rows))
     }
 
     async fn queued(&self) -> Result<i64> {

@@ -67,7 +67,10 @@ async fn time_windows_are_id_range_searches() {
         until_ms: Some(1),
         ..Default::default()
     };
-    let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", list_sql(&window)))
+    let sql = crate::shared::list_query::<sqlx::Sqlite>(&window)
+        .sql()
+        .to_string();
+    let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
         .bind(0i64)
         .bind("0")
         .bind(1i64)
