@@ -126,6 +126,30 @@ async fn load_job(conn: &mut PgConnection, id: &str) -> Result<Option<Job>> {
     row.as_ref().map(job_from_row).transpose()
 }
 
+/// `update` (a fenced `UPDATE … RETURNING id, …, updated_at`) with the job's event (at the
+/// update's time) in the same statement: the
+/// event's kind, message and data are parameters `$first` to `$first + 2`, and with `hint` the
+/// wake-up hint goes too (delivered at commit). Returns the updated rows: none when the lease has
+/// moved on, and then nothing was written.
+fn with_event(update: &str, first: usize, hint: bool) -> String {
+    let (k, m, d) = (first, first + 1, first + 2);
+    let hint_cte = if hint {
+        format!(
+            ", hint AS (SELECT pg_notify('{}', '') FROM done)",
+            hints::JOBS_CHANNEL
+        )
+    } else {
+        String::new()
+    };
+    let from = if hint { "done, hint" } else { "done" };
+    format!(
+        "WITH done AS ({update}), \
+         event AS (INSERT INTO job_events (job_id, at, kind, message, data) \
+                   SELECT id, updated_at, ${k}, ${m}, ${d} FROM done){hint_cte} \
+         SELECT done.* FROM {from}"
+    )
+}
+
 fn vanished(id: &str) -> StoreError {
     StoreError::Corrupt(format!("job {id} vanished"))
 }
@@ -237,14 +261,22 @@ impl Store for PgStore {
         let hash = spec_hash(&spec_json);
         let now = self.clock.now_ms();
         let progress = shared::queued_progress();
-        let mut tx = self.pool.begin().await?;
-        // A key another replica is inserting right now makes this insert wait for its commit and
-        // then do nothing; the row that won is read back below.
-        let inserted = sqlx::query(
-            "INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, created_at, \
-             updated_at, max_attempts, run_after, timeout_ms, progress, priority) \
-             VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6, $7, $6, $8, $9, $10) \
-             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        let (kind, message, data) = shared::queued_event(&new);
+        // One statement, so one round trip and its own transaction: the job, its first event and
+        // the wake-up hint (delivered at commit). A key another replica is inserting right now
+        // makes the insert wait for that commit and then do nothing; the row that won is read back.
+        let inserted: Option<String> = sqlx::query_scalar(
+            "WITH job AS ( \
+               INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
+                 created_at, updated_at, max_attempts, run_after, timeout_ms, progress, priority) \
+               VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6, $7, $6, $8, $9, $10) \
+               ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+               RETURNING id), \
+             event AS ( \
+               INSERT INTO job_events (job_id, at, kind, message, data) \
+               SELECT id, $6, $11, $12, $13 FROM job), \
+             hint AS (SELECT pg_notify($14, '') FROM job) \
+             SELECT job.id FROM job, hint",
         )
         .bind(&id)
         .bind(new.spec.action.as_str())
@@ -256,29 +288,29 @@ impl Store for PgStore {
         .bind(new.timeout_ms)
         .bind(encode(&progress))
         .bind(new.spec.priority.unwrap_or(0))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
+        .bind(kind)
+        .bind(&message)
+        .bind(encode(&data))
+        .bind(hints::JOBS_CHANNEL)
+        .fetch_optional(&self.pool)
+        .await?;
+        if inserted.is_none() {
             let key = new.idempotency_key.as_deref().unwrap_or_default();
             let row = sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = $1")
                 .bind(key)
-                .fetch_one(&mut *tx)
+                .fetch_one(&self.pool)
                 .await?;
             let existing: String = row.try_get("id")?;
             let existing_hash: Option<String> = row.try_get("request_hash")?;
             if existing_hash.as_deref() != Some(hash.as_str()) {
                 return Err(StoreError::IdempotencyConflict { job_id: existing });
             }
-            let job = load_job(&mut tx, &existing)
+            let mut conn = self.pool.acquire().await?;
+            let job = load_job(&mut conn, &existing)
                 .await?
                 .ok_or_else(|| vanished(&existing))?;
             return Ok(Enqueued::Replayed(job));
         }
-        let (kind, message, data) = shared::queued_event(&new);
-        add_event(&mut tx, &id, now, kind, &message, &data).await?;
-        hints::hint(&mut tx).await?;
-        tx.commit().await?;
         self.announce(&id);
         self.notify.notify_one();
         Ok(Enqueued::Created(shared::created_job(
@@ -415,23 +447,22 @@ impl Store for PgStore {
         event: NewEvent,
     ) -> Result<()> {
         let now = self.clock.now_ms();
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
+        let held: Option<String> = sqlx::query_scalar(&with_event(
             "UPDATE jobs SET progress = $1, updated_at = $2 \
-             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
-        )
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running' RETURNING id, updated_at",
+            5,
+            false,
+        ))
         .bind(encode(&progress))
         .bind(now)
         .bind(id)
         .bind(worker)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        add_event(&mut tx, id, now, &event.kind, &event.message, &event.data).await?;
-        tx.commit().await?;
+        .bind(&event.kind)
+        .bind(&event.message)
+        .bind(encode(&event.data))
+        .fetch_optional(&self.pool)
+        .await?;
+        held.ok_or(StoreError::LeaseLost)?;
         self.announce(id);
         Ok(())
     }
@@ -454,28 +485,44 @@ impl Store for PgStore {
 
     async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job> {
         let now = self.clock.now_ms();
-        let mut tx = self.pool.begin().await?;
-        let n = match (&outcome, shared::final_state(&outcome)) {
+        let retry = matches!(outcome, Finish::Retry { .. });
+        let (kind, message, data) = shared::finish_event(&outcome, now);
+        // One statement: the fenced update (returning the job as it is now), its event, and for a
+        // retry the wake-up hint.
+        let sql = if retry {
+            with_event(
+                &format!(
+                    "UPDATE jobs SET state = 'queued', run_after = $1, error = $2, updated_at = $3, \
+                     lease_owner = NULL, lease_expires_at = NULL, progress = $4 \
+                     WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
+                ),
+                7,
+                true,
+            )
+        } else {
+            with_event(
+                &format!(
+                    "UPDATE jobs SET state = $1, finished_at = $3, updated_at = $3, error = $2, \
+                     results = $4, lease_owner = NULL, lease_expires_at = NULL, \
+                     progress = jsonb_set(progress::jsonb, '{{phase}}', '\"done\"')::text \
+                     WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
+                ),
+                7,
+                false,
+            )
+        };
+        let row = match (&outcome, shared::final_state(&outcome)) {
             (
                 Finish::Retry {
                     error,
                     run_after_ms,
                 },
                 _,
-            ) => sqlx::query(
-                "UPDATE jobs SET state = 'queued', run_after = $1, error = $2, updated_at = $3, \
-                     lease_owner = NULL, lease_expires_at = NULL, progress = $4 \
-                     WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
-            )
-            .bind(run_after_ms)
-            .bind(encode(error))
-            .bind(now)
-            .bind(encode(&shared::retry_progress(error)))
-            .bind(id)
-            .bind(worker)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
+            ) => sqlx::query(&sql)
+                .bind(run_after_ms)
+                .bind(encode(error))
+                .bind(now)
+                .bind(encode(&shared::retry_progress(error))),
             (
                 Finish::Succeeded(results)
                 | Finish::Failed(_, results)
@@ -483,34 +530,25 @@ impl Store for PgStore {
                 state,
             ) => {
                 let (state, error) = state.unwrap_or(("failed", None));
-                sqlx::query(
-                    "UPDATE jobs SET state = $1, finished_at = $2, updated_at = $2, error = $3, \
-                     results = $4, lease_owner = NULL, lease_expires_at = NULL, \
-                     progress = jsonb_set(progress::jsonb, '{phase}', '\"done\"')::text \
-                     WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
-                )
-                .bind(state)
-                .bind(now)
-                .bind(error)
-                .bind(encode(results))
-                .bind(id)
-                .bind(worker)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
+                sqlx::query(&sql)
+                    .bind(state)
+                    .bind(error)
+                    .bind(now)
+                    .bind(encode(results))
             }
-        };
-        if n == 0 {
-            return Err(StoreError::LeaseLost);
         }
-        let (kind, message, data) = shared::finish_event(&outcome, now);
-        add_event(&mut tx, id, now, kind, &message, &data).await?;
-        let retry = matches!(outcome, Finish::Retry { .. });
-        if retry {
-            hints::hint(&mut tx).await?;
-        }
-        let job = load_job(&mut tx, id).await?.ok_or_else(|| vanished(id))?;
-        tx.commit().await?;
+        .bind(id)
+        .bind(worker)
+        .bind(kind)
+        .bind(&message)
+        .bind(encode(&data))
+        .fetch_optional(&self.pool)
+        .await?;
+        let job = row
+            .as_ref()
+            .map(job_from_row)
+            .transpose()?
+            .ok_or(StoreError::LeaseLost)?;
         self.announce(id);
         if retry {
             self.notify.notify_one();
