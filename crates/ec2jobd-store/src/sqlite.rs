@@ -705,6 +705,8 @@ impl Store for SqliteStore {
     }
 
     async fn requeue_expired(&self) -> Result<u64> {
+        // A re-queued job keeps its due time: work that was under way (a dead replica's parked
+        // waits among it) goes on ahead of queued jobs of its priority that have not started.
         let clock = self.clock.clone();
         let ids = self
             .write(move |conn| {
@@ -716,7 +718,7 @@ impl Store for SqliteStore {
                            state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
                            finished_at = CASE WHEN attempts >= max_attempts THEN ?1 ELSE NULL END, \
                            error = CASE WHEN attempts >= max_attempts THEN ?2 ELSE error END, \
-                           lease_owner = NULL, lease_expires_at = NULL, run_after = ?1, updated_at = ?1 \
+                           lease_owner = NULL, lease_expires_at = NULL, updated_at = ?1 \
                          WHERE state = 'running' AND lease_expires_at < ?1 RETURNING id, state",
                     )
                     .bind(now)

@@ -136,11 +136,17 @@ async fn expired_lease_is_requeued_with_attempt_counted(f: Fixture) {
         0,
         "lease still valid"
     );
+    let later = enqueue(&*f.store, "i-01234568").await;
     f.clock.advance(1_001);
     assert_eq!(f.store.requeue_expired().await.unwrap(), 1);
     let j = f.store.get(&job.id).await.unwrap().unwrap();
     assert_eq!(j.state, JobState::Queued);
     let c = f.store.claim("w2", 1_000, 1).await.unwrap();
+    assert_eq!(
+        c[0].job.id, job.id,
+        "work under way goes before {}",
+        later.id
+    );
     assert_eq!(c[0].job.attempts, 2, "the re-queued attempt counts");
 }
 

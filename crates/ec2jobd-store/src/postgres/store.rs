@@ -582,6 +582,8 @@ impl Store for PgStore {
     }
 
     async fn requeue_expired(&self) -> Result<u64> {
+        // A re-queued job keeps its due time: work that was under way (a dead replica's parked
+        // waits among it) goes on ahead of queued jobs of its priority that have not started.
         let now = self.clock.now_ms();
         let mut tx = self.pool.begin().await?;
         // Any replica may run this at any time: a row another is re-queuing is locked until it
@@ -591,7 +593,7 @@ impl Store for PgStore {
                state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
                finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END, \
                error = CASE WHEN attempts >= max_attempts THEN $2 ELSE error END, \
-               lease_owner = NULL, lease_expires_at = NULL, run_after = $1, updated_at = $1 \
+               lease_owner = NULL, lease_expires_at = NULL, updated_at = $1 \
              WHERE state = 'running' AND lease_expires_at < $1 RETURNING id, state",
         )
         .bind(now)
