@@ -1,7 +1,8 @@
 //! Wake-up hints between replicas: LISTEN/NOTIFY on one channel. A replica that queues a job (or
 //! returns a parked one) sends a hint inside the same transaction, so it is delivered at commit and
 //! never for a rolled-back write (several in one transaction arrive once); every replica listens on
-//! a dedicated connection and wakes its workers. Hints only make claims prompt: polling stays the
+//! a dedicated connection and wakes its workers (debounced: at once, then at most every few
+//! milliseconds during a burst). Hints only make claims prompt: polling stays the
 //! correctness path, so a lost connection (hints sent meanwhile are lost) is re-made with backoff
 //! and counted as a hint itself, and with `poll_only` (PgBouncer in transaction pooling, which
 //! cannot hold a LISTEN) nobody listens at all.
@@ -28,10 +29,16 @@ pub async fn hint(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-/// Listens for job hints on a connection of its own to `url` and wakes `wake` for each, and once
-/// whenever the connection had to be made again. Runs until aborted.
+/// At most one wake-up per this long, however many hints arrive (one for each queued job).
+const DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// Listens for job hints on a connection of its own to `url` and wakes `wake` for them (at once
+/// for the first, then at most once per [`DEBOUNCE`] for those that follow), and once whenever the
+/// connection had to be made again. Runs until aborted.
 pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    let heard = Arc::new(Notify::new());
+    let hear = heard.clone();
+    let listener = async move {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut listener = match connect(&url).await {
@@ -45,12 +52,12 @@ pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
             };
             backoff = Duration::from_millis(100);
             // Hints sent while there was no listener are lost: look once.
-            wake.notify_waiters();
+            hear.notify_one();
             loop {
                 match listener.try_recv().await {
                     // A hint, or (`None`) the connection dropped and was made again: hints may
                     // have been missed.
-                    Ok(_) => wake.notify_waiters(),
+                    Ok(_) => hear.notify_one(),
                     Err(e) => {
                         tracing::warn!(error = %e, "job hint connection lost; reconnecting");
                         break;
@@ -58,6 +65,17 @@ pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
                 }
             }
         }
+    };
+    // Hints heard meanwhile leave one stored permit: the next wake-up follows the pause.
+    let debounce = async move {
+        loop {
+            heard.notified().await;
+            wake.notify_waiters();
+            tokio::time::sleep(DEBOUNCE).await;
+        }
+    };
+    tokio::spawn(async move {
+        tokio::join!(listener, debounce);
     })
 }
 
