@@ -601,6 +601,95 @@ async fn list_filters_and_paginates_newest_first() {
     assert_eq!(page["jobs"].as_array().unwrap().len(), 0);
 }
 
+/// Who did it: a job records the token that submitted it (shown in its report and by `ec2jobd jobs
+/// list`, and filterable), and its events the token that submitted and the one that cancelled.
+#[tokio::test]
+async fn jobs_record_who_submitted_and_who_cancelled() {
+    let d = Daemon::start(DaemonOpts {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let ci = create_token(&d.config, "operator", "ci");
+    let ops = create_token(&d.config, "operator", "ops");
+    let submit = |token: String| {
+        let d = &d;
+        async move {
+            let r = d
+                .post_job(&token, &describe(json!({"instance_ids": "i-01234567"})))
+                .await;
+            assert_eq!(r.status(), 202);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let first = submit(ci.clone()).await;
+    assert_eq!(first["created_by"], "ci", "{first}");
+    let other = submit(ops.clone()).await;
+    assert_eq!(other["created_by"], "ops");
+    let second = submit(ci.clone()).await;
+    let (s, page) = d.get_json("/v1/jobs?created_by=ci").await;
+    assert_eq!(s, 200, "{page}");
+    let ids: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            second["id"].as_str().unwrap(),
+            first["id"].as_str().unwrap()
+        ]
+    );
+    let (s, _) = d
+        .get_json(&format!("/v1/jobs?created_by={}", "x".repeat(257)))
+        .await;
+    assert_eq!(s, 400);
+
+    let id = first["id"].as_str().unwrap();
+    let r = d
+        .req(Method::POST, &format!("/v1/jobs/{id}/cancel"), &ops)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = d.text(&format!("/v1/jobs/{id}/events")).await;
+    let who: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["by"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        who,
+        [
+            ("queued".to_string(), "ci".to_string()),
+            ("cancelled".to_string(), "ops".to_string())
+        ]
+    );
+    let report = d.text(&format!("/v1/jobs/{id}/report")).await;
+    assert!(report.contains(" by ci,"), "{report}");
+    let o = std::process::Command::new(common::bin())
+        .args(["jobs", "list", "--created-by", "ops", "--url", &d.url])
+        .env("EC2JOBD_TOKEN", &d.admin)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(
+        lines[0].starts_with(other["id"].as_str().unwrap()) && lines[0].contains(" ops "),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn cancel_queued_and_running_jobs() {
     let hole = BlackHole::start();

@@ -587,6 +587,7 @@ async fn hooks_managed_over_the_api() {
     assert_eq!(j["state"], "succeeded", "{j}");
     assert_eq!(j["results"]["instances"][0]["instance_id"], ids[0].as_str());
     assert_eq!(j["spec"]["priority"], 7, "the rule's own priority");
+    assert_eq!(j["created_by"], "sns:ec2-events", "queued by the hook");
 
     let running = event.replace("\"stopped\"", "\"running\"");
     let body2 = common::sns_signed(&[

@@ -937,6 +937,7 @@ pub async fn claim_complete_rate(
                         idempotency_key: None,
                         max_attempts: 3,
                         timeout_ms: 60_000,
+                        created_by: None,
                     })
                     .await
                     .expect("enqueue");

@@ -163,6 +163,9 @@ pub enum JobsCmd {
         /// Only this action.
         #[arg(long)]
         action: Option<String>,
+        /// Only jobs submitted with this token (its name), or queued by an SNS hook (`sns:HOOK`).
+        #[arg(long)]
+        created_by: Option<String>,
         /// Most jobs.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -571,11 +574,24 @@ pub async fn submit(s: Submit) -> R<u8> {
 }
 
 /// `ec2jobd jobs …`.
+/// `v` for a query string: everything but unreserved characters percent-encoded.
+fn query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 pub async fn jobs(cmd: JobsCmd) -> R<u8> {
     match cmd {
         JobsCmd::List {
             state,
             action,
+            created_by,
             limit,
             conn,
         } => {
@@ -586,6 +602,9 @@ pub async fn jobs(cmd: JobsCmd) -> R<u8> {
             }
             if let Some(a) = action {
                 q.push_str(&format!("&action={a}"));
+            }
+            if let Some(by) = created_by {
+                q.push_str(&format!("&created_by={}", query_value(&by)));
             }
             let (_, t) = client
                 .call(reqwest::Method::GET, &format!("/v1/jobs{q}"), None, None)
@@ -604,10 +623,11 @@ pub async fn jobs(cmd: JobsCmd) -> R<u8> {
                 Output::Table | Output::Env => {
                     for j in page["jobs"].as_array().into_iter().flatten() {
                         println!(
-                            "{}  {:<10} {:<26} {}",
+                            "{}  {:<10} {:<26} {:<16} {}",
                             j["id"].as_str().unwrap_or(""),
                             j["state"].as_str().unwrap_or(""),
                             j["action"].as_str().unwrap_or(""),
+                            j["created_by"].as_str().unwrap_or("-"),
                             j["results"]["summary"].as_str().unwrap_or("")
                         );
                     }

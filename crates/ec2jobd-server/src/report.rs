@@ -66,11 +66,12 @@ pub fn render(job: &Job) -> String {
     );
     let _ = writeln!(
         out,
-        "Account {}, region {}{}. Created {}, started {}, finished {}; attempt(s): {}.",
+        "Account {}, region {}{}. Created {} by {}, started {}, finished {}; attempt(s): {}.",
         or_dash(spec.account.as_deref()),
         or_dash(spec.region.as_deref()),
         if spec.dry_run { " (dry run)" } else { "" },
         job.created_at.to_rfc3339(),
+        or_dash(job.created_by.as_deref()),
         job.started_at
             .map(|t| t.to_rfc3339())
             .unwrap_or_else(|| "-".into()),

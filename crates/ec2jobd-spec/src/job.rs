@@ -346,6 +346,10 @@ pub struct Job {
     pub spec: JobSpec,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
+    /// Who submitted it: the API token's name, or `sns:<hook>` for a job an SNS delivery queued
+    /// (absent for jobs from before this was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
     /// When a worker first started it.
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.
@@ -397,4 +401,8 @@ pub struct JobEvent {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub data: serde_json::Value,
+    /// Who caused it, when someone did: the API token's name (or `sns:<hook>`) that submitted
+    /// the job (`queued`) or asked to cancel it (`cancel_requested`, `cancelled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }

@@ -70,6 +70,8 @@ pub struct NewJob {
     pub max_attempts: u32,
     /// Per-attempt time limit in milliseconds.
     pub timeout_ms: i64,
+    /// Who submits it (the token's name, `sns:<hook>`), recorded on the job and its first event.
+    pub created_by: Option<String>,
 }
 
 /// What `enqueue` did.
@@ -92,6 +94,8 @@ pub struct ListQuery {
     pub since_ms: Option<i64>,
     /// Created before (ms).
     pub until_ms: Option<i64>,
+    /// Only jobs submitted by this token (or `sns:<hook>`).
+    pub created_by: Option<String>,
     /// Page size.
     pub limit: u32,
     /// Continue after this job id (the previous page's cursor).
@@ -299,8 +303,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: &str) -> Result<Option<Job>>;
     /// A page of jobs, newest first.
     async fn list(&self, q: ListQuery) -> Result<Page>;
-    /// Cancels a queued job at once, or flags a running one. `None` when there is no such job.
-    async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>>;
+    /// Cancels a queued job at once, or flags a running one, recording `by` (who asked) on the
+    /// event. `None` when there is no such job.
+    async fn cancel(&self, id: &str, by: &str) -> Result<Option<CancelOutcome>>;
     /// Claims up to `n` runnable jobs for `worker`, leasing them for `lease_ms`.
     async fn claim(&self, worker: &str, lease_ms: i64, n: u32) -> Result<Vec<Claimed>>;
     /// Extends the lease; tells the worker whether a cancel was asked.

@@ -16,7 +16,7 @@ use ec2jobd_spec::JobEvent;
 /// The columns [`JobRow`] and [`ClaimedRow`] read (with `wait_outcome` for a claim).
 pub(crate) const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, \
     attempts, max_attempts, run_after, cancel_requested, error, results, progress, timeout_ms, \
-    checkpoint";
+    checkpoint, created_by";
 
 /// A stored time (ms since the epoch) as a time.
 pub(crate) fn ts(ms: i64) -> DateTime<Utc> {
@@ -44,6 +44,7 @@ pub(crate) struct JobRow {
     error: Option<String>,
     results: String,
     progress: String,
+    created_by: Option<String>,
 }
 
 impl JobRow {
@@ -55,6 +56,7 @@ impl JobRow {
             state,
             action: spec.action,
             created_at: ts(self.created_at),
+            created_by: self.created_by,
             started_at: self.started_at.map(ts),
             finished_at: self.finished_at.map(ts),
             attempts: self.attempts as u32,
@@ -153,7 +155,10 @@ impl TokenRow {
     }
 }
 
-/// A `job_events` row (`seq, job_id, at, kind, message, data`).
+/// The columns [`EventRow`] reads.
+pub(crate) const EVENT_COLS: &str = "seq, job_id, at, kind, message, data, actor";
+
+/// A `job_events` row ([`EVENT_COLS`]).
 #[derive(sqlx::FromRow)]
 pub(crate) struct EventRow {
     seq: i64,
@@ -162,6 +167,7 @@ pub(crate) struct EventRow {
     kind: String,
     message: String,
     data: String,
+    actor: Option<String>,
 }
 
 impl EventRow {
@@ -173,6 +179,7 @@ impl EventRow {
             kind: self.kind,
             message: self.message,
             data: decode("event data", &self.data)?,
+            by: self.actor,
         })
     }
 }

@@ -71,6 +71,7 @@ pub(crate) fn created_job(id: String, new: NewJob, now: i64, progress: Progress)
         action: new.spec.action,
         spec: new.spec,
         created_at: ts(now),
+        created_by: new.created_by,
         started_at: None,
         finished_at: None,
         attempts: 0,
@@ -211,6 +212,9 @@ where
     }
     if let Some(a) = &q.action {
         b.push(" AND action = ").push_bind(a.clone());
+    }
+    if let Some(by) = &q.created_by {
+        b.push(" AND created_by = ").push_bind(by.clone());
     }
     // Ids are ULIDs of the creation time: a time window is also an id range, which lets the
     // primary key find it instead of scanning every newer job for `created_at` (a second of

@@ -30,7 +30,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
-use crate::row::{ts, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, JOB_COLS};
+use crate::row::{ts, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS};
 use crate::shared::{self, encode, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
@@ -324,14 +324,28 @@ async fn add_event(
     message: &str,
     data: &Value,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO job_events (job_id, at, kind, message, data) VALUES (?, ?, ?, ?, ?)")
-        .bind(job_id)
-        .bind(at)
-        .bind(kind)
-        .bind(message)
-        .bind(encode(data))
-        .execute(conn)
-        .await?;
+    add_event_by(conn, job_id, at, (kind, message, data), None).await
+}
+
+/// An event someone caused (`by`: a token's name).
+async fn add_event_by(
+    conn: &mut SqliteConnection,
+    job_id: &str,
+    at: i64,
+    (kind, message, data): (&str, &str, &Value),
+    by: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, at, kind, message, data, actor) VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(job_id)
+    .bind(at)
+    .bind(kind)
+    .bind(message)
+    .bind(encode(data))
+    .bind(by)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -377,7 +391,7 @@ impl Store for SqliteStore {
                     sqlx::query(
                         "INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
                          created_at, updated_at, max_attempts, run_after, timeout_ms, progress, \
-                         priority) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         priority, created_by) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     )
                     .bind(&id)
                     .bind(new.spec.action.as_str())
@@ -391,10 +405,12 @@ impl Store for SqliteStore {
                     .bind(new.timeout_ms)
                     .bind(encode(&progress))
                     .bind(new.spec.priority.unwrap_or(0))
+                    .bind(&new.created_by)
                     .execute(&mut *conn)
                     .await?;
                     let (kind, message, data) = shared::queued_event(&new);
-                    add_event(conn, &id, now, kind, &message, &data).await?;
+                    let by = new.created_by.as_deref();
+                    add_event_by(conn, &id, now, (kind, &message, &data), by).await?;
                     Ok(Enqueued::Created(shared::created_job(
                         id, new, now, progress,
                     )))
@@ -422,8 +438,8 @@ impl Store for SqliteStore {
         Ok(shared::page(jobs, q.limit))
     }
 
-    async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>> {
-        let id = id.to_string();
+    async fn cancel(&self, id: &str, by: &str) -> Result<Option<CancelOutcome>> {
+        let (id, by) = (id.to_string(), by.to_string());
         let clock = self.clock.clone();
         let out = self
             .write(move |conn| {
@@ -444,8 +460,8 @@ impl Store for SqliteStore {
                             .bind(&id)
                             .execute(&mut *conn)
                             .await?;
-                            add_event(conn, &id, now, "cancelled", "cancelled while queued", &Value::Null)
-                                .await?;
+                            let ev = ("cancelled", "cancelled while queued", &Value::Null);
+                                add_event_by(conn, &id, now, ev, Some(&by)).await?;
                             let job = load_job(conn, &id).await?.unwrap_or(job);
                             Ok(Some(CancelOutcome::Cancelled(job)))
                         }
@@ -458,15 +474,8 @@ impl Store for SqliteStore {
                                 .bind(&id)
                                 .execute(&mut *conn)
                                 .await?;
-                                add_event(
-                                    conn,
-                                    &id,
-                                    now,
-                                    "cancel_requested",
-                                    shared::CANCEL_REQUESTED,
-                                    &Value::Null,
-                                )
-                                .await?;
+                                let ev = ("cancel_requested", shared::CANCEL_REQUESTED, &Value::Null);
+                                add_event_by(conn, &id, now, ev, Some(&by)).await?;
                             }
                             let job = load_job(conn, &id).await?.unwrap_or(job);
                             Ok(Some(CancelOutcome::Requested(job)))
@@ -887,10 +896,9 @@ impl Store for SqliteStore {
     }
 
     async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, kind, message, data FROM job_events \
-             WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLS} FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
         .bind(id)
         .bind(after_seq)
         .bind(limit as i64)

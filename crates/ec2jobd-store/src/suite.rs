@@ -78,6 +78,7 @@ pub(crate) fn new_job(ids: &str, key: Option<&str>) -> NewJob {
         idempotency_key: key.map(String::from),
         max_attempts: 3,
         timeout_ms: 60_000,
+        created_by: None,
     }
 }
 
@@ -109,6 +110,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    who_did_it_is_recorded_and_filterable,
     expired_lease_is_requeued_with_attempt_counted,
     lease_expiry_out_of_attempts_fails_the_job,
     fencing_stops_a_stale_worker,
@@ -305,7 +307,7 @@ async fn idempotency_key_replays_and_conflicts(f: Fixture) {
 
 async fn cancel_queued_at_once_and_running_by_flag(f: Fixture) {
     let q = enqueue(&*f.store, "i-01234567").await;
-    let Some(CancelOutcome::Cancelled(j)) = f.store.cancel(&q.id).await.unwrap() else {
+    let Some(CancelOutcome::Cancelled(j)) = f.store.cancel(&q.id, "ops").await.unwrap() else {
         panic!("queued job cancels at once")
     };
     assert_eq!(j.state, JobState::Cancelled);
@@ -314,7 +316,7 @@ async fn cancel_queued_at_once_and_running_by_flag(f: Fixture) {
     let r = enqueue(&*f.store, "i-01234567").await;
     f.store.claim("w", 10_000, 1).await.unwrap();
     assert!(matches!(
-        f.store.cancel(&r.id).await.unwrap(),
+        f.store.cancel(&r.id, "ops").await.unwrap(),
         Some(CancelOutcome::Requested(_))
     ));
     assert!(
@@ -329,12 +331,12 @@ async fn cancel_queued_at_once_and_running_by_flag(f: Fixture) {
         .await
         .unwrap();
     assert!(matches!(
-        f.store.cancel(&r.id).await.unwrap(),
+        f.store.cancel(&r.id, "ops").await.unwrap(),
         Some(CancelOutcome::AlreadyFinished(_))
     ));
     assert!(f
         .store
-        .cancel("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .cancel("01ARZ3NDEKTSV4RRFFQ69G5FAV", "ops")
         .await
         .unwrap()
         .is_none());
@@ -630,7 +632,7 @@ async fn parked_jobs_belong_to_their_lot_until_the_wait_ends(f: Fixture) {
     ));
     // The lot's renewal keeps both past the first lease, and reports a cancel.
     f.clock.advance(900);
-    f.store.cancel(&other.id).await.unwrap();
+    f.store.cancel(&other.id, "ops").await.unwrap();
     assert_eq!(
         f.store.renew_lot("lot", 1_000).await.unwrap(),
         vec![other.id.clone()]
@@ -717,4 +719,46 @@ async fn time_windows_find_jobs_created_in_them(f: Fixture) {
         .unwrap();
     let got: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
     assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
+}
+
+/// Who submitted a job is recorded on it and its first event, and lists filter by it; who asked
+/// to cancel is recorded on the cancel's event.
+async fn who_did_it_is_recorded_and_filterable(f: Fixture) {
+    let by = |who: &str| {
+        let mut n = new_job("i-01234567", None);
+        n.created_by = Some(who.into());
+        n
+    };
+    let mut ci = Vec::new();
+    for who in ["ci", "ops", "ci", "sns:alarms"] {
+        let Enqueued::Created(j) = f.store.enqueue(by(who)).await.unwrap() else {
+            panic!("created")
+        };
+        assert_eq!(j.created_by.as_deref(), Some(who));
+        if who == "ci" {
+            ci.push(j.id);
+        }
+    }
+    let page = f
+        .store
+        .list(ListQuery {
+            created_by: Some("ci".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(got, [ci[1].as_str(), ci[0].as_str()], "newest first");
+    assert!(page
+        .jobs
+        .iter()
+        .all(|j| j.created_by.as_deref() == Some("ci")));
+    f.store.cancel(&ci[0], "ops").await.unwrap();
+    let events = f.store.events(&ci[0], 0, 10).await.unwrap();
+    let who: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.by.as_deref()))
+        .collect();
+    assert_eq!(who, [("queued", Some("ci")), ("cancelled", Some("ops"))]);
 }

@@ -133,6 +133,7 @@ async fn submit(store: &SqliteStore, max_attempts: u32, timeout_ms: i64) -> Stri
             idempotency_key: None,
             max_attempts,
             timeout_ms,
+            created_by: None,
         })
         .await
         .unwrap()
@@ -220,7 +221,7 @@ async fn cancel_reaches_a_running_job_through_the_heartbeat() {
         assert!(Instant::now() < deadline, "executor never started");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    r.store.cancel(&id).await.unwrap();
+    r.store.cancel(&id, "ops").await.unwrap();
     let j = wait_state(&r.store, &id, JobState::Cancelled).await;
     assert!(j.finished_at.is_some());
 }

@@ -176,8 +176,14 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(s.to_string()))
 }
 
-/// A resolved spec as a job to enqueue, with the queue's defaults for what it leaves out.
-pub fn new_job(state: &AppState, spec: JobSpec, idempotency_key: Option<String>) -> NewJob {
+/// A resolved spec as a job to enqueue by `created_by` (a token's name, `sns:<hook>`), with the
+/// queue's defaults for what it leaves out.
+pub fn new_job(
+    state: &AppState,
+    spec: JobSpec,
+    idempotency_key: Option<String>,
+    created_by: String,
+) -> NewJob {
     let q = &state.config.queue;
     NewJob {
         max_attempts: spec.max_attempts.unwrap_or(q.max_attempts),
@@ -187,6 +193,7 @@ pub fn new_job(state: &AppState, spec: JobSpec, idempotency_key: Option<String>)
             .as_millis() as i64,
         spec,
         idempotency_key,
+        created_by: Some(created_by),
     }
 }
 
@@ -308,7 +315,8 @@ pub async fn enqueue_and_answer(
         deadline.extend(w);
     }
     deadline.committing();
-    let (created, job) = match state.store.enqueue(new_job(state, spec, key)).await? {
+    let new = new_job(state, spec, key, caller.0.name.clone());
+    let (created, job) = match state.store.enqueue(new).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
             (true, j)
@@ -446,6 +454,7 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
         ("until" = Option<String>, Query, format = DateTime, description = "Created before (RFC 3339)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1-500 (default 50)"),
         ("cursor" = Option<String>, Query, pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$", description = "`next_cursor` of the previous page"),
+        ("created_by" = Option<String>, Query, max_length = 256, description = "Only jobs submitted with this API token (its name), or queued by an SNS hook (`sns:<hook>`)"),
     ),
     responses(
         (status = 200, body = JobPage),
@@ -509,12 +518,22 @@ pub async fn list(
                 }
                 q.before_id = Some(v);
             }
+            "created_by" => {
+                if v.is_empty() || v.len() > 256 {
+                    return Err(ApiError::bad_request(
+                        "invalid_created_by",
+                        "created_by",
+                        "a token's name (1 to 256 bytes) or sns:<hook>",
+                    ));
+                }
+                q.created_by = Some(v);
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",
                     other,
                     format!(
-                        "unknown query parameter `{other}` (state, action, since, until, limit, cursor)"
+                        "unknown query parameter `{other}` (state, action, since, until, limit, cursor, created_by)"
                     ),
                 ))
             }
@@ -570,7 +589,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
-    match state.store.cancel(&id).await? {
+    match state.store.cancel(&id, &caller.0.name).await? {
         None => Err(ApiError::not_found(&format!("job `{id}`"))),
         Some(CancelOutcome::Cancelled(j)) => {
             Ok((StatusCode::OK, Json(j.redacted())).into_response())

@@ -486,7 +486,8 @@ async fn notification(
     // 429 when the queue is full: SNS delivers again later.
     crate::routes::jobs::admit(state).await?;
     let key = format!("sns:{hook}:{}", m.message_id);
-    let (outcome, job) = match state.store.enqueue(new_job(state, spec, Some(key))).await? {
+    let new = new_job(state, spec, Some(key), format!("sns:{hook}"));
+    let (outcome, job) = match state.store.enqueue(new).await? {
         Enqueued::Created(j) => {
             state.metrics.submitted(j.action.as_str());
             ("accepted", j)

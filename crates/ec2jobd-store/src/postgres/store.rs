@@ -28,7 +28,9 @@ use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
 
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
-use crate::row::{decode, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, JOB_COLS};
+use crate::row::{
+    decode, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS,
+};
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
@@ -105,14 +107,27 @@ async fn add_event(
     message: &str,
     data: &Value,
 ) -> Result<()> {
+    add_event_by(conn, job_id, at, (kind, message, data), None).await
+}
+
+/// An event someone caused (`by`: a token's name).
+async fn add_event_by(
+    conn: &mut PgConnection,
+    job_id: &str,
+    at: i64,
+    (kind, message, data): (&str, &str, &Value),
+    by: Option<&str>,
+) -> Result<()> {
     sqlx::query(
-        "INSERT INTO job_events (job_id, at, kind, message, data) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO job_events (job_id, at, kind, message, data, actor) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(job_id)
     .bind(at)
     .bind(kind)
     .bind(message)
     .bind(encode(data))
+    .bind(by)
     .execute(conn)
     .await?;
     Ok(())
@@ -268,13 +283,14 @@ impl Store for PgStore {
         let inserted: Option<String> = sqlx::query_scalar(
             "WITH job AS ( \
                INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
-                 created_at, updated_at, max_attempts, run_after, timeout_ms, progress, priority) \
-               VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6, $7, $6, $8, $9, $10) \
+                 created_at, updated_at, max_attempts, run_after, timeout_ms, progress, priority, \
+                 created_by) \
+               VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6, $7, $6, $8, $9, $10, $15) \
                ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
                RETURNING id), \
              event AS ( \
-               INSERT INTO job_events (job_id, at, kind, message, data) \
-               SELECT id, $6, $11, $12, $13 FROM job), \
+               INSERT INTO job_events (job_id, at, kind, message, data, actor) \
+               SELECT id, $6, $11, $12, $13, $15 FROM job), \
              hint AS (SELECT pg_notify($14, '') FROM job) \
              SELECT job.id FROM job, hint",
         )
@@ -292,6 +308,7 @@ impl Store for PgStore {
         .bind(&message)
         .bind(encode(&data))
         .bind(hints::JOBS_CHANNEL)
+        .bind(&new.created_by)
         .fetch_optional(&self.pool)
         .await?;
         if inserted.is_none() {
@@ -332,7 +349,7 @@ impl Store for PgStore {
         Ok(shared::page(jobs, q.limit))
     }
 
-    async fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>> {
+    async fn cancel(&self, id: &str, by: &str) -> Result<Option<CancelOutcome>> {
         let now = self.clock.now_ms();
         let mut tx = self.pool.begin().await?;
         // Locked, so a claim on another replica cannot slip between the look and the write.
@@ -356,15 +373,8 @@ impl Store for PgStore {
                 .bind(id)
                 .execute(&mut *tx)
                 .await?;
-                add_event(
-                    &mut tx,
-                    id,
-                    now,
-                    "cancelled",
-                    "cancelled while queued",
-                    &Value::Null,
-                )
-                .await?;
+                let ev = ("cancelled", "cancelled while queued", &Value::Null);
+                add_event_by(&mut tx, id, now, ev, Some(by)).await?;
                 CancelOutcome::Cancelled(load_job(&mut tx, id).await?.unwrap_or(job))
             }
             JobState::Running => {
@@ -376,15 +386,8 @@ impl Store for PgStore {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
-                    add_event(
-                        &mut tx,
-                        id,
-                        now,
-                        "cancel_requested",
-                        shared::CANCEL_REQUESTED,
-                        &Value::Null,
-                    )
-                    .await?;
+                    let ev = ("cancel_requested", shared::CANCEL_REQUESTED, &Value::Null);
+                    add_event_by(&mut tx, id, now, ev, Some(by)).await?;
                 }
                 CancelOutcome::Requested(load_job(&mut tx, id).await?.unwrap_or(job))
             }
@@ -731,10 +734,10 @@ impl Store for PgStore {
     }
 
     async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, job_id, at, kind, message, data FROM job_events \
-             WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLS} FROM job_events WHERE job_id = $1 AND seq > $2 \
+                 ORDER BY seq LIMIT $3"
+        ))
         .bind(id)
         .bind(after_seq)
         .bind(limit as i64)

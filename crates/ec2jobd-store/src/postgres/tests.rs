@@ -253,6 +253,7 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
             idempotency_key: (i == 3).then(|| "key-3".to_string()),
             max_attempts: 3,
             timeout_ms: 60_000,
+            created_by: Some("ci".into()),
         };
         match node.enqueue(new).await.unwrap() {
             Enqueued::Created(j) => ids.push(j.id),
@@ -271,7 +272,7 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     .unwrap();
     // A running job with a cancel asked for: its flag must arrive as a boolean true.
     let running = node.claim("w-1", 60_000, 1).await.unwrap().remove(0).job.id;
-    node.cancel(&running).await.unwrap();
+    node.cancel(&running, "ops").await.unwrap();
     node.create_token("ops", Role::Operator, &"ab".repeat(32))
         .await
         .unwrap();
