@@ -68,6 +68,17 @@ enum Cmd {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print the least-privilege IAM policy (JSON) for the actions jobs may use: their EC2 calls,
+    /// SNS (notifications, hook subscriptions), KMS for encrypted copies.
+    IamPolicy {
+        /// Only these actions (comma-separated wire names; default: every action).
+        #[arg(long, value_delimiter = ',')]
+        actions: Vec<String>,
+        /// `run_instances` jobs launch instances with an instance profile (adds `iam:PassRole`
+        /// to EC2).
+        #[arg(long)]
+        instance_profiles: bool,
+    },
     /// Move a store's contents.
     Store {
         #[command(subcommand)]
@@ -259,6 +270,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Openapi => {
             println!("{}", ApiDoc::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Cmd::IamPolicy {
+            actions,
+            instance_profiles,
+        } => {
+            let actions: Vec<ec2jobd_spec::Action> = if actions.is_empty() {
+                ec2jobd_spec::Action::ALL.to_vec()
+            } else {
+                actions
+                    .iter()
+                    .map(|a| {
+                        ec2jobd_spec::Action::parse(a.trim())
+                            .ok_or_else(|| anyhow::anyhow!("--actions: `{a}` is not an action"))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let extras = crate::iam::Extras { instance_profiles };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::iam::policy(&actions, extras))?
+            );
             Ok(())
         }
         Cmd::Token { cmd } => match cmd {
