@@ -690,6 +690,115 @@ async fn jobs_record_who_submitted_and_who_cancelled() {
     );
 }
 
+/// A scoped token is refused (403 `out_of_scope`, nothing stored) outside its accounts, actions
+/// and templates, a workflow's steps included; inside them it works as its role allows.
+#[tokio::test]
+async fn scoped_tokens_are_refused_outside_their_scope() {
+    let d = Daemon::start(DaemonOpts {
+        workers: 0,
+        extra: "\n[accounts.prod]\nregion = \"us-east-1\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let o = std::process::Command::new(common::bin())
+        .args(["token", "create", "--role", "operator", "--name", "starter"])
+        .args([
+            "--scope",
+            "action=describe_instances,start_instances",
+            "--scope",
+            "account=prod",
+        ])
+        .args(["--config", d.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let starter = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let (st, _, err) = run_cli(&[
+        "token",
+        "create",
+        "--role",
+        "operator",
+        "--name",
+        "bad",
+        "--scope",
+        "action=fly",
+        "--config",
+        d.config.to_str().unwrap(),
+    ]);
+    assert!(
+        !st.success() && err.contains("`fly` is not an action"),
+        "{err}"
+    );
+
+    let send = |spec: Value| {
+        let (d, t) = (&d, starter.clone());
+        async move {
+            let r = d.post_job(&t, &spec).await;
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let ok = json!({"action": "start_instances", "account": "prod", "targets": {"instance_ids": "i-01234567"}});
+    assert_eq!(send(ok.clone()).await.0, 202);
+    let mut other_action = ok.clone();
+    other_action["action"] = json!("terminate_instances");
+    let (s, p) = send(other_action).await;
+    assert_eq!(
+        (s, p["code"].as_str(), p["field"].as_str()),
+        (403, Some("out_of_scope"), Some("action")),
+        "{p}"
+    );
+    let mut other_account = ok.clone();
+    other_account["account"] = json!("default");
+    let (s, p) = send(other_account).await;
+    assert_eq!((s, p["field"].as_str()), (403, Some("account")), "{p}");
+    let workflow = json!({"account": "prod", "steps": [
+        {"action": "describe_instances", "targets": {"instance_ids": "i-01234567"}},
+        {"action": "reboot_instances", "targets": {"instance_ids": "i-01234567"}}]});
+    let (s, p) = send(workflow).await;
+    assert_eq!(
+        (s, p["field"].as_str()),
+        (403, Some("steps[1].action")),
+        "{p}"
+    );
+    let (_, page) = d.get_json("/v1/jobs").await;
+    assert_eq!(
+        page["jobs"].as_array().unwrap().len(),
+        1,
+        "refusals store nothing"
+    );
+
+    // Templates: the scope names the ones it may run.
+    let r = d
+        .req(Method::POST, "/v1/tokens", &d.admin)
+        .json(&json!({"name": "nightly", "role": "operator", "scopes": {"templates": ["nightly"]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["scopes"]["templates"], json!(["nightly"]));
+    let nightly = created["token"].as_str().unwrap().to_string();
+    let r = d
+        .req(Method::POST, "/v1/templates/other/run", &nightly)
+        .send()
+        .await
+        .unwrap();
+    let (s, p) = problem(r).await;
+    assert_eq!((s, p["field"].as_str()), (403, Some("template")), "{p}");
+    let r = d
+        .req(Method::POST, "/v1/tokens", &d.admin)
+        .json(&json!({"name": "odd", "role": "viewer", "scopes": {"accounts": ["nowhere"]}}))
+        .send()
+        .await
+        .unwrap();
+    let (s, p) = problem(r).await;
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (422, Some("invalid_scopes")),
+        "{p}"
+    );
+}
+
 #[tokio::test]
 async fn cancel_queued_and_running_jobs() {
     let hole = BlackHole::start();

@@ -6,7 +6,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use ec2jobd_spec::Role;
+use ec2jobd_spec::{Action, JobSpec, Role};
 use ec2jobd_store::TokenInfo;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -34,6 +34,51 @@ impl Caller {
                 ),
             ))
         }
+    }
+
+    /// Passes when the token's scopes allow a job of `spec` (its account and action, and each
+    /// workflow step's); else `403` `out_of_scope`, naming the field and what the token may use.
+    pub fn may_submit(&self, spec: &JobSpec) -> Result<(), ApiError> {
+        let s = &self.0.scopes;
+        let mut specs = vec![(String::new(), spec, spec.account.as_deref())];
+        for (i, step) in spec.steps.iter().flatten().enumerate() {
+            let account = step.spec.account.as_deref().or(spec.account.as_deref());
+            specs.push((format!("steps[{i}]."), &step.spec, account));
+        }
+        for (at, spec, account) in specs {
+            if spec.action != Action::Workflow {
+                self.within("action", &at, &s.actions, spec.action.as_str())?;
+            }
+            self.within("account", &at, &s.accounts, account.unwrap_or("default"))?;
+        }
+        Ok(())
+    }
+
+    /// Passes when the token's scopes allow running template `name`; else `403` `out_of_scope`.
+    pub fn may_run_template(&self, name: &str) -> Result<(), ApiError> {
+        self.within("template", "", &self.0.scopes.templates, name)
+    }
+
+    fn within(
+        &self,
+        what: &str,
+        at: &str,
+        allowed: &[String],
+        value: &str,
+    ) -> Result<(), ApiError> {
+        if allowed.is_empty() || allowed.iter().any(|a| a == value) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "out_of_scope",
+            format!(
+                "token `{}` may use {what} {}; not `{value}`",
+                self.0.name,
+                allowed.join(", ")
+            ),
+        )
+        .field(&format!("{at}{what}")))
     }
 }
 
@@ -149,6 +194,7 @@ mod tests {
                 name: "t".into(),
                 role,
                 created_at: chrono::Utc::now(),
+                scopes: Default::default(),
             })
         };
         assert!(c(Role::Admin).require(Role::Operator).is_ok());

@@ -114,6 +114,10 @@ enum TokenCmd {
         /// repeated, e.g. in a new shell.
         #[arg(long)]
         replace: bool,
+        /// Limit what it may use beyond its role, repeatable: `action=start_instances,stop_instances`,
+        /// `account=prod`, `template=nightly-backup` (each kind: any when not given).
+        #[arg(long = "scope", value_name = "KIND=A,B")]
+        scopes: Vec<String>,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -178,6 +182,29 @@ async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
         }
     }
     app::open_store(&cfg, Arc::new(SystemClock)).await
+}
+
+/// `--scope KIND=A,B` flags as scopes (kinds: account, action, template).
+fn parse_scopes(flags: &[String]) -> anyhow::Result<ec2jobd_store::Scopes> {
+    let mut scopes = ec2jobd_store::Scopes::default();
+    for f in flags {
+        let (kind, list) = f
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--scope `{f}`: write KIND=A,B"))?;
+        let into = match kind.trim() {
+            "account" | "accounts" => &mut scopes.accounts,
+            "action" | "actions" => &mut scopes.actions,
+            "template" | "templates" => &mut scopes.templates,
+            other => bail!("--scope `{f}`: `{other}` is not account, action or template"),
+        };
+        into.extend(
+            list.split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from),
+        );
+    }
+    Ok(scopes)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -299,18 +326,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 role,
                 name,
                 replace,
+                scopes,
                 config,
             } => {
                 if !valid_token_name(&name) {
                     bail!("--name: 1-64 letters, digits, `.`, `_` or `-`");
                 }
+                let scopes = parse_scopes(&scopes)?;
+                let cfg = load(&config, &Overrides::default())?;
+                crate::routes::tokens::check_scopes(&scopes, |a| cfg.accounts.contains_key(a))
+                    .map_err(|m| anyhow::anyhow!("--scope: {m}"))?;
                 let store = store_for(&config).await?;
                 if replace && store.revoke_token(&name).await? {
                     eprintln!("revoked the earlier token `{name}`");
                 }
                 let (token, hash) = new_token();
                 store
-                    .create_token(&name, role, &hash)
+                    .create_token(&name, role, &hash, &scopes)
                     .await
                     .context("creating token")?;
                 eprintln!("created {role} token `{name}`; it is shown once:");
@@ -320,7 +352,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             TokenCmd::List { config } => {
                 let store = store_for(&config).await?;
                 for t in store.list_tokens().await? {
-                    println!("{}\t{}\t{}", t.name, t.role, t.created_at.to_rfc3339());
+                    let s = &t.scopes;
+                    let scopes: Vec<String> = [
+                        ("account", &s.accounts),
+                        ("action", &s.actions),
+                        ("template", &s.templates),
+                    ]
+                    .into_iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| format!("{k}={}", v.join(",")))
+                    .collect();
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        t.name,
+                        t.role,
+                        t.created_at.to_rfc3339(),
+                        scopes.join(" ")
+                    );
                 }
                 Ok(())
             }

@@ -173,6 +173,32 @@ pub struct TokenInfo {
     pub role: Role,
     /// When it was created.
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// What it may use beyond its role (absent: anything its role allows).
+    #[serde(default, skip_serializing_if = "Scopes::is_empty")]
+    pub scopes: Scopes,
+}
+
+/// What a token may use, each list empty for "any": the accounts its jobs may name, the actions
+/// they may be (a workflow's steps each count), the templates it may run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Scopes {
+    /// Accounts (config names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accounts: Vec<String>,
+    /// Actions (wire names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<String>,
+    /// Templates (names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<String>,
+}
+
+impl Scopes {
+    /// No limit beyond the role.
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty() && self.actions.is_empty() && self.templates.is_empty()
+    }
 }
 
 /// Kinds of named documents the API manages (each has its own table).
@@ -364,8 +390,14 @@ pub trait Store: Send + Sync + 'static {
     async fn queued(&self) -> Result<i64>;
     /// Proves the database accepts a write.
     async fn ping(&self) -> Result<()>;
-    /// Stores a token by the SHA-256 of its secret.
-    async fn create_token(&self, name: &str, role: Role, sha256_hex: &str) -> Result<TokenInfo>;
+    /// Stores a token by the SHA-256 of its secret, with what it may use.
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256_hex: &str,
+        scopes: &Scopes,
+    ) -> Result<TokenInfo>;
     /// Looks a token up by the SHA-256 of its secret.
     async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>>;
     /// All tokens (without hashes).

@@ -137,12 +137,16 @@ impl From<DeliveryRow> for Delivery {
     }
 }
 
-/// An `api_tokens` row without its hash (`name, role, created_at`).
+/// The columns [`TokenRow`] reads (not the hash).
+pub(crate) const TOKEN_COLS: &str = "name, role, created_at, scopes";
+
+/// An `api_tokens` row without its hash ([`TOKEN_COLS`]).
 #[derive(sqlx::FromRow)]
 pub(crate) struct TokenRow {
     name: String,
     role: String,
     created_at: i64,
+    scopes: Option<String>,
 }
 
 impl TokenRow {
@@ -151,6 +155,11 @@ impl TokenRow {
             name: self.name,
             role: Role::from_str(&self.role).map_err(StoreError::Corrupt)?,
             created_at: ts(self.created_at),
+            scopes: self
+                .scopes
+                .map(|s| decode("token scopes", &s))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }

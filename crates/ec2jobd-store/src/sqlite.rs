@@ -30,11 +30,13 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
-use crate::row::{ts, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS};
+use crate::row::{
+    ts, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS, TOKEN_COLS,
+};
 use crate::shared::{self, encode, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
-    NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
+    NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -947,19 +949,27 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn create_token(&self, name: &str, role: Role, sha256_hex: &str) -> Result<TokenInfo> {
-        let (name, hash) = (name.to_string(), sha256_hex.to_string());
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256_hex: &str,
+        scopes: &Scopes,
+    ) -> Result<TokenInfo> {
+        let (name, hash, scopes) = (name.to_string(), sha256_hex.to_string(), scopes.clone());
         let clock = self.clock.clone();
         self.write(move |conn| {
             Box::pin(async move {
                 let now = clock.now_ms();
                 let r = sqlx::query(
-                    "INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
+                     VALUES (?, ?, ?, ?, ?)",
                 )
                 .bind(&name)
                 .bind(role.as_str())
                 .bind(&hash)
                 .bind(now)
+                .bind((!scopes.is_empty()).then(|| encode(&scopes)))
                 .execute(conn)
                 .await;
                 match r {
@@ -967,6 +977,7 @@ impl Store for SqliteStore {
                         name,
                         role,
                         created_at: ts(now),
+                        scopes,
                     }),
                     Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(
                         StoreError::Conflict(format!("a token named `{name}` already exists")),
@@ -979,9 +990,9 @@ impl Store for SqliteStore {
     }
 
     async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>> {
-        let row = sqlx::query(
-            "SELECT name, role, token_sha256, created_at FROM api_tokens WHERE token_sha256 = ?",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS}, token_sha256 FROM api_tokens WHERE token_sha256 = ?"
+        ))
         .bind(sha256_hex)
         .fetch_optional(&self.pool)
         .await?;
@@ -995,9 +1006,11 @@ impl Store for SqliteStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
-        let rows = sqlx::query("SELECT name, role, created_at FROM api_tokens ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM api_tokens ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| TokenRow::from_row(r)?.into_info())
             .collect()

@@ -466,12 +466,23 @@ async fn release_gives_the_attempt_back(f: Fixture) {
 }
 
 async fn tokens_are_unique_and_revocable(f: Fixture) {
+    let scoped = Scopes {
+        actions: vec!["start_instances".into(), "stop_instances".into()],
+        accounts: vec!["prod".into()],
+        ..Default::default()
+    };
     f.store
-        .create_token("ci", Role::Operator, "ab")
+        .create_token("ops", Role::Admin, "ef", &Scopes::default())
+        .await
+        .unwrap();
+    f.store
+        .create_token("ci", Role::Operator, "ab", &scoped)
         .await
         .unwrap();
     assert!(matches!(
-        f.store.create_token("ci", Role::Admin, "cd").await,
+        f.store
+            .create_token("ci", Role::Admin, "cd", &Scopes::default())
+            .await,
         Err(StoreError::Conflict(_))
     ));
     let (t, h) = f.store.token_by_hash("ab").await.unwrap().unwrap();
@@ -479,6 +490,13 @@ async fn tokens_are_unique_and_revocable(f: Fixture) {
         (t.name.as_str(), t.role, h.as_str()),
         ("ci", Role::Operator, "ab")
     );
+    assert_eq!(t.scopes, scoped, "scopes come back as stored");
+    let listed = f.store.list_tokens().await.unwrap();
+    let scopes: Vec<(&str, bool)> = listed
+        .iter()
+        .map(|t| (t.name.as_str(), t.scopes.is_empty()))
+        .collect();
+    assert_eq!(scopes, [("ci", false), ("ops", true)]);
     assert!(f.store.revoke_token("ci").await.unwrap());
     assert!(!f.store.revoke_token("ci").await.unwrap());
     assert!(f.store.token_by_hash("ab").await.unwrap().is_none());

@@ -308,6 +308,7 @@ pub async fn enqueue_and_answer(
     wait: Option<Duration>,
     spec: JobSpec,
 ) -> Result<Response, ApiError> {
+    caller.may_submit(&spec)?;
     let key = idempotency_key(headers)?;
     let _slot = wait.map(|_| stream_slot(state, caller)).transpose()?;
     admit(state).await?;

@@ -392,6 +392,7 @@ pub async fn run(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    caller.may_run_template(&name)?;
     let wait = crate::routes::jobs::wait_param(query)?;
     let template = load(&state, &name).await?;
     let given: RunBody = if body.is_empty() {

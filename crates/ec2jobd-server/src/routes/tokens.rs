@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use ec2jobd_spec::Role;
-use ec2jobd_store::TokenInfo;
+use ec2jobd_store::{Scopes, TokenInfo};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -34,6 +34,9 @@ pub struct NewToken {
     pub name: String,
     /// Role of the token.
     pub role: Role,
+    /// What it may use beyond its role: accounts, actions, templates (each absent or empty: any).
+    #[serde(default)]
+    pub scopes: Scopes,
 }
 
 /// A created token: the only time its secret is shown.
@@ -45,8 +48,32 @@ pub struct CreatedToken {
     pub role: Role,
     /// Creation time.
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// What it may use beyond its role (absent: anything its role allows).
+    #[serde(skip_serializing_if = "Scopes::is_empty")]
+    pub scopes: Scopes,
     /// The secret to send as `Authorization: Bearer <token>`.
     pub token: String,
+}
+
+/// Checks scopes (also used by the CLI): every action one, every account configured
+/// (`is_account`), every template a valid name. Returns what is wrong.
+pub fn check_scopes(scopes: &Scopes, is_account: impl Fn(&str) -> bool) -> Result<(), String> {
+    if let Some(a) = scopes
+        .actions
+        .iter()
+        .find(|a| ec2jobd_spec::Action::parse(a).is_none())
+    {
+        return Err(format!("scopes.actions: `{a}` is not an action"));
+    }
+    if let Some(a) = scopes.accounts.iter().find(|a| !is_account(a)) {
+        return Err(format!(
+            "scopes.accounts: `{a}` is not a configured account"
+        ));
+    }
+    if let Some(t) = scopes.templates.iter().find(|t| !valid_token_name(t)) {
+        return Err(format!("scopes.templates: `{t}` is not a template name"));
+    }
+    Ok(())
 }
 
 /// Checks a token name (also used by the CLI).
@@ -87,8 +114,14 @@ pub async fn create(
         )
         .field("name"));
     }
+    check_scopes(&req.scopes, |a| state.config.accounts.contains_key(a)).map_err(|m| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_scopes", m).field("scopes")
+    })?;
     let (token, hash) = new_token();
-    let info = state.store.create_token(&req.name, req.role, &hash).await?;
+    let info = state
+        .store
+        .create_token(&req.name, req.role, &hash, &req.scopes)
+        .await?;
     tracing::info!(name = %info.name, role = %info.role, by = %caller.0.name, "token created");
     Ok((
         StatusCode::CREATED,
@@ -96,6 +129,7 @@ pub async fn create(
             name: info.name,
             role: info.role,
             created_at: info.created_at,
+            scopes: info.scopes,
             token,
         }),
     )

@@ -100,6 +100,7 @@ const TABLES: &[Table] = &[
             ("role", Text),
             ("token_sha256", Text),
             ("created_at", Int),
+            ("scopes", Text),
         ],
         identity: false,
     },

@@ -29,12 +29,13 @@ use tokio::task::JoinHandle;
 
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
 use crate::row::{
-    decode, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS,
+    decode, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS, TOKEN_COLS,
 };
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
     CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
-    NewDelivery, NewEvent, NewJob, Page, Result, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
+    NewDelivery, NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo,
+    REFUSAL_FOLD_MS,
 };
 
 /// How to reach the database.
@@ -783,15 +784,23 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn create_token(&self, name: &str, role: Role, sha256_hex: &str) -> Result<TokenInfo> {
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256_hex: &str,
+        scopes: &Scopes,
+    ) -> Result<TokenInfo> {
         let now = self.clock.now_ms();
         let r = sqlx::query(
-            "INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(name)
         .bind(role.as_str())
         .bind(sha256_hex)
         .bind(now)
+        .bind((!scopes.is_empty()).then(|| encode(scopes)))
         .execute(&self.pool)
         .await;
         match r {
@@ -799,6 +808,7 @@ impl Store for PgStore {
                 name: name.to_string(),
                 role,
                 created_at: crate::row::ts(now),
+                scopes: scopes.clone(),
             }),
             Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Conflict(
                 format!("a token named `{name}` already exists"),
@@ -808,9 +818,9 @@ impl Store for PgStore {
     }
 
     async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>> {
-        let row = sqlx::query(
-            "SELECT name, role, token_sha256, created_at FROM api_tokens WHERE token_sha256 = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS}, token_sha256 FROM api_tokens WHERE token_sha256 = $1"
+        ))
         .bind(sha256_hex)
         .fetch_optional(&self.pool)
         .await?;
@@ -824,9 +834,11 @@ impl Store for PgStore {
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
-        let rows = sqlx::query("SELECT name, role, created_at FROM api_tokens ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TOKEN_COLS} FROM api_tokens ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| TokenRow::from_row(r)?.into_info())
             .collect()

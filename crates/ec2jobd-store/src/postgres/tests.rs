@@ -273,7 +273,7 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     // A running job with a cancel asked for: its flag must arrive as a boolean true.
     let running = node.claim("w-1", 60_000, 1).await.unwrap().remove(0).job.id;
     node.cancel(&running, "ops").await.unwrap();
-    node.create_token("ops", Role::Operator, &"ab".repeat(32))
+    node.create_token("ops", Role::Operator, &"ab".repeat(32), &Default::default())
         .await
         .unwrap();
     node.put_named(
