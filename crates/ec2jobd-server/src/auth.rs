@@ -78,7 +78,7 @@ impl Caller {
                 allowed.join(", ")
             ),
         )
-        .field(&format!("{at}{what}")))
+        .field(format!("{at}{what}")))
     }
 }
 
