@@ -797,6 +797,37 @@ async fn scoped_tokens_are_refused_outside_their_scope() {
         (422, Some("invalid_scopes")),
         "{p}"
     );
+
+    // The audit log says who made each token (the CLI on the host, or a token over the API).
+    let (s, log) = d.get_json("/v1/audit").await;
+    assert_eq!(s, 200, "{log}");
+    let seen: Vec<(&str, &str, &str)> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["by"].as_str().unwrap(),
+                e["name"].as_str().unwrap(),
+                e["change"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("admin", "nightly", "created"),
+            ("cli", "starter", "created"),
+            ("cli", "admin", "created"),
+        ],
+        "{log}"
+    );
+    let r = d
+        .req(Method::GET, "/v1/audit", &starter)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "operators do not read the audit log");
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use crate::auth;
 use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
+use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
 use crate::sns::notify::Notifier;
 use crate::sns::verify::{CertStore, HttpFetcher};
 use crate::state::AppState;
@@ -95,6 +95,7 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(jobs::router())
         .merge(tokens::router())
+        .merge(audit::router())
         .merge(catalog::router())
         .merge(sns::router())
         .merge(templates::router())

@@ -184,6 +184,9 @@ async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
     app::open_store(&cfg, Arc::new(SystemClock)).await
 }
 
+/// Who the audit log says changed tokens through `ec2jobd token …` on the host (not over the API).
+const CLI_ACTOR: &str = "cli";
+
 /// `--scope KIND=A,B` flags as scopes (kinds: account, action, template).
 fn parse_scopes(flags: &[String]) -> anyhow::Result<ec2jobd_store::Scopes> {
     let mut scopes = ec2jobd_store::Scopes::default();
@@ -337,12 +340,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 crate::routes::tokens::check_scopes(&scopes, |a| cfg.accounts.contains_key(a))
                     .map_err(|m| anyhow::anyhow!("--scope: {m}"))?;
                 let store = store_for(&config).await?;
-                if replace && store.revoke_token(&name).await? {
+                if replace && store.revoke_token(&name, CLI_ACTOR).await? {
                     eprintln!("revoked the earlier token `{name}`");
                 }
                 let (token, hash) = new_token();
                 store
-                    .create_token(&name, role, &hash, &scopes)
+                    .create_token(&name, role, &hash, &scopes, CLI_ACTOR)
                     .await
                     .context("creating token")?;
                 eprintln!("created {role} token `{name}`; it is shown once:");
@@ -374,7 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             TokenCmd::Revoke { name, config } => {
                 let store = store_for(&config).await?;
-                if !store.revoke_token(&name).await? {
+                if !store.revoke_token(&name, CLI_ACTOR).await? {
                     bail!("no token named `{name}`");
                 }
                 eprintln!("revoked token `{name}`");

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
+use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
 
 /// The ec2jobd v1 API.
 #[derive(OpenApi)]
@@ -25,7 +25,7 @@ use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
         catalog::catalog, sns::deliver, sns::deliveries, sns::list_hooks, sns::get_hook,
         sns::put_hook, sns::delete_hook,
         templates::list, templates::get_one, templates::put, templates::delete, templates::run,
-        tokens::create, tokens::list, tokens::revoke,
+        tokens::create, tokens::list, tokens::revoke, audit::list,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
     components(schemas(
@@ -35,12 +35,13 @@ use crate::routes::{catalog, jobs, ops, sns, templates, tokens};
         catalog::Catalog, catalog::AccountCatalog, sns::DeliveryAnswer, sns::DeliveryPage,
         sns::HookInfo, crate::config::HookSection, templates::Template, templates::TemplateParam,
         templates::ParamType, templates::NamedTemplate, templates::RunBody,
-        ec2jobd_store::Delivery, ec2jobd_spec::StepResult,
+        ec2jobd_store::Delivery, ec2jobd_spec::StepResult, audit::AuditPage,
+        ec2jobd_store::AuditEntry, ec2jobd_store::Scopes,
     )),
     modifiers(&Bearer, &Problems),
     tags(
         (name = "jobs", description = "Submit, watch, query and cancel jobs"),
-        (name = "tokens", description = "API tokens (admin)"),
+        (name = "tokens", description = "API tokens and the audit log (admin)"),
         (name = "sns", description = "SNS deliveries: verified webhook triggers and their record"),
         (name = "templates", description = "Saved job templates with named parameters"),
         (name = "ops", description = "Health, readiness, metrics, API description"),

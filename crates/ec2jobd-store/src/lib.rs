@@ -218,6 +218,31 @@ impl Named {
             Named::Template => "templates",
         }
     }
+
+    /// What the audit log calls this kind.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Named::SnsHook => "sns_hook",
+            Named::Template => "template",
+        }
+    }
+}
+
+/// One change the audit log recorded (`GET /v1/audit`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// Increasing id; the log is newest first and pages with `before`.
+    pub id: i64,
+    /// When.
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// Who: the API token's name, or `cli` for `ec2jobd token …` on the host.
+    pub by: String,
+    /// `template`, `sns_hook` or `token`.
+    pub what: String,
+    /// Its name.
+    pub name: String,
+    /// `created`, `replaced`, `deleted` or `revoked`.
+    pub change: String,
 }
 
 /// One SNS delivery to be recorded.
@@ -390,20 +415,22 @@ pub trait Store: Send + Sync + 'static {
     async fn queued(&self) -> Result<i64>;
     /// Proves the database accepts a write.
     async fn ping(&self) -> Result<()>;
-    /// Stores a token by the SHA-256 of its secret, with what it may use.
+    /// Stores a token by the SHA-256 of its secret, with what it may use; the audit log records
+    /// `by` (who created it) in the same transaction.
     async fn create_token(
         &self,
         name: &str,
         role: Role,
         sha256_hex: &str,
         scopes: &Scopes,
+        by: &str,
     ) -> Result<TokenInfo>;
     /// Looks a token up by the SHA-256 of its secret.
     async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>>;
     /// All tokens (without hashes).
     async fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
-    /// Deletes a token; false when there was none by that name.
-    async fn revoke_token(&self, name: &str) -> Result<bool>;
+    /// Deletes a token; false when there was none by that name. The audit log records `by`.
+    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool>;
     /// Appends an event to a job in any state, unfenced: things that happen after a job ended
     /// (its notification was published or failed).
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
@@ -422,14 +449,23 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `limit` of the oldest SNS deliveries that arrived before `before_ms`; returns
     /// how many. With `dry_run`, deletes nothing and counts every one that would go.
     async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64>;
-    /// Creates or replaces a named document (`body` is opaque JSON); true when created.
-    async fn put_named(&self, kind: Named, name: &str, body: serde_json::Value) -> Result<bool>;
+    /// Creates or replaces a named document (`body` is opaque JSON); true when created. The audit
+    /// log records `by`.
+    async fn put_named(
+        &self,
+        kind: Named,
+        name: &str,
+        body: serde_json::Value,
+        by: &str,
+    ) -> Result<bool>;
     /// A named document's body.
     async fn get_named(&self, kind: Named, name: &str) -> Result<Option<serde_json::Value>>;
     /// Every named document of a kind, by name.
     async fn list_named(&self, kind: Named) -> Result<Vec<(String, serde_json::Value)>>;
-    /// Deletes a named document; false when there was none.
-    async fn delete_named(&self, kind: Named, name: &str) -> Result<bool>;
+    /// Deletes a named document; false when there was none. The audit log records `by`.
+    async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool>;
+    /// The audit log, newest first, with id below `before` when given.
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>>;
     /// Records an SNS delivery, cut by [`NewDelivery::bounded`]; a refusal (outcome `rejected`, with
     /// a `code`) within [`REFUSAL_FOLD_MS`] of an earlier one of the same code to the same hook is
     /// counted into that row instead.

@@ -10,7 +10,7 @@ use ec2jobd_spec::{Job, JobSpec, JobState};
 
 use ec2jobd_spec::Role;
 
-use crate::{Claimed, Delivery, Result, StoreError, TokenInfo};
+use crate::{AuditEntry, Claimed, Delivery, Result, StoreError, TokenInfo};
 use ec2jobd_spec::JobEvent;
 
 /// The columns [`JobRow`] and [`ClaimedRow`] read (with `wait_outcome` for a claim).
@@ -190,5 +190,29 @@ impl EventRow {
             data: decode("event data", &self.data)?,
             by: self.actor,
         })
+    }
+}
+
+/// An `audit_log` row (`SELECT *`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    id: i64,
+    at: i64,
+    actor: String,
+    what: String,
+    name: String,
+    change: String,
+}
+
+impl From<AuditRow> for AuditEntry {
+    fn from(r: AuditRow) -> Self {
+        AuditEntry {
+            id: r.id,
+            at: ts(r.at),
+            by: r.actor,
+            what: r.what,
+            name: r.name,
+            change: r.change,
+        }
     }
 }

@@ -31,12 +31,14 @@ use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
 use crate::row::{
-    ts, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS, TOKEN_COLS,
+    ts, AuditRow, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS,
+    TOKEN_COLS,
 };
 use crate::shared::{self, encode, spec_hash, Ids};
 use crate::{
-    CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named, NewDelivery,
-    NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo, REFUSAL_FOLD_MS,
+    AuditEntry, CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
+    NewDelivery, NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo,
+    REFUSAL_FOLD_MS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -348,6 +350,24 @@ async fn add_event_by(
     .bind(by)
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// Records in the audit log that `by` changed `(what, name, change)`.
+async fn add_audit(
+    conn: &mut SqliteConnection,
+    at: i64,
+    by: &str,
+    (what, name, change): (&str, &str, &str),
+) -> Result<()> {
+    sqlx::query("INSERT INTO audit_log (at, actor, what, name, change) VALUES (?, ?, ?, ?, ?)")
+        .bind(at)
+        .bind(by)
+        .bind(what)
+        .bind(name)
+        .bind(change)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -955,8 +975,10 @@ impl Store for SqliteStore {
         role: Role,
         sha256_hex: &str,
         scopes: &Scopes,
+        by: &str,
     ) -> Result<TokenInfo> {
         let (name, hash, scopes) = (name.to_string(), sha256_hex.to_string(), scopes.clone());
+        let by = by.to_string();
         let clock = self.clock.clone();
         self.write(move |conn| {
             Box::pin(async move {
@@ -970,8 +992,11 @@ impl Store for SqliteStore {
                 .bind(&hash)
                 .bind(now)
                 .bind((!scopes.is_empty()).then(|| encode(&scopes)))
-                .execute(conn)
+                .execute(&mut *conn)
                 .await;
+                if r.is_ok() {
+                    add_audit(conn, now, &by, ("token", &name, "created")).await?;
+                }
                 match r {
                     Ok(_) => Ok(TokenInfo {
                         name,
@@ -1016,15 +1041,19 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn revoke_token(&self, name: &str) -> Result<bool> {
-        let name = name.to_string();
+    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool> {
+        let (name, by, clock) = (name.to_string(), by.to_string(), self.clock.clone());
         self.write(move |conn| {
             Box::pin(async move {
                 let n = sqlx::query("DELETE FROM api_tokens WHERE name = ?")
                     .bind(&name)
-                    .execute(conn)
+                    .execute(&mut *conn)
                     .await?
                     .rows_affected();
+                if n > 0 {
+                    let at = clock.now_ms();
+                    add_audit(conn, at, &by, ("token", &name, "revoked")).await?;
+                }
                 Ok(n > 0)
             })
         })
@@ -1166,8 +1195,9 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn put_named(&self, kind: Named, name: &str, body: Value) -> Result<bool> {
+    async fn put_named(&self, kind: Named, name: &str, body: Value, by: &str) -> Result<bool> {
         let (name, clock, table) = (name.to_string(), self.clock.clone(), kind.table());
+        let by = by.to_string();
         self.write(move |conn| {
             Box::pin(async move {
                 let now = clock.now_ms();
@@ -1184,8 +1214,10 @@ impl Store for SqliteStore {
                 .bind(encode(&body))
                 .bind(now)
                 .bind(now)
-                .execute(conn)
+                .execute(&mut *conn)
                 .await?;
+                let change = if existed.is_none() { "created" } else { "replaced" };
+                add_audit(conn, now, &by, (kind.noun(), &name, change)).await?;
                 Ok(existed.is_none())
             })
         })
@@ -1220,19 +1252,34 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn delete_named(&self, kind: Named, name: &str) -> Result<bool> {
-        let (name, table) = (name.to_string(), kind.table());
+    async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool> {
+        let (name, table, by) = (name.to_string(), kind.table(), by.to_string());
+        let clock = self.clock.clone();
         self.write(move |conn| {
             Box::pin(async move {
                 let n = sqlx::query(&format!("DELETE FROM {table} WHERE name = ?"))
                     .bind(&name)
-                    .execute(conn)
+                    .execute(&mut *conn)
                     .await?
                     .rows_affected();
+                if n > 0 {
+                    let at = clock.now_ms();
+                    add_audit(conn, at, &by, (kind.noun(), &name, "deleted")).await?;
+                }
                 Ok(n > 0)
             })
         })
         .await
+    }
+
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows: Vec<AuditRow> =
+            sqlx::query_as("SELECT * FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT ?")
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(AuditEntry::from).collect())
     }
 
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {

@@ -472,16 +472,16 @@ async fn tokens_are_unique_and_revocable(f: Fixture) {
         ..Default::default()
     };
     f.store
-        .create_token("ops", Role::Admin, "ef", &Scopes::default())
+        .create_token("ops", Role::Admin, "ef", &Scopes::default(), "cli")
         .await
         .unwrap();
     f.store
-        .create_token("ci", Role::Operator, "ab", &scoped)
+        .create_token("ci", Role::Operator, "ab", &scoped, "ops")
         .await
         .unwrap();
     assert!(matches!(
         f.store
-            .create_token("ci", Role::Admin, "cd", &Scopes::default())
+            .create_token("ci", Role::Admin, "cd", &Scopes::default(), "ops")
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -497,9 +497,64 @@ async fn tokens_are_unique_and_revocable(f: Fixture) {
         .map(|t| (t.name.as_str(), t.scopes.is_empty()))
         .collect();
     assert_eq!(scopes, [("ci", false), ("ops", true)]);
-    assert!(f.store.revoke_token("ci").await.unwrap());
-    assert!(!f.store.revoke_token("ci").await.unwrap());
+    assert!(f.store.revoke_token("ci", "ops").await.unwrap());
+    assert!(!f.store.revoke_token("ci", "ops").await.unwrap());
     assert!(f.store.token_by_hash("ab").await.unwrap().is_none());
+    // Templates and hooks: created, replaced, deleted; deleting nothing records nothing.
+    let body = json!({"spec": {"action": "describe_instances"}});
+    assert!(f
+        .store
+        .put_named(Named::Template, "t", body.clone(), "ops")
+        .await
+        .unwrap());
+    assert!(!f
+        .store
+        .put_named(Named::Template, "t", body, "ci")
+        .await
+        .unwrap());
+    assert!(f
+        .store
+        .delete_named(Named::Template, "t", "ops")
+        .await
+        .unwrap());
+    assert!(!f
+        .store
+        .delete_named(Named::Template, "t", "ops")
+        .await
+        .unwrap());
+    assert!(f
+        .store
+        .put_named(Named::SnsHook, "h", json!({}), "ops")
+        .await
+        .unwrap());
+    let log = f.store.audit_log(None, 100).await.unwrap();
+    let seen: Vec<(&str, &str, &str, &str)> = log
+        .iter()
+        .map(|e| {
+            (
+                e.by.as_str(),
+                e.what.as_str(),
+                e.name.as_str(),
+                e.change.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("ops", "sns_hook", "h", "created"),
+            ("ops", "template", "t", "deleted"),
+            ("ci", "template", "t", "replaced"),
+            ("ops", "template", "t", "created"),
+            ("ops", "token", "ci", "revoked"),
+            ("ops", "token", "ci", "created"),
+            ("cli", "token", "ops", "created"),
+        ],
+        "newest first; the refused second `ci` left no row"
+    );
+    let older = f.store.audit_log(Some(log[2].id), 2).await.unwrap();
+    assert_eq!(older.len(), 2);
+    assert_eq!(older[0].id, log[3].id);
 }
 
 /// Refused SNS deliveries cannot fill the disk: every caller-supplied text is cut, and repeats of

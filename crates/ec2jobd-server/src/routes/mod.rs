@@ -1,5 +1,6 @@
 //! HTTP routes, one module per feature; each exposes `router()`.
 
+pub mod audit;
 pub mod catalog;
 pub mod jobs;
 pub mod ops;

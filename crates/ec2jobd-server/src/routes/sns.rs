@@ -161,7 +161,10 @@ pub async fn put_hook(
         }
     })?;
     let value = serde_json::to_value(&hook).unwrap_or_default();
-    let created = state.store.put_named(Named::SnsHook, &name, value).await?;
+    let created = state
+        .store
+        .put_named(Named::SnsHook, &name, value, &caller.0.name)
+        .await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -196,7 +199,11 @@ pub async fn delete_hook(
             format!("hook `{name}` is defined in the config file; remove it there"),
         ));
     }
-    if state.store.delete_named(Named::SnsHook, &name).await? {
+    if state
+        .store
+        .delete_named(Named::SnsHook, &name, &caller.0.name)
+        .await?
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(&format!("SNS hook `{name}`")))

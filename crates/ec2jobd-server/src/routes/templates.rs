@@ -345,6 +345,7 @@ pub async fn put(
             Named::Template,
             &name,
             serde_json::to_value(&template).unwrap_or_default(),
+            &caller.0.name,
         )
         .await?;
     let status = if created {
@@ -365,7 +366,11 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Role::Admin)?;
-    if state.store.delete_named(Named::Template, &name).await? {
+    if state
+        .store
+        .delete_named(Named::Template, &name, &caller.0.name)
+        .await?
+    {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(&format!("template `{name}`")))

@@ -120,7 +120,7 @@ pub async fn create(
     let (token, hash) = new_token();
     let info = state
         .store
-        .create_token(&req.name, req.role, &hash, &req.scopes)
+        .create_token(&req.name, req.role, &hash, &req.scopes, &caller.0.name)
         .await?;
     tracing::info!(name = %info.name, role = %info.role, by = %caller.0.name, "token created");
     Ok((
@@ -163,7 +163,7 @@ pub async fn revoke(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require(Role::Admin)?;
-    let revoked = state.store.revoke_token(&name).await?;
+    let revoked = state.store.revoke_token(&name, &caller.0.name).await?;
     state.tokens.evict(&name);
     if revoked {
         tracing::info!(%name, by = %caller.0.name, "token revoked");

@@ -133,6 +133,18 @@ const TABLES: &[Table] = &[
         ],
         identity: true,
     },
+    Table {
+        name: "audit_log",
+        columns: &[
+            ("id", Int),
+            ("at", Int),
+            ("actor", Text),
+            ("what", Text),
+            ("name", Text),
+            ("change", Text),
+        ],
+        identity: true,
+    },
 ];
 
 /// Rows read from SQLite at a time.

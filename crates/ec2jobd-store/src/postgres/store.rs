@@ -29,12 +29,13 @@ use tokio::task::JoinHandle;
 
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
 use crate::row::{
-    decode, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS, TOKEN_COLS,
+    decode, AuditRow, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS,
+    TOKEN_COLS,
 };
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
-    CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
-    NewDelivery, NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo,
+    AuditEntry, CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery,
+    Named, NewDelivery, NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo,
     REFUSAL_FOLD_MS,
 };
 
@@ -163,6 +164,23 @@ fn with_event(update: &str, first: usize, hint: bool) -> String {
          event AS (INSERT INTO job_events (job_id, at, kind, message, data) \
                    SELECT id, updated_at, ${k}, ${m}, ${d} FROM done){hint_cte} \
          SELECT done.* FROM {from}"
+    )
+}
+
+/// `change` (a statement `RETURNING name, change` whose last parameter is `$n`) with its audit
+/// log row in the same statement: `$n+1` the time, `$n+2` who, `what` the kind of thing changed.
+/// Returns the changed rows' (name, change).
+fn audited(change: &str, what: &str) -> String {
+    let n = (1..=9)
+        .rev()
+        .find(|i| change.contains(&format!("${i}")))
+        .unwrap_or(0);
+    let (at, by) = (n + 1, n + 2);
+    format!(
+        "WITH changed AS ({change}), \
+         logged AS (INSERT INTO audit_log (at, actor, what, name, change) \
+                    SELECT ${at}, ${by}, '{what}', name, change FROM changed) \
+         SELECT name, change FROM changed"
     )
 }
 
@@ -790,17 +808,21 @@ impl Store for PgStore {
         role: Role,
         sha256_hex: &str,
         scopes: &Scopes,
+        by: &str,
     ) -> Result<TokenInfo> {
         let now = self.clock.now_ms();
-        let r = sqlx::query(
+        let r = sqlx::query(&audited(
             "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
+             VALUES ($1, $2, $3, $4, $5) RETURNING name, 'created' AS change",
+            "token",
+        ))
         .bind(name)
         .bind(role.as_str())
         .bind(sha256_hex)
         .bind(now)
         .bind((!scopes.is_empty()).then(|| encode(scopes)))
+        .bind(now)
+        .bind(by)
         .execute(&self.pool)
         .await;
         match r {
@@ -844,13 +866,17 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn revoke_token(&self, name: &str) -> Result<bool> {
-        let n = sqlx::query("DELETE FROM api_tokens WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n > 0)
+    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool> {
+        let gone: Option<String> = sqlx::query_scalar(&audited(
+            "DELETE FROM api_tokens WHERE name = $1 RETURNING name, 'revoked' AS change",
+            "token",
+        ))
+        .bind(name)
+        .bind(self.clock.now_ms())
+        .bind(by)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(gone.is_some())
     }
 
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()> {
@@ -964,21 +990,26 @@ impl Store for PgStore {
         Ok(n)
     }
 
-    async fn put_named(&self, kind: Named, name: &str, body: Value) -> Result<bool> {
+    async fn put_named(&self, kind: Named, name: &str, body: Value, by: &str) -> Result<bool> {
         let now = self.clock.now_ms();
         // `xmax = 0` holds for a row this statement inserted, not for one it updated.
-        let created: bool = sqlx::query_scalar(&format!(
-            "INSERT INTO {} (name, body, created_at, updated_at) VALUES ($1, $2, $3, $3) \
-             ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at \
-             RETURNING (xmax = 0)",
-            kind.table()
+        let (_, change): (String, String) = sqlx::query_as(&audited(
+            &format!(
+                "INSERT INTO {} (name, body, created_at, updated_at) VALUES ($1, $2, $3, $3) \
+                 ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, updated_at = EXCLUDED.updated_at \
+                 RETURNING name, CASE WHEN xmax = 0 THEN 'created' ELSE 'replaced' END AS change",
+                kind.table()
+            ),
+            kind.noun(),
         ))
         .bind(name)
         .bind(encode(&body))
         .bind(now)
+        .bind(now)
+        .bind(by)
         .fetch_one(&self.pool)
         .await?;
-        Ok(created)
+        Ok(change == "created")
     }
 
     async fn get_named(&self, kind: Named, name: &str) -> Result<Option<Value>> {
@@ -1004,13 +1035,30 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn delete_named(&self, kind: Named, name: &str) -> Result<bool> {
-        let n = sqlx::query(&format!("DELETE FROM {} WHERE name = $1", kind.table()))
-            .bind(name)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n > 0)
+    async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool> {
+        let gone: Option<String> = sqlx::query_scalar(&audited(
+            &format!(
+                "DELETE FROM {} WHERE name = $1 RETURNING name, 'deleted' AS change",
+                kind.table()
+            ),
+            kind.noun(),
+        ))
+        .bind(name)
+        .bind(self.clock.now_ms())
+        .bind(by)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(gone.is_some())
+    }
+
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows: Vec<AuditRow> =
+            sqlx::query_as("SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2")
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(AuditEntry::from).collect())
     }
 
     async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {

@@ -273,17 +273,24 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     // A running job with a cancel asked for: its flag must arrive as a boolean true.
     let running = node.claim("w-1", 60_000, 1).await.unwrap().remove(0).job.id;
     node.cancel(&running, "ops").await.unwrap();
-    node.create_token("ops", Role::Operator, &"ab".repeat(32), &Default::default())
-        .await
-        .unwrap();
+    node.create_token(
+        "ops",
+        Role::Operator,
+        &"ab".repeat(32),
+        &Default::default(),
+        "cli",
+    )
+    .await
+    .unwrap();
     node.put_named(
         Named::Template,
         "nightly",
         json!({"spec": {"action": "stop_instances"}}),
+        "admin",
     )
     .await
     .unwrap();
-    node.put_named(Named::SnsHook, "alarms", json!({"rules": []}))
+    node.put_named(Named::SnsHook, "alarms", json!({"rules": []}), "admin")
         .await
         .unwrap();
     node.record_delivery(NewDelivery {

@@ -1,0 +1,70 @@
+//! `GET /v1/audit` (admin): who changed what the API manages — templates, SNS hooks, tokens —
+//! newest first, as the store recorded it with each change. Who submitted or cancelled a job is on
+//! the job (`created_by`) and its events (`by`).
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use ec2jobd_spec::Role;
+use ec2jobd_store::AuditEntry;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, Problem};
+use crate::state::AppState;
+
+/// Routes of this module (behind authentication, admin only).
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/audit", get(list))
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Most rows (1-500, default 100).
+    pub limit: Option<u32>,
+    /// Only entries with a smaller id (the next page).
+    pub before: Option<i64>,
+}
+
+/// Body of `GET /v1/audit`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    /// Newest first.
+    pub entries: Vec<AuditEntry>,
+}
+
+/// The audit log: templates, SNS hooks and tokens created, replaced, deleted or revoked, and by
+/// whom.
+#[utoipa::path(
+    get, path = "/v1/audit", tag = "tokens",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Most rows, 1-500 (default 100)"),
+        ("before" = Option<i64>, Query, description = "Only ids below this (next page)"),
+    ),
+    responses((status = 200, body = AuditPage), (status = 400, body = Problem), (status = 403, body = Problem)),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    caller.require(Role::Admin)?;
+    let Query(q) =
+        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit",
+            "must be 1 to 500",
+        ));
+    }
+    Ok(Json(AuditPage {
+        entries: state.store.audit_log(q.before, limit).await?,
+    }))
+}
