@@ -185,6 +185,36 @@ async fn client_commands_report_through_exit_codes_and_outputs() {
 
 /// Saved templates: checked when saved (undeclared placeholder → 422), run over the API with
 /// values (missing one → 422 naming it; typed values keep their type) and with `ec2jobd run`.
+/// `ec2jobd health` is a health check that needs no curl: 0 while the daemon is ready, 4 when it
+/// cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_readiness_by_exit_code() {
+    let mut d = Daemon::start(DaemonOpts {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let health = |url: &str| {
+        Command::new(bin())
+            .args(["health", "--url", url])
+            .env_remove("EC2JOBD_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let o = health(&d.url);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let url = d.url.clone();
+    d.kill9();
+    let o = health(&url);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/readyz"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_are_checked_on_save_and_run_with_values() {
     let moto = Moto::start().await;

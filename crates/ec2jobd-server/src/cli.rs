@@ -98,6 +98,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: crate::client::JobsCmd,
     },
+    /// Exit 0 when the daemon at `--url` is ready (`GET /readyz`: its database takes a write), 4
+    /// otherwise: a container health check that needs no curl.
+    Health {
+        #[command(flatten)]
+        conn: crate::client::Conn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,7 +219,9 @@ fn parse_scopes(flags: &[String]) -> anyhow::Result<ec2jobd_store::Scopes> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         // `main` runs the client commands itself (they have their own exit codes).
-        Cmd::Submit(_) | Cmd::Run(_) | Cmd::Jobs { .. } => bail!("not a daemon-side command"),
+        Cmd::Submit(_) | Cmd::Run(_) | Cmd::Jobs { .. } | Cmd::Health { .. } => {
+            bail!("not a daemon-side command")
+        }
         Cmd::Serve {
             config,
             listen,
@@ -417,6 +425,7 @@ pub fn main() -> ExitCode {
         Cmd::Submit(s) => rt.block_on(crate::client::submit(*s)),
         Cmd::Run(r) => rt.block_on(crate::client::run_template(*r)),
         Cmd::Jobs { cmd } => rt.block_on(crate::client::jobs(cmd)),
+        Cmd::Health { conn } => rt.block_on(crate::client::health(conn)),
         cmd => {
             return match rt.block_on(run(Cli { cmd })) {
                 Ok(()) => ExitCode::SUCCESS,

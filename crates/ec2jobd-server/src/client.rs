@@ -586,6 +586,23 @@ fn query_value(v: &str) -> String {
         .collect()
 }
 
+/// `ec2jobd health`: the daemon's readiness, without a token (readiness is public).
+pub async fn health(conn: Conn) -> R<u8> {
+    let url = format!("{}/readyz", conn.url.trim_end_matches('/'));
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| Fail(exit::UNREACHABLE, format!("HTTP client: {e}")))?;
+    match http.get(&url).send().await {
+        Ok(r) if r.status().is_success() => Ok(exit::OK),
+        Ok(r) => Err(Fail(
+            exit::UNREACHABLE,
+            format!("{url} answered {}", r.status()),
+        )),
+        Err(e) => Err(Fail(exit::UNREACHABLE, format!("{url}: {e}"))),
+    }
+}
+
 pub async fn jobs(cmd: JobsCmd) -> R<u8> {
     match cmd {
         JobsCmd::List {
