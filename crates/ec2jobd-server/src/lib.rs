@@ -15,6 +15,7 @@ pub mod leader;
 pub mod listener;
 pub mod metrics;
 pub mod openapi;
+pub mod paging;
 pub mod report;
 pub mod retention;
 pub mod routes;

@@ -8,26 +8,17 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use ec2jobd_spec::Role;
 use ec2jobd_store::AuditEntry;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
+use crate::paging::ById;
 use crate::state::AppState;
 
 /// Routes of this module (behind authentication, admin only).
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/audit", get(list))
-}
-
-/// Query of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditQuery {
-    /// Most rows (1-500, default 100).
-    pub limit: Option<u32>,
-    /// Only entries with a smaller id (the next page).
-    pub before: Option<i64>,
 }
 
 /// Body of `GET /v1/audit`.
@@ -51,20 +42,11 @@ pub struct AuditPage {
 pub async fn list(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    query: Result<Query<AuditQuery>, QueryRejection>,
+    query: Result<Query<ById>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
     caller.require(Role::Admin)?;
-    let Query(q) =
-        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit",
-            "must be 1 to 500",
-        ));
-    }
+    let (before, limit) = ById::read(query)?;
     Ok(Json(AuditPage {
-        entries: state.store.audit_log(q.before, limit).await?,
+        entries: state.store.audit_log(before, limit).await?,
     }))
 }

@@ -15,12 +15,13 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use ec2jobd_spec::Role;
 use ec2jobd_store::{cut_text, Delivery, Enqueued, Named, NewDelivery, DELIVERY_FIELD_MAX};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::config::HookSection;
 use crate::error::{ApiError, Problem};
+use crate::paging::ById;
 use crate::routes::jobs::{new_job, resolve_spec};
 use crate::sns::rules::{parse_event, RuleJob};
 use crate::sns::verify::SnsMessage;
@@ -514,16 +515,6 @@ async fn notification(
     Ok(answer(outcome, Some(job.id)))
 }
 
-/// Query of `GET /v1/sns/deliveries`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeliveryQuery {
-    /// Most rows (1-500, default 100).
-    pub limit: Option<u32>,
-    /// Only deliveries with a smaller id (the next page).
-    pub before: Option<i64>,
-}
-
 /// Body of `GET /v1/sns/deliveries`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryPage {
@@ -545,20 +536,11 @@ pub struct DeliveryPage {
 pub async fn deliveries(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    query: Result<Query<DeliveryQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<ById>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DeliveryPage>, ApiError> {
     caller.require(Role::Viewer)?;
-    let Query(q) =
-        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit",
-            "must be 1 to 500",
-        ));
-    }
+    let (before, limit) = ById::read(query)?;
     Ok(Json(DeliveryPage {
-        deliveries: state.store.list_deliveries(q.before, limit).await?,
+        deliveries: state.store.list_deliveries(before, limit).await?,
     }))
 }
