@@ -52,13 +52,18 @@ async fn database() -> String {
     url
 }
 
-/// Sequential single-row INSERT commits of a job row on one connection.
-async fn raw_inserts(url: &str, secs: u64) -> f64 {
-    let mut conn = PgConnectOptions::from_str(url)
+/// One plain connection for a raw baseline (no pool, no store).
+async fn raw_connection(url: &str) -> sqlx::PgConnection {
+    PgConnectOptions::from_str(url)
         .expect("url")
         .connect()
         .await
-        .expect("connect");
+        .expect("connect")
+}
+
+/// Sequential single-row INSERT commits of a job row on one connection.
+async fn raw_inserts(url: &str, secs: u64) -> f64 {
+    let mut conn = raw_connection(url).await;
     let start = Instant::now();
     let mut n: u64 = 0;
     while start.elapsed() < Duration::from_secs(secs) {
@@ -165,11 +170,7 @@ async fn claim() {
 
 /// Claim and finish as two sequential single-row UPDATE commits per job on one connection.
 async fn raw_claim_complete(url: &str, jobs: u64) -> f64 {
-    let mut conn = PgConnectOptions::from_str(url)
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let mut conn = raw_connection(url).await;
     conn.execute("BEGIN").await.expect("begin");
     for n in 0..jobs {
         sqlx::query(

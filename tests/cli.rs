@@ -450,30 +450,14 @@ fn token_create_is_repeatable_and_the_wrong_database_is_loud() {
 }
 
 /// `ec2jobd migrate` prepares a PostgreSQL database (once: a second run applies nothing), never
-/// echoing the URL's password; `serve` on it says plainly that it cannot serve from one yet;
-/// `ec2jobd store copy` moves a node's SQLite history into it, once.
+/// echoing the URL's password; `ec2jobd store copy` moves a node's SQLite history into it, once.
 #[test]
 fn migrate_and_copy_into_a_postgres_database() {
-    let Ok(admin) = std::env::var("TEST_POSTGRES_URL") else {
-        eprintln!("TEST_POSTGRES_URL is not set: skipped (scripts/test starts a server)");
+    let Some(fresh) = common::postgres_database() else {
         return;
     };
-    let name = format!("cli_{}", std::process::id());
-    let psql = |sql: &str| {
-        let o = Command::new("psql")
-            .args([admin.as_str(), "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    psql(&format!("DROP DATABASE IF EXISTS {name}"));
-    psql(&format!("CREATE DATABASE {name}"));
     // The test server trusts local connections: the password is there to be hidden.
-    let url = admin
-        .replacen("postgres@", "postgres:hunter2@", 1)
-        .rsplit_once('/')
-        .map(|(base, _)| format!("{base}/{name}"))
-        .unwrap();
+    let url = fresh.replacen("postgres@", "postgres:hunter2@", 1);
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_config(dir.path(), &DaemonOpts::default());
     let run = |cmd: &str| {
@@ -529,5 +513,4 @@ fn migrate_and_copy_into_a_postgres_database() {
         !ok && err.contains("1 in api_tokens") && err.contains("--allow-non-empty"),
         "{err}"
     );
-    psql(&format!("DROP DATABASE {name}"));
 }

@@ -580,24 +580,22 @@ impl Store for PgStore {
 
     async fn release(&self, id: &str, worker: &str) -> Result<()> {
         let now = self.clock.now_ms();
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
+        let held: Option<String> = sqlx::query_scalar(&with_event(
             "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0), run_after = $1, \
              updated_at = $1, lease_owner = NULL, lease_expires_at = NULL \
-             WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
-        )
+             WHERE id = $2 AND lease_owner = $3 AND state = 'running' RETURNING id, updated_at",
+            4,
+            true,
+        ))
         .bind(now)
         .bind(id)
         .bind(worker)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        add_event(&mut tx, id, now, "requeued", shared::RELEASED, &Value::Null).await?;
-        hints::hint(&mut tx).await?;
-        tx.commit().await?;
+        .bind("requeued")
+        .bind(shared::RELEASED)
+        .bind(encode(&Value::Null))
+        .fetch_optional(&self.pool)
+        .await?;
+        held.ok_or(StoreError::LeaseLost)?;
         self.announce(id);
         self.notify.notify_one();
         Ok(())
@@ -648,12 +646,14 @@ impl Store for PgStore {
         progress: Progress,
     ) -> Result<()> {
         let now = self.clock.now_ms();
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
+        let data = json!({"lot": lot, "phase": progress.phase});
+        let held: Option<String> = sqlx::query_scalar(&with_event(
             "UPDATE jobs SET checkpoint = $1, progress = $2, wait_outcome = NULL, \
              lease_owner = $3, lease_expires_at = $4, updated_at = $5 \
-             WHERE id = $6 AND lease_owner = $7 AND state = 'running'",
-        )
+             WHERE id = $6 AND lease_owner = $7 AND state = 'running' RETURNING id, updated_at",
+            8,
+            false,
+        ))
         .bind(encode(&checkpoint))
         .bind(encode(&progress))
         .bind(lot)
@@ -661,42 +661,37 @@ impl Store for PgStore {
         .bind(now)
         .bind(id)
         .bind(worker)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        let data = json!({"lot": lot, "phase": progress.phase});
-        add_event(&mut tx, id, now, "parked", &progress.message, &data).await?;
-        tx.commit().await?;
+        .bind("parked")
+        .bind(&progress.message)
+        .bind(encode(&data))
+        .fetch_optional(&self.pool)
+        .await?;
+        held.ok_or(StoreError::LeaseLost)?;
         self.announce(id);
         Ok(())
     }
 
     async fn unpark(&self, id: &str, lot: &str, outcome: Value, message: &str) -> Result<()> {
         let now = self.clock.now_ms();
-        let mut tx = self.pool.begin().await?;
         // `run_after` stays the job's first due time: a job that has waited goes on ahead of jobs
         // of its priority that have not started.
-        let n = sqlx::query(
+        let held: Option<String> = sqlx::query_scalar(&with_event(
             "UPDATE jobs SET state = 'queued', attempts = GREATEST(attempts - 1, 0), \
              wait_outcome = $1, lease_owner = NULL, lease_expires_at = NULL, updated_at = $2 \
-             WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
-        )
+             WHERE id = $3 AND lease_owner = $4 AND state = 'running' RETURNING id, updated_at",
+            5,
+            true,
+        ))
         .bind(encode(&outcome))
         .bind(now)
         .bind(id)
         .bind(lot)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            return Err(StoreError::LeaseLost);
-        }
-        add_event(&mut tx, id, now, "wait_ended", message, &Value::Null).await?;
-        hints::hint(&mut tx).await?;
-        tx.commit().await?;
+        .bind("wait_ended")
+        .bind(message)
+        .bind(encode(&Value::Null))
+        .fetch_optional(&self.pool)
+        .await?;
+        held.ok_or(StoreError::LeaseLost)?;
         self.announce(id);
         self.notify.notify_one();
         Ok(())
