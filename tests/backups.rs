@@ -580,6 +580,89 @@ async fn an_ami_rotated_away_before_its_job_recorded_it_is_not_made_again() {
     assert!(img["outcome"].as_str().unwrap().contains("rotation"), "{j}");
 }
 
+/// Another job's rotation deregisters this job's new AMI and deletes its snapshots between this
+/// job seeing it available and tagging its snapshots (the proxy holds that CreateTags while the
+/// test does what the newer generation's rotation would): the job succeeds and reports the AMI as
+/// made and since deregistered. Before, it failed with InvalidSnapshot.NotFound (the fault
+/// campaign caught it with concurrent AMI jobs of one instance keeping 2).
+#[tokio::test]
+async fn an_ami_rotated_away_while_its_job_finishes_is_reported_not_failed() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Backup", "ami-race")]).await;
+    let proxy = FaultProxy::start(&moto.url, 7).await;
+    proxy.set(|f| {
+        f.image_state = Some(("pending".into(), Instant::now() + Duration::from_secs(3600)))
+    });
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let id = d
+        .submit(
+            &json!({"action": "create_image", "targets": {"instance_ids": ids},
+            "params": {"keep": 2, "no_reboot": true, "name": "race-{job_id}"},
+            "wait": {"interval": "200ms", "timeout": "1m"}}),
+        )
+        .await;
+    d.wait_for(&id, MINUTE, |j| j["progress"]["phase"] == "waiting")
+        .await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let tagged = proxy.calls("CreateTags");
+    proxy.set(|f| {
+        f.hold = Some(("CreateTags".into(), gate.clone()));
+        f.image_state = None;
+    });
+    let deadline = Instant::now() + MINUTE;
+    while proxy.calls("CreateTags") == tagged {
+        assert!(
+            Instant::now() < deadline,
+            "no CreateTags of the snapshots: {}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ec2 = moto.ec2().await;
+    let mine: Vec<String> = moto
+        .images_tagged("ec2jobd:job-id", &id)
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let snaps: Vec<String> = ec2
+        .describe_images()
+        .image_ids(&mine[0])
+        .send()
+        .await
+        .expect("describe in moto")
+        .images()[0]
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from))
+        .collect();
+    assert!(!snaps.is_empty(), "the AMI has snapshots");
+    ec2.deregister_image()
+        .image_id(&mine[0])
+        .send()
+        .await
+        .expect("deregister in moto");
+    for s in &snaps {
+        ec2.delete_snapshot()
+            .snapshot_id(s)
+            .send()
+            .await
+            .expect("delete in moto");
+    }
+    gate.close();
+    let j = d.wait_final(&id, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    let img = &j["results"]["images"][0];
+    assert_eq!(img["image_id"], mine[0].as_str(), "{j}");
+    assert_eq!(img["state"], "deregistered", "{j}");
+    assert!(img["outcome"].as_str().unwrap().contains("rotation"), "{j}");
+    assert_eq!(proxy.calls("CreateImage"), 1, "not made again: {j}");
+}
+
 /// `stop_first`: a running instance is stopped before its snapshots and started again after them
 /// (and waited for 2/2 checks); a stopped one is snapshotted and stays stopped. The proxy's call
 /// order shows the snapshots were taken between the stop and the start.

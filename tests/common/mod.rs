@@ -29,31 +29,40 @@ pub fn free_port() -> u16 {
 }
 
 impl Moto {
+    /// Starts one; waits up to two minutes (many tests start theirs at once on two cores, and
+    /// moto's imports take seconds each), and starts again on another port when the first one
+    /// exits (another test took the port between `free_port` and moto's bind).
     pub async fn start() -> Moto {
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run `moto_server` ({e}): run scripts/test, which installs it (pip install 'moto[server]')")
-            });
-        let url = format!("http://127.0.0.1:{port}");
-        let m = Moto { child, url };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         let http = reqwest::Client::new();
-        loop {
-            if let Ok(r) = http.get(format!("{}/moto-api/", m.url)).send().await {
-                if r.status().is_success() {
-                    return m;
+        'spawn: loop {
+            let port = free_port();
+            let child = Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run `moto_server` ({e}): run scripts/test, which installs it (pip install 'moto[server]')")
+                });
+            let url = format!("http://127.0.0.1:{port}");
+            let mut m = Moto { child, url };
+            loop {
+                if let Ok(r) = http.get(format!("{}/moto-api/", m.url)).send().await {
+                    if r.status().is_success() {
+                        return m;
+                    }
                 }
+                assert!(
+                    Instant::now() < deadline,
+                    "moto_server did not start within 120s"
+                );
+                if let Ok(Some(status)) = m.child.try_wait() {
+                    eprintln!("moto_server on port {port} exited ({status}); starting another");
+                    continue 'spawn;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not start within 30s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -61,6 +61,10 @@ pub struct Faults {
     /// 10/s, other mutating calls 50 at 5/s): a call finding its bucket empty is answered
     /// `503 RequestLimitExceeded`, as EC2 does, and counted as injected.
     pub ec2_buckets: bool,
+    /// Calls of this operation are held (counted as arrived, not yet forwarded) until the
+    /// semaphore gives a permit or is closed: the test acts in EC2 between a call's sending and
+    /// its effect.
+    pub hold: Option<(String, Arc<tokio::sync::Semaphore>)>,
 }
 
 /// EC2's default bucket (size, refill per second) for an operation.
@@ -371,6 +375,11 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         *st.ids.entry(op.clone()).or_default() += ids;
         let m = st.max_in_flight.entry(op.clone()).or_default();
         *m = (*m).max(now_in);
+    }
+    let gate = (s.faults.lock().unwrap().hold.clone()).filter(|(o, _)| *o == op);
+    if let Some((_, gate)) = gate {
+        // A closed semaphore lets everything through.
+        let _permit = gate.acquire().await;
     }
     let reply = forward(&s, &op, &path, &headers, body).await;
     let delay = {

@@ -326,14 +326,34 @@ impl Ec2Executor {
                 };
                 img.creation_date = fresh.creation_date;
                 img.snapshot_ids = fresh.snapshot_ids;
-                if !img.snapshot_ids.is_empty() {
-                    let outs = ec2
-                        .create_tags(&img.snapshot_ids, &fresh.tags, false)
-                        .await
-                        .map_err(|e| failed(e, results.clone()))?;
-                    results
+                if img.snapshot_ids.is_empty() {
+                    continue;
+                }
+                match ec2.create_tags(&img.snapshot_ids, &fresh.tags, false).await {
+                    Ok(outs) => results
                         .request_ids
-                        .extend(outs.into_iter().filter_map(|o| o.request_id));
+                        .extend(outs.into_iter().filter_map(|o| o.request_id)),
+                    // Another job's rotation (a newer generation of this group) deregistered the
+                    // AMI and deleted its snapshots since it was seen available.
+                    Err(e) if e.code == "InvalidSnapshot.NotFound" => {
+                        let (still, rids) = ec2
+                            .describe_images(None, &super::made_by_filters(ctx))
+                            .await
+                            .map_err(|e| failed(e, results.clone()))?;
+                        results.request_ids.extend(rids);
+                        if still
+                            .iter()
+                            .any(|i| i.image_id == img.image_id && i.state != "deregistered")
+                        {
+                            return Err(failed(e, results.clone()));
+                        }
+                        img.state = ImageResult::ROTATED_AWAY.into();
+                        img.outcome = Some(
+                            "created, then deregistered by the rotation of a newer generation before this job finished"
+                                .into(),
+                        );
+                    }
+                    Err(e) => return Err(failed(e, results.clone())),
                 }
             }
         }
