@@ -178,6 +178,28 @@ pub struct TokenInfo {
     pub scopes: Scopes,
 }
 
+/// A new dashboard session: the SHA-256 of the cookie's secret, of the token signed in with, the
+/// form token (CSRF) its forms carry, and when it ends.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub session_sha256: String,
+    pub token_sha256: String,
+    pub csrf: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A live dashboard session: the token it acts as (still valid), its form token, its end.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub token: TokenInfo,
+    pub csrf: String,
+    pub expires_at_ms: i64,
+}
+
+/// How many sessions one token keeps; signing in again ends the oldest beyond it.
+pub const MAX_SESSIONS_PER_TOKEN: i64 = 20;
+
 /// What a token may use, each list empty for "any": the accounts its jobs may name, the actions
 /// they may be (a workflow's steps each count), the templates it may run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -431,6 +453,13 @@ pub trait Store: Send + Sync + 'static {
     async fn list_tokens(&self) -> Result<Vec<TokenInfo>>;
     /// Deletes a token; false when there was none by that name. The audit log records `by`.
     async fn revoke_token(&self, name: &str, by: &str) -> Result<bool>;
+    /// Starts a dashboard session; ends expired sessions and the token's oldest beyond
+    /// [`MAX_SESSIONS_PER_TOKEN`], so sessions never grow without bound.
+    async fn create_session(&self, new: &NewSession) -> Result<()>;
+    /// The session with this hash, unexpired at `now_ms`, whose token still exists.
+    async fn session(&self, session_sha256: &str, now_ms: i64) -> Result<Option<Session>>;
+    /// Ends a session (signing out); nothing when there is none.
+    async fn end_session(&self, session_sha256: &str) -> Result<()>;
     /// Appends an event to a job in any state, unfenced: things that happen after a job ended
     /// (its notification was published or failed).
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;

@@ -259,3 +259,17 @@ pub(crate) fn counts(rows: impl IntoIterator<Item = (String, i64)>) -> Vec<(JobS
     }
     out
 }
+
+/// Dashboard sessions' statements, the same on both backends (`$N` binds on SQLite too): expired
+/// ones go, then the token's oldest beyond the newest `$2`, then the new one is stored.
+pub(crate) const SESSIONS_EXPIRED: &str = "DELETE FROM ui_sessions WHERE expires_at <= $1";
+pub(crate) const SESSIONS_OLDEST: &str = "DELETE FROM ui_sessions WHERE token_sha256 = $1 AND session_sha256 NOT IN \
+     (SELECT session_sha256 FROM ui_sessions WHERE token_sha256 = $1 ORDER BY created_at DESC LIMIT $2)";
+pub(crate) const SESSION_INSERT: &str =
+    "INSERT INTO ui_sessions (session_sha256, token_sha256, csrf, created_at, expires_at) \
+     VALUES ($1, $2, $3, $4, $5)";
+pub(crate) const SESSION_GET: &str =
+    "SELECT t.name, t.role, t.created_at, t.scopes, s.csrf, s.expires_at \
+     FROM ui_sessions s JOIN api_tokens t ON t.token_sha256 = s.token_sha256 \
+     WHERE s.session_sha256 = $1 AND s.expires_at > $2";
+pub(crate) const SESSION_END: &str = "DELETE FROM ui_sessions WHERE session_sha256 = $1";

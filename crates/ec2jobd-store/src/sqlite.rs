@@ -37,8 +37,8 @@ use crate::row::{
 use crate::shared::{self, encode, spec_hash, Ids};
 use crate::{
     AuditEntry, CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
-    NewDelivery, NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo,
-    REFUSAL_FOLD_MS,
+    NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session, Store, StoreError,
+    TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -1055,6 +1055,63 @@ impl Store for SqliteStore {
                     add_audit(conn, at, &by, ("token", &name, "revoked")).await?;
                 }
                 Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn create_session(&self, new: &NewSession) -> Result<()> {
+        let new = new.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(shared::SESSIONS_EXPIRED)
+                    .bind(new.created_at_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query(shared::SESSIONS_OLDEST)
+                    .bind(&new.token_sha256)
+                    .bind(MAX_SESSIONS_PER_TOKEN - 1)
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query(shared::SESSION_INSERT)
+                    .bind(&new.session_sha256)
+                    .bind(&new.token_sha256)
+                    .bind(&new.csrf)
+                    .bind(new.created_at_ms)
+                    .bind(new.expires_at_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn session(&self, session_sha256: &str, now_ms: i64) -> Result<Option<Session>> {
+        let row = sqlx::query(shared::SESSION_GET)
+            .bind(session_sha256)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(Session {
+                token: TokenRow::from_row(&r)?.into_info()?,
+                csrf: r.try_get("csrf")?,
+                expires_at_ms: r.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn end_session(&self, session_sha256: &str) -> Result<()> {
+        let hash = session_sha256.to_string();
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(shared::SESSION_END)
+                    .bind(&hash)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
             })
         })
         .await

@@ -126,6 +126,7 @@ on_both_backends!(
     prune_deletes_old_finished_jobs_and_deliveries_in_batches,
     parked_jobs_belong_to_their_lot_until_the_wait_ends,
     time_windows_find_jobs_created_in_them,
+    sessions_end_by_expiry_sign_out_revocation_and_cap,
 );
 
 async fn expired_lease_is_requeued_with_attempt_counted(f: Fixture) {
@@ -834,4 +835,64 @@ async fn who_did_it_is_recorded_and_filterable(f: Fixture) {
         .map(|e| (e.kind.as_str(), e.by.as_deref()))
         .collect();
     assert_eq!(who, [("queued", Some("ci")), ("cancelled", Some("ops"))]);
+}
+
+/// A session acts as its token until it expires, is signed out, or its token is revoked; one
+/// token keeps at most MAX_SESSIONS_PER_TOKEN (the oldest end first).
+async fn sessions_end_by_expiry_sign_out_revocation_and_cap(f: Fixture) {
+    f.store
+        .create_token("ops", Role::Operator, "tok-ops", &Scopes::default(), "cli")
+        .await
+        .unwrap();
+    let new = |n: i64| crate::NewSession {
+        session_sha256: format!("s{n}"),
+        token_sha256: "tok-ops".into(),
+        csrf: format!("c{n}"),
+        created_at_ms: 1_000 + n,
+        expires_at_ms: 10_000 + n,
+    };
+    f.store.create_session(&new(0)).await.unwrap();
+    let s = f.store.session("s0", 5_000).await.unwrap().unwrap();
+    assert_eq!(
+        (s.token.name.as_str(), s.token.role),
+        ("ops", Role::Operator)
+    );
+    assert_eq!((s.csrf.as_str(), s.expires_at_ms), ("c0", 10_000));
+    assert!(
+        f.store.session("s0", 10_000).await.unwrap().is_none(),
+        "expired"
+    );
+    assert!(f.store.session("nope", 5_000).await.unwrap().is_none());
+    f.store.end_session("s0").await.unwrap();
+    assert!(
+        f.store.session("s0", 5_000).await.unwrap().is_none(),
+        "signed out"
+    );
+    for n in 1..=crate::MAX_SESSIONS_PER_TOKEN + 1 {
+        f.store.create_session(&new(n)).await.unwrap();
+    }
+    assert!(
+        f.store.session("s1", 5_000).await.unwrap().is_none(),
+        "the oldest ended"
+    );
+    let last = crate::MAX_SESSIONS_PER_TOKEN + 1;
+    for n in 2..=last {
+        assert!(
+            f.store
+                .session(&format!("s{n}"), 5_000)
+                .await
+                .unwrap()
+                .is_some(),
+            "s{n}"
+        );
+    }
+    assert!(f.store.revoke_token("ops", "cli").await.unwrap());
+    assert!(
+        f.store
+            .session(&format!("s{last}"), 5_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "a revoked token's sessions end"
+    );
 }

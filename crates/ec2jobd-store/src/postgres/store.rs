@@ -35,8 +35,8 @@ use crate::row::{
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
     AuditEntry, CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery,
-    Named, NewDelivery, NewEvent, NewJob, Page, Result, Scopes, Store, StoreError, TokenInfo,
-    REFUSAL_FOLD_MS,
+    Named, NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session, Store,
+    StoreError, TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
 };
 
 /// How to reach the database.
@@ -872,6 +872,53 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(gone.is_some())
+    }
+
+    async fn create_session(&self, new: &NewSession) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(shared::SESSIONS_EXPIRED)
+            .bind(new.created_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(shared::SESSIONS_OLDEST)
+            .bind(&new.token_sha256)
+            .bind(MAX_SESSIONS_PER_TOKEN - 1)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(shared::SESSION_INSERT)
+            .bind(&new.session_sha256)
+            .bind(&new.token_sha256)
+            .bind(&new.csrf)
+            .bind(new.created_at_ms)
+            .bind(new.expires_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn session(&self, session_sha256: &str, now_ms: i64) -> Result<Option<Session>> {
+        let row = sqlx::query(shared::SESSION_GET)
+            .bind(session_sha256)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(Session {
+                token: TokenRow::from_row(&r)?.into_info()?,
+                csrf: r.try_get("csrf")?,
+                expires_at_ms: r.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn end_session(&self, session_sha256: &str) -> Result<()> {
+        sqlx::query(shared::SESSION_END)
+            .bind(session_sha256)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()> {
