@@ -6,6 +6,8 @@ mod clients;
 mod common;
 #[path = "api/hardening.rs"]
 mod hardening;
+#[path = "api/ui.rs"]
+mod ui;
 
 use std::time::Duration;
 

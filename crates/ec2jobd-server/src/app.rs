@@ -106,6 +106,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.config.http.request_timeout.0;
     Router::new()
         .merge(v1)
+        .merge(crate::ui::router(&state))
         .merge(sns::hook_router())
         .merge(ops::router())
         .fallback(not_found)

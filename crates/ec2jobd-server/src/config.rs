@@ -63,6 +63,21 @@ pub struct Config {
     pub notify: NotifySection,
     /// How long finished jobs and SNS deliveries are kept.
     pub retention: RetentionSection,
+    /// The dashboard at `/ui/`.
+    pub ui: UiSection,
+}
+
+/// `[ui]`: the dashboard served at `/ui/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UiSection {
+    /// Serve the dashboard (false: `/ui/` is 404).
+    pub enabled: bool,
+    /// How long a session lasts after signing in.
+    pub session_ttl: Dur,
+    /// Mark the session cookie `Secure` (set it when a TLS proxy serves the daemon; a request that
+    /// arrived with `X-Forwarded-Proto: https` gets it anyway).
+    pub secure_cookie: bool,
 }
 
 /// `[retention]`: what the pruner deletes, and how.
@@ -711,6 +726,9 @@ impl Config {
         }
         if self.retention.batch == 0 || self.retention.batch > 10_000 {
             bail!("config key `retention.batch`: 1 to 10000");
+        }
+        if self.ui.session_ttl.0 < std::time::Duration::from_secs(60) {
+            bail!("config key `ui.session_ttl`: at least 1m");
         }
         if self.retention.interval.0.is_zero() {
             bail!("config key `retention.interval`: must be more than 0");

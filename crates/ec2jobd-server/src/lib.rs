@@ -21,3 +21,4 @@ pub mod retention;
 pub mod routes;
 pub mod sns;
 pub mod state;
+pub mod ui;

@@ -36,6 +36,15 @@ pub struct Metrics {
     leader: Gauge,
 }
 
+/// EC2 figures for the dashboard ([`Metrics::ec2_totals`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ec2Totals {
+    pub calls: f64,
+    pub throttled: f64,
+    pub retries: f64,
+    pub parked: f64,
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -43,6 +52,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The dashboard's EC2 figures, summed from the same samples `/metrics` shows: calls,
+    /// attempts throttled (`RequestLimitExceeded` and other throttling codes), retries, and
+    /// jobs parked in waits now.
+    pub fn ec2_totals(&self) -> Ec2Totals {
+        let mut t = Ec2Totals::default();
+        for line in self.render(Exposition::Classic).lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let v: f64 = value.parse().unwrap_or(0.0);
+            let metric = name.split('{').next().unwrap_or("");
+            match metric {
+                "ec2jobd_ec2_calls_total" => t.calls += v,
+                "ec2jobd_ec2_retries_total" => t.retries += v,
+                "ec2jobd_ec2_attempts_total"
+                    if name.contains("Throttl") || name.contains("RequestLimitExceeded") =>
+                {
+                    t.throttled += v
+                }
+                "ec2jobd_jobs_parked" => t.parked += v,
+                _ => {}
+            }
+        }
+        t
+    }
+
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ec2jobd");

@@ -280,7 +280,7 @@ pub async fn submit(
 }
 
 /// A slot for a long-lived answer (`http.max_streams`, `http.max_streams_per_token`), or 429.
-fn stream_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> {
+pub(crate) fn stream_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> {
     let h = &state.config.http;
     state
         .streams

@@ -1,0 +1,278 @@
+//! The dashboard (`/ui/`): sessions, roles, CSRF and headers over plain HTTP, then the pages in a
+//! real headless Chromium (common::browser): sign in, watch a start job go from queued to
+//! succeeded with "2/2 checks passed" without reloading, cancel a waiting job from its page, and a
+//! viewer who finds no Cancel button and whose forged POST is refused. No page logs a console
+//! error; each step saves a screenshot under target/ui-screenshots/.
+
+use std::time::{Duration, Instant};
+
+use crate::common::browser::Browser;
+use crate::common::proxy::FaultProxy;
+use crate::common::{create_token, Daemon, DaemonOpts, Moto};
+use serde_json::json;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in; returns the cookie pair to send back.
+async fn sign_in(d: &Daemon, token: &str) -> String {
+    let r = no_redirects()
+        .post(format!("{}/ui/signin", d.url))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303, "signed in and sent home");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/ui", "Max-Age=43200"] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP, not configured: {cookie}"
+    );
+    cookie.split(';').next().unwrap().to_string()
+}
+
+async fn page(cookie: &str, url: &str) -> (u16, String) {
+    let r = no_redirects()
+        .get(url)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn csrf_of(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + 19;
+    html[at..at + 64].to_string()
+}
+
+async fn post(cookie: &str, url: &str, form: &[(&str, &str)]) -> u16 {
+    no_redirects()
+        .post(url)
+        .header("cookie", cookie)
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn dashboard_sessions_roles_and_csrf() {
+    let d = Daemon::start(DaemonOpts {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let viewer = create_token(&d.config, "viewer", "eve");
+    let operator = create_token(&d.config, "operator", "otto");
+    // Not signed in: the pages send to sign-in; a wrong token gets the form again, no cookie.
+    let r = no_redirects()
+        .get(format!("{}/ui/jobs", d.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/signin");
+    let r = no_redirects()
+        .post(format!("{}/ui/signin", d.url))
+        .form(&[("token", "ejd_wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let csp = r.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+
+    let id = d.submit(&json!({"action": "describe_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}})).await;
+    let job_url = format!("{}/ui/jobs/{id}", d.url);
+    let cancel_url = format!("{job_url}/cancel");
+
+    // A viewer sees the job but no Cancel, and a POST is refused with or without the CSRF token.
+    let v = sign_in(&d, &viewer).await;
+    let (status, html) = page(&v, &job_url).await;
+    assert_eq!(status, 200, "{html}");
+    assert!(
+        html.contains(&id) && !html.contains("id=\"cancel\""),
+        "{html}"
+    );
+    assert_eq!(post(&v, &cancel_url, &[]).await, 403, "no CSRF token");
+    assert_eq!(
+        post(&v, &cancel_url, &[("csrf", &csrf_of(&html))]).await,
+        403,
+        "a viewer"
+    );
+    // The API never takes the cookie.
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/jobs", d.url))
+        .header("cookie", &v)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // An operator's forged POST (another session's or no token) is refused; its own form cancels.
+    let o = sign_in(&d, &operator).await;
+    let (_, html) = page(&o, &job_url).await;
+    assert!(html.contains("id=\"cancel\""), "{html}");
+    assert_eq!(
+        post(&o, &cancel_url, &[("csrf", &"0".repeat(64))]).await,
+        403
+    );
+    assert_eq!(d.job(&id).await["state"], "queued", "nothing changed");
+    assert_eq!(
+        post(&o, &cancel_url, &[("csrf", &csrf_of(&html))]).await,
+        303
+    );
+    let j = d.job(&id).await;
+    assert_eq!(
+        (j["state"].as_str(), j["created_by"].as_str()),
+        (Some("cancelled"), Some("admin"))
+    );
+
+    // Signing out ends the session; revoking the token ends its other sessions.
+    let (_, html) = page(&o, &format!("{}/ui/", d.url)).await;
+    assert_eq!(
+        post(
+            &o,
+            &format!("{}/ui/signout", d.url),
+            &[("csrf", &csrf_of(&html))]
+        )
+        .await,
+        303
+    );
+    assert_eq!(page(&o, &job_url).await.0, 303, "signed out");
+    let st = crate::common::run_cli(&[
+        "token",
+        "revoke",
+        "eve",
+        "--config",
+        d.config.to_str().unwrap(),
+    ])
+    .0;
+    assert!(st.success());
+    assert_eq!(page(&v, &job_url).await.0, 303, "revoked");
+}
+
+#[tokio::test]
+async fn dashboard_in_a_real_browser() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(2, &[("Env", "ui")]).await;
+    moto.stop(&ids).await;
+    let proxy = FaultProxy::start(&moto.url, 11).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    let operator = create_token(&d.config, "operator", "otto");
+    let viewer = create_token(&d.config, "viewer", "eve");
+    let b = Browser::start().await;
+
+    // Sign in.
+    b.goto(&format!("{}/ui/", d.url)).await;
+    let field = b.wait_for("#token", MINUTE).await;
+    b.assert_no_console_errors("sign-in").await;
+    b.type_into(&field, &operator).await;
+    b.click(&b.wait_for("#signin", MINUTE).await).await;
+    b.wait_for("#counts", MINUTE).await;
+    b.screenshot("overview").await;
+    b.assert_no_console_errors("overview").await;
+
+    // A start job submitted through the API, watched on its page until 2/2 checks passed.
+    let id = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": [ids[0]]},
+            "wait": {"until": "status_ok", "interval": "500ms", "timeout": "2m"}}),
+        )
+        .await;
+    b.goto(&format!("{}/ui/jobs/{id}", d.url)).await;
+    b.wait_for("#live", MINUTE).await;
+    b.eval("window.__same_page = 1").await;
+    b.wait_text("#state", MINUTE, |t| t.contains("succeeded"))
+        .await;
+    b.wait_text("#instances", MINUTE, |t| t.contains("2/2 checks passed"))
+        .await;
+    assert_eq!(
+        b.eval("return window.__same_page").await,
+        1,
+        "updated without a reload"
+    );
+    b.screenshot("job").await;
+    b.assert_no_console_errors("job").await;
+
+    // A job waiting for status checks, cancelled from its page.
+    proxy.set(|f| f.instance_status = Some(("initializing".into(), Instant::now() + 3 * MINUTE)));
+    let waiting = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": [ids[1]]},
+            "wait": {"until": "status_ok", "interval": "500ms", "timeout": "5m"}}),
+        )
+        .await;
+    d.wait_for(&waiting, MINUTE, |j| j["progress"]["phase"] == "waiting")
+        .await;
+    b.goto(&format!("{}/ui/jobs/{waiting}", d.url)).await;
+    b.click(&b.wait_for("#cancel", MINUTE).await).await;
+    b.wait_text("#state", MINUTE, |t| t.contains("cancelled"))
+        .await;
+    b.screenshot("cancelled").await;
+    b.assert_no_console_errors("cancelled job").await;
+    assert_eq!(d.job(&waiting).await["state"], "cancelled");
+
+    // A viewer: no Cancel button, and a forged POST (with the session's own CSRF token) is 403.
+    b.click(&b.wait_for("header form button", MINUTE).await)
+        .await;
+    let field = b.wait_for("#token", MINUTE).await;
+    b.type_into(&field, &viewer).await;
+    b.click(&b.wait_for("#signin", MINUTE).await).await;
+    b.wait_for("#counts", MINUTE).await;
+    let queued = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": [ids[1]]},
+            "wait": {"until": "status_ok", "interval": "500ms", "timeout": "5m"}}),
+        )
+        .await;
+    b.goto(&format!("{}/ui/jobs/{queued}", d.url)).await;
+    b.wait_for("#live", MINUTE).await;
+    assert!(b.find("#cancel").await.is_none(), "a viewer sees no Cancel");
+    let status = b
+        .eval(&format!(
+            "const csrf = document.querySelector('input[name=csrf]').value;
+             return fetch('/ui/jobs/{queued}/cancel', {{method: 'POST',
+               headers: {{'content-type': 'application/x-www-form-urlencoded'}},
+               body: 'csrf=' + csrf}}).then(r => r.status);"
+        ))
+        .await;
+    assert_eq!(status, 403, "a viewer's forged cancel");
+    b.screenshot("viewer").await;
+    // The 403 the forged fetch got is the one console error expected here.
+    let errors: Vec<_> = b
+        .console()
+        .await
+        .into_iter()
+        .filter(|(l, _)| l == "SEVERE")
+        .collect();
+    assert!(errors.iter().all(|(_, m)| m.contains("403")), "{errors:?}");
+    assert_ne!(d.job(&queued).await["state"], "cancelled");
+    proxy.set(|f| f.instance_status = None);
+}
