@@ -1,7 +1,8 @@
 //! The dashboard (`/ui/`): sessions, roles, CSRF and headers over plain HTTP, then the pages in a
 //! real headless Chromium (common::browser): sign in, watch a start job go from queued to
-//! succeeded with "2/2 checks passed" without reloading, cancel a waiting job from its page, and a
-//! viewer who finds no Cancel button and whose forged POST is refused. No page logs a console
+//! succeeded with "2/2 checks passed" without reloading, cancel a waiting job from its page, run a
+//! template from its form, and a viewer who finds no Cancel button and whose forged POST is
+//! refused. Search, the chart, templates' forms and tokens are checked over plain HTTP. No page logs a console
 //! error; each step saves a screenshot under target/ui-screenshots/.
 
 use std::time::{Duration, Instant};
@@ -150,6 +151,159 @@ async fn dashboard_sessions_roles_and_csrf() {
         (Some("cancelled"), Some("admin"))
     );
 
+    // Search finds a job by its id or its target.
+    let (_, html) = page(&o, &format!("{}/ui/jobs?q=i-0123456789abcdef0", d.url)).await;
+    assert!(html.contains(&format!("data-job=\"{id}\"")), "{html}");
+    let (_, html) = page(&o, &format!("{}/ui/jobs?q=i-0fffffffffffffff0", d.url)).await;
+    assert!(!html.contains("data-job="), "{html}");
+    let (status, html) = page(&o, &format!("{}/ui/", d.url)).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("id=\"hourly\""), "the chart: {html}");
+    let (status, html) = page(&o, &format!("{}/ui/sns", d.url)).await;
+    assert_eq!(status, 200, "{html}");
+
+    // A template's form: a viewer sees none and is refused; an operator's bad value gets the form
+    // back (422, the value kept, nothing stored); a good one queues the job by the operator.
+    let t = json!({"description": "Look at some instances",
+        "parameters": {"instances": {"type": "string_list"}, "attempts": {"type": "integer", "default": 2}},
+        "spec": {"action": "describe_instances", "targets": {"instance_ids": "${instances}"}, "max_attempts": "${attempts}"}});
+    let r = d
+        .req(reqwest::Method::PUT, "/v1/templates/look", &d.admin)
+        .json(&t)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let run_url = format!("{}/ui/templates/look/run", d.url);
+    let (_, html) = page(&v, &format!("{}/ui/templates/look", d.url)).await;
+    assert!(!html.contains("id=\"run-form\""), "{html}");
+    let v_csrf = csrf_of(&html);
+    assert_eq!(
+        post(
+            &v,
+            &run_url,
+            &[("csrf", &v_csrf), ("p.instances", "i-0123456789abcdef0")]
+        )
+        .await,
+        403
+    );
+    let (status, html) = page(&o, &format!("{}/ui/templates", d.url)).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("data-template=\"look\""), "{html}");
+    let (_, html) = page(&o, &format!("{}/ui/templates/look", d.url)).await;
+    assert!(html.contains("name=\"p.instances\""), "{html}");
+    let o_csrf = csrf_of(&html);
+    let before = d.get_json("/v1/jobs?limit=100").await.1["jobs"]
+        .as_array()
+        .unwrap()
+        .len();
+    let r = no_redirects()
+        .post(&run_url)
+        .header("cookie", &o)
+        .form(&[
+            ("csrf", o_csrf.as_str()),
+            ("p.instances", "i-0123456789abcdef0"),
+            ("p.attempts", "two"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("`attempts` must be a whole number") && html.contains("i-0123456789abcdef0"),
+        "{html}"
+    );
+    assert_eq!(
+        d.get_json("/v1/jobs?limit=100").await.1["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before
+    );
+    let r = no_redirects()
+        .post(&run_url)
+        .header("cookie", &o)
+        .form(&[
+            ("csrf", o_csrf.as_str()),
+            ("p.instances", "i-0123456789abcdef0\ni-0123456789abcdef1"),
+            ("p.attempts", ""),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let new = r.headers()["location"]
+        .to_str()
+        .unwrap()
+        .trim_start_matches("/ui/jobs/")
+        .to_string();
+    let j = d.job(&new).await;
+    assert_eq!(
+        j["spec"]["targets"]["instance_ids"],
+        json!(["i-0123456789abcdef0", "i-0123456789abcdef1"])
+    );
+    assert_eq!(
+        (j["max_attempts"].as_i64(), j["created_by"].as_str()),
+        (Some(2), Some("otto"))
+    );
+
+    // Tokens (admins only): a new token's secret is shown once and works; revoking ends it.
+    assert_eq!(page(&o, &format!("{}/ui/tokens", d.url)).await.0, 403);
+    let a = sign_in(&d, &d.admin).await;
+    let tokens_url = format!("{}/ui/tokens", d.url);
+    let (status, html) = page(&a, &tokens_url).await;
+    assert_eq!(status, 200, "{html}");
+    let a_csrf = csrf_of(&html);
+    let r = no_redirects()
+        .post(&tokens_url)
+        .header("cookie", &a)
+        .form(&[
+            ("csrf", a_csrf.as_str()),
+            ("name", "cron-1"),
+            ("role", "operator"),
+            ("actions", "start_instances, stop_instances"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let html = r.text().await.unwrap();
+    let at = html.find("id=\"token-secret\">").expect("the secret") + 18;
+    let secret = &html[at..at + html[at..].find('<').unwrap()];
+    let r = d.post_job(secret, &json!({"action": "stop_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}})).await;
+    assert_eq!(r.status(), 202, "the new token works");
+    let r = d.post_job(secret, &json!({"action": "reboot_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}})).await;
+    assert_eq!(r.status(), 403, "outside its scope");
+    let (_, html) = page(&a, &tokens_url).await;
+    assert!(
+        html.contains("data-token=\"cron-1\"") && !html.contains(secret),
+        "shown once: {html}"
+    );
+    let r = no_redirects()
+        .post(&tokens_url)
+        .header("cookie", &a)
+        .form(&[
+            ("csrf", a_csrf.as_str()),
+            ("name", "bad name"),
+            ("role", "operator"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        post(
+            &a,
+            &format!("{tokens_url}/cron-1/revoke"),
+            &[("csrf", &a_csrf)]
+        )
+        .await,
+        303
+    );
+    let r = d.post_job(secret, &json!({"action": "stop_instances", "targets": {"instance_ids": ["i-0123456789abcdef0"]}})).await;
+    assert_eq!(r.status(), 401, "revoked");
+
     // Signing out ends the session; revoking the token ends its other sessions.
     let (_, html) = page(&o, &format!("{}/ui/", d.url)).await;
     assert_eq!(
@@ -239,6 +393,43 @@ async fn dashboard_in_a_real_browser() {
     b.assert_no_console_errors("cancelled job").await;
     assert_eq!(d.job(&waiting).await["state"], "cancelled");
 
+    // A template run from its form: the job it queues opens and succeeds.
+    let t = json!({"description": "Describe instances",
+        "parameters": {"instances": {"type": "string_list", "description": "instance ids"}},
+        "spec": {"action": "describe_instances", "targets": {"instance_ids": "${instances}"}}});
+    let r = d
+        .req(reqwest::Method::PUT, "/v1/templates/describe", &d.admin)
+        .json(&t)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    b.goto(&format!("{}/ui/templates", d.url)).await;
+    b.click(&b.wait_for("tr[data-template=describe] a", MINUTE).await)
+        .await;
+    let field = b.wait_for("textarea[name='p.instances']", MINUTE).await;
+    b.assert_no_console_errors("template").await;
+    b.type_into(&field, &ids[0]).await;
+    b.screenshot("template").await;
+    b.click(&b.wait_for("#run", MINUTE).await).await;
+    b.wait_text("#state", MINUTE, |t| t.contains("succeeded"))
+        .await;
+    b.wait_text("#instances", MINUTE, |t| t.contains(&ids[0]))
+        .await;
+    b.screenshot("template-run").await;
+    b.assert_no_console_errors("template run").await;
+
+    // The other pages open without errors.
+    for (path, css, name) in [
+        ("/ui/jobs", "#job-rows", "jobs"),
+        ("/ui/sns", "main h1", "sns"),
+    ] {
+        b.goto(&format!("{}{path}", d.url)).await;
+        b.wait_for(css, MINUTE).await;
+        b.screenshot(name).await;
+        b.assert_no_console_errors(name).await;
+    }
+
     // A viewer: no Cancel button, and a forged POST (with the session's own CSRF token) is 403.
     b.click(&b.wait_for("header form button", MINUTE).await)
         .await;
@@ -246,6 +437,7 @@ async fn dashboard_in_a_real_browser() {
     b.type_into(&field, &viewer).await;
     b.click(&b.wait_for("#signin", MINUTE).await).await;
     b.wait_for("#counts", MINUTE).await;
+    b.screenshot("overview-later").await;
     let queued = d
         .submit(
             &json!({"action": "start_instances", "targets": {"instance_ids": [ids[1]]},

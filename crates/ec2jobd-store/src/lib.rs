@@ -96,10 +96,24 @@ pub struct ListQuery {
     pub until_ms: Option<i64>,
     /// Only jobs submitted by this token (or `sns:<hook>`).
     pub created_by: Option<String>,
+    /// Only the job with this id, or jobs whose spec or results contain this text (an instance,
+    /// volume or image id, a tag): the dashboard's search.
+    pub text: Option<String>,
     /// Page size.
     pub limit: u32,
     /// Continue after this job id (the previous page's cursor).
     pub before_id: Option<String>,
+}
+
+/// Jobs that ended in one hour in one final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourCount {
+    /// The hour's start (ms since the epoch, UTC).
+    pub hour_ms: i64,
+    /// Succeeded, failed or cancelled.
+    pub state: JobState,
+    /// How many.
+    pub count: i64,
 }
 
 /// One page of jobs.
@@ -433,6 +447,9 @@ pub trait Store: Send + Sync + 'static {
     async fn next_run_after(&self) -> Result<Option<i64>>;
     /// Number of jobs per state.
     async fn counts(&self) -> Result<Vec<(JobState, i64)>>;
+    /// Jobs finished at or after `since_ms`, per hour (its start, ms) and final state, oldest
+    /// hour first (the dashboard's chart; the `jobs_finished` index makes it a range read).
+    async fn finished_per_hour(&self, since_ms: i64) -> Result<Vec<HourCount>>;
     /// Jobs waiting to be claimed (cheap: the claim index), for admission control.
     async fn queued(&self) -> Result<i64>;
     /// Proves the database accepts a write.

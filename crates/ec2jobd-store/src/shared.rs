@@ -227,6 +227,20 @@ where
         b.push(" AND created_at < ").push_bind(u);
         b.push(" AND id < ").push_bind(id_bound(u + 1000));
     }
+    if let Some(t) = &q.text {
+        let escaped: String = t
+            .chars()
+            .flat_map(|c| match c {
+                '%' | '_' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let like = format!("%{escaped}%");
+        b.push(" AND (id = ").push_bind(t.clone());
+        b.push(" OR spec LIKE ").push_bind(like.clone());
+        b.push(" ESCAPE '\\' OR results LIKE ").push_bind(like);
+        b.push(" ESCAPE '\\')");
+    }
     if let Some(before) = &q.before_id {
         b.push(" AND id < ").push_bind(before.clone());
     }
@@ -262,6 +276,24 @@ pub(crate) fn counts(rows: impl IntoIterator<Item = (String, i64)>) -> Vec<(JobS
 
 /// Dashboard sessions' statements, the same on both backends (`$N` binds on SQLite too): expired
 /// ones go, then the token's oldest beyond the newest `$2`, then the new one is stored.
+/// Jobs finished since `$1`, per hour and state ([`crate::Store::finished_per_hour`]).
+pub(crate) const FINISHED_PER_HOUR: &str = "SELECT (finished_at / 3600000) * 3600000 AS h, state, \
+     count(*) AS n FROM jobs WHERE finished_at >= $1 GROUP BY 1, 2 ORDER BY 1";
+
+/// [`FINISHED_PER_HOUR`]'s rows as counts (rows of a state that is not final are dropped).
+pub(crate) fn hour_counts(rows: Vec<(i64, String, i64)>) -> Vec<crate::HourCount> {
+    rows.into_iter()
+        .filter_map(|(hour_ms, s, count)| {
+            let state = s.parse::<JobState>().ok().filter(|s| s.is_terminal())?;
+            Some(crate::HourCount {
+                hour_ms,
+                state,
+                count,
+            })
+        })
+        .collect()
+}
+
 pub(crate) const SESSIONS_EXPIRED: &str = "DELETE FROM ui_sessions WHERE expires_at <= $1";
 pub(crate) const SESSIONS_OLDEST: &str = "DELETE FROM ui_sessions WHERE token_sha256 = $1 AND session_sha256 NOT IN \
      (SELECT session_sha256 FROM ui_sessions WHERE token_sha256 = $1 ORDER BY created_at DESC LIMIT $2)";

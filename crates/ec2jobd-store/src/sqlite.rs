@@ -36,9 +36,9 @@ use crate::row::{
 };
 use crate::shared::{self, encode, spec_hash, Ids};
 use crate::{
-    AuditEntry, CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, ListQuery, Named,
-    NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session, Store, StoreError,
-    TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
+    AuditEntry, CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, HourCount,
+    ListQuery, Named, NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session,
+    Store, StoreError, TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -942,6 +942,14 @@ impl Store for SqliteStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn finished_per_hour(&self, since_ms: i64) -> Result<Vec<HourCount>> {
+        let rows = sqlx::query_as(shared::FINISHED_PER_HOUR)
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(shared::hour_counts(rows))
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, i64)>> {

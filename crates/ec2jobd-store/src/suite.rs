@@ -127,7 +127,81 @@ on_both_backends!(
     parked_jobs_belong_to_their_lot_until_the_wait_ends,
     time_windows_find_jobs_created_in_them,
     sessions_end_by_expiry_sign_out_revocation_and_cap,
+    search_and_hourly_finished_counts,
 );
+
+/// The dashboard's reads: text search on id or target (LIKE wildcards taken literally) and jobs
+/// finished per hour and final state.
+async fn search_and_hourly_finished_counts(f: Fixture) {
+    let a = enqueue(&*f.store, "i-0aaaaaaa").await;
+    let b = enqueue(&*f.store, "i-0bbbbbbb").await;
+    let found = |text: &str| {
+        let (store, text) = (f.store.clone(), text.to_string());
+        async move {
+            let q = ListQuery {
+                text: Some(text),
+                limit: 10,
+                ..Default::default()
+            };
+            let p = store.list(q).await.unwrap();
+            p.jobs.into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(found("i-0aaaaaaa").await, [a.id.as_str()]);
+    assert_eq!(found(&b.id).await, [b.id.as_str()]);
+    assert_eq!(
+        found("i-0%").await,
+        Vec::<String>::new(),
+        "% is not a wildcard"
+    );
+    assert_eq!(
+        found("i-0_aaaaaa").await,
+        Vec::<String>::new(),
+        "_ is not a wildcard"
+    );
+    assert_eq!(found("i-0").await, [b.id.as_str(), a.id.as_str()]);
+
+    let hour = 3_600_000;
+    let start = (T0 / hour + 1) * hour;
+    f.clock.advance(start + 10 - f.clock.now_ms());
+    f.store.claim("w", 60_000, 2).await.unwrap();
+    f.store
+        .finish(&a.id, "w", Finish::Succeeded(JobResults::default()))
+        .await
+        .unwrap();
+    f.clock.advance(hour);
+    let err = ec2jobd_spec::JobError {
+        code: "X".into(),
+        message: "x".into(),
+        request_id: None,
+    };
+    f.store
+        .finish(&b.id, "w", Finish::Failed(err, JobResults::default()))
+        .await
+        .unwrap();
+    let counts = f.store.finished_per_hour(start).await.unwrap();
+    assert_eq!(
+        counts,
+        [
+            HourCount {
+                hour_ms: start,
+                state: JobState::Succeeded,
+                count: 1
+            },
+            HourCount {
+                hour_ms: start + hour,
+                state: JobState::Failed,
+                count: 1
+            },
+        ]
+    );
+    assert!(f
+        .store
+        .finished_per_hour(start + 2 * hour)
+        .await
+        .unwrap()
+        .is_empty());
+}
 
 async fn expired_lease_is_requeued_with_attempt_counted(f: Fixture) {
     let job = enqueue(&*f.store, "i-01234567").await;

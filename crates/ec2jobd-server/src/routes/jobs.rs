@@ -178,7 +178,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// A resolved spec as a job to enqueue by `created_by` (a token's name, `sns:<hook>`), with the
 /// queue's defaults for what it leaves out.
-pub fn new_job(
+fn new_job(
     state: &AppState,
     spec: JobSpec,
     idempotency_key: Option<String>,
@@ -316,14 +316,7 @@ pub async fn enqueue_and_answer(
         deadline.extend(w);
     }
     deadline.committing();
-    let new = new_job(state, spec, key, caller.0.name.clone());
-    let (created, job) = match state.store.enqueue(new).await? {
-        Enqueued::Created(j) => {
-            state.metrics.submitted(j.action.as_str());
-            (true, j)
-        }
-        Enqueued::Replayed(j) => (false, j),
-    };
+    let (created, job) = queue(state, caller.0.name.clone(), spec, key).await?;
     let job = match wait {
         // Held no later than the deadline would have been.
         Some(w) => {
@@ -343,6 +336,24 @@ pub async fn enqueue_and_answer(
         Json(job.redacted()),
     )
         .into_response())
+}
+
+/// Stores a resolved, checked and admitted spec as a job by `created_by` (the last step of every
+/// submission: API, template run, SNS, dashboard). Returns whether it was created (not replayed).
+pub async fn queue(
+    state: &AppState,
+    created_by: String,
+    spec: JobSpec,
+    key: Option<String>,
+) -> Result<(bool, Job), ApiError> {
+    let new = new_job(state, spec, key, created_by);
+    Ok(match state.store.enqueue(new).await? {
+        Enqueued::Created(j) => {
+            state.metrics.submitted(j.action.as_str());
+            (true, j)
+        }
+        Enqueued::Replayed(j) => (false, j),
+    })
 }
 
 /// Refuses a submission with 429 (and Retry-After) when `queue.max_queued` jobs are waiting.
@@ -589,22 +600,36 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Operator)?;
-    match state.store.cancel(&id, &caller.0.name).await? {
-        None => Err(ApiError::not_found(&format!("job `{id}`"))),
-        Some(CancelOutcome::Cancelled(j)) => {
-            Ok((StatusCode::OK, Json(j.redacted())).into_response())
-        }
-        Some(CancelOutcome::Requested(j)) => {
-            state.runner.cancel_local(&id);
+    match cancel_job(&state, &caller, &id).await? {
+        CancelOutcome::Cancelled(j) => Ok((StatusCode::OK, Json(j.redacted())).into_response()),
+        CancelOutcome::Requested(j) => {
             Ok((StatusCode::ACCEPTED, Json(j.redacted())).into_response())
         }
-        Some(CancelOutcome::AlreadyFinished(j)) => Err(ApiError::new(
+        CancelOutcome::AlreadyFinished(j) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_finished",
             format!("job `{id}` already ended as {}", j.state),
         )),
     }
+}
+
+/// Cancels a job for an operator (API and dashboard): a queued one at once, a running one at its
+/// next boundary (this replica's worker is told now, another's at its next heartbeat).
+pub async fn cancel_job(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<CancelOutcome, ApiError> {
+    caller.require(Role::Operator)?;
+    let out = state
+        .store
+        .cancel(id, &caller.0.name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    if let CancelOutcome::Requested(_) = out {
+        state.runner.cancel_local(id);
+    }
+    Ok(out)
 }
 
 /// The job's progress as Server-Sent Events, from the beginning (or after `Last-Event-ID`) until the

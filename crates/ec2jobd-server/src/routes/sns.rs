@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use ec2jobd_spec::Role;
-use ec2jobd_store::{cut_text, Delivery, Enqueued, Named, NewDelivery, DELIVERY_FIELD_MAX};
+use ec2jobd_store::{cut_text, Delivery, Named, NewDelivery, DELIVERY_FIELD_MAX};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -22,7 +22,7 @@ use crate::auth::Caller;
 use crate::config::HookSection;
 use crate::error::{ApiError, Problem};
 use crate::paging::ById;
-use crate::routes::jobs::{new_job, resolve_spec};
+use crate::routes::jobs::{queue, resolve_spec};
 use crate::sns::rules::{parse_event, RuleJob};
 use crate::sns::verify::SnsMessage;
 use crate::state::AppState;
@@ -494,14 +494,8 @@ async fn notification(
     // 429 when the queue is full: SNS delivers again later.
     crate::routes::jobs::admit(state).await?;
     let key = format!("sns:{hook}:{}", m.message_id);
-    let new = new_job(state, spec, Some(key), format!("sns:{hook}"));
-    let (outcome, job) = match state.store.enqueue(new).await? {
-        Enqueued::Created(j) => {
-            state.metrics.submitted(j.action.as_str());
-            ("accepted", j)
-        }
-        Enqueued::Replayed(j) => ("duplicate", j),
-    };
+    let (created, job) = queue(state, format!("sns:{hook}"), spec, Some(key)).await?;
+    let outcome = if created { "accepted" } else { "duplicate" };
     record(
         state,
         NewDelivery {

@@ -253,7 +253,7 @@ pub async fn spec_from(
     load(state, name).await?.spec_for(state, values)
 }
 
-async fn load(state: &AppState, name: &str) -> Result<Template, ApiError> {
+pub(crate) async fn load(state: &AppState, name: &str) -> Result<Template, ApiError> {
     let body = state
         .store
         .get_named(Named::Template, name)

@@ -105,7 +105,18 @@ pub async fn create(
     caller.require(Role::Admin)?;
     require_json(&headers)?;
     let body = body.map_err(|r| ApiError::new(r.status(), "bad_body", r.body_text()))?;
-    let req: NewToken = parse_json(&body)?;
+    let made = create_token(&state, &caller, parse_json(&body)?).await?;
+    Ok((StatusCode::CREATED, Json(made)).into_response())
+}
+
+/// Makes a token for an admin (API and dashboard): checks the name and scopes, stores only the
+/// secret's hash, and returns the secret this once.
+pub async fn create_token(
+    state: &AppState,
+    caller: &Caller,
+    req: NewToken,
+) -> Result<CreatedToken, ApiError> {
+    caller.require(Role::Admin)?;
     if !valid_token_name(&req.name) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -123,17 +134,13 @@ pub async fn create(
         .create_token(&req.name, req.role, &hash, &req.scopes, &caller.0.name)
         .await?;
     tracing::info!(name = %info.name, role = %info.role, by = %caller.0.name, "token created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            name: info.name,
-            role: info.role,
-            created_at: info.created_at,
-            scopes: info.scopes,
-            token,
-        }),
-    )
-        .into_response())
+    Ok(CreatedToken {
+        name: info.name,
+        role: info.role,
+        created_at: info.created_at,
+        scopes: info.scopes,
+        token,
+    })
 }
 
 /// List tokens (names and roles; never secrets).
@@ -162,12 +169,19 @@ pub async fn revoke(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    revoke_token(&state, &caller, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revokes a token for an admin (API and dashboard); its cached entry and its dashboard sessions
+/// stop working at once.
+pub async fn revoke_token(state: &AppState, caller: &Caller, name: &str) -> Result<(), ApiError> {
     caller.require(Role::Admin)?;
-    let revoked = state.store.revoke_token(&name, &caller.0.name).await?;
-    state.tokens.evict(&name);
+    let revoked = state.store.revoke_token(name, &caller.0.name).await?;
+    state.tokens.evict(name);
     if revoked {
         tracing::info!(%name, by = %caller.0.name, "token revoked");
-        Ok(StatusCode::NO_CONTENT)
+        Ok(())
     } else {
         Err(ApiError::not_found(&format!("token `{name}`")))
     }

@@ -1,4 +1,4 @@
-//! The dashboard's job pages: the overview, the job list, one job (its live part re-rendered when
+//! The dashboard's job pages: the job list, one job (its live part re-rendered when
 //! its event stream says something happened), and Cancel / Run again. Reads go to the store;
 //! actions pass the same role and scope checks and the same admission as the API.
 
@@ -11,18 +11,18 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
 use ec2jobd_spec::{Action, Job, JobState, Role};
-use ec2jobd_store::{CancelOutcome, Enqueued, ListQuery};
+use ec2jobd_store::ListQuery;
 use futures::Stream;
 use maud::{html, Markup};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::page::{self, html as answer, layout, maybe_time, time};
+use super::page::{self, html as answer, layout, maybe_time, shown, time};
 use super::session::Csrf;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::routes::jobs::{admit, new_job, resolve_spec};
+use crate::routes::jobs::{admit, cancel_job, queue, resolve_spec};
 use crate::state::AppState;
 
 type Params = Query<Vec<(String, String)>>;
@@ -33,75 +33,8 @@ fn param<'a>(p: &'a [(String, String)], k: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// An API error as a dashboard page (its status and detail).
-fn shown(e: ApiError) -> Response {
-    page::problem(e.status, &e.detail)
-}
-
-/// `GET /ui/`.
-pub async fn overview(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    Extension(csrf): Extension<Csrf>,
-) -> Response {
-    match overview_body(&state).await {
-        Ok(body) => layout(
-            "Overview",
-            &caller,
-            &csrf,
-            html! {
-                div #overview hx-get="/ui/overview" hx-trigger="every 5s" hx-swap="innerHTML" { (body) }
-            },
-        ),
-        Err(e) => shown(e),
-    }
-}
-
-/// `GET /ui/overview`: the overview's live part.
-pub async fn overview_fragment(State(state): State<AppState>) -> Response {
-    match overview_body(&state).await {
-        Ok(body) => answer(StatusCode::OK, body),
-        Err(e) => shown(e),
-    }
-}
-
-async fn overview_body(state: &AppState) -> Result<Markup, ApiError> {
-    let counts = state.store.counts().await?;
-    let failed = state
-        .store
-        .list(ListQuery {
-            state: Some(JobState::Failed),
-            limit: 10,
-            ..Default::default()
-        })
-        .await?;
-    let ec2 = state.metrics.ec2_totals();
-    let count = |s: JobState| counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
-    Ok(html! {
-        section.cards #counts {
-            @for s in [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
-                a.card href={ "/ui/jobs?state=" (s.as_str()) } data-state=(s.as_str()) {
-                    span.n { (count(s)) }
-                    (page::state(s))
-                }
-            }
-        }
-        section.cards #ec2 {
-            div.card { span.n { (ec2.parked) } span { "jobs waiting on EC2 (parked here)" } }
-            div.card { span.n { (ec2.calls) } span { "EC2 calls" } }
-            div.card { span.n { (ec2.throttled) } span { "throttled attempts" } }
-            div.card { span.n { (ec2.retries) } span { "retries" } }
-        }
-        h2 { "Latest failures" }
-        @if failed.jobs.is_empty() {
-            p.empty { "No failed jobs." }
-        } @else {
-            (job_table(&failed.jobs, true))
-        }
-    })
-}
-
-fn job_table(jobs: &[Job], with_error: bool) -> Markup {
+/// Jobs as a table (the list, the overview's failures and running jobs).
+pub(super) fn job_table(jobs: &[Job], with_error: bool) -> Markup {
     html! {
         table.jobs {
             thead { tr {
@@ -152,6 +85,9 @@ fn list_query(p: &[(String, String)]) -> Result<ListQuery, ApiError> {
     if let Some(by) = param(p, "created_by") {
         q.created_by = Some(by.chars().take(256).collect());
     }
+    if let Some(t) = param(p, "q") {
+        q.text = Some(t.trim().chars().take(128).collect());
+    }
     if let Some(c) = param(p, "cursor") {
         ulid::Ulid::from_string(c)
             .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor", "not a cursor"))?;
@@ -177,7 +113,7 @@ fn list_query(p: &[(String, String)]) -> Result<ListQuery, ApiError> {
     Ok(q)
 }
 
-/// `GET /ui/jobs`: filters (state, action, created by, hours ago, a job id to open), newest first,
+/// `GET /ui/jobs`: filters (state, action, text in the id or target, created by, hours ago), newest first,
 /// paged by cursor; the first page re-reads itself every few seconds so new jobs appear.
 pub async fn list(
     State(state): State<AppState>,
@@ -185,9 +121,6 @@ pub async fn list(
     Extension(csrf): Extension<Csrf>,
     Query(p): Params,
 ) -> Response {
-    if let Some(id) = param(&p, "id") {
-        return Redirect::to(&format!("/ui/jobs/{}", urlencode(id.trim()))).into_response();
-    }
     let q = match list_query(&p) {
         Ok(q) => q,
         Err(e) => return shown(e),
@@ -225,10 +158,10 @@ pub async fn list(
                     option value=(a.as_str()) selected[v("action") == a.as_str()] { (a.as_str()) }
                 }
             } }
+            label { "Search " input #search type="search" name="q" value=(v("q")) size="20" placeholder="job, instance, volume, tag"; }
             label { "Created by " input name="created_by" value=(v("created_by")) size="12"; }
             label { "Within the last " input name="since" value=(v("since")) size="4" inputmode="numeric"; " h" }
             button type="submit" { "Filter" }
-            label { "Job id " input name="id" size="28"; }
         }
         @if first {
             div #job-rows hx-get=(here) hx-select="#job-rows" hx-swap="outerHTML" hx-trigger="every 3s" {
@@ -240,13 +173,6 @@ pub async fn list(
         @if let Some(n) = next { p { a.next href=(n) { "Older jobs →" } } }
     };
     layout("Jobs", &caller, &csrf, body)
-}
-
-fn urlencode(s: &str) -> String {
-    serde_urlencoded::to_string([("", s)])
-        .unwrap_or_default()
-        .trim_start_matches('=')
-        .to_string()
 }
 
 async fn job_of(state: &AppState, id: &str) -> Result<Job, ApiError> {
@@ -426,17 +352,9 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(e) = caller.require(Role::Operator) {
-        return shown(e);
-    }
-    match state.store.cancel(&id, &caller.0.name).await {
-        Ok(None) => shown(ApiError::not_found(&format!("job `{id}`"))),
-        Ok(Some(CancelOutcome::Requested(_))) => {
-            state.runner.cancel_local(&id);
-            Redirect::to(&format!("/ui/jobs/{id}")).into_response()
-        }
-        Ok(Some(_)) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
-        Err(e) => shown(e.into()),
+    match cancel_job(&state, &caller, &id).await {
+        Ok(_) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
+        Err(e) => shown(e),
     }
 }
 
@@ -454,18 +372,20 @@ pub async fn rerun(
             .get(&id)
             .await?
             .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
-        let spec = resolve_spec(&state, old.spec)?;
-        caller.may_submit(&spec)?;
-        admit(&state).await?;
-        let new = new_job(&state, spec, None, caller.0.name.clone());
-        let job = match state.store.enqueue(new).await? {
-            Enqueued::Created(j) | Enqueued::Replayed(j) => j,
-        };
-        state.metrics.submitted(job.action.as_str());
-        Ok::<_, ApiError>(job.id)
+        submit(&state, &caller, resolve_spec(&state, old.spec)?).await
     };
-    match go.await {
-        Ok(new) => Redirect::to(&format!("/ui/jobs/{new}")).into_response(),
-        Err(e) => shown(e),
-    }
+    go.await.unwrap_or_else(shown)
+}
+
+/// Submits a resolved spec as the signed-in caller (scope, admission, enqueue as the API does) and
+/// goes to the new job's page, or shows why not.
+pub(super) async fn submit(
+    state: &AppState,
+    caller: &Caller,
+    spec: ec2jobd_spec::JobSpec,
+) -> Result<Response, ApiError> {
+    caller.may_submit(&spec)?;
+    admit(state).await?;
+    let (_, job) = queue(state, caller.0.name.clone(), spec, None).await?;
+    Ok(Redirect::to(&format!("/ui/jobs/{}", job.id)).into_response())
 }

@@ -7,8 +7,12 @@
 //! API ([`crate::auth::Caller`]), never through `/v1` itself, and `/v1` never sees a cookie.
 
 mod jobs;
+mod overview;
 pub(crate) mod page;
 pub mod session;
+mod sns;
+mod templates;
+mod tokens;
 
 use axum::extract::{Path, Request};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -84,14 +88,20 @@ pub fn router(state: &AppState) -> Router<AppState> {
         return Router::new();
     }
     let signed_in = Router::new()
-        .route("/ui/", get(jobs::overview))
-        .route("/ui/overview", get(jobs::overview_fragment))
+        .route("/ui/", get(overview::overview))
+        .route("/ui/overview", get(overview::fragment))
         .route("/ui/jobs", get(jobs::list))
         .route("/ui/jobs/{id}", get(jobs::show))
         .route("/ui/jobs/{id}/live", get(jobs::live))
         .route("/ui/jobs/{id}/stream", get(jobs::stream))
         .route("/ui/jobs/{id}/cancel", post(jobs::cancel))
         .route("/ui/jobs/{id}/rerun", post(jobs::rerun))
+        .route("/ui/templates", get(templates::list))
+        .route("/ui/templates/{name}", get(templates::show))
+        .route("/ui/templates/{name}/run", post(templates::run))
+        .route("/ui/sns", get(sns::list))
+        .route("/ui/tokens", get(tokens::list).post(tokens::create))
+        .route("/ui/tokens/{name}/revoke", post(tokens::revoke))
         .route("/ui/signout", post(session::signout))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

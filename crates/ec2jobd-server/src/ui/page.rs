@@ -4,11 +4,12 @@
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use ec2jobd_spec::JobState;
+use ec2jobd_spec::{JobState, Role};
 use maud::{html, Markup, DOCTYPE};
 
 use super::session::Csrf;
 use crate::auth::Caller;
+use crate::error::ApiError;
 
 /// An HTML answer.
 pub fn html(status: StatusCode, m: Markup) -> Response {
@@ -34,6 +35,18 @@ fn head(title: &str) -> Markup {
 
 /// A whole page for a signed-in caller: navigation, who is signed in, sign-out, and `body`.
 pub fn layout(title: &str, caller: &Caller, csrf: &Csrf, body: Markup) -> Response {
+    layout_status(StatusCode::OK, title, caller, csrf, body)
+}
+
+/// [`layout`] answered with `status` (a form shown again with what is wrong).
+pub fn layout_status(
+    status: StatusCode,
+    title: &str,
+    caller: &Caller,
+    csrf: &Csrf,
+    body: Markup,
+) -> Response {
+    let admin = caller.require(Role::Admin).is_ok();
     let m = html! {
         (DOCTYPE)
         html lang="en" {
@@ -44,6 +57,9 @@ pub fn layout(title: &str, caller: &Caller, csrf: &Csrf, body: Markup) -> Respon
                     nav {
                         a href="/ui/" { "Overview" }
                         a href="/ui/jobs" { "Jobs" }
+                        a href="/ui/templates" { "Templates" }
+                        a href="/ui/sns" { "SNS deliveries" }
+                        @if admin { a href="/ui/tokens" { "Tokens" } }
                     }
                     span.who { (caller.0.name) " (" (caller.0.role) ")" }
                     form method="post" action="/ui/signout" {
@@ -55,7 +71,7 @@ pub fn layout(title: &str, caller: &Caller, csrf: &Csrf, body: Markup) -> Respon
             }
         }
     };
-    html(StatusCode::OK, m)
+    html(status, m)
 }
 
 /// The sign-in page, with a message when the last try failed.
@@ -97,6 +113,11 @@ pub fn problem(status: StatusCode, message: &str) -> Response {
         }
     };
     html(status, m)
+}
+
+/// An API error as a dashboard page (its status and detail).
+pub fn shown(e: ApiError) -> Response {
+    problem(e.status, &e.detail)
 }
 
 /// A job state as a coloured badge.

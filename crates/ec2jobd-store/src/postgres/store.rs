@@ -34,9 +34,9 @@ use crate::row::{
 };
 use crate::shared::{self, encode, id_bound, spec_hash, Ids};
 use crate::{
-    AuditEntry, CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, ListQuery,
-    Named, NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session, Store,
-    StoreError, TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
+    AuditEntry, CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, HourCount,
+    ListQuery, Named, NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session,
+    Store, StoreError, TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
 };
 
 /// How to reach the database.
@@ -768,6 +768,14 @@ impl Store for PgStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+
+    async fn finished_per_hour(&self, since_ms: i64) -> Result<Vec<HourCount>> {
+        let rows = sqlx::query_as(shared::FINISHED_PER_HOUR)
+            .bind(since_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(shared::hour_counts(rows))
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, i64)>> {

@@ -1,0 +1,141 @@
+//! The dashboard's overview: jobs by state now, jobs finished per hour over the last 24 h (an SVG
+//! drawn here, no chart script), what running jobs are waiting for, EC2 calls, throttles and
+//! retries (the counters /metrics shows) and the latest failures. Its body re-reads itself every
+//! few seconds.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Extension;
+use ec2jobd_spec::JobState;
+use ec2jobd_store::{HourCount, ListQuery};
+use maud::{html, Markup};
+
+use super::jobs::job_table;
+use super::page::{self, html as answer, layout, shown};
+use super::session::Csrf;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// `GET /ui/`.
+pub async fn overview(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<Csrf>,
+) -> Response {
+    match body(&state).await {
+        Ok(body) => layout(
+            "Overview",
+            &caller,
+            &csrf,
+            html! {
+                div #overview hx-get="/ui/overview" hx-trigger="every 5s" hx-swap="innerHTML" { (body) }
+            },
+        ),
+        Err(e) => shown(e),
+    }
+}
+
+/// `GET /ui/overview`: the overview's live part.
+pub async fn fragment(State(state): State<AppState>) -> Response {
+    match body(&state).await {
+        Ok(body) => answer(StatusCode::OK, body),
+        Err(e) => shown(e),
+    }
+}
+
+async fn body(state: &AppState) -> Result<Markup, ApiError> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let first_hour = (now / HOUR_MS - 23) * HOUR_MS;
+    let (counts, hours, running, failed) = tokio::try_join!(
+        state.store.counts(),
+        state.store.finished_per_hour(first_hour),
+        state.store.list(ListQuery {
+            state: Some(JobState::Running),
+            limit: 10,
+            ..Default::default()
+        }),
+        state.store.list(ListQuery {
+            state: Some(JobState::Failed),
+            limit: 10,
+            ..Default::default()
+        }),
+    )?;
+    let ec2 = state.metrics.ec2_totals();
+    let count = |s: JobState| counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
+    Ok(html! {
+        section.cards #counts {
+            @for s in [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
+                a.card href={ "/ui/jobs?state=" (s.as_str()) } data-state=(s.as_str()) {
+                    span.n { (count(s)) }
+                    (page::state(s))
+                }
+            }
+        }
+        h2 { "Finished per hour, last 24 h" }
+        (chart(&hours, first_hour))
+        section.cards #ec2 {
+            div.card { span.n { (ec2.parked) } span { "jobs waiting on EC2 (parked here)" } }
+            div.card { span.n { (ec2.calls) } span { "EC2 calls" } }
+            div.card { span.n { (ec2.throttled) } span { "throttled attempts" } }
+            div.card { span.n { (ec2.retries) } span { "retries" } }
+        }
+        h2 { "Running now, and what for" }
+        @if running.jobs.is_empty() {
+            p.empty { "Nothing is running." }
+        } @else {
+            (job_table(&running.jobs, false))
+        }
+        h2 { "Latest failures" }
+        @if failed.jobs.is_empty() {
+            p.empty { "No failed jobs." }
+        } @else {
+            (job_table(&failed.jobs, true))
+        }
+    })
+}
+
+/// 24 stacked bars (succeeded below, failed above), scaled to the busiest hour, each with its
+/// numbers as a tooltip; drawn with classes only (the CSP allows no inline style).
+fn chart(hours: &[HourCount], first_hour: i64) -> Markup {
+    let mut bars = [(0i64, 0i64); 24];
+    for h in hours {
+        let i = (h.hour_ms - first_hour) / HOUR_MS;
+        if let Some(b) = usize::try_from(i).ok().and_then(|i| bars.get_mut(i)) {
+            match h.state {
+                JobState::Succeeded => b.0 += h.count,
+                JobState::Failed => b.1 += h.count,
+                _ => {}
+            }
+        }
+    }
+    let top = bars.iter().map(|(s, f)| s + f).max().unwrap_or(0).max(1);
+    let (w, h, gap) = (24.0_f64, 100.0_f64, 4.0_f64);
+    let scale = |n: i64| n as f64 / top as f64 * h;
+    let label = |i: usize| {
+        chrono::DateTime::from_timestamp_millis(first_hour + i as i64 * HOUR_MS)
+            .map(|t| t.format("%H:00").to_string())
+            .unwrap_or_default()
+    };
+    html! {
+        figure.chart {
+            svg #hourly viewBox={ "0 0 " ((w + gap) * 24.0) " " (h + 16.0) } role="img"
+                aria-label="Jobs finished per hour over the last 24 hours" {
+                @for (i, (ok, bad)) in bars.iter().enumerate() {
+                    @let x = i as f64 * (w + gap);
+                    @let (hs, hf) = (scale(*ok), scale(*bad));
+                    g data-hour=(label(i)) data-succeeded=(ok) data-failed=(bad) {
+                        title { (label(i)) " UTC: " (ok) " succeeded, " (bad) " failed" }
+                        rect.succeeded x=(x) y=(h - hs) width=(w) height=(hs);
+                        rect.failed x=(x) y=(h - hs - hf) width=(w) height=(hf);
+                        @if i % 3 == 0 { text x=(x) y=(h + 12.0) { (label(i)) } }
+                    }
+                }
+            }
+            figcaption { span.key.succeeded { "succeeded" } " " span.key.failed { "failed" } " (UTC hours; busiest " (top) ")" }
+        }
+    }
+}
