@@ -14,9 +14,11 @@
 //! 6. `GET /v1/jobs` p50/p99 with 1,000,000 jobs in the table (newest page, a state filter, an
 //!    action filter, a one-day window 15 days back, and 20 pages deep by cursor), beside the same
 //!    queries over 1,000 jobs.
+//! 6b. Dashboard pages (issue 16) p50/p99 with 1,000,000 jobs, beside the same pages over 1,000.
 //! 7. Retention (issue 12): submission p50/p99 while the pruner deletes the ~97% of 1,000,000
 //!    finished jobs that are older than a day, beside the same submissions on the same database
-//!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this;
+//!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this, BENCH_ONLY=tables
+//!    only 4 to 6b;
 //!    BENCH_PRUNE_EXTRA adds `[retention]` keys, e.g. `batch = 500`, to compare settings).
 //!
 //! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
@@ -256,6 +258,67 @@ async fn start_timed(dir: &Path, endpoint: &str) -> (Duration, Daemon) {
     }
 }
 
+/// Dashboard pages (issue 16) as a signed-in admin: p50 / p99 of each, measured at the client on
+/// localhost (so an upper bound of the server's time), 20 rounds.
+async fn page_latency(d: &Daemon) -> Vec<(&'static str, Duration, Duration)> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let r = http
+        .post(format!("{}/ui/signin", d.url))
+        .form(&[("token", d.admin.as_str())])
+        .send()
+        .await
+        .expect("sign in");
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let (_, page) = d.get_json("/v1/jobs?state=failed&limit=1").await;
+    let job = page["jobs"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pages: Vec<(&'static str, String)> = vec![
+        ("overview", "/ui/".into()),
+        ("overview (live part)", "/ui/overview".into()),
+        ("jobs", "/ui/jobs".into()),
+        ("jobs, failed", "/ui/jobs?state=failed".into()),
+        ("jobs, last 24 h", "/ui/jobs?since=24".into()),
+        ("search by job id", format!("/ui/jobs?q={job}")),
+        ("search, a common target", "/ui/jobs?q=i-".into()),
+        ("search, no match", "/ui/jobs?q=no-such-target".into()),
+        ("job", format!("/ui/jobs/{job}")),
+        ("templates", "/ui/templates".into()),
+        ("SNS deliveries", "/ui/sns".into()),
+        ("tokens", "/ui/tokens".into()),
+    ];
+    let mut out = Vec::new();
+    for (name, path) in pages {
+        let mut lat = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let r = http
+                .get(format!("{}{path}", d.url))
+                .header("cookie", &cookie)
+                .send()
+                .await
+                .expect("page");
+            let status = r.status();
+            let _ = r.bytes().await;
+            lat.push(t.elapsed());
+            assert_eq!(status, 200, "{path}");
+        }
+        lat.sort();
+        out.push((name, pct(&lat, 0.5), pct(&lat, 0.99)));
+    }
+    out
+}
+
 /// p50/p99 of the list queries.
 async fn list_latency(d: &Daemon) -> (Duration, Duration) {
     let mut lat = Vec::new();
@@ -304,6 +367,7 @@ async fn big_tables(moto: &Moto, template_dir: &Path, template: &str, big: u64) 
         .and_then(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)"))
         .expect("checkpoint");
     let mut results = Vec::new();
+    let mut dashboard = Vec::new();
     for rows in [1_000u64, 100_000, big] {
         let dir = tempfile::tempdir().expect("tempdir");
         // The template's database (schema, token, the template job), plus `rows` copies.
@@ -315,6 +379,14 @@ async fn big_tables(moto: &Moto, template_dir: &Path, template: &str, big: u64) 
         let filled = t.elapsed();
         let (startup, d) = start_timed(dir.path(), &endpoint).await;
         let (p50, p99) = list_latency(&d).await;
+        let pages = page_latency(&d).await;
+        for (name, p50, p99) in &pages {
+            println!(
+                "{rows:>9} jobs: dashboard {name}: p50 {} p99 {}",
+                ms(*p50),
+                ms(*p99)
+            );
+        }
         // A scrape counts jobs by state over the whole table.
         let t = Instant::now();
         let _ = d.metric("ec2jobd_jobs").await;
@@ -330,7 +402,18 @@ async fn big_tables(moto: &Moto, template_dir: &Path, template: &str, big: u64) 
             rss / 1024
         );
         results.push((rows, startup, p50, p99, rss));
+        dashboard.push((rows, pages));
         drop(d);
+    }
+    let pages_of = |n: u64| dashboard.iter().find(|r| r.0 == n).map(|r| &r.1);
+    if let (Some(small), Some(large)) = (pages_of(1_000), pages_of(big)) {
+        for ((name, p50, p99), (_, s50, s99)) in large.iter().zip(small) {
+            row(
+                &format!("dashboard {name} p50 / p99, {big} jobs (target < 100 ms)"),
+                format!("{} / {}", ms(*p50), ms(*p99)),
+                format!("1,000 jobs: {} / {}", ms(*s50), ms(*s99)),
+            );
+        }
     }
     let get = |n: u64| results.iter().find(|r| r.0 == n).copied();
     if let (Some(small), Some(hundred), Some(large)) = (get(1_000), get(100_000), get(big)) {
@@ -446,8 +529,9 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         println!("\nec2jobd daemon figures");
-        let only_prune = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "prune");
-        if !only_prune {
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+        let only_prune = only == "prune";
+        if !only_prune && only != "tables" {
             claim_complete(jobs).await;
         }
         let moto = Moto::start().await;
@@ -458,6 +542,9 @@ fn main() {
             return;
         }
         big_tables(&moto, dir.path(), &template, big).await;
+        if only == "tables" {
+            return;
+        }
         prune_under_load(&moto, dir.path(), &template, big).await;
     });
 }

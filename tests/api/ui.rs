@@ -372,6 +372,9 @@ async fn dashboard_in_a_real_browser() {
         1,
         "updated without a reload"
     );
+    b.wait_text("#report", MINUTE, |t| t.contains("- succeeded"))
+        .await;
+    assert!(b.find("#cancel").await.is_none(), "no Cancel once final");
     b.screenshot("job").await;
     b.assert_no_console_errors("job").await;
 

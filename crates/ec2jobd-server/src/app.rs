@@ -234,6 +234,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         tokens: Default::default(),
         admission: Default::default(),
         streams: Default::default(),
+        counts: Default::default(),
         pool,
         sns_certs: Arc::new(CertStore::new(
             cfg.sns.cert_dir.as_ref().map(std::path::PathBuf::from),

@@ -24,6 +24,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, Notify};
 
 pub use postgres::{PgOptions, PgStore};
+pub use shared::SEARCH_SCAN;
 pub use sqlite::{database_file, SqliteOptions, SqliteStore, Synchronous};
 
 /// Everything that can go wrong in the store, in terms the API can map to a status code.
@@ -96,8 +97,8 @@ pub struct ListQuery {
     pub until_ms: Option<i64>,
     /// Only jobs submitted by this token (or `sns:<hook>`).
     pub created_by: Option<String>,
-    /// Only the job with this id, or jobs whose spec or results contain this text (an instance,
-    /// volume or image id, a tag): the dashboard's search.
+    /// Only the job with this id, or jobs among the newest [`SEARCH_SCAN`] whose spec or results
+    /// contain this text (an instance, volume or image id, a tag): the dashboard's search.
     pub text: Option<String>,
     /// Page size.
     pub limit: u32,

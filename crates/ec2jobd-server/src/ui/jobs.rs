@@ -163,6 +163,9 @@ pub async fn list(
             label { "Within the last " input name="since" value=(v("since")) size="4" inputmode="numeric"; " h" }
             button type="submit" { "Filter" }
         }
+        @if param(&p, "q").is_some() {
+            p.hint { "Text search looks through the newest " (ec2jobd_store::SEARCH_SCAN) " jobs (a job id finds any job)." }
+        }
         @if first {
             div #job-rows hx-get=(here) hx-select="#job-rows" hx-swap="outerHTML" hx-trigger="every 3s" {
                 (job_table(&page.jobs, false))
@@ -195,14 +198,51 @@ pub async fn show(
         Ok(j) => j,
         Err(e) => return shown(e),
     };
-    let live = match live_part(&state, &job).await {
+    let live = match live_part(&state, &job, &caller, &csrf).await {
         Ok(m) => m,
         Err(e) => return shown(e),
     };
-    let operator = caller.require(Role::Operator).is_ok();
     let spec = serde_json::to_string_pretty(&job.spec).unwrap_or_default();
-    let report = crate::report::render(&job);
     let body = html! {
+        div #live data-stream={ "/ui/jobs/" (job.id) "/stream" }
+            hx-get={ "/ui/jobs/" (job.id) "/live" } hx-trigger="refresh" hx-swap="innerHTML" {
+            (live)
+        }
+        details { summary { "Spec" } pre.spec { (spec) } }
+    };
+    layout(&format!("Job {}", job.id), &caller, &csrf, body)
+}
+
+/// `GET /ui/jobs/{id}/live`: the part of the job page that changes while it runs.
+pub async fn live(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(csrf): Extension<Csrf>,
+    Path(id): Path<String>,
+) -> Response {
+    match job_of(&state, &id).await {
+        Ok(job) => match live_part(&state, &job, &caller, &csrf).await {
+            Ok(m) => answer(StatusCode::OK, m),
+            Err(e) => shown(e),
+        },
+        Err(e) => shown(e),
+    }
+}
+
+/// What changes while a job runs: its actions (Cancel only while it can be cancelled), facts,
+/// per-instance table, steps, backups, events and text report.
+async fn live_part(
+    state: &AppState,
+    job: &Job,
+    caller: &Caller,
+    csrf: &Csrf,
+) -> Result<Markup, ApiError> {
+    let events = state.store.events(&job.id, 0, 500).await?;
+    let operator = caller.require(Role::Operator).is_ok();
+    let report = crate::report::render(job);
+    let p = &job.progress;
+    let r = &job.results;
+    Ok(html! {
         div.actions {
             @if operator && !job.state.is_terminal() {
                 form method="post" action={ "/ui/jobs/" (job.id) "/cancel" } {
@@ -218,32 +258,6 @@ pub async fn show(
             }
             a href={ "/v1/jobs/" (job.id) "/report" } { "Text report (API)" }
         }
-        div #live data-stream={ "/ui/jobs/" (job.id) "/stream" }
-            hx-get={ "/ui/jobs/" (job.id) "/live" } hx-trigger="refresh" hx-swap="innerHTML" {
-            (live)
-        }
-        details { summary { "Spec" } pre.spec { (spec) } }
-        details open { summary { "Report" } pre.report #report { (report) } }
-    };
-    layout(&format!("Job {}", job.id), &caller, &csrf, body)
-}
-
-/// `GET /ui/jobs/{id}/live`: the part of the job page that changes while it runs.
-pub async fn live(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    match job_of(&state, &id).await {
-        Ok(job) => match live_part(&state, &job).await {
-            Ok(m) => answer(StatusCode::OK, m),
-            Err(e) => shown(e),
-        },
-        Err(e) => shown(e),
-    }
-}
-
-async fn live_part(state: &AppState, job: &Job) -> Result<Markup, ApiError> {
-    let events = state.store.events(&job.id, 0, 500).await?;
-    let p = &job.progress;
-    let r = &job.results;
-    Ok(html! {
         dl.facts data-final[job.state.is_terminal()] {
             dt { "State" } dd #state { (page::state(job.state)) @if job.cancel_requested && !job.state.is_terminal() { " (cancel requested)" } }
             dt { "Action" } dd { (job.action.as_str()) }
@@ -298,6 +312,7 @@ async fn live_part(state: &AppState, job: &Job) -> Result<Markup, ApiError> {
                 li data-kind=(e.kind) { time { (time(&e.at)) } " " b { (e.kind) } " " (e.message) }
             }
         }
+        details open { summary { "Report" } pre.report #report { (report) } }
     })
 }
 

@@ -1,4 +1,5 @@
-//! The dashboard's overview: jobs by state now, jobs finished per hour over the last 24 h (an SVG
+//! The dashboard's overview: jobs by state (at most a few seconds old,
+//! [`StateCounts`](crate::state::StateCounts)), jobs finished per hour over the last 24 h (an SVG
 //! drawn here, no chart script), what running jobs are waiting for, EC2 calls, throttles and
 //! retries (the counters /metrics shows) and the latest failures. Its body re-reads itself every
 //! few seconds.
@@ -51,7 +52,7 @@ async fn body(state: &AppState) -> Result<Markup, ApiError> {
     let now = chrono::Utc::now().timestamp_millis();
     let first_hour = (now / HOUR_MS - 23) * HOUR_MS;
     let (counts, hours, running, failed) = tokio::try_join!(
-        state.store.counts(),
+        state.counts.get(&state.store),
         state.store.finished_per_hour(first_hour),
         state.store.list(ListQuery {
             state: Some(JobState::Running),
@@ -137,5 +138,50 @@ fn chart(hours: &[HourCount], first_hour: i64) -> Markup {
             }
             figcaption { span.key.succeeded { "succeeded" } " " span.key.failed { "failed" } " (UTC hours; busiest " (top) ")" }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_stacks_failed_on_succeeded_scaled_to_the_busiest_hour() {
+        let first = 1_800_000_000_000 / HOUR_MS * HOUR_MS;
+        let at = |i: i64, state, count| HourCount {
+            hour_ms: first + i * HOUR_MS,
+            state,
+            count,
+        };
+        let svg = chart(
+            &[
+                at(0, JobState::Succeeded, 3),
+                at(0, JobState::Failed, 1),
+                at(23, JobState::Failed, 2),
+                at(24, JobState::Failed, 9), // the hour after the window: left out
+                at(5, JobState::Cancelled, 7), // not drawn
+            ],
+            first,
+        )
+        .into_string();
+        assert!(
+            svg.contains(r#"data-succeeded="3" data-failed="1""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"data-succeeded="0" data-failed="2""#),
+            "{svg}"
+        );
+        // Hour 0 is the busiest (4): full height, succeeded 75 of it.
+        assert!(
+            svg.contains(r#"class="succeeded" x="0" y="25" width="24" height="75""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"class="failed" x="0" y="0" width="24" height="25""#),
+            "{svg}"
+        );
+        assert_eq!(svg.matches("<text").count(), 8, "a label every 3 hours");
+        assert!(svg.contains("busiest 4"), "{svg}");
     }
 }
