@@ -14,12 +14,11 @@
 //! 6. `GET /v1/jobs` p50/p99 with 1,000,000 jobs in the table (newest page, a state filter, an
 //!    action filter, a one-day window 15 days back, and 20 pages deep by cursor), beside the same
 //!    queries over 1,000 jobs.
-//! 6b. Dashboard pages (issue 16) p50/p99 with 1,000,000 jobs, beside the same pages over 1,000.
+//!    Also every dashboard page (issue 16), p50/p99 at 1,000,000 jobs beside 1,000.
 //! 7. Retention (issue 12): submission p50/p99 while the pruner deletes the ~97% of 1,000,000
 //!    finished jobs that are older than a day, beside the same submissions on the same database
-//!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this, BENCH_ONLY=tables
-//!    only 4 to 6b;
-//!    BENCH_PRUNE_EXTRA adds `[retention]` keys, e.g. `batch = 500`, to compare settings).
+//!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this,
+//!    BENCH_ONLY=tables skips 1 and 7; BENCH_PRUNE_EXTRA adds `[retention]` keys, e.g. `batch = 500`, to compare settings).
 //!
 //! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
 //! with ids and times spread over 30 days. Settings: BENCH_JOBS (claim throughput, default 20000),
