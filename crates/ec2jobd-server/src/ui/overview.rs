@@ -130,8 +130,10 @@ fn chart(hours: &[HourCount], first_hour: i64) -> Markup {
                     @let (hs, hf) = (scale(*ok), scale(*bad));
                     g data-hour=(label(i)) data-succeeded=(ok) data-failed=(bad) {
                         title { (label(i)) " UTC: " (ok) " succeeded, " (bad) " failed" }
-                        rect.succeeded x=(x) y=(h - hs) width=(w) height=(hs);
-                        rect.failed x=(x) y=(h - hs - hf) width=(w) height=(hf);
+                        // Closed explicitly: in HTML, an SVG element without `/>` or an end
+                        // tag holds what follows (and a rect draws no children).
+                        rect.succeeded x=(x) y=(h - hs) width=(w) height=(hs) {}
+                        rect.failed x=(x) y=(h - hs - hf) width=(w) height=(hf) {}
                         @if i % 3 == 0 { text x=(x) y=(h + 12.0) { (label(i)) } }
                     }
                 }
@@ -174,11 +176,11 @@ mod tests {
         );
         // Hour 0 is the busiest (4): full height, succeeded 75 of it.
         assert!(
-            svg.contains(r#"class="succeeded" x="0" y="25" width="24" height="75""#),
+            svg.contains(r#"class="succeeded" x="0" y="25" width="24" height="75"></rect>"#),
             "{svg}"
         );
         assert!(
-            svg.contains(r#"class="failed" x="0" y="0" width="24" height="25""#),
+            svg.contains(r#"class="failed" x="0" y="0" width="24" height="25"></rect>"#),
             "{svg}"
         );
         assert_eq!(svg.matches("<text").count(), 8, "a label every 3 hours");
