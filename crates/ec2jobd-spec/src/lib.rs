@@ -11,6 +11,7 @@ mod clock;
 mod job;
 pub mod placeholders;
 mod role;
+pub mod schedule;
 mod spec;
 
 pub use action::ActionSpec;
