@@ -346,10 +346,14 @@ pub struct Job {
     pub spec: JobSpec,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
-    /// Who submitted it: the API token's name, or `sns:<hook>` for a job an SNS delivery queued
-    /// (absent for jobs from before this was recorded).
+    /// Who submitted it: the API token's name, `sns:<hook>` for a job an SNS delivery queued,
+    /// `schedule:<name>` for a schedule's firing (absent for jobs from before this was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The schedule whose firing queued it (`created_by` is then `schedule:<name>`); `GET
+    /// /v1/jobs?schedule=<name>` lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// When a worker first started it.
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.

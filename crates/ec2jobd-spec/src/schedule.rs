@@ -283,6 +283,16 @@ fn shift_days(days: &str) -> Result<String, String> {
     Ok(out.iter().map(|d| NAMES[*d]).collect::<Vec<_>>().join(","))
 }
 
+/// Who a schedule's firing is submitted by (`created_by`): `schedule:<name>`.
+pub fn fired_by(schedule: &str) -> String {
+    format!("schedule:{schedule}")
+}
+
+/// The schedule a job's `created_by` names, if a firing queued it.
+pub fn schedule_of(created_by: Option<&str>) -> Option<String> {
+    created_by?.strip_prefix("schedule:").map(str::to_string)
+}
+
 /// The idempotency key of a schedule's firing: the same firing, from any restart or replica,
 /// queues one job.
 pub fn firing_key(schedule: &str, at: DateTime<Utc>) -> String {

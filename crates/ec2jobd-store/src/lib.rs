@@ -245,6 +245,8 @@ pub enum Named {
     SnsHook,
     /// Saved job templates.
     Template,
+    /// Schedules created over the API (`PUT /v1/schedules/{name}`).
+    Schedule,
 }
 
 impl Named {
@@ -253,6 +255,7 @@ impl Named {
         match self {
             Named::SnsHook => "sns_hooks",
             Named::Template => "templates",
+            Named::Schedule => "schedules",
         }
     }
 
@@ -261,6 +264,7 @@ impl Named {
         match self {
             Named::SnsHook => "sns_hook",
             Named::Template => "template",
+            Named::Schedule => "schedule",
         }
     }
 }
@@ -274,7 +278,7 @@ pub struct AuditEntry {
     pub at: chrono::DateTime<chrono::Utc>,
     /// Who: the API token's name, or `cli` for `ec2jobd token …` on the host.
     pub by: String,
-    /// `template`, `sns_hook` or `token`.
+    /// `template`, `sns_hook`, `schedule` or `token`.
     pub what: String,
     /// Its name.
     pub name: String,
@@ -509,6 +513,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_named(&self, kind: Named, name: &str) -> Result<Option<serde_json::Value>>;
     /// Every named document of a kind, by name.
     async fn list_named(&self, kind: Named) -> Result<Vec<(String, serde_json::Value)>>;
+    /// A stamp that changes whenever a document of this kind is created, replaced or deleted
+    /// (the schedule ticker reloads only then).
+    async fn named_stamp(&self, kind: Named) -> Result<(i64, i64, i64)>;
     /// Deletes a named document; false when there was none. The audit log records `by`.
     async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool>;
     /// The audit log, newest first, with id below `before` when given.

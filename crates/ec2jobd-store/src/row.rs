@@ -56,6 +56,7 @@ impl JobRow {
             state,
             action: spec.action,
             created_at: ts(self.created_at),
+            schedule: ec2jobd_spec::schedule::schedule_of(self.created_by.as_deref()),
             created_by: self.created_by,
             started_at: self.started_at.map(ts),
             finished_at: self.finished_at.map(ts),

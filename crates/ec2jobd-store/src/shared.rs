@@ -71,6 +71,7 @@ pub(crate) fn created_job(id: String, new: NewJob, now: i64, progress: Progress)
         action: new.spec.action,
         spec: new.spec,
         created_at: ts(now),
+        schedule: ec2jobd_spec::schedule::schedule_of(new.created_by.as_deref()),
         created_by: new.created_by,
         started_at: None,
         finished_at: None,
@@ -190,6 +191,16 @@ pub(crate) fn expired_event(state: &str) -> (&'static str, &'static str) {
     } else {
         ("requeued", "lease expired; queued again")
     }
+}
+
+/// What changes when a named document is created, replaced or deleted (both backends): the
+/// count, and the newest and the sum of their `updated_at`.
+pub(crate) fn named_stamp_sql(kind: crate::Named) -> String {
+    format!(
+        "SELECT count(*), CAST(coalesce(max(updated_at), 0) AS BIGINT), \
+         CAST(coalesce(sum(updated_at), 0) AS BIGINT) FROM {}",
+        kind.table()
+    )
 }
 
 pub(crate) const CANCEL_REQUESTED: &str =

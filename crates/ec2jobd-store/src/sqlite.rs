@@ -1317,6 +1317,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn named_stamp(&self, kind: Named) -> Result<(i64, i64, i64)> {
+        Ok(sqlx::query_as(&crate::shared::named_stamp_sql(kind))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool> {
         let (name, table, by) = (name.to_string(), kind.table(), by.to_string());
         let clock = self.clock.clone();

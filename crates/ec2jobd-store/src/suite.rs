@@ -602,6 +602,18 @@ async fn tokens_are_unique_and_revocable(f: Fixture) {
         .put_named(Named::SnsHook, "h", json!({}), "ops")
         .await
         .unwrap());
+    let stamp = f.store.named_stamp(Named::Schedule).await.unwrap();
+    assert_eq!(stamp, (0, 0, 0));
+    assert!(f
+        .store
+        .put_named(Named::Schedule, "s", json!({"cron": "@daily"}), "ops")
+        .await
+        .unwrap());
+    assert_ne!(f.store.named_stamp(Named::Schedule).await.unwrap(), stamp);
+    assert_eq!(
+        f.store.list_named(Named::Schedule).await.unwrap(),
+        [("s".to_string(), json!({"cron": "@daily"}))]
+    );
     let log = f.store.audit_log(None, 100).await.unwrap();
     let seen: Vec<(&str, &str, &str, &str)> = log
         .iter()
@@ -617,6 +629,7 @@ async fn tokens_are_unique_and_revocable(f: Fixture) {
     assert_eq!(
         seen,
         [
+            ("ops", "schedule", "s", "created"),
             ("ops", "sns_hook", "h", "created"),
             ("ops", "template", "t", "deleted"),
             ("ci", "template", "t", "replaced"),
@@ -627,9 +640,9 @@ async fn tokens_are_unique_and_revocable(f: Fixture) {
         ],
         "newest first; the refused second `ci` left no row"
     );
-    let older = f.store.audit_log(Some(log[2].id), 2).await.unwrap();
+    let older = f.store.audit_log(Some(log[3].id), 2).await.unwrap();
     assert_eq!(older.len(), 2);
-    assert_eq!(older[0].id, log[3].id);
+    assert_eq!(older[0].id, log[4].id);
 }
 
 /// Refused SNS deliveries cannot fill the disk: every caller-supplied text is cut, and repeats of

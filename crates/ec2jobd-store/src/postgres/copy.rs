@@ -1,5 +1,5 @@
 //! `ec2jobd store copy`: a single node's SQLite history moved into a PostgreSQL database, so a team
-//! that outgrows one host keeps its jobs, events, tokens, templates, SNS hooks and deliveries.
+//! that outgrows one host keeps its jobs, events, tokens, templates, SNS hooks, schedules and deliveries.
 //!
 //! The two schemas have the same tables and columns (migrations/sqlite, migrations/postgres), so
 //! rows move as they are, page by page (memory stays bounded whatever the history), inside one
@@ -111,6 +111,11 @@ const TABLES: &[Table] = &[
     },
     Table {
         name: "sns_hooks",
+        columns: NAMED,
+        identity: false,
+    },
+    Table {
+        name: "schedules",
         columns: NAMED,
         identity: false,
     },

@@ -1085,6 +1085,12 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn named_stamp(&self, kind: Named) -> Result<(i64, i64, i64)> {
+        Ok(sqlx::query_as(&crate::shared::named_stamp_sql(kind))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool> {
         let gone: Option<String> = sqlx::query_scalar(&audited(
             &format!(

@@ -83,6 +83,7 @@ async fn migrations_apply_once_and_make_every_table() {
         "sns_deliveries",
         "sns_hooks",
         "templates",
+        "schedules",
         "leader",
     ] {
         let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
@@ -293,6 +294,9 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     node.put_named(Named::SnsHook, "alarms", json!({"rules": []}), "admin")
         .await
         .unwrap();
+    node.put_named(Named::Schedule, "nightly", json!({"cron": "@daily"}), "admin")
+        .await
+        .unwrap();
     node.record_delivery(NewDelivery {
         hook: "alarms".into(),
         message_id: Some("m-1".into()),
@@ -319,9 +323,10 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
             n("api_tokens"),
             n("templates"),
             n("sns_hooks"),
+            n("schedules"),
             n("sns_deliveries")
         ),
-        (1, 1, 1, 1)
+        (1, 1, 1, 1, 1)
     );
     let (state, cancel, owner): (String, bool, Option<String>) =
         sqlx::query_as("SELECT state, cancel_requested, lease_owner FROM jobs WHERE id = $1")

@@ -1,0 +1,8 @@
+-- Schedules created over the API (PUT /v1/schedules/{name}): when to fire which job, as JSON.
+-- Schedules from config are not stored; their firings' jobs are (created_by = 'schedule:<name>').
+CREATE TABLE schedules (
+    name       text PRIMARY KEY,
+    body       text NOT NULL,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL
+);

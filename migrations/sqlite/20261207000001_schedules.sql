@@ -1,0 +1,8 @@
+-- Schedules created over the API (PUT /v1/schedules/{name}): when to fire which job, as JSON.
+-- Schedules from config are not stored; their firings' jobs are (created_by = 'schedule:<name>').
+CREATE TABLE schedules (
+    name       TEXT PRIMARY KEY NOT NULL,
+    body       TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;
