@@ -20,7 +20,7 @@ use crate::auth;
 use crate::config::{Config, LogFormat, SyncMode};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
+use crate::routes::{audit, catalog, jobs, ops, schedules, sns, templates, tokens};
 use crate::sns::notify::Notifier;
 use crate::sns::verify::{CertStore, HttpFetcher};
 use crate::state::AppState;
@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .merge(catalog::router())
         .merge(sns::router())
         .merge(templates::router())
+        .merge(schedules::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,
@@ -129,7 +130,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountConfig> {
+pub(crate) fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountConfig> {
     cfg.accounts
         .iter()
         .map(|(name, a)| {
@@ -155,6 +156,68 @@ fn account_configs(cfg: &Config) -> std::collections::HashMap<String, AccountCon
             )
         })
         .collect()
+}
+
+/// The parts every route shares, around `store`: the runner (with its parking lot) and the rest of
+/// [`AppState`]. Nothing starts here (`serve` starts the workers; tests drive the parts).
+pub(crate) fn assemble(
+    cfg: &Config,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    pool: Arc<Ec2Pool>,
+    shutdown: CancellationToken,
+) -> AppState {
+    let q = &cfg.queue;
+    let lot = Parking::new(
+        store.clone(),
+        pool.clone(),
+        clock.clone(),
+        metrics.clone(),
+        q.lease.0,
+        q.max_waiting,
+    );
+    let runner = Arc::new(
+        Runner::new(
+            store.clone(),
+            Arc::new(Ec2Executor::new(pool.clone(), lot.clone())),
+            RunnerConfig {
+                workers: q.workers,
+                lease: q.lease.0,
+                heartbeat: q.heartbeat.0,
+                poll_interval: q.poll_interval.0,
+                reap_interval: q.reap_interval.0,
+                backoff_base: q.backoff_base.0,
+                backoff_max: q.backoff_max.0,
+                grace: cfg.shutdown_grace.0,
+            },
+            metrics.clone(),
+            clock.clone(),
+            rand::random(),
+        )
+        .with_parking(lot),
+    );
+    AppState {
+        config: Arc::new(cfg.clone()),
+        store: store.clone(),
+        metrics,
+        runner: runner.clone(),
+        tokens: Default::default(),
+        admission: Default::default(),
+        streams: Default::default(),
+        counts: Default::default(),
+        schedules_changed: Default::default(),
+        pool,
+        sns_certs: Arc::new(CertStore::new(
+            cfg.sns.cert_dir.as_ref().map(std::path::PathBuf::from),
+            Arc::new(HttpFetcher::new(
+                cfg.sns.cert_fetch_timeout.0,
+                cfg.sns.cert_max_bytes,
+            )),
+            cfg.sns.cert_cache,
+        )),
+        shutdown,
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then shuts down gracefully.
@@ -197,55 +260,25 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         pool.share_rounds(rounds.clone());
         tokio::spawn(rounds.adopt(shutdown.clone()));
     }
-    let q = &cfg.queue;
-    let lot = Parking::new(
+    let state = assemble(
+        &cfg,
         store.clone(),
-        pool.clone(),
         clock.clone(),
-        metrics.clone(),
-        q.lease.0,
-        q.max_waiting,
-    );
-    let runner = Arc::new(
-        Runner::new(
-            store.clone(),
-            Arc::new(Ec2Executor::new(pool.clone(), lot.clone())),
-            RunnerConfig {
-                workers: q.workers,
-                lease: q.lease.0,
-                heartbeat: q.heartbeat.0,
-                poll_interval: q.poll_interval.0,
-                reap_interval: q.reap_interval.0,
-                backoff_base: q.backoff_base.0,
-                backoff_max: q.backoff_max.0,
-                grace: cfg.shutdown_grace.0,
-            },
-            metrics.clone(),
-            clock.clone(),
-            rand::random(),
-        )
-        .with_parking(lot),
-    );
-    let state = AppState {
-        config: Arc::new(cfg.clone()),
-        store: store.clone(),
         metrics,
-        runner: runner.clone(),
-        tokens: Default::default(),
-        admission: Default::default(),
-        streams: Default::default(),
-        counts: Default::default(),
         pool,
-        sns_certs: Arc::new(CertStore::new(
-            cfg.sns.cert_dir.as_ref().map(std::path::PathBuf::from),
-            Arc::new(HttpFetcher::new(
-                cfg.sns.cert_fetch_timeout.0,
-                cfg.sns.cert_max_bytes,
-            )),
-            cfg.sns.cert_cache,
-        )),
-        shutdown: shutdown.clone(),
-    };
+        shutdown.clone(),
+    );
+    let runner = state.runner.clone();
+    // Schedules from config are checked completely (their jobs too) before anything is served.
+    for (name, schedule) in &cfg.schedules {
+        if let Err(e) = crate::schedules::check(&state, schedule).await {
+            anyhow::bail!(
+                "config key `schedules.{name}.{}`: {}",
+                e.field.unwrap_or_default(),
+                e.detail
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("config key `listen`: cannot bind {addr}"))?;
@@ -263,6 +296,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         cfg.notify.backoff_max.0,
     ));
     tokio::spawn(notifier.clone().run(leading.clone(), shutdown.clone()));
+    tokio::spawn(crate::schedules::ticker::Ticker::new(state.clone()).run(
+        clock.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
     tokio::spawn(crate::retention::run(
         state.store.clone(),
         clock.clone(),

@@ -65,6 +65,12 @@ pub struct Config {
     pub retention: RetentionSection,
     /// The dashboard at `/ui/`.
     pub ui: UiSection,
+    /// Schedules by name (`[schedules.<name>]`, read-only over the API).
+    #[serde(default)]
+    pub schedules: BTreeMap<String, crate::schedules::Schedule>,
+    /// Holiday calendars schedules can skip (`[calendars.<name>]`).
+    #[serde(default)]
+    pub calendars: BTreeMap<String, crate::schedules::Calendar>,
 }
 
 /// `[ui]`: the dashboard served at `/ui/`.
@@ -719,6 +725,14 @@ impl Config {
                     format!("sns.hooks.{name}.{field}")
                 };
                 bail!("config key `{key}`: {msg}");
+            }
+        }
+        for (name, sched) in &self.schedules {
+            if !is_hook_name(name) {
+                bail!("config key `schedules.{name}`: schedule names are 1-64 letters, digits, `-` or `_`");
+            }
+            if let Err((field, msg)) = sched.plan(&self.calendars) {
+                bail!("config key `schedules.{name}.{field}`: {msg}");
             }
         }
         if !ec2jobd_spec::PRIORITY_RANGE.contains(&self.sns.priority) {

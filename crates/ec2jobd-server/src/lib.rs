@@ -19,6 +19,7 @@ pub mod paging;
 pub mod report;
 pub mod retention;
 pub mod routes;
+pub mod schedules;
 pub mod sns;
 pub mod state;
 pub mod ui;

@@ -34,6 +34,8 @@ pub struct Metrics {
     sns_refused: Family<Labels, Counter>,
     pruned: Family<Labels, Counter>,
     leader: Gauge,
+    schedules: Gauge,
+    schedule_firings: Family<Labels, Counter>,
 }
 
 /// EC2 figures for the dashboard ([`Metrics::ec2_totals`]).
@@ -175,8 +177,22 @@ impl Metrics {
             "1 while this process holds the maintenance lease (publishes the outbox, prunes); with SQLite always 1",
             leader.clone(),
         );
+        let schedules = Gauge::default();
+        registry.register(
+            "schedules",
+            "Schedules the leader's ticker holds (0 on other replicas)",
+            schedules.clone(),
+        );
+        let schedule_firings = Family::<Labels, Counter>::default();
+        registry.register(
+            "schedule_firings",
+            "Schedule firings by outcome (`queued`, `already` queued by its key, `skipped` for overlap, `failed`)",
+            schedule_firings.clone(),
+        );
         Self {
             leader,
+            schedules,
+            schedule_firings,
             parked,
             pruned,
             sns_refused,
@@ -199,6 +215,18 @@ impl Metrics {
     /// Whether this process leads maintenance now.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+
+    /// How many schedules the ticker holds.
+    pub fn set_schedules(&self, loaded: usize) {
+        self.schedules.set(loaded as i64);
+    }
+
+    /// One schedule firing's outcome.
+    pub fn schedule_fired(&self, outcome: &str) {
+        self.schedule_firings
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
     }
 
     /// Sets the per-state gauges from a fresh count.

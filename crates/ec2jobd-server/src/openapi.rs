@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
+use crate::routes::{audit, catalog, jobs, ops, schedules, sns, templates, tokens};
 
 /// The ec2jobd v1 API.
 #[derive(OpenApi)]
@@ -25,6 +25,8 @@ use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
         catalog::catalog, sns::deliver, sns::deliveries, sns::list_hooks, sns::get_hook,
         sns::put_hook, sns::delete_hook,
         templates::list, templates::get_one, templates::put, templates::delete, templates::run,
+        schedules::list, schedules::get_one, schedules::put, schedules::delete, schedules::pause,
+        schedules::resume,
         tokens::create, tokens::list, tokens::revoke, audit::list,
         ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
@@ -36,7 +38,10 @@ use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
         sns::HookInfo, crate::config::HookSection, templates::Template, templates::TemplateParam,
         templates::ParamType, templates::NamedTemplate, templates::RunBody,
         ec2jobd_store::Delivery, ec2jobd_spec::StepResult, audit::AuditPage,
-        ec2jobd_store::AuditEntry, ec2jobd_store::Scopes,
+        ec2jobd_store::AuditEntry, ec2jobd_store::Scopes, crate::schedules::Schedule,
+        crate::schedules::Fires, crate::schedules::Overlap, crate::schedules::Source,
+        crate::schedules::Upcoming, schedules::ScheduleInfo, schedules::LastJob,
+        ec2jobd_spec::schedule::Window, ec2jobd_spec::schedule::CatchUp,
     )),
     modifiers(&Bearer, &Problems),
     tags(
@@ -44,6 +49,7 @@ use crate::routes::{audit, catalog, jobs, ops, sns, templates, tokens};
         (name = "tokens", description = "API tokens and the audit log (admin)"),
         (name = "sns", description = "SNS deliveries: verified webhook triggers and their record"),
         (name = "templates", description = "Saved job templates with named parameters"),
+        (name = "schedules", description = "Jobs fired on a cron expression or an office-hours window, time-zone and holiday aware"),
         (name = "ops", description = "Health, readiness, metrics, API description"),
     )
 )]

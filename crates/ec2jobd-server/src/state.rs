@@ -34,6 +34,9 @@ pub struct AppState {
     pub streams: Arc<Streams>,
     /// Jobs per state for the dashboard, at most a few seconds old.
     pub counts: Arc<StateCounts>,
+    /// Notified when this process saved or deleted a schedule: the ticker reads them again at
+    /// once (other replicas' changes it finds by their stamp).
+    pub schedules_changed: Arc<tokio::sync::Notify>,
     /// Cancelled when the daemon begins to shut down; long-lived responses (event streams) end then.
     pub shutdown: CancellationToken,
 }

@@ -69,7 +69,7 @@ impl Recurrence {
 }
 
 /// What a missed firing does after downtime.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CatchUp {
     /// Missed firings are dropped; the next one runs on time.
@@ -154,26 +154,37 @@ impl Times {
         grace: chrono::Duration,
         catch_up: CatchUp,
     ) -> Option<DateTime<Utc>> {
-        // Without catch-up only the last `grace` matters; with it, at most the last 400 days (a
-        // firing missed longer ago than that is not "the latest" anyone wants run).
-        let window = match catch_up {
-            CatchUp::None => grace + chrono::Duration::seconds(1),
-            CatchUp::Latest => chrono::Duration::days(400),
+        let after = match catch_up {
+            CatchUp::None => seen.max(now - grace - chrono::Duration::milliseconds(1)),
+            CatchUp::Latest => seen,
         };
-        let mut latest = None;
-        let mut at = seen.max(now - window);
-        while let Some(f) = self.next(at).filter(|f| *f <= now) {
-            latest = Some(f);
-            at = f;
+        self.latest(after, now)
+    }
+
+    /// The last firing in (`after`, `now`], looked for backwards in growing spans (each scanned
+    /// forwards, so a fall-back day's firing is the same instant [`Times::next`] gives): the
+    /// work is a few times the firings in the span that holds the answer, not in all of it.
+    pub fn latest(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let mut span = chrono::Duration::minutes(1);
+        loop {
+            let from = (now - span).max(after);
+            let mut latest = None;
+            let mut at = from;
+            while let Some(f) = self.next(at).filter(|f| *f <= now) {
+                latest = Some(f);
+                at = f;
+            }
+            if latest.is_some() || from == after {
+                return latest;
+            }
+            span = span * 4;
         }
-        let f = latest?;
-        (now - f <= grace || catch_up == CatchUp::Latest).then_some(f)
     }
 }
 
 /// Office hours: instances run from `start` to `stop` (local `HH:MM`) on `days` (cron weekdays:
 /// `mon-fri`, `sat,sun`, `*`) in `time_zone`. A stop earlier than the start spans midnight.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
     /// Local time the window opens, `HH:MM`.
@@ -491,6 +502,18 @@ mod tests {
         assert_eq!(
             t.due(seen, now, grace, CatchUp::None),
             Some(utc("2026-12-04T09:00:00Z"))
+        );
+        // Every second, 90 days down: the latest is found without walking the 7.8 million.
+        let every = times("* * * * * *", "Europe/Berlin");
+        let back = utc("2026-12-04T10:20:00.500Z");
+        assert_eq!(
+            every.due(
+                back - chrono::Duration::days(90),
+                back,
+                grace,
+                CatchUp::Latest
+            ),
+            Some(utc("2026-12-04T10:20:00Z"))
         );
         // Nothing new since `seen`.
         assert_eq!(t.due(now, now, grace, CatchUp::Latest), None);

@@ -467,6 +467,7 @@ fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size, 1-500 (default 50)"),
         ("cursor" = Option<String>, Query, pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$", description = "`next_cursor` of the previous page"),
         ("created_by" = Option<String>, Query, max_length = 256, description = "Only jobs submitted with this API token (its name), or queued by an SNS hook (`sns:<hook>`)"),
+        ("schedule" = Option<String>, Query, max_length = 64, description = "Only the jobs this schedule's firings queued (its history)"),
     ),
     responses(
         (status = 200, body = JobPage),
@@ -540,12 +541,22 @@ pub async fn list(
                 }
                 q.created_by = Some(v);
             }
+            "schedule" => {
+                if !crate::config::is_hook_name(&v) {
+                    return Err(ApiError::bad_request(
+                        "invalid_schedule",
+                        "schedule",
+                        "a schedule's name (1-64 letters, digits, `-` or `_`)",
+                    ));
+                }
+                q.created_by = Some(ec2jobd_spec::schedule::fired_by(&v));
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",
                     other,
                     format!(
-                        "unknown query parameter `{other}` (state, action, since, until, limit, cursor, created_by)"
+                        "unknown query parameter `{other}` (state, action, since, until, limit, cursor, created_by, schedule)"
                     ),
                 ))
             }

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod catalog;
 pub mod jobs;
 pub mod ops;
+pub mod schedules;
 pub mod sns;
 pub mod templates;
 pub mod tokens;

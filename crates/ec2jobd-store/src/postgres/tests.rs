@@ -294,9 +294,14 @@ async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
     node.put_named(Named::SnsHook, "alarms", json!({"rules": []}), "admin")
         .await
         .unwrap();
-    node.put_named(Named::Schedule, "nightly", json!({"cron": "@daily"}), "admin")
-        .await
-        .unwrap();
+    node.put_named(
+        Named::Schedule,
+        "nightly",
+        json!({"cron": "@daily"}),
+        "admin",
+    )
+    .await
+    .unwrap();
     node.record_delivery(NewDelivery {
         hook: "alarms".into(),
         message_id: Some("m-1".into()),

@@ -1,0 +1,393 @@
+//! Schedules (issue 17): what a schedule is (`PUT /v1/schedules/{name}` and `[schedules.<name>]`
+//! in config), how it is checked, when it fires and which job each firing queues. A schedule either
+//! fires a job spec or a saved template on a `cron` expression, or keeps an office-hours `window`
+//! (start jobs when it opens, stop jobs when it closes) for the instances its `targets` name.
+//!
+//! When is answered by `ec2jobd_spec::schedule` (pure, with the time passed in); the [`ticker`]
+//! fires. This module must not read the clock or queue jobs itself; the routes live in
+//! `routes/schedules.rs`.
+
+pub mod ticker;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use ec2jobd_spec::schedule::{CatchUp, Recurrence, Times, Window};
+use ec2jobd_spec::{Action, JobSpec, Targets};
+use ec2jobd_store::Named;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// How late a firing may be found and still run as on time (a tick delayed, a restart at the
+/// firing instant); an older missed firing runs only with `catch_up: "latest"`.
+pub const ON_TIME: chrono::Duration = chrono::Duration::seconds(60);
+
+/// What a firing does when the job of the schedule's previous firing has not finished.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    /// Nothing is queued this time (the default).
+    #[default]
+    Skip,
+    /// The new job is queued anyway.
+    Queue,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A schedule (body of `PUT /v1/schedules/{name}`, and `[schedules.<name>]` in config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// When it fires: 5 fields (minute hour day month weekday), 6 with seconds first, or an alias
+    /// (`@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`). Not with `window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "0 2 * * *")]
+    pub cron: Option<String>,
+    /// IANA time zone of `cron` and `skip_dates` (default `UTC`). A firing at a local time that
+    /// does not exist (spring forward) fires at the first instant after the gap; one at a time
+    /// that happens twice (fall back) fires once.
+    #[serde(default = "utc")]
+    #[schema(example = "Europe/Berlin")]
+    pub time_zone: String,
+    /// The job each firing queues (with `cron`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSpec>,
+    /// Or a saved template each firing runs (with `cron`), with `parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Template parameter values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub parameters: BTreeMap<String, Value>,
+    /// Office hours (instead of `cron`): the `targets` are started (waiting for status checks)
+    /// when it opens and stopped when it closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    /// The instances a `window` starts and stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
+    /// Account of a `window`'s jobs (default: `default_account`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Region of a `window`'s jobs (default: the account's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Local dates on which nothing fires (`YYYY-MM-DD`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>, example = json!(["2026-12-24"]))]
+    pub skip_dates: Vec<NaiveDate>,
+    /// Holiday calendars (`[calendars.<name>]` in config) whose dates are skipped too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calendars: Vec<String>,
+    /// Nothing fires before this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_from: Option<DateTime<Utc>>,
+    /// Nothing fires at or after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_until: Option<DateTime<Utc>>,
+    /// False: nothing fires (`ec2jobd schedules pause` sets it).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// After downtime: `none` drops missed firings, `latest` runs the most recent one once.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// When the previous firing's job has not finished: `skip` (default) or `queue`.
+    #[serde(default)]
+    pub overlap: Overlap,
+    /// When it was last saved over the API (set by the daemon; a firing before it is never
+    /// caught up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(read_only)]
+    pub saved_at: Option<DateTime<Utc>>,
+}
+
+/// `[calendars.<name>]`: holidays a schedule can skip by naming the calendar.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calendar {
+    /// What it is.
+    pub description: Option<String>,
+    /// Its dates, `YYYY-MM-DD` (quoted).
+    pub dates: Vec<NaiveDate>,
+}
+
+/// What one firing does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Fires {
+    /// The schedule's job or template.
+    Job,
+    /// A window opens: start its instances.
+    Start,
+    /// A window closes: stop its instances.
+    Stop,
+}
+
+/// A checked schedule's firing times, by what they do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// One entry for a cron schedule, two (start, stop) for a window.
+    pub firings: Vec<(Fires, Times)>,
+}
+
+/// A bad schedule: the field (relative to the schedule) and what is wrong.
+pub type Invalid = (String, String);
+
+fn invalid(field: &str, msg: impl Into<String>) -> Invalid {
+    (field.to_string(), msg.into())
+}
+
+impl Schedule {
+    /// The firing times, checked without the store or AWS: exactly one of `cron` and `window`,
+    /// a job or a template with `cron` and targets with `window`, known calendars, a span that
+    /// is not empty.
+    pub fn plan(&self, calendars: &BTreeMap<String, Calendar>) -> Result<Plan, Invalid> {
+        if self.description.as_ref().is_some_and(|d| d.len() > 1024) {
+            return Err(invalid("description", "at most 1024 bytes"));
+        }
+        if let (Some(f), Some(u)) = (self.active_from, self.active_until) {
+            if f >= u {
+                return Err(invalid("active_until", "must be after active_from"));
+            }
+        }
+        let mut skip: BTreeSet<NaiveDate> = self.skip_dates.iter().copied().collect();
+        for name in &self.calendars {
+            let cal = calendars.get(name).ok_or_else(|| {
+                invalid(
+                    "calendars",
+                    format!("no calendar `{name}` is configured ([calendars.{name}])"),
+                )
+            })?;
+            skip.extend(cal.dates.iter().copied());
+        }
+        let times = |r: Recurrence| Times {
+            recurrence: r,
+            skip: skip.clone(),
+            active_from: self.active_from,
+            active_until: self.active_until,
+        };
+        let firings = match (&self.cron, &self.window) {
+            (Some(cron), None) => {
+                match (&self.job, &self.template) {
+                    (Some(_), None) | (None, Some(_)) => {}
+                    _ => return Err(invalid("job", "give either `job` or `template`")),
+                }
+                if self.targets.is_some() || self.account.is_some() || self.region.is_some() {
+                    return Err(invalid(
+                        "targets",
+                        "`targets`, `account` and `region` go inside `job` (they are for windows)",
+                    ));
+                }
+                let r = Recurrence::parse(cron, &self.time_zone).map_err(|e| {
+                    let field = if e.contains("time zone") {
+                        "time_zone"
+                    } else {
+                        "cron"
+                    };
+                    invalid(field, e)
+                })?;
+                vec![(Fires::Job, times(r))]
+            }
+            (None, Some(w)) => {
+                if self.job.is_some() || self.template.is_some() {
+                    return Err(invalid(
+                        "window",
+                        "a window starts and stops its `targets`; it takes no `job` or `template`",
+                    ));
+                }
+                if self
+                    .targets
+                    .as_ref()
+                    .is_none_or(|t| *t == Targets::default())
+                {
+                    return Err(invalid(
+                        "targets",
+                        "a window needs targets (instance_ids, tags or filters)",
+                    ));
+                }
+                let (start, stop) = w.recurrences().map_err(|e| invalid("window", e))?;
+                vec![(Fires::Start, times(start)), (Fires::Stop, times(stop))]
+            }
+            _ => return Err(invalid("cron", "give either `cron` or `window`")),
+        };
+        Ok(Plan { firings })
+    }
+
+    /// The job spec of one firing (not yet resolved against config).
+    fn raw_spec(&self, fires: Fires) -> Result<JobSpec, Invalid> {
+        let window_job = |action: Action| -> Result<JobSpec, Invalid> {
+            let mut v = serde_json::json!({
+                "action": action.as_str(),
+                "targets": self.targets,
+                "allow_empty": true,
+            });
+            if let Some(a) = &self.account {
+                v["account"] = a.clone().into();
+            }
+            if let Some(r) = &self.region {
+                v["region"] = r.clone().into();
+            }
+            serde_json::from_value(v).map_err(|e| invalid("targets", e.to_string()))
+        };
+        match fires {
+            Fires::Job => self
+                .job
+                .clone()
+                .ok_or_else(|| invalid("job", "this schedule runs a template")),
+            Fires::Start => window_job(Action::StartInstances),
+            Fires::Stop => window_job(Action::StopInstances),
+        }
+    }
+}
+
+/// The job one firing queues, checked like a submission (the account's allowlists, a template's
+/// parameters): 422 naming the schedule's field.
+pub async fn spec_for(
+    state: &AppState,
+    schedule: &Schedule,
+    fires: Fires,
+) -> Result<JobSpec, ApiError> {
+    if let (Fires::Job, Some(t)) = (fires, &schedule.template) {
+        return crate::routes::templates::spec_from(state, t, &schedule.parameters)
+            .await
+            .map_err(|e| prefixed(e, "template."));
+    }
+    let raw = schedule.raw_spec(fires).map_err(unprocessable)?;
+    let prefix = if fires == Fires::Job { "job." } else { "" };
+    crate::routes::jobs::resolve_spec(state, raw).map_err(|e| prefixed(e, prefix))
+}
+
+fn prefixed(mut e: ApiError, prefix: &str) -> ApiError {
+    e.field = Some(format!("{prefix}{}", e.field.unwrap_or_default()));
+    e
+}
+
+/// A bad schedule as a 422.
+pub fn unprocessable((field, msg): Invalid) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_schedule",
+        msg,
+    )
+    .field(field)
+}
+
+/// Checks a schedule completely (as saved, or from config at start): its times, and the job of
+/// every kind of firing it makes.
+pub async fn check(state: &AppState, schedule: &Schedule) -> Result<Plan, ApiError> {
+    let plan = schedule
+        .plan(&state.config.calendars)
+        .map_err(unprocessable)?;
+    for (fires, _) in &plan.firings {
+        spec_for(state, schedule, *fires).await?;
+    }
+    Ok(plan)
+}
+
+/// Where a schedule is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// `[schedules.<name>]` in config (read-only over the API).
+    Config,
+    /// `PUT /v1/schedules/{name}`.
+    Api,
+}
+
+/// Every schedule, config first, then the API's (a name defined in config cannot be saved over
+/// the API). A stored body that no longer reads is left out with a warning.
+pub async fn all(state: &AppState) -> Result<Vec<(String, Source, Schedule)>, ApiError> {
+    let mut out: Vec<_> = state
+        .config
+        .schedules
+        .iter()
+        .map(|(n, s)| (n.clone(), Source::Config, s.clone()))
+        .collect();
+    for (name, body) in state.store.list_named(Named::Schedule).await? {
+        match serde_json::from_value(body) {
+            Ok(s) => out.push((name, Source::Api, s)),
+            Err(e) => tracing::warn!(schedule = %name, error = %e, "stored schedule does not read"),
+        }
+    }
+    Ok(out)
+}
+
+/// One schedule by name.
+pub async fn find(state: &AppState, name: &str) -> Result<Option<(Source, Schedule)>, ApiError> {
+    if let Some(s) = state.config.schedules.get(name) {
+        return Ok(Some((Source::Config, s.clone())));
+    }
+    match state.store.get_named(Named::Schedule, name).await? {
+        None => Ok(None),
+        Some(body) => serde_json::from_value(body)
+            .map(|s| Some((Source::Api, s)))
+            .map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_schedule",
+                    e.to_string(),
+                )
+            }),
+    }
+}
+
+/// One firing to come.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Upcoming {
+    /// When (UTC).
+    pub at: DateTime<Utc>,
+    /// What it does.
+    pub fires: Fires,
+}
+
+impl Plan {
+    /// The next `n` firings after `t`, in time order (a window's starts and stops merged).
+    pub fn upcoming(&self, t: DateTime<Utc>, n: usize) -> Vec<Upcoming> {
+        let mut all: Vec<Upcoming> = self
+            .firings
+            .iter()
+            .flat_map(|(fires, times)| {
+                times
+                    .upcoming(t, n)
+                    .into_iter()
+                    .map(|at| Upcoming { at, fires: *fires })
+            })
+            .collect();
+        all.sort_by_key(|u| u.at);
+        all.truncate(n);
+        all
+    }
+
+    /// The first firing strictly after `t`.
+    pub fn next(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.firings.iter().filter_map(|(_, x)| x.next(t)).min()
+    }
+
+    /// The firing to run at `now` when everything up to `seen` was dealt with ([`Times::due`]);
+    /// of a window's, the latest (its state is what the window wants now).
+    pub fn due(
+        &self,
+        seen: DateTime<Utc>,
+        now: DateTime<Utc>,
+        catch_up: CatchUp,
+    ) -> Option<(DateTime<Utc>, Fires)> {
+        self.firings
+            .iter()
+            .filter_map(|(fires, t)| t.due(seen, now, ON_TIME, catch_up).map(|at| (at, *fires)))
+            .max_by_key(|(at, _)| *at)
+    }
+}
