@@ -6,6 +6,8 @@ mod clients;
 mod common;
 #[path = "api/hardening.rs"]
 mod hardening;
+#[path = "api/schedules.rs"]
+mod schedules;
 #[path = "api/ui.rs"]
 mod ui;
 

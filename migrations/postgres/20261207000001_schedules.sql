@@ -6,3 +6,12 @@ CREATE TABLE schedules (
     created_at bigint NOT NULL,
     updated_at bigint NOT NULL
 );
+
+-- Overrides of window schedules with expiry (POST /v1/schedules/{name}/overrides), named
+-- `<schedule>/<id>`: "keep db-7 running until Friday 18:00".
+CREATE TABLE schedule_overrides (
+    name       text PRIMARY KEY,
+    body       text NOT NULL,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL
+);

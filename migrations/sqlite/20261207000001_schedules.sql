@@ -6,3 +6,12 @@ CREATE TABLE schedules (
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 ) STRICT;
+
+-- Overrides of window schedules with expiry (POST /v1/schedules/{name}/overrides), named
+-- `<schedule>/<id>`: "keep db-7 running until Friday 18:00".
+CREATE TABLE schedule_overrides (
+    name       TEXT PRIMARY KEY NOT NULL,
+    body       TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+) STRICT;

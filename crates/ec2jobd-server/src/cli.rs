@@ -98,6 +98,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: crate::client::JobsCmd,
     },
+    /// List, show, pause or resume a running daemon's schedules.
+    Schedules {
+        #[command(subcommand)]
+        cmd: crate::client::SchedulesCmd,
+    },
     /// Exit 0 when the daemon at `--url` is ready (`GET /readyz`: its database takes a write), 4
     /// otherwise: a container health check that needs no curl.
     Health {
@@ -219,7 +224,11 @@ fn parse_scopes(flags: &[String]) -> anyhow::Result<ec2jobd_store::Scopes> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         // `main` runs the client commands itself (they have their own exit codes).
-        Cmd::Submit(_) | Cmd::Run(_) | Cmd::Jobs { .. } | Cmd::Health { .. } => {
+        Cmd::Submit(_)
+        | Cmd::Run(_)
+        | Cmd::Jobs { .. }
+        | Cmd::Schedules { .. }
+        | Cmd::Health { .. } => {
             bail!("not a daemon-side command")
         }
         Cmd::Serve {
@@ -425,6 +434,7 @@ pub fn main() -> ExitCode {
         Cmd::Submit(s) => rt.block_on(crate::client::submit(*s)),
         Cmd::Run(r) => rt.block_on(crate::client::run_template(*r)),
         Cmd::Jobs { cmd } => rt.block_on(crate::client::jobs(cmd)),
+        Cmd::Schedules { cmd } => rt.block_on(crate::client::schedules(cmd)),
         Cmd::Health { conn } => rt.block_on(crate::client::health(conn)),
         cmd => {
             return match rt.block_on(run(Cli { cmd })) {

@@ -205,6 +205,37 @@ pub enum JobsCmd {
     },
 }
 
+/// `ec2jobd schedules …`.
+#[derive(Subcommand, Debug)]
+pub enum SchedulesCmd {
+    /// List schedules with their next firing.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show one schedule: its definition, next 10 firings, newest job and overrides.
+    Get {
+        /// Schedule name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Pause a schedule (admin): nothing fires until it is resumed.
+    Pause {
+        /// Schedule name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Resume a paused schedule (admin); firings missed meanwhile are not caught up.
+    Resume {
+        /// Schedule name.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
 /// A failure with the exit code it maps to.
 pub struct Fail(pub u8, pub String);
 
@@ -705,4 +736,133 @@ pub async fn jobs(cmd: JobsCmd) -> R<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// What a schedule does when, in a few words: its cron and zone, or its window.
+fn schedule_when(s: &Value) -> String {
+    if let Some(w) = s.get("window").filter(|w| w.is_object()) {
+        return format!(
+            "window {}-{} {} {}",
+            w["start"].as_str().unwrap_or(""),
+            w["stop"].as_str().unwrap_or(""),
+            w["days"].as_str().unwrap_or("*"),
+            w["time_zone"].as_str().unwrap_or("")
+        );
+    }
+    format!(
+        "{} {}",
+        s["cron"].as_str().unwrap_or(""),
+        s["time_zone"].as_str().unwrap_or("UTC")
+    )
+}
+
+fn schedule_status(s: &Value) -> &'static str {
+    if s["enabled"] == Value::Bool(false) {
+        "paused"
+    } else {
+        "active"
+    }
+}
+
+fn print_schedule(info: &Value, output: Output) {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(info).unwrap_or_default());
+        return;
+    }
+    let s = &info["schedule"];
+    println!(
+        "{} ({}, {})",
+        info["name"].as_str().unwrap_or(""),
+        info["source"].as_str().unwrap_or(""),
+        schedule_status(s)
+    );
+    if let Some(d) = s["description"].as_str() {
+        println!("  {d}");
+    }
+    println!("  when: {}", schedule_when(s));
+    let next: Vec<String> = info["next"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            format!(
+                "{} {}",
+                n["at"].as_str().unwrap_or(""),
+                n["fires"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    if next.is_empty() {
+        println!("  next: none");
+    } else {
+        println!("  next:");
+        for n in next {
+            println!("    {n}");
+        }
+    }
+    if let Some(j) = info.get("last_job").filter(|j| j.is_object()) {
+        println!(
+            "  last job: {} {} ({})",
+            j["id"].as_str().unwrap_or(""),
+            j["state"].as_str().unwrap_or(""),
+            j["created_at"].as_str().unwrap_or("")
+        );
+    }
+    if let Some(o) = info["overrides"].as_object() {
+        for (id, h) in o {
+            println!(
+                "  override {id}: {} until {}",
+                h["state"].as_str().unwrap_or(""),
+                h["until"].as_str().unwrap_or("")
+            );
+        }
+    }
+}
+
+pub async fn schedules(cmd: SchedulesCmd) -> R<u8> {
+    let (method, path, conn) = match cmd {
+        SchedulesCmd::List { conn } => {
+            let client = Client::new(&conn)?;
+            let (_, t) = client
+                .call(reqwest::Method::GET, "/v1/schedules", None, None)
+                .await?;
+            let all: Value = serde_json::from_str(&t).unwrap_or_default();
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&all).unwrap_or_default());
+                return Ok(exit::OK);
+            }
+            for s in all.as_array().into_iter().flatten() {
+                let next = s["next"][0]["at"].as_str().unwrap_or("-");
+                println!(
+                    "{:<24} {:<6} {:<6} {:<40} next {}",
+                    s["name"].as_str().unwrap_or(""),
+                    s["source"].as_str().unwrap_or(""),
+                    schedule_status(&s["schedule"]),
+                    schedule_when(&s["schedule"]),
+                    next
+                );
+            }
+            return Ok(exit::OK);
+        }
+        SchedulesCmd::Get { name, conn } => (
+            reqwest::Method::GET,
+            format!("/v1/schedules/{}", query_value(&name)),
+            conn,
+        ),
+        SchedulesCmd::Pause { name, conn } => (
+            reqwest::Method::POST,
+            format!("/v1/schedules/{}/pause", query_value(&name)),
+            conn,
+        ),
+        SchedulesCmd::Resume { name, conn } => (
+            reqwest::Method::POST,
+            format!("/v1/schedules/{}/resume", query_value(&name)),
+            conn,
+        ),
+    };
+    let client = Client::new(&conn)?;
+    let (_, t) = client.call(method, &path, None, None).await?;
+    let info: Value = serde_json::from_str(&t).unwrap_or_default();
+    print_schedule(&info, conn.output);
+    Ok(exit::OK)
 }

@@ -247,6 +247,8 @@ pub enum Named {
     Template,
     /// Schedules created over the API (`PUT /v1/schedules/{name}`).
     Schedule,
+    /// A window schedule's overrides with expiry, named `<schedule>/<id>`.
+    ScheduleOverride,
 }
 
 impl Named {
@@ -256,6 +258,7 @@ impl Named {
             Named::SnsHook => "sns_hooks",
             Named::Template => "templates",
             Named::Schedule => "schedules",
+            Named::ScheduleOverride => "schedule_overrides",
         }
     }
 
@@ -265,6 +268,7 @@ impl Named {
             Named::SnsHook => "sns_hook",
             Named::Template => "template",
             Named::Schedule => "schedule",
+            Named::ScheduleOverride => "schedule_override",
         }
     }
 }
@@ -278,7 +282,7 @@ pub struct AuditEntry {
     pub at: chrono::DateTime<chrono::Utc>,
     /// Who: the API token's name, or `cli` for `ec2jobd token …` on the host.
     pub by: String,
-    /// `template`, `sns_hook`, `schedule` or `token`.
+    /// `template`, `sns_hook`, `schedule`, `schedule_override` or `token`.
     pub what: String,
     /// Its name.
     pub name: String,

@@ -5,6 +5,8 @@
 //!
 //! What a schedule is and how it is checked lives in `crate::schedules`; this module only answers.
 
+use std::collections::BTreeMap;
+
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -21,6 +23,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
 use crate::routes::jobs::{parse_json, require_json};
+use crate::schedules::windows::{self, Override};
 use crate::schedules::{self, Schedule, Source, Upcoming};
 use crate::state::AppState;
 
@@ -31,6 +34,14 @@ pub fn router() -> Router<AppState> {
         .route("/v1/schedules/{name}", get(get_one).put(put).delete(delete))
         .route("/v1/schedules/{name}/pause", post(pause))
         .route("/v1/schedules/{name}/resume", post(resume))
+        .route(
+            "/v1/schedules/{name}/overrides",
+            get(list_overrides).post(add_override),
+        )
+        .route(
+            "/v1/schedules/{name}/overrides/{id}",
+            axum::routing::delete(delete_override),
+        )
 }
 
 /// The newest job a schedule's firing queued.
@@ -58,6 +69,9 @@ pub struct ScheduleInfo {
     /// The newest job a firing queued (one schedule only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_job: Option<LastJob>,
+    /// A window's unexpired overrides by id (one schedule only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub overrides: BTreeMap<String, Override>,
 }
 
 fn info(
@@ -77,6 +91,7 @@ fn info(
         schedule,
         next,
         last_job: None,
+        overrides: BTreeMap::new(),
     }
 }
 
@@ -104,7 +119,7 @@ pub async fn list(
 }
 
 /// One schedule, with its next 10 firings and its newest job.
-#[utoipa::path(get, path = "/v1/schedules/{name}", tag = "schedules",
+#[utoipa::path(get, path = "/v1/schedules/{name}", tag = "schedules", operation_id = "get_schedule",
     params(("name" = String, Path, description = "Schedule name")),
     responses((status = 200, body = ScheduleInfo), (status = 404, body = Problem)), security(("bearer" = [])))]
 pub async fn get_one(
@@ -130,8 +145,10 @@ pub async fn get_one(
             state: j.state,
             created_at: j.created_at,
         });
+    let (live, _) = windows::overrides(&state, &name, Utc::now()).await?;
     let mut out = info(&state, name, source, schedule, 10);
     out.last_job = last;
+    out.overrides = windows::by_id(live);
     Ok(Json(out))
 }
 
@@ -166,7 +183,7 @@ async fn save(
 
 /// Save (create or replace) a schedule (admin). Checked completely: the expression and zone, the
 /// calendars, and the job every firing makes (422 naming the field); nothing is stored otherwise.
-#[utoipa::path(put, path = "/v1/schedules/{name}", tag = "schedules",
+#[utoipa::path(put, path = "/v1/schedules/{name}", tag = "schedules", operation_id = "put_schedule",
     params(("name" = String, Path, description = "Schedule name")),
     request_body = Schedule,
     responses((status = 201, body = ScheduleInfo), (status = 200, body = ScheduleInfo),
@@ -202,7 +219,7 @@ pub async fn put(
 }
 
 /// Delete a schedule (admin); its jobs stay.
-#[utoipa::path(delete, path = "/v1/schedules/{name}", tag = "schedules",
+#[utoipa::path(delete, path = "/v1/schedules/{name}", tag = "schedules", operation_id = "delete_schedule",
     params(("name" = String, Path, description = "Schedule name")),
     responses((status = 204), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = [])))]
@@ -247,7 +264,7 @@ async fn set_enabled(
 }
 
 /// Pause a schedule (admin): nothing fires until it is resumed (`enabled: false`).
-#[utoipa::path(post, path = "/v1/schedules/{name}/pause", tag = "schedules",
+#[utoipa::path(post, path = "/v1/schedules/{name}/pause", tag = "schedules", operation_id = "pause_schedule",
     params(("name" = String, Path, description = "Schedule name")),
     responses((status = 200, body = ScheduleInfo), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = [])))]
@@ -260,7 +277,7 @@ pub async fn pause(
 }
 
 /// Resume a paused schedule (admin). Firings missed while paused are not caught up.
-#[utoipa::path(post, path = "/v1/schedules/{name}/resume", tag = "schedules",
+#[utoipa::path(post, path = "/v1/schedules/{name}/resume", tag = "schedules", operation_id = "resume_schedule",
     params(("name" = String, Path, description = "Schedule name")),
     responses((status = 200, body = ScheduleInfo), (status = 404, body = Problem), (status = 409, body = Problem)),
     security(("bearer" = [])))]
@@ -270,4 +287,120 @@ pub async fn resume(
     Path(name): Path<String>,
 ) -> Result<Json<ScheduleInfo>, ApiError> {
     set_enabled(&state, &caller, &name, true).await
+}
+
+/// An override saved.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OverrideInfo {
+    /// Its id (`DELETE /v1/schedules/{name}/overrides/{id}` ends it early).
+    pub id: String,
+    /// The override.
+    #[serde(flatten)]
+    pub held: Override,
+}
+
+/// Hold some of a window's instances in a state until a time (operator): "keep db-7 running
+/// until Friday 18:00". The window's next reconciliation (at once for an enforced window, else
+/// its next start or stop) honours it; once `until` passes they follow the window again.
+#[utoipa::path(post, path = "/v1/schedules/{name}/overrides", tag = "schedules", operation_id = "add_schedule_override",
+    params(("name" = String, Path, description = "Schedule name (a window)")),
+    request_body = Override,
+    responses((status = 201, body = OverrideInfo), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn add_override(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<OverrideInfo>), ApiError> {
+    caller.require(Role::Operator)?;
+    require_json(&headers)?;
+    let (_, schedule) = one(&state, &name).await?;
+    let held: Override = parse_json(&body)?;
+    let bad = |field: &str, msg: &str| schedules::unprocessable((field.into(), msg.into()));
+    if schedule.window.is_none() {
+        return Err(bad("name", "overrides are for window schedules"));
+    }
+    match (&held.instance_ids, &held.tags) {
+        (Some(ids), None) if !ids.0.is_empty() && ids.0.len() <= 1000 => {}
+        (None, Some(tags)) if !tags.0.is_empty() => {}
+        _ => {
+            return Err(bad(
+                "instance_ids",
+                "give either `instance_ids` (1 to 1000) or `tags`",
+            ))
+        }
+    }
+    let now = Utc::now();
+    if held.until <= now || held.until > now + chrono::Duration::days(366) {
+        return Err(bad("until", "must be in the future, within a year"));
+    }
+    if held.reason.as_ref().is_some_and(|r| r.len() > 1024) {
+        return Err(bad("reason", "at most 1024 bytes"));
+    }
+    let (live, _) = windows::overrides(&state, &name, now).await?;
+    if live.len() >= 100 {
+        return Err(bad("name", "this schedule already has 100 overrides"));
+    }
+    let id = ulid::Ulid::new().to_string();
+    state
+        .store
+        .put_named(
+            Named::ScheduleOverride,
+            &format!("{name}/{id}"),
+            serde_json::to_value(&held).unwrap_or_default(),
+            &caller.0.name,
+        )
+        .await?;
+    state.schedules_changed.notify_one();
+    Ok((StatusCode::CREATED, Json(OverrideInfo { id, held })))
+}
+
+/// A window's unexpired overrides.
+#[utoipa::path(get, path = "/v1/schedules/{name}/overrides", tag = "schedules", operation_id = "list_schedule_overrides",
+    params(("name" = String, Path, description = "Schedule name")),
+    responses((status = 200, body = [OverrideInfo]), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn list_overrides(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<OverrideInfo>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    one(&state, &name).await?;
+    let (live, _) = windows::overrides(&state, &name, Utc::now()).await?;
+    Ok(Json(
+        windows::by_id(live)
+            .into_iter()
+            .map(|(id, held)| OverrideInfo { id, held })
+            .collect(),
+    ))
+}
+
+/// End an override early (operator).
+#[utoipa::path(delete, path = "/v1/schedules/{name}/overrides/{id}", tag = "schedules", operation_id = "delete_schedule_override",
+    params(("name" = String, Path, description = "Schedule name"), ("id" = String, Path, description = "Override id")),
+    responses((status = 204), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn delete_override(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Operator)?;
+    if state
+        .store
+        .delete_named(
+            Named::ScheduleOverride,
+            &format!("{name}/{id}"),
+            &caller.0.name,
+        )
+        .await?
+    {
+        state.schedules_changed.notify_one();
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(&format!("override `{id}` of `{name}`")))
+    }
 }

@@ -8,6 +8,7 @@
 //! `routes/schedules.rs`.
 
 pub mod ticker;
+pub mod windows;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -80,6 +81,15 @@ pub struct Schedule {
     /// The instances a `window` starts and stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<Targets>,
+    /// A `window` also reconciles every `interval`: targeted instances that should be stopped but
+    /// run are stopped, and the reverse (so a window survives downtime and manual starts), except
+    /// instances an override holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub enforce: bool,
+    /// How often `enforce` looks (default `5m`, at least `1s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "5m")]
+    pub interval: Option<String>,
     /// Account of a `window`'s jobs (default: `default_account`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
@@ -142,7 +152,15 @@ pub enum Fires {
 pub struct Plan {
     /// One entry for a cron schedule, two (start, stop) for a window.
     pub firings: Vec<(Fires, Times)>,
+    /// How often an enforced window reconciles (`None`: it does not).
+    pub enforce_every: Option<std::time::Duration>,
 }
+
+/// How far back a window's last opening or closing is looked for.
+const WINDOW_LOOKBACK: chrono::Duration = chrono::Duration::days(400);
+
+/// `interval` when `enforce` gives none.
+pub const ENFORCE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A bad schedule: the field (relative to the schedule) and what is wrong.
 pub type Invalid = (String, String);
@@ -174,11 +192,30 @@ impl Schedule {
             })?;
             skip.extend(cal.dates.iter().copied());
         }
-        let times = |r: Recurrence| Times {
+        let times = |r: Recurrence, skip: &BTreeSet<NaiveDate>| Times {
             recurrence: r,
             skip: skip.clone(),
             active_from: self.active_from,
             active_until: self.active_until,
+        };
+        if (self.enforce || self.interval.is_some()) && self.window.is_none() {
+            return Err(invalid(
+                "enforce",
+                "`enforce` and `interval` are for windows",
+            ));
+        }
+        let enforce_every = match (&self.interval, self.enforce) {
+            (_, false) => None,
+            (None, true) => Some(ENFORCE_EVERY),
+            (Some(i), true) => match humantime::parse_duration(i) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) => Some(d),
+                _ => {
+                    return Err(invalid(
+                        "interval",
+                        format!("`{i}` is not a duration of at least 1s"),
+                    ))
+                }
+            },
         };
         let firings = match (&self.cron, &self.window) {
             (Some(cron), None) => {
@@ -200,7 +237,7 @@ impl Schedule {
                     };
                     invalid(field, e)
                 })?;
-                vec![(Fires::Job, times(r))]
+                vec![(Fires::Job, times(r, &skip))]
             }
             (None, Some(w)) => {
                 if self.job.is_some() || self.template.is_some() {
@@ -220,11 +257,19 @@ impl Schedule {
                     ));
                 }
                 let (start, stop) = w.recurrences().map_err(|e| invalid("window", e))?;
-                vec![(Fires::Start, times(start)), (Fires::Stop, times(stop))]
+                // A day off means the window does not open; a closing is never skipped (an
+                // overnight window ending on a holiday still stops its instances).
+                vec![
+                    (Fires::Start, times(start, &skip)),
+                    (Fires::Stop, times(stop, &BTreeSet::new())),
+                ]
             }
             _ => return Err(invalid("cron", "give either `cron` or `window`")),
         };
-        Ok(Plan { firings })
+        Ok(Plan {
+            firings,
+            enforce_every,
+        })
     }
 
     /// The job spec of one firing (not yet resolved against config).
@@ -370,6 +415,21 @@ impl Plan {
         all.sort_by_key(|u| u.at);
         all.truncate(n);
         all
+    }
+
+    /// For a window, whether it is open at `t`: its last opening is later than its last closing
+    /// (`None` for a cron schedule).
+    pub fn window_open(&self, t: DateTime<Utc>) -> Option<bool> {
+        let last = |which: Fires| {
+            self.firings
+                .iter()
+                .find(|(f, _)| *f == which)
+                .and_then(|(_, times)| times.latest(t - WINDOW_LOOKBACK, t))
+        };
+        self.firings
+            .iter()
+            .any(|(f, _)| *f == Fires::Start)
+            .then(|| last(Fires::Start) > last(Fires::Stop))
     }
 
     /// The first firing strictly after `t`.

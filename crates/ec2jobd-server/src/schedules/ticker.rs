@@ -20,6 +20,7 @@ use ec2jobd_spec::Clock;
 use ec2jobd_store::{ListQuery, Named};
 use tokio_util::sync::CancellationToken;
 
+use super::windows::{reconcile, Reconcile};
 use super::{Fires, Plan, Schedule, ON_TIME};
 use crate::leader::Leading;
 use crate::state::AppState;
@@ -37,8 +38,17 @@ struct Entry {
     seen: DateTime<Utc>,
     /// The next firing after `seen` (its heap entry).
     next: Option<DateTime<Utc>>,
+    /// An enforced window's next check (its heap entry).
+    check_at: Option<DateTime<Utc>>,
     /// The job of the last firing this ticker queued (overlap).
     last_job: Option<String>,
+}
+
+/// What a heap entry is due for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    Firing,
+    Check,
 }
 
 /// What one firing came to (logged, counted in `ec2jobd_schedule_firings_total`).
@@ -52,14 +62,17 @@ pub enum Fired {
     Skipped(String),
     /// The job could not be made (a template gone, an account removed): why.
     Failed(String),
+    /// A window opened or closed: its instances are reconciled ([`Ticker::take_reconciles`]).
+    Window,
 }
 
 /// Fires schedules; see the module docs.
 pub struct Ticker {
     state: AppState,
     entries: HashMap<String, Entry>,
-    heap: BinaryHeap<Reverse<(DateTime<Utc>, String)>>,
+    heap: BinaryHeap<Reverse<(DateTime<Utc>, String, Due)>>,
     stamp: Option<(i64, i64, i64)>,
+    reconciles: Vec<Reconcile>,
 }
 
 impl Ticker {
@@ -70,6 +83,7 @@ impl Ticker {
             entries: HashMap::new(),
             heap: BinaryHeap::new(),
             stamp: None,
+            reconciles: Vec::new(),
         }
     }
 
@@ -79,6 +93,15 @@ impl Ticker {
         let stamp = self.state.store.named_stamp(Named::Schedule).await?;
         if !force && self.stamp == Some(stamp) {
             return Ok(());
+        }
+        if force {
+            // Something changed here (an override, perhaps): enforced windows look at once.
+            for (name, e) in &mut self.entries {
+                if e.check_at.is_some() {
+                    e.check_at = Some(now);
+                    self.heap.push(Reverse((now, name.clone(), Due::Check)));
+                }
+            }
         }
         let mut keep = HashMap::new();
         for (name, _source, schedule) in super::all(&self.state)
@@ -105,7 +128,12 @@ impl Ticker {
                 None
             };
             if let Some(at) = next {
-                self.heap.push(Reverse((at, name.clone())));
+                self.heap.push(Reverse((at, name.clone(), Due::Firing)));
+            }
+            // An enforced window is checked at once, then every interval.
+            let check_at = (schedule.enabled && plan.enforce_every.is_some()).then_some(now);
+            if let Some(at) = check_at {
+                self.heap.push(Reverse((at, name.clone(), Due::Check)));
             }
             keep.insert(
                 name,
@@ -114,6 +142,7 @@ impl Ticker {
                     plan,
                     seen,
                     next,
+                    check_at,
                     last_job: None,
                 },
             );
@@ -171,50 +200,83 @@ impl Ticker {
 
     /// When the next firing is due (`None`: no schedule fires).
     pub fn next_due(&self) -> Option<DateTime<Utc>> {
-        self.heap.peek().map(|Reverse((at, _))| *at)
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
     }
 
     /// Fires every schedule whose next firing is at or before `now`; returns what each came to.
+    /// A window's firings and enforcement checks are collected for [`Ticker::take_reconciles`].
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Vec<(String, DateTime<Utc>, Fired)> {
         let mut out = Vec::new();
-        while let Some(Reverse((at, name))) = self.heap.peek().cloned() {
+        while let Some(Reverse((at, name, due))) = self.heap.peek().cloned() {
             if at > now {
                 break;
             }
             self.heap.pop();
-            let Some(entry) = self.entries.get(&name) else {
+            let Some(entry) = self.entries.get_mut(&name) else {
                 continue;
             };
+            if due == Due::Check {
+                if entry.check_at != Some(at) {
+                    continue; // replaced since
+                }
+                self.reconciles.push(Reconcile {
+                    name: name.clone(),
+                    schedule: entry.schedule.clone(),
+                    plan: entry.plan.clone(),
+                    at: now,
+                    fires: None,
+                });
+                let every = entry.plan.enforce_every.unwrap_or(super::ENFORCE_EVERY);
+                let next = now + chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
+                entry.check_at = Some(next);
+                self.heap.push(Reverse((next, name, Due::Check)));
+                continue;
+            }
             if entry.next != Some(at) {
                 continue; // replaced since
             }
             let due = entry.plan.due(entry.seen, now, entry.schedule.catch_up);
-            let seen = now;
             if let Some((firing, fires)) = due {
-                match self.fire(&name, firing, fires).await {
-                    Ok(f) => out.push((name.clone(), firing, f)),
-                    Err(e) => {
-                        // The store is away: `seen` stays, so this firing is tried again in a
-                        // second (by its key, once).
-                        tracing::warn!(schedule = %name, error = %e, "firing not queued; retrying");
-                        let retry = now + chrono::Duration::seconds(1);
-                        if let Some(e) = self.entries.get_mut(&name) {
-                            e.next = Some(retry);
+                if fires != Fires::Job {
+                    self.reconciles.push(Reconcile {
+                        name: name.clone(),
+                        schedule: entry.schedule.clone(),
+                        plan: entry.plan.clone(),
+                        at: firing,
+                        fires: Some(fires),
+                    });
+                    out.push((name.clone(), firing, Fired::Window));
+                } else {
+                    match self.fire(&name, firing, fires).await {
+                        Ok(f) => out.push((name.clone(), firing, f)),
+                        Err(e) => {
+                            // The store is away: `seen` stays, so this firing is tried again in
+                            // a second (by its key, once).
+                            tracing::warn!(schedule = %name, error = %e, "firing not queued; retrying");
+                            let retry = now + chrono::Duration::seconds(1);
+                            if let Some(e) = self.entries.get_mut(&name) {
+                                e.next = Some(retry);
+                            }
+                            self.heap.push(Reverse((retry, name, Due::Firing)));
+                            continue;
                         }
-                        self.heap.push(Reverse((retry, name)));
-                        continue;
                     }
                 }
             }
             if let Some(e) = self.entries.get_mut(&name) {
-                e.seen = seen;
-                e.next = e.plan.next(seen);
+                e.seen = now;
+                e.next = e.plan.next(now);
                 if let Some(n) = e.next {
-                    self.heap.push(Reverse((n, name)));
+                    self.heap.push(Reverse((n, name, Due::Firing)));
                 }
             }
         }
         out
+    }
+
+    /// The window reconciliations the last ticks asked for (firings and enforcement checks).
+    pub fn take_reconciles(&mut self) -> Vec<Reconcile> {
+        std::mem::take(&mut self.reconciles)
     }
 
     /// Queues one firing's job, unless the previous one still runs and overlap says skip.
@@ -282,6 +344,7 @@ impl Ticker {
                 tracing::warn!(schedule = %name, %at, why, "firing failed: no job queued");
                 "failed"
             }
+            Fired::Window => "window",
         };
         self.state.metrics.schedule_fired(outcome);
     }
@@ -296,6 +359,7 @@ impl Ticker {
         let changed = self.state.schedules_changed.clone();
         let mut force = true;
         let mut stamp_at = tokio::time::Instant::now();
+        let busy: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Default::default();
         loop {
             if !leading.now() {
                 self.entries.clear();
@@ -316,6 +380,37 @@ impl Ticker {
                 stamp_at = tokio::time::Instant::now() + STAMP_EVERY;
             }
             self.tick(now).await;
+            for r in self.take_reconciles() {
+                // One reconciliation per schedule at a time; a check finding one still running
+                // is dropped (the next comes an interval later).
+                let busy_now = busy.clone();
+                if !busy_now
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(r.name.clone())
+                {
+                    continue;
+                }
+                let (state, clock) = (self.state.clone(), clock.clone());
+                tokio::spawn(async move {
+                    let now = at_ms(clock.now_ms());
+                    match reconcile(&state, &r, now).await {
+                        Ok(done) => {
+                            if done.started.is_some() || done.stopped.is_some() {
+                                tracing::info!(schedule = %r.name, open = done.open, started = ?done.started, stopped = ?done.stopped, "window reconciled");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(schedule = %r.name, error = %e, "window not reconciled");
+                            state.metrics.schedule_fired("failed");
+                        }
+                    }
+                    busy_now
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&r.name);
+                });
+            }
             let until_stamp = stamp_at.saturating_duration_since(tokio::time::Instant::now());
             let until_due = self
                 .next_due()

@@ -120,6 +120,11 @@ const TABLES: &[Table] = &[
         identity: false,
     },
     Table {
+        name: "schedule_overrides",
+        columns: NAMED,
+        identity: false,
+    },
+    Table {
         name: "sns_deliveries",
         columns: &[
             ("id", Int),

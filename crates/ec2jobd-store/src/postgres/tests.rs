@@ -84,6 +84,7 @@ async fn migrations_apply_once_and_make_every_table() {
         "sns_hooks",
         "templates",
         "schedules",
+        "schedule_overrides",
         "leader",
     ] {
         let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
