@@ -198,23 +198,14 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     require_json(&headers)?;
-    if !crate::config::is_hook_name(&name) {
-        return Err(schedules::unprocessable((
-            "name".into(),
-            "1-64 letters, digits, `-` or `_`".into(),
-        )));
-    }
+    crate::routes::check_name(&name)?;
     if state.config.schedules.contains_key(&name) {
         return Err(from_config(&name));
     }
     let schedule: Schedule = parse_json(&body)?;
     let created = save(&state, &caller, &name, schedule).await?;
     let (source, schedule) = one(&state, &name).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = crate::routes::put_status(created);
     Ok((status, Json(info(&state, name, source, schedule, 10))).into_response())
 }
 

@@ -166,11 +166,7 @@ pub async fn put_hook(
         .store
         .put_named(Named::SnsHook, &name, value, &caller.0.name)
         .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = crate::routes::put_status(created);
     Ok((
         status,
         Json(HookInfo {

@@ -330,13 +330,7 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     require_json(&headers)?;
-    if !crate::config::is_hook_name(&name) {
-        return Err(unprocessable(
-            "invalid_name",
-            "name",
-            "1-64 letters, digits, `-` or `_`",
-        ));
-    }
+    crate::routes::check_name(&name)?;
     let template: Template = parse_json(&body)?;
     template.check(&state)?;
     let created = state
@@ -348,11 +342,7 @@ pub async fn put(
             &caller.0.name,
         )
         .await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = crate::routes::put_status(created);
     Ok((status, Json(NamedTemplate { name, template })).into_response())
 }
 
