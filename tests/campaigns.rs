@@ -413,6 +413,28 @@ async fn finished(d: &Daemon) -> u64 {
     n as u64
 }
 
+/// The firing times of a schedule's jobs, oldest first.
+async fn schedule_firings(d: &Daemon, name: &str) -> Vec<chrono::DateTime<chrono::Utc>> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (st, page) = d
+            .get_json(&format!("/v1/jobs?schedule={name}&limit=500{cursor}"))
+            .await;
+        assert_eq!(st, 200, "{page}");
+        for j in page["jobs"].as_array().into_iter().flatten() {
+            let at = j["fired_at"].as_str().and_then(|t| t.parse().ok());
+            out.push(at.unwrap_or_else(|| panic!("a schedule's job without fired_at: {j}")));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    out.reverse();
+    out
+}
+
 /// Crash: mixed jobs against moto, the daemon SIGKILLed at random moments and restarted each time.
 /// Afterwards every accepted job is final, none ran twice (instances and snapshots counted in moto
 /// by the job's tag) and none claims a state moto does not show.
@@ -461,6 +483,20 @@ async fn crash(on: Backend) {
         ..Default::default()
     })
     .await;
+    // A schedule firing every second through the whole run: each kill lands at a firing instant,
+    // while its job is being queued.
+    let r = d
+        .req(reqwest::Method::PUT, "/v1/schedules/tick", &d.admin.clone())
+        .json(&json!({
+            "cron": "* * * * * *",
+            "overlap": "queue",
+            "job": {"action": "describe_instances", "targets": {"tags": {"Campaign": "none"}},
+                    "allow_empty": true},
+        }))
+        .send()
+        .await
+        .expect("put schedule");
+    assert_eq!(r.status(), 201);
     let started = Instant::now();
     let mut ids = Vec::new();
     for job in &jobs {
@@ -469,6 +505,7 @@ async fn crash(on: Backend) {
     let total = ids.len() as f64;
     let mut kill_points = Vec::new();
     let mut parked_at_kill = Vec::new();
+    let mut kill_times = Vec::new();
     for k in 0..kills {
         // A random moment in the k-th slice of the run, measured in finished jobs.
         let at = ((k as f64 + rng.gen_range(0.2..0.9)) / (kills as f64 + 1.0) * total) as u64;
@@ -482,6 +519,13 @@ async fn crash(on: Backend) {
         }
         kill_points.push(finished(&d).await);
         parked_at_kill.push(d.metric("ec2jobd_jobs_parked").await as u64);
+        // At a firing instant: just after the next whole second, while the tick queues its job.
+        let ms = chrono::Utc::now().timestamp_subsec_millis();
+        tokio::time::sleep(Duration::from_millis(
+            u64::from(1000 - ms) + rng.gen_range(0..4),
+        ))
+        .await;
+        kill_times.push(chrono::Utc::now());
         d.kill9();
         d.spawn().await;
     }
@@ -508,6 +552,22 @@ async fn crash(on: Backend) {
         })
         .collect();
     let mut violations = check.violations.clone();
+    // The schedule's firings: each at most once (one job per firing time), firing again after
+    // every restart.
+    let fired = schedule_firings(&d, "tick").await;
+    let distinct: BTreeSet<_> = fired.iter().collect();
+    if distinct.len() != fired.len() {
+        violations.push(format!(
+            "{} firings queued {} jobs",
+            distinct.len(),
+            fired.len()
+        ));
+    }
+    for k in &kill_times {
+        if !fired.iter().any(|f| f > k) {
+            violations.push(format!("nothing fired after the kill at {k}"));
+        }
+    }
     if parked_at_kill.iter().all(|n| *n == 0) {
         violations.push(format!(
             "no kill landed while jobs were parked ({parked_at_kill:?})"
@@ -525,6 +585,10 @@ async fn crash(on: Backend) {
                 format!("{kills} at {kill_points:?}"),
             ),
             ("jobs parked at each kill", format!("{parked_at_kill:?}")),
+            (
+                "schedule firings (every second; kills at firing instants)",
+                format!("{} jobs, {} firing times", fired.len(), distinct.len()),
+            ),
             ("final states", format!("{:?}", check.states)),
             (
                 "jobs that needed more than one attempt",

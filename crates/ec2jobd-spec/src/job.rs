@@ -354,6 +354,9 @@ pub struct Job {
     /// /v1/jobs?schedule=<name>` lists them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
+    /// The firing time it was queued for (a schedule's jobs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fired_at: Option<DateTime<Utc>>,
     /// When a worker first started it.
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.

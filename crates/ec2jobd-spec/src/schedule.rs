@@ -304,6 +304,17 @@ pub fn schedule_of(created_by: Option<&str>) -> Option<String> {
     created_by?.strip_prefix("schedule:").map(str::to_string)
 }
 
+/// The firing time a schedule's job was queued for, read from its idempotency key
+/// (`schedule:<name>:<time>`, perhaps followed by what a window's job does).
+pub fn fired_at(created_by: Option<&str>, key: Option<&str>) -> Option<DateTime<Utc>> {
+    let name = schedule_of(created_by)?;
+    let rest = key?.strip_prefix(&format!("{}:", fired_by(&name)))?;
+    let time = rest.get(..20)?;
+    DateTime::parse_from_rfc3339(time)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// The idempotency key of a schedule's firing: the same firing, from any restart or replica,
 /// queues one job.
 pub fn firing_key(schedule: &str, at: DateTime<Utc>) -> String {
@@ -517,9 +528,16 @@ mod tests {
         );
         // Nothing new since `seen`.
         assert_eq!(t.due(now, now, grace, CatchUp::Latest), None);
-        assert_eq!(
-            firing_key("dev-start", utc("2026-12-04T09:00:00Z")),
-            "schedule:dev-start:2026-12-04T09:00:00Z"
-        );
+        let key = firing_key("dev-start", utc("2026-12-04T09:00:00Z"));
+        assert_eq!(key, "schedule:dev-start:2026-12-04T09:00:00Z");
+        let by = fired_by("dev-start");
+        for k in [key.clone(), format!("{key}:enforce:stop_instances")] {
+            assert_eq!(
+                fired_at(Some(&by), Some(&k)),
+                Some(utc("2026-12-04T09:00:00Z"))
+            );
+        }
+        assert_eq!(fired_at(Some("ops"), Some(&key)), None, "not a firing");
+        assert_eq!(fired_at(Some("schedule:other"), Some(&key)), None);
     }
 }

@@ -16,7 +16,7 @@ use ec2jobd_spec::JobEvent;
 /// The columns [`JobRow`] and [`ClaimedRow`] read (with `wait_outcome` for a claim).
 pub(crate) const JOB_COLS: &str = "id, state, action, spec, created_at, started_at, finished_at, \
     attempts, max_attempts, run_after, cancel_requested, error, results, progress, timeout_ms, \
-    checkpoint, created_by";
+    checkpoint, created_by, idempotency_key";
 
 /// A stored time (ms since the epoch) as a time.
 pub(crate) fn ts(ms: i64) -> DateTime<Utc> {
@@ -45,6 +45,7 @@ pub(crate) struct JobRow {
     results: String,
     progress: String,
     created_by: Option<String>,
+    idempotency_key: Option<String>,
 }
 
 impl JobRow {
@@ -57,6 +58,10 @@ impl JobRow {
             action: spec.action,
             created_at: ts(self.created_at),
             schedule: ec2jobd_spec::schedule::schedule_of(self.created_by.as_deref()),
+            fired_at: ec2jobd_spec::schedule::fired_at(
+                self.created_by.as_deref(),
+                self.idempotency_key.as_deref(),
+            ),
             created_by: self.created_by,
             started_at: self.started_at.map(ts),
             finished_at: self.finished_at.map(ts),

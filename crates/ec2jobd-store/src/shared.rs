@@ -72,6 +72,10 @@ pub(crate) fn created_job(id: String, new: NewJob, now: i64, progress: Progress)
         spec: new.spec,
         created_at: ts(now),
         schedule: ec2jobd_spec::schedule::schedule_of(new.created_by.as_deref()),
+        fired_at: ec2jobd_spec::schedule::fired_at(
+            new.created_by.as_deref(),
+            new.idempotency_key.as_deref(),
+        ),
         created_by: new.created_by,
         started_at: None,
         finished_at: None,
