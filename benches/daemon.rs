@@ -19,6 +19,10 @@
 //!    finished jobs that are older than a day, beside the same submissions on the same database
 //!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this,
 //!    BENCH_ONLY=tables skips 1 and 7; BENCH_PRUNE_EXTRA adds `[retention]` keys, e.g. `batch = 500`, to compare settings).
+//! 8. Schedules (issue 17): the daemon's CPU at rest with 10,000 schedules loaded (none due while
+//!    measured), beside the same daemon with none; then 1,000 of them firing at the same instant
+//!    twice: how late each firing's job was queued after its firing time, beside one schedule
+//!    firing alone (BENCH_ONLY=schedules runs only this; BENCH_SCHEDULES sets the count).
 //!
 //! Rows are copies of a real finished job (spec, results and progress as the daemon wrote them),
 //! with ids and times spread over 30 days. Settings: BENCH_JOBS (claim throughput, default 20000),
@@ -530,6 +534,11 @@ fn main() {
         println!("\nec2jobd daemon figures");
         let only = std::env::var("BENCH_ONLY").unwrap_or_default();
         let only_prune = only == "prune";
+        if only == "schedules" {
+            let moto = Moto::start().await;
+            schedules_load(&moto).await;
+            return;
+        }
         if !only_prune && only != "tables" {
             claim_complete(jobs).await;
         }
@@ -545,5 +554,163 @@ fn main() {
             return;
         }
         prune_under_load(&moto, dir.path(), &template, big).await;
+        schedules_load(&moto).await;
     });
+}
+
+/// The daemon's CPU use over `secs` seconds, as a share of one core.
+async fn cpu_share(d: &Daemon, secs: u64) -> f64 {
+    let c0 = d.cpu_time();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    (d.cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64()
+}
+
+/// Saves schedules `(name, body)`, 32 at a time; returns how long it took.
+async fn put_schedules(d: &Daemon, all: Vec<(String, serde_json::Value)>) -> Duration {
+    use futures::StreamExt;
+    let t0 = Instant::now();
+    futures::stream::iter(all)
+        .for_each_concurrent(32, |(name, body)| async move {
+            let r = d
+                .req(
+                    reqwest::Method::PUT,
+                    &format!("/v1/schedules/{name}"),
+                    &d.admin,
+                )
+                .json(&body)
+                .send()
+                .await
+                .expect("put schedule");
+            assert!(r.status().is_success(), "{name}: {}", r.status());
+        })
+        .await;
+    t0.elapsed()
+}
+
+/// How late each job of the schedules `names` was queued after its firing time, over the jobs
+/// whose firing time is at or after `from`; sorted.
+async fn lateness(
+    d: &Daemon,
+    names: &[String],
+    from: chrono::DateTime<chrono::Utc>,
+) -> Vec<Duration> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (_, page) = d
+            .get_json(&format!(
+                "/v1/jobs?limit=500&action=describe_instances{cursor}"
+            ))
+            .await;
+        for j in page["jobs"].as_array().into_iter().flatten() {
+            let Some(name) = j["schedule"].as_str() else {
+                continue;
+            };
+            if !names.iter().any(|n| n == name) {
+                continue;
+            }
+            let at: chrono::DateTime<chrono::Utc> =
+                j["fired_at"].as_str().unwrap().parse().unwrap();
+            let made: chrono::DateTime<chrono::Utc> =
+                j["created_at"].as_str().unwrap().parse().unwrap();
+            if at >= from {
+                out.push((made - at).to_std().unwrap_or_default());
+            }
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn schedules_load(moto: &Moto) {
+    use chrono::Timelike;
+    let n = env_num("BENCH_SCHEDULES", 10_000) as usize;
+    let burst = (n / 10).max(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No workers: the firings' jobs stay queued, so what is measured is the firing alone.
+    let d = bench_daemon(dir.path(), &moto.url, 0).await;
+    let job = json!({"action": "describe_instances", "targets": {"tags": {"Bench": "none"}}, "allow_empty": true});
+    let idle_none = cpu_share(&d, 30).await;
+
+    // One schedule alone, every 5 seconds: the baseline lateness.
+    let from = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let alone = vec!["alone".to_string()];
+    put_schedules(
+        &d,
+        vec![(
+            "alone".into(),
+            json!({"cron": "*/5 * * * * *", "overlap": "queue", "job": job}),
+        )],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let one = lateness(&d, &alone, from).await;
+    let r = d
+        .req(reqwest::Method::DELETE, "/v1/schedules/alone", &d.admin)
+        .send()
+        .await
+        .expect("delete");
+    assert!(r.status().is_success());
+
+    // n daily schedules at minutes spread over the hours 8 to 13 hours from now (none due while
+    // measured).
+    let now = chrono::Utc::now();
+    let all: Vec<(String, serde_json::Value)> = (0..n)
+        .map(|i| {
+            let hour = (now.hour() as usize + 8 + i % 6) % 24;
+            (
+                format!("s{i}"),
+                json!({"cron": format!("{} {hour} * * *", i % 60), "job": job}),
+            )
+        })
+        .collect();
+    let load = put_schedules(&d, all).await;
+    tokio::time::sleep(Duration::from_secs(10)).await; // the ticker's last reload after the PUTs
+    let idle_loaded = cpu_share(&d, 60).await;
+    let rss = d.rss_kib();
+
+    // `burst` of them replaced by one firing every 20 s, all at the same instants.
+    let names: Vec<String> = (0..burst).map(|i| format!("s{i}")).collect();
+    let firing: Vec<(String, serde_json::Value)> = names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                json!({"cron": "*/20 * * * * *", "overlap": "queue", "job": job}),
+            )
+        })
+        .collect();
+    put_schedules(&d, firing).await;
+    let from = chrono::Utc::now() + chrono::Duration::seconds(2);
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let late = lateness(&d, &names, from).await;
+    let worst = late.last().copied().unwrap_or_default();
+    println!(
+        "schedules: {n} loaded in {:.1} s; CPU at rest {:.2}% of a core ({:.2}% with none); RSS {} MiB; {} firings of {burst} at once: late p50 {} p99 {} max {} (one alone: p50 {} max {})",
+        load.as_secs_f64(),
+        idle_loaded * 100.0,
+        idle_none * 100.0,
+        rss / 1024,
+        late.len(),
+        ms(pct(&late, 0.5)),
+        ms(pct(&late, 0.99)),
+        ms(worst),
+        ms(pct(&one, 0.5)),
+        ms(one.last().copied().unwrap_or_default()),
+    );
+    row(
+        &format!("daemon CPU at rest with {n} schedules loaded (60 s, none due; target < 1%)"),
+        format!("{:.2}% of a core", idle_loaded * 100.0),
+        format!("no schedules: {:.2}%", idle_none * 100.0),
+    );
+    row(
+        &format!("firing → job queued, {burst} schedules firing at the same instant ({} firings; target ≤ 1 s each)", late.len()),
+        format!("p50 {} / p99 {} / max {}", ms(pct(&late, 0.5)), ms(pct(&late, 0.99)), ms(worst)),
+        format!("one schedule alone: p50 {} / max {}", ms(pct(&one, 0.5)), ms(one.last().copied().unwrap_or_default())),
+    );
 }

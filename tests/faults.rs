@@ -518,6 +518,40 @@ async fn dry_run_unauthorized_is_a_permanent_failure() {
     assert_eq!(moto.state(&ids[0]).await, "running");
 }
 
+/// `hibernate` with `fallback_to_stop`: EC2 refuses to hibernate (here, any call asking it to);
+/// the list is tried whole, then each instance alone, and each refused one is stopped plainly. The
+/// same without the fallback fails with EC2's code.
+#[tokio::test]
+async fn hibernation_refused_falls_back_to_a_plain_stop_when_asked() {
+    let (moto, proxy, d, ids) = rig(2, &[], 2).await;
+    proxy.set(|f| {
+        f.error = Some((
+            "StopInstances".into(),
+            400,
+            "UnsupportedHibernationConfiguration".into(),
+        ));
+        f.error_if = Some("Hibernate=true".into());
+    });
+    let stop = |fallback: bool| {
+        json!({"action": "stop_instances", "targets": {"instance_ids": ids},
+               "params": {"hibernate": true, "fallback_to_stop": fallback},
+               "wait": {"interval": "200ms", "timeout": "1m"}})
+    };
+    let j = d.wait_final(&d.submit(&stop(false)).await, MINUTE).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "UnsupportedHibernationConfiguration");
+    assert!(moto.states(&ids).await.iter().all(|s| s == "running"));
+    let before = proxy.calls("StopInstances");
+    let j = d.wait_final(&d.submit(&stop(true)).await, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(moto.states(&ids).await.iter().all(|s| s == "stopped"));
+    assert_eq!(
+        proxy.calls("StopInstances") - before,
+        5,
+        "one for both, one per instance hibernating, one per instance stopping"
+    );
+}
+
 /// `rate`: 40 tagged instances stopped ten at a time — never more than ten in one call, each wave's
 /// wait done before the next call; then starts whose first wave fails permanently: no new wave, and
 /// the job lists the failed and the untouched instances.

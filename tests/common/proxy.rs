@@ -54,6 +54,8 @@ pub struct Faults {
     pub image_state: Option<(String, Instant)>,
     /// Every call of this operation is answered with this HTTP status and AWS error code.
     pub error: Option<(String, u16, String)>,
+    /// When set, `error` hits only calls whose form body contains this (`Hibernate=true`).
+    pub error_if: Option<String>,
     /// When set, latency and share-based faults hit only these operations.
     pub only: Option<Vec<String>>,
     /// EC2's default request token buckets per operation (Describe* 100 refilled at 20/s,
@@ -573,7 +575,11 @@ async fn forward(
         }
     }
     if let Some((target, status, code)) = &faults.error {
-        if target == op {
+        let wanted = faults
+            .error_if
+            .as_ref()
+            .is_none_or(|t| body.contains(t.as_str()));
+        if target == op && wanted {
             note(s);
             let xml = error_xml(code, "Injected by the test proxy.", "fault-error");
             return Some((*status, xml, "fault-error".into()));

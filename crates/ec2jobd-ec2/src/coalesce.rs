@@ -47,6 +47,8 @@ pub enum SharedCall {
         force: bool,
         /// `Hibernate`.
         hibernate: bool,
+        /// With `hibernate`: a plain stop for instances that cannot hibernate.
+        fallback: bool,
     },
     /// RebootInstances.
     Reboot,
@@ -332,9 +334,14 @@ impl Ec2 {
         match what {
             SharedCall::Describe => Ok(Vec::new()),
             SharedCall::Start => self.start_instances(ids, dry_run).await,
-            SharedCall::Stop { force, hibernate } => {
-                self.stop_instances(ids, *force, *hibernate, dry_run).await
-            }
+            SharedCall::Stop {
+                force,
+                hibernate: true,
+                fallback: true,
+            } => self.hibernate_or_stop(ids, *force, dry_run).await,
+            SharedCall::Stop {
+                force, hibernate, ..
+            } => self.stop_instances(ids, *force, *hibernate, dry_run).await,
             SharedCall::Reboot => self.reboot_instances(ids, dry_run).await,
             SharedCall::Terminate => self.terminate_instances(ids, dry_run).await,
             SharedCall::CreateTags(tags) => self.create_tags(ids, tags, dry_run).await,

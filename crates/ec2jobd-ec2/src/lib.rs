@@ -855,6 +855,36 @@ impl Ec2 {
         .await
     }
 
+    /// StopInstances with `Hibernate` where the instance supports it and a plain stop where EC2
+    /// says it does not (`UnsupportedHibernationConfiguration`, `UnsupportedOperation`): the whole
+    /// list is tried first; when EC2 refuses it, each instance alone, and a refused one stopped.
+    pub async fn hibernate_or_stop(
+        &self,
+        ids: &[String],
+        force: bool,
+        dry_run: bool,
+    ) -> Result<Vec<CallOutcome>, Ec2Error> {
+        const UNSUPPORTED: [&str; 2] = [
+            "UnsupportedHibernationConfiguration",
+            "UnsupportedOperation",
+        ];
+        match self.stop_instances(ids, force, true, dry_run).await {
+            Err(e) if UNSUPPORTED.contains(&e.code.as_str()) => {}
+            r => return r,
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            let one = std::slice::from_ref(id);
+            match self.stop_instances(one, force, true, dry_run).await {
+                Err(e) if UNSUPPORTED.contains(&e.code.as_str()) => {
+                    out.extend(self.stop_instances(one, force, false, dry_run).await?);
+                }
+                r => out.extend(r?),
+            }
+        }
+        Ok(out)
+    }
+
     /// RebootInstances.
     pub async fn reboot_instances(
         &self,

@@ -176,6 +176,22 @@ impl Executor for Ec2Executor {
         // copy runs again from the start, which finds what it made (and what rotation removed
         // meanwhile) before it waits again.
         match Checkpoint::of(ctx) {
+            // The lot could not make the call the job left it: the job ends with that error (or
+            // tries again, if it may pass), instead of handing the same call back.
+            Some(Checkpoint::Calling { .. }) => {
+                if let Some(o) = waited(ctx)? {
+                    if o.cancelled {
+                        return Err(ExecError::Cancelled(JobResults::default()));
+                    }
+                    if let Some(error) = o.error {
+                        return Err(ExecError::Failed {
+                            error,
+                            transient: o.transient,
+                            results: JobResults::default(),
+                        });
+                    }
+                }
+            }
             Some(Checkpoint::Parked(after)) => {
                 let results = JobResults {
                     request_ids: after.request_ids.clone(),
@@ -214,8 +230,12 @@ impl Executor for Ec2Executor {
             ActionSpec::CopyImage(p) => self.copy(ctx, &ec2, p, at, Ready::Images).await,
             ActionSpec::StartInstances => instances(SharedCall::Start, false).await,
             ActionSpec::StopInstances(p) => {
-                let (force, hibernate) = (p.force(), p.hibernate());
-                instances(SharedCall::Stop { force, hibernate }, false).await
+                let call = SharedCall::Stop {
+                    force: p.force(),
+                    hibernate: p.hibernate(),
+                    fallback: p.fallback_to_stop(),
+                };
+                instances(call, false).await
             }
             ActionSpec::RebootInstances => instances(SharedCall::Reboot, false).await,
             ActionSpec::TerminateInstances(p) => instances(SharedCall::Terminate, p.force()).await,

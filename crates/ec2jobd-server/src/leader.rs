@@ -1,6 +1,6 @@
 //! Leadership of periodic maintenance: what must run once per queue, not once per daemon
 //! (publishing the notification outbox, retention pruning, polling EC2 for every replica's waits
-//! (`ec2jobd_exec::share`), schedules later), runs only in the replica holding the store's
+//! (`ec2jobd_exec::share`), firing schedules), runs only in the replica holding the store's
 //! `maintenance` lease. Every replica keeps asking (renewing every
 //! third of the lease's time to live); when the leader dies its lease runs out and another takes
 //! over; a graceful stop gives it up at once. With SQLite the one daemon always leads. Reaping

@@ -28,7 +28,7 @@ pub enum Action {
     RunInstances,
     /// Start stopped instances; waits for `status_ok` by default.
     StartInstances,
-    /// Stop running instances (`params.force`, `params.hibernate`); waits for `stopped` by default.
+    /// Stop running instances (`params.force`, `params.hibernate`, `params.fallback_to_stop`); waits for `stopped` by default.
     StopInstances,
     /// Reboot running instances; waits for `status_ok` by default.
     RebootInstances,

@@ -90,6 +90,10 @@ pub struct Schedule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "5m")]
     pub interval: Option<String>,
+    /// A window closes by hibernating its instances, stopping those that cannot hibernate
+    /// (default false: a plain stop).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hibernate: bool,
     /// Account of a `window`'s jobs (default: `default_account`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,

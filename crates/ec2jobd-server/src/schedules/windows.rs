@@ -204,12 +204,16 @@ pub async fn reconcile(
         if ids.is_empty() {
             continue;
         }
-        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        let mut v = serde_json::json!({
             "action": action.as_str(),
             "account": account,
             "region": region,
             "targets": {"instance_ids": ids},
-        }))?;
+        });
+        if action == Action::StopInstances && r.schedule.hibernate {
+            v["params"] = serde_json::json!({"hibernate": true, "fallback_to_stop": true});
+        }
+        let spec: JobSpec = serde_json::from_value(v)?;
         let spec = crate::routes::jobs::resolve_spec(state, spec)
             .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
         let (_, job) =

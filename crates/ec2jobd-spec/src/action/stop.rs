@@ -5,7 +5,8 @@ use serde::Serialize;
 use super::Params;
 use crate::spec::SpecError;
 
-/// `stop_instances`: `force` (skip the OS shutdown) and `hibernate`.
+/// `stop_instances`: `force` (skip the OS shutdown), `hibernate`, and `fallback_to_stop` (with
+/// `hibernate`: instances that cannot hibernate are stopped instead of failing the job).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StopParams {
     /// Stop without a clean OS shutdown.
@@ -14,6 +15,9 @@ pub struct StopParams {
     /// Hibernate instead of stop (the instance must be enabled for it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hibernate: Option<bool>,
+    /// With `hibernate`: stop the instances EC2 will not hibernate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_to_stop: Option<bool>,
 }
 
 impl StopParams {
@@ -21,7 +25,13 @@ impl StopParams {
         Ok(StopParams {
             force: p.bool("force")?,
             hibernate: p.bool("hibernate")?,
+            fallback_to_stop: p.bool("fallback_to_stop")?,
         })
+    }
+
+    /// `fallback_to_stop`, false when absent.
+    pub fn fallback_to_stop(&self) -> bool {
+        self.fallback_to_stop.unwrap_or(false)
     }
 
     /// `force`, false when absent.
