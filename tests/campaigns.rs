@@ -553,8 +553,16 @@ async fn crash(on: Backend) {
         .collect();
     let mut violations = check.violations.clone();
     // The schedule's firings: each at most once (one job per firing time), firing again after
-    // every restart.
-    let fired = schedule_firings(&d, "tick").await;
+    // every restart (on PostgreSQL once the killed leader's lease has run out).
+    let last_kill = kill_times.last().copied();
+    let deadline = Instant::now() + MINUTE;
+    let fired = loop {
+        let fired = schedule_firings(&d, "tick").await;
+        if last_kill.is_none_or(|k| fired.iter().any(|f| *f > k)) || Instant::now() > deadline {
+            break fired;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let distinct: BTreeSet<_> = fired.iter().collect();
     if distinct.len() != fired.len() {
         violations.push(format!(
