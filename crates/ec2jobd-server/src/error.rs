@@ -82,6 +82,19 @@ impl ApiError {
     }
 }
 
+/// `field: detail` (or the detail alone): what logs and `anyhow` chains show of a refusal met
+/// outside a request (a schedule's firing).
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.detail),
+            None => f.write_str(&self.detail),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 impl From<SpecError> for ApiError {
     fn from(e: SpecError) -> Self {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code, e.message).field(e.field)

@@ -237,25 +237,20 @@ impl Window {
         Ok((start, stop))
     }
 
-    /// Whether instances should be running at `t`: the window's last opening up to `t` is later
-    /// than its last closing (looked for over the past 8 days).
+    /// Whether instances should be running at `t` ([`window_open`] over its recurrences).
     pub fn open_at(&self, t: DateTime<Utc>) -> Result<bool, String> {
         let (start, stop) = self.recurrences()?;
-        let last = |r: &Recurrence| {
-            let mut at = t - chrono::Duration::days(8);
-            let mut last = None;
-            while let Some(f) = r.next_after(at).filter(|f| *f <= t) {
-                last = Some(f);
-                at = f;
-            }
-            last
-        };
-        Ok(match (last(&start), last(&stop)) {
-            (Some(s), Some(e)) => s > e,
-            (Some(_), None) => true,
-            (None, _) => false,
-        })
+        Ok(window_open(&Times::new(start), &Times::new(stop), t))
     }
+}
+
+/// How far back a window's last opening or closing is looked for.
+const WINDOW_LOOKBACK: chrono::Duration = chrono::Duration::days(400);
+
+/// Whether a window that opens at `start` and closes at `stop` is open at `t`: its last opening
+/// up to `t` is later than its last closing.
+pub fn window_open(start: &Times, stop: &Times, t: DateTime<Utc>) -> bool {
+    start.latest(t - WINDOW_LOOKBACK, t) > stop.latest(t - WINDOW_LOOKBACK, t)
 }
 
 /// A weekday field moved one day later (for a stop past midnight): `mon-fri` → `tue-sat`.

@@ -14,9 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
-use ec2jobd_spec::schedule::fired_by;
 use ec2jobd_spec::{JobState, Role};
-use ec2jobd_store::{ListQuery, Named};
+use ec2jobd_store::Named;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -129,22 +128,11 @@ pub async fn get_one(
 ) -> Result<Json<ScheduleInfo>, ApiError> {
     caller.require(Role::Viewer)?;
     let (source, schedule) = one(&state, &name).await?;
-    let last = state
-        .store
-        .list(ListQuery {
-            created_by: Some(fired_by(&name)),
-            limit: 1,
-            ..Default::default()
-        })
-        .await?
-        .jobs
-        .into_iter()
-        .next()
-        .map(|j| LastJob {
-            id: j.id,
-            state: j.state,
-            created_at: j.created_at,
-        });
+    let last = schedules::last_job(&state, &name).await?.map(|j| LastJob {
+        id: j.id,
+        state: j.state,
+        created_at: j.created_at,
+    });
     let (live, _) = windows::overrides(&state, &name, Utc::now()).await?;
     let mut out = info(&state, name, source, schedule, 10);
     out.last_job = last;

@@ -160,9 +160,6 @@ pub struct Plan {
     pub enforce_every: Option<std::time::Duration>,
 }
 
-/// How far back a window's last opening or closing is looked for.
-const WINDOW_LOOKBACK: chrono::Duration = chrono::Duration::days(400);
-
 /// `interval` when `enforce` gives none.
 pub const ENFORCE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -394,6 +391,19 @@ pub async fn find(state: &AppState, name: &str) -> Result<Option<(Source, Schedu
     }
 }
 
+/// The newest job a firing of the schedule `name` queued.
+pub async fn last_job(state: &AppState, name: &str) -> Result<Option<ec2jobd_spec::Job>, ApiError> {
+    let page = state
+        .store
+        .list(ec2jobd_store::ListQuery {
+            created_by: Some(ec2jobd_spec::schedule::fired_by(name)),
+            limit: 1,
+            ..Default::default()
+        })
+        .await?;
+    Ok(page.jobs.into_iter().next())
+}
+
 /// One firing to come.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Upcoming {
@@ -424,16 +434,17 @@ impl Plan {
     /// For a window, whether it is open at `t`: its last opening is later than its last closing
     /// (`None` for a cron schedule).
     pub fn window_open(&self, t: DateTime<Utc>) -> Option<bool> {
-        let last = |which: Fires| {
+        let times = |which: Fires| {
             self.firings
                 .iter()
                 .find(|(f, _)| *f == which)
-                .and_then(|(_, times)| times.latest(t - WINDOW_LOOKBACK, t))
+                .map(|(_, times)| times)
         };
-        self.firings
-            .iter()
-            .any(|(f, _)| *f == Fires::Start)
-            .then(|| last(Fires::Start) > last(Fires::Stop))
+        Some(ec2jobd_spec::schedule::window_open(
+            times(Fires::Start)?,
+            times(Fires::Stop)?,
+            t,
+        ))
     }
 
     /// The first firing strictly after `t`.

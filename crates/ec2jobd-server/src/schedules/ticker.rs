@@ -17,7 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use ec2jobd_spec::schedule::{fired_by, firing_key, CatchUp};
 use ec2jobd_spec::Clock;
-use ec2jobd_store::{ListQuery, Named};
+use ec2jobd_store::Named;
 use tokio_util::sync::CancellationToken;
 
 use super::windows::{reconcile, Reconcile};
@@ -42,6 +42,19 @@ struct Entry {
     check_at: Option<DateTime<Utc>>,
     /// The job of the last firing this ticker queued (overlap).
     last_job: Option<String>,
+}
+
+impl Entry {
+    /// The window reconciliation of this schedule at `at` (a firing's, or a check's).
+    fn reconcile(&self, name: &str, at: DateTime<Utc>, fires: Option<Fires>) -> Reconcile {
+        Reconcile {
+            name: name.to_string(),
+            schedule: self.schedule.clone(),
+            plan: self.plan.clone(),
+            at,
+            fires,
+        }
+    }
 }
 
 /// What a heap entry is due for.
@@ -104,10 +117,7 @@ impl Ticker {
             }
         }
         let mut keep = HashMap::new();
-        for (name, _source, schedule) in super::all(&self.state)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.detail))?
-        {
+        for (name, _source, schedule) in super::all(&self.state).await? {
             if let Some(e) = self.entries.remove(&name) {
                 if e.schedule == schedule {
                     keep.insert(name, e);
@@ -177,25 +187,14 @@ impl Ticker {
                 .unwrap_or(LOOKBACK_MAX)
                 .min(LOOKBACK_MAX)
         };
-        let newest = self.last_job(name).await?.map(|j| j.created_at);
+        let newest = super::last_job(&self.state, name)
+            .await?
+            .map(|j| j.created_at);
         Ok(match newest.max(saved) {
             Some(t) => t.max(now - lookback),
             // Never fired and not saved over the API (config): nothing to catch up.
             None => on_time,
         })
-    }
-
-    async fn last_job(&self, name: &str) -> anyhow::Result<Option<ec2jobd_spec::Job>> {
-        let page = self
-            .state
-            .store
-            .list(ListQuery {
-                created_by: Some(fired_by(name)),
-                limit: 1,
-                ..Default::default()
-            })
-            .await?;
-        Ok(page.jobs.into_iter().next())
     }
 
     /// When the next firing is due (`None`: no schedule fires).
@@ -219,13 +218,7 @@ impl Ticker {
                 if entry.check_at != Some(at) {
                     continue; // replaced since
                 }
-                self.reconciles.push(Reconcile {
-                    name: name.clone(),
-                    schedule: entry.schedule.clone(),
-                    plan: entry.plan.clone(),
-                    at: now,
-                    fires: None,
-                });
+                self.reconciles.push(entry.reconcile(&name, now, None));
                 let every = entry.plan.enforce_every.unwrap_or(super::ENFORCE_EVERY);
                 let next = now + chrono::Duration::from_std(every).unwrap_or(chrono::Duration::MAX);
                 entry.check_at = Some(next);
@@ -238,16 +231,11 @@ impl Ticker {
             let due = entry.plan.due(entry.seen, now, entry.schedule.catch_up);
             if let Some((firing, fires)) = due {
                 if fires != Fires::Job {
-                    self.reconciles.push(Reconcile {
-                        name: name.clone(),
-                        schedule: entry.schedule.clone(),
-                        plan: entry.plan.clone(),
-                        at: firing,
-                        fires: Some(fires),
-                    });
+                    self.reconciles
+                        .push(entry.reconcile(&name, firing, Some(fires)));
                     out.push((name.clone(), firing, Fired::Window));
                 } else {
-                    match self.fire(&name, firing, fires).await {
+                    match self.fire(&name, firing).await {
                         Ok(f) => out.push((name.clone(), firing, f)),
                         Err(e) => {
                             // The store is away: `seen` stays, so this firing is tried again in
@@ -279,8 +267,9 @@ impl Ticker {
         std::mem::take(&mut self.reconciles)
     }
 
-    /// Queues one firing's job, unless the previous one still runs and overlap says skip.
-    async fn fire(&mut self, name: &str, at: DateTime<Utc>, fires: Fires) -> anyhow::Result<Fired> {
+    /// Queues one firing's job (a cron schedule's; a window's firings reconcile), unless the
+    /// previous one still runs and overlap says skip.
+    async fn fire(&mut self, name: &str, at: DateTime<Utc>) -> anyhow::Result<Fired> {
         let Some(entry) = self.entries.get(name) else {
             return Ok(Fired::Failed("schedule gone".into()));
         };
@@ -289,31 +278,26 @@ impl Ticker {
         if schedule.overlap == super::Overlap::Skip {
             let previous = match &entry.last_job {
                 Some(id) => self.state.store.get(id).await?,
-                None => self.last_job(name).await?,
+                None => super::last_job(&self.state, name).await?,
             };
             // A job made at or after this firing's time is this firing's own (queued before a
             // restart): not an overlap; its key answers below.
             if let Some(p) = previous.filter(|p| !p.state.is_terminal() && p.created_at < at) {
                 let f = Fired::Skipped(p.id);
-                self.note(name, at, fires, &f);
+                self.note(name, at, &f);
                 return Ok(f);
             }
         }
-        let spec = match super::spec_for(&self.state, &schedule, fires).await {
+        let spec = match super::spec_for(&self.state, &schedule, Fires::Job).await {
             Ok(s) => s,
             Err(e) => {
-                let f = Fired::Failed(match &e.field {
-                    Some(field) => format!("{field}: {}", e.detail),
-                    None => e.detail,
-                });
-                self.note(name, at, fires, &f);
+                let f = Fired::Failed(e.to_string());
+                self.note(name, at, &f);
                 return Ok(f);
             }
         };
         let (created, job) =
-            crate::routes::jobs::queue(&self.state, fired_by(name), spec, Some(key))
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+            crate::routes::jobs::queue(&self.state, fired_by(name), spec, Some(key)).await?;
         if let Some(e) = self.entries.get_mut(name) {
             e.last_job = Some(job.id.clone());
         }
@@ -322,14 +306,14 @@ impl Ticker {
         } else {
             Fired::Already(job.id)
         };
-        self.note(name, at, fires, &f);
+        self.note(name, at, &f);
         Ok(f)
     }
 
-    fn note(&self, name: &str, at: DateTime<Utc>, fires: Fires, f: &Fired) {
+    fn note(&self, name: &str, at: DateTime<Utc>, f: &Fired) {
         let outcome = match f {
             Fired::Queued(id) => {
-                tracing::info!(schedule = %name, %at, ?fires, job = %id, "schedule fired");
+                tracing::info!(schedule = %name, %at, job = %id, "schedule fired");
                 "queued"
             }
             Fired::Already(id) => {
@@ -438,6 +422,7 @@ mod tests {
 
     use super::*;
     use ec2jobd_spec::ManualClock;
+    use ec2jobd_store::ListQuery;
 
     struct Fixture {
         state: AppState,

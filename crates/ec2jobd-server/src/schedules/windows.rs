@@ -175,9 +175,7 @@ pub async fn reconcile(
     now: DateTime<Utc>,
 ) -> anyhow::Result<Reconciled> {
     let open = r.plan.window_open(r.at).unwrap_or(false);
-    let (live, expired) = overrides(state, &r.name, now)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    let (live, expired) = overrides(state, &r.name, now).await?;
     for name in expired {
         state
             .store
@@ -185,9 +183,7 @@ pub async fn reconcile(
             .await?;
     }
     let live: Vec<Override> = live.into_iter().map(|(_, o)| o).collect();
-    let base = super::spec_for(state, &r.schedule, Fires::Start)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+    let base = super::spec_for(state, &r.schedule, Fires::Start).await?;
     let account = base.account.clone().unwrap_or_default();
     let region = base.region.clone().unwrap_or_default();
     let ec2 = state.pool.get(&account, &region).await?;
@@ -214,12 +210,10 @@ pub async fn reconcile(
             v["params"] = serde_json::json!({"hibernate": true, "fallback_to_stop": true});
         }
         let spec: JobSpec = serde_json::from_value(v)?;
-        let spec = crate::routes::jobs::resolve_spec(state, spec)
-            .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+        let spec = crate::routes::jobs::resolve_spec(state, spec)?;
         let (_, job) =
             crate::routes::jobs::queue(state, fired_by(&r.name), spec, Some(key(r, action)))
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+                .await?;
         let done = Some((job.id, ids));
         if action == Action::StartInstances {
             out.started = done;
