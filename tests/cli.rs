@@ -6,6 +6,7 @@ mod common;
 mod readme;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::{bin, Daemon, DaemonOpts, Moto};
 use serde_json::Value;
@@ -183,8 +184,6 @@ async fn client_commands_report_through_exit_codes_and_outputs() {
     assert_eq!(o.status.code(), Some(3));
 }
 
-/// Saved templates: checked when saved (undeclared placeholder → 422), run over the API with
-/// values (missing one → 422 naming it; typed values keep their type) and with `ec2jobd run`.
 /// `ec2jobd health` is a health check that needs no curl: 0 while the daemon is ready, 4 when it
 /// cannot be reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,6 +214,100 @@ async fn health_checks_readiness_by_exit_code() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/readyz"));
 }
 
+/// Client commands trust the system's CA roots plus `--cacert`: against a real TLS server
+/// (`openssl s_server`) whose certificate a private CA signed, `ec2jobd health` fails on the
+/// certificate without the CA, and passes with `--cacert` naming it; a file with no certificate is refused as bad input.
+#[test]
+fn client_commands_trust_the_cacert_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f);
+    let (ca, ca_key, cert, key) = (p("ca.pem"), p("ca.key"), p("cert.pem"), p("key.pem"));
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let o = Command::new("openssl").args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let common_args = ["-newkey", "rsa:2048", "-nodes", "-days", "1"];
+    let os = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+    // A private CA, and the server's certificate signed by it.
+    let mut a = os(&["req", "-x509", "-subj", "/CN=test CA"]);
+    a.extend(os(&common_args));
+    a.extend([
+        "-keyout".into(),
+        ca_key.clone().into(),
+        "-out".into(),
+        ca.clone().into(),
+    ]);
+    openssl(&a.iter().map(|s| s.as_os_str()).collect::<Vec<_>>());
+    let mut a = os(&["req", "-x509", "-subj", "/CN=localhost"]);
+    a.extend(os(&common_args));
+    a.extend(os(&[
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-addext",
+        "basicConstraints=CA:FALSE",
+    ]));
+    a.extend([
+        "-CA".into(),
+        ca.clone().into(),
+        "-CAkey".into(),
+        ca_key.clone().into(),
+        "-keyout".into(),
+        key.clone().into(),
+        "-out".into(),
+        cert.clone().into(),
+    ]);
+    openssl(&a.iter().map(|s| s.as_os_str()).collect::<Vec<_>>());
+    let port = common::free_port();
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept", &port.to_string()])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("https://127.0.0.1:{port}");
+    let health = |extra: &[&std::ffi::OsStr]| {
+        Command::new(bin())
+            .args(["health", "--url", &url])
+            .args(extra)
+            .env_remove("EC2JOBD_CACERT")
+            .output()
+            .unwrap()
+    };
+    let o = health(&[]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "the cause is named: {err}"
+    );
+    let o = health(&["--cacert".as_ref(), ca.as_os_str()]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let o = health(&["--cacert".as_ref(), key.as_os_str()]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a file with no certificate is bad input"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--cacert"));
+}
+
+/// Saved templates: checked when saved (undeclared placeholder → 422), run over the API with
+/// values (missing one → 422 naming it; typed values keep their type) and with `ec2jobd run`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_are_checked_on_save_and_run_with_values() {
     let moto = Moto::start().await;

@@ -23,16 +23,20 @@ use tokio::net::TcpListener;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-async fn sns(moto: &Moto) -> aws_sdk_sns::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// The SDK's config for moto in us-east-1.
+async fn moto_conf(moto: &Moto) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new("us-east-1"))
         .endpoint_url(&moto.url)
         .credentials_provider(aws_sdk_ec2::config::Credentials::new(
             "testing", "testing", None, None, "test",
         ))
         .load()
-        .await;
-    aws_sdk_sns::Client::new(&conf)
+        .await
+}
+
+async fn sns(moto: &Moto) -> aws_sdk_sns::Client {
+    aws_sdk_sns::Client::new(&moto_conf(moto).await)
 }
 
 /// What the relay saw: each SNS body, and the daemon's answers to each of its two deliveries.
@@ -689,4 +693,293 @@ async fn a_notification_pending_at_kill_9_is_published_once_after_restart() {
         1,
         "published exactly once"
     );
+}
+
+async fn sqs(moto: &Moto) -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(&moto_conf(moto).await)
+}
+
+/// Messages in the queue, visible or being handled.
+async fn in_queue(sqs: &aws_sdk_sqs::Client, url: &str) -> u64 {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .unwrap();
+    let attrs = out.attributes().cloned().unwrap_or_default();
+    [
+        A::ApproximateNumberOfMessages,
+        A::ApproximateNumberOfMessagesNotVisible,
+    ]
+    .iter()
+    .map(|a| {
+        attrs
+            .get(a)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    })
+    .sum()
+}
+
+/// A CloudWatch alarm for `instance` as SNS wraps it: a signed notification from `topic`.
+fn signed_alarm(topic: &str, message_id: &str, instance: &str) -> String {
+    let alarm = json!({
+        "AlarmName": "StatusCheckFailed-web", "NewStateValue": "ALARM", "OldStateValue": "OK",
+        "Region": "US East (N. Virginia)",
+        "Trigger": {"Namespace": "AWS/EC2", "MetricName": "StatusCheckFailed",
+                    "Dimensions": [{"name": "InstanceId", "value": instance}]}
+    });
+    let now = chrono::Utc::now().to_rfc3339();
+    common::sns_signed(&[
+        ("Message", &alarm.to_string()),
+        ("MessageId", message_id),
+        ("Timestamp", &now),
+        ("TopicArn", topic),
+        ("Type", "Notification"),
+    ])
+}
+
+/// The jobs the SQS intake `alarms` queued.
+async fn jobs(d: &Daemon) -> Vec<Value> {
+    let (_, list) = d.get_json("/v1/jobs?created_by=sqs:alarms").await;
+    list["jobs"].as_array().cloned().unwrap_or_default()
+}
+
+/// The SQS intake (`[sqs.<name>]`, alarms for a daemon in a private subnet): signed SNS envelopes
+/// long-polled from moto's SQS through the fault proxy. The daemon is killed with SIGKILL after
+/// it received the first alarm and queued its job but before its DeleteMessage reached SQS (the
+/// proxy holds that call); a second alarm arrives while it is down. After a restart, both alarms
+/// have exactly one job each, the first one's redelivery is recorded as a duplicate, and the queue
+/// ends empty. A forged envelope is refused and left in the queue for its redrive policy.
+#[tokio::test]
+async fn sqs_intake_loses_no_alarm_and_queues_none_twice_across_kill_9() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(2, &[("Name", "web")]).await;
+    let proxy = common::proxy::FaultProxy::start(&moto.url, 17).await;
+    let q = sqs(&moto).await;
+    // A short visibility timeout: a message received by the killed daemon comes back in 2 s.
+    let queue = q
+        .create_queue()
+        .queue_name("ec2jobd-alarms")
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
+            "2",
+        )
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let topic = "arn:aws:sns:us-east-1:123456789012:alarms";
+    q.send_message()
+        .queue_url(&queue)
+        .message_body(signed_alarm(topic, "alarm-1", &ids[0]))
+        .send()
+        .await
+        .unwrap();
+    let certs = common::sns_cert_dir();
+    let extra = format!(
+        r#"
+[sns]
+cert_dir = "{dir}"
+[sns.hooks.alarms]
+topics = ["{topic}"]
+[[sns.hooks.alarms.rules]]
+name = "reboot-on-failed-checks"
+alarm_name = "StatusCheckFailed-*"
+dimensions = {{ InstanceId = "*" }}
+job = {{ action = "reboot_instances", region = "us-east-1", targets = {{ instance_ids = ["{{instance_id}}"] }} }}
+[sqs.alarms]
+queue_url = "{queue}"
+hook = "alarms"
+wait = "1s"
+"#,
+        dir = certs.path().display(),
+    );
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    proxy.set(|f| f.hold = Some(("DeleteMessage".into(), gate.clone())));
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        extra,
+        ..Default::default()
+    })
+    .await;
+    let deadline = std::time::Instant::now() + MINUTE;
+    while proxy.calls("DeleteMessage") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DeleteMessage; log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The delete is sent only after the job was durably queued.
+    let before = jobs(&d).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(
+        before[0]["spec"]["targets"]["instance_ids"][0],
+        ids[0].as_str()
+    );
+    d.kill9();
+    assert_eq!(
+        proxy.answered("DeleteMessage"),
+        0,
+        "the delete never reached SQS"
+    );
+
+    // While the daemon is down: a second alarm, and a forged one (signature of another body).
+    q.send_message()
+        .queue_url(&queue)
+        .message_body(signed_alarm(topic, "alarm-2", &ids[1]))
+        .send()
+        .await
+        .unwrap();
+    let forged = signed_alarm(topic, "alarm-3", &ids[1]).replace(&ids[1], &ids[0]);
+    q.send_message()
+        .queue_url(&queue)
+        .message_body(forged)
+        .send()
+        .await
+        .unwrap();
+    // The held delete stays held (its sender is dead); the restarted daemon's calls pass.
+    proxy.set(|f| f.hold = None);
+    d.spawn().await;
+
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let all = jobs(&d).await;
+        let (_, deliveries) = d.get_json("/v1/sns/deliveries").await;
+        let outcomes: Vec<(String, String)> = deliveries["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                (
+                    x["message_id"].as_str().unwrap_or("").to_string(),
+                    x["outcome"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let has = |id: &str, o: &str| outcomes.contains(&(id.into(), o.into()));
+        if all.len() == 2
+            && has("alarm-1", "duplicate")
+            && has("alarm-2", "accepted")
+            && has("alarm-3", "rejected")
+            && in_queue(&q, &queue).await == 1
+        {
+            let first = all.iter().find(|j| j["id"] == before[0]["id"]);
+            assert!(
+                first.is_some(),
+                "the first job is the one queued before the kill: {all:?}"
+            );
+            let second = all.iter().find(|j| j["id"] != before[0]["id"]).unwrap();
+            assert_eq!(
+                second["spec"]["targets"]["instance_ids"][0],
+                ids[1].as_str()
+            );
+            assert_eq!(second["created_by"], "sqs:alarms");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs {all:?}\ndeliveries {outcomes:?}\nin queue {}\nlog:\n{}",
+            in_queue(&q, &queue).await,
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Exactly one job per alarm, even after more redeliveries could have happened.
+    assert_eq!(jobs(&d).await.len(), 2);
+    assert!(
+        d.metric("ec2jobd_sqs_messages_total{intake=\"alarms\",outcome=\"left\"}")
+            .await
+            >= 1.0
+    );
+}
+
+/// A raw SQS intake fed by moto's own SNS → SQS subscription (`RawMessageDelivery`): the alarm
+/// published to the topic becomes the rule's job and the message is deleted.
+#[tokio::test]
+async fn raw_sqs_intake_from_an_sns_subscription() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Name", "web")]).await;
+    let (topics, q) = (sns(&moto).await, sqs(&moto).await);
+    let topic = topics
+        .create_topic()
+        .name("alarms")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    let queue = q
+        .create_queue()
+        .queue_name("raw-alarms")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    topics
+        .subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint("arn:aws:sqs:us-east-1:123456789012:raw-alarms")
+        .attributes("RawMessageDelivery", "true")
+        .send()
+        .await
+        .unwrap();
+    let extra = format!(
+        r#"
+[sns.hooks.alarms]
+topics = ["{topic}"]
+[[sns.hooks.alarms.rules]]
+name = "reboot"
+alarm_name = "StatusCheckFailed-*"
+dimensions = {{ InstanceId = "*" }}
+job = {{ action = "reboot_instances", region = "us-east-1", targets = {{ instance_ids = ["{{instance_id}}"] }} }}
+[sqs.alarms]
+queue_url = "{queue}"
+hook = "alarms"
+raw = true
+wait = "1s"
+"#
+    );
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        extra,
+        ..Default::default()
+    })
+    .await;
+    let alarm = json!({
+        "AlarmName": "StatusCheckFailed-web", "NewStateValue": "ALARM",
+        "Trigger": {"Namespace": "AWS/EC2", "Dimensions": [{"name": "InstanceId", "value": ids[0]}]}
+    });
+    topics
+        .publish()
+        .topic_arn(&topic)
+        .message(alarm.to_string())
+        .send()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + MINUTE;
+    let job = loop {
+        if let Some(j) = jobs(&d).await.first() {
+            if in_queue(&q, &queue).await == 0 {
+                break j.clone();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "log:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["spec"]["targets"]["instance_ids"][0], ids[0].as_str());
+    let j = d.wait_final(job["id"].as_str().unwrap(), MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
 }

@@ -1,5 +1,5 @@
 //! A fault-injecting HTTP proxy in front of moto, for what moto cannot show: slow or impaired status
-//! checks, throttling, 5xx, dropped connections and latency. It counts calls by EC2 operation and
+//! checks, throttling, 5xx, dropped connections and latency. It counts calls by AWS operation and
 //! the most calls in flight at once. Share-based faults draw from a seeded RNG, so a test's faults
 //! are the same on every run.
 //!
@@ -277,6 +277,19 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The AWS operation of a request: `Action=` in a query-protocol form body (EC2, SNS), else the
+/// `X-Amz-Target` header of the JSON protocol (SQS: `AmazonSQS.DeleteMessage` → `DeleteMessage`).
+fn operation(headers: &[(String, String)], body: &str) -> String {
+    let target = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-amz-target"))
+        .and_then(|(_, v)| v.rsplit('.').next());
+    match target {
+        Some(t) => t.to_string(),
+        None => action_of(body),
+    }
+}
+
 fn action_of(body: &str) -> String {
     body.split('&')
         .find_map(|kv| kv.strip_prefix("Action="))
@@ -290,8 +303,14 @@ async fn respond(
     body: &str,
     request_id: &str,
 ) -> std::io::Result<()> {
+    // JSON-protocol answers (SQS) are JSON; the query protocol's (EC2, SNS) XML.
+    let kind = if body.starts_with('{') {
+        "application/x-amz-json-1.0"
+    } else {
+        "text/xml;charset=UTF-8"
+    };
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/xml;charset=UTF-8\r\nContent-Length: {}\r\nx-amzn-requestid: {request_id}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nx-amzn-requestid: {request_id}\r\nConnection: close\r\n\r\n",
         if status == 200 { "OK" } else { "Error" },
         body.len()
     );
@@ -354,7 +373,7 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
-    let op = action_of(&body);
+    let op = operation(&headers, &body);
 
     let counter = s
         .in_flight

@@ -27,6 +27,7 @@ use ec2jobd_spec::{InstanceResult, Targets};
 
 mod attempts;
 mod coalesce;
+pub mod doctor;
 mod ebs;
 mod pace;
 mod share;
@@ -208,6 +209,8 @@ type ClientMap = HashMap<(String, String), Clients>;
 struct Clients {
     ec2: aws_sdk_ec2::Client,
     sns: aws_sdk_sns::Client,
+    sqs: aws_sdk_sqs::Client,
+    sts: aws_sdk_sts::Client,
     pacer: Arc<Pacer>,
 }
 
@@ -294,6 +297,16 @@ impl Ec2Pool {
         Ok(self.clients_for(account, region).await?.sns)
     }
 
+    /// The SQS client of an account and region (SQS intakes; same credentials, proxy, endpoint).
+    pub async fn sqs(&self, account: &str, region: &str) -> Result<aws_sdk_sqs::Client, Ec2Error> {
+        Ok(self.clients_for(account, region).await?.sqs)
+    }
+
+    /// The STS client of an account and region (`ec2jobd doctor`: whose credentials these are).
+    pub async fn sts(&self, account: &str, region: &str) -> Result<aws_sdk_sts::Client, Ec2Error> {
+        Ok(self.clients_for(account, region).await?.sts)
+    }
+
     async fn clients_for(&self, account: &str, region: &str) -> Result<Clients, Ec2Error> {
         let key = (account.to_string(), region.to_string());
         if let Some(c) = self.lock().get(&key) {
@@ -322,9 +335,15 @@ impl Ec2Pool {
             ),
             sns: aws_sdk_sns::Client::from_conf(
                 aws_sdk_sns::config::Builder::from(&conf)
+                    .interceptor(counter.clone())
+                    .build(),
+            ),
+            sqs: aws_sdk_sqs::Client::from_conf(
+                aws_sdk_sqs::config::Builder::from(&conf)
                     .interceptor(counter)
                     .build(),
             ),
+            sts: aws_sdk_sts::Client::new(&conf),
             pacer: Arc::new(Pacer::new(self.pacing.clone())),
         };
         Ok(self.lock().entry(key).or_insert(clients).clone())

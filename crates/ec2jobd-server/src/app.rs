@@ -301,6 +301,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         leading.clone(),
         shutdown.clone(),
     ));
+    crate::sns::sqs::start(&state, &shutdown);
     tokio::spawn(crate::retention::run(
         state.store.clone(),
         clock.clone(),

@@ -78,6 +78,10 @@ enum Cmd {
         /// to EC2).
         #[arg(long)]
         instance_profiles: bool,
+        /// The daemon polls SQS intakes (`[sqs.<name>]`; adds `sqs:ReceiveMessage`,
+        /// `sqs:DeleteMessage` and `sqs:GetQueueAttributes`).
+        #[arg(long)]
+        sqs_intake: bool,
     },
     /// Move a store's contents.
     Store {
@@ -322,6 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::IamPolicy {
             actions,
             instance_profiles,
+            sqs_intake,
         } => {
             let actions: Vec<ec2jobd_spec::Action> = if actions.is_empty() {
                 ec2jobd_spec::Action::ALL.to_vec()
@@ -334,7 +339,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             };
-            let extras = crate::iam::Extras { instance_profiles };
+            let extras = crate::iam::Extras {
+                instance_profiles,
+                sqs_intake,
+            };
             println!(
                 "{}",
                 serde_json::to_string_pretty(&crate::iam::policy(&actions, extras))?

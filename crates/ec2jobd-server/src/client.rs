@@ -46,9 +46,31 @@ pub struct Conn {
     /// Daemon base URL.
     #[arg(long, env = "EC2JOBD_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// PEM file of CA certificates to trust for an `https://` URL, besides the system's roots
+    /// (a private CA, or the daemon's self-signed certificate).
+    #[arg(long, env = "EC2JOBD_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
     /// How results are printed.
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+impl Conn {
+    /// The HTTP client for this daemon: system roots plus `--cacert`, and `timeout` if any.
+    fn http(&self, timeout: Option<std::time::Duration>) -> R<reqwest::Client> {
+        let b = match &self.cacert {
+            Some(path) => {
+                crate::https::builder_trusting(path).map_err(|e| Fail(exit::REJECTED, e))?
+            }
+            None => crate::https::builder(),
+        };
+        let b = match timeout {
+            Some(t) => b.timeout(t),
+            None => b,
+        };
+        b.build()
+            .map_err(|e| Fail(exit::UNREACHABLE, format!("HTTP client: {e}")))
+    }
 }
 
 /// `ec2jobd submit`.
@@ -236,6 +258,22 @@ pub enum SchedulesCmd {
     },
 }
 
+/// An error with its causes (reqwest's own text says only "error sending request"; the cause says
+/// connection refused, or which certificate was not trusted).
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let c_text = c.to_string();
+        if !out.contains(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        next = c.source();
+    }
+    out
+}
+
 /// A failure with the exit code it maps to.
 pub struct Fail(pub u8, pub String);
 
@@ -269,7 +307,7 @@ impl Client {
             )
         })?;
         Ok(Client {
-            http: reqwest::Client::new(),
+            http: conn.http(None)?,
             base: conn.url.trim_end_matches('/').to_string(),
             token,
         })
@@ -295,7 +333,7 @@ impl Client {
         let r = req.send().await.map_err(|e| {
             Fail(
                 exit::UNREACHABLE,
-                format!("cannot reach {}: {e}", self.base),
+                format!("cannot reach {}: {}", self.base, causes(&e)),
             )
         })?;
         let status = r.status().as_u16();
@@ -620,17 +658,14 @@ fn query_value(v: &str) -> String {
 /// `ec2jobd health`: the daemon's readiness, without a token (readiness is public).
 pub async fn health(conn: Conn) -> R<u8> {
     let url = format!("{}/readyz", conn.url.trim_end_matches('/'));
-    let http = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(5))
-        .build()
-        .map_err(|e| Fail(exit::UNREACHABLE, format!("HTTP client: {e}")))?;
+    let http = conn.http(Some(std::time::Duration::from_secs(5)))?;
     match http.get(&url).send().await {
         Ok(r) if r.status().is_success() => Ok(exit::OK),
         Ok(r) => Err(Fail(
             exit::UNREACHABLE,
             format!("{url} answered {}", r.status()),
         )),
-        Err(e) => Err(Fail(exit::UNREACHABLE, format!("{url}: {e}"))),
+        Err(e) => Err(Fail(exit::UNREACHABLE, format!("{url}: {}", causes(&e)))),
     }
 }
 

@@ -71,6 +71,75 @@ pub struct Config {
     /// Holiday calendars schedules can skip (`[calendars.<name>]`).
     #[serde(default)]
     pub calendars: BTreeMap<String, crate::schedules::Calendar>,
+    /// SQS intakes by name (`[sqs.<name>]`): SNS deliveries long-polled from a queue.
+    #[serde(default)]
+    pub sqs: BTreeMap<String, SqsSection>,
+}
+
+/// `[sqs.<name>]`: an SQS queue subscribed to a hook's SNS topics, long-polled by the daemon, so
+/// alarms reach a daemon in a private subnet with no inbound HTTPS (see [`crate::sns::sqs`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSection {
+    /// The queue's URL (`https://sqs.<region>.amazonaws.com/<account-id>/<name>`).
+    pub queue_url: String,
+    /// The SNS hook (`[sns.hooks.<name>]` or one made over the API) whose topics, rules,
+    /// de-duplication and notification apply.
+    pub hook: String,
+    /// Account whose credentials poll the queue (default: the hook's, else `default_account`).
+    pub account: Option<String>,
+    /// Region of the queue (default: from the URL's host, else the account's region).
+    pub region: Option<String>,
+    /// The subscription delivers raw messages (`RawMessageDelivery`): bodies are the alarm itself,
+    /// unsigned, and the queue's access policy is all that guards it. Off: bodies are SNS's signed
+    /// envelopes, verified as the webhook verifies them.
+    #[serde(default)]
+    pub raw: bool,
+    /// Long-poll wait of one receive (1s to 20s).
+    #[serde(default = "default_sqs_wait")]
+    pub wait: Dur,
+    /// Messages per receive (1 to 10).
+    #[serde(default = "default_sqs_batch")]
+    pub batch: i32,
+}
+
+fn default_sqs_wait() -> Dur {
+    Dur(Duration::from_secs(20))
+}
+
+fn default_sqs_batch() -> i32 {
+    10
+}
+
+impl SqsSection {
+    /// The account and region this intake polls with.
+    pub fn account_region(&self, cfg: &Config) -> (String, String) {
+        let account = self
+            .account
+            .clone()
+            .or_else(|| {
+                cfg.sns
+                    .hooks
+                    .get(&self.hook)
+                    .and_then(|h| h.account.clone())
+            })
+            .unwrap_or_else(|| cfg.default_account.clone());
+        let from_url = self
+            .queue_url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|host| host.strip_prefix("sqs."))
+            .and_then(|host| host.split('.').next())
+            .map(String::from);
+        let region = self
+            .region
+            .clone()
+            .or(from_url)
+            .or_else(|| cfg.accounts.get(&account).map(|a| a.region.clone()))
+            .unwrap_or_default();
+        (account, region)
+    }
 }
 
 /// `[ui]`: the dashboard served at `/ui/`.
@@ -661,6 +730,29 @@ impl Config {
             }
             if a.access_key_id_env.is_some() != a.secret_access_key_env.is_some() {
                 bail!("config key `accounts.{name}.secret_access_key_env`: set both access_key_id_env and secret_access_key_env, or neither");
+            }
+        }
+        for (name, q) in &self.sqs {
+            let key = |k: &str| format!("config key `sqs.{name}.{k}`");
+            if !(q.queue_url.starts_with("https://") || q.queue_url.starts_with("http://")) {
+                bail!("{}: `{}` is not a queue URL (https://sqs.<region>.amazonaws.com/<account-id>/<queue>)", key("queue_url"), q.queue_url);
+            }
+            if q.hook.trim().is_empty() {
+                bail!("{}: must name an SNS hook", key("hook"));
+            }
+            if let Some(a) = &q.account {
+                if !self.accounts.contains_key(a) {
+                    bail!("{}: no [accounts.{a}] table is configured", key("account"));
+                }
+            }
+            if !(1..=20).contains(&q.wait.0.as_secs()) || q.wait.0.subsec_nanos() != 0 {
+                bail!(
+                    "{}: whole seconds from 1s to 20s (SQS's long-poll limit)",
+                    key("wait")
+                );
+            }
+            if !(1..=10).contains(&q.batch) {
+                bail!("{}: 1 to 10 (SQS's limit per receive)", key("batch"));
             }
         }
         let q = &self.queue;

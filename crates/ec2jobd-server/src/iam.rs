@@ -1,7 +1,7 @@
 //! The least-privilege IAM policy for the actions a deployment enables (`ec2jobd iam-policy`):
 //! which EC2 operations each action calls, plus SNS (job notifications, confirming hook
-//! subscriptions), `iam:PassRole` only for instances launched with a profile, and KMS only for
-//! encrypted copies. A test reads the operations the EC2 driver and the SNS code call from their
+//! subscriptions), SQS only for intakes, `iam:PassRole` only for instances launched with a profile,
+//! and KMS only for encrypted copies. A test reads the operations the EC2 driver and the SNS code call from their
 //! source and fails when the policy for every action lacks one.
 //! Must not: call AWS.
 
@@ -74,7 +74,12 @@ pub fn ec2_operations(action: Action) -> &'static [&'static str] {
 pub struct Extras {
     /// `run_instances` jobs launch with an instance profile (`iam:PassRole` to EC2).
     pub instance_profiles: bool,
+    /// SQS intakes poll queues (and `ec2jobd doctor` reads their attributes).
+    pub sqs_intake: bool,
 }
+
+/// What an SQS intake calls.
+pub const SQS_OPERATIONS: &[&str] = &["DeleteMessage", "GetQueueAttributes", "ReceiveMessage"];
 
 /// The policy document for `actions`.
 pub fn policy(actions: &[Action], extras: Extras) -> Value {
@@ -97,6 +102,14 @@ pub fn policy(actions: &[Action], extras: Extras) -> Value {
         "Action": ["sns:ConfirmSubscription", "sns:Publish"],
         "Resource": "*",
     }));
+    if extras.sqs_intake {
+        statements.push(json!({
+            "Sid": "Ec2jobdSqsIntake",
+            "Effect": "Allow",
+            "Action": SQS_OPERATIONS.iter().map(|op| format!("sqs:{op}")).collect::<Vec<_>>(),
+            "Resource": "*",
+        }));
+    }
     if extras.instance_profiles && actions.contains(&Action::RunInstances) {
         statements.push(json!({
             "Sid": "Ec2jobdPassRoleToEc2",
@@ -142,6 +155,21 @@ mod tests {
             }
             let text = std::fs::read_to_string(&path).expect("source");
             let lines: Vec<&str> = text.lines().map(str::trim).collect();
+            // `client.op()` on one line.
+            for line in &lines {
+                for (i, _) in line.match_indices(&format!("{receiver}.")) {
+                    let bounded = line[..i].is_empty() || line[..i].ends_with(['.', ' ', '(']);
+                    let rest = &line[i + receiver.len() + 1..];
+                    if let (true, Some(end)) = (bounded, rest.find("()")) {
+                        let op = &rest[..end];
+                        if !op.is_empty() && op.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        {
+                            out.push(op.to_string());
+                        }
+                    }
+                }
+            }
+            // `client` ending one line, `.op()` starting the next.
             for w in lines.windows(2) {
                 let named = w[0]
                     .strip_suffix(receiver)
@@ -177,12 +205,20 @@ mod tests {
         let root = env!("CARGO_MANIFEST_DIR");
         let ec2 = called(&format!("{root}/../ec2jobd-ec2/src"), "client");
         let sns = called(&format!("{root}/src"), "sns");
+        let sqs = called(&format!("{root}/src"), "sqs");
+        assert!(sqs.contains(&"receive_message".to_string()), "{sqs:?}");
         assert!(
             ec2.len() >= 20 && ec2.contains(&"describe_instance_status".to_string()),
             "the scan finds the driver's calls: {ec2:?}"
         );
         assert!(sns.contains(&"publish".to_string()), "{sns:?}");
-        let all = policy(Action::ALL, Extras::default());
+        let all = policy(
+            Action::ALL,
+            Extras {
+                sqs_intake: true,
+                ..Extras::default()
+            },
+        );
         let allowed: Vec<String> = all["Statement"]
             .as_array()
             .unwrap()
@@ -206,6 +242,13 @@ mod tests {
         }
         for op in &sns {
             let want = format!("sns:{}", camel(op));
+            assert!(
+                allowed.contains(&want),
+                "the daemon calls {op}: {want} is not in the policy"
+            );
+        }
+        for op in &sqs {
+            let want = format!("sqs:{}", camel(op));
             assert!(
                 allowed.contains(&want),
                 "the daemon calls {op}: {want} is not in the policy"
@@ -241,6 +284,7 @@ mod tests {
             &[Action::RunInstances],
             Extras {
                 instance_profiles: true,
+                ..Extras::default()
             },
         )
         .to_string();

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod deadline;
 pub mod error;
+pub mod https;
 pub mod iam;
 pub mod leader;
 pub mod listener;

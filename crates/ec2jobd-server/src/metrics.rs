@@ -36,6 +36,7 @@ pub struct Metrics {
     leader: Gauge,
     schedules: Gauge,
     schedule_firings: Family<Labels, Counter>,
+    sqs_messages: Family<Labels, Counter>,
 }
 
 /// EC2 figures for the dashboard ([`Metrics::ec2_totals`]).
@@ -189,10 +190,17 @@ impl Metrics {
             "Schedule firings by outcome (`queued`, `already` queued by its key, `skipped` for overlap, `failed`)",
             schedule_firings.clone(),
         );
+        let sqs_messages = Family::<Labels, Counter>::default();
+        registry.register(
+            "sqs_messages",
+            "Messages of SQS intakes by intake and outcome (the hook's outcomes: `accepted`, `duplicate`, `no_rule`, `failed`, …; `left` when the message stays in the queue for redelivery, `receive_error`, `delete_error`)",
+            sqs_messages.clone(),
+        );
         Self {
             leader,
             schedules,
             schedule_firings,
+            sqs_messages,
             parked,
             pruned,
             sns_refused,
@@ -226,6 +234,16 @@ impl Metrics {
     pub fn schedule_fired(&self, outcome: &str) {
         self.schedule_firings
             .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
+    }
+
+    /// One SQS intake message's outcome (or a failed receive or delete).
+    pub fn sqs_message(&self, intake: &str, outcome: &str) {
+        self.sqs_messages
+            .get_or_create(&vec![
+                ("intake".into(), intake.into()),
+                ("outcome".into(), outcome.into()),
+            ])
             .inc();
     }
 

@@ -27,6 +27,26 @@ pub use postgres::{PgOptions, PgStore};
 pub use shared::SEARCH_SCAN;
 pub use sqlite::{database_file, SqliteOptions, SqliteStore, Synchronous};
 
+/// What `ec2jobd doctor` learns about a database without changing it.
+#[derive(Debug)]
+pub struct DbCheck {
+    /// Migrations applied.
+    pub applied: usize,
+    /// Migrations this build knows.
+    pub known: usize,
+    /// Whether a write would be possible, or why not.
+    pub writable: std::result::Result<(), String>,
+}
+
+/// Looks at the database `url` names (either backend), changing nothing.
+pub async fn check(url: &str) -> Result<DbCheck> {
+    if postgres::is_postgres_url(url) {
+        postgres::check(url).await
+    } else {
+        sqlite::check(url).await
+    }
+}
+
 /// Everything that can go wrong in the store, in terms the API can map to a status code.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

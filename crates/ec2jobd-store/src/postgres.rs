@@ -118,3 +118,36 @@ pub use store::{PgOptions, PgStore};
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// `ec2jobd doctor`'s look at a PostgreSQL database, changing nothing: every migration this build
+/// knows applied, and the server a primary where this user may write the queue.
+pub async fn check(url: &str) -> Result<crate::DbCheck> {
+    let pool = connect(url, 1).await?;
+    let applied = applied(&pool).await.unwrap_or(0);
+    let writable = async {
+        let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+        if standby {
+            return Err("the server is a read-only standby".to_string());
+        }
+        if applied == 0 {
+            return Ok(());
+        }
+        let may: bool =
+            sqlx::query_scalar("SELECT has_table_privilege('jobs', 'INSERT, UPDATE, DELETE')")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        may.then_some(())
+            .ok_or_else(|| "this user may not insert, update and delete jobs".to_string())
+    }
+    .await;
+    pool.close().await;
+    Ok(crate::DbCheck {
+        applied,
+        known: MIGRATOR.iter().count(),
+        writable,
+    })
+}

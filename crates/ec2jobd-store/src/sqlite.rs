@@ -1444,3 +1444,38 @@ fn delivery_row(r: &SqliteRow) -> Result<Delivery> {
 
 #[cfg(test)]
 mod tests;
+
+/// `ec2jobd doctor`'s look at a SQLite database, changing nothing: it must exist, every migration
+/// this build knows must be applied, and a write transaction must be possible (`BEGIN IMMEDIATE`,
+/// then rolled back).
+pub async fn check(url: &str) -> Result<crate::DbCheck> {
+    let connect = SqliteConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Unavailable(format!("database url `{url}`: {e}")))?
+        .create_if_missing(false);
+    if let Some(file) = file_of(&connect) {
+        if !file.exists() {
+            return Err(StoreError::Unavailable(format!(
+                "{} does not exist",
+                file.display()
+            )));
+        }
+    }
+    let mut conn = connect.connect().await?;
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or(0);
+    let writable = match sqlx::query("BEGIN IMMEDIATE").execute(&mut conn).await {
+        Ok(_) => sqlx::query("ROLLBACK")
+            .execute(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    Ok(crate::DbCheck {
+        applied: applied as usize,
+        known: MIGRATOR.iter().count(),
+        writable,
+    })
+}

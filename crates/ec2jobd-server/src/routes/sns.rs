@@ -44,7 +44,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A hook from config (which the API cannot change) or from the API.
-async fn find_hook(
+pub(crate) async fn find_hook(
     state: &AppState,
     name: &str,
 ) -> Result<Option<(&'static str, HookSection)>, ApiError> {
@@ -232,12 +232,11 @@ fn base(hook: &str, m: &SnsMessage) -> NewDelivery {
     }
 }
 
-fn answer(outcome: &str, job_id: Option<String>) -> Response {
-    Json(DeliveryAnswer {
+fn answer(outcome: &str, job_id: Option<String>) -> DeliveryAnswer {
+    DeliveryAnswer {
         outcome: outcome.into(),
         job_id,
-    })
-    .into_response()
+    }
 }
 
 /// Records a refusal (cut and folded by the store, counted in metrics, logged with its text
@@ -305,30 +304,7 @@ pub async fn deliver(
         }
     }
     let max_age = (!cfg.max_age.0.is_zero()).then_some(cfg.max_age.0);
-    let m = match state
-        .sns_certs
-        .verify(&body, &h.topics, max_age, chrono::Utc::now())
-        .await
-    {
-        Ok(m) => m,
-        Err(r) => {
-            let raw: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).map(String::from);
-            return Err(refuse(
-                &state,
-                NewDelivery {
-                    hook: hook.clone(),
-                    message_id: s("MessageId"),
-                    topic_arn: s("TopicArn"),
-                    kind: s("Type"),
-                    ..Default::default()
-                },
-                r.code(),
-                r.to_string(),
-            )
-            .await);
-        }
-    };
+    let m = verified(&state, &hook, h, &body, max_age).await?;
     // The type is the signed field; the header only has to agree with it.
     if let Some(t) = headers
         .get("x-amz-sns-message-type")
@@ -342,6 +318,57 @@ pub async fn deliver(
             return Err(refuse(&state, base(&hook, &m), "type_header", reason).await);
         }
     }
+    let a = handle(&state, &hook, h, &m, &format!("sns:{hook}")).await?;
+    Ok(Json(a).into_response())
+}
+
+/// `body` verified as an SNS message from one of the hook's topics (signature, certificate,
+/// `max_age`), or refused: recorded, and answered 403.
+pub(crate) async fn verified(
+    state: &AppState,
+    hook: &str,
+    h: &HookSection,
+    body: &[u8],
+    max_age: Option<std::time::Duration>,
+) -> Result<SnsMessage, ApiError> {
+    match state
+        .sns_certs
+        .verify(body, &h.topics, max_age, chrono::Utc::now())
+        .await
+    {
+        Ok(m) => Ok(m),
+        Err(r) => {
+            let raw: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let s = |k: &str| raw.get(k).and_then(|v| v.as_str()).map(String::from);
+            Err(refuse(
+                state,
+                NewDelivery {
+                    hook: hook.to_string(),
+                    message_id: s("MessageId"),
+                    topic_arn: s("TopicArn"),
+                    kind: s("Type"),
+                    ..Default::default()
+                },
+                r.code(),
+                r.to_string(),
+            )
+            .await)
+        }
+    }
+}
+
+/// A verified message handled by its type: a subscription confirmed through the API, an
+/// unsubscription recorded, a notification matched against the hook's rules and its job durably
+/// queued (key `sns:<hook>:<MessageId>`, so the webhook and an SQS intake of the same hook queue
+/// one job per message) by `created_by`. Every outcome is recorded before it is returned; an error
+/// means the message should come again (store or queue unavailable, confirmation failed).
+pub(crate) async fn handle(
+    state: &AppState,
+    hook: &str,
+    h: &HookSection,
+    m: &SnsMessage,
+    created_by: &str,
+) -> Result<DeliveryAnswer, ApiError> {
     match m.kind.as_str() {
         "SubscriptionConfirmation" => {
             let account = h
@@ -370,11 +397,11 @@ pub async fn deliver(
             match r {
                 Ok(out) => {
                     record(
-                        &state,
+                        state,
                         NewDelivery {
                             outcome: "confirmed".into(),
                             reason: out.subscription_arn().map(|a| format!("subscription {a}")),
-                            ..base(&hook, &m)
+                            ..base(hook, m)
                         },
                     )
                     .await?;
@@ -383,11 +410,11 @@ pub async fn deliver(
                 Err(e) => {
                     let msg = crate::sns::sns_error(&e);
                     record(
-                        &state,
+                        state,
                         NewDelivery {
                             outcome: "failed".into(),
                             reason: Some(format!("ConfirmSubscription: {msg}")),
-                            ..base(&hook, &m)
+                            ..base(hook, m)
                         },
                     )
                     .await?;
@@ -402,16 +429,16 @@ pub async fn deliver(
         }
         "UnsubscribeConfirmation" => {
             record(
-                &state,
+                state,
                 NewDelivery {
                     outcome: "unsubscribed".into(),
-                    ..base(&hook, &m)
+                    ..base(hook, m)
                 },
             )
             .await?;
             Ok(answer("unsubscribed", None))
         }
-        _ => notification(&state, &hook, h, &m).await,
+        _ => notification(state, hook, h, m, created_by).await,
     }
 }
 
@@ -420,7 +447,8 @@ async fn notification(
     hook: &str,
     h: &HookSection,
     m: &SnsMessage,
-) -> Result<Response, ApiError> {
+    created_by: &str,
+) -> Result<DeliveryAnswer, ApiError> {
     if let Some(first) = state.store.delivered(hook, &m.message_id).await? {
         record(
             state,
@@ -490,7 +518,7 @@ async fn notification(
     // 429 when the queue is full: SNS delivers again later.
     crate::routes::jobs::admit(state).await?;
     let key = format!("sns:{hook}:{}", m.message_id);
-    let (created, job) = queue(state, format!("sns:{hook}"), spec, Some(key)).await?;
+    let (created, job) = queue(state, created_by.to_string(), spec, Some(key)).await?;
     let outcome = if created { "accepted" } else { "duplicate" };
     record(
         state,

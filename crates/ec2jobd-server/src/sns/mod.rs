@@ -1,8 +1,10 @@
 //! SNS in and out: verified HTTP deliveries from SNS topics (CloudWatch alarms, EventBridge events)
-//! that rules turn into jobs, and notifications of job outcomes published to topics.
+//! that rules turn into jobs (or the same messages long-polled from SQS queues), and notifications
+//! of job outcomes published to topics.
 
 pub mod notify;
 pub mod rules;
+pub mod sqs;
 pub mod verify;
 
 /// An SNS SDK error in one line: AWS's code and message (and request id), or what went wrong on

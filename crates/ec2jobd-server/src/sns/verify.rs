@@ -174,7 +174,7 @@ pub struct HttpFetcher {
 impl HttpFetcher {
     /// A fetcher giving up after `timeout` or `max_bytes`.
     pub fn new(timeout: Duration, max_bytes: usize) -> Self {
-        let client = reqwest::Client::builder()
+        let client = crate::https::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .https_only(true)
