@@ -607,3 +607,102 @@ fn migrate_and_copy_into_a_postgres_database() {
         "{err}"
     );
 }
+
+/// `ec2jobd doctor` against moto, with the fault proxy refusing one permission: one line per check,
+/// each failure with its fix and a non-zero exit; once the database is migrated and the permission
+/// given, every check passes and it exits 0. It changes nothing (the database stays absent until
+/// `migrate`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_what_a_deployment_gets_wrong() {
+    let moto = Moto::start().await;
+    let proxy = common::proxy::FaultProxy::start(&moto.url, 23).await;
+    proxy.set(|f| f.error = Some(("StopInstances".into(), 403, "UnauthorizedOperation".into())));
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&moto.url)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    let topic = aws_sdk_sns::Client::new(&conf)
+        .create_topic()
+        .name("alarms")
+        .send()
+        .await
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_string();
+    let queue = aws_sdk_sqs::Client::new(&conf)
+        .create_queue()
+        .queue_name("alarms")
+        .send()
+        .await
+        .unwrap()
+        .queue_url()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &DaemonOpts {
+            moto_url: Some(proxy.url.clone()),
+            extra: format!(
+                "[sns.hooks.alarms]\ntopics = [\"{topic}\"]\n[sqs.alarms]\nqueue_url = \"{queue}\"\nhook = \"alarms\"\n"
+            ),
+            ..Default::default()
+        },
+    );
+    let doctor = || {
+        let o = Command::new(bin())
+            .args(["doctor", "--config", config.to_str().unwrap()])
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let (code, out) = doctor();
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        "ok    config: ",
+        "FAIL  database: ",
+        "ok    account default: credentials are arn:aws:sts::123456789012:",
+        "ok    account default: region us-east-1",
+        "FAIL  account default: ec2:StopInstances is not permitted (UnauthorizedOperation",
+        &format!("ok    SNS hook alarms: topic {topic} reachable"),
+        "ok    SQS intake alarms: queue ",
+        "warn  SQS intake alarms: the queue has no redrive policy",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // Every failure says how to fix it, on the next line.
+    let lines: Vec<&str> = out.lines().collect();
+    for (i, l) in lines.iter().enumerate() {
+        if l.starts_with("FAIL") {
+            assert!(lines[i + 1].trim_start().starts_with("fix: "), "{out}");
+        }
+    }
+    assert!(
+        !dir.path().join("ec2jobd.db").exists(),
+        "doctor created no database"
+    );
+
+    let (status, _, err) = common::run_cli(&["migrate", "--config", config.to_str().unwrap()]);
+    assert!(status.success(), "{err}");
+    proxy.set(|f| f.error = None);
+    let (code, out) = doctor();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok    database: ") && out.contains("writable"),
+        "{out}"
+    );
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(proxy.calls("StopInstances") >= 2, "the dry run went to EC2");
+    assert!(proxy.last_body("StopInstances").contains("DryRun=true"));
+}

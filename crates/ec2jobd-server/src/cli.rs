@@ -83,6 +83,17 @@ enum Cmd {
         #[arg(long)]
         sqs_intake: bool,
     },
+    /// Check a deployment before its first job: config, database, each account's credentials
+    /// (whose, via STS), region and permissions (EC2 DryRun for every operation of the actions),
+    /// SNS topics and SQS queues. One line per check with its fix; exit 1 if any failed.
+    Doctor {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only the permissions these actions need (comma-separated wire names; default: every
+        /// action).
+        #[arg(long, value_delimiter = ',')]
+        actions: Vec<String>,
+    },
     /// Move a store's contents.
     Store {
         #[command(subcommand)]
@@ -225,6 +236,20 @@ fn parse_scopes(flags: &[String]) -> anyhow::Result<ec2jobd_store::Scopes> {
     Ok(scopes)
 }
 
+/// `--actions a,b` as actions (none given: every action).
+fn parse_actions(names: &[String]) -> anyhow::Result<Vec<ec2jobd_spec::Action>> {
+    if names.is_empty() {
+        return Ok(ec2jobd_spec::Action::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|a| {
+            ec2jobd_spec::Action::parse(a.trim())
+                .ok_or_else(|| anyhow::anyhow!("--actions: `{a}` is not an action"))
+        })
+        .collect()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         // `main` runs the client commands itself (they have their own exit codes).
@@ -319,6 +344,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Doctor { config, actions } => {
+            let actions = parse_actions(&actions)?;
+            let name = config.config.as_ref().map_or_else(
+                || "the built-in config".to_string(),
+                |p| p.display().to_string(),
+            );
+            let cfg = match load(&config, &Overrides::default()) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    println!("FAIL  config: {name}: {e:#}");
+                    println!("      fix: correct the key named (config/default.toml documents every key)");
+                    bail!("1 problem found");
+                }
+            };
+            if crate::doctor::run(&cfg, &name, &actions).await {
+                Ok(())
+            } else {
+                bail!("the deployment has problems (above)")
+            }
+        }
         Cmd::Openapi => {
             println!("{}", ApiDoc::openapi().to_pretty_json()?);
             Ok(())
@@ -328,17 +373,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             instance_profiles,
             sqs_intake,
         } => {
-            let actions: Vec<ec2jobd_spec::Action> = if actions.is_empty() {
-                ec2jobd_spec::Action::ALL.to_vec()
-            } else {
-                actions
-                    .iter()
-                    .map(|a| {
-                        ec2jobd_spec::Action::parse(a.trim())
-                            .ok_or_else(|| anyhow::anyhow!("--actions: `{a}` is not an action"))
-                    })
-                    .collect::<anyhow::Result<_>>()?
-            };
+            let actions = parse_actions(&actions)?;
             let extras = crate::iam::Extras {
                 instance_profiles,
                 sqs_intake,

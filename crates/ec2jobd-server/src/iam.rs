@@ -69,6 +69,9 @@ pub fn ec2_operations(action: Action) -> &'static [&'static str] {
     }
 }
 
+/// EC2 calls of `ec2jobd doctor` beyond the actions' own (run with the daemon's credentials).
+pub const DOCTOR_EC2_OPERATIONS: &[&str] = &["DescribeRegions"];
+
 /// What the policy must allow beyond the actions' EC2 calls.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Extras {
@@ -86,6 +89,7 @@ pub fn policy(actions: &[Action], extras: Extras) -> Value {
     let mut ec2: Vec<String> = actions
         .iter()
         .flat_map(|a| ec2_operations(*a).iter())
+        .chain(DOCTOR_EC2_OPERATIONS)
         .map(|op| format!("ec2:{op}"))
         .collect();
     ec2.sort();
@@ -99,7 +103,7 @@ pub fn policy(actions: &[Action], extras: Extras) -> Value {
     statements.push(json!({
         "Sid": "Ec2jobdSns",
         "Effect": "Allow",
-        "Action": ["sns:ConfirmSubscription", "sns:Publish"],
+        "Action": ["sns:ConfirmSubscription", "sns:GetTopicAttributes", "sns:Publish"],
         "Resource": "*",
     }));
     if extras.sqs_intake {
@@ -158,7 +162,11 @@ mod tests {
             // `client.op()` on one line.
             for line in &lines {
                 for (i, _) in line.match_indices(&format!("{receiver}.")) {
-                    let bounded = line[..i].is_empty() || line[..i].ends_with(['.', ' ', '(']);
+                    // A variable or `self.client`, not a field of something else (`cfg.sqs`).
+                    let before = &line[..i];
+                    let bounded = before.is_empty()
+                        || before.ends_with([' ', '('])
+                        || before.ends_with("self.");
                     let rest = &line[i + receiver.len() + 1..];
                     if let (true, Some(end)) = (bounded, rest.find("()")) {
                         let op = &rest[..end];
@@ -272,6 +280,7 @@ mod tests {
             json!([
                 "ec2:DescribeInstanceStatus",
                 "ec2:DescribeInstances",
+                "ec2:DescribeRegions",
                 "ec2:StartInstances"
             ])
         );

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod deadline;
+pub mod doctor;
 pub mod error;
 pub mod https;
 pub mod iam;

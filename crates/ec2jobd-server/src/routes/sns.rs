@@ -408,7 +408,7 @@ pub(crate) async fn handle(
                     Ok(answer("confirmed", None))
                 }
                 Err(e) => {
-                    let msg = crate::sns::sns_error(&e);
+                    let msg = crate::sns::aws_error(&e);
                     record(
                         state,
                         NewDelivery {

@@ -7,9 +7,9 @@ pub mod rules;
 pub mod sqs;
 pub mod verify;
 
-/// An SNS SDK error in one line: AWS's code and message (and request id), or what went wrong on
-/// the way; never the raw response.
-pub fn sns_error<E, R>(e: &aws_sdk_sns::error::SdkError<E, R>) -> String
+/// An AWS SDK error (SNS, SQS: every SDK shares these types) in one line: AWS's code and message
+/// (and request id), or what went wrong on the way; never the raw response.
+pub fn aws_error<E, R>(e: &aws_sdk_sns::error::SdkError<E, R>) -> String
 where
     E: aws_sdk_sns::error::ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,

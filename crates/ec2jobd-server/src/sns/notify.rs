@@ -219,7 +219,7 @@ impl Notifier {
             .message_attributes("state", attr(job.state.as_str())?)
             .send()
             .await
-            .map_err(|e| super::sns_error(&e))?;
+            .map_err(|e| super::aws_error(&e))?;
         Ok(out.message_id().unwrap_or_default().to_string())
     }
 }

@@ -50,7 +50,7 @@ async fn poll(state: AppState, name: String, intake: SqsSection, shutdown: Cance
                 .wait_time_seconds(intake.wait.0.as_secs() as i32)
                 .send()
                 .await
-                .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+                .map_err(|e| crate::sns::aws_error(&e))
                 .map(|out| (sqs, out.messages.unwrap_or_default()))
         };
         // A receive cut by shutdown leaves its messages invisible until their timeout: none is lost.
@@ -91,7 +91,7 @@ async fn poll(state: AppState, name: String, intake: SqsSection, shutdown: Cance
                     if let Err(e) = deleted {
                         // It comes again; the hook then answers `duplicate` and it is deleted.
                         state.metrics.sqs_message(&name, "delete_error");
-                        tracing::warn!(intake = %name, message_id = %id, error = %aws_sdk_sqs::error::DisplayErrorContext(e), "SQS delete failed");
+                        tracing::warn!(intake = %name, message_id = %id, error = %crate::sns::aws_error(&e), "SQS delete failed");
                     }
                 }
                 Err(why) => {
