@@ -717,15 +717,7 @@ async fn stop_first_leaves_each_instance_as_it_was_found() {
 }
 
 async fn ec2_in(moto: &Moto, region: &str) -> aws_sdk_ec2::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(region.to_string()))
-        .endpoint_url(&moto.url)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await;
-    aws_sdk_ec2::Client::new(&conf)
+    aws_sdk_ec2::Client::new(&moto.conf_in(region).await)
 }
 
 /// AMIs with rotation (the third run deregisters the first AMI and deletes its snapshots),

@@ -617,14 +617,7 @@ async fn doctor_names_what_a_deployment_gets_wrong() {
     let moto = Moto::start().await;
     let proxy = common::proxy::FaultProxy::start(&moto.url, 23).await;
     proxy.set(|f| f.error = Some(("StopInstances".into(), 403, "UnauthorizedOperation".into())));
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&moto.url)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await;
+    let conf = moto.conf().await;
     let topic = aws_sdk_sns::Client::new(&conf)
         .create_topic()
         .name("alarms")

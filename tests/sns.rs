@@ -23,20 +23,8 @@ use tokio::net::TcpListener;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// The SDK's config for moto in us-east-1.
-async fn moto_conf(moto: &Moto) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .endpoint_url(&moto.url)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .load()
-        .await
-}
-
 async fn sns(moto: &Moto) -> aws_sdk_sns::Client {
-    aws_sdk_sns::Client::new(&moto_conf(moto).await)
+    aws_sdk_sns::Client::new(&moto.conf().await)
 }
 
 /// What the relay saw: each SNS body, and the daemon's answers to each of its two deliveries.
@@ -696,7 +684,7 @@ async fn a_notification_pending_at_kill_9_is_published_once_after_restart() {
 }
 
 async fn sqs(moto: &Moto) -> aws_sdk_sqs::Client {
-    aws_sdk_sqs::Client::new(&moto_conf(moto).await)
+    aws_sdk_sqs::Client::new(&moto.conf().await)
 }
 
 /// Messages in the queue, visible or being handled.

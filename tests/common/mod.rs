@@ -72,17 +72,27 @@ impl Moto {
         self.child.id()
     }
 
-    /// An EC2 client talking to this moto directly (to arrange and to check, not through ec2jobd).
-    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
-        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
+    /// The SDK config for this moto in us-east-1 (for clients that arrange and check directly,
+    /// not through ec2jobd: EC2, SNS, SQS).
+    pub async fn conf(&self) -> aws_config::SdkConfig {
+        self.conf_in("us-east-1").await
+    }
+
+    /// The SDK config for this moto in `region`.
+    pub async fn conf_in(&self, region: &str) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()))
             .endpoint_url(&self.url)
             .credentials_provider(aws_sdk_ec2::config::Credentials::new(
                 "testing", "testing", None, None, "test",
             ))
             .load()
-            .await;
-        aws_sdk_ec2::Client::new(&conf)
+            .await
+    }
+
+    /// An EC2 client talking to this moto directly.
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.conf().await)
     }
 
     /// Launches `n` instances carrying `tags`; returns their ids.
