@@ -8,6 +8,8 @@ mod common;
 mod hardening;
 #[path = "api/schedules.rs"]
 mod schedules;
+#[path = "api/telemetry.rs"]
+mod telemetry;
 #[path = "api/ui.rs"]
 mod ui;
 

@@ -275,45 +275,6 @@ job = {{ action = "reboot_instances", region = "{{region}}", targets = {{ instan
     assert_eq!(r.status(), 401);
 }
 
-/// A plain HTTP subscriber: collects every body it is sent.
-async fn subscriber() -> (String, Arc<Mutex<Vec<Value>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let g = got.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 65536];
-            loop {
-                let n = sock.read(&mut chunk).await.unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..p]).to_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if buf.len() >= p + 4 + len {
-                        if let Ok(v) = serde_json::from_slice::<Value>(&buf[p + 4..p + 4 + len]) {
-                            g.lock().unwrap().push(v);
-                        }
-                        break;
-                    }
-                }
-            }
-            let _ = sock
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                .await;
-        }
-    });
-    (url, got)
-}
-
 #[tokio::test]
 async fn job_outcomes_are_published_to_a_topic() {
     let moto = Moto::start().await;
@@ -328,7 +289,7 @@ async fn job_outcomes_are_published_to_a_topic() {
         .topic_arn()
         .unwrap()
         .to_string();
-    let (url, got) = subscriber().await;
+    let (url, got) = common::json_sink().await;
     client
         .subscribe()
         .topic_arn(&topic)

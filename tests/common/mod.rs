@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -787,6 +788,47 @@ pub async fn bench_daemon_on(
     }
     let admin = std::fs::read_to_string(&token).expect("token file");
     Daemon::attach(config, admin).await
+}
+
+/// A plain HTTP endpoint (an SNS HTTP subscriber, an OTLP/JSON receiver): keeps the JSON body of
+/// every request it is sent and answers `200 {}`, one request per connection.
+pub async fn json_sink() -> (String, Arc<Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            loop {
+                let n = sock.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..p]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= p + 4 + len {
+                        if let Ok(v) = serde_json::from_slice::<Value>(&buf[p + 4..p + 4 + len]) {
+                            g.lock().unwrap().push(v);
+                        }
+                        break;
+                    }
+                }
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                .await;
+        }
+    });
+    (url, got)
 }
 
 /// A directory holding the test SNS signing certificate under the name [`sns_signed`]'s messages

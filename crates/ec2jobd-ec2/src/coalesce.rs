@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use ec2jobd_spec::{IdList, InstanceResult, Targets};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::{CallOutcome, Ec2, Ec2Error};
 
@@ -115,6 +116,9 @@ pub fn named_ids(message: &str) -> HashSet<String> {
 struct Caller {
     ids: Vec<String>,
     reply: oneshot::Sender<Result<SharedAnswer, Ec2Error>>,
+    /// The caller's span: the shared call is made under the first caller's and linked to the
+    /// others' (`follows_from`), so each job's trace shows the EC2 call it shared.
+    span: tracing::Span,
 }
 
 /// The coalescer of one account+region.
@@ -154,7 +158,11 @@ impl Coalescer {
         let first = {
             let mut pending = self.lock();
             let callers = pending.entry(what.clone()).or_default();
-            callers.push(Caller { ids, reply });
+            callers.push(Caller {
+                ids,
+                reply,
+                span: tracing::Span::current(),
+            });
             callers.len() == 1
         };
         if first {
@@ -238,7 +246,17 @@ impl Coalescer {
                         ids.push(id.clone());
                     }
                 }
-                match self.ec2.call(&what, &ids).await {
+                let span = tracing::info_span!(
+                    parent: &callers[0].span,
+                    "ec2_call",
+                    operation = what.operation(),
+                    callers = callers.len(),
+                    ids = ids.len()
+                );
+                for c in &callers[1..] {
+                    span.follows_from(&c.span);
+                }
+                match self.ec2.call(&what, &ids).instrument(span).await {
                     Ok(answer) => {
                         for c in callers {
                             let mine: HashSet<&String> = c.ids.iter().collect();

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::RunObserver;
 
@@ -230,6 +231,8 @@ enum Cmd {
         wait: Box<Wait>,
         call: PlannedCall,
         label: String,
+        /// The parking attempt's span: the call is made under it (traces run on into EC2).
+        span: tracing::Span,
     },
     /// The call was made (and its checkpoint saved): wait now.
     Called {
@@ -548,6 +551,7 @@ impl Parking {
                         wait,
                         call,
                         label,
+                        span: tracing::Span::current(),
                     },
                     None => Cmd::Add {
                         job,
@@ -722,9 +726,13 @@ impl Parking {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(Cmd::Call { job, wait, call, label }) => {
+                    Some(Cmd::Call { job, wait, call, label, span }) => {
                         calling.insert(job.clone(), false);
-                        tokio::spawn(self.clone().make_call(tx.clone(), job, wait, (call, label)));
+                        tokio::spawn(
+                            self.clone()
+                                .make_call(tx.clone(), job, wait, (call, label))
+                                .instrument(span),
+                        );
                     }
                     Some(Cmd::Uncalled { job, outcome }) => {
                         calling.remove(&job);

@@ -319,11 +319,15 @@ pub struct Runner {
     active: Mutex<HashMap<String, CancellationToken>>,
     id_prefix: String,
     on_finished: Mutex<Option<FinishedHook>>,
+    on_job_span: Mutex<Option<JobSpanHook>>,
     lot: Option<Arc<Parking>>,
 }
 
 /// What the runner calls with a job it brought to a final state.
 pub type FinishedHook = Arc<dyn Fn(Job) + Send + Sync>;
+
+/// Called with each attempt's span before it is entered (the server continues the job's trace).
+pub type JobSpanHook = Arc<dyn Fn(&tracing::Span, &Job) + Send + Sync>;
 
 impl Runner {
     /// A runner; `seed` fixes the backoff jitter (tests pass a constant, the daemon a random one).
@@ -346,6 +350,7 @@ impl Runner {
             active: Mutex::new(HashMap::new()),
             id_prefix,
             on_finished: Mutex::new(None),
+            on_job_span: Mutex::new(None),
             lot: None,
         }
     }
@@ -359,6 +364,11 @@ impl Runner {
     /// Called with each job this runner brings to a final state (notifications).
     pub fn on_finished(&self, f: FinishedHook) {
         *self.on_finished.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+    }
+
+    /// Installs the hook every attempt's span goes through (one; a later call replaces it).
+    pub fn on_job_span(&self, f: JobSpanHook) {
+        *self.on_job_span.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// Delay before attempt `attempt + 1`: `base * 2^(attempt-1)` capped at `backoff_max`, with
@@ -502,6 +512,14 @@ impl Runner {
     async fn run_one(&self, worker: &str, claimed: Claimed, hard: &CancellationToken) {
         let job = &claimed.job;
         let span = tracing::info_span!("job", id = %job.id, action = job.action.as_str(), attempt = job.attempts);
+        let hook = self
+            .on_job_span
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(&span, job);
+        }
         // `instrument`, never `span.enter()` held across an await: a task that resumes on another
         // thread corrupts the span registry's bookkeeping, and tracing-subscriber panics ("tried to
         // clone a span that already closed") inside whatever logs next; the overload campaign hit

@@ -61,21 +61,33 @@ pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<A
 }
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `log.level`.
-pub fn init_tracing(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+pub fn init_tracing(cfg: &Config) -> anyhow::Result<Option<crate::telemetry::Telemetry>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log.level));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         // A log that cannot be written (its disk full, a file size limit) must not take requests
         // down with it: by default a failed write is reported with `eprintln!`, which panics when
         // stderr itself fails, inside whatever handler or worker logged.
         .log_internal_errors(false);
-    let _ = match cfg.log.format {
-        LogFormat::Json => b.json().try_init(),
-        LogFormat::Text => b.try_init(),
+    let fmt = match cfg.log.format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
     };
+    // Each layer has its own filter: the exporter may want the SDK's debug spans the log does not.
+    let telemetry = crate::telemetry::Telemetry::start(&cfg.tracing)?;
+    let otel = telemetry
+        .as_ref()
+        .map(|t| t.layer().with_filter(EnvFilter::new(&cfg.tracing.level)));
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    Ok(telemetry)
 }
 
 async fn not_found() -> ApiError {
@@ -123,7 +135,16 @@ pub fn router(state: AppState) -> Router {
                     .get("x-request-id")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id);
+                if let Some(tp) = req
+                    .headers()
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(ec2jobd_spec::traceparent)
+                {
+                    crate::telemetry::continue_trace(&span, &tp);
+                }
+                span
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -311,6 +332,11 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     runner.on_finished(Arc::new(move |_job| notifier.job_finished()));
+    runner.on_job_span(Arc::new(|span, job| {
+        if let Some(tp) = &job.spec.traceparent {
+            crate::telemetry::continue_trace(span, tp);
+        }
+    }));
     survive_file_size_limit();
     let nofile = crate::listener::raise_fd_limit();
     if nofile.is_some_and(|n| (n as usize) < cfg.http.max_connections + 256) {

@@ -274,8 +274,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     workers,
                 },
             )?;
-            app::init_tracing(&cfg);
-            app::serve(cfg).await
+            let telemetry = app::init_tracing(&cfg)?;
+            let served = app::serve(cfg).await;
+            if let Some(t) = telemetry {
+                t.shutdown().await;
+            }
+            served
         }
         Cmd::Migrate { config } => {
             let cfg = load(&config, &Overrides::default())?;

@@ -55,6 +55,8 @@ pub struct Config {
     pub http: HttpSection,
     /// Logging.
     pub log: LogSection,
+    /// OpenTelemetry export of spans (OTLP/HTTP).
+    pub tracing: TracingSection,
     /// Client-side pacing of EC2 calls.
     pub pacing: PacingSection,
     /// SNS deliveries (`POST /v1/sns/{hook}`).
@@ -488,6 +490,24 @@ pub struct LogSection {
     pub level: String,
 }
 
+/// `[tracing]`: OpenTelemetry export (see [`crate::telemetry`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSection {
+    /// OTLP/HTTP collector base URL (`http://127.0.0.1:4318`; spans go to `<url>/v1/traces`);
+    /// unset: no export.
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` or `http/json`.
+    pub protocol: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Which spans are exported (a filter like `log.level`; the AWS SDK's operation spans are at
+    /// debug).
+    pub level: String,
+    /// Time limit of one export request.
+    pub export_timeout: Dur,
+}
+
 /// `log.format`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -731,6 +751,21 @@ impl Config {
             if a.access_key_id_env.is_some() != a.secret_access_key_env.is_some() {
                 bail!("config key `accounts.{name}.secret_access_key_env`: set both access_key_id_env and secret_access_key_env, or neither");
             }
+        }
+        let t = &self.tracing;
+        if let Some(u) = &t.otlp_endpoint {
+            if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
+                bail!("config key `tracing.otlp_endpoint`: `{u}` is not an http(s) URL");
+            }
+        }
+        if !matches!(t.protocol.as_str(), "http/protobuf" | "http/json") {
+            bail!(
+                "config key `tracing.protocol`: `{}` is not http/protobuf or http/json",
+                t.protocol
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&t.level) {
+            bail!("config key `tracing.level`: {e}");
         }
         for (name, q) in &self.sqs {
             let key = |k: &str| format!("config key `sqs.{name}.{k}`");

@@ -24,4 +24,5 @@ pub mod routes;
 pub mod schedules;
 pub mod sns;
 pub mod state;
+pub mod telemetry;
 pub mod ui;

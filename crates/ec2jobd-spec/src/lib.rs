@@ -21,6 +21,7 @@ pub use job::{
     RotationResult, SnapshotResult, StepResult, VolumeResult, TERMINAL_EVENT_KINDS,
 };
 pub use role::Role;
+pub use spec::traceparent;
 pub use spec::{
     is_aws_region, parse_duration, Action, Amount, BackupNaming, Filter, IdList, JobSpec, Notify,
     Rate, SpecError, Step, TagSet, Targets, WaitSpec, WaitUntil, PRIORITY_RANGE,

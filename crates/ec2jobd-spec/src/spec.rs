@@ -494,6 +494,28 @@ pub struct JobSpec {
     /// Publish the outcome to an SNS topic when the job ends (default: config `[notify]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Notify>,
+    /// The W3C trace context the job's spans continue (`00-<trace-id>-<parent-id>-<flags>`): the
+    /// submission's `traceparent` header, or given here. Not part of the idempotency comparison (a
+    /// retried submission carries a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// `s` as a W3C `traceparent` (version 00, lowercase hex, trace and parent ids not all zero), or
+/// `None`: an invalid one is ignored, as the W3C recommendation says.
+pub fn traceparent(s: &str) -> Option<String> {
+    let s = s.trim().to_ascii_lowercase();
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+    let nonzero = |p: &str| p.bytes().any(|b| b != b'0');
+    (parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && nonzero(parts[1])
+        && hex(parts[2], 16)
+        && nonzero(parts[2])
+        && hex(parts[3], 2))
+    .then_some(s)
 }
 
 /// A count, or a percentage of the job's instances (`10` or `"10%"`).
@@ -821,6 +843,15 @@ impl JobSpec {
     /// Checks every field and returns the canonical form that is stored and hashed for
     /// idempotency: ids deduplicated in order, durations re-rendered, wait defaults filled.
     pub fn normalize(mut self) -> Result<JobSpec, SpecError> {
+        if let Some(t) = &self.traceparent {
+            self.traceparent = Some(traceparent(t).ok_or_else(|| {
+                SpecError::new(
+                    "traceparent",
+                    "invalid_traceparent",
+                    "must be a W3C traceparent: 00-<32 hex>-<16 hex>-<2 hex>",
+                )
+            })?);
+        }
         if let Some(a) = &self.account {
             if !is_name(a, b"-_") {
                 return Err(SpecError::new(
@@ -1260,6 +1291,30 @@ fn check_filters(filters: Vec<Filter>) -> Result<Vec<Filter>, SpecError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn traceparents_are_w3c_or_nothing() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(traceparent(ok).as_deref(), Some(ok));
+        assert_eq!(
+            traceparent(&ok.to_uppercase()).as_deref(),
+            Some(ok),
+            "lowercased"
+        );
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(traceparent(bad), None, "{bad}");
+        }
+        let e = parse(json!({"action": "describe_instances", "traceparent": "nope"})).unwrap_err();
+        assert_eq!(e.field, "traceparent");
+    }
 
     fn parse(v: serde_json::Value) -> Result<JobSpec, SpecError> {
         serde_json::from_value::<JobSpec>(v)

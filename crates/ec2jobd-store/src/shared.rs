@@ -45,8 +45,13 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> String {
 }
 
 /// The SHA-256 of a normalised spec: what makes an idempotency key's replay "the same request".
-pub(crate) fn spec_hash(spec_json: &str) -> String {
-    hex::encode(Sha256::digest(spec_json.as_bytes()))
+pub(crate) fn spec_hash(spec: &ec2jobd_spec::JobSpec) -> String {
+    // The trace context is where the request came from, not what it asks for.
+    let asked = ec2jobd_spec::JobSpec {
+        traceparent: None,
+        ..spec.clone()
+    };
+    hex::encode(Sha256::digest(encode(&asked).as_bytes()))
 }
 
 /// The smallest ULID of a millisecond (ids of jobs created at or after it sort at or after it).

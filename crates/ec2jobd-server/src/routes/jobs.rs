@@ -244,6 +244,7 @@ fn fill_account(state: &AppState, spec: &mut JobSpec, prefix: &str) -> Result<()
     request_body = JobSpec,
     params(
         ("Idempotency-Key" = Option<String>, Header, description = "Makes the submission safe to repeat"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the job's spans (and its EC2 calls) continue this trace when OpenTelemetry export is on; kept in the job's `spec.traceparent`"),
         ("wait" = Option<String>, Query, description = "Hold the answer until the job ends or this long passes (humantime, at most 1h)"),
     ),
     responses(
@@ -306,10 +307,17 @@ pub async fn enqueue_and_answer(
     headers: &HeaderMap,
     deadline: &Deadline,
     wait: Option<Duration>,
-    spec: JobSpec,
+    mut spec: JobSpec,
 ) -> Result<Response, ApiError> {
     caller.may_submit(&spec)?;
     let key = idempotency_key(headers)?;
+    if spec.traceparent.is_none() {
+        // The scheduler's trace continues into the job (an invalid header is ignored, per W3C).
+        spec.traceparent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(ec2jobd_spec::traceparent);
+    }
     let _slot = wait.map(|_| stream_slot(state, caller)).transpose()?;
     admit(state).await?;
     if let Some(w) = wait {
