@@ -48,6 +48,15 @@ async fn poll(state: AppState, name: String, intake: SqsSection, shutdown: Cance
                 .queue_url(&intake.queue_url)
                 .max_number_of_messages(intake.batch)
                 .wait_time_seconds(intake.wait.0.as_secs() as i32)
+                // A long poll outlasts a short `call_timeout`: this call may take its wait and more.
+                .customize()
+                .config_override(
+                    aws_sdk_sqs::config::Builder::default().timeout_config(
+                        aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                            .operation_attempt_timeout(intake.wait.0 + Duration::from_secs(10))
+                            .build(),
+                    ),
+                )
                 .send()
                 .await
                 .map_err(|e| crate::sns::aws_error(&e))
