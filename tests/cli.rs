@@ -617,25 +617,8 @@ async fn doctor_names_what_a_deployment_gets_wrong() {
     let moto = Moto::start().await;
     let proxy = common::proxy::FaultProxy::start(&moto.url, 23).await;
     proxy.set(|f| f.error = Some(("StopInstances".into(), 403, "UnauthorizedOperation".into())));
-    let conf = moto.conf().await;
-    let topic = aws_sdk_sns::Client::new(&conf)
-        .create_topic()
-        .name("alarms")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_string();
-    let queue = aws_sdk_sqs::Client::new(&conf)
-        .create_queue()
-        .queue_name("alarms")
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_string();
+    let topic = moto.topic("alarms").await;
+    let queue = moto.queue("alarms", &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = common::write_config(
         dir.path(),

@@ -122,15 +122,7 @@ async fn alarm_through_moto_sns_reboots_the_instance_once() {
     let moto = Moto::start().await;
     let ids = moto.launch(1, &[("Name", "web")]).await;
     let client = sns(&moto).await;
-    let topic = client
-        .create_topic()
-        .name("alarms")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_string();
+    let topic = moto.topic("alarms").await;
     let certs = tempfile::tempdir().unwrap();
     let extra = format!(
         r#"
@@ -280,15 +272,7 @@ async fn job_outcomes_are_published_to_a_topic() {
     let moto = Moto::start().await;
     moto.launch(1, &[("Group", "notify")]).await;
     let client = sns(&moto).await;
-    let topic = client
-        .create_topic()
-        .name("results")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_string();
+    let topic = moto.topic("results").await;
     let (url, got) = common::json_sink().await;
     client
         .subscribe()
@@ -399,16 +383,7 @@ async fn subscription_confirmation_goes_through_the_api_behind_basic_auth() {
     let moto = Moto::start().await;
     let proxy = common::proxy::FaultProxy::start(&moto.url, 1).await;
     let certs = common::sns_cert_dir();
-    let topic = sns(&moto)
-        .await
-        .create_topic()
-        .name("alarms")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_string();
+    let topic = moto.topic("alarms").await;
     let topic = topic.as_str();
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(proxy.url.clone()),
@@ -588,16 +563,7 @@ async fn a_notification_pending_at_kill_9_is_published_once_after_restart() {
     let moto = Moto::start().await;
     moto.launch(1, &[("Group", "outbox")]).await;
     let proxy = common::proxy::FaultProxy::start(&moto.url, 1).await;
-    let topic = sns(&moto)
-        .await
-        .create_topic()
-        .name("outbox")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_string();
+    let topic = moto.topic("outbox").await;
     proxy.set(|f| f.error = Some(("Publish".into(), 500, "InternalError".into())));
     let mut d = Daemon::start(DaemonOpts {
         moto_url: Some(proxy.url.clone()),
@@ -692,6 +658,27 @@ fn signed_alarm(topic: &str, message_id: &str, instance: &str) -> String {
     ])
 }
 
+/// Config: hook `alarms` for `topic` whose rule reboots the alarm's instance, fed by the SQS intake
+/// `alarms` from `queue` (long polls of 1 s).
+fn sqs_intake(topic: &str, queue: &str, raw: bool) -> String {
+    format!(
+        r#"
+[sns.hooks.alarms]
+topics = ["{topic}"]
+[[sns.hooks.alarms.rules]]
+name = "reboot-on-failed-checks"
+alarm_name = "StatusCheckFailed-*"
+dimensions = {{ InstanceId = "*" }}
+job = {{ action = "reboot_instances", region = "us-east-1", targets = {{ instance_ids = ["{{instance_id}}"] }} }}
+[sqs.alarms]
+queue_url = "{queue}"
+hook = "alarms"
+raw = {raw}
+wait = "1s"
+"#
+    )
+}
+
 /// The jobs the SQS intake `alarms` queued.
 async fn jobs(d: &Daemon) -> Vec<Value> {
     let (_, list) = d.get_json("/v1/jobs?created_by=sqs:alarms").await;
@@ -711,19 +698,9 @@ async fn sqs_intake_loses_no_alarm_and_queues_none_twice_across_kill_9() {
     let proxy = common::proxy::FaultProxy::start(&moto.url, 17).await;
     let q = sqs(&moto).await;
     // A short visibility timeout: a message received by the killed daemon comes back in 2 s.
-    let queue = q
-        .create_queue()
-        .queue_name("ec2jobd-alarms")
-        .attributes(
-            aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout,
-            "2",
-        )
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_string();
+    let queue = moto
+        .queue("ec2jobd-alarms", &[("VisibilityTimeout", "2")])
+        .await;
     let topic = "arn:aws:sns:us-east-1:123456789012:alarms";
     q.send_message()
         .queue_url(&queue)
@@ -733,22 +710,9 @@ async fn sqs_intake_loses_no_alarm_and_queues_none_twice_across_kill_9() {
         .unwrap();
     let certs = common::sns_cert_dir();
     let extra = format!(
-        r#"
-[sns]
-cert_dir = "{dir}"
-[sns.hooks.alarms]
-topics = ["{topic}"]
-[[sns.hooks.alarms.rules]]
-name = "reboot-on-failed-checks"
-alarm_name = "StatusCheckFailed-*"
-dimensions = {{ InstanceId = "*" }}
-job = {{ action = "reboot_instances", region = "us-east-1", targets = {{ instance_ids = ["{{instance_id}}"] }} }}
-[sqs.alarms]
-queue_url = "{queue}"
-hook = "alarms"
-wait = "1s"
-"#,
-        dir = certs.path().display(),
+        "[sns]\ncert_dir = \"{}\"\n{}",
+        certs.path().display(),
+        sqs_intake(topic, &queue, false)
     );
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     proxy.set(|f| f.hold = Some(("DeleteMessage".into(), gate.clone())));
@@ -858,24 +822,8 @@ async fn raw_sqs_intake_from_an_sns_subscription() {
     let moto = Moto::start().await;
     let ids = moto.launch(1, &[("Name", "web")]).await;
     let (topics, q) = (sns(&moto).await, sqs(&moto).await);
-    let topic = topics
-        .create_topic()
-        .name("alarms")
-        .send()
-        .await
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_string();
-    let queue = q
-        .create_queue()
-        .queue_name("raw-alarms")
-        .send()
-        .await
-        .unwrap()
-        .queue_url()
-        .unwrap()
-        .to_string();
+    let topic = moto.topic("alarms").await;
+    let queue = moto.queue("raw-alarms", &[]).await;
     topics
         .subscribe()
         .topic_arn(&topic)
@@ -885,22 +833,7 @@ async fn raw_sqs_intake_from_an_sns_subscription() {
         .send()
         .await
         .unwrap();
-    let extra = format!(
-        r#"
-[sns.hooks.alarms]
-topics = ["{topic}"]
-[[sns.hooks.alarms.rules]]
-name = "reboot"
-alarm_name = "StatusCheckFailed-*"
-dimensions = {{ InstanceId = "*" }}
-job = {{ action = "reboot_instances", region = "us-east-1", targets = {{ instance_ids = ["{{instance_id}}"] }} }}
-[sqs.alarms]
-queue_url = "{queue}"
-hook = "alarms"
-raw = true
-wait = "1s"
-"#
-    );
+    let extra = sqs_intake(&topic, &queue, true);
     let d = Daemon::start(DaemonOpts {
         moto_url: Some(moto.url.clone()),
         extra,

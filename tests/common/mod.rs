@@ -91,6 +91,35 @@ impl Moto {
             .await
     }
 
+    /// Creates the SNS topic `name` in moto; returns its ARN.
+    pub async fn topic(&self, name: &str) -> String {
+        aws_sdk_sns::Client::new(&self.conf().await)
+            .create_topic()
+            .name(name)
+            .send()
+            .await
+            .expect("CreateTopic")
+            .topic_arn()
+            .expect("topic ARN")
+            .to_string()
+    }
+
+    /// Creates the SQS queue `name` in moto with these attributes; returns its URL.
+    pub async fn queue(&self, name: &str, attributes: &[(&str, &str)]) -> String {
+        let mut c = aws_sdk_sqs::Client::new(&self.conf().await)
+            .create_queue()
+            .queue_name(name);
+        for (k, v) in attributes {
+            c = c.attributes(aws_sdk_sqs::types::QueueAttributeName::from(*k), *v);
+        }
+        c.send()
+            .await
+            .expect("CreateQueue")
+            .queue_url()
+            .expect("queue URL")
+            .to_string()
+    }
+
     /// An EC2 client talking to this moto directly.
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
         aws_sdk_ec2::Client::new(&self.conf().await)
