@@ -44,14 +44,21 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
-/// The SHA-256 of a normalised spec: what makes an idempotency key's replay "the same request".
-pub(crate) fn spec_hash(spec: &ec2jobd_spec::JobSpec) -> String {
-    // The trace context is where the request came from, not what it asks for.
-    let asked = ec2jobd_spec::JobSpec {
-        traceparent: None,
-        ..spec.clone()
+/// The SHA-256 of a normalised spec (`spec_json` is its encoding): what makes an idempotency key's
+/// replay "the same request". The trace context is where the request came from, not what it asks
+/// for, so a spec carrying one is hashed without it (the rest encode the same either way).
+pub(crate) fn spec_hash(spec: &ec2jobd_spec::JobSpec, spec_json: &str) -> String {
+    let digest = match spec.traceparent {
+        None => Sha256::digest(spec_json.as_bytes()),
+        Some(_) => Sha256::digest(
+            encode(&ec2jobd_spec::JobSpec {
+                traceparent: None,
+                ..spec.clone()
+            })
+            .as_bytes(),
+        ),
     };
-    hex::encode(Sha256::digest(encode(&asked).as_bytes()))
+    hex::encode(digest)
 }
 
 /// The smallest ULID of a millisecond (ids of jobs created at or after it sort at or after it).

@@ -388,7 +388,7 @@ impl Store for SqliteStore {
             .write(move |conn| {
                 Box::pin(async move {
                     let spec_json = encode(&new.spec);
-                    let hash = spec_hash(&new.spec);
+                    let hash = spec_hash(&new.spec, &spec_json);
                     if let Some(key) = &new.idempotency_key {
                         let row = sqlx::query(
                             "SELECT id, request_hash FROM jobs WHERE idempotency_key = ?",

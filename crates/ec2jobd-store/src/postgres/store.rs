@@ -292,7 +292,7 @@ impl Store for PgStore {
     async fn enqueue(&self, new: NewJob) -> Result<Enqueued> {
         let id = self.ids.next();
         let spec_json = encode(&new.spec);
-        let hash = spec_hash(&new.spec);
+        let hash = spec_hash(&new.spec, &spec_json);
         let now = self.clock.now_ms();
         let progress = shared::queued_progress();
         let (kind, message, data) = shared::queued_event(&new);
