@@ -136,12 +136,7 @@ pub fn router(state: AppState) -> Router {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id);
-                if let Some(tp) = req
-                    .headers()
-                    .get("traceparent")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(ec2jobd_spec::traceparent)
-                {
+                if let Some(tp) = crate::telemetry::traceparent_header(req.headers()) {
                     crate::telemetry::continue_trace(&span, &tp);
                 }
                 span

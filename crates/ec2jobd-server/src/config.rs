@@ -105,6 +105,11 @@ pub struct SqsSection {
     pub batch: i32,
 }
 
+/// `u` starts like an http(s) URL (endpoints, proxies, collectors, queues).
+fn is_http_url(u: &str) -> bool {
+    u.starts_with("http://") || u.starts_with("https://")
+}
+
 fn default_sqs_wait() -> Dur {
     Dur(Duration::from_secs(20))
 }
@@ -116,16 +121,11 @@ fn default_sqs_batch() -> i32 {
 impl SqsSection {
     /// The account and region this intake polls with.
     pub fn account_region(&self, cfg: &Config) -> (String, String) {
-        let account = self
-            .account
-            .clone()
-            .or_else(|| {
-                cfg.sns
-                    .hooks
-                    .get(&self.hook)
-                    .and_then(|h| h.account.clone())
-            })
-            .unwrap_or_else(|| cfg.default_account.clone());
+        let account = match (&self.account, cfg.sns.hooks.get(&self.hook)) {
+            (Some(a), _) => a.clone(),
+            (None, Some(h)) => h.account_or(&cfg.default_account),
+            (None, None) => cfg.default_account.clone(),
+        };
         let from_url = self
             .queue_url
             .split("://")
@@ -236,6 +236,15 @@ pub struct HookSection {
     /// Environment variable holding `user:password`: deliveries must then carry HTTP basic auth
     /// (put the credentials in the subscription URL, `https://user:password@host/v1/sns/<hook>`).
     pub basic_auth_env: Option<String>,
+}
+
+impl HookSection {
+    /// The account that confirms this hook's subscriptions and polls its SQS intakes.
+    pub fn account_or(&self, default_account: &str) -> String {
+        self.account
+            .clone()
+            .unwrap_or_else(|| default_account.to_string())
+    }
 }
 
 /// `[pacing]`: token buckets per account+region, by operation class.
@@ -710,7 +719,7 @@ impl Config {
                 bail!("config key `accounts.{name}.region`: must not be empty");
             }
             if let Some(u) = &a.endpoint_url {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                if !is_http_url(u) {
                     bail!("config key `accounts.{name}.endpoint_url`: `{u}` is not an http(s) URL");
                 }
             }
@@ -735,7 +744,7 @@ impl Config {
                 bail!("config key `accounts.{name}.role_session_name`: 2-64 letters, digits or =,.@-_");
             }
             if let Some(u) = &a.https_proxy {
-                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                if !is_http_url(u) {
                     bail!("config key `accounts.{name}.https_proxy`: `{u}` is not an http(s) URL");
                 }
             }
@@ -754,7 +763,7 @@ impl Config {
         }
         let t = &self.tracing;
         if let Some(u) = &t.otlp_endpoint {
-            if !(u.is_empty() || u.starts_with("http://") || u.starts_with("https://")) {
+            if !(u.is_empty() || is_http_url(u)) {
                 bail!("config key `tracing.otlp_endpoint`: `{u}` is not an http(s) URL");
             }
         }
@@ -769,7 +778,7 @@ impl Config {
         }
         for (name, q) in &self.sqs {
             let key = |k: &str| format!("config key `sqs.{name}.{k}`");
-            if !(q.queue_url.starts_with("https://") || q.queue_url.starts_with("http://")) {
+            if !is_http_url(&q.queue_url) {
                 bail!("{}: `{}` is not a queue URL (https://sqs.<region>.amazonaws.com/<account-id>/<queue>)", key("queue_url"), q.queue_url);
             }
             if q.hook.trim().is_empty() {

@@ -201,15 +201,10 @@ async fn account(r: &mut Report, pool: &Ec2Pool, name: &str, region: &str, ops: 
     }
 }
 
-/// The account and region that reach `topic` (an ARN's region).
-fn topic_region(topic: &str) -> Option<&str> {
-    topic.split(':').nth(3).filter(|r| !r.is_empty())
-}
-
 async fn topics(r: &mut Report, pool: &Ec2Pool, cfg: &Config) {
     let mut wanted: Vec<(String, String, String)> = Vec::new();
     for (name, h) in &cfg.sns.hooks {
-        let account = h.account.clone().unwrap_or(cfg.default_account.clone());
+        let account = h.account_or(&cfg.default_account);
         for t in &h.topics {
             wanted.push((format!("SNS hook {name}"), account.clone(), t.clone()));
         }
@@ -222,7 +217,7 @@ async fn topics(r: &mut Report, pool: &Ec2Pool, cfg: &Config) {
         ));
     }
     for (check, account, topic) in wanted {
-        let Some(region) = topic_region(&topic) else {
+        let Some(region) = crate::sns::topic_region(&topic) else {
             r.fail(
                 &check,
                 format!("`{topic}` is not a topic ARN"),

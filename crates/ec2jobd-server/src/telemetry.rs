@@ -112,6 +112,14 @@ impl Telemetry {
     }
 }
 
+/// A request's valid `traceparent` header (an invalid one is ignored, as the W3C recommendation says).
+pub fn traceparent_header(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(ec2jobd_spec::traceparent)
+}
+
 /// Makes `span` continue the W3C trace `traceparent` (already validated); a no-op when export is
 /// off (the span then has no OpenTelemetry data).
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {

@@ -312,11 +312,8 @@ pub async fn enqueue_and_answer(
     caller.may_submit(&spec)?;
     let key = idempotency_key(headers)?;
     if spec.traceparent.is_none() {
-        // The scheduler's trace continues into the job (an invalid header is ignored, per W3C).
-        spec.traceparent = headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(ec2jobd_spec::traceparent);
+        // The scheduler's trace continues into the job.
+        spec.traceparent = crate::telemetry::traceparent_header(headers);
     }
     let _slot = wait.map(|_| stream_slot(state, caller)).transpose()?;
     admit(state).await?;

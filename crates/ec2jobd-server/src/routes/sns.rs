@@ -371,17 +371,9 @@ pub(crate) async fn handle(
 ) -> Result<DeliveryAnswer, ApiError> {
     match m.kind.as_str() {
         "SubscriptionConfirmation" => {
-            let account = h
-                .account
-                .clone()
-                .unwrap_or_else(|| state.config.default_account.clone());
-            let region = m
-                .topic_arn
-                .split(':')
-                .nth(3)
-                .unwrap_or("us-east-1")
-                .to_string();
-            let sns = state.pool.sns(&account, &region).await.map_err(|e| {
+            let account = h.account_or(&state.config.default_account);
+            let region = crate::sns::topic_region(&m.topic_arn).unwrap_or("us-east-1");
+            let sns = state.pool.sns(&account, region).await.map_err(|e| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "sns_confirm_failed",

@@ -7,6 +7,11 @@ pub mod rules;
 pub mod sqs;
 pub mod verify;
 
+/// The region of a topic ARN (`arn:aws:sns:<region>:<account-id>:<name>`), if it names one.
+pub fn topic_region(arn: &str) -> Option<&str> {
+    arn.split(':').nth(3).filter(|r| !r.is_empty())
+}
+
 /// An AWS SDK error (SNS, SQS: every SDK shares these types) in one line: AWS's code and message
 /// (and request id), or what went wrong on the way; never the raw response.
 pub fn aws_error<E, R>(e: &aws_sdk_sns::error::SdkError<E, R>) -> String

@@ -179,7 +179,7 @@ impl Notifier {
     }
 
     async fn publish(&self, job: &Job, n: &Notify) -> Result<String, String> {
-        let region = n.topic_arn.split(':').nth(3).unwrap_or("us-east-1");
+        let region = crate::sns::topic_region(&n.topic_arn).unwrap_or("us-east-1");
         let account = job.spec.account.as_deref().unwrap_or("default");
         let sns = self
             .pool
