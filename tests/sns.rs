@@ -640,24 +640,6 @@ async fn in_queue(sqs: &aws_sdk_sqs::Client, url: &str) -> u64 {
     .sum()
 }
 
-/// A CloudWatch alarm for `instance` as SNS wraps it: a signed notification from `topic`.
-fn signed_alarm(topic: &str, message_id: &str, instance: &str) -> String {
-    let alarm = json!({
-        "AlarmName": "StatusCheckFailed-web", "NewStateValue": "ALARM", "OldStateValue": "OK",
-        "Region": "US East (N. Virginia)",
-        "Trigger": {"Namespace": "AWS/EC2", "MetricName": "StatusCheckFailed",
-                    "Dimensions": [{"name": "InstanceId", "value": instance}]}
-    });
-    let now = chrono::Utc::now().to_rfc3339();
-    common::sns_signed(&[
-        ("Message", &alarm.to_string()),
-        ("MessageId", message_id),
-        ("Timestamp", &now),
-        ("TopicArn", topic),
-        ("Type", "Notification"),
-    ])
-}
-
 /// Config: hook `alarms` for `topic` whose rule reboots the alarm's instance, fed by the SQS intake
 /// `alarms` from `queue` (long polls of 1 s).
 fn sqs_intake(topic: &str, queue: &str, raw: bool) -> String {
@@ -704,7 +686,7 @@ async fn sqs_intake_loses_no_alarm_and_queues_none_twice_across_kill_9() {
     let topic = "arn:aws:sns:us-east-1:123456789012:alarms";
     q.send_message()
         .queue_url(&queue)
-        .message_body(signed_alarm(topic, "alarm-1", &ids[0]))
+        .message_body(common::signed_alarm(topic, "alarm-1", &ids[0]))
         .send()
         .await
         .unwrap();
@@ -748,11 +730,11 @@ async fn sqs_intake_loses_no_alarm_and_queues_none_twice_across_kill_9() {
     // While the daemon is down: a second alarm, and a forged one (signature of another body).
     q.send_message()
         .queue_url(&queue)
-        .message_body(signed_alarm(topic, "alarm-2", &ids[1]))
+        .message_body(common::signed_alarm(topic, "alarm-2", &ids[1]))
         .send()
         .await
         .unwrap();
-    let forged = signed_alarm(topic, "alarm-3", &ids[1]).replace(&ids[1], &ids[0]);
+    let forged = common::signed_alarm(topic, "alarm-3", &ids[1]).replace(&ids[1], &ids[0]);
     q.send_message()
         .queue_url(&queue)
         .message_body(forged)

@@ -230,14 +230,17 @@ async fn slow_and_idle_connections_are_closed_and_capped() {
         .await
         .is_some());
 
-    // Fill every slot with idle connections: the next client waits, then is served once the idle
-    // ones are closed, and the daemon never held more than the cap.
+    // Fill every slot with idle connections from four addresses (two each: the per-client share
+    // of 25% of 8): the next client waits, then is served once the idle ones are closed, and the
+    // daemon never held more than the cap.
     let mut hogs = Vec::new();
-    for _ in 0..30 {
-        hogs.push(TcpStream::connect(&addr).await.unwrap());
+    for n in 3..7u8 {
+        for _ in 0..4 {
+            hogs.push(connect_from(&addr, [127, 0, 0, n]).await);
+        }
     }
-    let r = tokio::time::timeout(Duration::from_secs(30), d.get_json("/healthz")).await;
-    assert_eq!(r.map(|r| r.0).ok(), Some(200));
+    let r = tokio::time::timeout(Duration::from_secs(30), get_from(&d, [127, 0, 0, 9])).await;
+    assert_eq!(r.ok(), Some(200));
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
     let line = limits
         .lines()
@@ -249,6 +252,54 @@ async fn slow_and_idle_connections_are_closed_and_capped() {
         "soft limit raised to the hard one: {line}"
     );
     drop(hogs);
+}
+
+/// A TCP connection to `addr` from the loopback address `from` (all of 127/8 is this host).
+async fn connect_from(addr: &str, from: [u8; 4]) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((std::net::Ipv4Addr::from(from), 0).into())
+        .unwrap();
+    sock.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// `GET /healthz` from the loopback address `from`: its status, or 0 when the connection failed.
+async fn get_from(d: &Daemon, from: [u8; 4]) -> u16 {
+    let c = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap();
+    match c.get(format!("{}/healthz", d.url)).send().await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Issue 30, finding 10: one client opening idle connections takes its share of the places
+/// (`http.max_connections_per_client`), not all of them: another client is answered at once,
+/// long before the idle ones would be closed; the hog's further connections are closed.
+#[tokio::test]
+async fn one_client_cannot_hold_every_connection() {
+    let d = Daemon::start(DaemonOpts {
+        extra: "[http]\nheader_read_timeout = \"60s\"\nidle_timeout = \"120s\"\nmax_connections = 8\nmax_connections_per_client = 3\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut hogs = Vec::new();
+    for _ in 0..40 {
+        hogs.push(connect_from(&addr, [127, 0, 0, 2]).await);
+    }
+    // Answered while the hog's connections would stay for a minute: well within 20 s.
+    let r = tokio::time::timeout(Duration::from_secs(20), get_from(&d, [127, 0, 0, 3])).await;
+    assert_eq!(r.ok(), Some(200), "another client is served");
+    // The hog keeps three; the others were closed at once.
+    let mut open = 0;
+    for h in hogs.iter_mut() {
+        if closed_within(h, Duration::from_millis(200)).await.is_none() {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 3, "the hog's share");
 }
 
 /// Finding 4: `wait` is parsed once, by the handler; given twice it is 400 with nothing stored, and

@@ -14,16 +14,9 @@ use serde_json::json;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
 /// Signs in; returns the cookie pair to send back.
 async fn sign_in(d: &Daemon, token: &str) -> String {
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .post(format!("{}/ui/signin", d.url))
         .form(&[("token", token)])
         .send()
@@ -42,7 +35,7 @@ async fn sign_in(d: &Daemon, token: &str) -> String {
 }
 
 async fn page(cookie: &str, url: &str) -> (u16, String) {
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .get(url)
         .header("cookie", cookie)
         .send()
@@ -60,7 +53,7 @@ fn csrf_of(html: &str) -> String {
 }
 
 async fn post(cookie: &str, url: &str, form: &[(&str, &str)]) -> u16 {
-    no_redirects()
+    crate::common::no_redirects()
         .post(url)
         .header("cookie", cookie)
         .form(form)
@@ -81,14 +74,14 @@ async fn dashboard_sessions_roles_and_csrf() {
     let viewer = create_token(&d.config, "viewer", "eve");
     let operator = create_token(&d.config, "operator", "otto");
     // Not signed in: the pages send to sign-in; a wrong token gets the form again, no cookie.
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .get(format!("{}/ui/jobs", d.url))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], "/ui/signin");
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .post(format!("{}/ui/signin", d.url))
         .form(&[("token", "ejd_wrong")])
         .send()
@@ -197,7 +190,7 @@ async fn dashboard_sessions_roles_and_csrf() {
         .as_array()
         .unwrap()
         .len();
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .post(&run_url)
         .header("cookie", &o)
         .form(&[
@@ -221,7 +214,7 @@ async fn dashboard_sessions_roles_and_csrf() {
             .len(),
         before
     );
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .post(&run_url)
         .header("cookie", &o)
         .form(&[
@@ -255,7 +248,7 @@ async fn dashboard_sessions_roles_and_csrf() {
     let (status, html) = page(&a, &tokens_url).await;
     assert_eq!(status, 200, "{html}");
     let a_csrf = csrf_of(&html);
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .post(&tokens_url)
         .header("cookie", &a)
         .form(&[
@@ -280,7 +273,7 @@ async fn dashboard_sessions_roles_and_csrf() {
         html.contains("data-token=\"cron-1\"") && !html.contains(secret),
         "shown once: {html}"
     );
-    let r = no_redirects()
+    let r = crate::common::no_redirects()
         .post(&tokens_url)
         .header("cookie", &a)
         .form(&[

@@ -905,6 +905,32 @@ pub fn sns_signed(fields: &[(&str, &str)]) -> String {
     Value::Object(body).to_string()
 }
 
+/// A CloudWatch alarm for `instance` as SNS wraps it: a signed notification from `topic`.
+pub fn signed_alarm(topic: &str, message_id: &str, instance: &str) -> String {
+    let alarm = serde_json::json!({
+        "AlarmName": "StatusCheckFailed-web", "NewStateValue": "ALARM", "OldStateValue": "OK",
+        "Region": "US East (N. Virginia)",
+        "Trigger": {"Namespace": "AWS/EC2", "MetricName": "StatusCheckFailed",
+                    "Dimensions": [{"name": "InstanceId", "value": instance}]}
+    });
+    let now = chrono::Utc::now().to_rfc3339();
+    sns_signed(&[
+        ("Message", &alarm.to_string()),
+        ("MessageId", message_id),
+        ("Timestamp", &now),
+        ("TopicArn", topic),
+        ("Type", "Notification"),
+    ])
+}
+
+/// An HTTP client that does not follow redirects (the dashboard answers forms with 303).
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
 /// Restarts the PostgreSQL server `scripts/ensure-postgres` started (fast shutdown: open
 /// connections are cut, as when the server fails over), as the user that owns its cluster.
 /// Returns how long the server was away.

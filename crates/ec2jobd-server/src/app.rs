@@ -56,7 +56,7 @@ pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<A
     };
     let store = SqliteStore::open(opts, clock)
         .await
-        .with_context(|| format!("opening database `{}`", cfg.database))?;
+        .with_context(|| format!("opening database `{}`", postgres::redact(&cfg.database)))?;
     Ok(Arc::new(store))
 }
 
@@ -122,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::ui::router(&state))
         .merge(sns::hook_router())
         .merge(ops::router())
+        .route("/openapi.json", axum::routing::get(crate::openapi::openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.http.body_limit))
@@ -287,7 +288,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let runner = state.runner.clone();
     // Schedules from config are checked completely (their jobs too) before anything is served.
     for (name, schedule) in &cfg.schedules {
-        if let Err(e) = crate::schedules::check(&state, schedule).await {
+        if let Err(e) = crate::service::schedules::check(&state, schedule).await {
             anyhow::bail!(
                 "config key `schedules.{name}.{}`: {}",
                 e.field.unwrap_or_default(),
@@ -301,7 +302,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
     // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
     println!("ec2jobd listening on http://{local}");
-    tracing::info!(%local, workers = cfg.queue.workers, database = %cfg.database, "ec2jobd started");
+    tracing::info!(%local, workers = cfg.queue.workers, database = %postgres::redact(&cfg.database), "ec2jobd started");
     let notifier = Arc::new(Notifier::new(
         state.pool.clone(),
         state.store.clone(),
@@ -352,6 +353,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     });
     let limits = crate::listener::Limits {
         max_connections: cfg.http.max_connections,
+        per_client: match cfg
+            .http
+            .max_connections_per_client
+            .of(cfg.http.max_connections as u64)
+        {
+            0 => cfg.http.max_connections,
+            n => n as usize,
+        },
         header_read_timeout: cfg.http.header_read_timeout.0,
         idle_timeout: cfg.http.idle_timeout.0,
         drain: cfg.shutdown_grace.0,

@@ -1,86 +1,22 @@
-//! Bearer tokens and roles. A token is shown once at creation; only its SHA-256 is stored, and the
-//! stored hash is compared in constant time. Every `/v1` route runs behind [`authenticate`]; handlers
-//! then ask the [`Caller`] for the role they need.
+//! Bearer tokens. A token is shown once at creation; only its SHA-256 is stored, and the stored
+//! hash is compared in constant time. Every `/v1` route runs behind [`authenticate`], which turns
+//! the token into the [`Caller`] the service decides with. Must not: decide what a caller may do
+//! (`service::policy`).
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use ec2jobd_spec::{Action, JobSpec, Role};
-use ec2jobd_store::TokenInfo;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::service::{Caller, Door};
 use crate::state::AppState;
 
-/// The authenticated token behind a request.
-#[derive(Debug, Clone)]
-pub struct Caller(pub TokenInfo);
-
-impl Caller {
-    /// Passes when the caller's role includes `need`; else `403`.
-    pub fn require(&self, need: Role) -> Result<(), ApiError> {
-        if self.0.role >= need {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "token `{}` has role {}; this needs {need}",
-                    self.0.name, self.0.role
-                ),
-            ))
-        }
-    }
-
-    /// Passes when the token's scopes allow a job of `spec` (its account and action, and each
-    /// workflow step's); else `403` `out_of_scope`, naming the field and what the token may use.
-    pub fn may_submit(&self, spec: &JobSpec) -> Result<(), ApiError> {
-        let s = &self.0.scopes;
-        let mut specs = vec![(String::new(), spec, spec.account.as_deref())];
-        for (i, step) in spec.steps.iter().flatten().enumerate() {
-            let account = step.spec.account.as_deref().or(spec.account.as_deref());
-            specs.push((format!("steps[{i}]."), &step.spec, account));
-        }
-        for (at, spec, account) in specs {
-            if spec.action != Action::Workflow {
-                self.within("action", &at, &s.actions, spec.action.as_str())?;
-            }
-            self.within("account", &at, &s.accounts, account.unwrap_or("default"))?;
-        }
-        Ok(())
-    }
-
-    /// Passes when the token's scopes allow running template `name`; else `403` `out_of_scope`.
-    pub fn may_run_template(&self, name: &str) -> Result<(), ApiError> {
-        self.within("template", "", &self.0.scopes.templates, name)
-    }
-
-    fn within(
-        &self,
-        what: &str,
-        at: &str,
-        allowed: &[String],
-        value: &str,
-    ) -> Result<(), ApiError> {
-        if allowed.is_empty() || allowed.iter().any(|a| a == value) {
-            return Ok(());
-        }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "out_of_scope",
-            format!(
-                "token `{}` may use {what} {}; not `{value}`",
-                self.0.name,
-                allowed.join(", ")
-            ),
-        )
-        .field(format!("{at}{what}")))
-    }
-}
+/// The User-Agent of the `ec2jobd` command-line client: its requests come through the CLI door.
+pub const CLI_USER_AGENT: &str = concat!("ec2jobd-cli/", env!("CARGO_PKG_VERSION"));
 
 /// A new random token (`ejd_` + 64 hex digits) and its SHA-256 (hex).
 pub fn new_token() -> (String, String) {
@@ -94,49 +30,6 @@ pub fn new_token() -> (String, String) {
 /// The stored form of a token.
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// Recently verified tokens by hash, so a busy client does not cost a database read per request.
-/// Entries live for [`TokenCache::TTL`]; revoking through the API evicts at once, revoking with the
-/// CLI (another process) takes effect within the TTL.
-#[derive(Default)]
-pub struct TokenCache(
-    std::sync::Mutex<std::collections::HashMap<String, (TokenInfo, std::time::Instant)>>,
-);
-
-impl TokenCache {
-    /// How long a verified token is trusted without asking the store again.
-    pub const TTL: std::time::Duration = std::time::Duration::from_secs(5);
-    const MAX: usize = 10_000;
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (TokenInfo, std::time::Instant)>>
-    {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn get(&self, hash: &str) -> Option<TokenInfo> {
-        let map = self.lock();
-        map.get(hash)
-            .filter(|(_, at)| at.elapsed() < Self::TTL)
-            .map(|(t, _)| t.clone())
-    }
-
-    fn put(&self, hash: String, info: TokenInfo) {
-        let mut map = self.lock();
-        if map.len() >= Self::MAX {
-            map.retain(|_, (_, at)| at.elapsed() < Self::TTL);
-        }
-        if map.len() < Self::MAX {
-            map.insert(hash, (info, std::time::Instant::now()));
-        }
-    }
-
-    /// Forgets every entry of the named token.
-    pub fn evict(&self, name: &str) {
-        self.lock().retain(|_, (t, _)| t.name != name);
-    }
 }
 
 /// Middleware: resolves `Authorization: Bearer …` to a [`Caller`] or answers 401.
@@ -169,7 +62,11 @@ pub async fn authenticate(
             _ => return Err(unauthorized("unknown or revoked token")),
         },
     };
-    req.extensions_mut().insert(Caller(info));
+    let door = match req.headers().get(header::USER_AGENT) {
+        Some(ua) if ua.as_bytes() == CLI_USER_AGENT.as_bytes() => Door::Cli,
+        _ => Door::Rest,
+    };
+    req.extensions_mut().insert(Caller::token(info, door));
     Ok(next.run(req).await)
 }
 
@@ -185,23 +82,5 @@ mod tests {
         assert!(a.starts_with("ejd_") && a.len() == 68);
         assert_eq!(hash_token(&a), ha);
         assert_ne!(ha, a, "the hash is not the token");
-    }
-
-    #[test]
-    fn roles_include_lower_roles() {
-        let c = |role| {
-            Caller(TokenInfo {
-                name: "t".into(),
-                role,
-                created_at: chrono::Utc::now(),
-                scopes: Default::default(),
-            })
-        };
-        assert!(c(Role::Admin).require(Role::Operator).is_ok());
-        assert!(c(Role::Operator).require(Role::Operator).is_ok());
-        assert_eq!(
-            c(Role::Viewer).require(Role::Operator).unwrap_err().status,
-            StatusCode::FORBIDDEN
-        );
     }
 }

@@ -16,7 +16,7 @@ use crate::app;
 use crate::auth::new_token;
 use crate::config::{Config, Overrides};
 use crate::openapi::ApiDoc;
-use crate::routes::tokens::valid_token_name;
+use crate::service::tokens::valid_token_name;
 
 #[derive(Parser)]
 #[command(
@@ -199,11 +199,19 @@ async fn store_for(config: &ConfigArg) -> anyhow::Result<Arc<dyn Store>> {
                     "no database at `{path}` (the built-in `database`; no --config was given): pass \
                      the daemon's --config (e.g. --config config/local.toml)"
                 ),
-                Some(c) => eprintln!(
-                    "note: created a new database at `{path}` (config key `database` of {}); \
-                     only a daemon using this database accepts the token",
-                    c.display()
-                ),
+                Some(c) => {
+                    let store = app::open_store(&cfg, Arc::new(SystemClock)).await?;
+                    // Said once it is true, naming where the value came from.
+                    let from = match std::env::var_os("EC2JOBD_DATABASE") {
+                        Some(_) => "the environment variable EC2JOBD_DATABASE".to_string(),
+                        None => format!("config key `database` of {}", c.display()),
+                    };
+                    eprintln!(
+                        "note: created a new database at `{path}` ({from}); only a daemon using \
+                         this database accepts the token"
+                    );
+                    return Ok(store);
+                }
             }
         }
     }
@@ -295,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             app::open_store(&cfg, Arc::new(SystemClock)).await?;
-            eprintln!("migrations applied to {}", cfg.database);
+            eprintln!("migrations applied to {}", postgres::redact(&cfg.database));
             Ok(())
         }
         Cmd::Store {
@@ -401,7 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let scopes = parse_scopes(&scopes)?;
                 let cfg = load(&config, &Overrides::default())?;
-                crate::routes::tokens::check_scopes(&scopes, |a| cfg.accounts.contains_key(a))
+                crate::service::tokens::check_scopes(&scopes, |a| cfg.accounts.contains_key(a))
                     .map_err(|m| anyhow::anyhow!("--scope: {m}"))?;
                 let store = store_for(&config).await?;
                 if replace && store.revoke_token(&name, CLI_ACTOR).await? {

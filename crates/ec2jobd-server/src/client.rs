@@ -68,7 +68,9 @@ impl Conn {
             Some(t) => b.timeout(t),
             None => b,
         };
-        b.build()
+        // The daemon records the CLI as the door its requests came through.
+        b.user_agent(crate::auth::CLI_USER_AGENT)
+            .build()
             .map_err(|e| Fail(exit::UNREACHABLE, format!("HTTP client: {e}")))
     }
 }

@@ -180,6 +180,9 @@ pub struct NotifySection {
     /// Final states published for those jobs (empty: all).
     #[serde(default)]
     pub on: Vec<String>,
+    /// Topics `notify.topic_arn` may name (ARNs or prefixes ending in `*`; empty: any).
+    #[serde(default)]
+    pub allowed_topics: Vec<String>,
     /// Publish attempts before giving up (recorded as `notify_failed`).
     pub attempts: u32,
     /// First delay between attempts.
@@ -400,6 +403,54 @@ fn default_retry_max() -> Dur {
     Dur(Duration::from_secs(20))
 }
 
+/// A part of a whole: a number, or a percentage (`"5%"`, 0 to 99).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// This many.
+    Count(u64),
+    /// This many hundredths of the whole, rounded down.
+    Percent(u8),
+}
+
+impl Share {
+    /// The part of `whole`.
+    pub fn of(self, whole: u64) -> u64 {
+        match self {
+            Share::Count(n) => n,
+            Share::Percent(p) => whole.saturating_mul(u64::from(p)) / 100,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Share {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => Ok(Share::Count(n)),
+            Raw::Text(t) => match t.trim().strip_suffix('%') {
+                Some(p) => p
+                    .trim()
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p < 100)
+                    .map(Share::Percent),
+                // An environment variable's number comes as text.
+                None => t.trim().parse::<u64>().ok().map(Share::Count),
+            }
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not a number or a share from \"0%\" to \"99%\""
+                ))
+            }),
+        }
+    }
+}
+
 /// `[queue]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +475,8 @@ pub struct QueueSection {
     pub reap_interval: Dur,
     /// Submissions beyond this many queued jobs get 429 with Retry-After (0: no limit).
     pub max_queued: u64,
+    /// Of `max_queued`, the places only jobs of priority `sns.priority` or more may take.
+    pub reserved_for_priority: Share,
     /// Most jobs parked (waiting without a worker) at once; more wait holding their worker.
     pub max_waiting: usize,
 }
@@ -479,6 +532,8 @@ pub struct HttpSection {
     pub sse_keepalive: Dur,
     /// Most open connections; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Most connections one client address may hold (0: no share).
+    pub max_connections_per_client: Share,
     /// Longest a request's head may take to arrive (slow clients are closed).
     pub header_read_timeout: Dur,
     /// A connection with no request in flight and nothing sent either way for this long is closed.
@@ -800,6 +855,14 @@ impl Config {
             }
         }
         let q = &self.queue;
+        if let Share::Count(n) = q.reserved_for_priority {
+            if q.max_queued > 0 && n >= q.max_queued {
+                bail!(
+                    "config key `queue.reserved_for_priority`: {n} leaves no place of queue.max_queued ({}) for other jobs; keep it below",
+                    q.max_queued
+                );
+            }
+        }
         if q.workers > 4096 {
             bail!("config key `queue.workers`: at most 4096");
         }

@@ -1,6 +1,7 @@
 //! One error type for the HTTP layer, rendered as an RFC 9457 problem document
 //! (`application/problem+json`) with a stable `code`, a `detail` for people and the offending `field`.
-//! Internal causes (database messages, AWS internals) are logged with the request id and never sent.
+//! A service's refusal ([`ServiceError`]) becomes one by its kind; internal causes (database
+//! messages, AWS internals) are logged with the request id and never sent.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -8,6 +9,8 @@ use ec2jobd_spec::SpecError;
 use ec2jobd_store::StoreError;
 use serde::Serialize;
 use utoipa::ToSchema;
+
+use crate::service::{Kind, ServiceError};
 
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -28,19 +31,49 @@ pub struct Problem {
     pub field: Option<String>,
 }
 
-/// An error an API handler returns.
+/// An error an API handler returns: a refusal ([`ServiceError`]: code, detail, field, retry
+/// time) and the HTTP status it is answered with.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     /// Status code.
     pub status: StatusCode,
-    /// Stable code.
-    pub code: String,
-    /// Sentence for people.
-    pub detail: String,
-    /// Offending field.
-    pub field: Option<String>,
-    /// Seconds for a `Retry-After` header.
-    pub retry_after: Option<u64>,
+    /// What is refused, and why.
+    pub error: ServiceError,
+}
+
+/// The kind of refusal an HTTP status stands for (the HTTP layer's own refusals: a malformed
+/// body, a wrong method).
+fn kind_of(status: StatusCode) -> Kind {
+    match status {
+        StatusCode::UNAUTHORIZED => Kind::Unauthorized,
+        StatusCode::FORBIDDEN => Kind::Forbidden,
+        StatusCode::NOT_FOUND => Kind::NotFound,
+        StatusCode::CONFLICT => Kind::Conflict,
+        StatusCode::PAYLOAD_TOO_LARGE => Kind::TooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Kind::UnsupportedMedia,
+        StatusCode::UNPROCESSABLE_ENTITY => Kind::Unprocessable,
+        StatusCode::TOO_MANY_REQUESTS => Kind::TooMany,
+        StatusCode::SERVICE_UNAVAILABLE => Kind::Unavailable,
+        s if s.is_server_error() => Kind::Internal,
+        _ => Kind::BadRequest,
+    }
+}
+
+/// The status a kind of refusal is answered with.
+fn status_of(kind: Kind) -> StatusCode {
+    match kind {
+        Kind::BadRequest => StatusCode::BAD_REQUEST,
+        Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+        Kind::Forbidden => StatusCode::FORBIDDEN,
+        Kind::NotFound => StatusCode::NOT_FOUND,
+        Kind::Conflict => StatusCode::CONFLICT,
+        Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Kind::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        Kind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+        Kind::TooMany => StatusCode::TOO_MANY_REQUESTS,
+        Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
 impl ApiError {
@@ -48,102 +81,71 @@ impl ApiError {
     pub fn new(status: StatusCode, code: impl Into<String>, detail: impl Into<String>) -> Self {
         Self {
             status,
-            code: code.into(),
-            detail: detail.into(),
-            field: None,
-            retry_after: None,
+            error: ServiceError::new(kind_of(status), code, detail),
         }
     }
 
     /// Names the offending field.
     pub fn field(mut self, f: impl Into<String>) -> Self {
-        self.field = Some(f.into());
+        self.error.field = Some(f.into());
         self
     }
 
     /// 400 for a bad query parameter or header.
     pub fn bad_request(code: &str, field: &str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, detail).field(field)
+        ServiceError::bad_request(code, field, detail).into()
     }
 
     /// 404 for a missing job or token.
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no {what}"))
-    }
-
-    /// 500 for a bug; the cause is logged, not returned.
-    pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the daemon's log for this request id",
-        )
+        ServiceError::not_found(what).into()
     }
 }
 
-/// `field: detail` (or the detail alone): what logs and `anyhow` chains show of a refusal met
-/// outside a request (a schedule's firing).
+/// As the refusal shows itself (`field: detail`).
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.field {
-            Some(field) => write!(f, "{field}: {}", self.detail),
-            None => f.write_str(&self.detail),
-        }
+        self.error.fmt(f)
     }
 }
 
 impl std::error::Error for ApiError {}
 
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
+        ApiError {
+            status: status_of(error.kind),
+            error,
+        }
+    }
+}
+
 impl From<SpecError> for ApiError {
     fn from(e: SpecError) -> Self {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code, e.message).field(e.field)
+        ServiceError::from(e).into()
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::IdempotencyConflict { job_id } => ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_conflict",
-                format!("this Idempotency-Key was used for job {job_id} with a different body"),
-            )
-            .field("Idempotency-Key"),
-            StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            StoreError::LeaseLost => ApiError::new(
-                StatusCode::CONFLICT,
-                "lease_lost",
-                "the job changed hands; try again",
-            ),
-            StoreError::Unavailable(cause) => {
-                tracing::error!(error = %cause, "store unavailable");
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "the job store cannot take writes right now; nothing was stored, retry later",
-                );
-                e.retry_after = Some(1);
-                e
-            }
-            StoreError::Corrupt(cause) => ApiError::internal(cause),
-        }
+        ServiceError::from(e).into()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let e = self.error;
         let body = Problem {
-            kind: format!("urn:ec2jobd:problem:{}", self.code),
+            kind: format!("urn:ec2jobd:problem:{}", e.code),
             title: self
                 .status
                 .canonical_reason()
                 .unwrap_or("Error")
                 .to_string(),
             status: self.status.as_u16(),
-            code: self.code,
-            detail: self.detail,
-            field: self.field,
+            code: e.code,
+            detail: e.detail,
+            field: e.field,
         };
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut res = (self.status, json).into_response();
@@ -155,7 +157,7 @@ impl IntoResponse for ApiError {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Some(s) = self.retry_after {
+        if let Some(s) = e.retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }

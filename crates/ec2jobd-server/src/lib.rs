@@ -22,6 +22,7 @@ pub mod report;
 pub mod retention;
 pub mod routes;
 pub mod schedules;
+pub mod service;
 pub mod sns;
 pub mod state;
 pub mod telemetry;

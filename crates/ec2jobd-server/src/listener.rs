@@ -1,4 +1,6 @@
-//! The HTTP listener: accepts connections up to `http.max_connections`, closes those that take longer
+//! The HTTP listener: accepts connections up to `http.max_connections`, at most
+//! `http.max_connections_per_client` of them from one address (one more from it is closed at
+//! once, so no single client can hold every place), closes those that take longer
 //! than `http.header_read_timeout` to send a request's head (slowloris) or sit idle, with no request
 //! in flight and nothing read or written, for `http.idle_timeout`, and drains on shutdown.
 //!
@@ -30,12 +32,44 @@ use tokio_util::sync::CancellationToken;
 pub struct Limits {
     /// Most open connections.
     pub max_connections: usize,
+    /// Most open connections from one client address.
+    pub per_client: usize,
     /// Longest a request's head may take to arrive.
     pub header_read_timeout: Duration,
     /// A connection with no request in flight and no bytes moving for this long is closed.
     pub idle_timeout: Duration,
     /// How long shutdown waits for open connections to finish.
     pub drain: Duration,
+}
+
+/// Open connections per client address; a slot is given back when its [`ClientSlot`] drops.
+#[derive(Debug, Default)]
+struct Clients(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+struct ClientSlot(Arc<Clients>, std::net::IpAddr);
+
+impl Clients {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 /// What a connection's watchdog sees: when bytes last moved, and requests in flight.
@@ -141,6 +175,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let clients = Arc::new(Clients::default());
     let graceful = GracefulShutdown::new();
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
@@ -157,7 +192,14 @@ pub async fn serve(
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => match a {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => match clients.take(peer.ip(), limits.per_client.max(1)) {
+                    Some(slot) => (s, slot),
+                    None => {
+                        // Its share is taken: closed at once, its place given back.
+                        tracing::debug!(client = %peer.ip(), "connection refused: the client holds its share");
+                        continue;
+                    }
+                },
                 Err(e) => {
                     // Out of descriptors or a connection reset before accept: wait a moment
                     // instead of spinning, then go on.
@@ -167,6 +209,7 @@ pub async fn serve(
                 }
             },
         };
+        let (stream, client) = stream;
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity {
             born: Instant::now(),
@@ -217,6 +260,7 @@ pub async fn serve(
                 _ = idle(&activity, idle_limit) => {}
             }
             drop(permit);
+            drop(client);
         });
     }
     drop(listener);

@@ -8,6 +8,19 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{audit, catalog, jobs, ops, schedules, sns, templates, tokens};
+use crate::service as svc;
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
+pub async fn openapi() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
+    )
+        .into_response()
+}
 
 /// The ec2jobd v1 API.
 #[derive(OpenApi)]
@@ -29,20 +42,21 @@ use crate::routes::{audit, catalog, jobs, ops, schedules, sns, templates, tokens
         schedules::resume, schedules::add_override, schedules::list_overrides,
         schedules::delete_override,
         tokens::create, tokens::list, tokens::revoke, audit::list,
-        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
+        ops::healthz, ops::readyz, ops::metrics, openapi,
     ),
     components(schemas(
         ec2jobd_spec::JobSpec, ec2jobd_spec::Job, ec2jobd_spec::JobEvent, ec2jobd_spec::JobState,
         ec2jobd_spec::Action, ec2jobd_spec::Role, crate::error::Problem, jobs::JobPage,
-        tokens::NewToken, tokens::CreatedToken, ec2jobd_store::TokenInfo, ops::Health,
-        catalog::Catalog, catalog::AccountCatalog, sns::DeliveryAnswer, sns::DeliveryPage,
-        sns::HookInfo, crate::config::HookSection, templates::Template, templates::TemplateParam,
-        templates::ParamType, templates::NamedTemplate, templates::RunBody,
+        svc::tokens::NewToken, svc::tokens::CreatedToken, ec2jobd_store::TokenInfo, ops::Health,
+        svc::catalog::Catalog, svc::catalog::AccountCatalog, svc::hooks::DeliveryAnswer,
+        sns::DeliveryPage, svc::hooks::HookInfo, crate::config::HookSection,
+        svc::templates::Template, svc::templates::TemplateParam, svc::templates::ParamType,
+        svc::templates::NamedTemplate, templates::RunBody,
         ec2jobd_store::Delivery, ec2jobd_spec::StepResult, audit::AuditPage,
         ec2jobd_store::AuditEntry, ec2jobd_store::Scopes, crate::schedules::Schedule,
         crate::schedules::Fires, crate::schedules::Overlap, crate::schedules::Source,
-        crate::schedules::Upcoming, schedules::ScheduleInfo, schedules::LastJob,
-        schedules::OverrideInfo, crate::schedules::windows::Override,
+        crate::schedules::Upcoming, svc::schedules::ScheduleInfo, svc::schedules::LastJob,
+        svc::schedules::OverrideInfo, crate::schedules::windows::Override,
         crate::schedules::windows::Held,
         ec2jobd_spec::schedule::Window, ec2jobd_spec::schedule::CatchUp,
     )),

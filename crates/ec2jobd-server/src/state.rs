@@ -1,14 +1,14 @@
-//! The state every route shares.
+//! The state every door shares: config, store, runner, caches and limits.
 
 use std::sync::Arc;
 
 use ec2jobd_store::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::TokenCache;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use ec2jobd_exec::runner::Runner;
+use ec2jobd_store::TokenInfo;
 
 /// Passed to every handler with `Router::with_state`. Cheap to clone: everything is behind `Arc`.
 #[derive(Clone)]
@@ -204,6 +204,49 @@ impl Drop for StreamSlot {
                 g.1.remove(&self.token);
             }
         }
+    }
+}
+
+/// Recently verified tokens by hash, so a busy client does not cost a database read per request.
+/// Entries live for [`TokenCache::TTL`]; revoking through the API evicts at once, revoking with the
+/// CLI (another process) takes effect within the TTL.
+#[derive(Default)]
+pub struct TokenCache(
+    std::sync::Mutex<std::collections::HashMap<String, (TokenInfo, std::time::Instant)>>,
+);
+
+impl TokenCache {
+    /// How long a verified token is trusted without asking the store again.
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(5);
+    const MAX: usize = 10_000;
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (TokenInfo, std::time::Instant)>>
+    {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn get(&self, hash: &str) -> Option<TokenInfo> {
+        let map = self.lock();
+        map.get(hash)
+            .filter(|(_, at)| at.elapsed() < Self::TTL)
+            .map(|(t, _)| t.clone())
+    }
+
+    pub(crate) fn put(&self, hash: String, info: TokenInfo) {
+        let mut map = self.lock();
+        if map.len() >= Self::MAX {
+            map.retain(|_, (_, at)| at.elapsed() < Self::TTL);
+        }
+        if map.len() < Self::MAX {
+            map.insert(hash, (info, std::time::Instant::now()));
+        }
+    }
+
+    /// Forgets every entry of the named token.
+    pub fn evict(&self, name: &str) {
+        self.lock().retain(|_, (t, _)| t.name != name);
     }
 }
 

@@ -26,3 +26,4 @@ pub use spec::{
     is_aws_region, parse_duration, Action, Amount, BackupNaming, Filter, IdList, JobSpec, Notify,
     Rate, SpecError, Step, TagSet, Targets, WaitSpec, WaitUntil, PRIORITY_RANGE,
 };
+pub use spec::{redact_secrets_json, redact_value, secret_values_mut, MAX_STEPS, SECRET_PARAMS};

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
@@ -21,6 +21,13 @@ use serde::{Deserialize, Serialize};
 /// How far ahead [`Times::next`] looks before it gives up (a pattern such as `0 0 30 2 *` never
 /// fires; one on Feb 29 fires within 8 years).
 const HORIZON_DAYS: i64 = 366 * 9;
+
+/// Most steps [`Times::next`] takes (each a firing found, or a skipped day passed): more than the
+/// days of [`HORIZON_DAYS`], so only a search past the horizon is cut short.
+const MAX_STEPS: usize = 4 * HORIZON_DAYS as usize;
+
+/// Most firings [`Times::latest`] looks at before it answers with the latest it has seen.
+pub const LATEST_BUDGET: usize = 100_000;
 
 /// A cron expression in a time zone.
 #[derive(Debug, Clone)]
@@ -103,29 +110,54 @@ impl Times {
         }
     }
 
-    fn allowed(&self, t: DateTime<Utc>) -> bool {
-        let day = t.with_timezone(&self.recurrence.tz).date_naive();
-        !self.skip.contains(&day) && self.active_from.is_none_or(|f| t >= f)
+    /// The last instant of the local day of `t` (just before the next local midnight), so the
+    /// next firing after it is on a later day.
+    fn end_of_day(&self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let tz = self.recurrence.tz;
+        let day = t.with_timezone(&tz).date_naive();
+        let midnight = day
+            .succ_opt()
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .and_then(|m| {
+                // Where midnight does not exist (a DST change at 00:00), the day ends an hour on.
+                tz.from_local_datetime(&m).earliest().or_else(|| {
+                    tz.from_local_datetime(&(m + chrono::Duration::hours(1)))
+                        .earliest()
+                })
+            })
+            .map(|m| m.with_timezone(&Utc));
+        match midnight {
+            Some(m) if m > t => m - chrono::Duration::seconds(1),
+            _ => t + chrono::Duration::days(1),
+        }
     }
 
     /// The first firing strictly after `t`, or `None` when there is none (past `active_until`,
-    /// or none within nine years).
+    /// or none within nine years). A skipped date costs one step whatever fires on it (the search
+    /// goes on from the end of that day), so the work is bounded by the days searched, not by
+    /// the firings skipped: at most [`MAX_STEPS`] steps, then `None`.
     pub fn next(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let horizon = t + chrono::Duration::days(HORIZON_DAYS);
         let mut at = match self.active_from {
             Some(f) if f > t => f - chrono::Duration::seconds(1),
             _ => t,
         };
-        loop {
+        for _ in 0..MAX_STEPS {
             let next = self.recurrence.next_after(at)?;
             if next > horizon || self.active_until.is_some_and(|u| next >= u) {
                 return None;
             }
-            if self.allowed(next) {
+            let day = next.with_timezone(&self.recurrence.tz).date_naive();
+            if self.skip.contains(&day) {
+                at = self.end_of_day(next).max(next);
+                continue;
+            }
+            if self.active_from.is_none_or(|f| next >= f) {
                 return Some(next);
             }
             at = next;
         }
+        None
     }
 
     /// The next `n` firings after `t` (what `GET /v1/schedules/{name}` shows).
@@ -164,8 +196,13 @@ impl Times {
     /// The last firing in (`after`, `now`], looked for backwards in growing spans (each scanned
     /// forwards, so a fall-back day's firing is the same instant [`Times::next`] gives): the
     /// work is a few times the firings in the span that holds the answer, not in all of it.
+    ///
+    /// The work is bounded: after [`LATEST_BUDGET`] firings looked at, the latest one seen so far
+    /// is the answer (`None` if none), so a schedule firing every second that skipped years of
+    /// days costs a bounded pause, never a stalled daemon.
     pub fn latest(&self, after: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let mut span = chrono::Duration::minutes(1);
+        let mut budget = LATEST_BUDGET;
         loop {
             let from = (now - span).max(after);
             let mut latest = None;
@@ -173,6 +210,10 @@ impl Times {
             while let Some(f) = self.next(at).filter(|f| *f <= now) {
                 latest = Some(f);
                 at = f;
+                budget = budget.saturating_sub(1);
+                if budget == 0 {
+                    return latest;
+                }
             }
             if latest.is_some() || from == after {
                 return latest;
@@ -425,6 +466,44 @@ mod tests {
             let e = Recurrence::parse(expr, tz).expect_err(expr);
             assert!(e.contains(says), "{expr}: {e}");
         }
+    }
+
+    #[test]
+    /// Issue 30, finding 7: a firing every second with 1,000 skipped days is found by skipping
+    /// whole days (one step each), in any zone, and a pattern that never fires says so.
+    fn skipped_days_cost_a_step_each_not_a_step_per_firing() {
+        for tz in ["UTC", "Europe/Berlin", "America/Santiago"] {
+            let mut t = times("* * * * * *", tz);
+            let zone = t.recurrence.time_zone();
+            let first = utc("2026-12-07T12:00:00Z")
+                .with_timezone(&zone)
+                .date_naive();
+            let mut day = first;
+            for _ in 0..1000 {
+                t.skip.insert(day);
+                day = day.succ_opt().expect("date");
+            }
+            let next = t
+                .next(utc("2026-12-07T12:00:00Z"))
+                .expect("fires after the skipped days");
+            let local = next.with_timezone(&zone);
+            assert_eq!(local.date_naive(), day, "{tz}: the first day not skipped");
+            assert!(
+                local.time() <= chrono::NaiveTime::from_hms_opt(1, 0, 0).expect("time"),
+                "{tz}: at the start of that day, not later: {local}"
+            );
+            assert_eq!(t.upcoming(utc("2026-12-07T12:00:00Z"), 10).len(), 10);
+            // The latest firing before the skipped days, found from inside them.
+            let before = t.latest(utc("2026-12-06T12:00:00Z"), utc("2029-01-01T00:00:00Z"));
+            assert!(
+                before.is_some_and(|b| b.with_timezone(&zone).date_naive() < first),
+                "{tz}: {before:?}"
+            );
+        }
+        assert_eq!(
+            times("0 0 31 2 *", "UTC").next(utc("2026-12-07T12:00:00Z")),
+            None
+        );
     }
 
     #[test]

@@ -816,23 +816,72 @@ pub(crate) fn is_name(s: &str, extra: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
+/// Most steps a workflow has.
+pub const MAX_STEPS: usize = 50;
+
 /// Params that are stored and used but never shown or published: user data often carries secrets.
 pub const SECRET_PARAMS: &[&str] = &["user_data"];
+
+/// A secret value as shown: `<redacted, sha256:…>` of its text, so two values can be told apart
+/// without reading either.
+pub fn redact_value(v: &mut serde_json::Value) {
+    use sha2::Digest;
+    let text = match &*v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    *v = serde_json::Value::String(format!("<redacted, sha256:{digest}>"));
+}
+
+/// The secret values of a spec written as JSON (a template's, a schedule's or an SNS rule's,
+/// placeholders unfilled): every [`SECRET_PARAMS`] value of its `params` and of each workflow
+/// step's.
+pub fn secret_values_mut(spec: &mut serde_json::Value) -> Vec<&mut serde_json::Value> {
+    let mut out = Vec::new();
+    let Some(obj) = spec.as_object_mut() else {
+        return out;
+    };
+    let (params, steps) = {
+        let mut params = None;
+        let mut steps = None;
+        for (k, v) in obj.iter_mut() {
+            match k.as_str() {
+                "params" => params = Some(v),
+                "steps" => steps = Some(v),
+                _ => {}
+            }
+        }
+        (params, steps)
+    };
+    if let Some(p) = params.and_then(|p| p.as_object_mut()) {
+        out.extend(
+            p.iter_mut()
+                .filter(|(k, _)| SECRET_PARAMS.contains(&k.as_str()))
+                .map(|(_, v)| v),
+        );
+    }
+    for step in steps.and_then(|s| s.as_array_mut()).into_iter().flatten() {
+        out.extend(secret_values_mut(step));
+    }
+    out
+}
+
+/// A spec written as JSON with its secrets redacted as [`JobSpec::redact_secrets`] does.
+pub fn redact_secrets_json(spec: &mut serde_json::Value) {
+    for v in secret_values_mut(spec) {
+        redact_value(v);
+    }
+}
 
 impl JobSpec {
     /// The spec as shown to API clients and published in notifications: every [`SECRET_PARAMS`]
     /// value (in workflow steps too) replaced by `<redacted, sha256:…>`, so a viewer can tell two
     /// values apart without reading either.
     pub fn redact_secrets(&mut self) {
-        use sha2::Digest;
         for key in SECRET_PARAMS {
             if let Some(v) = self.params.get_mut(*key) {
-                let text = match &*v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
-                *v = serde_json::Value::String(format!("<redacted, sha256:{digest}>"));
+                redact_value(v);
             }
         }
         for step in self.steps.iter_mut().flatten() {
@@ -886,7 +935,7 @@ impl JobSpec {
                 ));
             }
             let steps = self.steps.take().unwrap_or_default();
-            if steps.is_empty() || steps.len() > 50 {
+            if steps.is_empty() || steps.len() > MAX_STEPS {
                 return Err(SpecError::new(
                     "steps",
                     "invalid_steps",

@@ -20,20 +20,43 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// `url` with its password (if any) replaced by `***`, for messages and logs.
+/// `url` with its passwords replaced by `***`, for messages and logs: the user info's
+/// (`postgres://app:pw@host/db`, a password holding `@`, `:` or `?` too) and any query parameter
+/// naming one (`?password=…`, `&sslpassword=…`). Anything not a URL is returned as it is (it holds
+/// no `://`, so no user info).
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    // The user info ends at the last `@`; the query begins at the first `?` after it.
+    let at = rest.rfind('@');
+    let query_at = rest[at.map_or(0, |a| a + 1)..]
+        .find('?')
+        .map(|q| q + at.map_or(0, |a| a + 1));
+    let (main, query) = match query_at {
+        Some(q) => (&rest[..q], Some(&rest[q + 1..])),
+        None => (rest, None),
+    };
+    let main = match main.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_string(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
         },
-        None => url.to_string(),
+        None => main.to_string(),
+    };
+    let mut out = format!("{scheme}://{main}");
+    if let Some(q) = query {
+        let q: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().contains("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&q.join("&"));
     }
+    out
 }
 
 /// A pool of at most `max_connections` to `url`.

@@ -225,9 +225,80 @@ pub(crate) const RELEASED: &str = "released at shutdown; resumes from its last c
 pub(crate) const LOT_RELEASED: &str =
     "released at shutdown while waiting; waits again after restart";
 
+/// How a backend writes a spec without its secret fields (every `SECRET_PARAMS` value of its
+/// `params` and of each workflow step's), for a text search to look in: what every reader may see,
+/// so a search cannot be asked about a secret one character at a time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dialect {
+    /// `json_remove(spec, '$.params.user_data', '$.steps[0].params.user_data', …)`.
+    Sqlite,
+    /// `spec::jsonb #- '{params,user_data}' #- '{steps,0,params,user_data}' …`.
+    Postgres,
+}
+
+impl Dialect {
+    /// The SQL expression: the stored spec as it is when it has no secret field (the cheap
+    /// common case), else without them.
+    pub(crate) fn searchable_spec(self) -> &'static str {
+        static SQLITE: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| Dialect::Sqlite.write_searchable());
+        static POSTGRES: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| Dialect::Postgres.write_searchable());
+        match self {
+            Dialect::Sqlite => &SQLITE,
+            Dialect::Postgres => &POSTGRES,
+        }
+    }
+
+    fn write_searchable(self) -> String {
+        use ec2jobd_spec::{MAX_STEPS, SECRET_PARAMS};
+        let mut paths: Vec<Vec<String>> = Vec::new();
+        for key in SECRET_PARAMS {
+            paths.push(vec!["params".into(), key.to_string()]);
+            for i in 0..MAX_STEPS {
+                paths.push(vec![
+                    "steps".into(),
+                    i.to_string(),
+                    "params".into(),
+                    key.to_string(),
+                ]);
+            }
+        }
+        let stripped = match self {
+            Dialect::Sqlite => {
+                let p: Vec<String> = paths
+                    .iter()
+                    .map(|p| match p.as_slice() {
+                        [a, b] => format!("'$.{a}.{b}'"),
+                        [a, i, b, c] => format!("'$.{a}[{i}].{b}.{c}'"),
+                        _ => unreachable!("paths have two or four parts"),
+                    })
+                    .collect();
+                format!("json_remove(spec, {})", p.join(", "))
+            }
+            Dialect::Postgres => {
+                let p: String = paths
+                    .iter()
+                    .map(|p| format!(" #- '{{{}}}'", p.join(",")))
+                    .collect();
+                format!("((spec::jsonb){p})::text")
+            }
+        };
+        let marks: Vec<String> = SECRET_PARAMS
+            .iter()
+            .map(|k| format!("spec LIKE '%\"{k}\"%'"))
+            .collect();
+        format!(
+            "(CASE WHEN {} THEN {stripped} ELSE spec END)",
+            marks.join(" OR ")
+        )
+    }
+}
+
 /// The `GET /v1/jobs` query for these filters, asking one row more than the page holds (so the
-/// page knows whether there is a next one: [`page`]).
-pub(crate) fn list_query<'a, DB>(q: &'a ListQuery) -> sqlx::QueryBuilder<'a, DB>
+/// page knows whether there is a next one: [`page`]). A text search looks in what the dialect's
+/// [`Dialect::searchable_spec`] leaves of each spec, and in the results.
+pub(crate) fn list_query<'a, DB>(q: &'a ListQuery, dialect: Dialect) -> sqlx::QueryBuilder<'a, DB>
 where
     DB: sqlx::Database,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -272,7 +343,8 @@ where
             b.push(" AND id >= COALESCE((SELECT id FROM jobs ORDER BY id DESC LIMIT 1 OFFSET ")
                 .push_bind(SEARCH_SCAN - 1);
             b.push("), '')");
-            b.push(" AND (spec LIKE ").push_bind(like.clone());
+            b.push(format!(" AND ({} LIKE ", dialect.searchable_spec()))
+                .push_bind(like.clone());
             b.push(" ESCAPE '\\' OR results LIKE ").push_bind(like);
             b.push(" ESCAPE '\\')");
         }

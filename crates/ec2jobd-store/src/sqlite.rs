@@ -191,6 +191,9 @@ impl SqliteStore {
 /// The file a `sqlite:` database URL names, as sqlx reads it; `None` for in-memory databases,
 /// `file:` URIs and URLs that are not SQLite's.
 pub fn database_file(url: &str) -> Option<std::path::PathBuf> {
+    if !url.starts_with("sqlite:") {
+        return None;
+    }
     let connect = SqliteConnectOptions::from_str(url).ok()?;
     file_of(&connect).map(std::path::Path::to_path_buf)
 }
@@ -452,7 +455,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let rows = shared::list_query::<sqlx::Sqlite>(&q)
+        let rows = shared::list_query::<sqlx::Sqlite>(&q, shared::Dialect::Sqlite)
             .build()
             .fetch_all(&self.pool)
             .await?;

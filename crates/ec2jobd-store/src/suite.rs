@@ -128,7 +128,66 @@ on_both_backends!(
     time_windows_find_jobs_created_in_them,
     sessions_end_by_expiry_sign_out_revocation_and_cap,
     search_and_hourly_finished_counts,
+    search_never_matches_secret_fields,
 );
+
+/// A text search looks only at what every reader may see: a job whose `user_data` (top level or a
+/// workflow step's) holds a secret is not found by any part of it, while its other fields are.
+async fn search_never_matches_secret_fields(f: Fixture) {
+    let specs = [
+        serde_json::json!({"action": "run_instances", "dry_run": true, "params": {
+            "image_id": "ami-12345678", "instance_type": "t3.nano",
+            "user_data": "#!/bin/sh\nexport TOKEN=s3cret-alpha\n"}}),
+        serde_json::json!({"action": "workflow", "steps": [
+            {"action": "describe_instances", "targets": {"instance_ids": ["i-0ccccccc"]}},
+            {"action": "run_instances", "params": {"image_id": "ami-12345678",
+                "instance_type": "t3.nano", "user_data": "s3cret-beta"}}]}),
+    ];
+    let mut ids = Vec::new();
+    for v in specs {
+        let spec: ec2jobd_spec::JobSpec = serde_json::from_value(v).unwrap();
+        let new = NewJob {
+            spec: spec.normalize().unwrap(),
+            idempotency_key: None,
+            max_attempts: 3,
+            timeout_ms: 60_000,
+            created_by: None,
+        };
+        match f.store.enqueue(new).await.unwrap() {
+            Enqueued::Created(j) => ids.push(j.id),
+            Enqueued::Replayed(_) => panic!("no key, no replay"),
+        }
+    }
+    let found = |text: &'static str| {
+        let store = f.store.clone();
+        async move {
+            let q = ListQuery {
+                text: Some(text.to_string()),
+                limit: 10,
+                ..Default::default()
+            };
+            let mut ids: Vec<String> = store
+                .list(q)
+                .await
+                .unwrap()
+                .jobs
+                .into_iter()
+                .map(|j| j.id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    for secret in ["s3cret", "s3cret-a", "s3cret-b", "TOKEN=", "user_data"] {
+        assert!(found(secret).await.is_empty(), "`{secret}` was found");
+    }
+    assert_eq!(
+        found("t3.nano").await,
+        ids,
+        "the rest of the spec is searched"
+    );
+    assert_eq!(found("i-0ccccccc").await, ids[1..], "a step's targets too");
+}
 
 /// The dashboard's reads: text search on id or target (LIKE wildcards taken literally) and jobs
 /// finished per hour and final state.

@@ -6,14 +6,13 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use ec2jobd_spec::Role;
 use ec2jobd_store::AuditEntry;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
 use crate::paging::ById;
+use crate::service::Caller;
 use crate::state::AppState;
 
 /// Routes of this module (behind authentication, admin only).
@@ -44,9 +43,9 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     query: Result<Query<ById>, QueryRejection>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    caller.require(Role::Admin)?;
+    crate::service::policy::role(&caller, crate::service::policy::Op::ReadAudit)?;
     let (before, limit) = ById::read(query)?;
     Ok(Json(AuditPage {
-        entries: state.store.audit_log(before, limit).await?,
+        entries: crate::service::audit::list(&state, &caller, before, limit).await?,
     }))
 }

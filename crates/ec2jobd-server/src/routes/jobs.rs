@@ -1,4 +1,6 @@
-//! `/v1/jobs`: submit (with idempotency keys), list, get, cancel, and the live event stream.
+//! `/v1/jobs`: submit (with idempotency keys and `?wait=`), list, get, cancel, the live event
+//! stream, outputs and the text report. Each handler reads its request, asks `service::jobs`,
+//! and answers.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -6,14 +8,14 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use chrono::DateTime;
-use ec2jobd_spec::{Action, Job, JobEvent, JobSpec, JobState, Role, TERMINAL_EVENT_KINDS};
-use ec2jobd_store::{CancelOutcome, Enqueued, ListQuery, NewJob};
+use ec2jobd_spec::{Action, Job, JobEvent, JobSpec, JobState, TERMINAL_EVENT_KINDS};
+use ec2jobd_store::{CancelOutcome, ListQuery};
 use futures::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -21,10 +23,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use utoipa::ToSchema;
 
-use crate::auth::Caller;
+use super::extract::{body_error, parse_json, require_json, wait_param};
 use crate::deadline::Deadline;
 use crate::error::{ApiError, Problem};
-use crate::state::{AppState, StreamSlot};
+use crate::service::policy::{self, Op};
+use crate::service::{jobs, Caller};
+use crate::state::AppState;
 
 /// Routes of this module (all behind authentication).
 pub fn router() -> Router<AppState> {
@@ -45,194 +49,6 @@ pub struct JobPage {
     pub jobs: Vec<Job>,
     /// Pass as `cursor` for the next page; null on the last page.
     pub next_cursor: Option<String>,
-}
-
-fn location(id: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("/v1/jobs/{id}")).unwrap_or(HeaderValue::from_static("/v1/jobs"))
-}
-
-/// Decodes a JSON body into `T`, naming the offending field on failure.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    // serde would read a JSON array as a struct by position; only objects are requests here.
-    match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        None => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_json",
-                "the body is empty; send a JSON object",
-            )
-            .field("body"))
-        }
-        Some(b'{') => {}
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "not_an_object",
-                "the body must be a JSON object",
-            )
-            .field("body"))
-        }
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize::<_, T>(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        json_error(&path, &inner)
-    })?;
-    de.end().map_err(|e| json_error(".", &e))?;
-    Ok(value)
-}
-
-fn json_error(path: &str, e: &serde_json::Error) -> ApiError {
-    use serde_json::error::Category;
-    let msg = e.to_string();
-    if matches!(
-        e.classify(),
-        Category::Syntax | Category::Eof | Category::Io
-    ) {
-        return ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("the body is not valid JSON: {msg}"),
-        )
-        .field("body");
-    }
-    // serde names the unknown or missing field in its message, not in the path.
-    let named = ["unknown field `", "missing field `"]
-        .iter()
-        .find_map(|p| msg.split_once(p).and_then(|(_, rest)| rest.split_once('`')))
-        .map(|(name, _)| name.to_string());
-    let field = match (path, named) {
-        (p, Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_string(),
-        (".", Some(n)) => n,
-        (p, Some(n)) => format!("{p}.{n}"),
-        (".", None) => "body".to_string(),
-        (p, None) => p.to_string(),
-    };
-    let code = if msg.starts_with("unknown field") {
-        "unknown_field"
-    } else if msg.starts_with("missing field") {
-        "missing_field"
-    } else if field == "action" && msg.starts_with("unknown variant") {
-        "unknown_action"
-    } else {
-        "invalid_field"
-    };
-    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, msg).field(field)
-}
-
-fn body_error(r: BytesRejection) -> ApiError {
-    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            "the request body is larger than http.body_limit",
-        )
-        .field("body")
-    } else {
-        ApiError::new(r.status(), "bad_body", r.body_text()).field("body")
-    }
-}
-
-/// Requires `Content-Type: application/json` (or none).
-pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers.get(header::CONTENT_TYPE) {
-        None => Ok(()),
-        Some(v) => {
-            let ok = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.split(';').next())
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
-            if ok {
-                Ok(())
-            } else {
-                Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "send the body as `Content-Type: application/json`",
-                )
-                .field("Content-Type"))
-            }
-        }
-    }
-}
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let bad = || {
-        ApiError::bad_request(
-            "invalid_idempotency_key",
-            "Idempotency-Key",
-            "must be 1-255 visible ASCII characters",
-        )
-    };
-    let s = v.to_str().map_err(|_| bad())?.trim();
-    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(bad());
-    }
-    Ok(Some(s.to_string()))
-}
-
-/// A resolved spec as a job to enqueue by `created_by` (a token's name, `sns:<hook>`), with the
-/// queue's defaults for what it leaves out.
-fn new_job(
-    state: &AppState,
-    spec: JobSpec,
-    idempotency_key: Option<String>,
-    created_by: String,
-) -> NewJob {
-    let q = &state.config.queue;
-    NewJob {
-        max_attempts: spec.max_attempts.unwrap_or(q.max_attempts),
-        timeout_ms: spec
-            .timeout_duration()
-            .unwrap_or(q.job_timeout.0)
-            .as_millis() as i64,
-        spec,
-        idempotency_key,
-        created_by: Some(created_by),
-    }
-}
-
-/// Validates a submitted spec and fills in what config decides (account, region), for a workflow's
-/// steps too (each checked against its account's allowlists).
-pub fn resolve_spec(state: &AppState, spec: JobSpec) -> Result<JobSpec, ApiError> {
-    let mut spec = spec.normalize()?;
-    fill_account(state, &mut spec, "")?;
-    if let Some(steps) = spec.steps.as_mut() {
-        for (i, st) in steps.iter_mut().enumerate() {
-            fill_account(state, &mut st.spec, &format!("steps[{i}]."))?;
-        }
-    }
-    Ok(spec)
-}
-
-fn fill_account(state: &AppState, spec: &mut JobSpec, prefix: &str) -> Result<(), ApiError> {
-    let cfg = &state.config;
-    let account = spec
-        .account
-        .clone()
-        .unwrap_or_else(|| cfg.default_account.clone());
-    let acct = cfg.accounts.get(&account).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_account",
-            format!("no account `{account}` is configured"),
-        )
-        .field(format!("{prefix}account"))
-    })?;
-    if spec.region.is_none() {
-        spec.region = Some(acct.region.clone());
-    }
-    crate::routes::catalog::check(&account, acct, spec).map_err(|mut e| {
-        e.field = e.field.map(|f| format!("{prefix}{f}"));
-        e
-    })?;
-    spec.account = Some(account);
-    Ok(())
 }
 
 /// Submit a job.
@@ -272,181 +88,15 @@ pub async fn submit(
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Operator)?;
+    policy::role(&caller, Op::Submit)?;
     let wait = wait_param(query)?;
     require_json(&headers)?;
     let body = body.map_err(body_error)?;
-    let spec = resolve_spec(&state, parse_json::<JobSpec>(&body)?)?;
-    enqueue_and_answer(&state, &caller, &headers, &deadline, wait, spec).await
-}
-
-/// A slot for a long-lived answer (`http.max_streams`, `http.max_streams_per_token`), or 429.
-pub(crate) fn stream_slot(state: &AppState, caller: &Caller) -> Result<StreamSlot, ApiError> {
-    let h = &state.config.http;
-    state
-        .streams
-        .open(&caller.0.name, h.max_streams, h.max_streams_per_token)
-        .ok_or_else(|| {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
-                "too many event streams and held submissions are open (http.max_streams, \
-                 http.max_streams_per_token); close one or retry later",
-            );
-            e.retry_after = Some(1);
-            e
-        })
-}
-
-/// Queues a resolved spec (honouring `Idempotency-Key` and the `wait` from [`wait_param`]) and
-/// answers as `POST /v1/jobs` does; template runs answer the same way. Once the enqueue starts, the
-/// request is never answered with the deadline's 503: a job that may be stored is answered with it.
-pub async fn enqueue_and_answer(
-    state: &AppState,
-    caller: &Caller,
-    headers: &HeaderMap,
-    deadline: &Deadline,
-    wait: Option<Duration>,
-    mut spec: JobSpec,
-) -> Result<Response, ApiError> {
-    caller.may_submit(&spec)?;
-    let key = idempotency_key(headers)?;
-    if spec.traceparent.is_none() {
-        // The scheduler's trace continues into the job.
-        spec.traceparent = crate::telemetry::traceparent_header(headers);
-    }
-    let _slot = wait.map(|_| stream_slot(state, caller)).transpose()?;
-    admit(state).await?;
-    if let Some(w) = wait {
-        deadline.extend(w);
-    }
-    deadline.committing();
-    let (created, job) = queue(state, caller.0.name.clone(), spec, key).await?;
-    let job = match wait {
-        // Held no later than the deadline would have been.
-        Some(w) => {
-            let until = (tokio::time::Instant::now() + w).min(deadline.at());
-            wait_for_end(state, job, until).await
-        }
-        None => job,
-    };
-    let status = match (created, job.state.is_terminal() && wait.is_some()) {
-        (true, true) => StatusCode::CREATED,
-        (true, false) => StatusCode::ACCEPTED,
-        (false, _) => StatusCode::OK,
-    };
-    Ok((
-        status,
-        [(header::LOCATION, location(&job.id))],
-        Json(job.redacted()),
-    )
-        .into_response())
-}
-
-/// Stores a resolved, checked and admitted spec as a job by `created_by` (the last step of every
-/// submission: API, template run, SNS, dashboard). Returns whether it was created (not replayed).
-pub async fn queue(
-    state: &AppState,
-    created_by: String,
-    spec: JobSpec,
-    key: Option<String>,
-) -> Result<(bool, Job), ApiError> {
-    let new = new_job(state, spec, key, created_by);
-    Ok(match state.store.enqueue(new).await? {
-        Enqueued::Created(j) => {
-            state.metrics.submitted(j.action.as_str());
-            (true, j)
-        }
-        Enqueued::Replayed(j) => (false, j),
-    })
-}
-
-/// Refuses a submission with 429 (and Retry-After) when `queue.max_queued` jobs are waiting.
-pub async fn admit(state: &AppState) -> Result<(), ApiError> {
-    let max = state.config.queue.max_queued;
-    let lot = (state.runner.parked() as u64, state.runner.returned());
-    if state
-        .admission
-        .admit(state.store.as_ref(), max, lot)
-        .await?
-    {
-        return Ok(());
-    }
-    let mut e = ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "queue_full",
-        format!(
-            "{max} jobs are already queued (queue.max_queued); nothing was stored, retry later"
-        ),
-    );
-    e.retry_after = Some(1);
-    Err(e)
-}
-
-/// Most a submission may be held with `?wait=`.
-pub const MAX_WAIT: Duration = Duration::from_secs(3600);
-
-/// The `wait` query parameter (the only one `POST /v1/jobs` and template runs take), parsed once by
-/// the handler; given twice it is refused.
-pub fn wait_param(
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Option<Duration>, ApiError> {
-    let Query(params) =
-        query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
-    let mut wait = None;
-    for (k, v) in params {
-        if k != "wait" {
-            return Err(ApiError::bad_request(
-                "unknown_parameter",
-                &k,
-                format!("unknown query parameter `{k}` (wait)"),
-            ));
-        }
-        if wait.is_some() {
-            return Err(ApiError::bad_request(
-                "invalid_wait",
-                "wait",
-                "`wait` is given more than once",
-            ));
-        }
-        let d = ec2jobd_spec::parse_duration(&v)
-            .map_err(|m| ApiError::bad_request("invalid_wait", "wait", m))?;
-        if d > MAX_WAIT {
-            return Err(ApiError::bad_request("invalid_wait", "wait", "at most 1h"));
-        }
-        wait = Some(d);
-    }
-    Ok(wait)
-}
-
-/// Holds until the job ends or `until` passes, woken by the store's change notices (and re-reading
-/// every second in case another process ran it). The job is stored: a failed re-read answers with
-/// what is known rather than an error.
-async fn wait_for_end(state: &AppState, job: Job, until: tokio::time::Instant) -> Job {
-    let mut rx = state.store.subscribe();
-    let deadline = until;
-    let mut job = job;
-    loop {
-        if job.state.is_terminal() {
-            return job;
-        }
-        let tick = tokio::time::sleep(Duration::from_secs(1));
-        tokio::pin!(tick);
-        loop {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Ok(id) if id != job.id => continue,
-                    _ => break,
-                },
-                _ = &mut tick => break,
-                _ = tokio::time::sleep_until(deadline) => return job,
-                _ = state.shutdown.cancelled() => return job,
-            }
-        }
-        if let Ok(Some(j)) = state.store.get(&job.id).await {
-            job = j;
-        }
-    }
+    let spec: JobSpec = parse_json(&body)?;
+    let key = super::respond::key(&headers)?;
+    let slot = super::respond::slot(&state, &caller, wait)?;
+    let admitted = jobs::submit(&state, &caller, spec, key).await?;
+    super::respond::submitted(&state, &headers, &deadline, wait, slot, admitted).await
 }
 
 fn parse_time(field: &str, v: &str) -> Result<i64, ApiError> {
@@ -486,7 +136,7 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
-    caller.require(Role::Viewer)?;
+    policy::role(&caller, Op::ReadJobs)?;
     let Query(params) =
         query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
     let mut q = ListQuery {
@@ -567,9 +217,9 @@ pub async fn list(
             }
         }
     }
-    let page = state.store.list(q).await?;
+    let page = jobs::list(&state, &caller, q).await?;
     Ok(Json(JobPage {
-        jobs: page.jobs.into_iter().map(Job::redacted).collect(),
+        jobs: page.jobs,
         next_cursor: page.next_cursor,
     }))
 }
@@ -586,13 +236,7 @@ pub async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
-    caller.require(Role::Viewer)?;
-    let job = state
-        .store
-        .get(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
-    Ok(Json(job.redacted()))
+    Ok(Json(jobs::get(&state, &caller, &id).await?))
 }
 
 /// Cancel a job.
@@ -616,36 +260,15 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match cancel_job(&state, &caller, &id).await? {
-        CancelOutcome::Cancelled(j) => Ok((StatusCode::OK, Json(j.redacted())).into_response()),
-        CancelOutcome::Requested(j) => {
-            Ok((StatusCode::ACCEPTED, Json(j.redacted())).into_response())
-        }
+    match jobs::cancel(&state, &caller, &id).await? {
+        CancelOutcome::Cancelled(j) => Ok((StatusCode::OK, Json(j)).into_response()),
+        CancelOutcome::Requested(j) => Ok((StatusCode::ACCEPTED, Json(j)).into_response()),
         CancelOutcome::AlreadyFinished(j) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_finished",
             format!("job `{id}` already ended as {}", j.state),
         )),
     }
-}
-
-/// Cancels a job for an operator (API and dashboard): a queued one at once, a running one at its
-/// next boundary (this replica's worker is told now, another's at its next heartbeat).
-pub async fn cancel_job(
-    state: &AppState,
-    caller: &Caller,
-    id: &str,
-) -> Result<CancelOutcome, ApiError> {
-    caller.require(Role::Operator)?;
-    let out = state
-        .store
-        .cancel(id, &caller.0.name)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
-    if let CancelOutcome::Requested(_) = out {
-        state.runner.cancel_local(id);
-    }
-    Ok(out)
 }
 
 /// The job's progress as Server-Sent Events, from the beginning (or after `Last-Event-ID`) until the
@@ -669,8 +292,8 @@ pub async fn events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    caller.require(Role::Viewer)?;
-    let slot = stream_slot(&state, &caller)?;
+    policy::role(&caller, Op::ReadJobs)?;
+    let slot = jobs::stream_slot(&state, &caller)?;
     let after = match headers.get("last-event-id") {
         None => 0,
         Some(v) => v
@@ -682,19 +305,16 @@ pub async fn events(
             })?,
     };
     // Subscribe before the first read so nothing that happens in between is missed.
-    let mut rx = state.store.subscribe();
-    state
-        .store
-        .get(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    let mut rx = jobs::watch(&state);
+    jobs::get(&state, &caller, &id).await?;
     let (tx, out) = tokio::sync::mpsc::channel::<Event>(64);
-    let (store, shutdown) = (state.store.clone(), state.shutdown.clone());
+    let shutdown = state.shutdown.clone();
+    let st = state.clone();
     tokio::spawn(async move {
         let _slot = slot;
         let mut last = after;
         loop {
-            let batch: Vec<JobEvent> = match store.events(&id, last, 500).await {
+            let batch: Vec<JobEvent> = match jobs::events(&st, &caller, &id, last, 500).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "event stream read failed");
@@ -855,12 +475,7 @@ pub async fn report(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Viewer)?;
-    let job = state
-        .store
-        .get(&id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    let job = jobs::get(&state, &caller, &id).await?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         crate::report::render(&job),
@@ -945,12 +560,7 @@ async fn output_answer(
     id: &str,
     env: bool,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Viewer)?;
-    let job = state
-        .store
-        .get(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
+    let job = jobs::get(state, caller, id).await?;
     let vars = output_vars(&job);
     if env {
         let text: String = vars

@@ -1,5 +1,6 @@
-//! Unauthenticated operational routes: health, readiness, metrics, the OpenAPI document and the
-//! Swagger UI (served from assets vendored in the binary; nothing is fetched at build or run time).
+//! Unauthenticated operational routes: health, readiness, metrics and the Swagger UI (served from
+//! assets vendored in the binary; nothing is fetched at build or run time). The OpenAPI document
+//! itself is served by `crate::openapi`, which describes these routes.
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -7,11 +8,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use crate::error::{ApiError, Problem};
 use crate::metrics::Exposition;
-use crate::openapi::ApiDoc;
 use crate::state::AppState;
 
 /// Routes of this module (no authentication).
@@ -20,9 +20,9 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
         .route("/docs", get(docs))
         .route("/docs/", get(docs))
+        .route("/docs/init.js", get(docs_js))
         .route("/docs/swagger-ui-bundle.js", get(swagger_js))
         .route("/docs/swagger-ui.css", get(swagger_css))
 }
@@ -76,26 +76,40 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         .into_response()
 }
 
-/// This API's OpenAPI 3.1 document.
-#[utoipa::path(get, path = "/openapi.json", tag = "ops",
-    responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
-pub async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi().to_pretty_json().unwrap_or_default(),
-    )
-        .into_response()
-}
-
 const DOCS_HTML: &str = r##"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ec2jobd API</title>
 <link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="ui"></div><script src="/docs/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", persistAuthorization: true});</script>
+<script src="/docs/init.js"></script>
 </body></html>"##;
 
-async fn docs() -> Html<&'static str> {
-    Html(DOCS_HTML)
+/// Starts Swagger UI. A token typed into "Authorize" lives in the page only: it is not persisted
+/// (`persistAuthorization` would keep it in localStorage, readable by any script on this origin,
+/// which the dashboard shares).
+const DOCS_JS: &str = r##"window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", persistAuthorization: false});
+"##;
+
+/// What the docs pages are served with: scripts from here only (no inline script), Swagger UI's
+/// own inline styles, no framing.
+const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+async fn docs() -> Response {
+    (docs_headers("text/html; charset=utf-8"), Html(DOCS_HTML)).into_response()
+}
+
+async fn docs_js() -> Response {
+    (docs_headers("application/javascript"), DOCS_JS).into_response()
+}
+
+fn docs_headers(content_type: &'static str) -> [(header::HeaderName, &'static str); 5] {
+    [
+        (header::CONTENT_TYPE, content_type),
+        (header::CONTENT_SECURITY_POLICY, DOCS_CSP),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ]
 }
 
 async fn swagger_js() -> Response {

@@ -3,9 +3,11 @@
 //! fires a job spec or a saved template on a `cron` expression, or keeps an office-hours `window`
 //! (start jobs when it opens, stop jobs when it closes) for the instances its `targets` name.
 //!
-//! When is answered by `ec2jobd_spec::schedule` (pure, with the time passed in); the [`ticker`]
-//! fires. This module must not read the clock or queue jobs itself; the routes live in
-//! `routes/schedules.rs`.
+//! This module is the model, pure (config reads it): the schedule, its checks without the store,
+//! its firing times (`ec2jobd_spec::schedule` answers when, with the time passed in) and the job
+//! spec each firing makes. What is done with schedules (saved, listed, fired, reconciled) is
+//! `service::schedules`; the [`ticker`] is the door that fires them. Must not: read the clock,
+//! the store or AWS, or queue jobs.
 
 pub mod ticker;
 pub mod windows;
@@ -15,13 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, NaiveDate, Utc};
 use ec2jobd_spec::schedule::{CatchUp, Recurrence, Times, Window};
 use ec2jobd_spec::{Action, JobSpec, Targets};
-use ec2jobd_store::Named;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
-
-use crate::error::ApiError;
-use crate::state::AppState;
 
 /// How late a firing may be found and still run as on time (a tick delayed, a restart at the
 /// firing instant); an older missed firing runs only with `catch_up: "latest"`.
@@ -274,7 +272,7 @@ impl Schedule {
     }
 
     /// The job spec of one firing (not yet resolved against config).
-    fn raw_spec(&self, fires: Fires) -> Result<JobSpec, Invalid> {
+    pub fn raw_spec(&self, fires: Fires) -> Result<JobSpec, Invalid> {
         let window_job = |action: Action| -> Result<JobSpec, Invalid> {
             let mut v = serde_json::json!({
                 "action": action.as_str(),
@@ -300,50 +298,6 @@ impl Schedule {
     }
 }
 
-/// The job one firing queues, checked like a submission (the account's allowlists, a template's
-/// parameters): 422 naming the schedule's field.
-pub async fn spec_for(
-    state: &AppState,
-    schedule: &Schedule,
-    fires: Fires,
-) -> Result<JobSpec, ApiError> {
-    if let (Fires::Job, Some(t)) = (fires, &schedule.template) {
-        return crate::routes::templates::spec_from(state, t, &schedule.parameters)
-            .await
-            .map_err(|e| prefixed(e, "template."));
-    }
-    let raw = schedule.raw_spec(fires).map_err(unprocessable)?;
-    let prefix = if fires == Fires::Job { "job." } else { "" };
-    crate::routes::jobs::resolve_spec(state, raw).map_err(|e| prefixed(e, prefix))
-}
-
-fn prefixed(mut e: ApiError, prefix: &str) -> ApiError {
-    e.field = Some(format!("{prefix}{}", e.field.unwrap_or_default()));
-    e
-}
-
-/// A bad schedule as a 422.
-pub fn unprocessable((field, msg): Invalid) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_schedule",
-        msg,
-    )
-    .field(field)
-}
-
-/// Checks a schedule completely (as saved, or from config at start): its times, and the job of
-/// every kind of firing it makes.
-pub async fn check(state: &AppState, schedule: &Schedule) -> Result<Plan, ApiError> {
-    let plan = schedule
-        .plan(&state.config.calendars)
-        .map_err(unprocessable)?;
-    for (fires, _) in &plan.firings {
-        spec_for(state, schedule, *fires).await?;
-    }
-    Ok(plan)
-}
-
 /// Where a schedule is defined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -352,56 +306,6 @@ pub enum Source {
     Config,
     /// `PUT /v1/schedules/{name}`.
     Api,
-}
-
-/// Every schedule, config first, then the API's (a name defined in config cannot be saved over
-/// the API). A stored body that no longer reads is left out with a warning.
-pub async fn all(state: &AppState) -> Result<Vec<(String, Source, Schedule)>, ApiError> {
-    let mut out: Vec<_> = state
-        .config
-        .schedules
-        .iter()
-        .map(|(n, s)| (n.clone(), Source::Config, s.clone()))
-        .collect();
-    for (name, body) in state.store.list_named(Named::Schedule).await? {
-        match serde_json::from_value(body) {
-            Ok(s) => out.push((name, Source::Api, s)),
-            Err(e) => tracing::warn!(schedule = %name, error = %e, "stored schedule does not read"),
-        }
-    }
-    Ok(out)
-}
-
-/// One schedule by name.
-pub async fn find(state: &AppState, name: &str) -> Result<Option<(Source, Schedule)>, ApiError> {
-    if let Some(s) = state.config.schedules.get(name) {
-        return Ok(Some((Source::Config, s.clone())));
-    }
-    match state.store.get_named(Named::Schedule, name).await? {
-        None => Ok(None),
-        Some(body) => serde_json::from_value(body)
-            .map(|s| Some((Source::Api, s)))
-            .map_err(|e| {
-                ApiError::new(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "corrupt_schedule",
-                    e.to_string(),
-                )
-            }),
-    }
-}
-
-/// The newest job a firing of the schedule `name` queued.
-pub async fn last_job(state: &AppState, name: &str) -> Result<Option<ec2jobd_spec::Job>, ApiError> {
-    let page = state
-        .store
-        .list(ec2jobd_store::ListQuery {
-            created_by: Some(ec2jobd_spec::schedule::fired_by(name)),
-            limit: 1,
-            ..Default::default()
-        })
-        .await?;
-    Ok(page.jobs.into_iter().next())
 }
 
 /// One firing to come.

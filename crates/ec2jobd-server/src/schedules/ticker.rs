@@ -7,7 +7,8 @@
 //! until the earliest; the schedules are read again only when their change stamp moves (a cheap
 //! query every [`STAMP_EVERY`]) or this replica changed one. The clock is injected: tests call
 //! [`Ticker::tick`] with the times they choose. Must not: decide when a schedule fires (that is
-//! `ec2jobd_spec::schedule`) or check schedules (`schedules::check`).
+//! `ec2jobd_spec::schedule`), check schedules, or queue a job itself: a firing's job is
+//! `service::schedules::fire`, a window's is `service::schedules::reconcile`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -15,14 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use ec2jobd_spec::schedule::{fired_by, firing_key, CatchUp};
+use ec2jobd_spec::schedule::CatchUp;
 use ec2jobd_spec::Clock;
 use ec2jobd_store::Named;
 use tokio_util::sync::CancellationToken;
 
-use super::windows::{reconcile, Reconcile};
+use super::windows::Reconcile;
 use super::{Fires, Plan, Schedule, ON_TIME};
 use crate::leader::Leading;
+use crate::service::schedules::{self as service, Fired};
 use crate::state::AppState;
 
 /// How often the leader asks whether any schedule changed (on another replica).
@@ -64,21 +66,6 @@ enum Due {
     Check,
 }
 
-/// What one firing came to (logged, counted in `ec2jobd_schedule_firings_total`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fired {
-    /// A job was queued (its id).
-    Queued(String),
-    /// The firing's job was already queued (a restart, another leader): that job.
-    Already(String),
-    /// The previous firing's job has not finished (`overlap: "skip"`): that job.
-    Skipped(String),
-    /// The job could not be made (a template gone, an account removed): why.
-    Failed(String),
-    /// A window opened or closed: its instances are reconciled ([`Ticker::take_reconciles`]).
-    Window,
-}
-
 /// Fires schedules; see the module docs.
 pub struct Ticker {
     state: AppState,
@@ -117,7 +104,7 @@ impl Ticker {
             }
         }
         let mut keep = HashMap::new();
-        for (name, _source, schedule) in super::all(&self.state).await? {
+        for (name, _source, schedule) in service::all(&self.state).await? {
             if let Some(e) = self.entries.remove(&name) {
                 if e.schedule == schedule {
                     keep.insert(name, e);
@@ -187,7 +174,7 @@ impl Ticker {
                 .unwrap_or(LOOKBACK_MAX)
                 .min(LOOKBACK_MAX)
         };
-        let newest = super::last_job(&self.state, name)
+        let newest = service::last_job(&self.state, name)
             .await?
             .map(|j| j.created_at);
         Ok(match newest.max(saved) {
@@ -267,45 +254,24 @@ impl Ticker {
         std::mem::take(&mut self.reconciles)
     }
 
-    /// Queues one firing's job (a cron schedule's; a window's firings reconcile), unless the
-    /// previous one still runs and overlap says skip.
+    /// Queues one firing's job (a cron schedule's; a window's firings reconcile) through the
+    /// service, remembering it for the next firing's overlap.
     async fn fire(&mut self, name: &str, at: DateTime<Utc>) -> anyhow::Result<Fired> {
         let Some(entry) = self.entries.get(name) else {
             return Ok(Fired::Failed("schedule gone".into()));
         };
-        let schedule = entry.schedule.clone();
-        let key = firing_key(name, at);
-        if schedule.overlap == super::Overlap::Skip {
-            let previous = match &entry.last_job {
-                Some(id) => self.state.store.get(id).await?,
-                None => super::last_job(&self.state, name).await?,
-            };
-            // A job made at or after this firing's time is this firing's own (queued before a
-            // restart): not an overlap; its key answers below.
-            if let Some(p) = previous.filter(|p| !p.state.is_terminal() && p.created_at < at) {
-                let f = Fired::Skipped(p.id);
-                self.note(name, at, &f);
-                return Ok(f);
-            }
+        let f = service::fire(
+            &self.state,
+            name,
+            &entry.schedule,
+            at,
+            entry.last_job.as_deref(),
+        )
+        .await?;
+        if let (Fired::Queued(id) | Fired::Already(id), Some(e)) = (&f, self.entries.get_mut(name))
+        {
+            e.last_job = Some(id.clone());
         }
-        let spec = match super::spec_for(&self.state, &schedule, Fires::Job).await {
-            Ok(s) => s,
-            Err(e) => {
-                let f = Fired::Failed(e.to_string());
-                self.note(name, at, &f);
-                return Ok(f);
-            }
-        };
-        let (created, job) =
-            crate::routes::jobs::queue(&self.state, fired_by(name), spec, Some(key)).await?;
-        if let Some(e) = self.entries.get_mut(name) {
-            e.last_job = Some(job.id.clone());
-        }
-        let f = if created {
-            Fired::Queued(job.id)
-        } else {
-            Fired::Already(job.id)
-        };
         self.note(name, at, &f);
         Ok(f)
     }
@@ -378,7 +344,7 @@ impl Ticker {
                 let (state, clock) = (self.state.clone(), clock.clone());
                 tokio::spawn(async move {
                     let now = at_ms(clock.now_ms());
-                    match reconcile(&state, &r, now).await {
+                    match service::reconcile(&state, &r, now).await {
                         Ok(done) => {
                             if done.started.is_some() || done.stopped.is_some() {
                                 tracing::info!(schedule = %r.name, open = done.open, started = ?done.started, stopped = ?done.stopped, "window reconciled");
@@ -421,6 +387,7 @@ mod tests {
     //! queued, which is what "the previous firing's job still runs" needs).
 
     use super::*;
+    use ec2jobd_spec::schedule::fired_by;
     use ec2jobd_spec::ManualClock;
     use ec2jobd_store::ListQuery;
 

@@ -5,21 +5,18 @@
 //! instead ("keep db-7 running until Friday 18:00"). An instance on its way (pending, stopping) or
 //! gone is left alone.
 //!
-//! [`changes`] decides, with the time passed in; [`reconcile`] describes and queues. Must not:
-//! decide when a window opens (`Plan::window_open`) or when this runs (the ticker).
+//! [`changes`] decides, with the time passed in; `service::schedules::reconcile` describes and
+//! queues. Must not: decide when a window opens (`Plan::window_open`) or when this runs (the
+//! ticker), read the store or AWS.
 
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use ec2jobd_spec::schedule::fired_by;
-use ec2jobd_spec::{Action, IdList, InstanceResult, JobSpec, TagSet};
-use ec2jobd_store::Named;
+use ec2jobd_spec::{Action, IdList, InstanceResult, TagSet};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{Fires, Plan, Schedule};
-use crate::error::ApiError;
-use crate::state::AppState;
 
 /// The state an override holds its instances in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -103,27 +100,6 @@ pub fn changes(
     out
 }
 
-/// The unexpired overrides of a schedule, and the names of the expired ones.
-pub async fn overrides(
-    state: &AppState,
-    schedule: &str,
-    now: DateTime<Utc>,
-) -> Result<(Vec<(String, Override)>, Vec<String>), ApiError> {
-    let prefix = format!("{schedule}/");
-    let mut live = Vec::new();
-    let mut expired = Vec::new();
-    for (name, body) in state.store.list_named(Named::ScheduleOverride).await? {
-        if !name.starts_with(&prefix) {
-            continue;
-        }
-        match serde_json::from_value::<Override>(body) {
-            Ok(o) if o.until > now => live.push((name, o)),
-            _ => expired.push(name),
-        }
-    }
-    Ok((live, expired))
-}
-
 /// One reconciliation to do: at a window's firing (`fires`, keyed by the firing) or an
 /// enforcement check.
 #[derive(Debug, Clone)]
@@ -154,7 +130,7 @@ pub struct Reconciled {
 /// The job key of one direction: a firing's own direction has the firing's key
 /// (`schedule:<name>:<time>`); the other direction (overrides) and enforcement checks add what
 /// they are.
-fn key(r: &Reconcile, action: Action) -> String {
+pub fn key(r: &Reconcile, action: Action) -> String {
     let base = ec2jobd_spec::schedule::firing_key(&r.name, r.at);
     let own = matches!(
         (r.fires, action),
@@ -165,63 +141,6 @@ fn key(r: &Reconcile, action: Action) -> String {
         (false, Some(_)) => format!("{base}:{}", action.as_str()),
         (false, None) => format!("{base}:enforce:{}", action.as_str()),
     }
-}
-
-/// Describes the window's instances and queues what [`changes`] says (see the module docs).
-/// Expired overrides are deleted on the way.
-pub async fn reconcile(
-    state: &AppState,
-    r: &Reconcile,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Reconciled> {
-    let open = r.plan.window_open(r.at).unwrap_or(false);
-    let (live, expired) = overrides(state, &r.name, now).await?;
-    for name in expired {
-        state
-            .store
-            .delete_named(Named::ScheduleOverride, &name, &fired_by(&r.name))
-            .await?;
-    }
-    let live: Vec<Override> = live.into_iter().map(|(_, o)| o).collect();
-    let base = super::spec_for(state, &r.schedule, Fires::Start).await?;
-    let account = base.account.clone().unwrap_or_default();
-    let region = base.region.clone().unwrap_or_default();
-    let ec2 = state.pool.get(&account, &region).await?;
-    let found = ec2.describe_instances(&base.targets, false).await?;
-    let todo = changes(&found.instances, open, &live, now);
-    let mut out = Reconciled {
-        open,
-        ..Default::default()
-    };
-    for (action, ids) in [
-        (Action::StartInstances, todo.start),
-        (Action::StopInstances, todo.stop),
-    ] {
-        if ids.is_empty() {
-            continue;
-        }
-        let mut v = serde_json::json!({
-            "action": action.as_str(),
-            "account": account,
-            "region": region,
-            "targets": {"instance_ids": ids},
-        });
-        if action == Action::StopInstances && r.schedule.hibernate {
-            v["params"] = serde_json::json!({"hibernate": true, "fallback_to_stop": true});
-        }
-        let spec: JobSpec = serde_json::from_value(v)?;
-        let spec = crate::routes::jobs::resolve_spec(state, spec)?;
-        let (_, job) =
-            crate::routes::jobs::queue(state, fired_by(&r.name), spec, Some(key(r, action)))
-                .await?;
-        let done = Some((job.id, ids));
-        if action == Action::StartInstances {
-            out.started = done;
-        } else {
-            out.stopped = done;
-        }
-    }
-    Ok(out)
 }
 
 /// The overrides of a schedule for listing, by id.

@@ -1,6 +1,6 @@
 //! SQS intakes (`[sqs.<name>]`): SNS deliveries for a daemon with no inbound HTTPS. Each intake
-//! long-polls its queue and hands every message to its hook exactly as the webhook would
-//! ([`crate::routes::sns::verified`] and [`crate::routes::sns::handle`]: signature and topics, rules,
+//! long-polls its queue and hands every message to its hook exactly as the webhook does
+//! (`service::hooks::verified` and `service::hooks::handle`: signature and topics, rules,
 //! de-duplication by `MessageId`, the delivery record), then deletes the message only when the hook
 //! is done with it: its job durably queued, a duplicate, no rule matching, or no job possible. A
 //! refused signature, a missing hook, a full queue or an unavailable store leave the message in the
@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SqsSection;
-use crate::routes::sns::{find_hook, handle, verified};
+use crate::service::{hooks, Caller, Door};
 use crate::sns::verify::SnsMessage;
 use crate::state::AppState;
 
@@ -120,7 +120,7 @@ async fn deliver(
     sqs_message_id: &str,
     body: &str,
 ) -> Result<String, String> {
-    let h = match find_hook(state, &intake.hook).await {
+    let h = match hooks::find(state, &intake.hook).await {
         Ok(Some((_, h))) => h,
         Ok(None) => return Err(format!("no SNS hook `{}`", intake.hook)),
         Err(e) => return Err(e.to_string()),
@@ -133,11 +133,12 @@ async fn deliver(
         )
     } else {
         // No replay window: the queue keeps messages while the daemon is away.
-        verified(state, &intake.hook, &h, body.as_bytes(), None)
+        hooks::verified(state, &intake.hook, &h, body.as_bytes(), None)
             .await
             .map_err(|e| e.to_string())?
     };
-    let answer = handle(state, &intake.hook, &h, &m, &format!("sqs:{name}"))
+    let caller = Caller::unattended(format!("sqs:{name}"), Door::Sqs);
+    let answer = hooks::handle(state, &caller, &intake.hook, &h, &m)
         .await
         .map_err(|e| e.to_string())?;
     Ok(answer.outcome)

@@ -1,6 +1,6 @@
 //! The dashboard's job pages: the job list, one job (its live part re-rendered when
-//! its event stream says something happened), and Cancel / Run again. Reads go to the store;
-//! actions pass the same role and scope checks and the same admission as the API.
+//! its event stream says something happened), and Cancel / Run again. Every read and action is
+//! a `service::jobs` call with the signed-in caller, as the API's are.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Extension;
-use ec2jobd_spec::{Action, Job, JobState, Role};
+use ec2jobd_spec::{Action, Job, JobState};
 use ec2jobd_store::ListQuery;
 use futures::Stream;
 use maud::{html, Markup};
@@ -18,11 +18,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use super::page::Csrf;
 use super::page::{self, html as answer, layout, maybe_time, shown, time};
-use super::session::Csrf;
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::routes::jobs::{admit, cancel_job, queue, resolve_spec};
+use crate::service::policy::{self, Op};
+use crate::service::{jobs, Caller, ServiceError};
 use crate::state::AppState;
 
 type Params = Query<Vec<(String, String)>>;
@@ -61,7 +60,7 @@ pub(super) fn job_table(jobs: &[Job], with_error: bool) -> Markup {
 }
 
 /// The list query from the page's filters, or a 400 page naming the bad one.
-fn list_query(p: &[(String, String)]) -> Result<ListQuery, ApiError> {
+fn list_query(p: &[(String, String)]) -> Result<ListQuery, ServiceError> {
     let mut q = ListQuery {
         limit: 50,
         ..Default::default()
@@ -69,12 +68,12 @@ fn list_query(p: &[(String, String)]) -> Result<ListQuery, ApiError> {
     if let Some(s) = param(p, "state") {
         q.state = Some(
             s.parse::<JobState>()
-                .map_err(|m| ApiError::bad_request("invalid_state", "state", m))?,
+                .map_err(|m| ServiceError::bad_request("invalid_state", "state", m))?,
         );
     }
     if let Some(a) = param(p, "action") {
         let a = Action::parse(a).ok_or_else(|| {
-            ApiError::bad_request(
+            ServiceError::bad_request(
                 "invalid_action",
                 "action",
                 format!("`{a}` is not an action"),
@@ -90,7 +89,7 @@ fn list_query(p: &[(String, String)]) -> Result<ListQuery, ApiError> {
     }
     if let Some(c) = param(p, "cursor") {
         ulid::Ulid::from_string(c)
-            .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor", "not a cursor"))?;
+            .map_err(|_| ServiceError::bad_request("invalid_cursor", "cursor", "not a cursor"))?;
         q.before_id = Some(c.to_string());
     }
     for (k, within) in [("since", 1), ("until", 0)] {
@@ -100,7 +99,7 @@ fn list_query(p: &[(String, String)]) -> Result<ListQuery, ApiError> {
                 .ok()
                 .filter(|h| (1..=24 * 366).contains(h))
                 .ok_or_else(|| {
-                    ApiError::bad_request("invalid_window", k, "hours ago, 1 to 8784")
+                    ServiceError::bad_request("invalid_window", k, "hours ago, 1 to 8784")
                 })?;
             let at = chrono::Utc::now().timestamp_millis() - hours * 3_600_000;
             if within == 1 {
@@ -126,9 +125,9 @@ pub async fn list(
         Err(e) => return shown(e),
     };
     let first = q.before_id.is_none();
-    let page = match state.store.list(q).await {
+    let page = match jobs::list(&state, &caller, q).await {
         Ok(p) => p,
-        Err(e) => return shown(e.into()),
+        Err(e) => return shown(e),
     };
     let keep: Vec<(String, String)> = p.iter().filter(|(k, _)| k != "cursor").cloned().collect();
     let next = page.next_cursor.as_ref().map(|c| {
@@ -178,15 +177,6 @@ pub async fn list(
     layout("Jobs", &caller, &csrf, body)
 }
 
-async fn job_of(state: &AppState, id: &str) -> Result<Job, ApiError> {
-    state
-        .store
-        .get(id)
-        .await?
-        .map(Job::redacted)
-        .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))
-}
-
 /// `GET /ui/jobs/{id}`.
 pub async fn show(
     State(state): State<AppState>,
@@ -194,7 +184,7 @@ pub async fn show(
     Extension(csrf): Extension<Csrf>,
     Path(id): Path<String>,
 ) -> Response {
-    let job = match job_of(&state, &id).await {
+    let job = match jobs::get(&state, &caller, &id).await {
         Ok(j) => j,
         Err(e) => return shown(e),
     };
@@ -220,7 +210,7 @@ pub async fn live(
     Extension(csrf): Extension<Csrf>,
     Path(id): Path<String>,
 ) -> Response {
-    match job_of(&state, &id).await {
+    match jobs::get(&state, &caller, &id).await {
         Ok(job) => match live_part(&state, &job, &caller, &csrf).await {
             Ok(m) => answer(StatusCode::OK, m),
             Err(e) => shown(e),
@@ -236,9 +226,9 @@ async fn live_part(
     job: &Job,
     caller: &Caller,
     csrf: &Csrf,
-) -> Result<Markup, ApiError> {
-    let events = state.store.events(&job.id, 0, 500).await?;
-    let operator = caller.require(Role::Operator).is_ok();
+) -> Result<Markup, ServiceError> {
+    let events = jobs::events(state, caller, &job.id, 0, 500).await?;
+    let operator = policy::role(caller, Op::Cancel).is_ok();
     let report = crate::report::render(job);
     let p = &job.progress;
     let r = &job.results;
@@ -323,11 +313,11 @@ pub async fn stream(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
-    let slot = crate::routes::jobs::stream_slot(&state, &caller).map_err(shown)?;
-    let mut rx = state.store.subscribe();
-    let job = job_of(&state, &id).await.map_err(shown)?;
+    let slot = jobs::stream_slot(&state, &caller).map_err(shown)?;
+    let mut rx = jobs::watch(&state);
+    let job = jobs::get(&state, &caller, &id).await.map_err(shown)?;
     let (tx, out) = tokio::sync::mpsc::channel::<Event>(4);
-    let (store, shutdown) = (state.store.clone(), state.shutdown.clone());
+    let (st, shutdown) = (state.clone(), state.shutdown.clone());
     let mut done = job.state.is_terminal();
     tokio::spawn(async move {
         let _slot = slot;
@@ -348,9 +338,9 @@ pub async fn stream(
                 _ = tx.closed() => return,
                 _ = shutdown.cancelled() => return,
             }
-            match store.get(&id).await {
-                Ok(Some(j)) => done = j.state.is_terminal(),
-                _ => return,
+            match jobs::get(&st, &caller, &id).await {
+                Ok(j) => done = j.state.is_terminal(),
+                Err(_) => return,
             }
             if !done && tx.send(Event::default().data("changed")).await.is_err() {
                 return;
@@ -367,7 +357,7 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Response {
-    match cancel_job(&state, &caller, &id).await {
+    match jobs::cancel(&state, &caller, &id).await {
         Ok(_) => Redirect::to(&format!("/ui/jobs/{id}")).into_response(),
         Err(e) => shown(e),
     }
@@ -380,27 +370,16 @@ pub async fn rerun(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Response {
-    let go = async {
-        caller.require(Role::Operator)?;
-        let old = state
-            .store
-            .get(&id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(&format!("job `{id}`")))?;
-        submit(&state, &caller, resolve_spec(&state, old.spec)?).await
-    };
-    go.await.unwrap_or_else(shown)
+    match jobs::rerun(&state, &caller, &id).await {
+        Ok(admitted) => queued(&state, admitted).await,
+        Err(e) => shown(e),
+    }
 }
 
-/// Submits a resolved spec as the signed-in caller (scope, admission, enqueue as the API does) and
-/// goes to the new job's page, or shows why not.
-pub(super) async fn submit(
-    state: &AppState,
-    caller: &Caller,
-    spec: ec2jobd_spec::JobSpec,
-) -> Result<Response, ApiError> {
-    caller.may_submit(&spec)?;
-    admit(state).await?;
-    let (_, job) = queue(state, caller.0.name.clone(), spec, None).await?;
-    Ok(Redirect::to(&format!("/ui/jobs/{}", job.id)).into_response())
+/// Queues an admitted job and goes to its page, or shows why not.
+pub(super) async fn queued(state: &AppState, admitted: jobs::Admitted) -> Response {
+    match admitted.queue(state).await {
+        Ok((_, job)) => Redirect::to(&format!("/ui/jobs/{}", job.id)).into_response(),
+        Err(e) => shown(e),
+    }
 }

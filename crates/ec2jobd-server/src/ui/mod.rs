@@ -3,8 +3,9 @@
 //! parts re-fetch their fragment: the job page when its event stream says something happened, the
 //! overview and the job list every few seconds.
 //!
-//! Sessions and CSRF are in [`session`]; the pages act through the store and the same checks as the
-//! API ([`crate::auth::Caller`]), never through `/v1` itself, and `/v1` never sees a cookie.
+//! Sessions and CSRF are in [`session`]; a session becomes the same [`crate::service::Caller`] a
+//! token does, and every page reads and acts through the service as the API's routes do, never
+//! through `/v1` itself; `/v1` never sees a cookie.
 
 mod jobs;
 mod overview;

@@ -9,14 +9,13 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Extension;
 use ec2jobd_spec::JobState;
-use ec2jobd_store::{HourCount, ListQuery};
+use ec2jobd_store::HourCount;
 use maud::{html, Markup};
 
 use super::jobs::job_table;
+use super::page::Csrf;
 use super::page::{self, html as answer, layout, shown};
-use super::session::Csrf;
-use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::service::{jobs, Caller, ServiceError};
 use crate::state::AppState;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -27,7 +26,7 @@ pub async fn overview(
     Extension(caller): Extension<Caller>,
     Extension(csrf): Extension<Csrf>,
 ) -> Response {
-    match body(&state).await {
+    match body(&state, &caller).await {
         Ok(body) => layout(
             "Overview",
             &caller,
@@ -41,30 +40,25 @@ pub async fn overview(
 }
 
 /// `GET /ui/overview`: the overview's live part.
-pub async fn fragment(State(state): State<AppState>) -> Response {
-    match body(&state).await {
+pub async fn fragment(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
+    match body(&state, &caller).await {
         Ok(body) => answer(StatusCode::OK, body),
         Err(e) => shown(e),
     }
 }
 
-async fn body(state: &AppState) -> Result<Markup, ApiError> {
+async fn body(state: &AppState, caller: &Caller) -> Result<Markup, ServiceError> {
     let now = chrono::Utc::now().timestamp_millis();
     let first_hour = (now / HOUR_MS - 23) * HOUR_MS;
-    let (counts, hours, running, failed) = tokio::try_join!(
-        state.counts.get(&state.store),
-        state.store.finished_per_hour(first_hour),
-        state.store.list(ListQuery {
-            state: Some(JobState::Running),
-            limit: 10,
-            ..Default::default()
-        }),
-        state.store.list(ListQuery {
-            state: Some(JobState::Failed),
-            limit: 10,
-            ..Default::default()
-        }),
-    )?;
+    let jobs::Overview {
+        counts,
+        hours,
+        running,
+        failed,
+    } = jobs::overview(state, caller, first_hour, 10).await?;
     let ec2 = state.metrics.ec2_totals();
     let count = |s: JobState| counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
     Ok(html! {
@@ -85,16 +79,16 @@ async fn body(state: &AppState) -> Result<Markup, ApiError> {
             div.card { span.n { (ec2.retries) } span { "retries" } }
         }
         h2 { "Running now, and what for" }
-        @if running.jobs.is_empty() {
+        @if running.is_empty() {
             p.empty { "Nothing is running." }
         } @else {
-            (job_table(&running.jobs, false))
+            (job_table(&running, false))
         }
         h2 { "Latest failures" }
-        @if failed.jobs.is_empty() {
+        @if failed.is_empty() {
             p.empty { "No failed jobs." }
         } @else {
-            (job_table(&failed.jobs, true))
+            (job_table(&failed, true))
         }
     })
 }

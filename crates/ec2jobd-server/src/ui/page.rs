@@ -4,12 +4,16 @@
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use ec2jobd_spec::{JobState, Role};
+use ec2jobd_spec::JobState;
 use maud::{html, Markup, DOCTYPE};
 
-use super::session::Csrf;
-use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::service::policy::{self, Op};
+use crate::service::Caller;
+
+/// The signed-in session's CSRF token, which every form carries (checked by `session::require`).
+#[derive(Debug, Clone)]
+pub struct Csrf(pub String);
 
 /// An HTML answer.
 pub fn html(status: StatusCode, m: Markup) -> Response {
@@ -46,7 +50,7 @@ pub fn layout_status(
     csrf: &Csrf,
     body: Markup,
 ) -> Response {
-    let admin = caller.require(Role::Admin).is_ok();
+    let admin = policy::role(caller, Op::ListTokens).is_ok();
     let m = html! {
         (DOCTYPE)
         html lang="en" {
@@ -61,7 +65,7 @@ pub fn layout_status(
                         a href="/ui/sns" { "SNS deliveries" }
                         @if admin { a href="/ui/tokens" { "Tokens" } }
                     }
-                    span.who { (caller.0.name) " (" (caller.0.role) ")" }
+                    span.who { (caller.name) " (" (caller.role) ")" }
                     form method="post" action="/ui/signout" {
                         input type="hidden" name="csrf" value=(csrf.0);
                         button type="submit" { "Sign out" }
@@ -115,9 +119,10 @@ pub fn problem(status: StatusCode, message: &str) -> Response {
     html(status, m)
 }
 
-/// An API error as a dashboard page (its status and detail).
-pub fn shown(e: ApiError) -> Response {
-    problem(e.status, &e.detail)
+/// A refusal as a dashboard page (the status the API would answer, and its detail).
+pub fn shown(e: impl Into<ApiError>) -> Response {
+    let e = e.into();
+    problem(e.status, &e.error.detail)
 }
 
 /// A job state as a coloured badge.

@@ -2,7 +2,8 @@
 //! SameSite=Strict, Secure when configured or forwarded over https); [`require`] turns the cookie
 //! back into the same [`Caller`] the API uses, so roles and scopes are checked exactly as for
 //! `/v1`. Every state-changing form carries the session's CSRF token, checked here before any
-//! handler runs. The cookie's secret and the token are stored only as SHA-256 hashes. This module
+//! handler runs, and a sign-in must come from the dashboard's own page (login CSRF). The cookie's
+//! secret and the token are stored only as SHA-256 hashes. This module
 //! never touches `/v1`, whose authentication ([`crate::auth`]) knows nothing of cookies.
 
 use axum::extract::{Request, State};
@@ -14,17 +15,14 @@ use ec2jobd_store::NewSession;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
-use super::page;
-use crate::auth::{hash_token, Caller};
+use super::page::{self, Csrf};
+use crate::auth::hash_token;
 use crate::error::ApiError;
+use crate::service::{Caller, Door};
 use crate::state::AppState;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "ec2jobd_session";
-
-/// The signed-in session's CSRF token, for forms.
-#[derive(Debug, Clone)]
-pub struct Csrf(pub String);
 
 fn random_hex() -> String {
     let mut b = [0u8; 32];
@@ -68,13 +66,42 @@ pub async fn signin_form() -> Response {
     page::signin(None, StatusCode::OK)
 }
 
+/// Whether a sign-in was sent by a page of this site: a browser says where a form was posted
+/// from (`Sec-Fetch-Site`, else `Origin`), and a form posted from another site would sign the
+/// victim's browser into the sender's session (login CSRF; `SameSite` does not stop a cookie being
+/// *set*). A request saying neither (curl, an old browser) is let through: it carries no victim's
+/// browser state.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = text("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    let Some(origin) = text("origin") else {
+        return true;
+    };
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, h)| h.trim_end_matches('/'));
+    let host = text("x-forwarded-host")
+        .and_then(|h| h.split(',').next())
+        .or_else(|| text("host"))
+        .map(str::trim);
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
 /// `POST /ui/signin`: an API token in, a session cookie out (or the form again, 401). Nothing is
-/// stored for a token that does not verify.
+/// stored for a token that does not verify, or for a form posted from another site (403).
 pub async fn signin(
     State(state): State<AppState>,
     headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, ApiError> {
+    if !same_origin(&headers) {
+        return Ok(page::problem(
+            StatusCode::FORBIDDEN,
+            "This sign-in was sent from another site; sign in from the dashboard's own page.",
+        ));
+    }
     let token = form
         .ok()
         .and_then(|Form(f)| f.into_iter().find(|(k, _)| k == "token").map(|(_, v)| v))
@@ -178,7 +205,9 @@ pub async fn require(State(state): State<AppState>, req: Request, next: Next) ->
         }
         axum::body::Body::from(bytes)
     };
-    parts.extensions.insert(Caller(session.token));
+    parts
+        .extensions
+        .insert(Caller::token(session.token, Door::Dashboard));
     parts.extensions.insert(Csrf(session.csrf));
     next.run(Request::from_parts(parts, body)).await
 }

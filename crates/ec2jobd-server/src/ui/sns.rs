@@ -7,9 +7,9 @@ use axum::response::Response;
 use axum::Extension;
 use maud::html;
 
+use super::page::Csrf;
 use super::page::{layout, maybe_time, shown, time};
-use super::session::Csrf;
-use crate::auth::Caller;
+use crate::service::{hooks, Caller};
 use crate::state::AppState;
 
 const PAGE: u32 = 100;
@@ -25,9 +25,9 @@ pub async fn list(
         .iter()
         .find(|(k, _)| k == "before")
         .and_then(|(_, v)| v.parse::<i64>().ok());
-    let rows = match state.store.list_deliveries(before, PAGE).await {
+    let rows = match hooks::deliveries(&state, &caller, before, PAGE).await {
         Ok(r) => r,
-        Err(e) => return shown(e.into()),
+        Err(e) => return shown(e),
     };
     let older = (rows.len() == PAGE as usize)
         .then(|| rows.last().map(|d| d.id))

@@ -1,6 +1,7 @@
 //! The dashboard's templates: the saved templates, and a run form built from each one's typed
-//! parameters. A run passes the same checks as `POST /v1/templates/{name}/run` (role, the token's
-//! template scope, the parameters' types, the rendered spec) and the same admission.
+//! parameters. Reads and runs are `service::templates` calls with the signed-in caller, so a run
+//! passes the same checks as `POST /v1/templates/{name}/run` and a reader sees what the API
+//! shows it (a secret default is never put in a form: left empty, the saved one is used).
 
 use std::collections::BTreeMap;
 
@@ -8,17 +9,16 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Form};
-use ec2jobd_spec::Role;
-use ec2jobd_store::Named;
 use maud::{html, Markup};
 use serde_json::Value;
 
-use super::jobs::submit;
+use super::jobs::queued;
+use super::page::Csrf;
 use super::page::{layout, layout_status, shown};
-use super::session::Csrf;
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::routes::templates::{load, spec_from, ParamType, Template, TemplateParam};
+use crate::service::jobs::Key;
+use crate::service::policy::{self, Op};
+use crate::service::templates::{self, ParamType, Template, TemplateParam};
+use crate::service::{Caller, Kind, ServiceError};
 use crate::state::AppState;
 
 /// `GET /ui/templates`.
@@ -27,9 +27,9 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Extension(csrf): Extension<Csrf>,
 ) -> Response {
-    let all = match state.store.list_named(Named::Template).await {
+    let all = match templates::list(&state, &caller).await {
         Ok(t) => t,
-        Err(e) => return shown(e.into()),
+        Err(e) => return shown(e),
     };
     let body = html! {
         @if all.is_empty() {
@@ -37,13 +37,13 @@ pub async fn list(
         } @else {
             table #templates {
                 thead { tr { th { "Template" } th { "Action" } th { "Parameters" } th { "Description" } } }
-                tbody { @for (name, body) in &all {
-                    @let t = serde_json::from_value::<Template>(body.clone()).ok();
+                tbody { @for nt in &all {
+                    @let (name, t) = (&nt.name, &nt.template);
                     tr data-template=(name) {
                         td { a href={ "/ui/templates/" (name) } { (name) } }
-                        td { (t.as_ref().and_then(|t| t.spec.get("action")).and_then(Value::as_str).unwrap_or("")) }
-                        td { @if let Some(t) = &t { (t.parameters.keys().cloned().collect::<Vec<_>>().join(", ")) } }
-                        td { @if let Some(t) = &t { (t.description.as_deref().unwrap_or("")) } }
+                        td { (t.spec.get("action").and_then(Value::as_str).unwrap_or("")) }
+                        td { (t.parameters.keys().cloned().collect::<Vec<_>>().join(", ")) }
+                        td { (t.description.as_deref().unwrap_or("")) }
                     }
                 } }
             }
@@ -59,8 +59,8 @@ pub async fn show(
     Extension(csrf): Extension<Csrf>,
     Path(name): Path<String>,
 ) -> Response {
-    match load(&state, &name).await {
-        Ok(t) => form_page(&caller, &csrf, &name, &t, &[], None),
+    match templates::get(&state, &caller, &name).await {
+        Ok(t) => form_page(&caller, &csrf, &name, &t.template, &[], None),
         Err(e) => shown(e),
     }
 }
@@ -74,20 +74,17 @@ pub async fn run(
     Path(name): Path<String>,
     Form(form): Form<Vec<(String, String)>>,
 ) -> Response {
-    let template = match load(&state, &name).await {
-        Ok(t) => t,
+    let template = match templates::get(&state, &caller, &name).await {
+        Ok(t) => t.template,
         Err(e) => return shown(e),
     };
     let go = async {
-        caller.require(Role::Operator)?;
-        caller.may_run_template(&name)?;
         let values = values_of(&template.parameters, &form)?;
-        let spec = spec_from(&state, &name, &values).await?;
-        submit(&state, &caller, spec).await
+        templates::run(&state, &caller, &name, &values, Key::None).await
     };
     match go.await {
-        Ok(r) => r,
-        Err(e) if e.status == StatusCode::FORBIDDEN => shown(e),
+        Ok(admitted) => queued(&state, admitted).await,
+        Err(e) if e.kind == Kind::Forbidden => shown(e),
         Err(e) => form_page(&caller, &csrf, &name, &template, &form, Some(e)),
     }
 }
@@ -102,7 +99,7 @@ fn field(name: &str) -> String {
 fn values_of(
     params: &BTreeMap<String, TemplateParam>,
     form: &[(String, String)],
-) -> Result<BTreeMap<String, Value>, ApiError> {
+) -> Result<BTreeMap<String, Value>, ServiceError> {
     let mut out = BTreeMap::new();
     for (name, p) in params {
         let key = field(name);
@@ -113,12 +110,11 @@ fn values_of(
             continue;
         }
         let bad = |what: &str| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
+            ServiceError::unprocessable(
                 "invalid_parameter",
+                format!("parameters.{name}"),
                 format!("`{name}` must be {what}"),
             )
-            .field(format!("parameters.{name}"))
         };
         let v = match p.kind {
             ParamType::String => Value::String(raw.to_string()),
@@ -163,11 +159,14 @@ fn form_page(
     name: &str,
     t: &Template,
     given: &[(String, String)],
-    error: Option<ApiError>,
+    error: Option<ServiceError>,
 ) -> Response {
-    let operator = caller.require(Role::Operator).is_ok();
+    let operator = policy::role(caller, Op::RunTemplate).is_ok();
+    let secret = t.secret_parameters();
+    let hidden = !crate::service::redact::may_see_secrets(caller);
     let value = |p: &str, default: Option<&Value>| {
         let key = field(p);
+        let default = default.filter(|_| !(hidden && secret.contains(p)));
         given
             .iter()
             .find(|(k, _)| *k == key)
@@ -184,7 +183,7 @@ fn form_page(
             form.run #run-form method="post" action={ "/ui/templates/" (name) "/run" } {
                 input type="hidden" name="csrf" value=(csrf.0);
                 @for (p, param) in &t.parameters {
-                    (input(p, param, &value(p, param.default.as_ref())))
+                    (input(p, param, &value(p, param.default.as_ref()), hidden && secret.contains(p)))
                 }
                 button #run type="submit" { "Run" }
             }
@@ -201,7 +200,7 @@ fn form_page(
     layout_status(status, &format!("Template {name}"), caller, csrf, body)
 }
 
-fn input(name: &str, p: &TemplateParam, value: &str) -> Markup {
+fn input(name: &str, p: &TemplateParam, value: &str, secret: bool) -> Markup {
     let key = field(name);
     let required = p.default.is_none();
     html! {
@@ -223,6 +222,7 @@ fn input(name: &str, p: &TemplateParam, value: &str) -> Markup {
                 (serde_json::to_value(p.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
                 @if p.kind == ParamType::StringList { ", one per line" }
                 @if let Some(d) = &p.description { " — " (d) }
+                @if secret && !required { " — secret: leave empty to use the saved default" }
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The dashboard's tokens page (admins): the tokens (never their secrets), a form that makes one
-//! and shows its secret once, and revocation. Both act through [`crate::routes::tokens`]'s
-//! `create_token` / `revoke_token`, the same checks and audit as `/v1/tokens`.
+//! and shows its secret once, and revocation: `service::tokens` calls with the signed-in caller,
+//! the same checks and audit as `/v1/tokens`.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -10,11 +10,11 @@ use ec2jobd_spec::Role;
 use ec2jobd_store::Scopes;
 use maud::{html, Markup};
 
+use super::page::Csrf;
 use super::page::{layout_status, shown, time};
-use super::session::Csrf;
-use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::routes::tokens::{create_token, revoke_token, CreatedToken, NewToken};
+use crate::service::tokens::{self, CreatedToken, NewToken};
+use crate::service::{Caller, Kind, ServiceError};
 use crate::state::AppState;
 
 type Fields = Form<Vec<(String, String)>>;
@@ -49,10 +49,9 @@ pub async fn create(
     Form(f): Fields,
 ) -> Response {
     let made = async {
-        caller.require(Role::Admin)?;
-        let role = get(&f, "role").parse::<Role>().map_err(|m| {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_role", m).field("role")
-        })?;
+        let role = get(&f, "role")
+            .parse::<Role>()
+            .map_err(|m| ServiceError::unprocessable("invalid_role", "role", m))?;
         let req = NewToken {
             name: get(&f, "name").to_string(),
             role,
@@ -62,12 +61,15 @@ pub async fn create(
                 templates: list_of(get(&f, "templates")),
             },
         };
-        create_token(&state, &caller, req).await
+        tokens::create(&state, &caller, req).await
     };
     match made.await {
         Ok(t) => page(&state, &caller, &csrf, StatusCode::CREATED, Some(t), None).await,
-        Err(e) if e.status == StatusCode::FORBIDDEN => shown(e),
-        Err(e) => page(&state, &caller, &csrf, e.status, None, Some(e)).await,
+        Err(e) if e.kind == Kind::Forbidden && e.field.is_none() => shown(e),
+        Err(e) => {
+            let status = ApiError::from(e.clone()).status;
+            page(&state, &caller, &csrf, status, None, Some(e)).await
+        }
     }
 }
 
@@ -77,7 +79,7 @@ pub async fn revoke(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Response {
-    match revoke_token(&state, &caller, &name).await {
+    match tokens::revoke(&state, &caller, &name).await {
         Ok(()) => Redirect::to("/ui/tokens").into_response(),
         Err(e) => shown(e),
     }
@@ -89,14 +91,11 @@ async fn page(
     csrf: &Csrf,
     status: StatusCode,
     made: Option<CreatedToken>,
-    error: Option<ApiError>,
+    error: Option<ServiceError>,
 ) -> Response {
-    if let Err(e) = caller.require(Role::Admin) {
-        return shown(e);
-    }
-    let tokens = match state.store.list_tokens().await {
+    let tokens = match tokens::list(state, caller).await {
         Ok(t) => t,
-        Err(e) => return shown(e.into()),
+        Err(e) => return shown(e),
     };
     let body = html! {
         @if let Some(t) = &made {
@@ -116,7 +115,7 @@ async fn page(
                 td { (t.role) }
                 td { (time(&t.created_at)) }
                 td { (scopes(&t.scopes)) }
-                td { @if t.name != caller.0.name {
+                td { @if t.name != caller.name {
                     form method="post" action={ "/ui/tokens/" (t.name) "/revoke" } {
                         input type="hidden" name="csrf" value=(csrf.0);
                         button.danger type="submit" { "Revoke" }

@@ -360,7 +360,7 @@ impl Store for PgStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let rows = shared::list_query::<sqlx::Postgres>(&q)
+        let rows = shared::list_query::<sqlx::Postgres>(&q, shared::Dialect::Postgres)
             .build()
             .fetch_all(&self.pool)
             .await?;

@@ -60,6 +60,19 @@ fn passwords_never_reach_messages() {
         "postgres://app@db/ec2jobd"
     );
     assert_eq!(redact("sqlite://ec2jobd.db"), "sqlite://ec2jobd.db");
+    // Finding 8 (issue 30): every form a password can take in a URL.
+    assert_eq!(
+        redact("postgres://db/ec2jobd?user=app&password=hunter2&sslmode=require"),
+        "postgres://db/ec2jobd?user=app&password=***&sslmode=require"
+    );
+    assert_eq!(
+        redact("postgresql://app:p@ss?w:rd@db:5432/q?PassWord=x&sslpassword=y"),
+        "postgresql://app:***@db:5432/q?PassWord=***&sslpassword=***"
+    );
+    assert_eq!(
+        redact("postgres:///q?password=x"),
+        "postgres:///q?password=***"
+    );
     assert!(is_postgres_url("postgresql://h/d") && !is_postgres_url("sqlite://x"));
 }
 

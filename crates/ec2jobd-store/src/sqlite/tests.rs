@@ -67,7 +67,7 @@ async fn time_windows_are_id_range_searches() {
         until_ms: Some(1),
         ..Default::default()
     };
-    let sql = crate::shared::list_query::<sqlx::Sqlite>(&window)
+    let sql = crate::shared::list_query::<sqlx::Sqlite>(&window, crate::shared::Dialect::Sqlite)
         .sql()
         .to_string();
     let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
