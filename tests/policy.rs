@@ -1271,7 +1271,12 @@ async fn database_passwords_are_never_shown() {
         ..Default::default()
     })
     .await;
-    assert!(d.log().contains("ec2jobd started"), "{}", d.log());
+    // The start-up line follows the listening line printed on stdout.
+    let deadline = Instant::now() + MINUTE;
+    while !d.log().contains("ec2jobd started") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let config = d.config.to_str().unwrap().to_string();
     let (_, out, err) = common::run_cli(&[
         "token", "create", "--role", "viewer", "--name", "v", "--config", &config,

@@ -1,8 +1,10 @@
 //! The durable job queue.
 //!
-//! [`Store`] is the queue's whole contract: enqueue (with idempotency keys), claim with a lease,
-//! heartbeat, fenced completion, retries with a not-before time, lease expiry, cancel, the event log,
-//! executor checkpoints, API tokens and leader leases. [`SqliteStore`] implements it for the
+//! [`Store`] is the whole contract, split by concern: the job [`Queue`] (enqueue with idempotency
+//! keys, claim with a lease, heartbeat, fenced completion, retries with a not-before time, lease
+//! expiry, cancel, the event log, executor checkpoints, parked waits, the outbox), named
+//! [`Documents`], [`Tokens`] and dashboard sessions, the [`AuditLog`], SNS [`Deliveries`] and
+//! [`Leadership`] leases. [`SqliteStore`] implements it for the
 //! embedded default, [`PgStore`] for replicas that share one queue ([`postgres`]). Both write the
 //! same rows and events (`shared`, `row`), and one test suite (`suite`) runs against both.
 //!
@@ -409,10 +411,11 @@ pub struct Heartbeat {
     pub cancel_requested: bool,
 }
 
-/// The queue's contract. Writes that depend on holding a lease take the worker id and fail with
-/// [`StoreError::LeaseLost`] when the lease has moved on (fencing).
+/// The job queue: jobs, their leases (writes that depend on holding a lease take the worker id and
+/// fail with [`StoreError::LeaseLost`] when the lease has moved on: fencing), parked waits, the event
+/// log, the outbox of finished jobs and their retention.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Queue: Send + Sync + 'static {
     /// Stores a job (or returns the earlier one for a replayed idempotency key) and wakes a worker.
     async fn enqueue(&self, new: NewJob) -> Result<Enqueued>;
     /// One job by id.
@@ -483,6 +486,55 @@ pub trait Store: Send + Sync + 'static {
     async fn queued(&self) -> Result<i64>;
     /// Proves the database accepts a write.
     async fn ping(&self) -> Result<()>;
+    /// Appends an event to a job in any state, unfenced: things that happen after a job ended
+    /// (its notification was published or failed).
+    async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
+    /// Finished jobs whose outcome has not been handed on yet (the outbox), due by `now_ms`, oldest
+    /// first, with how many publishes of each failed so far.
+    async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>>;
+    /// Marks finished jobs handed on; each may get an event (`notified`, `notify_failed`) in the
+    /// same transaction.
+    async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()>;
+    /// A publish failed: counts it and holds the job back until `after_ms`.
+    async fn outbox_retry(&self, id: &str, after_ms: i64) -> Result<()>;
+    /// Deletes up to `limit` finished jobs created before `created_before_ms` (their events go with
+    /// them; jobs still in the outbox stay); returns how many. With `dry_run`, deletes nothing and
+    /// counts every job that would go.
+    async fn prune_jobs(&self, created_before_ms: i64, limit: u32, dry_run: bool) -> Result<u64>;
+    /// Receives the id of every job whose event log grew (for live event streams), including
+    /// jobs other processes sharing the queue work on.
+    fn subscribe(&self) -> broadcast::Receiver<String>;
+    /// Notified whenever work may have become claimable (enqueue, retry, release, requeue).
+    fn work_available(&self) -> Arc<Notify>;
+}
+
+/// Named documents the API manages (templates, SNS hooks, schedules, overrides), each change
+/// recorded in the audit log.
+#[async_trait]
+pub trait Documents: Send + Sync + 'static {
+    /// Creates or replaces a named document (`body` is opaque JSON); true when created. The audit
+    /// log records `by`.
+    async fn put_named(
+        &self,
+        kind: Named,
+        name: &str,
+        body: serde_json::Value,
+        by: &str,
+    ) -> Result<bool>;
+    /// A named document's body.
+    async fn get_named(&self, kind: Named, name: &str) -> Result<Option<serde_json::Value>>;
+    /// Every named document of a kind, by name.
+    async fn list_named(&self, kind: Named) -> Result<Vec<(String, serde_json::Value)>>;
+    /// A stamp that changes whenever a document of this kind is created, replaced or deleted
+    /// (the schedule ticker reloads only then).
+    async fn named_stamp(&self, kind: Named) -> Result<(i64, i64, i64)>;
+    /// Deletes a named document; false when there was none. The audit log records `by`.
+    async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool>;
+}
+
+/// API tokens (by the SHA-256 of their secret) and the dashboard sessions signed in with them.
+#[async_trait]
+pub trait Tokens: Send + Sync + 'static {
     /// Stores a token by the SHA-256 of its secret, with what it may use; the audit log records
     /// `by` (who created it) in the same transaction.
     async fn create_token(
@@ -506,44 +558,21 @@ pub trait Store: Send + Sync + 'static {
     async fn session(&self, session_sha256: &str, now_ms: i64) -> Result<Option<Session>>;
     /// Ends a session (signing out); nothing when there is none.
     async fn end_session(&self, session_sha256: &str) -> Result<()>;
-    /// Appends an event to a job in any state, unfenced: things that happen after a job ended
-    /// (its notification was published or failed).
-    async fn note(&self, id: &str, ev: NewEvent) -> Result<()>;
-    /// Finished jobs whose outcome has not been handed on yet (the outbox), due by `now_ms`, oldest
-    /// first, with how many publishes of each failed so far.
-    async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>>;
-    /// Marks finished jobs handed on; each may get an event (`notified`, `notify_failed`) in the
-    /// same transaction.
-    async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()>;
-    /// A publish failed: counts it and holds the job back until `after_ms`.
-    async fn outbox_retry(&self, id: &str, after_ms: i64) -> Result<()>;
-    /// Deletes up to `limit` finished jobs created before `created_before_ms` (their events go with
-    /// them; jobs still in the outbox stay); returns how many. With `dry_run`, deletes nothing and
-    /// counts every job that would go.
-    async fn prune_jobs(&self, created_before_ms: i64, limit: u32, dry_run: bool) -> Result<u64>;
+}
+
+/// Who changed what: written by the document and token writes, read here.
+#[async_trait]
+pub trait AuditLog: Send + Sync + 'static {
+    /// The audit log, newest first, with id below `before` when given.
+    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>>;
+}
+
+/// SNS deliveries: what became of each, refusals folded, and their retention.
+#[async_trait]
+pub trait Deliveries: Send + Sync + 'static {
     /// Deletes up to `limit` of the oldest SNS deliveries that arrived before `before_ms`; returns
     /// how many. With `dry_run`, deletes nothing and counts every one that would go.
     async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64>;
-    /// Creates or replaces a named document (`body` is opaque JSON); true when created. The audit
-    /// log records `by`.
-    async fn put_named(
-        &self,
-        kind: Named,
-        name: &str,
-        body: serde_json::Value,
-        by: &str,
-    ) -> Result<bool>;
-    /// A named document's body.
-    async fn get_named(&self, kind: Named, name: &str) -> Result<Option<serde_json::Value>>;
-    /// Every named document of a kind, by name.
-    async fn list_named(&self, kind: Named) -> Result<Vec<(String, serde_json::Value)>>;
-    /// A stamp that changes whenever a document of this kind is created, replaced or deleted
-    /// (the schedule ticker reloads only then).
-    async fn named_stamp(&self, kind: Named) -> Result<(i64, i64, i64)>;
-    /// Deletes a named document; false when there was none. The audit log records `by`.
-    async fn delete_named(&self, kind: Named, name: &str, by: &str) -> Result<bool>;
-    /// The audit log, newest first, with id below `before` when given.
-    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>>;
     /// Records an SNS delivery, cut by [`NewDelivery::bounded`]; a refusal (outcome `rejected`, with
     /// a `code`) within [`REFUSAL_FOLD_MS`] of an earlier one of the same code to the same hook is
     /// counted into that row instead.
@@ -552,6 +581,12 @@ pub trait Store: Send + Sync + 'static {
     async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>>;
     /// Deliveries, newest first, with id below `before` when given.
     async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>>;
+}
+
+/// Leases held by one process of those sharing the database (the maintenance leader), and what
+/// replicas share beyond the queue.
+#[async_trait]
+pub trait Leadership: Send + Sync + 'static {
     /// Takes or renews the leader lease `name` for this process for `ttl_ms`; true while this
     /// process holds it. Periodic work that must run once per queue, not once per daemon
     /// (publishing the outbox, pruning), runs only while its lease is held. A queue one process
@@ -564,11 +599,17 @@ pub trait Store: Send + Sync + 'static {
     fn cluster(&self) -> Option<Arc<dyn Cluster>> {
         None
     }
-    /// Receives the id of every job whose event log grew (for live event streams), including
-    /// jobs other processes sharing the queue work on.
-    fn subscribe(&self) -> broadcast::Receiver<String>;
-    /// Notified whenever work may have become claimable (enqueue, retry, release, requeue).
-    fn work_available(&self) -> Arc<Notify>;
+}
+
+/// The whole store, every concern: what the daemon is built on (`Arc<dyn Store>`). Callers bring
+/// the concerns they use into scope (`use ec2jobd_store::prelude::*`).
+pub trait Store: Queue + Documents + Tokens + AuditLog + Deliveries + Leadership {}
+
+impl<T: Queue + Documents + Tokens + AuditLog + Deliveries + Leadership> Store for T {}
+
+/// Every concern's trait, for `use ec2jobd_store::prelude::*`.
+pub mod prelude {
+    pub use crate::{AuditLog, Deliveries, Documents, Leadership, Queue, Store, Tokens};
 }
 
 /// What replicas sharing one queue keep for each other beyond jobs: the status polling one of

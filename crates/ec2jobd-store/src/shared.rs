@@ -1,9 +1,12 @@
-//! What both backends write alike, so a job's life reads the same on SQLite and PostgreSQL: job
+//! What both backends do alike, so a job's life reads the same on SQLite and PostgreSQL: job
 //! ids, the stored JSON and request hash, the progress a transition leaves, and the event each
-//! transition records (kind, sentence, detail); and the job list query, the one statement both
-//! dialects write alike (built with sqlx's `QueryBuilder`, which numbers placeholders per backend),
-//! with the page it makes.
-//! Must not: hold SQL where the dialects differ.
+//! transition records (kind, sentence, detail); the job list query (built with sqlx's
+//! `QueryBuilder`, which numbers placeholders per backend) and the page it makes; and the SQL both
+//! write the same way, once: statements as constants, and `same_sql!`, which compiles one body for
+//! each backend (`$N` placeholders bind on SQLite too). Where the dialects differ only in a clause
+//! (an `INDEXED BY` hint, a JSON function), [`Dialect`] writes each.
+//! Must not: hold a backend's own way of writing (SQLite's writer task, PostgreSQL's one-statement
+//! CTEs, leases and hints stay in their modules).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -222,8 +225,12 @@ pub(crate) fn named_stamp_sql(kind: crate::Named) -> String {
 pub(crate) const CANCEL_REQUESTED: &str =
     "cancel requested; the worker stops at its next step or wait";
 pub(crate) const RELEASED: &str = "released at shutdown; resumes from its last checkpoint";
-pub(crate) const LOT_RELEASED: &str =
-    "released at shutdown while waiting; waits again after restart";
+const LOT_RELEASED: &str = "released at shutdown while waiting; waits again after restart";
+
+/// The event of a parked job given back at shutdown.
+pub(crate) fn lot_released() -> EventText {
+    ("requeued", LOT_RELEASED.into(), Value::Null)
+}
 
 /// How a backend writes a spec without its secret fields (every `SECRET_PARAMS` value of its
 /// `params` and of each workflow step's), for a text search to look in: what every reader may see,
@@ -247,6 +254,38 @@ impl Dialect {
         match self {
             Dialect::Sqlite => &SQLITE,
             Dialect::Postgres => &POSTGRES,
+        }
+    }
+
+    /// Finished jobs not yet handed on, due by `$1`, oldest first (`$2` of them), with how many
+    /// publishes failed (as a 64-bit integer on both).
+    pub(crate) fn outbox_sql(self) -> String {
+        let (hint, tries) = match self {
+            Dialect::Sqlite => ("INDEXED BY jobs_outbox", "outbox_tries"),
+            Dialect::Postgres => ("", "outbox_tries::bigint AS outbox_tries"),
+        };
+        format!(
+            "SELECT {JOB_COLS}, {tries} FROM jobs {hint} \
+             WHERE outbox_done_at IS NULL AND finished_at IS NOT NULL AND outbox_after <= $1 \
+             ORDER BY outbox_after, id LIMIT $2"
+        )
+    }
+
+    /// Counts a refusal (`$2` hook, `$3` code) into the newest row of its kind if that came at or
+    /// after `$4`, at `$1`; answers that row.
+    pub(crate) fn fold_refusal_sql(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => {
+                "UPDATE sns_deliveries SET count = count + 1, last_at = $1 WHERE id = \
+                 (SELECT id FROM sns_deliveries INDEXED BY sns_deliveries_fold \
+                  WHERE hook = $2 AND code = $3 AND outcome = 'rejected' \
+                  ORDER BY id DESC LIMIT 1) AND at >= $4 RETURNING *"
+            }
+            Dialect::Postgres => {
+                "UPDATE sns_deliveries SET count = count + 1, last_at = $1 WHERE id = \
+                 (SELECT id FROM sns_deliveries WHERE hook = $2 AND code = $3 \
+                  AND outcome = 'rejected' ORDER BY id DESC LIMIT 1) AND at >= $4 RETURNING *"
+            }
         }
     }
 
@@ -416,3 +455,357 @@ pub(crate) const SESSION_GET: &str =
      FROM ui_sessions s JOIN api_tokens t ON t.token_sha256 = s.token_sha256 \
      WHERE s.session_sha256 = $1 AND s.expires_at > $2";
 pub(crate) const SESSION_END: &str = "DELETE FROM ui_sessions WHERE session_sha256 = $1";
+
+/// A write's body: what runs inside a backend's transaction (`write`) on its connection.
+pub(crate) type OpFuture<'c, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = crate::Result<T>> + Send + 'c>>;
+
+/// What both backends do with the same SQL (`$N` placeholders bind on SQLite too), written once
+/// and compiled for each: `same_sql!(impl Tokens for SqliteStore { …its own methods… })` makes
+/// the whole impl, these methods and the backend's. Each backend module provides what the bodies
+/// name: `self.pool` (its read pool), `self.write` (its transaction, [`OpFuture`]),
+/// `delivery_row`, and the `FromRow`/`Row` traits in scope.
+macro_rules! same_sql {
+    (impl Tokens for $store:ty { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::Tokens for $store {
+            async fn token_by_hash(
+                &self,
+                sha256_hex: &str,
+            ) -> $crate::Result<Option<($crate::TokenInfo, String)>> {
+                let row = sqlx::query(&format!(
+                    "SELECT {}, token_sha256 FROM api_tokens WHERE token_sha256 = $1",
+                    $crate::row::TOKEN_COLS
+                ))
+                .bind(sha256_hex)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|r| {
+                    Ok((
+                        $crate::row::TokenRow::from_row(&r)?.into_info()?,
+                        r.try_get("token_sha256")?,
+                    ))
+                })
+                .transpose()
+            }
+
+            async fn list_tokens(&self) -> $crate::Result<Vec<$crate::TokenInfo>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {} FROM api_tokens ORDER BY name",
+                    $crate::row::TOKEN_COLS
+                ))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| $crate::row::TokenRow::from_row(r)?.into_info())
+                    .collect()
+            }
+
+            async fn create_session(&self, new: &$crate::NewSession) -> $crate::Result<()> {
+                let new = new.clone();
+                self.write(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query($crate::shared::SESSIONS_EXPIRED)
+                            .bind(new.created_at_ms)
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query($crate::shared::SESSIONS_OLDEST)
+                            .bind(&new.token_sha256)
+                            .bind($crate::MAX_SESSIONS_PER_TOKEN - 1)
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query($crate::shared::SESSION_INSERT)
+                            .bind(&new.session_sha256)
+                            .bind(&new.token_sha256)
+                            .bind(&new.csrf)
+                            .bind(new.created_at_ms)
+                            .bind(new.expires_at_ms)
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .await
+            }
+
+            async fn session(
+                &self,
+                session_sha256: &str,
+                now_ms: i64,
+            ) -> $crate::Result<Option<$crate::Session>> {
+                let row = sqlx::query($crate::shared::SESSION_GET)
+                    .bind(session_sha256)
+                    .bind(now_ms)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| {
+                    Ok($crate::Session {
+                        token: $crate::row::TokenRow::from_row(&r)?.into_info()?,
+                        csrf: r.try_get("csrf")?,
+                        expires_at_ms: r.try_get("expires_at")?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn end_session(&self, session_sha256: &str) -> $crate::Result<()> {
+                let hash = session_sha256.to_string();
+                self.write(move |conn| {
+                    Box::pin(async move {
+                        sqlx::query($crate::shared::SESSION_END)
+                            .bind(&hash)
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok(())
+                    })
+                })
+                .await
+            }
+
+            $($own)*
+        }
+    };
+    (impl AuditLog for $store:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::AuditLog for $store {
+            async fn audit_log(
+                &self,
+                before: Option<i64>,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::AuditEntry>> {
+                let rows: Vec<$crate::row::AuditRow> = sqlx::query_as(
+                    "SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                )
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map($crate::AuditEntry::from).collect())
+            }
+        }
+    };
+    (impl Deliveries for $store:ty, $dialect:expr, { $($own:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::Deliveries for $store {
+            async fn record_delivery(
+                &self,
+                d: $crate::NewDelivery,
+            ) -> $crate::Result<$crate::Delivery> {
+                let clock = self.clock.clone();
+                let d = d.bounded();
+                self.write(move |conn| {
+                    Box::pin(async move {
+                        let now = clock.now_ms();
+                        if let (true, Some(code)) = (d.outcome == "rejected", &d.code) {
+                            let folded = sqlx::query($dialect.fold_refusal_sql())
+                                .bind(now)
+                                .bind(&d.hook)
+                                .bind(code)
+                                .bind(now - $crate::REFUSAL_FOLD_MS)
+                                .fetch_optional(&mut *conn)
+                                .await?;
+                            if let Some(row) = folded {
+                                return delivery_row(&row);
+                            }
+                        }
+                        match $crate::shared::insert_delivery!(now, d).fetch_one(conn).await {
+                            Ok(row) => delivery_row(&row),
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                                Err($crate::StoreError::Conflict(format!(
+                                    "message {} to hook `{}` was already accepted",
+                                    d.message_id.unwrap_or_default(),
+                                    d.hook
+                                )))
+                            }
+                            Err(e) => Err(e.into()),
+                        }
+                    })
+                })
+                .await
+            }
+
+            async fn delivered(
+                &self,
+                hook: &str,
+                message_id: &str,
+            ) -> $crate::Result<Option<$crate::Delivery>> {
+                let row = sqlx::query(
+                    "SELECT * FROM sns_deliveries WHERE hook = $1 AND message_id = $2 \
+                     AND outcome IN ('accepted', 'no_rule', 'confirmed') ORDER BY id LIMIT 1",
+                )
+                .bind(hook)
+                .bind(message_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(delivery_row).transpose()
+            }
+
+            async fn list_deliveries(
+                &self,
+                before: Option<i64>,
+                limit: u32,
+            ) -> $crate::Result<Vec<$crate::Delivery>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM sns_deliveries WHERE id < $1 ORDER BY id DESC LIMIT $2",
+                )
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(delivery_row).collect()
+            }
+
+            $($own)*
+        }
+    };
+    // What a backend's writes do on its connection alike: read a job back, record events.
+    (helpers for $conn:ty, $row:ty) => {
+        fn job_from_row(row: &$row) -> $crate::Result<ec2jobd_spec::Job> {
+            $crate::row::JobRow::from_row(row)?.into_job()
+        }
+
+        fn delivery_row(row: &$row) -> $crate::Result<$crate::Delivery> {
+            Ok($crate::row::DeliveryRow::from_row(row)?.into())
+        }
+
+        async fn load_job(conn: &mut $conn, id: &str) -> $crate::Result<Option<ec2jobd_spec::Job>> {
+            let row = sqlx::query(&format!(
+                "SELECT {} FROM jobs WHERE id = $1",
+                $crate::row::JOB_COLS
+            ))
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+            row.as_ref().map(job_from_row).transpose()
+        }
+
+        async fn add_event(
+            conn: &mut $conn,
+            job_id: &str,
+            at: i64,
+            kind: &str,
+            message: &str,
+            data: &serde_json::Value,
+        ) -> $crate::Result<()> {
+            add_event_by(conn, job_id, at, (kind, message, data), None).await
+        }
+
+        /// An event someone caused (`by`: a token's name).
+        async fn add_event_by(
+            conn: &mut $conn,
+            job_id: &str,
+            at: i64,
+            (kind, message, data): (&str, &str, &serde_json::Value),
+            by: Option<&str>,
+        ) -> $crate::Result<()> {
+            sqlx::query(
+                "INSERT INTO job_events (job_id, at, kind, message, data, actor) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(job_id)
+            .bind(at)
+            .bind(kind)
+            .bind(message)
+            .bind($crate::shared::encode(data))
+            .bind(by)
+            .execute(conn)
+            .await?;
+            Ok(())
+        }
+    };
+    // The queue's reads, as inherent methods its impl calls (the queue's impl is the backend's).
+    (reads of $store:ty, $db:ty, $dialect:expr) => {
+        impl $store {
+            async fn read_list(&self, q: $crate::ListQuery) -> $crate::Result<$crate::Page> {
+                let rows = $crate::shared::list_query::<$db>(&q, $dialect)
+                    .build()
+                    .fetch_all(&self.pool)
+                    .await?;
+                let jobs = rows.iter().map(job_from_row).collect::<$crate::Result<Vec<_>>>()?;
+                Ok($crate::shared::page(jobs, q.limit))
+            }
+
+            async fn read_events(
+                &self,
+                id: &str,
+                after_seq: i64,
+                limit: u32,
+            ) -> $crate::Result<Vec<ec2jobd_spec::JobEvent>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {} FROM job_events WHERE job_id = $1 AND seq > $2 \
+                     ORDER BY seq LIMIT $3",
+                    $crate::row::EVENT_COLS
+                ))
+                .bind(id)
+                .bind(after_seq)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| $crate::row::EventRow::from_row(r)?.into_event())
+                    .collect()
+            }
+
+            async fn read_outbox(
+                &self,
+                now_ms: i64,
+                limit: u32,
+            ) -> $crate::Result<Vec<(ec2jobd_spec::Job, u32)>> {
+                let rows = sqlx::query(&$dialect.outbox_sql())
+                    .bind(now_ms)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        let tries: i64 = r.try_get("outbox_tries")?;
+                        Ok((job_from_row(r)?, tries.max(0) as u32))
+                    })
+                    .collect()
+            }
+
+            async fn read_counts(&self) -> $crate::Result<Vec<(ec2jobd_spec::JobState, i64)>> {
+                let rows: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+                        .fetch_all(&self.pool)
+                        .await?;
+                Ok($crate::shared::counts(rows))
+            }
+
+            async fn read_finished_per_hour(
+                &self,
+                since_ms: i64,
+            ) -> $crate::Result<Vec<$crate::HourCount>> {
+                let rows = sqlx::query_as($crate::shared::FINISHED_PER_HOUR)
+                    .bind(since_ms)
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok($crate::shared::hour_counts(rows))
+            }
+        }
+    };
+}
+pub(crate) use same_sql;
+
+/// [`DELIVERY_INSERT`] with a delivery's values bound (`now`: when it arrived).
+macro_rules! insert_delivery {
+    ($now:expr, $d:expr) => {
+        sqlx::query($crate::shared::DELIVERY_INSERT)
+            .bind($now)
+            .bind(&$d.hook)
+            .bind(&$d.message_id)
+            .bind(&$d.topic_arn)
+            .bind(&$d.kind)
+            .bind(&$d.outcome)
+            .bind(&$d.reason)
+            .bind(&$d.rule)
+            .bind(&$d.job_id)
+            .bind(&$d.code)
+    };
+}
+pub(crate) use insert_delivery;
+
+/// A delivery's row as inserted (the same statement on both backends).
+pub(crate) const DELIVERY_INSERT: &str = "INSERT INTO sns_deliveries (at, hook, message_id, \
+     topic_arn, kind, outcome, reason, rule, job_id, code) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *";

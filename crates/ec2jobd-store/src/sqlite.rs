@@ -30,18 +30,17 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, FromRow, Row};
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 
-use crate::row::{
-    ts, AuditRow, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS,
-    TOKEN_COLS,
-};
-use crate::shared::{self, encode, spec_hash, Ids};
+use crate::prelude::*;
+use crate::row::{ts, ClaimedRow, JOB_COLS};
+use crate::shared::{self, encode, same_sql, spec_hash, Ids};
 use crate::{
-    AuditEntry, CancelOutcome, Claimed, Delivery, Enqueued, Finish, Heartbeat, HourCount,
-    ListQuery, Named, NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session,
-    Store, StoreError, TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
+    CancelOutcome, Claimed, Enqueued, Finish, Heartbeat, HourCount, ListQuery, Named, NewEvent,
+    NewJob, Page, Result, Scopes, StoreError, TokenInfo,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+same_sql!(helpers for SqliteConnection, SqliteRow);
 
 /// SQLite's `synchronous` pragma as offered in config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +97,7 @@ type Work = Box<
     dyn for<'c> FnOnce(std::result::Result<&'c mut SqliteConnection, String>) -> WorkFuture<'c>
         + Send,
 >;
-type OpFuture<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+use shared::OpFuture;
 
 /// The embedded queue. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -315,45 +314,8 @@ const PRUNABLE: &str =
     "INDEXED BY jobs_state_id WHERE state IN ('succeeded', 'failed', 'cancelled') \
     AND id < ?1 AND outbox_done_at IS NOT NULL";
 
-fn job_from_row(row: &SqliteRow) -> Result<Job> {
-    JobRow::from_row(row)?.into_job()
-}
-
 fn claimed_from_row(row: &SqliteRow) -> Result<Claimed> {
     ClaimedRow::from_row(row)?.into_claimed()
-}
-
-async fn add_event(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-    at: i64,
-    kind: &str,
-    message: &str,
-    data: &Value,
-) -> Result<()> {
-    add_event_by(conn, job_id, at, (kind, message, data), None).await
-}
-
-/// An event someone caused (`by`: a token's name).
-async fn add_event_by(
-    conn: &mut SqliteConnection,
-    job_id: &str,
-    at: i64,
-    (kind, message, data): (&str, &str, &Value),
-    by: Option<&str>,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO job_events (job_id, at, kind, message, data, actor) VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(job_id)
-    .bind(at)
-    .bind(kind)
-    .bind(message)
-    .bind(encode(data))
-    .bind(by)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Records in the audit log that `by` changed `(what, name, change)`.
@@ -374,16 +336,10 @@ async fn add_audit(
     Ok(())
 }
 
-async fn load_job(conn: &mut SqliteConnection, id: &str) -> Result<Option<Job>> {
-    let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
-    row.as_ref().map(job_from_row).transpose()
-}
+same_sql!(reads of SqliteStore, sqlx::Sqlite, shared::Dialect::Sqlite);
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Queue for SqliteStore {
     async fn enqueue(&self, new: NewJob) -> Result<Enqueued> {
         let id = self.ids.next();
         let clock = self.clock.clone();
@@ -455,12 +411,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let rows = shared::list_query::<sqlx::Sqlite>(&q, shared::Dialect::Sqlite)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
-        let jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        Ok(shared::page(jobs, q.limit))
+        self.read_list(q).await
     }
 
     async fn cancel(&self, id: &str, by: &str) -> Result<Option<CancelOutcome>> {
@@ -897,17 +848,10 @@ impl Store for SqliteStore {
                     .fetch_all(&mut *conn)
                     .await?;
                     let mut ids = Vec::with_capacity(rows.len());
+                    let (kind, message, data) = shared::lot_released();
                     for row in rows {
                         let id: String = row.try_get("id")?;
-                        add_event(
-                            conn,
-                            &id,
-                            now,
-                            "requeued",
-                            shared::LOT_RELEASED,
-                            &Value::Null,
-                        )
-                        .await?;
+                        add_event(conn, &id, now, kind, &message, &data).await?;
                         ids.push(id);
                     }
                     Ok(ids)
@@ -921,17 +865,7 @@ impl Store for SqliteStore {
     }
 
     async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLS} FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-        ))
-        .bind(id)
-        .bind(after_seq)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| EventRow::from_row(r)?.into_event())
-            .collect()
+        self.read_events(id, after_seq, limit).await
     }
 
     async fn next_run_after(&self) -> Result<Option<i64>> {
@@ -948,19 +882,11 @@ impl Store for SqliteStore {
     }
 
     async fn finished_per_hour(&self, since_ms: i64) -> Result<Vec<HourCount>> {
-        let rows = sqlx::query_as(shared::FINISHED_PER_HOUR)
-            .bind(since_ms)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(shared::hour_counts(rows))
+        self.read_finished_per_hour(since_ms).await
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, i64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(shared::counts(rows))
+        self.read_counts().await
     }
 
     async fn ping(&self) -> Result<()> {
@@ -974,154 +900,6 @@ impl Store for SqliteStore {
                 .bind(clock.now_ms().to_string())
                 .execute(conn)
                 .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn create_token(
-        &self,
-        name: &str,
-        role: Role,
-        sha256_hex: &str,
-        scopes: &Scopes,
-        by: &str,
-    ) -> Result<TokenInfo> {
-        let (name, hash, scopes) = (name.to_string(), sha256_hex.to_string(), scopes.clone());
-        let by = by.to_string();
-        let clock = self.clock.clone();
-        self.write(move |conn| {
-            Box::pin(async move {
-                let now = clock.now_ms();
-                let r = sqlx::query(
-                    "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
-                     VALUES (?, ?, ?, ?, ?)",
-                )
-                .bind(&name)
-                .bind(role.as_str())
-                .bind(&hash)
-                .bind(now)
-                .bind((!scopes.is_empty()).then(|| encode(&scopes)))
-                .execute(&mut *conn)
-                .await;
-                if r.is_ok() {
-                    add_audit(conn, now, &by, ("token", &name, "created")).await?;
-                }
-                match r {
-                    Ok(_) => Ok(TokenInfo {
-                        name,
-                        role,
-                        created_at: ts(now),
-                        scopes,
-                    }),
-                    Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(
-                        StoreError::Conflict(format!("a token named `{name}` already exists")),
-                    ),
-                    Err(e) => Err(e.into()),
-                }
-            })
-        })
-        .await
-    }
-
-    async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>> {
-        let row = sqlx::query(&format!(
-            "SELECT {TOKEN_COLS}, token_sha256 FROM api_tokens WHERE token_sha256 = ?"
-        ))
-        .bind(sha256_hex)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok((
-                TokenRow::from_row(&r)?.into_info()?,
-                r.try_get("token_sha256")?,
-            ))
-        })
-        .transpose()
-    }
-
-    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TOKEN_COLS} FROM api_tokens ORDER BY name"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| TokenRow::from_row(r)?.into_info())
-            .collect()
-    }
-
-    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool> {
-        let (name, by, clock) = (name.to_string(), by.to_string(), self.clock.clone());
-        self.write(move |conn| {
-            Box::pin(async move {
-                let n = sqlx::query("DELETE FROM api_tokens WHERE name = ?")
-                    .bind(&name)
-                    .execute(&mut *conn)
-                    .await?
-                    .rows_affected();
-                if n > 0 {
-                    let at = clock.now_ms();
-                    add_audit(conn, at, &by, ("token", &name, "revoked")).await?;
-                }
-                Ok(n > 0)
-            })
-        })
-        .await
-    }
-
-    async fn create_session(&self, new: &NewSession) -> Result<()> {
-        let new = new.clone();
-        self.write(move |conn| {
-            Box::pin(async move {
-                sqlx::query(shared::SESSIONS_EXPIRED)
-                    .bind(new.created_at_ms)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query(shared::SESSIONS_OLDEST)
-                    .bind(&new.token_sha256)
-                    .bind(MAX_SESSIONS_PER_TOKEN - 1)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query(shared::SESSION_INSERT)
-                    .bind(&new.session_sha256)
-                    .bind(&new.token_sha256)
-                    .bind(&new.csrf)
-                    .bind(new.created_at_ms)
-                    .bind(new.expires_at_ms)
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn session(&self, session_sha256: &str, now_ms: i64) -> Result<Option<Session>> {
-        let row = sqlx::query(shared::SESSION_GET)
-            .bind(session_sha256)
-            .bind(now_ms)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            Ok(Session {
-                token: TokenRow::from_row(&r)?.into_info()?,
-                csrf: r.try_get("csrf")?,
-                expires_at_ms: r.try_get("expires_at")?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn end_session(&self, session_sha256: &str) -> Result<()> {
-        let hash = session_sha256.to_string();
-        self.write(move |conn| {
-            Box::pin(async move {
-                sqlx::query(shared::SESSION_END)
-                    .bind(&hash)
-                    .execute(&mut *conn)
-                    .await?;
                 Ok(())
             })
         })
@@ -1142,23 +920,7 @@ impl Store for SqliteStore {
     }
 
     async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLS}, outbox_tries FROM jobs INDEXED BY jobs_outbox \
-             WHERE outbox_done_at IS NULL AND finished_at IS NOT NULL AND outbox_after <= ? \
-             ORDER BY outbox_after, id LIMIT ?"
-        ))
-        .bind(now_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    job_from_row(r)?,
-                    r.try_get::<i64, _>("outbox_tries")? as u32,
-                ))
-            })
-            .collect()
+        self.read_outbox(now_ms, limit).await
     }
 
     async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()> {
@@ -1237,32 +999,17 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
-        if dry_run {
-            // Deliveries are stored in arrival order: the old ones are the lowest ids.
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sns_deliveries WHERE at < ?")
-                .bind(before_ms)
-                .fetch_one(&self.pool)
-                .await?;
-            return Ok(n as u64);
-        }
-        self.write(move |conn| {
-            Box::pin(async move {
-                let n = sqlx::query(
-                    "DELETE FROM sns_deliveries WHERE id IN \
-                     (SELECT id FROM sns_deliveries ORDER BY id LIMIT ?1) AND at < ?2",
-                )
-                .bind(i64::from(limit))
-                .bind(before_ms)
-                .execute(conn)
-                .await?
-                .rows_affected();
-                Ok(n)
-            })
-        })
-        .await
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events_tx.subscribe()
     }
 
+    fn work_available(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+}
+
+#[async_trait]
+impl Documents for SqliteStore {
     async fn put_named(&self, kind: Named, name: &str, body: Value, by: &str) -> Result<bool> {
         let (name, clock, table) = (name.to_string(), self.clock.clone(), kind.table());
         let by = by.to_string();
@@ -1345,84 +1092,107 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
-    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
-        let rows: Vec<AuditRow> =
-            sqlx::query_as("SELECT * FROM audit_log WHERE id < ? ORDER BY id DESC LIMIT ?")
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows.into_iter().map(AuditEntry::from).collect())
-    }
-
-    async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
+same_sql!(impl Tokens for SqliteStore {
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256_hex: &str,
+        scopes: &Scopes,
+        by: &str,
+    ) -> Result<TokenInfo> {
+        let (name, hash, scopes) = (name.to_string(), sha256_hex.to_string(), scopes.clone());
+        let by = by.to_string();
         let clock = self.clock.clone();
-        let d = d.bounded();
         self.write(move |conn| {
             Box::pin(async move {
                 let now = clock.now_ms();
-                if let (true, Some(code)) = (d.outcome == "rejected", &d.code) {
-                    let folded = sqlx::query(
-                        "UPDATE sns_deliveries SET count = count + 1, last_at = ?1 WHERE id = \
-                         (SELECT id FROM sns_deliveries INDEXED BY sns_deliveries_fold \
-                          WHERE hook = ?2 AND code = ?3 AND outcome = 'rejected' \
-                          ORDER BY id DESC LIMIT 1) AND at >= ?4 RETURNING *",
-                    )
-                    .bind(now)
-                    .bind(&d.hook)
-                    .bind(code)
-                    .bind(now - REFUSAL_FOLD_MS)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    if let Some(row) = folded {
-                        return delivery_row(&row);
-                    }
-                }
-                let row = sqlx::query(
-                    "INSERT INTO sns_deliveries (at, hook, message_id, topic_arn, kind, outcome, reason, rule, job_id, code) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                let r = sqlx::query(
+                    "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
+                     VALUES (?, ?, ?, ?, ?)",
                 )
+                .bind(&name)
+                .bind(role.as_str())
+                .bind(&hash)
                 .bind(now)
-                .bind(&d.hook)
-                .bind(&d.message_id)
-                .bind(&d.topic_arn)
-                .bind(&d.kind)
-                .bind(&d.outcome)
-                .bind(&d.reason)
-                .bind(&d.rule)
-                .bind(&d.job_id)
-                .bind(&d.code)
-                .fetch_one(conn)
-                .await?;
-                delivery_row(&row)
+                .bind((!scopes.is_empty()).then(|| encode(&scopes)))
+                .execute(&mut *conn)
+                .await;
+                if r.is_ok() {
+                    add_audit(conn, now, &by, ("token", &name, "created")).await?;
+                }
+                match r {
+                    Ok(_) => Ok(TokenInfo {
+                        name,
+                        role,
+                        created_at: ts(now),
+                        scopes,
+                    }),
+                    Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(
+                        StoreError::Conflict(format!("a token named `{name}` already exists")),
+                    ),
+                    Err(e) => Err(e.into()),
+                }
             })
         })
         .await
     }
 
-    async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>> {
-        let row = sqlx::query(
-            "SELECT * FROM sns_deliveries WHERE hook = ? AND message_id = ? \
-             AND outcome IN ('accepted', 'no_rule', 'confirmed') ORDER BY id LIMIT 1",
-        )
-        .bind(hook)
-        .bind(message_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(delivery_row).transpose()
+    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool> {
+        let (name, by, clock) = (name.to_string(), by.to_string(), self.clock.clone());
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query("DELETE FROM api_tokens WHERE name = ?")
+                    .bind(&name)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                if n > 0 {
+                    let at = clock.now_ms();
+                    add_audit(conn, at, &by, ("token", &name, "revoked")).await?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
     }
+});
 
-    async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>> {
-        let rows =
-            sqlx::query("SELECT * FROM sns_deliveries WHERE id < ? ORDER BY id DESC LIMIT ?")
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
+same_sql!(impl AuditLog for SqliteStore);
+
+same_sql!(impl Deliveries for SqliteStore, shared::Dialect::Sqlite, {
+    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
+        if dry_run {
+            // Deliveries are stored in arrival order: the old ones are the lowest ids.
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM sns_deliveries WHERE at < ?")
+                .bind(before_ms)
+                .fetch_one(&self.pool)
                 .await?;
-        rows.iter().map(delivery_row).collect()
+            return Ok(n as u64);
+        }
+        self.write(move |conn| {
+            Box::pin(async move {
+                let n = sqlx::query(
+                    "DELETE FROM sns_deliveries WHERE id IN \
+                     (SELECT id FROM sns_deliveries ORDER BY id LIMIT ?1) AND at < ?2",
+                )
+                .bind(i64::from(limit))
+                .bind(before_ms)
+                .execute(conn)
+                .await?
+                .rows_affected();
+                Ok(n)
+            })
+        })
+        .await
     }
 
+});
+
+#[async_trait]
+impl Leadership for SqliteStore {
     async fn lead(&self, _name: &str, _ttl_ms: i64) -> Result<bool> {
         // One process owns a SQLite queue (its lock file says so): it always leads.
         Ok(true)
@@ -1431,18 +1201,6 @@ impl Store for SqliteStore {
     async fn resign(&self, _name: &str) -> Result<()> {
         Ok(())
     }
-
-    fn subscribe(&self) -> broadcast::Receiver<String> {
-        self.events_tx.subscribe()
-    }
-
-    fn work_available(&self) -> Arc<Notify> {
-        self.notify.clone()
-    }
-}
-
-fn delivery_row(r: &SqliteRow) -> Result<Delivery> {
-    Ok(DeliveryRow::from_row(r)?.into())
 }
 
 #[cfg(test)]

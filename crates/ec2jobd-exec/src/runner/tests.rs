@@ -2,6 +2,7 @@
 //! cancellation, wake-up on enqueue, and release at shutdown. The EC2 executor itself is tested
 //! end to end against moto in tests/.
 
+use ec2jobd_store::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU32;
 

@@ -28,16 +28,15 @@ use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
 
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
-use crate::row::{
-    decode, AuditRow, ClaimedRow, DeliveryRow, EventRow, JobRow, TokenRow, EVENT_COLS, JOB_COLS,
-    TOKEN_COLS,
-};
-use crate::shared::{self, encode, id_bound, spec_hash, Ids};
+use crate::prelude::*;
+use crate::row::{decode, ClaimedRow, JOB_COLS};
+use crate::shared::{self, encode, id_bound, same_sql, spec_hash, Ids};
 use crate::{
-    AuditEntry, CancelOutcome, Claimed, Cluster, Delivery, Enqueued, Finish, Heartbeat, HourCount,
-    ListQuery, Named, NewDelivery, NewEvent, NewJob, NewSession, Page, Result, Scopes, Session,
-    Store, StoreError, TokenInfo, MAX_SESSIONS_PER_TOKEN, REFUSAL_FOLD_MS,
+    CancelOutcome, Claimed, Cluster, Enqueued, Finish, Heartbeat, HourCount, ListQuery, Named,
+    NewEvent, NewJob, Page, Result, Scopes, StoreError, TokenInfo,
 };
+
+same_sql!(helpers for PgConnection, PgRow);
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -93,56 +92,6 @@ fn claim_sql() -> String {
 const PRUNABLE: &str = "WHERE state IN ('succeeded', 'failed', 'cancelled') \
     AND id < $1 AND outbox_done_at IS NOT NULL";
 
-fn job_from_row(row: &PgRow) -> Result<Job> {
-    JobRow::from_row(row)?.into_job()
-}
-
-fn delivery_row(row: &PgRow) -> Result<Delivery> {
-    Ok(DeliveryRow::from_row(row)?.into())
-}
-
-async fn add_event(
-    conn: &mut PgConnection,
-    job_id: &str,
-    at: i64,
-    kind: &str,
-    message: &str,
-    data: &Value,
-) -> Result<()> {
-    add_event_by(conn, job_id, at, (kind, message, data), None).await
-}
-
-/// An event someone caused (`by`: a token's name).
-async fn add_event_by(
-    conn: &mut PgConnection,
-    job_id: &str,
-    at: i64,
-    (kind, message, data): (&str, &str, &Value),
-    by: Option<&str>,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO job_events (job_id, at, kind, message, data, actor) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(job_id)
-    .bind(at)
-    .bind(kind)
-    .bind(message)
-    .bind(encode(data))
-    .bind(by)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn load_job(conn: &mut PgConnection, id: &str) -> Result<Option<Job>> {
-    let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
-    row.as_ref().map(job_from_row).transpose()
-}
-
 /// `update` (a fenced `UPDATE … RETURNING id, …, updated_at`) with the job's event (at the
 /// update's time) in the same statement: the
 /// event's kind, message and data are parameters `$first` to `$first + 2`, and with `hint` the
@@ -189,6 +138,19 @@ fn vanished(id: &str) -> StoreError {
 }
 
 impl PgStore {
+    /// Runs `f` in one transaction on a pooled connection and returns its result once committed
+    /// (the shape of SQLite's writer, so `same_sql!` writes one body for both).
+    async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> shared::OpFuture<'c, T> + Send + 'static,
+    {
+        let mut tx = self.pool.begin().await?;
+        let out = f(&mut tx).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
     /// Connects, applies migrations (safe from several replicas at once) and starts the hint
     /// listener (unless `poll_only`) and the event watcher.
     pub async fn open(opts: PgOptions, clock: Arc<dyn Clock>) -> Result<Self> {
@@ -287,8 +249,10 @@ async fn watch_events(pool: PgPool, tx: broadcast::Sender<String>, every: Durati
     }
 }
 
+same_sql!(reads of PgStore, sqlx::Postgres, shared::Dialect::Postgres);
+
 #[async_trait]
-impl Store for PgStore {
+impl Queue for PgStore {
     async fn enqueue(&self, new: NewJob) -> Result<Enqueued> {
         let id = self.ids.next();
         let spec_json = encode(&new.spec);
@@ -360,12 +324,7 @@ impl Store for PgStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page> {
-        let rows = shared::list_query::<sqlx::Postgres>(&q, shared::Dialect::Postgres)
-            .build()
-            .fetch_all(&self.pool)
-            .await?;
-        let jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
-        Ok(shared::page(jobs, q.limit))
+        self.read_list(q).await
     }
 
     async fn cancel(&self, id: &str, by: &str) -> Result<Option<CancelOutcome>> {
@@ -726,16 +685,9 @@ impl Store for PgStore {
         .bind(lot)
         .fetch_all(&mut *tx)
         .await?;
+        let (kind, message, data) = shared::lot_released();
         for id in &ids {
-            add_event(
-                &mut tx,
-                id,
-                now,
-                "requeued",
-                shared::LOT_RELEASED,
-                &Value::Null,
-            )
-            .await?;
+            add_event(&mut tx, id, now, kind, &message, &data).await?;
         }
         if !ids.is_empty() {
             hints::hint(&mut tx).await?;
@@ -748,18 +700,7 @@ impl Store for PgStore {
     }
 
     async fn events(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLS} FROM job_events WHERE job_id = $1 AND seq > $2 \
-                 ORDER BY seq LIMIT $3"
-        ))
-        .bind(id)
-        .bind(after_seq)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| EventRow::from_row(r)?.into_event())
-            .collect()
+        self.read_events(id, after_seq, limit).await
     }
 
     async fn next_run_after(&self) -> Result<Option<i64>> {
@@ -771,19 +712,11 @@ impl Store for PgStore {
     }
 
     async fn finished_per_hour(&self, since_ms: i64) -> Result<Vec<HourCount>> {
-        let rows = sqlx::query_as(shared::FINISHED_PER_HOUR)
-            .bind(since_ms)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(shared::hour_counts(rows))
+        self.read_finished_per_hour(since_ms).await
     }
 
     async fn counts(&self) -> Result<Vec<(JobState, i64)>> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(shared::counts(rows))
+        self.read_counts().await
     }
 
     async fn queued(&self) -> Result<i64> {
@@ -805,130 +738,6 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn create_token(
-        &self,
-        name: &str,
-        role: Role,
-        sha256_hex: &str,
-        scopes: &Scopes,
-        by: &str,
-    ) -> Result<TokenInfo> {
-        let now = self.clock.now_ms();
-        let r = sqlx::query(&audited(
-            "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING name, 'created' AS change",
-            "token",
-        ))
-        .bind(name)
-        .bind(role.as_str())
-        .bind(sha256_hex)
-        .bind(now)
-        .bind((!scopes.is_empty()).then(|| encode(scopes)))
-        .bind(now)
-        .bind(by)
-        .execute(&self.pool)
-        .await;
-        match r {
-            Ok(_) => Ok(TokenInfo {
-                name: name.to_string(),
-                role,
-                created_at: crate::row::ts(now),
-                scopes: scopes.clone(),
-            }),
-            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Conflict(
-                format!("a token named `{name}` already exists"),
-            )),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn token_by_hash(&self, sha256_hex: &str) -> Result<Option<(TokenInfo, String)>> {
-        let row = sqlx::query(&format!(
-            "SELECT {TOKEN_COLS}, token_sha256 FROM api_tokens WHERE token_sha256 = $1"
-        ))
-        .bind(sha256_hex)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok((
-                TokenRow::from_row(&r)?.into_info()?,
-                r.try_get("token_sha256")?,
-            ))
-        })
-        .transpose()
-    }
-
-    async fn list_tokens(&self) -> Result<Vec<TokenInfo>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TOKEN_COLS} FROM api_tokens ORDER BY name"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| TokenRow::from_row(r)?.into_info())
-            .collect()
-    }
-
-    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool> {
-        let gone: Option<String> = sqlx::query_scalar(&audited(
-            "DELETE FROM api_tokens WHERE name = $1 RETURNING name, 'revoked' AS change",
-            "token",
-        ))
-        .bind(name)
-        .bind(self.clock.now_ms())
-        .bind(by)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(gone.is_some())
-    }
-
-    async fn create_session(&self, new: &NewSession) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(shared::SESSIONS_EXPIRED)
-            .bind(new.created_at_ms)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(shared::SESSIONS_OLDEST)
-            .bind(&new.token_sha256)
-            .bind(MAX_SESSIONS_PER_TOKEN - 1)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(shared::SESSION_INSERT)
-            .bind(&new.session_sha256)
-            .bind(&new.token_sha256)
-            .bind(&new.csrf)
-            .bind(new.created_at_ms)
-            .bind(new.expires_at_ms)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn session(&self, session_sha256: &str, now_ms: i64) -> Result<Option<Session>> {
-        let row = sqlx::query(shared::SESSION_GET)
-            .bind(session_sha256)
-            .bind(now_ms)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            Ok(Session {
-                token: TokenRow::from_row(&r)?.into_info()?,
-                csrf: r.try_get("csrf")?,
-                expires_at_ms: r.try_get("expires_at")?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn end_session(&self, session_sha256: &str) -> Result<()> {
-        sqlx::query(shared::SESSION_END)
-            .bind(session_sha256)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     async fn note(&self, id: &str, ev: NewEvent) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
         add_event(
@@ -945,23 +754,7 @@ impl Store for PgStore {
     }
 
     async fn outbox(&self, now_ms: i64, limit: u32) -> Result<Vec<(Job, u32)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLS}, outbox_tries FROM jobs \
-             WHERE outbox_done_at IS NULL AND finished_at IS NOT NULL AND outbox_after <= $1 \
-             ORDER BY outbox_after, id LIMIT $2"
-        ))
-        .bind(now_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    job_from_row(r)?,
-                    r.try_get::<i32, _>("outbox_tries")?.max(0) as u32,
-                ))
-            })
-            .collect()
+        self.read_outbox(now_ms, limit).await
     }
 
     async fn outbox_done(&self, done: Vec<(String, Option<NewEvent>)>) -> Result<()> {
@@ -1020,26 +813,17 @@ impl Store for PgStore {
         Ok(n)
     }
 
-    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
-        if dry_run {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sns_deliveries WHERE at < $1")
-                .bind(before_ms)
-                .fetch_one(&self.pool)
-                .await?;
-            return Ok(n as u64);
-        }
-        let n = sqlx::query(
-            "DELETE FROM sns_deliveries WHERE id IN \
-             (SELECT id FROM sns_deliveries ORDER BY id LIMIT $1) AND at < $2",
-        )
-        .bind(i64::from(limit))
-        .bind(before_ms)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n)
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events_tx.subscribe()
     }
 
+    fn work_available(&self) -> Arc<Notify> {
+        self.notify.clone()
+    }
+}
+
+#[async_trait]
+impl Documents for PgStore {
     async fn put_named(&self, kind: Named, name: &str, body: Value, by: &str) -> Result<bool> {
         let now = self.clock.now_ms();
         // `xmax = 0` holds for a row this statement inserted, not for one it updated.
@@ -1106,87 +890,87 @@ impl Store for PgStore {
         .await?;
         Ok(gone.is_some())
     }
+}
 
-    async fn audit_log(&self, before: Option<i64>, limit: u32) -> Result<Vec<AuditEntry>> {
-        let rows: Vec<AuditRow> =
-            sqlx::query_as("SELECT * FROM audit_log WHERE id < $1 ORDER BY id DESC LIMIT $2")
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows.into_iter().map(AuditEntry::from).collect())
-    }
-
-    async fn record_delivery(&self, d: NewDelivery) -> Result<Delivery> {
+same_sql!(impl Tokens for PgStore {
+    async fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256_hex: &str,
+        scopes: &Scopes,
+        by: &str,
+    ) -> Result<TokenInfo> {
         let now = self.clock.now_ms();
-        let d = d.bounded();
-        if let (true, Some(code)) = (d.outcome == "rejected", &d.code) {
-            let folded = sqlx::query(
-                "UPDATE sns_deliveries SET count = count + 1, last_at = $1 WHERE id = \
-                 (SELECT id FROM sns_deliveries WHERE hook = $2 AND code = $3 AND outcome = 'rejected' \
-                  ORDER BY id DESC LIMIT 1) AND at >= $4 RETURNING *",
-            )
-            .bind(now)
-            .bind(&d.hook)
-            .bind(code)
-            .bind(now - REFUSAL_FOLD_MS)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(row) = folded {
-                return delivery_row(&row);
-            }
-        }
-        let row = sqlx::query(
-            "INSERT INTO sns_deliveries (at, hook, message_id, topic_arn, kind, outcome, reason, \
-             rule, job_id, code) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
-        )
+        let r = sqlx::query(&audited(
+            "INSERT INTO api_tokens (name, role, token_sha256, created_at, scopes) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING name, 'created' AS change",
+            "token",
+        ))
+        .bind(name)
+        .bind(role.as_str())
+        .bind(sha256_hex)
         .bind(now)
-        .bind(&d.hook)
-        .bind(&d.message_id)
-        .bind(&d.topic_arn)
-        .bind(&d.kind)
-        .bind(&d.outcome)
-        .bind(&d.reason)
-        .bind(&d.rule)
-        .bind(&d.job_id)
-        .bind(&d.code)
-        .fetch_one(&self.pool)
+        .bind((!scopes.is_empty()).then(|| encode(scopes)))
+        .bind(now)
+        .bind(by)
+        .execute(&self.pool)
         .await;
-        match row {
-            Ok(row) => delivery_row(&row),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(StoreError::Conflict(format!(
-                    "message {} to hook `{}` was already accepted",
-                    d.message_id.unwrap_or_default(),
-                    d.hook
-                )))
-            }
+        match r {
+            Ok(_) => Ok(TokenInfo {
+                name: name.to_string(),
+                role,
+                created_at: crate::row::ts(now),
+                scopes: scopes.clone(),
+            }),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Err(StoreError::Conflict(
+                format!("a token named `{name}` already exists"),
+            )),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn delivered(&self, hook: &str, message_id: &str) -> Result<Option<Delivery>> {
-        let row = sqlx::query(
-            "SELECT * FROM sns_deliveries WHERE hook = $1 AND message_id = $2 \
-             AND outcome IN ('accepted', 'no_rule', 'confirmed') ORDER BY id LIMIT 1",
-        )
-        .bind(hook)
-        .bind(message_id)
+    async fn revoke_token(&self, name: &str, by: &str) -> Result<bool> {
+        let gone: Option<String> = sqlx::query_scalar(&audited(
+            "DELETE FROM api_tokens WHERE name = $1 RETURNING name, 'revoked' AS change",
+            "token",
+        ))
+        .bind(name)
+        .bind(self.clock.now_ms())
+        .bind(by)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(delivery_row).transpose()
+        Ok(gone.is_some())
     }
+});
 
-    async fn list_deliveries(&self, before: Option<i64>, limit: u32) -> Result<Vec<Delivery>> {
-        let rows =
-            sqlx::query("SELECT * FROM sns_deliveries WHERE id < $1 ORDER BY id DESC LIMIT $2")
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
+same_sql!(impl AuditLog for PgStore);
+
+same_sql!(impl Deliveries for PgStore, shared::Dialect::Postgres, {
+    async fn prune_deliveries(&self, before_ms: i64, limit: u32, dry_run: bool) -> Result<u64> {
+        if dry_run {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sns_deliveries WHERE at < $1")
+                .bind(before_ms)
+                .fetch_one(&self.pool)
                 .await?;
-        rows.iter().map(delivery_row).collect()
+            return Ok(n as u64);
+        }
+        let n = sqlx::query(
+            "DELETE FROM sns_deliveries WHERE id IN \
+             (SELECT id FROM sns_deliveries ORDER BY id LIMIT $1) AND at < $2",
+        )
+        .bind(i64::from(limit))
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
+});
+
+#[async_trait]
+impl Leadership for PgStore {
     async fn lead(&self, name: &str, ttl_ms: i64) -> Result<bool> {
         take_lease(&self.pool, name, &self.node, self.clock.now_ms(), ttl_ms).await
     }
@@ -1201,14 +985,6 @@ impl Store for PgStore {
             node: self.node.clone(),
             clock: self.clock.clone(),
         }))
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<String> {
-        self.events_tx.subscribe()
-    }
-
-    fn work_available(&self) -> Arc<Notify> {
-        self.notify.clone()
     }
 }
 

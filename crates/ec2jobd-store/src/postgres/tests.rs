@@ -3,6 +3,7 @@
 //! database of its own on it. Without the variable (a bare `cargo test`) these tests say so and
 //! return.
 
+use crate::prelude::*;
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -10,7 +11,7 @@ use sqlx::{Connection, Executor, PgConnection};
 
 use super::*;
 use crate::suite::{enqueue, new_job, pg_options};
-use crate::{Enqueued, NewEvent, Store};
+use crate::{Enqueued, NewEvent};
 use ec2jobd_spec::{Clock, JobState, ManualClock, Progress};
 use std::sync::Arc;
 
@@ -238,9 +239,7 @@ async fn futures_join_all<F: std::future::Future<Output = bool> + Send + 'static
 /// refused unless asked, and then nothing is written twice.
 #[tokio::test]
 async fn a_sqlite_history_is_copied_whole_and_only_into_an_empty_target() {
-    use crate::{
-        Enqueued, Named, NewDelivery, NewEvent, NewJob, SqliteOptions, SqliteStore, Store,
-    };
+    use crate::{Enqueued, Named, NewDelivery, NewEvent, NewJob, SqliteOptions, SqliteStore};
     use ec2jobd_spec::{JobSpec, ManualClock, Role};
     use serde_json::json;
 
