@@ -67,6 +67,46 @@ pub struct Faults {
     /// semaphore gives a permit or is closed: the test acts in EC2 between a call's sending and
     /// its effect.
     pub hold: Option<(String, Arc<tokio::sync::Semaphore>)>,
+    /// EC2 as it is, not as moto is: see [`Realistic`].
+    pub realistic: Option<Realistic>,
+    /// RunInstances and StartInstances of this instance type (or into this subnet) are answered
+    /// `InsufficientInstanceCapacity` until this instant.
+    pub no_capacity: Option<(String, Instant)>,
+    /// RunInstances is answered with this quota error (`InstanceLimitExceeded`,
+    /// `VcpuLimitExceeded`).
+    pub quota: Option<String>,
+}
+
+/// What real EC2 does that moto does not ("Eventual consistency in the Amazon EC2 API"; the
+/// instance lifecycle), each for a while the test chooses:
+/// - an id RunInstances, CreateImage, CreateSnapshot(s), CopyImage or CopySnapshot made is unknown
+///   to every other call for `consistency` (`InvalidInstanceID.NotFound`, `InvalidAMIID.NotFound`,
+///   `InvalidSnapshot.NotFound`), and left out of describes that find by filter;
+/// - an instance launched or started is `pending` for `pending` (its status checks answered as
+///   DescribeInstanceStatus sees a pending instance), and StopInstances or RebootInstances naming
+///   it are refused `IncorrectInstanceState`;
+/// - an instance stopped is `stopping` for `stopping`, and StartInstances or
+///   ModifyInstanceAttribute naming it are refused `IncorrectInstanceState`;
+/// - describes that take `MaxResults` get pages of `page_size`.
+#[derive(Debug, Clone, Default)]
+pub struct Realistic {
+    pub consistency: Duration,
+    pub pending: Duration,
+    pub stopping: Duration,
+    pub page_size: Option<usize>,
+}
+
+impl Realistic {
+    /// The stand-in of issue 31: ids unknown for 3 s after they are made, `pending` 4 s after a
+    /// start or launch, `stopping` 4 s after a stop, pages of 5.
+    pub fn issue_31() -> Realistic {
+        Realistic {
+            consistency: Duration::from_secs(3),
+            pending: Duration::from_secs(4),
+            stopping: Duration::from_secs(4),
+            page_size: Some(5),
+        }
+    }
 }
 
 /// EC2's default bucket (size, refill per second) for an operation.
@@ -108,6 +148,10 @@ struct Shared {
     client_tokens: Mutex<HashMap<String, Reply>>,
     /// When each instance was last started, as seen passing through.
     started: Mutex<HashMap<String, Instant>>,
+    /// When each instance was last stopped, as seen passing through.
+    stopped: Mutex<HashMap<String, Instant>>,
+    /// When each id the proxy saw made (instances, images, snapshots) was made.
+    made: Mutex<HashMap<String, Instant>>,
     /// EC2's request buckets (`Faults::ec2_buckets`): tokens left and when last refilled.
     buckets: Mutex<HashMap<&'static str, (f64, Instant)>>,
     rng: Mutex<StdRng>,
@@ -131,6 +175,8 @@ impl FaultProxy {
             in_flight: Mutex::new(HashMap::new()),
             client_tokens: Mutex::new(HashMap::new()),
             started: Mutex::new(HashMap::new()),
+            stopped: Mutex::new(HashMap::new()),
+            made: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             http: reqwest::Client::new(),
@@ -428,6 +474,142 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// The text of every `<element>` of an answer, in order.
+fn elements(text: &str, element: &str) -> Vec<String> {
+    text.split(&format!("<{element}>"))
+        .skip(1)
+        .filter_map(|p| {
+            p.split_once(&format!("</{element}>"))
+                .map(|(v, _)| v.to_string())
+        })
+        .collect()
+}
+
+/// The instance ids a request names (`InstanceId.N`, or `InstanceId` alone).
+fn instance_ids(fields: &HashMap<String, String>) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|(k, _)| *k == "InstanceId" || k.starts_with("InstanceId."))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Every resource id a request names: instances, tagged resources, images, snapshots.
+fn named_ids(fields: &HashMap<String, String>) -> Vec<String> {
+    fields
+        .iter()
+        .filter(|(k, _)| {
+            let base = k.split('.').next().unwrap_or("");
+            matches!(
+                base,
+                "InstanceId"
+                    | "ResourceId"
+                    | "ImageId"
+                    | "SnapshotId"
+                    | "SourceImageId"
+                    | "SourceSnapshotId"
+            )
+        })
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// What EC2 refuses that moto allows (see [`Realistic`]): a call naming an id made too recently
+/// for this call to know it, or an instance still moving between states.
+fn refuse_as_ec2_would(
+    s: &Shared,
+    op: &str,
+    fields: &HashMap<String, String>,
+    r: &Realistic,
+) -> Option<Reply> {
+    let now = Instant::now();
+    let within = |at: Option<&Instant>, d: Duration| at.is_some_and(|t| now.duration_since(*t) < d);
+    let refuse = |code: &str, msg: String| {
+        Some((
+            400,
+            error_xml(code, &msg, "fault-realistic"),
+            "fault-realistic".into(),
+        ))
+    };
+    {
+        let made = s.made.lock().unwrap();
+        for id in named_ids(fields) {
+            if within(made.get(&id), r.consistency) {
+                let code = match id.split('-').next() {
+                    Some("i") => "InvalidInstanceID.NotFound",
+                    Some("ami") => "InvalidAMIID.NotFound",
+                    Some("snap") => "InvalidSnapshot.NotFound",
+                    _ => "InvalidID.NotFound",
+                };
+                return refuse(code, format!("The ID '{id}' does not exist"));
+            }
+        }
+    }
+    let ids = instance_ids(fields);
+    let (moving, verb) = match op {
+        "StartInstances" | "ModifyInstanceAttribute" => {
+            let stopped = s.stopped.lock().unwrap();
+            (
+                ids.iter()
+                    .find(|id| within(stopped.get(*id), r.stopping))
+                    .cloned(),
+                "stopping",
+            )
+        }
+        "StopInstances" | "RebootInstances" => {
+            let started = s.started.lock().unwrap();
+            (
+                ids.iter()
+                    .find(|id| within(started.get(*id), r.pending))
+                    .cloned(),
+                "pending",
+            )
+        }
+        _ => (None, ""),
+    };
+    let id = moving?;
+    refuse(
+        "IncorrectInstanceState",
+        format!("The instance '{id}' is not in a state from which it can be acted on ({verb})."),
+    )
+}
+
+/// An answer's instances as EC2 would show them (see [`Realistic`]): one started or launched
+/// within `pending` is `pending` (its status checks `initializing`), one stopped within
+/// `stopping` is `stopping`. Whether anything changed.
+fn in_transition(s: &Shared, text: &str, r: &Realistic) -> (String, bool) {
+    let now = Instant::now();
+    let started = s.started.lock().unwrap().clone();
+    let stopped = s.stopped.lock().unwrap().clone();
+    let within = |at: Option<&Instant>, d: Duration| at.is_some_and(|t| now.duration_since(*t) < d);
+    let mut parts = text.split("<instanceId>");
+    let mut out = parts.next().unwrap_or_default().to_string();
+    let mut changed = false;
+    for part in parts {
+        out.push_str("<instanceId>");
+        let id = part.split("</instanceId>").next().unwrap_or_default();
+        let mut p = part.to_string();
+        if within(started.get(id), r.pending) {
+            p = p.replacen(
+                "<code>16</code><name>running</name>",
+                "<code>0</code><name>pending</name>",
+                1,
+            );
+            p = rewrite_status(p, "systemStatus", "initializing");
+            p = rewrite_status(p, "instanceStatus", "initializing");
+        } else if within(stopped.get(id), r.stopping) {
+            p = p.replacen(
+                "<code>80</code><name>stopped</name>",
+                "<code>64</code><name>stopping</name>",
+                1,
+            );
+        }
+        changed |= p != part;
+        out.push_str(&p);
+    }
+    (out, changed)
+}
+
 /// An answer to write: status, body, request id.
 type Reply = (u16, String, String);
 
@@ -625,6 +807,48 @@ async fn forward(
         let xml = error_xml("Unavailable", "The service is unavailable.", "fault-503");
         return Some((503, xml, "fault-503".into()));
     }
+    let fields = form(&body);
+    if let Some((what, until)) = &faults.no_capacity {
+        let asks = |k: &str| fields.get(k).is_some_and(|v| v == what);
+        let launch = op == "RunInstances" && (asks("InstanceType") || asks("SubnetId"));
+        if Instant::now() < *until && (launch || op == "StartInstances") {
+            note(s);
+            let msg = format!("We currently do not have sufficient {what} capacity.");
+            let xml = error_xml("InsufficientInstanceCapacity", &msg, "fault-capacity");
+            return Some((500, xml, "fault-capacity".into()));
+        }
+    }
+    if let (Some(code), "RunInstances") = (&faults.quota, op) {
+        note(s);
+        let msg = "You have requested more instances than your current instance limit allows.";
+        return Some((
+            400,
+            error_xml(code, msg, "fault-quota"),
+            "fault-quota".into(),
+        ));
+    }
+    let mut body = body;
+    if let Some(r) = &faults.realistic {
+        if let Some(refusal) = refuse_as_ec2_would(s, op, &fields, r) {
+            note(s);
+            return Some(refusal);
+        }
+        if let Some(n) = r.page_size {
+            body = body
+                .split('&')
+                .map(|kv| match kv.strip_prefix("MaxResults=") {
+                    Some(_) => format!("MaxResults={n}"),
+                    None => kv.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+        }
+    }
+    let stops: Vec<String> = if op == "StopInstances" {
+        instance_ids(&fields)
+    } else {
+        Vec::new()
+    };
     let starts: Vec<String> = if matches!(op, "StartInstances" | "RebootInstances") {
         body.split('&')
             .filter(|kv| kv.starts_with("InstanceId."))
@@ -637,14 +861,44 @@ async fn forward(
     if status == 200 {
         let now = Instant::now();
         let mut started = s.started.lock().unwrap();
+        let mut stopped = s.stopped.lock().unwrap();
         for id in starts {
+            stopped.remove(&id);
             started.insert(id, now);
         }
+        for id in stops {
+            started.remove(&id);
+            stopped.insert(id, now);
+        }
         if op == "RunInstances" {
-            for id in text.split("<instanceId>").skip(1) {
-                if let Some((id, _)) = id.split_once("</instanceId>") {
-                    started.insert(id.to_string(), now);
-                }
+            for id in elements(&text, "instanceId") {
+                started.insert(id, now);
+            }
+        }
+        let made = match op {
+            "RunInstances" => elements(&text, "instanceId"),
+            "CreateImage" | "CopyImage" => elements(&text, "imageId"),
+            "CreateSnapshot" | "CreateSnapshots" | "CopySnapshot" => elements(&text, "snapshotId"),
+            _ => Vec::new(),
+        };
+        let mut m = s.made.lock().unwrap();
+        for id in made {
+            m.insert(id, now);
+        }
+    }
+    if let (Some(r), 200) = (&faults.realistic, status) {
+        if matches!(
+            op,
+            "DescribeInstances"
+                | "DescribeInstanceStatus"
+                | "RunInstances"
+                | "StartInstances"
+                | "StopInstances"
+        ) {
+            let (t, changed) = in_transition(s, &text, r);
+            text = t;
+            if changed {
+                note(s);
             }
         }
     }

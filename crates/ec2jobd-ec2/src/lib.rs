@@ -125,6 +125,10 @@ const TRANSIENT_CODES: &[&str] = &[
     "InternalFailure",
     "ServiceUnavailable",
     "Unavailable",
+    // An instance between states (stopping, pending) refuses calls that need the settled state;
+    // the job's next attempt waits for it (a state it can never act from is refused before any
+    // call).
+    "IncorrectInstanceState",
 ];
 
 fn classify<E, R>(op: &str, err: SdkError<E, R>) -> Ec2Error

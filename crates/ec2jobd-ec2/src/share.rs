@@ -59,6 +59,9 @@ pub struct SharedRound {
     pub resources: HashMap<String, (String, Option<String>)>,
     /// Snapshots and AMIs the round could not describe.
     pub resource_errors: HashMap<String, Ec2Error>,
+    /// Instances EC2 did not know.
+    #[serde(default, skip_serializing_if = "HashSet::is_empty")]
+    pub unknown: HashSet<String>,
 }
 
 fn epoch_ms() -> i64 {
@@ -84,6 +87,7 @@ impl SharedRound {
             error: round.error.clone(),
             resources: round.resources.clone(),
             resource_errors: round.resource_errors.clone(),
+            unknown: round.unknown.clone(),
         }
     }
 
@@ -120,6 +124,11 @@ impl SharedRound {
                 .resource_errors
                 .into_iter()
                 .filter(|(i, _)| mine.contains(i))
+                .collect(),
+            unknown: self
+                .unknown
+                .into_iter()
+                .filter(|i| mine.contains(i))
                 .collect(),
         }
     }

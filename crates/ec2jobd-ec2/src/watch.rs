@@ -161,6 +161,10 @@ pub struct Round {
     pub statuses: HashMap<String, InstanceStatus>,
     /// A failed call in this round, if any.
     pub error: Option<Ec2Error>,
+    /// Instances EC2 answered `InvalidInstanceID.NotFound` for this round (the rest of their
+    /// chunk was asked again without them): just made and not yet known everywhere (eventual
+    /// consistency), or gone for good; each wait's grace tells which.
+    pub unknown: HashSet<String>,
     /// Snapshots and AMIs: state and progress of each id asked about.
     pub resources: HashMap<String, (String, Option<String>)>,
     /// Snapshots and AMIs the round could not describe (a chunk that failed for one id is asked
@@ -401,6 +405,11 @@ pub struct Judge {
     pub last: HashMap<String, InstanceStatus>,
     /// Rounds that began earlier may have asked before the call this wait follows took effect.
     since: Instant,
+    /// How long an instance EC2 does not know yet is waited for (eventual consistency), from
+    /// `since`; then it fails `InvalidInstanceID.NotFound`. Zero: at once.
+    unknown_grace: Duration,
+    /// Instances the latest round found unknown.
+    pub unknown: HashSet<String>,
 }
 
 impl Judge {
@@ -413,7 +422,15 @@ impl Judge {
             moving: HashSet::new(),
             last: HashMap::new(),
             since: Instant::now(),
+            unknown_grace: Duration::ZERO,
+            unknown: HashSet::new(),
         }
+    }
+
+    /// The same, waiting up to `grace` for instances EC2 does not know yet.
+    pub fn with_unknown_grace(mut self, grace: Duration) -> Self {
+        self.unknown_grace = grace;
+        self
     }
 
     /// The instances judged.
@@ -449,19 +466,33 @@ impl Judge {
             }
         }
         if let Some(e) = &round.error {
-            if e.code == "InvalidInstanceID.NotFound" && self.until == WaitUntil::Terminated {
-                // A purged terminated instance makes the whole chunk fail: treat them as gone.
-                self.gone.extend(
-                    self.ids
-                        .iter()
-                        .filter(|i| !round.statuses.contains_key(*i))
-                        .cloned(),
-                );
-            } else if !e.transient {
+            if !e.transient {
                 return Some(Err(WaitFailure::Aws(e.clone())));
-            } else {
-                return None;
             }
+            return None;
+        }
+        self.unknown = self
+            .ids
+            .iter()
+            .filter(|i| round.unknown.contains(*i))
+            .cloned()
+            .collect();
+        if self.until == WaitUntil::Terminated {
+            // A purged terminated instance is unknown: it is gone.
+            self.gone.extend(self.unknown.drain());
+        } else if let Some(id) = self.unknown.iter().min() {
+            if self.since.elapsed() >= self.unknown_grace {
+                return Some(Err(WaitFailure::Failed {
+                    instance_id: id.clone(),
+                    code: "InvalidInstanceID.NotFound".into(),
+                    message: format!(
+                        "EC2 does not know {id} ({}s after the wait began)",
+                        self.since.elapsed().as_secs()
+                    ),
+                    last: self.last.clone(),
+                }));
+            }
+            return None;
         }
         let mut all_done = true;
         for id in &self.ids {
@@ -569,6 +600,38 @@ impl StatusWatcher {
         }
     }
 
+    /// DescribeInstanceStatus for `chunk` into `round`. An instance EC2 does not know is set
+    /// apart (`Round::unknown`) and the rest asked again, so one job's fresh or vanished id does
+    /// not blind every other wait of the chunk.
+    async fn describe_status(&self, chunk: &[String], round: &mut Round) {
+        let mut ask: Vec<String> = chunk.to_vec();
+        while !ask.is_empty() {
+            match self.ec2.describe_instance_status(&ask).await {
+                Ok(found) => {
+                    round.statuses.extend(found);
+                    return;
+                }
+                Err(e) if e.code == "InvalidInstanceID.NotFound" => {
+                    let named = crate::coalesce::named_ids(&e.message);
+                    let before = ask.len();
+                    ask.retain(|id| !named.contains(id));
+                    if ask.len() == before {
+                        // EC2 named none of them: the whole chunk is in doubt.
+                        round.unknown.extend(ask);
+                        return;
+                    }
+                    round
+                        .unknown
+                        .extend(named.into_iter().filter(|id| chunk.contains(id)));
+                }
+                Err(e) => {
+                    round.error = Some(e);
+                    return;
+                }
+            }
+        }
+    }
+
     async fn poll(self: Arc<Self>) {
         let mut number = self.rounds.borrow().number;
         // The last shared round taken (when another process polls): its number and start.
@@ -641,10 +704,7 @@ impl StatusWatcher {
                 ..Default::default()
             };
             for chunk in ids.chunks(100) {
-                match self.ec2.describe_instance_status(chunk).await {
-                    Ok(found) => round.statuses.extend(found),
-                    Err(e) => round.error = Some(e),
-                }
+                self.describe_status(chunk, &mut round).await;
             }
             for (kind, list) in [(Watched::Snapshots, &snapshots), (Watched::Images, &images)] {
                 for chunk in list.chunks(200) {
@@ -827,6 +887,47 @@ mod tests {
             instance: Some(inst.into()),
             ebs: ebs.map(String::from),
         }
+    }
+
+    /// An instance EC2 does not know yet (eventual consistency) is waited for within the wait's
+    /// grace, then fails NotFound; a terminated wait counts it gone; the others of the round are
+    /// judged as usual.
+    #[test]
+    fn unknown_instances_are_waited_for_within_the_grace_only() {
+        let ids = ["i-1".to_string(), "i-2".to_string()];
+        let mut r = Round {
+            number: 1,
+            asked: ids.iter().cloned().collect(),
+            began: None,
+            ..Default::default()
+        };
+        r.unknown.insert("i-2".into());
+        r.statuses
+            .insert("i-1".into(), st("running", "ok", "ok", None));
+        let mut patient =
+            Judge::new(&ids, WaitUntil::StatusOk).with_unknown_grace(Duration::from_secs(60));
+        assert!(patient.observe(&r).is_none(), "waits for EC2 to know i-2");
+        assert_eq!(patient.unknown, ["i-2".to_string()].into());
+        assert_eq!(patient.done(), 1);
+        let mut hasty = Judge::new(&ids, WaitUntil::StatusOk);
+        match hasty.observe(&r) {
+            Some(Err(WaitFailure::Failed {
+                instance_id, code, ..
+            })) => {
+                assert_eq!(
+                    (instance_id.as_str(), code.as_str()),
+                    ("i-2", "InvalidInstanceID.NotFound")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut gone = Judge::new(&ids, WaitUntil::Terminated);
+        r.statuses
+            .insert("i-1".into(), st("terminated", "", "", None));
+        assert!(
+            matches!(gone.observe(&r), Some(Ok(()))),
+            "a purged instance is gone"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use ec2jobd_ec2::{
@@ -80,12 +81,43 @@ fn made_by_filters(ctx: &ExecCtx) -> ec2jobd_ec2::Filters {
 pub struct Ec2Executor {
     pool: Arc<Ec2Pool>,
     lot: Arc<Parking>,
+    settings: Settings,
+}
+
+/// How the executor meets EC2's eventual consistency (`[ec2]` in config).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long an id the job itself made (a launch's instances) may be unknown to EC2's other
+    /// calls before that is a failure.
+    pub consistency_timeout: Duration,
+    /// How long an id the caller gave may be unknown before the job fails `NotFound` (an
+    /// instance another job launched a moment ago).
+    pub not_found_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            consistency_timeout: Duration::from_secs(180),
+            not_found_grace: Duration::from_secs(15),
+        }
+    }
 }
 
 impl Ec2Executor {
     /// An executor over the configured accounts, judging instance waits in `lot`.
     pub fn new(pool: Arc<Ec2Pool>, lot: Arc<Parking>) -> Self {
-        Self { pool, lot }
+        Self {
+            pool,
+            lot,
+            settings: Settings::default(),
+        }
+    }
+
+    /// The same with these consistency settings.
+    pub fn with_settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
     }
 }
 
@@ -190,6 +222,13 @@ impl Executor for Ec2Executor {
                             results: JobResults::default(),
                         });
                     }
+                }
+            }
+            // Parked until the targets settled: the action goes on from the start (looking at
+            // them again), unless the wait failed.
+            Some(Checkpoint::Settling { .. }) => {
+                if let Some(o) = waited(ctx)? {
+                    settled(o, &JobResults::default())?;
                 }
             }
             Some(Checkpoint::Parked(after)) => {
@@ -297,12 +336,15 @@ async fn describe(
 }
 
 /// Finds the target instances (one paginated DescribeInstances; shared with other jobs' through
-/// `shared` when the targets are instance ids alone). `Ok(None)`: none matched and the job allows
+/// `shared` when the targets are instance ids alone). An id EC2 answers `NotFound` for is looked
+/// for again, with backoff, for up to `grace` (an instance launched a moment ago is not known
+/// everywhere yet), then the job fails as EC2 said. `Ok(None)`: none matched and the job allows
 /// that, so it is done with `results`' summary.
 async fn resolve(
     ctx: &ExecCtx,
     ec2: &Ec2,
     shared: Option<Arc<Coalescer>>,
+    grace: Duration,
     results: &mut JobResults,
 ) -> Result<Option<Vec<InstanceResult>>, ExecError> {
     ctx.check_cancel(results)?;
@@ -311,30 +353,46 @@ async fn resolve(
         (Some(ids), None, None, Some(c)) => Some((ids.0.clone(), c)),
         _ => None,
     };
-    let describe = async {
-        tokio::select! {
-            r = async {
-                match by_id {
-                    Some((ids, c)) => c.call(SharedCall::Describe, ids).await.map(|a| Described {
-                        instances: a.instances,
-                        request_ids: a.request_ids,
-                        dry_run_ok: false,
-                    }),
-                    None => ec2.describe_instances(t, false).await,
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(500);
+    let found = loop {
+        let describe = async {
+            tokio::select! {
+                r = async {
+                    match &by_id {
+                        Some((ids, c)) => c.call(SharedCall::Describe, ids.clone()).await.map(|a| Described {
+                            instances: a.instances,
+                            request_ids: a.request_ids,
+                            dry_run_ok: false,
+                        }),
+                        None => ec2.describe_instances(t, false).await,
+                    }
+                } => Some(r),
+                _ = ctx.cancelled() => None,
+            }
+        };
+        let r = ctx
+            .quietly(
+                "resolving_targets",
+                "finding the target instances",
+                describe,
+            )
+            .await?
+            .ok_or_else(|| ExecError::Cancelled(results.clone()))?;
+        match r {
+            Err(e) if e.code.ends_with(".NotFound") && started.elapsed() + pause < grace => {
+                let message = format!("waiting for EC2 to know the targets ({})", e.message);
+                ctx.progress("resolving_targets", &message, None, None)
+                    .await?;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = ctx.cancelled() => return Err(ExecError::Cancelled(results.clone())),
                 }
-            } => Some(r),
-            _ = ctx.cancelled() => None,
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            r => break r.map_err(|e| failed(e, JobResults::default()))?,
         }
     };
-    let found = ctx
-        .quietly(
-            "resolving_targets",
-            "finding the target instances",
-            describe,
-        )
-        .await?
-        .ok_or_else(|| ExecError::Cancelled(results.clone()))?
-        .map_err(|e| failed(e, JobResults::default()))?;
     results.request_ids.extend(found.request_ids);
     if found.instances.is_empty() {
         if ctx.job.spec.allow_empty {
@@ -344,6 +402,25 @@ async fn resolve(
         return Err(no_targets(results.clone()));
     }
     Ok(Some(found.instances))
+}
+
+/// How many times an action looks at its targets while they settle before it acts anyway.
+const SETTLE_LOOKS: usize = 5;
+
+/// A settling wait's outcome as the action goes on (`Ok`) or ends.
+#[allow(clippy::result_large_err)] // once per settling wait, like the action's own result
+fn settled(o: WaitOutcome, results: &JobResults) -> Result<(), ExecError> {
+    if o.cancelled {
+        return Err(ExecError::Cancelled(results.clone()));
+    }
+    match o.error {
+        Some(error) => Err(ExecError::Failed {
+            error,
+            transient: o.transient,
+            results: results.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The refusal when some target is in a state the action cannot act from.
@@ -410,7 +487,7 @@ async fn audit_tags(ctx: &ExecCtx, ec2: &Ec2, p: &AuditParams) -> Result<JobResu
         return describe(ctx, ec2, "", "").await;
     }
     let mut results = JobResults::default();
-    let Some(found) = resolve(ctx, ec2, None, &mut results).await? else {
+    let Some(found) = resolve(ctx, ec2, None, Duration::ZERO, &mut results).await? else {
         return Ok(results);
     };
     let required = &p.required_keys;
@@ -597,7 +674,7 @@ impl Ec2Executor {
                 .map(|id| (id.clone(), "launched by an earlier attempt".to_string()))
                 .collect()
         };
-        let after = self.after_wait(
+        let mut after = self.after_wait(
             ctx,
             (account, region),
             (&ids, &ids),
@@ -606,6 +683,16 @@ impl Ec2Executor {
             since,
             &results,
         );
+        // The instances are the job's own: EC2 may not know them everywhere for a while.
+        after.wait.unknown_grace_ms = self.settings.consistency_timeout.as_millis() as u64;
+        if after.wait.until == WaitUntil::None {
+            // What RunInstances answered stands for a describe EC2 may not answer yet.
+            let seen = WaitOutcome {
+                described: Some(launched),
+                ..Default::default()
+            };
+            return self.finish_wait(ctx, ec2, after, results, seen).await;
+        }
         self.wait_and_finish(ctx, ec2, after, results).await
     }
 
@@ -623,12 +710,12 @@ impl Ec2Executor {
         let action = spec.action;
         let mut results = JobResults::default();
         let shared = self.pool.coalescer(account, region).await.ok();
-        let Some(found) = resolve(ctx, ec2, shared, &mut results).await? else {
+        let Some(found) = self
+            .settled_targets(ctx, ec2, (account, region), shared, &mut results)
+            .await?
+        else {
             return Ok(results);
         };
-        if let Some(e) = refuse_states(action, &found, &results) {
-            return Err(e);
-        }
         let targets = plan::Targets::of(&found);
         let todo = plan::to_call(action, &targets, Checkpoint::of(ctx).as_ref(), spec.dry_run);
         let plan::Targets { ids, before } = targets;
@@ -717,6 +804,62 @@ impl Ec2Executor {
         self.wait_and_finish(ctx, ec2, after, results).await
     }
 
+    /// The targets (see [`resolve`]), refused when one is in a state the action can never act
+    /// from, and waited for while one is on its way to a state it can ([`plan::unsettled`]):
+    /// then looked at again. `Ok(None)`: none matched and the job allows that.
+    async fn settled_targets(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        at: (&str, &str),
+        shared: Option<Arc<Coalescer>>,
+        results: &mut JobResults,
+    ) -> Result<Option<Vec<InstanceResult>>, ExecError> {
+        let action = ctx.job.spec.action;
+        let grace = self.settings.not_found_grace;
+        // A state can flap (stopping, then pending again under someone else's start): a few
+        // looks, then the action goes on and EC2 says what it thinks.
+        for _ in 0..SETTLE_LOOKS {
+            let Some(found) = resolve(ctx, ec2, shared.clone(), grace, results).await? else {
+                return Ok(None);
+            };
+            if let Some(e) = refuse_states(action, &found, results) {
+                return Err(e);
+            }
+            match plan::unsettled(action, &found) {
+                Some((ids, until)) if !ctx.job.spec.dry_run => {
+                    self.settle(ctx, at, ids, until, results).await?
+                }
+                _ => return Ok(Some(found)),
+            }
+        }
+        resolve(ctx, ec2, shared, grace, results).await
+    }
+
+    /// Waits for `ids` to reach `until` before the action acts on them: parked when the job may
+    /// park (`Err(Park)`: the job resumes from the start with the outcome,
+    /// [`Checkpoint::Settling`]), else in place.
+    async fn settle(
+        &self,
+        ctx: &ExecCtx,
+        at: (&str, &str),
+        ids: Vec<String>,
+        until: WaitUntil,
+        results: &JobResults,
+    ) -> Result<(), ExecError> {
+        let mut wait = self.new_wait(
+            ctx,
+            at,
+            (Watched::Instances, ids.clone()),
+            self.lot.now_ms(),
+        );
+        wait.until = until;
+        bound_by_attempt(ctx, &mut wait);
+        let parked = ctx.may_park().then_some(Checkpoint::Settling { ids });
+        let outcome = self.wait_for(ctx, wait, parked, results).await?;
+        settled(outcome, results)
+    }
+
     /// `modify_instance_attribute`. A type change needs a stopped instance, so a running one is
     /// stopped, changed and started again (then waited for `wait.until`, `status_ok` by default);
     /// one found stopped stays stopped. The list of instances to restart is checkpointed before the
@@ -733,12 +876,12 @@ impl Ec2Executor {
         let spec = &ctx.job.spec;
         let dry = spec.dry_run;
         let mut results = JobResults::default();
-        let Some(found) = resolve(ctx, ec2, None, &mut results).await? else {
+        let Some(found) = self
+            .settled_targets(ctx, ec2, (account, region), None, &mut results)
+            .await?
+        else {
             return Ok(results);
         };
-        if let Some(e) = refuse_states(spec.action, &found, &results) {
-            return Err(e);
-        }
         let targets = plan::Targets::of(&found);
         let plan::Modify {
             resize,
@@ -1078,6 +1221,7 @@ impl Ec2Executor {
             interval_ms: interval.as_millis() as u64,
             attempt_deadline_ms: None,
             attempt_limit_ms: None,
+            unknown_grace_ms: self.settings.not_found_grace.as_millis() as u64,
         }
     }
 

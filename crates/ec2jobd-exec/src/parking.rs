@@ -78,6 +78,15 @@ pub struct Wait {
     /// The attempt's time limit, for the `JobTimeout` message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt_limit_ms: Option<u64>,
+    /// How long an instance EC2 does not know yet is waited for before the wait fails
+    /// `InvalidInstanceID.NotFound` (eventual consistency): the consistency bound for ids the job
+    /// made, a short grace for the caller's. 0: at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unknown_grace_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn is_instances(k: &Watched) -> bool {
@@ -269,14 +278,17 @@ struct Entry {
 
 /// The judge of one wait, by what it waits for.
 enum Judging {
-    Instances(Judge),
+    Instances(Box<Judge>),
     Ready(ReadyJudge),
 }
 
 impl Judging {
     fn new(wait: &Wait) -> Self {
         match wait.kind {
-            Watched::Instances => Judging::Instances(Judge::new(&wait.ids, wait.until)),
+            Watched::Instances => Judging::Instances(Box::new(
+                Judge::new(&wait.ids, wait.until)
+                    .with_unknown_grace(Duration::from_millis(wait.unknown_grace_ms)),
+            )),
             kind => Judging::Ready(ReadyJudge::new(kind, &wait.ids)),
         }
     }

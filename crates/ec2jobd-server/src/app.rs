@@ -197,7 +197,12 @@ pub(crate) fn assemble(
     let runner = Arc::new(
         Runner::new(
             store.clone(),
-            Arc::new(Ec2Executor::new(pool.clone(), lot.clone())),
+            Arc::new(Ec2Executor::new(pool.clone(), lot.clone()).with_settings(
+                ec2jobd_exec::executor::Settings {
+                    consistency_timeout: cfg.ec2.consistency_timeout.0,
+                    not_found_grace: cfg.ec2.not_found_grace.0,
+                },
+            )),
             RunnerConfig {
                 workers: q.workers,
                 lease: q.lease.0,

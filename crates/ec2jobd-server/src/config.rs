@@ -57,6 +57,8 @@ pub struct Config {
     pub log: LogSection,
     /// OpenTelemetry export of spans (OTLP/HTTP).
     pub tracing: TracingSection,
+    /// How EC2's eventual consistency is met.
+    pub ec2: Ec2Section,
     /// Client-side pacing of EC2 calls.
     pub pacing: PacingSection,
     /// SNS deliveries (`POST /v1/sns/{hook}`).
@@ -248,6 +250,16 @@ impl HookSection {
             .clone()
             .unwrap_or_else(|| default_account.to_string())
     }
+}
+
+/// `[ec2]`: eventual consistency.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ec2Section {
+    /// How long an id a job made may be unknown to EC2's other calls.
+    pub consistency_timeout: Dur,
+    /// How long an id the caller gave may be unknown before `NotFound` is final.
+    pub not_found_grace: Dur,
 }
 
 /// `[pacing]`: token buckets per account+region, by operation class.

@@ -41,6 +41,9 @@ pub(super) enum Checkpoint {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         restart: Vec<String>,
     },
+    /// Parked until `ids` left a transition (`stopping`, `pending`) the action cannot act from;
+    /// the action then runs from the start, looking at them again.
+    Settling { ids: Vec<String> },
     /// Parked for the final instance wait: the wait and what follows it.
     Parked(Box<AfterWait>),
     /// Parked until the snapshots or AMIs a backup or copy made are ready: the wait and what

@@ -114,7 +114,9 @@ impl Ec2Executor {
         let spec = &ctx.job.spec;
         let job_id = &ctx.job.id;
         let mut results = JobResults::default();
-        let Some(found) = super::resolve(ctx, ec2, None, &mut results).await? else {
+        let Some(found) =
+            super::resolve(ctx, ec2, None, self.settings.not_found_grace, &mut results).await?
+        else {
             return Ok(results);
         };
         let insts: Vec<InstanceResult> = found

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use ec2jobd_ec2::{Attribute, Protection};
 use ec2jobd_spec::action::ModifyParams;
-use ec2jobd_spec::{Action, InstanceResult};
+use ec2jobd_spec::{Action, InstanceResult, WaitUntil};
 
 use super::checkpoint::Checkpoint;
 
@@ -38,6 +38,37 @@ pub(super) fn refused(action: Action, found: &[InstanceResult]) -> Vec<String> {
                 .map(|why| format!("{} is {} ({why})", i.instance_id, i.state))
         })
         .collect()
+}
+
+/// Targets on their way to a state the action can act from, and the state to wait for first:
+/// a start waits for `stopping` instances to be `stopped`; a stop, reboot or resize waits for
+/// `pending` ones to be `running`; a resize also for `stopping` ones to be `stopped`. EC2 refuses
+/// those calls (`IncorrectInstanceState`) until then; a wait is what the user meant. One state at
+/// a time: the action looks again once they settled.
+pub(super) fn unsettled(
+    action: Action,
+    found: &[InstanceResult],
+) -> Option<(Vec<String>, WaitUntil)> {
+    let waits = |from: &str| -> Vec<String> {
+        found
+            .iter()
+            .filter(|i| i.state == from)
+            .map(|i| i.instance_id.clone())
+            .collect()
+    };
+    let order: &[(&str, WaitUntil)] = match action {
+        Action::StartInstances => &[("stopping", WaitUntil::Stopped)],
+        Action::StopInstances | Action::RebootInstances => &[("pending", WaitUntil::Running)],
+        Action::ModifyInstanceAttribute => &[
+            ("stopping", WaitUntil::Stopped),
+            ("pending", WaitUntil::Running),
+        ],
+        _ => &[],
+    };
+    order.iter().find_map(|(from, until)| {
+        let ids = waits(from);
+        (!ids.is_empty()).then_some((ids, *until))
+    })
 }
 
 /// States in which the action has nothing left to do for an instance.
@@ -191,6 +222,37 @@ pub(super) fn waves(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transitions_are_waited_through_one_state_at_a_time() {
+        let found = [
+            inst("i-1", "stopping"),
+            inst("i-2", "pending"),
+            inst("i-3", "running"),
+            inst("i-4", "stopped"),
+        ];
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unsettled(Action::StartInstances, &found),
+            Some((ids(&["i-1"]), WaitUntil::Stopped))
+        );
+        for a in [Action::StopInstances, Action::RebootInstances] {
+            assert_eq!(
+                unsettled(a, &found),
+                Some((ids(&["i-2"]), WaitUntil::Running))
+            );
+        }
+        assert_eq!(
+            unsettled(Action::ModifyInstanceAttribute, &found),
+            Some((ids(&["i-1"]), WaitUntil::Stopped))
+        );
+        assert_eq!(
+            unsettled(Action::ModifyInstanceAttribute, &found[1..]),
+            Some((ids(&["i-2"]), WaitUntil::Running))
+        );
+        assert_eq!(unsettled(Action::TerminateInstances, &found), None);
+        assert_eq!(unsettled(Action::StartInstances, &found[1..]), None);
+    }
 
     fn inst(id: &str, state: &str) -> InstanceResult {
         InstanceResult {
