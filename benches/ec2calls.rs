@@ -27,11 +27,19 @@
 //!    snapshots the proxy holds `pending`: DescribeSnapshots calls per polling round while all wait
 //!    (target ⌈N/200⌉), with the default number of workers: the waits are parked.
 //!
+//! 7. Realistic starts (issue 31): N one-instance start jobs on stopped instances behind the proxy's
+//!    realistic profile with EC2's timings (ids unknown 3 s after they are made, `pending` 15 s,
+//!    checks `initializing` 60 s after that) and EC2's default request buckets: all must succeed;
+//!    wall time from the first submission to the last success beside the slowest instance's own
+//!    time (start to 2/2, measured by the daemon), EC2 calls by operation and throttles (the
+//!    daemon's own count).
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default
 //! 1000), BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200),
 //! BENCH_IN_PLACE (default 64), BENCH_BULK (default 300), BENCH_COALESCE (default 500),
-//! BENCH_SNAPSHOTS (default 1000); BENCH_ONLY=core (parts 3 to 6 only), BENCH_ONLY=parked (part 3),
-//! BENCH_ONLY=snapshots (part 6) or BENCH_ONLY=polling (part 2).
+//! BENCH_SNAPSHOTS (default 1000), BENCH_REALISTIC (default 1000); BENCH_ONLY=core (parts 3 to 7
+//! only), BENCH_ONLY=parked (part 3), BENCH_ONLY=snapshots (part 6), BENCH_ONLY=realistic (part 7)
+//! or BENCH_ONLY=polling (part 2).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -39,7 +47,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::proxy::FaultProxy;
+use common::proxy::{FaultProxy, Realistic};
 use common::{bench_daemon, bench_daemon_with, sns_cert_dir, sns_signed, Moto};
 use serde_json::{json, Value};
 
@@ -400,16 +408,20 @@ async fn snapshot_waits(moto: &Moto, n: usize) {
     }
 }
 
-async fn coalesced_calls(moto: &Moto, n: usize) {
-    println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, {DEFAULT_WORKERS} workers");
+/// `n` stopped instances tagged `Bench=<tag>`, launched 500 at a time.
+async fn stopped_fleet(moto: &Moto, n: usize, tag: &str) -> Vec<String> {
     let mut ids = Vec::new();
     while ids.len() < n {
         let k = (n - ids.len()).min(500) as i32;
-        ids.extend(moto.launch(k, &[("Bench", "coalesce")]).await);
+        ids.extend(moto.launch(k, &[("Bench", tag)]).await);
     }
     moto.stop(&ids).await;
-    let proxy = FaultProxy::start(&moto.url, 9).await;
-    proxy.set(|f| f.ec2_buckets = true);
+    ids
+}
+
+/// A daemon with the default number of workers and pacing on, calling EC2 through `proxy` (its
+/// directory lives as long as the first half).
+async fn paced_daemon(proxy: &FaultProxy) -> (tempfile::TempDir, common::Daemon) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = bench_daemon_with(
         tmp.path(),
@@ -418,6 +430,15 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
         "[pacing]\nenabled = true\n",
     )
     .await;
+    (tmp, d)
+}
+
+async fn coalesced_calls(moto: &Moto, n: usize) {
+    println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, {DEFAULT_WORKERS} workers");
+    let ids = stopped_fleet(moto, n, "coalesce").await;
+    let proxy = FaultProxy::start(&moto.url, 9).await;
+    proxy.set(|f| f.ec2_buckets = true);
+    let (_tmp, d) = paced_daemon(&proxy).await;
     // (action, operation, extra spec, EC2's bucket size and refill)
     let runs = [
         ("start_instances", "StartInstances", json!({}), 5.0, 2.0),
@@ -466,6 +487,72 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
             "| {n} one-instance {action} jobs, EC2 buckets enforced | {secs:.1} s, {calls} {op} calls, {throttles} throttles | one call per job: ≥ {bound:.0} s, {n} calls |"
         );
     }
+}
+
+async fn realistic_starts(moto: &Moto, n: usize) {
+    let (pending, checks) = (Duration::from_secs(15), Duration::from_secs(60));
+    println!(
+        "\nRealistic starts: {n} one-instance start jobs, pending {}s then checks initializing {}s, \
+         ids unknown 3s, EC2's buckets enforced, pacing on, {DEFAULT_WORKERS} workers",
+        pending.as_secs(),
+        checks.as_secs()
+    );
+    let ids = stopped_fleet(moto, n, "realistic").await;
+    let proxy = FaultProxy::start(&moto.url, 31).await;
+    proxy.set(|f| {
+        f.ec2_buckets = true;
+        f.realistic = Some(Realistic {
+            consistency: Duration::from_secs(3),
+            pending,
+            stopping: Duration::from_secs(15),
+            page_size: None,
+        });
+        f.checks_after_start = Some(pending + checks);
+    });
+    let (_tmp, d) = paced_daemon(&proxy).await;
+    let calls0: Vec<u64> = OPS.iter().map(|op| proxy.calls(op)).collect();
+    let specs: Vec<Value> = ids
+        .iter()
+        .map(|iid| {
+            json!({"action": "start_instances", "targets": {"instance_ids": [iid]},
+                "wait": {"interval": "5s", "timeout": "30m"}})
+        })
+        .collect();
+    let t = Instant::now();
+    let jobs = submit_all(&d, &specs).await;
+    let mut slowest = 0f64;
+    for id in &jobs {
+        let j = d.wait_final(id, Duration::from_secs(1800)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["results"]["instances"][0]["checks"], "2/2 checks passed");
+        let own = j["results"]["instances"][0]["seconds_to_status_ok"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("seconds_to_status_ok in {j}"));
+        slowest = slowest.max(own);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let throttles = d
+        .metric_sum(
+            "ec2jobd_ec2_attempts_total",
+            "outcome=\"RequestLimitExceeded\"",
+        )
+        .await;
+    let calls: Vec<String> = OPS
+        .iter()
+        .zip(&calls0)
+        .map(|(op, before)| (op, proxy.calls(op) - before))
+        .filter(|(_, n)| *n > 0)
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
+    println!(
+        "  {n} jobs in {secs:.1}s; slowest instance's own time {slowest:.1}s (target: within +5 s); \
+         calls: {}; {throttles} throttles",
+        calls.join(", ")
+    );
+    println!(
+        "| {n} one-instance start jobs, realistic EC2 timings and buckets | {secs:.1} s, {throttles} throttles; {} | slowest instance's own time {slowest:.1} s (target: wall ≤ +5 s) |",
+        calls.join(", ")
+    );
 }
 
 async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
@@ -631,6 +718,10 @@ fn main() {
         if only == "polling" {
             return polling(waiters, window).await;
         }
+        if only == "realistic" {
+            let moto = Moto::start().await;
+            return realistic_starts(&moto, env_num("BENCH_REALISTIC", 1000) as usize).await;
+        }
         if only == "snapshots" {
             let moto = Moto::start().await;
             return snapshot_waits(&moto, env_num("BENCH_SNAPSHOTS", 1000) as usize).await;
@@ -651,6 +742,8 @@ fn main() {
         coalesced_calls(&moto, env_num("BENCH_COALESCE", 500) as usize).await;
         let moto = Moto::start().await;
         snapshot_waits(&moto, env_num("BENCH_SNAPSHOTS", 1000) as usize).await;
+        let moto = Moto::start().await;
+        realistic_starts(&moto, env_num("BENCH_REALISTIC", 1000) as usize).await;
         if only_core {
             return;
         }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::FaultProxy;
+use common::proxy::{FaultProxy, Realistic};
 use common::{Daemon, DaemonOpts, Moto};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -69,6 +69,29 @@ impl Backend {
         match self {
             Backend::Sqlite => campaign.to_string(),
             Backend::Postgres => format!("{campaign} on PostgreSQL"),
+        }
+    }
+}
+
+/// Which EC2 a campaign's daemon meets: moto as it is, or moto behind the proxy's realistic
+/// profile (issue 31: ids unknown for a while, `pending` and `stopping`, small pages).
+#[derive(Clone, Copy)]
+enum Ec2 {
+    Moto,
+    Realistic,
+}
+
+impl Ec2 {
+    fn apply(self, proxy: &FaultProxy) {
+        if let Ec2::Realistic = self {
+            proxy.set(|f| f.realistic = Some(Realistic::issue_31()));
+        }
+    }
+
+    fn named(self, campaign: String) -> String {
+        match self {
+            Ec2::Moto => campaign,
+            Ec2::Realistic => format!("{campaign} (realistic EC2)"),
         }
     }
 }
@@ -440,20 +463,27 @@ async fn schedule_firings(d: &Daemon, name: &str) -> Vec<chrono::DateTime<chrono
 /// by the job's tag) and none claims a state moto does not show.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_campaign() {
-    crash(Backend::Sqlite).await
+    crash(Backend::Sqlite, Ec2::Moto).await
 }
 
 /// The same on PostgreSQL (one daemon, its queue in a fresh database).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_campaign_on_postgres() {
-    crash(Backend::Postgres).await
+    crash(Backend::Postgres, Ec2::Moto).await
 }
 
-async fn crash(on: Backend) {
+/// The same against EC2 as it is (issue 31): kills land while instances are in transition and
+/// ids are not known everywhere yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_campaign_realistic() {
+    crash(Backend::Sqlite, Ec2::Realistic).await
+}
+
+async fn crash(on: Backend, ec2: Ec2) {
     let Some(database_url) = on.database() else {
         return;
     };
-    let campaign = on.named("crash");
+    let campaign = ec2.named(on.named("crash"));
     let per = size(10, 60);
     let kills = size(2, 5);
     let mut rng = seeded(&campaign);
@@ -467,6 +497,7 @@ async fn crash(on: Backend) {
         f.latency_jitter = Duration::from_millis(45);
         f.checks_after_start = Some(Duration::from_secs(2));
     });
+    ec2.apply(&proxy);
     let jobs = mixed_jobs(
         &moto,
         &["run", "stop", "start", "reboot", "snapshot", "image"],
@@ -697,25 +728,33 @@ async fn graceful_stop_campaign() {
 /// snapshot or AMI), and the throttles and retries show in `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_campaign() {
-    fault(Backend::Sqlite).await
+    fault(Backend::Sqlite, Ec2::Moto).await
 }
 
 /// The same on PostgreSQL (one daemon, its queue in a fresh database).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_campaign_on_postgres() {
-    fault(Backend::Postgres).await
+    fault(Backend::Postgres, Ec2::Moto).await
 }
 
-async fn fault(on: Backend) {
+/// The same against EC2 as it is (issue 31): faults on top of transitions and eventual
+/// consistency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_campaign_realistic() {
+    fault(Backend::Sqlite, Ec2::Realistic).await
+}
+
+async fn fault(on: Backend, ec2: Ec2) {
     let Some(database_url) = on.database() else {
         return;
     };
-    let campaign = on.named("faults");
+    let campaign = ec2.named(on.named("faults"));
     let per = size(8, 60);
     let mut rng = seeded(&campaign);
     let moto = Moto::start().await;
     let image = moto.image().await;
     let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
+    ec2.apply(&proxy);
     let jobs = mixed_jobs(
         &moto,
         &["run", "stop", "start", "reboot", "tag", "snapshot", "image"],
@@ -1706,13 +1745,24 @@ async fn accepted_first(http: &reqwest::Client, url: &str, admin: &str, iid: &st
 /// out (how long that took is printed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_campaign() {
+    replicas(Ec2::Moto).await
+}
+
+/// The same against EC2 as it is (issue 31).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_campaign_realistic() {
+    replicas(Ec2::Realistic).await
+}
+
+async fn replicas(ec2: Ec2) {
     let Some(database) = common::postgres_database() else {
         return;
     };
     let per = size(5, 50);
     let kills = size(2, 5);
     let alarms = size(6, 30);
-    let mut rng = seeded("replicas");
+    let campaign = ec2.named("replicas".to_string());
+    let mut rng = seeded(&campaign);
     let moto = Moto::start().await;
     let image = moto.image().await;
     let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
@@ -1721,6 +1771,7 @@ async fn replicas_campaign() {
         f.latency_jitter = Duration::from_millis(45);
         f.checks_after_start = Some(Duration::from_secs(2));
     });
+    ec2.apply(&proxy);
     let jobs = mixed_jobs(
         &moto,
         &["run", "stop", "start", "reboot", "snapshot", "image"],
@@ -2011,7 +2062,7 @@ job = {{ action = "create_tags", targets = {{ instance_ids = ["{{instance_id}}"]
         ));
     }
     report(
-        "replicas",
+        &campaign,
         &[
             (
                 "replicas on one PostgreSQL database",

@@ -206,3 +206,163 @@ async fn describes_follow_every_page() {
         "three pages at least"
     );
 }
+
+/// The launch of a job that names fallbacks: no capacity for the first instance type (ever), so
+/// the next is launched, once, and the job says which.
+#[tokio::test]
+async fn a_launch_without_capacity_falls_back_to_the_next_instance_type() {
+    let (moto, proxy, d) = realistic(37).await;
+    let far = std::time::Instant::now() + 10 * MINUTE;
+    proxy.set(|f| f.no_capacity = Some(("t3.micro".into(), far)));
+    let image = moto.image().await;
+    let j = run(
+        &d,
+        json!({"action": "run_instances", "params": {"image_id": image,
+            "instance_type": "t3.micro", "fallback_instance_types": ["t3.small"]},
+            "wait": fast()}),
+    )
+    .await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        j["results"]["instances"][0]["instance_type"], "t3.small",
+        "{j}"
+    );
+    assert_eq!(j["attempts"], 1, "{j}");
+    assert!(proxy.injected("RunInstances") > 0, "t3.micro was refused");
+    assert_eq!(proxy.created("RunInstances").len(), 1, "launched once");
+}
+
+/// A start while EC2 has no capacity (for 3 s) is tried again until there is, without using up
+/// the job's attempts (it allows one), and says so while it waits.
+#[tokio::test]
+async fn a_start_without_capacity_is_tried_again_until_ec2_has_room() {
+    let (moto, proxy, d) = realistic(38).await;
+    let ids = moto.launch(1, &[]).await;
+    moto.stop(&ids).await;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    proxy.set(|f| f.no_capacity = Some(("any".into(), until)));
+    let id = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": ids},
+            "wait": fast(), "max_attempts": 1}),
+        )
+        .await;
+    let seen = d
+        .wait_for(&id, MINUTE, |j| {
+            j["progress"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("EC2 has no capacity for it now"))
+        })
+        .await;
+    assert_eq!(
+        seen["error"]["code"], "InsufficientInstanceCapacity",
+        "{seen}"
+    );
+    let j = d.wait_final(&id, 3 * MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(j["attempts"].as_u64().unwrap() > 1, "{j}");
+    assert_eq!(
+        j["attempts"], j["max_attempts"],
+        "each refusal gave its attempt back: {j}"
+    );
+    assert_eq!(moto.state(&ids[0]).await, "running");
+    assert!(proxy.injected("StartInstances") > 0);
+}
+
+/// No capacity for the job's whole time limit: it fails then, saying so; a quota refusal fails at
+/// once (one call), naming the quota to raise.
+#[tokio::test]
+async fn capacity_is_bounded_by_the_time_limit_and_quotas_fail_at_once() {
+    let (moto, proxy, d) = realistic(39).await;
+    let image = moto.image().await;
+    let far = std::time::Instant::now() + 10 * MINUTE;
+    proxy.set(|f| f.no_capacity = Some(("t3.micro".into(), far)));
+    let j = run(
+        &d,
+        json!({"action": "run_instances", "params": {"image_id": image,
+            "instance_type": "t3.micro"}, "timeout": "3s", "wait": fast()}),
+    )
+    .await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "InsufficientInstanceCapacity", "{j}");
+    let message = j["error"]["message"].as_str().unwrap();
+    assert!(message.contains("time limit of 3s"), "{message}");
+    assert!(proxy.created("RunInstances").is_empty());
+
+    proxy.set(|f| {
+        f.no_capacity = None;
+        f.quota = Some("VcpuLimitExceeded".into());
+    });
+    let before = proxy.calls("RunInstances");
+    let j = run(
+        &d,
+        json!({"action": "run_instances", "params": {"image_id": image,
+            "instance_type": "t3.micro"}, "wait": fast()}),
+    )
+    .await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "VcpuLimitExceeded", "{j}");
+    assert_eq!(j["attempts"], 1, "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("L-1216C47A"),
+        "names the quota: {j}"
+    );
+    assert_eq!(
+        proxy.calls("RunInstances") - before,
+        1,
+        "one call, no retry"
+    );
+}
+
+/// Snapshots and an AMI a job just made are unknown to EC2 for a while: tagging them with their
+/// rotation group and the waits for `completed` and `available` wait for EC2 to know them (saying
+/// so) instead of failing NotFound, and the rotation (keep 1) then finds and rotates them.
+#[tokio::test]
+async fn snapshots_and_images_a_job_made_are_waited_for_until_ec2_knows_them() {
+    let (moto, proxy, d) = realistic(40).await;
+    let ids = moto.launch(1, &[("Backup", "nightly")]).await;
+    let snapshots = |params: Value| {
+        json!({"action": "create_snapshots", "targets": {"instance_ids": ids},
+            "params": params, "wait": fast()})
+    };
+    // Pending for a moment, so the job also waits for its snapshot by id.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    proxy.set(|f| f.snapshot_state = Some(("pending".into(), "50%".into(), until)));
+    let id = d.submit(&snapshots(json!({}))).await;
+    let j = d.wait_final(&id, 3 * MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(
+        j["results"]["volumes"][0]["snapshot"]["state"], "completed",
+        "{j}"
+    );
+    let events = d.text(&format!("/v1/jobs/{id}/events")).await;
+    assert!(events.contains("waiting for EC2 to know"), "{events}");
+    // Twice with keep 1: each tags its fresh snapshot with the rotation group, the second rotates
+    // the first away.
+    let mut summaries = Vec::new();
+    for _ in 0..2 {
+        let j = run(&d, snapshots(json!({"keep": 1}))).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        summaries.push(j["results"]["summary"].as_str().unwrap_or("").to_string());
+    }
+    assert!(summaries[1].contains("deleted 1"), "{summaries:?}");
+    assert!(
+        proxy.injected("CreateTags") > 0,
+        "tagged once EC2 knew them"
+    );
+    assert_eq!(proxy.created("CreateSnapshot").len(), 3, "one per job");
+    let id = d
+        .submit(
+            &json!({"action": "create_image", "targets": {"instance_ids": ids},
+            "params": {"no_reboot": true, "name": "fresh-{job_id}"}, "wait": fast()}),
+        )
+        .await;
+    let j = d.wait_final(&id, 3 * MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["results"]["images"][0]["state"], "available", "{j}");
+    let events = d.text(&format!("/v1/jobs/{id}/events")).await;
+    assert!(events.contains("waiting for EC2 to know"), "{events}");
+}

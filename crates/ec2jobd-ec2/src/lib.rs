@@ -131,6 +131,20 @@ const TRANSIENT_CODES: &[&str] = &[
     "IncorrectInstanceState",
 ];
 
+/// The account quota a quota refusal is about, named so the reader knows what to raise; another
+/// attempt cannot pass until it is raised, so these fail at once.
+fn quota_named(code: &str, message: String) -> String {
+    let quota = match code {
+        "VcpuLimitExceeded" | "InstanceLimitExceeded" => {
+            "Service Quotas: EC2 'Running On-Demand … instances' (vCPUs per instance family; \
+             L-1216C47A for the standard families)"
+        }
+        "MaxSpotInstanceCountExceeded" => "Service Quotas: EC2 'All … Spot Instance Requests'",
+        _ => return message,
+    };
+    format!("{message} (account quota: {quota}; ask for an increase)")
+}
+
 fn classify<E, R>(op: &str, err: SdkError<E, R>) -> Ec2Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -142,7 +156,7 @@ where
         SdkError::ServiceError(ctx) => {
             let e = ctx.err();
             let code = e.code().unwrap_or("Unknown").to_string();
-            let message = e.message().unwrap_or("no message").to_string();
+            let message = quota_named(&code, e.message().unwrap_or("no message").to_string());
             let status = format!("{:?}", ctx.raw());
             let is_5xx = status.contains("StatusCode(5");
             Ec2Error {
@@ -574,6 +588,31 @@ fn aws_filters(t: &Targets) -> Option<Vec<AwsFilter>> {
         );
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// Makes `call` again, with backoff, while EC2 answers `*.NotFound` for ids the daemon made a
+/// moment ago (EC2 is eventually consistent: a new id reaches its other calls within seconds), for
+/// up to `grace`; then EC2's answer stands. Only for ids the daemon made itself: a caller's unknown
+/// id is an error at once (or after `ec2.not_found_grace`).
+pub async fn until_known<T, Fut>(
+    grace: std::time::Duration,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, Ec2Error>
+where
+    Fut: std::future::Future<Output = Result<T, Ec2Error>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        match call().await {
+            Err(e) if e.code.ends_with(".NotFound") && started.elapsed() + pause < grace => {
+                tracing::debug!(code = %e.code, "EC2 does not know an id it just made; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Maps an EC2 instance to a result row.

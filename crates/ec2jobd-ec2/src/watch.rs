@@ -19,7 +19,7 @@
 //! lot both, for jobs whose waits hold no worker (many judges fed by one subscription to the
 //! rounds).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -233,6 +233,11 @@ pub struct ReadyJudge {
     /// The latest state seen of each id (`pending` until a round tells).
     pub seen: BTreeMap<String, ReadyState>,
     since: Instant,
+    /// How long an id EC2 does not know yet is waited for (the ids are the daemon's own, made a
+    /// moment ago), from `since`; then the wait fails as EC2 said. Zero: at once.
+    unknown_grace: Duration,
+    /// Ids the latest round found unknown.
+    pub unknown: BTreeSet<String>,
 }
 
 impl ReadyJudge {
@@ -245,7 +250,15 @@ impl ReadyJudge {
                 .map(|id| (id.clone(), ("pending".to_string(), None)))
                 .collect(),
             since: Instant::now(),
+            unknown_grace: Duration::ZERO,
+            unknown: BTreeSet::new(),
         }
+    }
+
+    /// The same, waiting up to `grace` for ids EC2 does not know yet.
+    pub fn with_unknown_grace(mut self, grace: Duration) -> Self {
+        self.unknown_grace = grace;
+        self
     }
 
     /// How many are ready.
@@ -314,8 +327,13 @@ impl ReadyJudge {
             return None;
         }
         let pending: Vec<String> = self.pending().map(|(id, _)| id.clone()).collect();
+        self.unknown.clear();
         for id in &pending {
             if let Some(e) = round.resource_errors.get(id) {
+                if e.code.ends_with(".NotFound") && self.since.elapsed() < self.unknown_grace {
+                    self.unknown.insert(id.clone());
+                    continue;
+                }
                 if !e.transient {
                     return Some(Err(WaitFailure::Aws(e.clone())));
                 }
@@ -928,6 +946,46 @@ mod tests {
             matches!(gone.observe(&r), Some(Ok(()))),
             "a purged instance is gone"
         );
+    }
+
+    /// A snapshot EC2 does not know yet is pending within the grace, then the wait fails as EC2
+    /// said; one it knows is judged as usual.
+    #[test]
+    fn unknown_snapshots_are_waited_for_within_the_grace_only() {
+        let ids = ["snap-1".to_string(), "snap-2".to_string()];
+        let mut r = Round {
+            number: 1,
+            asked: ids.iter().cloned().collect(),
+            began: None,
+            ..Default::default()
+        };
+        let not_found = Ec2Error {
+            code: "InvalidSnapshot.NotFound".into(),
+            message: "The snapshot 'snap-2' does not exist.".into(),
+            request_id: None,
+            transient: false,
+        };
+        r.resource_errors.insert("snap-2".into(), not_found);
+        r.resources
+            .insert("snap-1".into(), ("completed".into(), Some("100%".into())));
+        let mut patient =
+            ReadyJudge::new(Watched::Snapshots, &ids).with_unknown_grace(Duration::from_secs(60));
+        assert!(
+            patient.observe(&r).is_none(),
+            "waits for EC2 to know snap-2"
+        );
+        assert_eq!(patient.unknown, ["snap-2".to_string()].into());
+        assert_eq!(patient.done(), 1);
+        let mut hasty = ReadyJudge::new(Watched::Snapshots, &ids);
+        match hasty.observe(&r) {
+            Some(Err(WaitFailure::Aws(e))) => assert_eq!(e.code, "InvalidSnapshot.NotFound"),
+            other => panic!("{other:?}"),
+        }
+        r.resource_errors.clear();
+        r.resources
+            .insert("snap-2".into(), ("completed".into(), Some("100%".into())));
+        assert!(matches!(patient.observe(&r), Some(Ok(()))));
+        assert!(patient.unknown.is_empty());
     }
 
     #[test]

@@ -21,7 +21,9 @@ use ec2jobd_ec2::{
     SharedCall, Watched,
 };
 use ec2jobd_spec::action::{AuditParams, ModifyParams, OnMissing, RunParams};
-use ec2jobd_spec::{Action, ActionSpec, InstanceResult, JobError, JobResults, WaitUntil};
+use ec2jobd_spec::{
+    Action, ActionSpec, InstanceResult, JobError, JobResults, WaitUntil, CAPACITY_CODES,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::parking::{wait_error, Parking, PlannedCall, Wait, WaitOutcome};
@@ -633,20 +635,9 @@ impl Ec2Executor {
                 },
             };
             Checkpoint::Calling { ids: Vec::new() }.save(ctx).await?;
-            ctx.progress(
-                "calling",
-                &format!(
-                    "RunInstances ({min}-{max} x {}) in {account}/{region}",
-                    launch.instance_type
-                ),
-                None,
-                None,
-            )
-            .await?;
-            let (insts, out) = ec2
-                .run_instances(&launch, spec.dry_run)
-                .await
-                .map_err(|e| failed(e, results.clone()))?;
+            let (insts, out) = self
+                .launch_where_there_is_room(ctx, ec2, launch, p, (account, region), &results)
+                .await?;
             results.request_ids.extend(out.request_id);
             if spec.dry_run {
                 results.summary = Some(format!(
@@ -694,6 +685,68 @@ impl Ec2Executor {
             return self.finish_wait(ctx, ec2, after, results, seen).await;
         }
         self.wait_and_finish(ctx, ec2, after, results).await
+    }
+
+    /// RunInstances at the first of the job's placements ([`RunParams::placements`]) where EC2
+    /// has capacity; a capacity refusal at the last one is the job's error (the runner tries
+    /// again later, within the job's time limit), naming every placement refused.
+    async fn launch_where_there_is_room(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        launch: Launch,
+        p: &RunParams,
+        (account, region): (&str, &str),
+        results: &JobResults,
+    ) -> Result<(Vec<InstanceResult>, CallOutcome), ExecError> {
+        let dry_run = ctx.job.spec.dry_run;
+        let (min, max) = (launch.min_count, launch.max_count);
+        let mut refused: Vec<String> = Vec::new();
+        let mut last = None;
+        for (k, (instance_type, subnet_id)) in p.placements().into_iter().enumerate() {
+            let place = match &subnet_id {
+                Some(s) => format!("{instance_type} in {s}"),
+                None => instance_type.clone(),
+            };
+            let after = match refused.is_empty() {
+                true => String::new(),
+                false => format!(" (no capacity for {})", refused.join(", ")),
+            };
+            let message =
+                format!("RunInstances ({min}-{max} x {place}) in {account}/{region}{after}");
+            ctx.progress("calling", &message, None, None).await?;
+            let attempt = Launch {
+                instance_type,
+                subnet_id,
+                // One token per placement: EC2 refuses a token reused with other parameters.
+                client_token: match k {
+                    0 => launch.client_token.clone(),
+                    k => format!("{}-{k}", launch.client_token),
+                },
+                ..launch.clone()
+            };
+            match ec2.run_instances(&attempt, dry_run).await {
+                Err(e) if CAPACITY_CODES.contains(&e.code.as_str()) => {
+                    refused.push(place);
+                    last = Some(e);
+                }
+                r => return r.map_err(|e| failed(e, results.clone())),
+            }
+        }
+        let mut e = last.unwrap_or_else(|| Ec2Error {
+            code: CAPACITY_CODES[0].into(),
+            message: String::new(),
+            request_id: None,
+            transient: true,
+        });
+        if refused.len() > 1 {
+            e.message = format!(
+                "{}; no capacity at any placement: {}",
+                e.message,
+                refused.join(", ")
+            );
+        }
+        Err(failed(e, results.clone()))
     }
 
     /// Start, stop, reboot, terminate and tag jobs: `call` for the targets that need it;

@@ -270,7 +270,7 @@ struct Entry {
     to_running: HashMap<String, f64>,
     to_ok: HashMap<String, f64>,
     /// What the latest progress report said (ids done, and for snapshots the overall percent).
-    reported: (usize, u64),
+    reported: (usize, u64, usize),
     request_ids: Vec<String>,
     reply: Option<oneshot::Sender<WaitOutcome>>,
     _registration: Registration,
@@ -289,7 +289,10 @@ impl Judging {
                 Judge::new(&wait.ids, wait.until)
                     .with_unknown_grace(Duration::from_millis(wait.unknown_grace_ms)),
             )),
-            kind => Judging::Ready(ReadyJudge::new(kind, &wait.ids)),
+            kind => Judging::Ready(
+                ReadyJudge::new(kind, &wait.ids)
+                    .with_unknown_grace(Duration::from_millis(wait.unknown_grace_ms)),
+            ),
         }
     }
 
@@ -307,12 +310,23 @@ impl Judging {
         }
     }
 
-    /// Progress as (done, overall percent); a new report is written when it changes.
-    fn progress(&self) -> (usize, u64) {
+    /// Progress as (done, overall percent, ids EC2 does not know yet); a new report is written
+    /// when it changes.
+    fn progress(&self) -> (usize, u64, usize) {
         match self {
-            Judging::Instances(j) => (j.done(), 0),
-            Judging::Ready(j) => (j.done(), j.percent()),
+            Judging::Instances(j) => (j.done(), 0, j.unknown.len()),
+            Judging::Ready(j) => (j.done(), j.percent(), j.unknown.len()),
         }
+    }
+
+    /// The ids EC2 did not know in the latest round, in order.
+    fn unknown(&self) -> Vec<&String> {
+        let mut ids: Vec<&String> = match self {
+            Judging::Instances(j) => j.unknown.iter().collect(),
+            Judging::Ready(j) => j.unknown.iter().collect(),
+        };
+        ids.sort();
+        ids
     }
 }
 
@@ -340,7 +354,7 @@ impl Entry {
             label,
             to_running: HashMap::new(),
             to_ok: HashMap::new(),
-            reported: (0, 0),
+            reported: (0, 0, 0),
             request_ids: Vec::new(),
             reply,
         }
@@ -838,8 +852,19 @@ impl Parking {
         let total = wait.ids.len() as u64;
         let until = wait.until.as_str();
         let label = &e.label;
-        let (done, _) = e.judge.progress();
+        let (done, _, _) = e.judge.progress();
+        let unknown = e.judge.unknown();
         let message = match &e.judge {
+            _ if !unknown.is_empty() => {
+                let more = match unknown.len() {
+                    1 => String::new(),
+                    n => format!(" and {} more", n - 1),
+                };
+                format!(
+                    "{label}waiting for EC2 to know {}{more} (new ids reach every EC2 endpoint within seconds), then for {until}",
+                    unknown[0]
+                )
+            }
             Judging::Ready(j) => format!("{label}{}", j.report()),
             Judging::Instances(_) if done == 0 => {
                 format!("{label}waiting for {until} on {total} instance(s)")

@@ -624,11 +624,35 @@ impl Runner {
                 transient,
                 results,
             })) => {
-                if transient && job.attempts < job.max_attempts {
-                    let delay = self.backoff(job.attempts);
+                let run_after_ms =
+                    self.clock.now_ms() + self.backoff(job.attempts).as_millis() as i64;
+                if error.is_capacity() {
+                    // EC2 has no capacity now: tried again, without using up an attempt, until
+                    // the job's time limit has passed since it first started.
+                    let first_ms = job
+                        .started_at
+                        .map_or(self.clock.now_ms(), |t| t.timestamp_millis());
+                    let until_ms = first_ms + limit.as_millis() as i64;
+                    if run_after_ms < until_ms {
+                        Finish::Retry {
+                            error,
+                            run_after_ms,
+                            refund: true,
+                        }
+                    } else {
+                        let mut error = error;
+                        error.message = format!(
+                            "{}; EC2 had no capacity for the job's time limit of {} since it first started",
+                            error.message,
+                            humantime::format_duration(limit)
+                        );
+                        Finish::Failed(error, results)
+                    }
+                } else if transient && job.attempts < job.max_attempts {
                     Finish::Retry {
                         error,
-                        run_after_ms: self.clock.now_ms() + delay.as_millis() as i64,
+                        run_after_ms,
+                        refund: false,
                     }
                 } else {
                     Finish::Failed(error, results)

@@ -88,6 +88,22 @@ pub struct JobError {
     pub request_id: Option<String>,
 }
 
+/// EC2's answers for "no capacity for this now" (instance type, host, reservation): they pass
+/// within minutes to hours, so a job meeting one tries again until its time limit.
+pub const CAPACITY_CODES: &[&str] = &[
+    "InsufficientInstanceCapacity",
+    "InsufficientHostCapacity",
+    "InsufficientReservedInstanceCapacity",
+    "InsufficientCapacity",
+];
+
+impl JobError {
+    /// EC2 had no capacity for the call ([`CAPACITY_CODES`]).
+    pub fn is_capacity(&self) -> bool {
+        CAPACITY_CODES.contains(&self.code.as_str())
+    }
+}
+
 /// What a job is doing now, for people watching it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub struct Progress {

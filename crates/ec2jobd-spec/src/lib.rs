@@ -18,7 +18,7 @@ pub use action::ActionSpec;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use job::{
     ImageResult, InstanceResult, Job, JobError, JobEvent, JobResults, JobState, Progress,
-    RotationResult, SnapshotResult, StepResult, VolumeResult, TERMINAL_EVENT_KINDS,
+    RotationResult, SnapshotResult, StepResult, VolumeResult, CAPACITY_CODES, TERMINAL_EVENT_KINDS,
 };
 pub use role::Role;
 pub use spec::traceparent;

@@ -181,12 +181,16 @@ pub enum Finish {
     Failed(JobError, JobResults),
     /// Stopped on the user's request.
     Cancelled(JobResults),
-    /// Failed transiently: back to `queued`, not claimable before `run_after_ms`.
+    /// Failed transiently: back to `queued`, not claimable before `run_after_ms`; what the
+    /// attempt's last parked wait saw is forgotten (the next attempt looks again).
     Retry {
         /// The error that caused the retry (kept on the job while it waits).
         error: JobError,
         /// Earliest time of the next attempt.
         run_after_ms: i64,
+        /// The attempt is given back (`max_attempts` grows by one): EC2 had no capacity, which
+        /// says nothing about the job; the runner bounds these retries by the job's time limit.
+        refund: bool,
     },
 }
 

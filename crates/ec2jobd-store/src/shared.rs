@@ -142,11 +142,20 @@ pub(crate) fn claim_event(c: &Claimed, worker: &str) -> EventText {
     )
 }
 
-/// A job's progress while it waits for its retry.
-pub(crate) fn retry_progress(error: &JobError) -> Progress {
+/// A job's progress while it waits for its retry at `run_after_ms`.
+pub(crate) fn retry_progress(error: &JobError, run_after_ms: i64) -> Progress {
+    let message = if error.is_capacity() {
+        format!(
+            "EC2 has no capacity for it now ({}); trying again at {}",
+            error.code,
+            ts(run_after_ms).format("%H:%M:%S UTC")
+        )
+    } else {
+        format!("retrying after transient error {}", error.code)
+    };
     Progress {
         phase: "retry_wait".into(),
-        message: format!("retrying after transient error {}", error.code),
+        message,
         ..Default::default()
     }
 }
@@ -178,6 +187,7 @@ pub(crate) fn finish_event(outcome: &Finish, now: i64) -> EventText {
         Finish::Retry {
             error,
             run_after_ms,
+            ..
         } => (
             "retry_scheduled",
             format!(

@@ -594,16 +594,19 @@ impl Queue for SqliteStore {
                         Finish::Retry {
                             error,
                             run_after_ms,
+                            refund,
                         } => {
                             sqlx::query(
                                 "UPDATE jobs SET state = 'queued', run_after = ?, error = ?, updated_at = ?, \
-                                 lease_owner = NULL, lease_expires_at = NULL, progress = ? \
+                                 lease_owner = NULL, lease_expires_at = NULL, progress = ?, \
+                                 max_attempts = max_attempts + ?, wait_outcome = NULL \
                                  WHERE id = ? AND lease_owner = ? AND state = 'running'",
                             )
                             .bind(run_after_ms)
                             .bind(encode(error))
                             .bind(now)
-                            .bind(encode(&shared::retry_progress(error)))
+                            .bind(encode(&shared::retry_progress(error, *run_after_ms)))
+                            .bind(i64::from(*refund))
                             .bind(&job_id)
                             .bind(&worker)
                             .execute(&mut *conn)

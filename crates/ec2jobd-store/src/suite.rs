@@ -395,17 +395,72 @@ async fn retry_is_not_claimable_before_its_time(f: Fixture) {
             Finish::Retry {
                 error: err,
                 run_after_ms: at,
+                refund: false,
             },
         )
         .await
         .unwrap();
     assert_eq!(j.state, JobState::Queued);
     assert_eq!(j.next_attempt_at.unwrap().timestamp_millis(), at);
+    assert_eq!(j.max_attempts, 3, "a transient error uses up its attempt");
     assert!(f.store.claim("w", 10_000, 1).await.unwrap().is_empty());
     f.clock.advance(5_000);
     let c = f.store.claim("w", 10_000, 1).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].job.attempts, 2);
+    // No capacity says nothing about the job: the attempt is given back, and the progress says
+    // when the next one is.
+    let capacity = JobError {
+        code: "InsufficientInstanceCapacity".into(),
+        message: "no t3.micro".into(),
+        request_id: None,
+    };
+    let j = f
+        .store
+        .finish(
+            &job.id,
+            "w",
+            Finish::Retry {
+                error: capacity,
+                run_after_ms: f.clock.now_ms() + 1_000,
+                refund: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((j.attempts, j.max_attempts), (2, 4));
+    assert!(
+        j.progress
+            .message
+            .starts_with("EC2 has no capacity for it now"),
+        "{:?}",
+        j.progress
+    );
+    // A retry forgets what the attempt's last parked wait saw (the lot's failed call): the next
+    // attempt looks again instead of failing on the old outcome.
+    f.clock.advance(2_000);
+    assert_eq!(f.store.claim("w", 10_000, 1).await.unwrap().len(), 1);
+    let cp = json!({"phase": "parked", "ids": ["i-01234567"]});
+    f.store
+        .park(&job.id, "w", "lot", 1_000, cp, waiting())
+        .await
+        .unwrap();
+    let failed_call = json!({"error": {"code": "InsufficientInstanceCapacity"}});
+    f.store
+        .unpark(&job.id, "lot", failed_call.clone(), "done")
+        .await
+        .unwrap();
+    let c = f.store.claim("w", 10_000, 1).await.unwrap();
+    assert_eq!(c[0].waited.as_ref(), Some(&failed_call));
+    let retry = Finish::Retry {
+        error: c[0].job.error.clone().expect("the last error"),
+        run_after_ms: f.clock.now_ms(),
+        refund: true,
+    };
+    f.store.finish(&job.id, "w", retry).await.unwrap();
+    let c = f.store.claim("w", 10_000, 1).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].waited, None);
 }
 
 async fn idempotency_key_replays_and_conflicts(f: Fixture) {

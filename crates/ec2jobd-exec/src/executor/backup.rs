@@ -404,11 +404,15 @@ impl Ec2Executor {
         // What was made joins its rotation group now, whatever happened to the rest (a partly
         // failed job's snapshots are rotated like any other), unless another worker owns the job.
         let joined = match created {
-            Err(ExecError::LeaseLost) => Ok(()),
-            _ => rotation::join(ec2, group, &mut made, &mut results).await,
+            Err(ExecError::LeaseLost) => Ok(Ok(())),
+            _ => {
+                let grace = self.settings.consistency_timeout;
+                let join = rotation::join(ec2, (group, grace), &mut made, &mut results);
+                ctx.quietly("calling", rotation::JOINING, join).await
+            }
         };
         created?;
-        joined.map_err(|e| failed(e, partial(&rows, &made, &results)))?;
+        joined?.map_err(|e| failed(e, partial(&rows, &made, &results)))?;
         self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
         if stop_first {

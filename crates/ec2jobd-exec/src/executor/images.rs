@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use ec2jobd_ec2::{CopyOptions, Ec2, Watched};
+use ec2jobd_ec2::{until_known, CopyOptions, Ec2, Watched};
 use ec2jobd_spec::action::{BackupParams, CopyParams, DeregisterParams, ImageParams};
 use ec2jobd_spec::{
     ImageResult, InstanceResult, JobResults, RotationResult, SnapshotResult, WaitUntil,
@@ -261,11 +261,15 @@ impl Ec2Executor {
         // What was made joins its rotation group now (see `rotation`), whatever happened to
         // the rest, unless another worker owns the job.
         let joined = match created {
-            Err(ExecError::LeaseLost) => Ok(()),
-            _ => rotation::join(ec2, group, &mut made, &mut results).await,
+            Err(ExecError::LeaseLost) => Ok(Ok(())),
+            _ => {
+                let grace = self.settings.consistency_timeout;
+                let join = rotation::join(ec2, (group, grace), &mut made, &mut results);
+                ctx.quietly("calling", rotation::JOINING, join).await
+            }
         };
         created?;
-        joined.map_err(|e| failed(e, results.clone()))?;
+        joined?.map_err(|e| failed(e, results.clone()))?;
         for (inst, img) in made.iter_mut() {
             img.instance_id = Some(inst.clone());
             img.instance_name = insts
@@ -704,7 +708,9 @@ impl Ec2Executor {
             if let Some(id) = id {
                 if kind == Ready::Images {
                     // CopyImage takes no tags: they follow at once, before the checkpoint.
-                    dest.create_tags(std::slice::from_ref(&id), &o.tags, false)
+                    let grace = self.settings.consistency_timeout;
+                    let ids = std::slice::from_ref(&id);
+                    until_known(grace, || dest.create_tags(ids, &o.tags, false))
                         .await
                         .map_err(|e| failed(e, results.clone()))?;
                 }

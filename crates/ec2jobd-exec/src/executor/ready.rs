@@ -43,6 +43,8 @@ impl Ec2Executor {
         let ids = labels.keys().cloned().collect();
         let mut wait = self.new_wait(ctx, (account, region), (kind, ids), self.lot.now_ms());
         wait.labels = labels.into_iter().filter(|(id, l)| id != l).collect();
+        // Snapshots and AMIs waited for are the job's own: EC2 may not know them everywhere yet.
+        wait.unknown_grace_ms = self.settings.consistency_timeout.as_millis() as u64;
         wait
     }
 

@@ -8,8 +8,9 @@
 //! the checkpoint is reported as made and since removed, never made again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
-use ec2jobd_ec2::{Ec2, Ec2Error};
+use ec2jobd_ec2::{until_known, Ec2, Ec2Error};
 use ec2jobd_spec::{ImageResult, JobResults, SnapshotResult};
 
 use super::backup::ROTATION_TAG;
@@ -155,10 +156,15 @@ pub(super) fn add_checkpointed<T: Made>(
     }
 }
 
-/// Tags what this job made with its rotation group (`<group>/<key>`), where not tagged yet.
+/// What a job says while [`join`] takes long: EC2 does not know the new ids yet.
+pub(super) const JOINING: &str =
+    "tagging what was made with its rotation group (waiting for EC2 to know the new ids)";
+
+/// Tags what this job made with its rotation group (`<group>/<key>`), where not tagged yet; an id
+/// EC2 does not know yet is asked about again for up to `grace` (it was made a moment ago).
 pub(super) async fn join<T: Made>(
     ec2: &Ec2,
-    group: &str,
+    (group, grace): (&str, Duration),
     made: &mut BTreeMap<String, T>,
     results: &mut JobResults,
 ) -> Result<(), Ec2Error> {
@@ -168,7 +174,8 @@ pub(super) async fn join<T: Made>(
             continue;
         }
         let tag = BTreeMap::from([(ROTATION_TAG.to_string(), value.clone())]);
-        let outs = ec2.create_tags(&[m.id().to_string()], &tag, false).await?;
+        let id = [m.id().to_string()];
+        let outs = until_known(grace, || ec2.create_tags(&id, &tag, false)).await?;
         results
             .request_ids
             .extend(outs.into_iter().filter_map(|o| o.request_id));

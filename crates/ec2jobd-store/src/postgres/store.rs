@@ -470,11 +470,14 @@ impl Queue for PgStore {
         let (kind, message, data) = shared::finish_event(&outcome, now);
         // One statement: the fenced update (returning the job as it is now), its event, and for a
         // retry the wake-up hint.
-        let sql = if retry {
+        let sql = if let Finish::Retry { refund, .. } = &outcome {
+            // The refund is the runner's, never a caller's: written into the statement.
+            let refund = i32::from(*refund);
             with_event(
                 &format!(
                     "UPDATE jobs SET state = 'queued', run_after = $1, error = $2, updated_at = $3, \
-                     lease_owner = NULL, lease_expires_at = NULL, progress = $4 \
+                     lease_owner = NULL, lease_expires_at = NULL, progress = $4, \
+                     max_attempts = max_attempts + {refund}, wait_outcome = NULL \
                      WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
                 ),
                 7,
@@ -497,13 +500,14 @@ impl Queue for PgStore {
                 Finish::Retry {
                     error,
                     run_after_ms,
+                    ..
                 },
                 _,
             ) => sqlx::query(&sql)
                 .bind(run_after_ms)
                 .bind(encode(error))
                 .bind(now)
-                .bind(encode(&shared::retry_progress(error))),
+                .bind(encode(&shared::retry_progress(error, *run_after_ms))),
             (
                 Finish::Succeeded(results)
                 | Finish::Failed(_, results)
