@@ -48,6 +48,10 @@ fn seeded(name: &str) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
 
+/// The one PostgreSQL server the campaigns share: the replicas campaigns restart it, so each of them
+/// runs alone (write); the other campaigns on it run together (read).
+static POSTGRES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Which queue a campaign's daemon uses.
 #[derive(Clone, Copy)]
 enum Backend {
@@ -62,6 +66,14 @@ impl Backend {
         match self {
             Backend::Sqlite => Some(None),
             Backend::Postgres => common::postgres_database().map(Some),
+        }
+    }
+
+    /// Held while a campaign uses the PostgreSQL server ([`POSTGRES`]).
+    async fn share(self) -> Option<tokio::sync::RwLockReadGuard<'static, ()>> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(POSTGRES.read().await),
         }
     }
 
@@ -480,6 +492,7 @@ async fn crash_campaign_realistic() {
 }
 
 async fn crash(on: Backend, ec2: Ec2) {
+    let _pg = on.share().await;
     let Some(database_url) = on.database() else {
         return;
     };
@@ -745,6 +758,7 @@ async fn fault_campaign_realistic() {
 }
 
 async fn fault(on: Backend, ec2: Ec2) {
+    let _pg = on.share().await;
     let Some(database_url) = on.database() else {
         return;
     };
@@ -1128,6 +1142,7 @@ async fn overload_campaign_on_postgres() {
 }
 
 async fn overload(on: Backend) {
+    let _pg = on.share().await;
     let Some(database_url) = on.database() else {
         return;
     };
@@ -1755,6 +1770,8 @@ async fn replicas_campaign_realistic() {
 }
 
 async fn replicas(ec2: Ec2) {
+    // It restarts the server: alone on it.
+    let _pg = POSTGRES.write().await;
     let Some(database) = common::postgres_database() else {
         return;
     };
@@ -2145,6 +2162,7 @@ async fn events_of(d: &Daemon, id: &str) -> Vec<Value> {
 /// make no status call at all; every job ends with its instances' 2/2 checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_status_polling() {
+    let _pg = POSTGRES.read().await;
     let Some(database) = common::postgres_database() else {
         return;
     };

@@ -80,8 +80,9 @@ pub struct Faults {
 /// What real EC2 does that moto does not ("Eventual consistency in the Amazon EC2 API"; the
 /// instance lifecycle), each for a while the test chooses:
 /// - an id RunInstances, CreateImage, CreateSnapshot(s), CopyImage or CopySnapshot made is unknown
-///   to every other call for `consistency` (`InvalidInstanceID.NotFound`, `InvalidAMIID.NotFound`,
-///   `InvalidSnapshot.NotFound`), and left out of describes that find by filter;
+///   to every call naming it for `consistency` (`InvalidInstanceID.NotFound`,
+///   `InvalidAMIID.NotFound`, `InvalidSnapshot.NotFound`); describes that find by filter or tag
+///   still list it at once (real EC2 may leave it out for a while: not modelled yet);
 /// - an instance launched or started is `pending` for `pending` (its status checks answered as
 ///   DescribeInstanceStatus sees a pending instance), and StopInstances or RebootInstances naming
 ///   it are refused `IncorrectInstanceState`;

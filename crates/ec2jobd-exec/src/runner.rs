@@ -16,7 +16,7 @@
 // per attempt, so boxing it would buy nothing measurable and cost clarity at every match.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -257,6 +257,22 @@ impl ExecCtx {
                     results: JobResults::default(),
                 },
             })
+    }
+
+    /// Which of `jobs` have not reached a final state (a job the store cannot read counts as not
+    /// ended): what they made is still theirs.
+    pub async fn unfinished(&self, jobs: impl IntoIterator<Item = String>) -> HashSet<String> {
+        let mut out = HashSet::new();
+        for id in jobs {
+            match self.store.get(&id).await {
+                Ok(Some(j)) if j.state.is_terminal() => {}
+                Ok(None) => {}
+                _ => {
+                    out.insert(id);
+                }
+            }
+        }
+        out
     }
 
     /// True when an earlier attempt may have made calls already (it left a checkpoint, or this is

@@ -487,7 +487,7 @@ impl Ec2Executor {
                     None,
                 )
                 .await?;
-                rotations = rotate(ec2, group, &rows, keep as usize, &mut results)
+                rotations = rotate(ctx, ec2, group, &rows, keep as usize, &mut results)
                     .await
                     .map_err(|e| failed(e, partial(&rows, &made, &results)))?;
                 let deleted: usize = rotations.values().map(|r| r.deleted.len()).sum();
@@ -546,6 +546,7 @@ fn volume_rows(
 /// Keeps the `keep` newest completed snapshots of each volume's rotation group, deletes the
 /// rest (an `InvalidSnapshot.InUse` answer keeps it as in use). Returns rotation per volume.
 async fn rotate(
+    ctx: &ExecCtx,
     ec2: &Ec2,
     group: &str,
     rows: &[VolumeResult],
@@ -568,10 +569,12 @@ async fn rotate(
         results.request_ids.extend(rids);
         found.extend(f);
     }
+    let in_flight = rotation::in_flight(ctx, &found).await;
     let mut groups = rotation::by_group(found);
     let mut out = HashMap::new();
     for (row, key) in rows.iter().zip(keys) {
-        let (kept, past) = rotation::generations(groups.remove(&key).unwrap_or_default(), keep);
+        let group = groups.remove(&key).unwrap_or_default();
+        let (kept, past) = rotation::generations(group, keep, &in_flight);
         let mut r = RotationResult {
             group: key,
             kept: kept.into_iter().map(|s| s.snapshot_id).collect(),

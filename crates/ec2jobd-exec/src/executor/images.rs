@@ -376,6 +376,7 @@ impl Ec2Executor {
                 .await?;
                 let mut rot = self
                     .rotate_images(
+                        ctx,
                         ec2,
                         group,
                         made.keys().cloned().collect(),
@@ -418,6 +419,7 @@ impl Ec2Executor {
     /// rest and deletes their snapshots.
     async fn rotate_images(
         &self,
+        ctx: &ExecCtx,
         ec2: &Ec2,
         group: &str,
         instances: Vec<String>,
@@ -433,10 +435,12 @@ impl Ec2Executor {
             results.request_ids.extend(rids);
             found.extend(f);
         }
+        let in_flight = rotation::in_flight(ctx, &found).await;
         let mut groups = rotation::by_group(found);
         let mut out = HashMap::new();
         for (inst, key) in instances.iter().zip(keys) {
-            let (kept, past) = rotation::generations(groups.remove(&key).unwrap_or_default(), keep);
+            let group = groups.remove(&key).unwrap_or_default();
+            let (kept, past) = rotation::generations(group, keep, &in_flight);
             let mut r = RotationResult {
                 group: key,
                 kept: kept.into_iter().map(|i| i.image_id).collect(),

@@ -5,9 +5,12 @@
 //! Tagged at creation, another job's rotation could delete it while this job's answer was lost or
 //! the daemon down, and this job, finding nothing by its tag, would make it again (the crash and
 //! fault campaigns caught exactly that, for snapshots and for AMIs). One that rotation removes after
-//! the checkpoint is reported as made and since removed, never made again.
+//! the checkpoint is reported as made and since removed, never made again. Nor does a rotation
+//! remove what another job still running made ([`in_flight`]): that job may not even have seen it
+//! yet (EC2 is eventually consistent); it counts as a generation, and its job removes it when it
+//! ends, if it is still past the kept ones then.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use ec2jobd_ec2::{until_known, Ec2, Ec2Error};
@@ -112,10 +115,28 @@ pub(super) fn by_group<T: Made>(found: Vec<T>) -> HashMap<String, Vec<T>> {
     groups
 }
 
-/// One group's generations, newest first, split into the `keep` kept and those past them. Only
-/// ready ones count. Times have second precision, so ties are broken by the id of the job that
-/// made them (ULIDs sort by time), then by their own id.
-pub(super) fn generations<T: Made>(group: Vec<T>, keep: usize) -> (Vec<T>, Vec<T>) {
+/// The other jobs that made some of `found` and have not ended: they may still be waiting for EC2
+/// to show them what they made, so no rotation removes it under them; each rotates its group
+/// itself when it ends.
+pub(super) async fn in_flight<T: Made>(ctx: &ExecCtx, found: &[T]) -> HashSet<String> {
+    let jobs: BTreeSet<String> = found
+        .iter()
+        .filter_map(|m| m.tags().get(JOB_TAG))
+        .filter(|j| **j != ctx.job.id)
+        .cloned()
+        .collect();
+    ctx.unfinished(jobs).await
+}
+
+/// One group's generations, newest first, split into the `keep` kept and those past them to
+/// remove. Only ready ones count. Times have second precision, so ties are broken by the id of the
+/// job that made them (ULIDs sort by time), then by their own id. One past them that a job still
+/// running made (`in_flight`) is left to that job's own rotation.
+pub(super) fn generations<T: Made>(
+    group: Vec<T>,
+    keep: usize,
+    in_flight: &HashSet<String>,
+) -> (Vec<T>, Vec<T>) {
     let mut gens: Vec<T> = group
         .into_iter()
         .filter(|m| m.state() == T::READY)
@@ -130,7 +151,8 @@ pub(super) fn generations<T: Made>(group: Vec<T>, keep: usize) -> (Vec<T>, Vec<T
         };
         age(b).cmp(&age(a))
     });
-    let past = gens.split_off(keep.min(gens.len()));
+    let mut past = gens.split_off(keep.min(gens.len()));
+    past.retain(|m| !m.tags().get(JOB_TAG).is_some_and(|j| in_flight.contains(j)));
     (gens, past)
 }
 
@@ -233,12 +255,19 @@ mod tests {
             snap("snap-f", "completed", t, "01JOB5", "g/vol-2"),
         ];
         let mut groups = by_group(found);
-        let (kept, past) = generations(groups.remove("g/vol-1").unwrap(), 2);
+        let none = HashSet::new();
+        let vol1 = groups.remove("g/vol-1").unwrap();
+        let (kept, past) = generations(vol1.clone(), 2, &none);
         let ids =
             |v: &[SnapshotResult]| v.iter().map(|s| s.snapshot_id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&kept), ["snap-b", "snap-a"]);
         assert_eq!(ids(&past), ["snap-c"]);
-        let (kept, past) = generations(groups.remove("g/vol-2").unwrap(), 5);
+        let (kept, past) = generations(groups.remove("g/vol-2").unwrap(), 5, &none);
         assert_eq!((ids(&kept).len(), past.len()), (1, 0));
+        // What a job still running made counts, but is left for that job to remove.
+        let running = HashSet::from(["01JOB9".to_string()]);
+        let (kept, past) = generations(vol1, 2, &running);
+        assert_eq!(ids(&kept), ["snap-b", "snap-a"]);
+        assert!(past.is_empty());
     }
 }
