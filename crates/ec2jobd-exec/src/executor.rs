@@ -425,6 +425,99 @@ fn settled(o: WaitOutcome, results: &JobResults) -> Result<(), ExecError> {
     }
 }
 
+/// The request ids of `outs` into `results`.
+fn noted(results: &mut JobResults, outs: Vec<CallOutcome>) {
+    results
+        .request_ids
+        .extend(outs.into_iter().filter_map(|o| o.request_id));
+}
+
+/// A dry-run modify: the stops a resize needs and every requested change on every target
+/// (needed or not), each with DryRun.
+async fn modify_dry_run(
+    ec2: &Ec2,
+    m: &plan::Modify,
+    (ids, before): (&[String], &HashMap<String, String>),
+    want_type: Option<&str>,
+    mut results: JobResults,
+) -> Result<JobResults, ExecError> {
+    let mut outs = Vec::new();
+    let stop: Vec<String> = m
+        .restart
+        .iter()
+        .filter(|id| matches!(before[*id].as_str(), "running" | "pending"))
+        .cloned()
+        .collect();
+    if !stop.is_empty() {
+        outs.extend(
+            ec2.stop_instances(&stop, false, false, true)
+                .await
+                .map_err(|e| failed(e, results.clone()))?,
+        );
+    }
+    for id in ids {
+        let mut changes = m.protections.clone();
+        if let Some(t) = want_type {
+            changes.push(Attribute::InstanceType(t.to_string()));
+        }
+        for c in &changes {
+            outs.push(
+                ec2.modify_attribute(id, c, true)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?,
+            );
+        }
+    }
+    let ok = outs.iter().all(|o| o.dry_run_ok);
+    results.summary = Some(format!(
+        "dry run: {} call(s) {} ({} to resize, {} to stop and start again)",
+        outs.len(),
+        dry_run_verdict(ok),
+        m.resize.len(),
+        stop.len()
+    ));
+    noted(&mut results, outs);
+    Ok(results)
+}
+
+/// What a modify did to `id`, in words ("type t3.micro -> t3.small; stopped and started again",
+/// "already t3.small", protections), and whether it was resized (then `previous` is its old type).
+fn modify_outcome(
+    id: &String,
+    m: &plan::Modify,
+    previous: Option<&str>,
+    want_type: Option<&str>,
+) -> (bool, String) {
+    let mut did = Vec::new();
+    // `restart` holds those an earlier attempt resized (they already have the new type).
+    let resized = m.resize.contains(id) || m.restart.contains(id);
+    if resized {
+        did.push(format!(
+            "type {} -> {}",
+            previous.unwrap_or("?"),
+            want_type.unwrap_or("?")
+        ));
+        if m.restart.contains(id) {
+            did.push("stopped and started again".into());
+        }
+    } else if let Some(t) = want_type {
+        did.push(format!("already {t}"));
+    }
+    for c in &m.protections {
+        if let Attribute::Protection(p, on) = c {
+            let which = match p {
+                Protection::Termination => "termination",
+                Protection::Stop => "stop",
+            };
+            did.push(format!(
+                "{which} protection {}",
+                if *on { "on" } else { "off" }
+            ));
+        }
+    }
+    (resized, did.join("; "))
+}
+
 /// The refusal when some target is in a state the action cannot act from.
 fn refuse_states(
     action: Action,
@@ -926,8 +1019,6 @@ impl Ec2Executor {
         p: &ModifyParams,
         (account, region): (&str, &str),
     ) -> Result<JobResults, ExecError> {
-        let spec = &ctx.job.spec;
-        let dry = spec.dry_run;
         let mut results = JobResults::default();
         let Some(found) = self
             .settled_targets(ctx, ec2, (account, region), None, &mut results)
@@ -936,176 +1027,51 @@ impl Ec2Executor {
             return Ok(results);
         };
         let targets = plan::Targets::of(&found);
-        let plan::Modify {
-            resize,
-            restart,
-            protections,
-        } = plan::modify(p, &found, &targets, Checkpoint::of(ctx).as_ref());
+        let m = plan::modify(p, &found, &targets, Checkpoint::of(ctx).as_ref());
         let plan::Targets { ids, before } = targets;
         let want_type = p.instance_type.as_deref();
-        let old_type: HashMap<String, String> = found
-            .iter()
-            .filter_map(|i| Some((i.instance_id.clone(), i.instance_type.clone()?)))
-            .collect();
-        let note = |r: &mut JobResults, outs: Vec<CallOutcome>| {
-            r.request_ids
-                .extend(outs.into_iter().filter_map(|o| o.request_id));
-        };
-
-        if dry {
-            let mut outs = Vec::new();
-            let stop: Vec<String> = restart
-                .iter()
-                .filter(|id| matches!(before[*id].as_str(), "running" | "pending"))
-                .cloned()
-                .collect();
-            if !stop.is_empty() {
-                outs.extend(
-                    ec2.stop_instances(&stop, false, false, true)
-                        .await
-                        .map_err(|e| failed(e, results.clone()))?,
-                );
-            }
-            // Every requested change is checked on every target, needed or not.
-            for id in &ids {
-                let mut changes = protections.clone();
-                if let Some(t) = want_type {
-                    changes.push(Attribute::InstanceType(t.to_string()));
-                }
-                for c in &changes {
-                    outs.push(
-                        ec2.modify_attribute(id, c, true)
-                            .await
-                            .map_err(|e| failed(e, results.clone()))?,
-                    );
-                }
-            }
-            let ok = outs.iter().all(|o| o.dry_run_ok);
-            results.summary = Some(format!(
-                "dry run: {} call(s) {} ({} to resize, {} to stop and start again)",
-                outs.len(),
-                dry_run_verdict(ok),
-                resize.len(),
-                stop.len()
-            ));
-            note(&mut results, outs);
-            return Ok(results);
+        if ctx.job.spec.dry_run {
+            return modify_dry_run(ec2, &m, (&ids, &before), want_type, results).await;
         }
-
         ctx.check_cancel(&results)?;
         let since = self.lot.now_ms();
-        if !resize.is_empty() || !restart.is_empty() {
-            let resizing = Checkpoint::Resizing {
-                restart: restart.clone(),
-            };
-            resizing.save(ctx).await?;
-            // `before` is this attempt's own look, so a resumed attempt acts on what is true now.
-            let live = &before;
-            let stop: Vec<String> = restart
-                .iter()
-                .filter(|id| {
-                    resize.contains(*id)
-                        && matches!(
-                            live.get(*id).map(String::as_str),
-                            Some("running" | "pending")
-                        )
-                })
-                .cloned()
-                .collect();
-            if !stop.is_empty() {
-                ctx.progress(
-                    "calling",
-                    &format!(
-                        "StopInstances on {} running instance(s) to change their type",
-                        stop.len()
-                    ),
-                    None,
-                    None,
-                )
-                .await?;
-                let outs = ec2
-                    .stop_instances(&stop, false, false, false)
-                    .await
-                    .map_err(|e| failed(e, results.clone()))?;
-                note(&mut results, outs);
-            }
-            let must_stop: Vec<String> = resize
-                .iter()
-                .filter(|id| live.get(*id).map(String::as_str) != Some("stopped"))
-                .cloned()
-                .collect();
-            self.wait_quietly(
+        if !m.resize.is_empty() || !m.restart.is_empty() {
+            self.resize(
                 ctx,
+                ec2,
                 (account, region),
-                &must_stop,
-                WaitUntil::Stopped,
-                &results,
+                &m,
+                &before,
+                want_type,
+                &mut results,
             )
             .await?;
-            if let Some(t) = want_type {
-                ctx.progress(
-                    "calling",
-                    &format!("changing the type of {} instance(s) to {t}", resize.len()),
-                    None,
-                    None,
-                )
-                .await?;
-                for id in &resize {
-                    let out = ec2
-                        .modify_attribute(id, &Attribute::InstanceType(t.to_string()), false)
-                        .await
-                        .map_err(|e| failed(e, results.clone()))?;
-                    note(&mut results, vec![out]);
-                }
-            }
-            let start: Vec<String> = restart
-                .iter()
-                .filter(|id| {
-                    !plan::settled(
-                        Action::StartInstances,
-                        live.get(*id).map(String::as_str).unwrap_or(""),
-                    ) || stop.contains(*id)
-                })
-                .cloned()
-                .collect();
-            if !start.is_empty() {
-                ctx.progress(
-                    "calling",
-                    &format!("StartInstances on {} resized instance(s)", start.len()),
-                    None,
-                    None,
-                )
-                .await?;
-                let outs = ec2
-                    .start_instances(&start, false)
-                    .await
-                    .map_err(|e| failed(e, results.clone()))?;
-                note(&mut results, outs);
-            }
         }
         for id in &ids {
-            for c in &protections {
+            for c in &m.protections {
                 let out = ec2
                     .modify_attribute(id, c, false)
                     .await
                     .map_err(|e| failed(e, results.clone()))?;
-                note(&mut results, vec![out]);
+                noted(&mut results, vec![out]);
             }
         }
         let called = Checkpoint::Called {
             ids: Vec::new(),
-            restart: restart.clone(),
+            restart: m.restart.clone(),
         };
         called.save(ctx).await?;
         let todo: Vec<String> = ids
             .iter()
-            .filter(|id| resize.contains(*id) || restart.contains(*id) || !protections.is_empty())
+            .filter(|id| {
+                m.resize.contains(*id) || m.restart.contains(*id) || !m.protections.is_empty()
+            })
             .cloned()
             .collect();
         let mut after = self.after_wait(
             ctx,
             (account, region),
-            (&ids, &restart),
+            (&ids, &m.restart),
             &before,
             &todo,
             since,
@@ -1113,40 +1079,96 @@ impl Ec2Executor {
         );
         // The per-instance account of the change goes into the checkpoint, so the final wait
         // parks like any other.
+        let old_type: HashMap<&str, &str> = found
+            .iter()
+            .filter_map(|i| Some((i.instance_id.as_str(), i.instance_type.as_deref()?)))
+            .collect();
         for id in &ids {
-            let mut did = Vec::new();
-            // `restart` holds those an earlier attempt resized (they already have the new type).
-            if resize.contains(id) || restart.contains(id) {
-                let previous = old_type.get(id);
-                if let Some(t) = previous {
-                    after.previous_types.insert(id.clone(), t.clone());
-                }
-                did.push(format!(
-                    "type {} -> {}",
-                    previous.map(String::as_str).unwrap_or("?"),
-                    want_type.unwrap_or("?")
-                ));
-                if restart.contains(id) {
-                    did.push("stopped and started again".into());
-                }
-            } else if let Some(t) = want_type {
-                did.push(format!("already {t}"));
+            let previous = old_type.get(id.as_str()).copied();
+            let (resized, outcome) = modify_outcome(id, &m, previous, want_type);
+            if let (true, Some(t)) = (resized, previous) {
+                after.previous_types.insert(id.clone(), t.to_string());
             }
-            for c in &protections {
-                if let Attribute::Protection(p, on) = c {
-                    did.push(format!(
-                        "{} protection {}",
-                        match p {
-                            Protection::Termination => "termination",
-                            Protection::Stop => "stop",
-                        },
-                        if *on { "on" } else { "off" }
-                    ));
-                }
-            }
-            after.outcomes.insert(id.clone(), did.join("; "));
+            after.outcomes.insert(id.clone(), outcome);
         }
         self.wait_and_finish(ctx, ec2, after, results).await
+    }
+
+    /// A resize's calls: stop the running ones to resize (checkpointed first, so a resumed
+    /// attempt starts them again), wait for `stopped`, change the type, start again those to
+    /// restart. `before` is this attempt's own look, so a resumed attempt acts on what is true now.
+    #[allow(clippy::too_many_arguments)] // one call site, each a different part of the plan
+    async fn resize(
+        &self,
+        ctx: &ExecCtx,
+        ec2: &Ec2,
+        place: (&str, &str),
+        m: &plan::Modify,
+        before: &HashMap<String, String>,
+        want_type: Option<&str>,
+        results: &mut JobResults,
+    ) -> Result<(), ExecError> {
+        let plan::Modify {
+            resize, restart, ..
+        } = m;
+        let resizing = Checkpoint::Resizing {
+            restart: restart.clone(),
+        };
+        resizing.save(ctx).await?;
+        let state = |id: &String| before.get(id).map(String::as_str);
+        let stop: Vec<String> = restart
+            .iter()
+            .filter(|id| resize.contains(*id) && matches!(state(id), Some("running" | "pending")))
+            .cloned()
+            .collect();
+        if !stop.is_empty() {
+            let message = format!(
+                "StopInstances on {} running instance(s) to change their type",
+                stop.len()
+            );
+            ctx.progress("calling", &message, None, None).await?;
+            let outs = ec2
+                .stop_instances(&stop, false, false, false)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            noted(results, outs);
+        }
+        let must_stop: Vec<String> = resize
+            .iter()
+            .filter(|id| state(id) != Some("stopped"))
+            .cloned()
+            .collect();
+        self.wait_quietly(ctx, place, &must_stop, WaitUntil::Stopped, results)
+            .await?;
+        if let Some(t) = want_type {
+            let message = format!("changing the type of {} instance(s) to {t}", resize.len());
+            ctx.progress("calling", &message, None, None).await?;
+            for id in resize {
+                let out = ec2
+                    .modify_attribute(id, &Attribute::InstanceType(t.to_string()), false)
+                    .await
+                    .map_err(|e| failed(e, results.clone()))?;
+                noted(results, vec![out]);
+            }
+        }
+        let start: Vec<String> = restart
+            .iter()
+            .filter(|id| {
+                !plan::settled(Action::StartInstances, state(id).unwrap_or(""))
+                    || stop.contains(*id)
+            })
+            .cloned()
+            .collect();
+        if !start.is_empty() {
+            let message = format!("StartInstances on {} resized instance(s)", start.len());
+            ctx.progress("calling", &message, None, None).await?;
+            let outs = ec2
+                .start_instances(&start, false)
+                .await
+                .map_err(|e| failed(e, results.clone()))?;
+            noted(results, outs);
+        }
+        Ok(())
     }
 
     /// Waits through the shared watcher until every instance in `ids` meets `until`, with one

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use ec2jobd_spec::Job;
+use ec2jobd_spec::{Job, JobResults};
 
 fn or_dash(v: Option<&str>) -> &str {
     v.filter(|s| !s.is_empty()).unwrap_or("-")
@@ -55,9 +55,39 @@ fn table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// Renders the report of a job.
+/// Renders the report of a job: who and when, then each kind of result it has, then the summary
+/// and error.
 pub fn render(job: &Job) -> String {
     let mut out = String::new();
+    header(&mut out, job);
+    let r = &job.results;
+    if !r.volumes.is_empty() {
+        volumes(&mut out, job);
+    }
+    if !r.snapshots.is_empty() {
+        snapshots(&mut out, r);
+    }
+    if !r.images.is_empty() {
+        images(&mut out, r);
+    }
+    if !r.instances.is_empty() {
+        instances(&mut out, r);
+    }
+    summary(&mut out, job);
+    out
+}
+
+/// "-" for none, else the ids joined.
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".to_string()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The job's id, action, state, account, region, times and attempts.
+fn header(out: &mut String, job: &Job) {
     let spec = &job.spec;
     let _ = writeln!(
         out,
@@ -80,193 +110,192 @@ pub fn render(job: &Job) -> String {
             .unwrap_or_else(|| "-".into()),
         job.attempts
     );
-    let r = &job.results;
-    if !r.volumes.is_empty() {
-        out.push_str("\nTarget volumes\n");
-        let rows: Vec<Vec<String>> = r
-            .volumes
-            .iter()
-            .map(|v| {
-                vec![
-                    v.volume_id.clone(),
-                    or_dash(v.instance_id.as_deref()).into(),
-                    or_dash(v.instance_name.as_deref()).into(),
-                    or_dash(v.device.as_deref()).into(),
-                    v.size_gib.map(|s| format!("{s} GiB")).unwrap_or("-".into()),
-                ]
-            })
-            .collect();
-        table(
-            &mut out,
-            &["VOLUME", "INSTANCE", "NAME", "DEVICE", "SIZE"],
-            &rows,
-        );
-        out.push_str("\nSnapshot status\n");
-        let rows: Vec<Vec<String>> = r
-            .volumes
-            .iter()
-            .map(|v| match &v.snapshot {
-                Some(s) => vec![
-                    v.volume_id.clone(),
-                    s.snapshot_id.clone(),
-                    s.state.clone(),
-                    or_dash(s.progress.as_deref()).into(),
-                    s.volume_size_gib
-                        .map(|g| format!("{g} GiB"))
-                        .unwrap_or("-".into()),
-                    or_dash(s.start_time.as_deref()).into(),
-                ],
-                None => vec![
-                    v.volume_id.clone(),
-                    "-".into(),
-                    "not created".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                ],
-            })
-            .collect();
-        table(
-            &mut out,
-            &["VOLUME", "SNAPSHOT", "STATE", "PROGRESS", "SIZE", "STARTED"],
-            &rows,
-        );
-        if r.volumes.iter().any(|v| v.rotation.is_some()) {
-            let keep = spec
-                .action_spec()
-                .ok()
-                .and_then(|a| a.keep())
-                .map(|k| format!(" (keep {k})"))
-                .unwrap_or_default();
-            let _ = writeln!(out, "\nRotation{keep}");
-            let list = |v: &[String]| {
-                if v.is_empty() {
-                    "-".to_string()
-                } else {
-                    v.join(", ")
-                }
-            };
-            let rows: Vec<Vec<String>> = r
-                .volumes
-                .iter()
-                .filter_map(|v| {
-                    let rot = v.rotation.as_ref()?;
-                    Some(vec![
-                        v.volume_id.clone(),
-                        list(&rot.kept),
-                        list(&rot.deleted),
-                        list(&rot.in_use),
-                    ])
-                })
-                .collect();
-            table(&mut out, &["VOLUME", "KEPT", "DELETED", "IN USE"], &rows);
-        }
-    }
-    if !r.snapshots.is_empty() {
-        out.push_str("\nSnapshots\n");
-        let rows: Vec<Vec<String>> = r
-            .snapshots
-            .iter()
-            .map(|s| {
-                vec![
-                    s.snapshot_id.clone(),
-                    or_dash(s.volume_id.as_deref()).into(),
-                    s.state.clone(),
-                    or_dash(s.start_time.as_deref()).into(),
-                    or_dash(s.outcome.as_deref()).into(),
-                ]
-            })
-            .collect();
-        table(
-            &mut out,
-            &["SNAPSHOT", "VOLUME", "STATE", "STARTED", "OUTCOME"],
-            &rows,
-        );
-    }
-    if !r.images.is_empty() {
-        out.push_str("\nAMIs\n");
-        let rows: Vec<Vec<String>> = r
-            .images
-            .iter()
-            .map(|i| {
-                vec![
-                    i.image_id.clone(),
-                    or_dash(i.name.as_deref()).into(),
-                    or_dash(i.instance_id.as_deref()).into(),
-                    i.state.clone(),
-                    or_dash(i.region.as_deref()).into(),
-                    if i.snapshot_ids.is_empty() {
-                        "-".into()
-                    } else {
-                        i.snapshot_ids.join(", ")
-                    },
-                    or_dash(i.outcome.as_deref()).into(),
-                ]
-            })
-            .collect();
-        table(
-            &mut out,
-            &[
-                "AMI",
-                "NAME",
-                "INSTANCE",
-                "STATE",
-                "REGION",
-                "SNAPSHOTS",
-                "OUTCOME",
+}
+
+/// A backup's volumes, their snapshots and its rotation.
+fn volumes(out: &mut String, job: &Job) {
+    let (r, spec) = (&job.results, &job.spec);
+    out.push_str("\nTarget volumes\n");
+    let rows: Vec<Vec<String>> = r
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.volume_id.clone(),
+                or_dash(v.instance_id.as_deref()).into(),
+                or_dash(v.instance_name.as_deref()).into(),
+                or_dash(v.device.as_deref()).into(),
+                v.size_gib.map(|s| format!("{s} GiB")).unwrap_or("-".into()),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["VOLUME", "INSTANCE", "NAME", "DEVICE", "SIZE"],
+        &rows,
+    );
+    out.push_str("\nSnapshot status\n");
+    let rows: Vec<Vec<String>> = r
+        .volumes
+        .iter()
+        .map(|v| match &v.snapshot {
+            Some(s) => vec![
+                v.volume_id.clone(),
+                s.snapshot_id.clone(),
+                s.state.clone(),
+                or_dash(s.progress.as_deref()).into(),
+                s.volume_size_gib
+                    .map(|g| format!("{g} GiB"))
+                    .unwrap_or("-".into()),
+                or_dash(s.start_time.as_deref()).into(),
             ],
-            &rows,
-        );
-        let rot: Vec<Vec<String>> = r
-            .images
+            None => vec![
+                v.volume_id.clone(),
+                "-".into(),
+                "not created".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ],
+        })
+        .collect();
+    table(
+        out,
+        &["VOLUME", "SNAPSHOT", "STATE", "PROGRESS", "SIZE", "STARTED"],
+        &rows,
+    );
+    if r.volumes.iter().any(|v| v.rotation.is_some()) {
+        let keep = spec
+            .action_spec()
+            .ok()
+            .and_then(|a| a.keep())
+            .map(|k| format!(" (keep {k})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "\nRotation{keep}");
+        let rows: Vec<Vec<String>> = r
+            .volumes
             .iter()
-            .filter_map(|i| {
-                let rot = i.rotation.as_ref()?;
-                let list = |v: &[String]| {
-                    if v.is_empty() {
-                        "-".to_string()
-                    } else {
-                        v.join(", ")
-                    }
-                };
+            .filter_map(|v| {
+                let rot = v.rotation.as_ref()?;
                 Some(vec![
-                    or_dash(i.instance_id.as_deref()).into(),
+                    v.volume_id.clone(),
                     list(&rot.kept),
                     list(&rot.deleted),
-                    list(&rot.deleted_snapshots),
+                    list(&rot.in_use),
                 ])
             })
             .collect();
-        if !rot.is_empty() {
-            out.push_str("\nAMI rotation\n");
-            table(
-                &mut out,
-                &["INSTANCE", "KEPT", "DEREGISTERED", "SNAPSHOTS DELETED"],
-                &rot,
-            );
-        }
+        table(out, &["VOLUME", "KEPT", "DELETED", "IN USE"], &rows);
     }
-    if !r.instances.is_empty() {
-        out.push_str("\nInstances\n");
-        let rows: Vec<Vec<String>> = r
-            .instances
-            .iter()
-            .map(|i| {
-                vec![
-                    i.instance_id.clone(),
-                    or_dash(i.name.as_deref()).into(),
-                    format!("{} -> {}", or_dash(i.previous_state.as_deref()), i.state),
-                    or_dash(i.checks.as_deref()).into(),
-                    or_dash(i.outcome.as_deref()).into(),
-                ]
-            })
-            .collect();
+}
+
+/// Snapshots a job describes or copies.
+fn snapshots(out: &mut String, r: &JobResults) {
+    out.push_str("\nSnapshots\n");
+    let rows: Vec<Vec<String>> = r
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.snapshot_id.clone(),
+                or_dash(s.volume_id.as_deref()).into(),
+                s.state.clone(),
+                or_dash(s.start_time.as_deref()).into(),
+                or_dash(s.outcome.as_deref()).into(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["SNAPSHOT", "VOLUME", "STATE", "STARTED", "OUTCOME"],
+        &rows,
+    );
+}
+
+/// AMIs and their rotation.
+fn images(out: &mut String, r: &JobResults) {
+    out.push_str("\nAMIs\n");
+    let rows: Vec<Vec<String>> = r
+        .images
+        .iter()
+        .map(|i| {
+            vec![
+                i.image_id.clone(),
+                or_dash(i.name.as_deref()).into(),
+                or_dash(i.instance_id.as_deref()).into(),
+                i.state.clone(),
+                or_dash(i.region.as_deref()).into(),
+                if i.snapshot_ids.is_empty() {
+                    "-".into()
+                } else {
+                    i.snapshot_ids.join(", ")
+                },
+                or_dash(i.outcome.as_deref()).into(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "AMI",
+            "NAME",
+            "INSTANCE",
+            "STATE",
+            "REGION",
+            "SNAPSHOTS",
+            "OUTCOME",
+        ],
+        &rows,
+    );
+    let rot: Vec<Vec<String>> = r
+        .images
+        .iter()
+        .filter_map(|i| {
+            let rot = i.rotation.as_ref()?;
+            Some(vec![
+                or_dash(i.instance_id.as_deref()).into(),
+                list(&rot.kept),
+                list(&rot.deleted),
+                list(&rot.deleted_snapshots),
+            ])
+        })
+        .collect();
+    if !rot.is_empty() {
+        out.push_str("\nAMI rotation\n");
         table(
-            &mut out,
-            &["INSTANCE", "NAME", "STATE", "CHECKS", "OUTCOME"],
-            &rows,
+            out,
+            &["INSTANCE", "KEPT", "DEREGISTERED", "SNAPSHOTS DELETED"],
+            &rot,
         );
     }
+}
+
+/// Instances with their state change, checks and outcome.
+fn instances(out: &mut String, r: &JobResults) {
+    out.push_str("\nInstances\n");
+    let rows: Vec<Vec<String>> = r
+        .instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.instance_id.clone(),
+                or_dash(i.name.as_deref()).into(),
+                format!("{} -> {}", or_dash(i.previous_state.as_deref()), i.state),
+                or_dash(i.checks.as_deref()).into(),
+                or_dash(i.outcome.as_deref()).into(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["INSTANCE", "NAME", "STATE", "CHECKS", "OUTCOME"],
+        &rows,
+    );
+}
+
+/// The summary and the error, each on one line.
+fn summary(out: &mut String, job: &Job) {
+    let r = &job.results;
     out.push_str("\nSummary\n");
     let _ = writeln!(
         out,
@@ -284,7 +313,6 @@ pub fn render(job: &Job) -> String {
             let _ = writeln!(out, "  AWS request id {rid}");
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -892,6 +892,49 @@ impl JobSpec {
     /// Checks every field and returns the canonical form that is stored and hashed for
     /// idempotency: ids deduplicated in order, durations re-rendered, wait defaults filled.
     pub fn normalize(mut self) -> Result<JobSpec, SpecError> {
+        self.check_where()?;
+        if self.action == Action::Workflow && self.steps.is_none() {
+            return Err(SpecError::new(
+                "action",
+                "missing_field",
+                "missing field `action` (or give `steps` for a workflow)",
+            ));
+        }
+        if self.action == Action::Workflow {
+            if self.targets != Targets::default() {
+                return Err(SpecError::new(
+                    "targets",
+                    "unexpected_targets",
+                    "a workflow's steps have the targets",
+                ));
+            }
+            let steps = self.steps.take().unwrap_or_default();
+            self.steps = Some(self.normalize_steps(steps)?);
+        } else if self.steps.is_some() {
+            return Err(SpecError::new(
+                "steps",
+                "unexpected_steps",
+                "only `\"action\": \"workflow\"` takes steps",
+            ));
+        } else if self.action == Action::RunInstances {
+            if self.targets != Targets::default() {
+                return Err(SpecError::new(
+                    "targets",
+                    "unexpected_targets",
+                    "run_instances launches new instances and takes no targets",
+                ));
+            }
+        } else {
+            self.targets = normalize_targets(self.targets, self.action.target_kind())?;
+        }
+        self.params = self.action_spec()?.params();
+        self.normalize_wait()?;
+        self.check_limits()?;
+        Ok(self)
+    }
+
+    /// `traceparent`, `account` and `region`: well-formed when given.
+    fn check_where(&mut self) -> Result<(), SpecError> {
         if let Some(t) = &self.traceparent {
             self.traceparent = Some(traceparent(t).ok_or_else(|| {
                 SpecError::new(
@@ -919,129 +962,118 @@ impl JobSpec {
                 ));
             }
         }
-        if self.action == Action::Workflow && self.steps.is_none() {
-            return Err(SpecError::new(
-                "action",
-                "missing_field",
-                "missing field `action` (or give `steps` for a workflow)",
-            ));
-        }
-        if self.action == Action::Workflow {
-            if self.targets != Targets::default() {
-                return Err(SpecError::new(
-                    "targets",
-                    "unexpected_targets",
-                    "a workflow's steps have the targets",
-                ));
-            }
-            let steps = self.steps.take().unwrap_or_default();
-            if steps.is_empty() || steps.len() > MAX_STEPS {
-                return Err(SpecError::new(
-                    "steps",
-                    "invalid_steps",
-                    "give 1 to 50 steps",
-                ));
-            }
-            let mut names: Vec<String> = Vec::new();
-            let mut out = Vec::new();
-            for (i, mut st) in steps.into_iter().enumerate() {
-                let field = |f: &str| format!("steps[{i}].{f}");
-                let name = st.name.clone().unwrap_or_else(|| format!("step-{}", i + 1));
-                if !is_name(&name, b"-_.") || names.contains(&name) {
-                    return Err(SpecError::new(
-                        field("name"),
-                        "invalid_name",
-                        "1-64 letters, digits, `-`, `_` or `.`, unique in the workflow",
-                    ));
-                }
-                if !matches!(
-                    st.on_failure.as_deref(),
-                    None | Some("stop") | Some("continue")
-                ) {
-                    return Err(SpecError::new(
-                        field("on_failure"),
-                        "invalid_param",
-                        "stop or continue",
-                    ));
-                }
-                if matches!(st.spec.action, Action::Workflow) && st.spec.steps.is_none() {
-                    return Err(SpecError::new(
-                        field("action"),
-                        "missing_field",
-                        "each step needs its own `action` (steps do not nest)",
-                    ));
-                }
-                if st.spec.priority.is_some() {
-                    return Err(SpecError::new(
-                        field("priority"),
-                        "invalid_param",
-                        "set priority on the workflow, not on a step",
-                    ));
-                }
-                if matches!(st.spec.action, Action::Workflow) || st.spec.steps.is_some() {
-                    return Err(SpecError::new(
-                        field("action"),
-                        "invalid_steps",
-                        "steps do not nest",
-                    ));
-                }
-                let mut spec = *st.spec;
-                spec.account = spec.account.or_else(|| self.account.clone());
-                spec.region = spec.region.or_else(|| self.region.clone());
-                let from = spec.targets.from_step.take();
-                if let Some(f) = &from {
-                    if !names.contains(f) {
-                        return Err(SpecError::new(
-                            field("targets.from_step"),
-                            "unknown_step",
-                            format!("`{f}` is not an earlier step"),
-                        ));
-                    }
-                    if spec.targets != Targets::default() {
-                        return Err(SpecError::new(
-                            field("targets"),
-                            "unexpected_targets",
-                            "from_step stands alone",
-                        ));
-                    }
-                    // Checked with a stand-in target; the real ids come from the step at run time.
-                    spec.targets.instance_ids = Some(IdList(vec!["i-00000000".into()]));
-                }
-                let mut spec = spec.normalize().map_err(|e| SpecError {
-                    field: format!("steps[{i}].{}", e.field),
-                    ..e
-                })?;
-                if from.is_some() {
-                    spec.targets = Targets {
-                        from_step: from,
-                        ..Default::default()
-                    };
-                }
-                st.name = Some(name.clone());
-                st.on_failure = Some(st.on_failure.unwrap_or_else(|| "stop".into()));
-                st.spec = Box::new(spec);
-                names.push(name);
-                out.push(st);
-            }
-            self.steps = Some(out);
-        } else if self.steps.is_some() {
+        Ok(())
+    }
+
+    /// A workflow's steps, each named (unique), with its failure policy, inheriting the
+    /// workflow's account and region, and normalized as a job of its own (a `from_step` target
+    /// checked with a stand-in).
+    fn normalize_steps(&self, steps: Vec<Step>) -> Result<Vec<Step>, SpecError> {
+        if steps.is_empty() || steps.len() > MAX_STEPS {
             return Err(SpecError::new(
                 "steps",
-                "unexpected_steps",
-                "only `\"action\": \"workflow\"` takes steps",
+                "invalid_steps",
+                "give 1 to 50 steps",
             ));
-        } else if self.action == Action::RunInstances {
-            if self.targets != Targets::default() {
+        }
+        let mut names: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for (i, st) in steps.into_iter().enumerate() {
+            let st = self.normalize_step(i, st, &names)?;
+            names.extend(st.name.clone());
+            out.push(st);
+        }
+        Ok(out)
+    }
+
+    /// Step `i` of this workflow, after the steps named `earlier`.
+    fn normalize_step(
+        &self,
+        i: usize,
+        mut st: Step,
+        earlier: &[String],
+    ) -> Result<Step, SpecError> {
+        let field = |f: &str| format!("steps[{i}].{f}");
+        let name = st.name.clone().unwrap_or_else(|| format!("step-{}", i + 1));
+        if !is_name(&name, b"-_.") || earlier.contains(&name) {
+            return Err(SpecError::new(
+                field("name"),
+                "invalid_name",
+                "1-64 letters, digits, `-`, `_` or `.`, unique in the workflow",
+            ));
+        }
+        if !matches!(
+            st.on_failure.as_deref(),
+            None | Some("stop") | Some("continue")
+        ) {
+            return Err(SpecError::new(
+                field("on_failure"),
+                "invalid_param",
+                "stop or continue",
+            ));
+        }
+        if matches!(st.spec.action, Action::Workflow) && st.spec.steps.is_none() {
+            return Err(SpecError::new(
+                field("action"),
+                "missing_field",
+                "each step needs its own `action` (steps do not nest)",
+            ));
+        }
+        if st.spec.priority.is_some() {
+            return Err(SpecError::new(
+                field("priority"),
+                "invalid_param",
+                "set priority on the workflow, not on a step",
+            ));
+        }
+        if matches!(st.spec.action, Action::Workflow) || st.spec.steps.is_some() {
+            return Err(SpecError::new(
+                field("action"),
+                "invalid_steps",
+                "steps do not nest",
+            ));
+        }
+        let mut spec = *st.spec;
+        spec.account = spec.account.or_else(|| self.account.clone());
+        spec.region = spec.region.or_else(|| self.region.clone());
+        let from = spec.targets.from_step.take();
+        if let Some(f) = &from {
+            if !earlier.contains(f) {
                 return Err(SpecError::new(
-                    "targets",
-                    "unexpected_targets",
-                    "run_instances launches new instances and takes no targets",
+                    field("targets.from_step"),
+                    "unknown_step",
+                    format!("`{f}` is not an earlier step"),
                 ));
             }
-        } else {
-            self.targets = normalize_targets(self.targets, self.action.target_kind())?;
+            if spec.targets != Targets::default() {
+                return Err(SpecError::new(
+                    field("targets"),
+                    "unexpected_targets",
+                    "from_step stands alone",
+                ));
+            }
+            // Checked with a stand-in target; the real ids come from the step at run time.
+            spec.targets.instance_ids = Some(IdList(vec!["i-00000000".into()]));
         }
-        self.params = self.action_spec()?.params();
+        let mut spec = spec.normalize().map_err(|e| SpecError {
+            field: format!("steps[{i}].{}", e.field),
+            ..e
+        })?;
+        if from.is_some() {
+            spec.targets = Targets {
+                from_step: from,
+                ..Default::default()
+            };
+        }
+        st.name = Some(name);
+        st.on_failure = Some(st.on_failure.unwrap_or_else(|| "stop".into()));
+        st.spec = Box::new(spec);
+        Ok(st)
+    }
+
+    /// `wait`: what the action can wait for (its default when absent), timeout and interval
+    /// within bounds and re-rendered.
+    fn normalize_wait(&mut self) -> Result<(), SpecError> {
         let wait = self.wait.take().unwrap_or_default();
         let until = wait.until.unwrap_or_else(|| self.action.default_wait());
         if !self.action.waits().contains(&until) {
@@ -1069,6 +1101,12 @@ impl JobSpec {
             timeout: Some(timeout),
             interval: Some(interval),
         });
+        Ok(())
+    }
+
+    /// The job's own limits: `timeout`, `notify`, `rate` (only for actions that run in waves),
+    /// `max_attempts`, `priority`.
+    fn check_limits(&mut self) -> Result<(), SpecError> {
         if let Some(t) = &self.timeout {
             self.timeout = Some(check_duration(
                 "timeout",
@@ -1120,7 +1158,7 @@ impl JobSpec {
                 "must be between -1000 and 1000",
             ));
         }
-        Ok(self)
+        Ok(())
     }
 
     /// The action with its typed parameters (checked at submission; a stored spec reads back).

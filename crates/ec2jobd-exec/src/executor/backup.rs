@@ -49,6 +49,21 @@ struct Source {
 }
 
 impl Source {
+    /// The tags its snapshot gets: with `copy_tags` the instance's then the volume's (those that
+    /// may be copied), then the job's `tags`, then the job id tag.
+    fn tags(&self, ctx: &ExecCtx, p: &SnapshotParams) -> BTreeMap<String, String> {
+        let mut tags = BTreeMap::new();
+        if p.backup.copy_tags.unwrap_or(false) {
+            if let Some(i) = &self.instance {
+                tags.extend(copyable(&i.tags).map(|(k, v)| (k.clone(), v.clone())));
+            }
+            tags.extend(copyable(&self.volume.tags).map(|(k, v)| (k.clone(), v.clone())));
+        }
+        tags.extend(p.backup.tags.clone().unwrap_or_default());
+        tags.extend(super::made_by(ctx));
+        tags
+    }
+
     /// The volume's row in the results, before anything is made of it.
     fn row(&self) -> VolumeResult {
         VolumeResult {
@@ -219,32 +234,14 @@ impl Ec2Executor {
         let group = p.backup.group();
         let template = p.description.as_deref().unwrap_or(DEFAULT_DESCRIPTION);
         let at = ctx.job.started_at.unwrap_or(ctx.job.created_at);
-        let user_tags = p.backup.tags.clone().unwrap_or_default();
-        let copy_tags = p.backup.copy_tags.unwrap_or(false);
         let stop_first = p.stop_first.unwrap_or(false);
-        let tags_for = |src: &Source| {
-            let mut tags = BTreeMap::new();
-            if copy_tags {
-                if let Some(i) = &src.instance {
-                    tags.extend(copyable(&i.tags).map(|(k, v)| (k.clone(), v.clone())));
-                }
-                tags.extend(copyable(&src.volume.tags).map(|(k, v)| (k.clone(), v.clone())));
-            }
-            tags.extend(user_tags.clone());
-            tags.extend(super::made_by(ctx));
-            tags
-        };
-
+        let tags_for = |src: &Source| src.tags(ctx, p);
         if spec.dry_run {
             let mut ok = true;
             for src in &sources {
+                let description = describe_template(template, src, job_id, group, at);
                 let (_, out) = ec2
-                    .create_snapshot(
-                        &src.volume.volume_id,
-                        &describe_template(template, src, job_id, group, at),
-                        &tags_for(src),
-                        true,
-                    )
+                    .create_snapshot(&src.volume.volume_id, &description, &tags_for(src), true)
                     .await
                     .map_err(|e| failed(e, results.clone()))?;
                 ok &= out.dry_run_ok;
@@ -257,24 +254,7 @@ impl Ec2Executor {
             ));
             return Ok(results);
         }
-
-        // What an earlier attempt of this job already created, found by the job tag.
-        let mut made: BTreeMap<String, SnapshotResult> = BTreeMap::new();
-        if ctx.resumed() {
-            let (found, rids, _) = ec2
-                .describe_snapshots(None, &super::made_by_filters(ctx), false)
-                .await
-                .map_err(|e| failed(e, results.clone()))?;
-            results.request_ids.extend(rids);
-            for mut s in found {
-                if let Some(v) = s.volume_id.clone() {
-                    s.outcome = Some("created by an earlier attempt of this job".into());
-                    made.insert(v, s);
-                }
-            }
-            // Checkpointed but gone: a newer generation's rotation deleted it (see `rotation`).
-            rotation::add_checkpointed(ctx, |m| &m.snapshots, &mut made);
-        }
+        let mut made = made_earlier(ctx, ec2, &mut results).await?;
         let total = sources.len() as u64;
 
         // stop_first: instances with a volume still to snapshot are stopped first; the list to
@@ -416,19 +396,7 @@ impl Ec2Executor {
         self.wait_quietly(ctx, place, &restart, WaitUntil::StatusOk, &results)
             .await?;
         if stop_first {
-            results.instances = insts
-                .into_values()
-                .map(|mut i| {
-                    i.previous_state = Some(i.state.clone());
-                    i.outcome = Some(if restart.contains(&i.instance_id) {
-                        i.state = "running".into();
-                        "stopped for the snapshots and started again (status ok)".into()
-                    } else {
-                        format!("left {}", i.state)
-                    });
-                    i
-                })
-                .collect();
+            results.instances = stopped_first(insts, &restart);
         }
 
         let labels = made
@@ -514,6 +482,54 @@ impl Ec2Executor {
         results.summary = Some(summary);
         Ok(results)
     }
+}
+
+/// What an earlier attempt of this job already created, by volume: found by the job tag, and
+/// those it checkpointed but EC2 no longer has (a newer generation's rotation deleted them, see
+/// `rotation`). Empty on a first attempt.
+async fn made_earlier(
+    ctx: &ExecCtx,
+    ec2: &Ec2,
+    results: &mut JobResults,
+) -> Result<BTreeMap<String, SnapshotResult>, ExecError> {
+    let mut made = BTreeMap::new();
+    if !ctx.resumed() {
+        return Ok(made);
+    }
+    let (found, rids, _) = ec2
+        .describe_snapshots(None, &super::made_by_filters(ctx), false)
+        .await
+        .map_err(|e| failed(e, results.clone()))?;
+    results.request_ids.extend(rids);
+    for mut s in found {
+        if let Some(v) = s.volume_id.clone() {
+            s.outcome = Some("created by an earlier attempt of this job".into());
+            made.insert(v, s);
+        }
+    }
+    rotation::add_checkpointed(ctx, |m| &m.snapshots, &mut made);
+    Ok(made)
+}
+
+/// The instances of a `stop_first` job as reported: those in `restart` were stopped for the
+/// snapshots and are running again, the others were left as found.
+fn stopped_first(
+    insts: BTreeMap<String, InstanceResult>,
+    restart: &[String],
+) -> Vec<InstanceResult> {
+    insts
+        .into_values()
+        .map(|mut i| {
+            i.previous_state = Some(i.state.clone());
+            i.outcome = Some(if restart.contains(&i.instance_id) {
+                i.state = "running".into();
+                "stopped for the snapshots and started again (status ok)".into()
+            } else {
+                format!("left {}", i.state)
+            });
+            i
+        })
+        .collect()
 }
 
 /// Results so far, for a failure part-way.

@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use chrono::DateTime;
 use ec2jobd_spec::{Action, Job, JobEvent, JobSpec, JobState, TERMINAL_EVENT_KINDS};
-use ec2jobd_store::{CancelOutcome, ListQuery};
+use ec2jobd_store::CancelOutcome;
 use futures::Stream;
 use serde::Serialize;
 use tokio::sync::broadcast::error::RecvError;
@@ -139,73 +139,12 @@ pub async fn list(
     policy::role(&caller, Op::ReadJobs)?;
     let Query(params) =
         query.map_err(|e| ApiError::bad_request("invalid_query", "query", e.body_text()))?;
-    let mut q = ListQuery {
-        limit: 50,
-        ..Default::default()
-    };
+    let mut q = jobs::newest();
     for (k, v) in params {
         match k.as_str() {
-            "state" => {
-                q.state = Some(
-                    v.parse::<JobState>()
-                        .map_err(|m| ApiError::bad_request("invalid_state", "state", m))?,
-                )
-            }
-            "action" => {
-                let a = Action::parse(&v).ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_action",
-                        "action",
-                        format!("`{v}` is not an action"),
-                    )
-                })?;
-                q.action = Some(a.as_str().to_string());
-            }
             "since" => q.since_ms = Some(parse_time("since", &v)?),
             "until" => q.until_ms = Some(parse_time("until", &v)?),
-            "limit" => {
-                q.limit = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=500).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_limit",
-                            "limit",
-                            "must be a whole number from 1 to 500",
-                        )
-                    })?
-            }
-            "cursor" => {
-                if ulid::Ulid::from_string(&v).is_err() {
-                    return Err(ApiError::bad_request(
-                        "invalid_cursor",
-                        "cursor",
-                        "not a cursor returned by this API",
-                    ));
-                }
-                q.before_id = Some(v);
-            }
-            "created_by" => {
-                if v.is_empty() || v.len() > 256 {
-                    return Err(ApiError::bad_request(
-                        "invalid_created_by",
-                        "created_by",
-                        "a token's name (1 to 256 bytes) or sns:<hook>",
-                    ));
-                }
-                q.created_by = Some(v);
-            }
-            "schedule" => {
-                if !crate::config::is_hook_name(&v) {
-                    return Err(ApiError::bad_request(
-                        "invalid_schedule",
-                        "schedule",
-                        "a schedule's name (1-64 letters, digits, `-` or `_`)",
-                    ));
-                }
-                q.created_by = Some(ec2jobd_spec::schedule::fired_by(&v));
-            }
+            k if jobs::filter(&mut q, k, &v)? => {}
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",

@@ -267,6 +267,60 @@ pub async fn get(st: &AppState, caller: &Caller, id: &str) -> Result<Job> {
     Ok(stored(st, id).await?.redacted())
 }
 
+/// A list's first page with no filter: the newest 50.
+pub fn newest() -> ListQuery {
+    ListQuery {
+        limit: 50,
+        ..Default::default()
+    }
+}
+
+/// One list filter every door takes, from a caller's `key=value`, into `q`: `state`, `action`,
+/// `created_by` (a token's name or `sns:<hook>`), `schedule` (its firings' jobs), `cursor` (a page's
+/// `next_cursor`), `limit` (1-500). `Ok(false)`: not one of these (the door's own, or unknown).
+pub fn filter(q: &mut ListQuery, key: &str, v: &str) -> Result<bool> {
+    let bad = |code: &str, message: String| Err(ServiceError::bad_request(code, key, message));
+    match key {
+        "state" => match v.parse::<JobState>() {
+            Ok(s) => q.state = Some(s),
+            Err(m) => return bad("invalid_state", m),
+        },
+        "action" => match ec2jobd_spec::Action::parse(v) {
+            Some(a) => q.action = Some(a.as_str().to_string()),
+            None => return bad("invalid_action", format!("`{v}` is not an action")),
+        },
+        "limit" => match v.parse::<u32>().ok().filter(|n| (1..=500).contains(n)) {
+            Some(n) => q.limit = n,
+            None => {
+                return bad(
+                    "invalid_limit",
+                    "must be a whole number from 1 to 500".into(),
+                )
+            }
+        },
+        "cursor" => match ulid::Ulid::from_string(v) {
+            Ok(_) => q.before_id = Some(v.to_string()),
+            Err(_) => return bad("invalid_cursor", "not a cursor returned by this API".into()),
+        },
+        "created_by" => match v.len() {
+            1..=256 => q.created_by = Some(v.to_string()),
+            _ => {
+                let m = "a token's name (1 to 256 bytes) or sns:<hook>";
+                return bad("invalid_created_by", m.into());
+            }
+        },
+        "schedule" => match crate::config::is_hook_name(v) {
+            true => q.created_by = Some(ec2jobd_spec::schedule::fired_by(v)),
+            false => {
+                let m = "a schedule's name (1-64 letters, digits, `-` or `_`)";
+                return bad("invalid_schedule", m.into());
+            }
+        },
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// A page of jobs as the caller may see them. A text search matches only what every reader may
 /// see (the store leaves secret fields out of what it searches), so it cannot be asked about them.
 pub async fn list(st: &AppState, caller: &Caller, q: ListQuery) -> Result<Page> {

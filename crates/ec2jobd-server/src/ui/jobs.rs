@@ -61,28 +61,11 @@ pub(super) fn job_table(jobs: &[Job], with_error: bool) -> Markup {
 
 /// The list query from the page's filters, or a 400 page naming the bad one.
 fn list_query(p: &[(String, String)]) -> Result<ListQuery, ServiceError> {
-    let mut q = ListQuery {
-        limit: 50,
-        ..Default::default()
-    };
-    if let Some(s) = param(p, "state") {
-        q.state = Some(
-            s.parse::<JobState>()
-                .map_err(|m| ServiceError::bad_request("invalid_state", "state", m))?,
-        );
-    }
-    if let Some(a) = param(p, "action") {
-        let a = Action::parse(a).ok_or_else(|| {
-            ServiceError::bad_request(
-                "invalid_action",
-                "action",
-                format!("`{a}` is not an action"),
-            )
-        })?;
-        q.action = Some(a.as_str().to_string());
-    }
-    if let Some(by) = param(p, "created_by") {
-        q.created_by = Some(by.chars().take(256).collect());
+    let mut q = jobs::newest();
+    for key in ["state", "action", "created_by", "cursor"] {
+        if let Some(v) = param(p, key) {
+            jobs::filter(&mut q, key, v)?;
+        }
     }
     if let Some(t) = param(p, "q") {
         q.text = Some(t.trim().chars().take(128).collect());
