@@ -104,7 +104,9 @@ fn describe_template(
 }
 
 /// Tags copied from a resource: not AWS's reserved ones, not ec2jobd's own bookkeeping.
-fn copyable(tags: &BTreeMap<String, String>) -> impl Iterator<Item = (&String, &String)> {
+pub(super) fn copyable(
+    tags: &BTreeMap<String, String>,
+) -> impl Iterator<Item = (&String, &String)> {
     tags.iter()
         .filter(|(k, _)| !k.starts_with("aws:") && !k.starts_with("ec2jobd:"))
 }
@@ -484,31 +486,22 @@ impl Ec2Executor {
     }
 }
 
-/// What an earlier attempt of this job already created, by volume: found by the job tag, and
-/// those it checkpointed but EC2 no longer has (a newer generation's rotation deleted them, see
-/// `rotation`). Empty on a first attempt.
+/// What an earlier attempt of this job already created, by volume ([`rotation::earlier`]);
+/// empty on a first attempt.
 async fn made_earlier(
     ctx: &ExecCtx,
     ec2: &Ec2,
     results: &mut JobResults,
 ) -> Result<BTreeMap<String, SnapshotResult>, ExecError> {
-    let mut made = BTreeMap::new();
     if !ctx.resumed() {
-        return Ok(made);
+        return Ok(BTreeMap::new());
     }
     let (found, rids, _) = ec2
         .describe_snapshots(None, &super::made_by_filters(ctx), false)
         .await
         .map_err(|e| failed(e, results.clone()))?;
     results.request_ids.extend(rids);
-    for mut s in found {
-        if let Some(v) = s.volume_id.clone() {
-            s.outcome = Some("created by an earlier attempt of this job".into());
-            made.insert(v, s);
-        }
-    }
-    rotation::add_checkpointed(ctx, |m| &m.snapshots, &mut made);
-    Ok(made)
+    Ok(rotation::earlier(ctx, found, |m| &m.snapshots))
 }
 
 /// The instances of a `stop_first` job as reported: those in `restart` were stopped for the

@@ -18,7 +18,7 @@ use ec2jobd_spec::{
     ImageResult, InstanceResult, JobResults, RotationResult, SnapshotResult, WaitUntil,
 };
 
-use super::backup::ROTATION_TAG;
+use super::backup::{copyable, ROTATION_TAG};
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
 use super::ready::ready_failure;
 use super::rotation::{self, Made};
@@ -103,6 +103,19 @@ fn of(i: &InstanceResult) -> (&str, &str) {
     (i.name.as_deref().unwrap_or(""), &i.instance_id)
 }
 
+/// The tags an AMI of `i` gets (and, once known, its snapshots): with `copy_tags` the instance's
+/// own (not `aws:` or `ec2jobd:` ones), then the job's `tags`, the job id and the instance.
+fn image_tags(ctx: &ExecCtx, p: &ImageParams, i: &InstanceResult) -> BTreeMap<String, String> {
+    let mut tags = BTreeMap::new();
+    if p.backup.copy_tags.unwrap_or(false) {
+        tags.extend(copyable(&i.tags).map(|(k, v)| (k.clone(), v.clone())));
+    }
+    tags.extend(p.backup.tags.clone().unwrap_or_default());
+    tags.extend(super::made_by(ctx));
+    tags.insert(INSTANCE_TAG.to_string(), i.instance_id.clone());
+    tags
+}
+
 impl Ec2Executor {
     /// `create_image`; see the module docs.
     pub(super) async fn create_image(
@@ -133,22 +146,7 @@ impl Ec2Executor {
             .description
             .as_deref()
             .unwrap_or("ec2jobd AMI of {instance_id} ({name}) {datetime}");
-        let user_tags = p.backup.tags.clone().unwrap_or_default();
-        let tags_for = |i: &InstanceResult| {
-            let mut tags = BTreeMap::new();
-            if p.backup.copy_tags.unwrap_or(false) {
-                tags.extend(
-                    i.tags
-                        .iter()
-                        .filter(|(k, _)| !k.starts_with("aws:") && !k.starts_with("ec2jobd:"))
-                        .map(|(k, v)| (k.clone(), v.clone())),
-                );
-            }
-            tags.extend(user_tags.clone());
-            tags.extend(super::made_by(ctx));
-            tags.insert(INSTANCE_TAG.to_string(), i.instance_id.clone());
-            tags
-        };
+        let tags_for = |i: &InstanceResult| image_tags(ctx, p, i);
         let no_reboot = p.no_reboot.unwrap_or(false);
         if spec.dry_run {
             let mut ok = true;
@@ -182,21 +180,7 @@ impl Ec2Executor {
                 .await
                 .map_err(|e| failed(e, results.clone()))?;
             results.request_ids.extend(rids);
-            for mut img in imgs {
-                // AMIs made before the instance tag existed name it in their rotation tag.
-                let inst = img.tags.get(INSTANCE_TAG).cloned().or_else(|| {
-                    img.tags
-                        .get(ROTATION_TAG)
-                        .and_then(|g| g.rsplit('/').next())
-                        .map(String::from)
-                });
-                if let Some(inst) = inst {
-                    img.outcome = Some("created by an earlier attempt of this job".into());
-                    made.insert(inst, img);
-                }
-            }
-            // Checkpointed but gone: a newer generation's rotation deregistered it.
-            rotation::add_checkpointed(ctx, |m| &m.images, &mut made);
+            made = rotation::earlier(ctx, imgs, |m| &m.images);
         }
         let total = insts.len() as u64;
         let created = async {

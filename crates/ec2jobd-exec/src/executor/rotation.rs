@@ -18,6 +18,7 @@ use ec2jobd_spec::{ImageResult, JobResults, SnapshotResult};
 
 use super::backup::ROTATION_TAG;
 use super::checkpoint::{self, Checkpoint};
+use super::images::INSTANCE_TAG;
 use super::JOB_TAG;
 use crate::runner::ExecCtx;
 
@@ -39,6 +40,10 @@ pub(super) trait Made {
     fn tags_mut(&mut self) -> &mut BTreeMap<String, String>;
     /// A result for one the checkpoint names but EC2 no longer has.
     fn rotated_away(id: String, key: &str) -> Self;
+    /// What it was made of (the volume or instance), as its own fields or tags say.
+    fn key(&self) -> Option<String>;
+    /// What the job did with it, for the results.
+    fn set_outcome(&mut self, outcome: &str);
 }
 
 impl Made for SnapshotResult {
@@ -58,6 +63,12 @@ impl Made for SnapshotResult {
     }
     fn tags_mut(&mut self) -> &mut BTreeMap<String, String> {
         &mut self.tags
+    }
+    fn key(&self) -> Option<String> {
+        self.volume_id.clone()
+    }
+    fn set_outcome(&mut self, outcome: &str) {
+        self.outcome = Some(outcome.into());
     }
     fn rotated_away(id: String, volume: &str) -> Self {
         SnapshotResult {
@@ -90,6 +101,18 @@ impl Made for ImageResult {
     }
     fn tags_mut(&mut self) -> &mut BTreeMap<String, String> {
         &mut self.tags
+    }
+    fn key(&self) -> Option<String> {
+        // AMIs made before the instance tag existed name it in their rotation tag.
+        self.tags.get(INSTANCE_TAG).cloned().or_else(|| {
+            self.tags
+                .get(ROTATION_TAG)
+                .and_then(|g| g.rsplit('/').next())
+                .map(String::from)
+        })
+    }
+    fn set_outcome(&mut self, outcome: &str) {
+        self.outcome = Some(outcome.into());
     }
     fn rotated_away(id: String, _instance: &str) -> Self {
         ImageResult {
@@ -163,19 +186,28 @@ pub(super) fn ids<T: Made>(made: &BTreeMap<String, T>) -> BTreeMap<String, Strin
         .collect()
 }
 
-/// Adds what earlier attempts checkpointed (`field` picks snapshots or AMIs) but EC2 no longer
-/// has (not found by the job tag) as rotated away.
-pub(super) fn add_checkpointed<T: Made>(
+/// What earlier attempts of this job made, by volume or instance: `found` (what a describe by the
+/// job tag answered), and what they checkpointed (`field` picks snapshots or AMIs) but EC2 no
+/// longer has, as rotated away (a newer generation's rotation removed it).
+pub(super) fn earlier<T: Made>(
     ctx: &ExecCtx,
+    found: Vec<T>,
     field: fn(&checkpoint::Made) -> &BTreeMap<String, String>,
-    made: &mut BTreeMap<String, T>,
-) {
+) -> BTreeMap<String, T> {
+    let mut made = BTreeMap::new();
+    for mut m in found {
+        if let Some(key) = m.key() {
+            m.set_outcome("created by an earlier attempt of this job");
+            made.insert(key, m);
+        }
+    }
     let saved = Checkpoint::of(ctx).and_then(|c| c.made());
     for (key, id) in saved.as_ref().map(field).into_iter().flatten() {
         let (key, id) = (key.clone(), id.clone());
         let m = T::rotated_away(id, &key);
         made.entry(key).or_insert(m);
     }
+    made
 }
 
 /// What a job says while [`join`] takes long: EC2 does not know the new ids yet.
