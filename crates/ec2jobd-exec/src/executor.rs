@@ -37,10 +37,10 @@ mod ready;
 mod rotation;
 mod waves;
 mod workflow;
-pub use backup::ROTATION_TAG;
 use checkpoint::Checkpoint;
 use images::Ready;
 pub use images::SOURCE_TAG;
+pub use rotation::ROTATION_TAG;
 
 /// Tag put on every instance a job launches, holding the job id.
 pub const JOB_TAG: &str = "ec2jobd:job-id";

@@ -26,13 +26,10 @@ use ec2jobd_spec::{
 
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
 use super::ready::ready_failure;
-use super::rotation::{self, Made};
+use super::rotation::{self, Made, ROTATION_TAG};
 use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
-
-/// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
-pub const ROTATION_TAG: &str = "ec2jobd:rotation";
 
 /// Description of a snapshot when the job gives none.
 const DEFAULT_DESCRIPTION: &str =

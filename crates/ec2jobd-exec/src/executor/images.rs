@@ -18,19 +18,16 @@ use ec2jobd_spec::{
     ImageResult, InstanceResult, JobResults, RotationResult, SnapshotResult, WaitUntil,
 };
 
-use super::backup::{copyable, ROTATION_TAG};
+use super::backup::copyable;
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
 use super::ready::ready_failure;
-use super::rotation::{self, Made};
+use super::rotation::{self, Made, INSTANCE_TAG, ROTATION_TAG};
 use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 
 /// Tag on a copy naming what it was copied from.
 pub const SOURCE_TAG: &str = "ec2jobd:source";
-
-/// Tag on an AMI naming the instance it was made from (a resumed attempt maps what it finds).
-pub const INSTANCE_TAG: &str = "ec2jobd:instance";
 
 /// Name of an AMI when the job gives none.
 const DEFAULT_IMAGE_NAME: &str = "ec2jobd-{instance_id}-{timestamp}";

@@ -16,11 +16,15 @@ use std::time::Duration;
 use ec2jobd_ec2::{until_known, Ec2, Ec2Error};
 use ec2jobd_spec::{ImageResult, JobResults, SnapshotResult};
 
-use super::backup::ROTATION_TAG;
 use super::checkpoint::{self, Checkpoint};
-use super::images::INSTANCE_TAG;
 use super::JOB_TAG;
 use crate::runner::ExecCtx;
+
+/// Tag naming the rotation group of everything ec2jobd creates for backups: `<group>/<resource id>`.
+pub const ROTATION_TAG: &str = "ec2jobd:rotation";
+
+/// Tag on an AMI naming the instance it was made from (a resumed attempt maps what it finds).
+pub const INSTANCE_TAG: &str = "ec2jobd:instance";
 
 /// A snapshot or AMI a backup job made, as rotation bookkeeping sees it.
 pub(super) trait Made {
