@@ -518,6 +518,31 @@ fn modify_outcome(
     (resized, did.join("; "))
 }
 
+/// The job's end when its wait for readiness was cancelled or failed, with `results` (built only
+/// then); `rotation`: the message says rotation did not run.
+#[allow(clippy::result_large_err)] // once per backup or copy job, like the action's own result
+pub(super) fn ready_failure(
+    outcome: &WaitOutcome,
+    results: impl FnOnce() -> JobResults,
+    rotation: bool,
+) -> Result<(), ExecError> {
+    if outcome.cancelled {
+        return Err(ExecError::Cancelled(results()));
+    }
+    if let Some(e) = &outcome.error {
+        let mut error = e.clone();
+        if rotation {
+            error.message.push_str("; rotation did not run");
+        }
+        return Err(ExecError::Failed {
+            error,
+            transient: outcome.transient,
+            results: results(),
+        });
+    }
+    Ok(())
+}
+
 /// The refusal when some target is in a state the action cannot act from.
 fn refuse_states(
     action: Action,

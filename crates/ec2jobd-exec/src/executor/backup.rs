@@ -25,9 +25,8 @@ use ec2jobd_spec::{
 };
 
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
-use super::ready::ready_failure;
 use super::rotation::{self, Made, ROTATION_TAG};
-use super::{dry_run_verdict, failed, no_targets, plan, plural, Ec2Executor};
+use super::{dry_run_verdict, failed, no_targets, plan, plural, ready_failure, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 

@@ -20,9 +20,8 @@ use ec2jobd_spec::{
 
 use super::backup::copyable;
 use super::checkpoint::{self, AfterReady, Checkpoint, ReadyMade};
-use super::ready::ready_failure;
 use super::rotation::{self, Made, INSTANCE_TAG, ROTATION_TAG};
-use super::{dry_run_verdict, failed, no_targets, plural, Ec2Executor};
+use super::{dry_run_verdict, failed, no_targets, plural, ready_failure, Ec2Executor};
 use crate::parking::WaitOutcome;
 use crate::runner::{ExecCtx, ExecError};
 

@@ -111,27 +111,3 @@ impl Ec2Executor {
         }
     }
 }
-
-/// The job's end when its wait for readiness was cancelled or failed, with `results` (built only
-/// then); `rotation`: the message says rotation did not run.
-pub(super) fn ready_failure(
-    outcome: &WaitOutcome,
-    results: impl FnOnce() -> JobResults,
-    rotation: bool,
-) -> Result<(), ExecError> {
-    if outcome.cancelled {
-        return Err(ExecError::Cancelled(results()));
-    }
-    if let Some(e) = &outcome.error {
-        let mut error = e.clone();
-        if rotation {
-            error.message.push_str("; rotation did not run");
-        }
-        return Err(ExecError::Failed {
-            error,
-            transient: outcome.transient,
-            results: results(),
-        });
-    }
-    Ok(())
-}
