@@ -230,7 +230,7 @@ impl Executor for Ec2Executor {
             // them again), unless the wait failed.
             Some(Checkpoint::Settling { .. }) => {
                 if let Some(o) = waited(ctx)? {
-                    settled(o, &JobResults::default())?;
+                    ready_failure(&o, JobResults::default, false)?;
                 }
             }
             Some(Checkpoint::Parked(after)) => {
@@ -409,22 +409,6 @@ async fn resolve(
 /// How many times an action looks at its targets while they settle before it acts anyway.
 const SETTLE_LOOKS: usize = 5;
 
-/// A settling wait's outcome as the action goes on (`Ok`) or ends.
-#[allow(clippy::result_large_err)] // once per settling wait, like the action's own result
-fn settled(o: WaitOutcome, results: &JobResults) -> Result<(), ExecError> {
-    if o.cancelled {
-        return Err(ExecError::Cancelled(results.clone()));
-    }
-    match o.error {
-        Some(error) => Err(ExecError::Failed {
-            error,
-            transient: o.transient,
-            results: results.clone(),
-        }),
-        None => Ok(()),
-    }
-}
-
 /// The request ids of `outs` into `results`.
 fn noted(results: &mut JobResults, outs: Vec<CallOutcome>) {
     results
@@ -518,8 +502,8 @@ fn modify_outcome(
     (resized, did.join("; "))
 }
 
-/// The job's end when its wait for readiness was cancelled or failed, with `results` (built only
-/// then); `rotation`: the message says rotation did not run.
+/// The job's end when a wait (for readiness, or for targets to settle) was cancelled or failed,
+/// with `results` (built only then); `rotation`: the message says rotation did not run.
 #[allow(clippy::result_large_err)] // once per backup or copy job, like the action's own result
 pub(super) fn ready_failure(
     outcome: &WaitOutcome,
@@ -1028,7 +1012,7 @@ impl Ec2Executor {
         bound_by_attempt(ctx, &mut wait);
         let parked = ctx.may_park().then_some(Checkpoint::Settling { ids });
         let outcome = self.wait_for(ctx, wait, parked, results).await?;
-        settled(outcome, results)
+        ready_failure(&outcome, || results.clone(), false)
     }
 
     /// `modify_instance_attribute`. A type change needs a stopped instance, so a running one is
