@@ -34,12 +34,23 @@
 //!    time (start to 2/2, measured by the daemon), EC2 calls by operation and throttles (the
 //!    daemon's own count).
 //!
+//! 8. Writes per job (issue 32): for each action's path (one instance by id), the SQL statements
+//!    that write (reads are not counted: this benchmark's own polling reads jobs) and the write
+//!    transactions (SQLite: the writer's commits; PostgreSQL: transaction ids used, each a commit
+//!    record and a WAL flush with `synchronous_commit` on) per job, on SQLite and on PostgreSQL
+//!    (when `TEST_POSTGRES_URL` is set), for jobs run one at a time and for
+//!    BENCH_WRITES_AT_ONCE (200) at once. Counted from sqlx's own statement log
+//!    (`sqlx::query=debug`), minus what the idle daemon writes over the same time (leader lease,
+//!    ticker). BENCH_ONLY=writes runs only this; BENCH_WRITES_DUMP=DIR keeps each run's
+//!    statements there.
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default
 //! 1000), BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200),
 //! BENCH_IN_PLACE (default 64), BENCH_BULK (default 300), BENCH_COALESCE (default 500),
-//! BENCH_SNAPSHOTS (default 1000), BENCH_REALISTIC (default 1000); BENCH_ONLY=core (parts 3 to 7
-//! only), BENCH_ONLY=parked (part 3), BENCH_ONLY=snapshots (part 6), BENCH_ONLY=realistic (part 7)
-//! or BENCH_ONLY=polling (part 2).
+//! BENCH_SNAPSHOTS (default 1000), BENCH_REALISTIC (default 1000); BENCH_ONLY=core (parts 3 to 8
+//! only), BENCH_ONLY=coalesce (part 5; BENCH_TRACE=1 adds where each action's time went),
+//! BENCH_ONLY=parked (part 3), BENCH_ONLY=snapshots (part 6), BENCH_ONLY=realistic (part 7),
+//! BENCH_ONLY=writes (part 8) or BENCH_ONLY=polling (part 2).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -433,6 +444,53 @@ async fn paced_daemon(proxy: &FaultProxy) -> (tempfile::TempDir, common::Daemon)
     (tmp, d)
 }
 
+/// Where the time of `jobs` went (BENCH_TRACE): for each kind of event (each progress message
+/// by its first words), when the jobs reached it after `t0_ms`: p50 and the last job.
+async fn phases(d: &common::Daemon, jobs: &[String], t0_ms: i64) {
+    let mut seen: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for id in jobs {
+        let text = d.text(&format!("/v1/jobs/{id}/events")).await;
+        for line in text.lines() {
+            let Some(ev) = line
+                .strip_prefix("data:")
+                .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
+            else {
+                continue;
+            };
+            let at = chrono::DateTime::parse_from_rfc3339(ev["at"].as_str().unwrap_or_default())
+                .map(|t| t.timestamp_millis())
+                .unwrap_or_default();
+            let words: Vec<&str> = ev["message"]
+                .as_str()
+                .unwrap_or_default()
+                .split_whitespace()
+                .take(4)
+                .collect();
+            let key = format!(
+                "{} {}",
+                ev["kind"].as_str().unwrap_or_default(),
+                words.join(" ")
+            );
+            seen.entry(key).or_default().push(at - t0_ms);
+        }
+    }
+    let mut rows: Vec<(i64, String)> = seen
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort();
+            let (p50, last) = (v[v.len() / 2], v[v.len() - 1]);
+            (
+                p50,
+                format!("  {p50:>6} ms p50 {last:>6} ms last  {:>4}× {k}", v.len()),
+            )
+        })
+        .collect();
+    rows.sort();
+    for (_, r) in rows {
+        eprintln!("{r}");
+    }
+}
+
 async fn coalesced_calls(moto: &Moto, n: usize) {
     println!("\nCoalesced calls: {n} one-instance jobs per action at once, EC2's buckets enforced by the proxy, pacing on, {DEFAULT_WORKERS} workers");
     let ids = stopped_fleet(moto, n, "coalesce").await;
@@ -468,12 +526,16 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
             })
             .collect();
         let t = Instant::now();
+        let t0_ms = chrono::Utc::now().timestamp_millis();
         let jobs = submit_all(&d, &specs).await;
         for id in &jobs {
             let j = d.wait_final(id, Duration::from_secs(1800)).await;
             assert_eq!(j["state"], "succeeded", "{j}");
         }
         let secs = t.elapsed().as_secs_f64();
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            phases(&d, &jobs, t0_ms).await;
+        }
         let calls = proxy.calls(op) - calls0;
         let throttles = proxy.injected_total() - throttles0;
         let bound = (n as f64 - size).max(0.0) / refill;
@@ -555,6 +617,162 @@ async fn realistic_starts(moto: &Moto, n: usize) {
         "| {n} one-instance start jobs, realistic EC2 timings and buckets | {secs:.1} s (submitting took {submitted:.1} s), {throttles} throttles; {} | slowest instance's own time {slowest:.1} s (target: wall ≤ +5 s) |",
         calls.join(", ")
     );
+}
+
+/// What the daemon's statement log says happened between two of its lengths.
+#[derive(Default, Clone, Copy)]
+struct Statements {
+    writing: f64,
+    commits: f64,
+}
+
+impl Statements {
+    fn count(log: &str) -> Self {
+        let mut s = Self::default();
+        for line in log.lines().filter(|l| l.contains("sqlx::query")) {
+            let Some(text) = line.split("db.statement=").nth(1) else {
+                continue;
+            };
+            let head = line
+                .split("summary=\"")
+                .nth(1)
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            if head.starts_with("BEGIN") {
+                continue;
+            }
+            if head.starts_with("COMMIT") {
+                s.commits += 1.0;
+                continue;
+            }
+            let t = text.to_ascii_uppercase();
+            if ["INSERT INTO", "UPDATE ", "DELETE FROM"]
+                .iter()
+                .any(|w| t.contains(w))
+            {
+                s.writing += 1.0;
+            }
+        }
+        s
+    }
+
+    fn minus(self, o: Self, k: f64) -> Self {
+        Self {
+            writing: (self.writing - o.writing * k).max(0.0),
+            commits: (self.commits - o.commits * k).max(0.0),
+        }
+    }
+}
+
+/// PostgreSQL's next transaction id on `url` (each write transaction takes one; this probe too).
+fn pg_xid(url: &str) -> f64 {
+    let o = std::process::Command::new("psql")
+        .args([url, "-tAc", "SELECT txid_current()"])
+        .output()
+        .expect("psql runs");
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .expect("a transaction id")
+}
+
+async fn writes_per_job(moto: &Moto) {
+    let at_once = env_num("BENCH_WRITES_AT_ONCE", 200) as usize;
+    let alone = 10;
+    println!("\nWrites per job: one-instance jobs by id, {alone} one at a time and {at_once} at once, {DEFAULT_WORKERS} workers");
+    let mut backends = vec![("SQLite", None)];
+    if let Some(url) = common::postgres_database() {
+        backends.push(("PostgreSQL", Some(url)));
+    }
+    // The statement log: the daemon reads EC2JOBD_* over its config file.
+    std::env::set_var("EC2JOBD_LOG__LEVEL", "warn,sqlx::query=debug");
+    for (backend, url) in backends {
+        let ids = stopped_fleet(moto, at_once + alone, "writes").await;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let db = url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", tmp.path().join("bench.db").display()));
+        let d = common::bench_daemon_on(tmp.path(), &moto.url, DEFAULT_WORKERS, "", &db).await;
+        // What the idle daemon writes (leader lease, ticker): subtracted pro rata.
+        let l0 = d.log().len();
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let idle = Statements::count(&d.log()[l0..]);
+        let idle_secs = t0.elapsed().as_secs_f64();
+        let idle_xids = url.as_deref().map(|u| {
+            let x0 = pg_xid(u);
+            std::thread::sleep(Duration::from_secs(2));
+            (pg_xid(u) - x0 - 1.0) / 2.0
+        });
+        let actions = [
+            ("describe_instances", json!({})),
+            ("start_instances", json!({})),
+            ("reboot_instances", json!({})),
+            ("create_tags", json!({"tags": {"Writes": "yes"}})),
+            ("stop_instances", json!({})),
+        ];
+        for (action, params) in &actions {
+            for (n, together) in [(alone, false), (at_once, true)] {
+                let targets: Vec<&String> = if together {
+                    ids[alone..alone + n].iter().collect()
+                } else {
+                    ids[..n].iter().collect()
+                };
+                let specs: Vec<Value> = targets
+                    .iter()
+                    .map(|iid| {
+                        json!({"action": action, "targets": {"instance_ids": [iid]},
+                            "params": params, "wait": {"interval": "1s", "timeout": "30m"}})
+                    })
+                    .collect();
+                let l0 = d.log().len();
+                let x0 = url.as_deref().map(pg_xid);
+                let t0 = Instant::now();
+                if together {
+                    for id in submit_all(&d, &specs).await {
+                        let j = d.wait_final(&id, Duration::from_secs(600)).await;
+                        assert_eq!(j["state"], "succeeded", "{j}");
+                    }
+                } else {
+                    for s in &specs {
+                        let id = d.submit(s).await;
+                        let j = d.wait_final(&id, Duration::from_secs(600)).await;
+                        assert_eq!(j["state"], "succeeded", "{j}");
+                    }
+                }
+                let secs = t0.elapsed().as_secs_f64();
+                let x1 = url.as_deref().map(pg_xid);
+                let log = d.log();
+                if let Ok(dir) = std::env::var("BENCH_WRITES_DUMP") {
+                    // The statements themselves, to see which write what.
+                    let how = if together { "together" } else { "alone" };
+                    let file = format!("{dir}/{backend}-{action}-{how}.log");
+                    std::fs::write(file, &log[l0..]).expect("dump");
+                }
+                let k = secs / idle_secs;
+                let s = Statements::count(&log[l0..]).minus(idle, k);
+                let per = |v: f64| v / n as f64;
+                let txns = match (x0, x1, idle_xids) {
+                    (Some(a), Some(b), Some(i)) => per((b - a - 1.0 - i * secs).max(0.0)),
+                    _ => per(s.commits),
+                };
+                let how = if together {
+                    format!("{n} at once")
+                } else {
+                    "one at a time".into()
+                };
+                println!(
+                    "  {backend}, {action}, {how}: {:.1} writing statements, {txns:.2} write transactions per job; {secs:.1}s",
+                    per(s.writing),
+                );
+                println!(
+                    "| writes per one-instance {action} job, {backend}, {how} | {:.1} writing statements, {txns:.2} write transactions | — |",
+                    per(s.writing),
+                );
+            }
+        }
+    }
+    std::env::remove_var("EC2JOBD_LOG__LEVEL");
 }
 
 async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
@@ -728,6 +946,14 @@ fn main() {
             let moto = Moto::start().await;
             return snapshot_waits(&moto, env_num("BENCH_SNAPSHOTS", 1000) as usize).await;
         }
+        if only == "coalesce" {
+            let moto = Moto::start().await;
+            return coalesced_calls(&moto, env_num("BENCH_COALESCE", 500) as usize).await;
+        }
+        if only == "writes" {
+            let moto = Moto::start().await;
+            return writes_per_job(&moto).await;
+        }
         let moto = Moto::start().await;
         parked_waits(
             &moto,
@@ -746,6 +972,8 @@ fn main() {
         snapshot_waits(&moto, env_num("BENCH_SNAPSHOTS", 1000) as usize).await;
         let moto = Moto::start().await;
         realistic_starts(&moto, env_num("BENCH_REALISTIC", 1000) as usize).await;
+        let moto = Moto::start().await;
+        writes_per_job(&moto).await;
         if only_core {
             return;
         }

@@ -260,6 +260,57 @@ async fn fifty_jobs_waiting_share_one_status_call_per_round() {
 /// kill -9 while RunInstances is in flight (held at the proxy), then again while the launched
 /// instances wait for their checks: after each restart the job resumes, finds what it launched by its
 /// tag, and moto ends up holding exactly the requested instances, launched by one call.
+/// Waits covering most of the region's fleet are polled by listing the fleet (unfiltered
+/// DescribeInstanceStatus, paged by the proxy as EC2 pages it) when that takes fewer calls than
+/// asking by id: 280 waited instances of 300 are 3 calls by id, 2 pages of 150.
+#[tokio::test]
+async fn waits_covering_the_fleet_poll_it_page_by_page() {
+    let (_moto, proxy, d, ids) = rig(300, &[], 4).await;
+    proxy.set(|f| {
+        f.fleet_page = Some(150);
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(3),
+        ));
+    });
+    let waited = &ids[..280];
+    let rounds0 = d.metric("ec2jobd_status_rounds_total").await;
+    let job = d
+        .submit(
+            &json!({"action": "start_instances", "targets": {"instance_ids": waited},
+            "wait": {"until": "status_ok", "interval": "200ms", "timeout": "1m"}}),
+        )
+        .await;
+    let j = d.wait_final(&job, MINUTE).await;
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.log());
+    let results = j["results"]["instances"].as_array().expect("instances");
+    assert_eq!(results.len(), 280, "{j}");
+    assert!(
+        results.iter().all(|i| i["checks"] == "2/2 checks passed"),
+        "{j}"
+    );
+    let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
+    let calls = proxy.calls("DescribeInstanceStatus") as f64;
+    eprintln!(
+        "280 of 300 instances waited: {calls} DescribeInstanceStatus calls over {rounds} rounds"
+    );
+    assert!(
+        rounds >= 3.0,
+        "the checks were held for several rounds: {rounds}"
+    );
+    assert!(
+        calls <= 2.0 * rounds + 2.0,
+        "{calls} calls over {rounds} rounds: by id would be 3 a round"
+    );
+    assert!(
+        proxy
+            .last_body("DescribeInstanceStatus")
+            .contains("NextToken="),
+        "the listing was followed page by page: {}",
+        proxy.last_body("DescribeInstanceStatus")
+    );
+}
+
 #[tokio::test]
 async fn run_instances_survives_kill_9_mid_call_and_mid_wait_without_duplicates() {
     let moto = Moto::start().await;

@@ -75,6 +75,10 @@ pub struct Faults {
     /// RunInstances is answered with this quota error (`InstanceLimitExceeded`,
     /// `VcpuLimitExceeded`).
     pub quota: Option<String>,
+    /// Instances per page of an unfiltered DescribeInstanceStatus at most (default: the call's
+    /// MaxResults). The proxy pages such calls as EC2 does (`MaxResults`, `NextToken`); moto
+    /// answers every instance at once.
+    pub fleet_page: Option<usize>,
 }
 
 /// What real EC2 does that moto does not ("Eventual consistency in the Amazon EC2 API"; the
@@ -977,5 +981,59 @@ async fn forward(
             }
         }
     }
+    if op == "DescribeInstanceStatus" && status == 200 && instance_ids(&fields).is_empty() {
+        if let Some(max) = fields
+            .get("MaxResults")
+            .and_then(|m| m.parse::<usize>().ok())
+        {
+            let max = faults.fleet_page.map_or(max, |p| p.min(max)).max(1);
+            let from = fields
+                .get("NextToken")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            text = page_status_set(&text, from, max);
+        }
+    }
     Some((status, text, rid))
+}
+
+/// An unfiltered DescribeInstanceStatus answer cut to `max` instances from the `from`th, with a
+/// `nextToken` (the next offset) when more remain, as EC2 pages it.
+fn page_status_set(text: &str, from: usize, max: usize) -> String {
+    let (open, close) = ("<instanceStatusSet>", "</instanceStatusSet>");
+    let (Some(a), Some(b)) = (text.find(open), text.find(close)) else {
+        return text.to_string();
+    };
+    let inner = &text[a + open.len()..b];
+    // Top-level <item>s (each holds nested ones: its status details).
+    let mut items = Vec::new();
+    let (mut depth, mut start, mut i) = (0usize, 0usize, 0usize);
+    while i < inner.len() {
+        if inner[i..].starts_with("<item>") {
+            if depth == 0 {
+                start = i;
+            }
+            depth += 1;
+            i += "<item>".len();
+        } else if inner[i..].starts_with("</item>") {
+            depth = depth.saturating_sub(1);
+            i += "</item>".len();
+            if depth == 0 {
+                items.push(&inner[start..i]);
+            }
+        } else {
+            i += inner[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    let page: String = items.iter().skip(from).take(max).copied().collect();
+    let next = if from + max < items.len() {
+        format!("<nextToken>{}</nextToken>", from + max)
+    } else {
+        String::new()
+    };
+    format!(
+        "{}{open}{page}{close}{next}{}",
+        &text[..a],
+        &text[b + close.len()..]
+    )
 }

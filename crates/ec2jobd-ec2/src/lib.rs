@@ -559,6 +559,9 @@ pub enum Attribute {
 /// Most ids EC2 takes in one instance call.
 const IDS_PER_CALL: usize = 1000;
 
+/// Instances per page of an unfiltered DescribeInstanceStatus (EC2's most).
+pub const FLEET_PAGE: i32 = 1000;
+
 /// One account+region's EC2 client with call accounting.
 #[derive(Clone)]
 pub struct Ec2 {
@@ -1024,20 +1027,49 @@ impl Ec2 {
         &self,
         ids: &[String],
     ) -> Result<Vec<(String, InstanceStatus)>, Ec2Error> {
+        self.instance_status_page(Some(ids), None)
+            .await
+            .map(|(found, _)| found)
+    }
+
+    /// One page (up to 1,000 instances) of the status of *every* instance of the region, stopped
+    /// and terminated ones included, after `token`; the token of the next page, if any.
+    pub async fn instance_status_fleet_page(
+        &self,
+        token: Option<String>,
+    ) -> Result<(Vec<(String, InstanceStatus)>, Option<String>), Ec2Error> {
+        self.instance_status_page(None, token).await
+    }
+
+    /// DescribeInstanceStatus by id (`ids`) or, without ids, one page of the whole region.
+    async fn instance_status_page(
+        &self,
+        ids: Option<&[String]>,
+        token: Option<String>,
+    ) -> Result<(Vec<(String, InstanceStatus)>, Option<String>), Ec2Error> {
         self.pace("DescribeInstanceStatus").await;
-        let r = self
+        let call = self
             .client
             .describe_instance_status()
-            .set_instance_ids(Some(ids.to_vec()))
-            .include_all_instances(true)
+            .include_all_instances(true);
+        // EC2 refuses MaxResults beside instance ids.
+        let call = match ids {
+            Some(ids) => call.set_instance_ids(Some(ids.to_vec())),
+            None => call.max_results(FLEET_PAGE).set_next_token(token),
+        };
+        let r = call
             .send()
             .await
             .map_err(|e| classify("DescribeInstanceStatus", e));
         self.observe("DescribeInstanceStatus", &r);
         let out = r?;
+        let next = out
+            .next_token()
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
         let summary =
             |s: Option<&aws_sdk_ec2::types::SummaryStatus>| s.map(|s| s.as_str().to_string());
-        Ok(out
+        let found = out
             .instance_statuses()
             .iter()
             .filter_map(|s| {
@@ -1055,7 +1087,8 @@ impl Ec2 {
                     },
                 ))
             })
-            .collect())
+            .collect();
+        Ok((found, next))
     }
 
     fn observe<T>(&self, op: &'static str, r: &Result<T, Ec2Error>) {

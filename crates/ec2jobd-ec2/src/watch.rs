@@ -1,9 +1,9 @@
 //! Shared status polling. One [`StatusWatcher`] per account+region serves every waiting job: jobs
 //! register the instance ids they wait on, the watcher polls `DescribeInstanceStatus`
 //! (`IncludeAllInstances=true`, so stopped and terminated instances are reported too) for the union of
-//! those ids in chunks of 100 — ⌈N/100⌉ calls per round however many jobs wait — and publishes each
-//! round; every waiter then judges its own condition. State waits (`running`, `stopped`,
-//! `terminated`) use the same rounds, since the call reports the instance state as well.
+//! those ids in chunks of 100 — ⌈N/100⌉ calls per round however many jobs wait, several at once —
+//! and publishes each round; every waiter then judges its own condition. State waits (`running`,
+//! `stopped`, `terminated`) use the same rounds, since the call reports the instance state as well.
 //!
 //! The round interval is the shortest interval any current waiter asked for. The watcher's task runs
 //! only while someone waits.
@@ -26,9 +26,60 @@ use std::time::Duration;
 use ec2jobd_spec::WaitUntil;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::share::{RoundShare, SharedRound, Wants};
 use crate::{Ec2, Ec2Error};
+
+/// Most DescribeInstanceStatus calls of one round in flight together.
+const ROUND_CALLS: usize = 8;
+
+/// Most instance ids one DescribeInstanceStatus takes.
+const STATUS_IDS: usize = 100;
+
+/// Rounds after which a fleet found too large to page through is tried again (it may have
+/// shrunk).
+const FLEET_RETRY_ROUNDS: u32 = 50;
+
+/// What the watcher knows of its region's fleet, to poll each round with the fewest calls: one
+/// unfiltered DescribeInstanceStatus page holds 1,000 instances, one call by id 100, so when the
+/// waits cover much of the fleet ⌈fleet/1,000⌉ pages beat ⌈waits/100⌉ calls by id. The fleet's
+/// size is learnt by paging through it (never more pages than asking by id would take); a fleet
+/// found larger is tried again every [`FLEET_RETRY_ROUNDS`] rounds.
+#[derive(Debug, Default)]
+struct Fleet {
+    /// Pages the last listing took, and whether it reached the end.
+    pages: Option<(usize, bool)>,
+    /// Rounds asked by id since the fleet was found too large.
+    by_id_rounds: u32,
+}
+
+impl Fleet {
+    /// How many pages to read this round before falling back to ids (`None`: ask by id), when
+    /// asking by id takes `by_id` calls.
+    fn pages_worth_trying(&mut self, by_id: usize) -> Option<usize> {
+        if by_id < 2 {
+            return None;
+        }
+        let most = by_id - 1;
+        let worth = match self.pages {
+            None => true,
+            Some((pages, true)) => pages <= most,
+            Some((pages, false)) => pages < most || self.by_id_rounds >= FLEET_RETRY_ROUNDS,
+        };
+        if worth {
+            self.by_id_rounds = 0;
+            Some(most)
+        } else {
+            self.by_id_rounds += 1;
+            None
+        }
+    }
+
+    fn learn(&mut self, pages: usize, complete: bool) {
+        self.pages = Some((pages, complete));
+    }
+}
 
 /// What one round saw of one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -650,10 +701,93 @@ impl StatusWatcher {
         }
     }
 
+    /// The status of every id of a round: the region's whole fleet page by page when that takes
+    /// fewer calls than asking by id ([`Fleet`]), else by id.
+    async fn describe_statuses(
+        self: Arc<Self>,
+        ids: &[String],
+        round: &mut Round,
+        fleet: &mut Fleet,
+    ) {
+        let by_id = ids.len().div_ceil(STATUS_IDS);
+        let Some(most) = fleet.pages_worth_trying(by_id) else {
+            return self.describe_by_id(ids, round).await;
+        };
+        let asked: HashSet<&String> = ids.iter().collect();
+        let (mut pages, mut token, mut failed) = (0, None, false);
+        let complete = loop {
+            match self.ec2.instance_status_fleet_page(token.take()).await {
+                Ok((found, next)) => {
+                    pages += 1;
+                    round
+                        .statuses
+                        .extend(found.into_iter().filter(|(id, _)| asked.contains(id)));
+                    match next {
+                        None => break true,
+                        Some(_) if pages >= most => break false,
+                        Some(t) => token = Some(t),
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e.message, "fleet status page failed; asking by id");
+                    failed = true;
+                    break false;
+                }
+            }
+        };
+        // A listing that failed is tried again only as rarely as one that was too long.
+        fleet.learn(if failed { usize::MAX } else { pages }, complete);
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !round.statuses.contains_key(*id))
+            .cloned()
+            .collect();
+        if complete {
+            // Not in the region's listing: EC2 does not know them (yet, or any more).
+            round.unknown.extend(missing);
+        } else if !missing.is_empty() {
+            self.describe_by_id(&missing, round).await;
+        }
+    }
+
+    /// DescribeInstanceStatus for `ids`, 100 per call, up to [`ROUND_CALLS`] calls at once (the
+    /// pacer still spaces them to EC2's bucket): a round of 1,000 waits takes about one call's
+    /// time, not ten.
+    async fn describe_by_id(self: Arc<Self>, ids: &[String], round: &mut Round) {
+        let mut chunks: Vec<Vec<String>> = ids.chunks(STATUS_IDS).map(<[String]>::to_vec).collect();
+        while !chunks.is_empty() {
+            let mut calls = tokio::task::JoinSet::new();
+            for chunk in chunks.drain(..chunks.len().min(ROUND_CALLS)) {
+                let me = self.clone();
+                calls.spawn(
+                    async move {
+                        let mut part = Round::default();
+                        me.describe_status(&chunk, &mut part).await;
+                        part
+                    }
+                    .instrument(tracing::Span::current()),
+                );
+            }
+            while let Some(part) = calls.join_next().await {
+                match part {
+                    Ok(part) => {
+                        round.statuses.extend(part.statuses);
+                        round.unknown.extend(part.unknown);
+                        if part.error.is_some() {
+                            round.error = part.error;
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "a status call of the round panicked"),
+                }
+            }
+        }
+    }
+
     async fn poll(self: Arc<Self>) {
         let mut number = self.rounds.borrow().number;
         // The last shared round taken (when another process polls): its number and start.
         let mut followed = (0, 0);
+        let mut fleet = Fleet::default();
         loop {
             let ([ids, snapshots, images], interval) = {
                 let mut reg = self.lock();
@@ -721,9 +855,9 @@ impl StatusWatcher {
                 began: Some(Instant::now()),
                 ..Default::default()
             };
-            for chunk in ids.chunks(100) {
-                self.describe_status(chunk, &mut round).await;
-            }
+            self.clone()
+                .describe_statuses(&ids, &mut round, &mut fleet)
+                .await;
             for (kind, list) in [(Watched::Snapshots, &snapshots), (Watched::Images, &images)] {
                 for chunk in list.chunks(200) {
                     self.describe_resources(kind, chunk, &mut round).await;
@@ -826,6 +960,47 @@ impl StatusWatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fleet_is_listed_only_while_that_takes_fewer_calls_than_ids() {
+        let mut f = Fleet::default();
+        // One call by id: nothing to save.
+        assert_eq!(f.pages_worth_trying(1), None);
+        // Unknown fleet, 100 calls by id: list at most 99 pages.
+        assert_eq!(f.pages_worth_trying(100), Some(99));
+        f.learn(12, true);
+        assert_eq!(
+            f.pages_worth_trying(100),
+            Some(99),
+            "12 pages beat 100 calls"
+        );
+        assert_eq!(f.pages_worth_trying(13), Some(12), "12 pages beat 13 calls");
+        assert_eq!(
+            f.pages_worth_trying(12),
+            None,
+            "12 pages do not beat 12 calls"
+        );
+        // A listing cut short: the fleet is larger than what was read.
+        f.learn(4, false);
+        assert_eq!(f.pages_worth_trying(5), None);
+        assert_eq!(
+            f.pages_worth_trying(6),
+            Some(5),
+            "more waits: worth reading further"
+        );
+        f.learn(5, false);
+        for _ in 0..FLEET_RETRY_ROUNDS {
+            assert_eq!(f.pages_worth_trying(6), None);
+        }
+        assert_eq!(
+            f.pages_worth_trying(6),
+            Some(5),
+            "tried again after {FLEET_RETRY_ROUNDS} rounds by id"
+        );
+        // A failed listing counts as too long.
+        f.learn(usize::MAX, false);
+        assert_eq!(f.pages_worth_trying(100), None);
+    }
 
     fn round(asked: &[&str], states: &[(&str, &str, Option<&str>)]) -> Round {
         Round {

@@ -27,6 +27,7 @@ use ec2jobd_store::{Claimed, Finish, NewEvent, Store, StoreError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -324,6 +325,10 @@ pub struct RunnerConfig {
     pub grace: Duration,
 }
 
+/// A claimed job on its way to an idle worker: the job, its lease owner, and the worker's place
+/// (given back when the job is done).
+type Handed = (Claimed, String, OwnedSemaphorePermit);
+
 /// The worker pool of one process.
 pub struct Runner {
     store: Arc<dyn Store>,
@@ -438,10 +443,20 @@ impl Runner {
     pub fn start(self: &Arc<Self>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let hard = CancellationToken::new();
         let mut set = JoinSet::new();
-        for n in 0..self.cfg.workers {
+        // One claimer hands due jobs to idle workers: one claim for as many jobs as workers are
+        // idle, and an idle pool costs one claim per poll, not one per worker.
+        let (tx, rx) = mpsc::channel::<Handed>(self.cfg.workers.max(1));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let idle = Arc::new(Semaphore::new(self.cfg.workers));
+        if self.cfg.workers > 0 {
             let me = self.clone();
-            let (stop, hard) = (stop.clone(), hard.clone());
-            set.spawn(async move { me.worker(n, stop, hard).await });
+            let (stop, idle) = (stop.clone(), idle.clone());
+            set.spawn(async move { me.claimer(tx, idle, stop).await });
+        }
+        for _ in 0..self.cfg.workers {
+            let me = self.clone();
+            let (rx, hard) = (rx.clone(), hard.clone());
+            set.spawn(async move { me.worker(rx, hard).await });
         }
         let reaper = {
             let me = self.clone();
@@ -487,41 +502,131 @@ impl Runner {
         }
     }
 
-    async fn worker(self: Arc<Self>, n: usize, stop: CancellationToken, hard: CancellationToken) {
-        let worker_id = format!("{}-w{n}", self.id_prefix);
+    /// Claims due jobs for the idle workers (one claim for all of them) and hands them over; ends
+    /// at `stop`, after which the workers run what they were handed and end too. An idle pool
+    /// writes nothing: after a quiet spell the claimer reads when the next job is due and claims
+    /// (a write) only once one is.
+    async fn claimer(
+        self: Arc<Self>,
+        tx: mpsc::Sender<Handed>,
+        idle: Arc<Semaphore>,
+        stop: CancellationToken,
+    ) {
         let notify = self.store.work_available();
         let lease_ms = self.cfg.lease.as_millis() as i64;
+        let mut claims = 0u64;
+        // Whether jobs may be due without looking: woken by an enqueue, or the last claim was
+        // full.
+        let mut maybe_due = true;
         loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            // Register for a wake-up before looking, so an enqueue between the claim and the wait
-            // is not missed.
+            // Wait for an idle worker; then ask for as many jobs as workers are idle.
+            let first = tokio::select! {
+                p = idle.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.cancelled() => return,
+            };
+            // Register for a wake-up before looking, so an enqueue between the look and the
+            // wait is not missed.
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.store.claim(&worker_id, lease_ms, 1).await {
-                Ok(mut jobs) if !jobs.is_empty() => {
-                    let c = jobs.remove(0);
-                    self.run_one(&worker_id, c, &hard).await;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "claim failed"),
-            }
-            // Sleep until woken, until the earliest retry becomes due, or at most the poll interval.
-            let idle = match self.store.next_run_after().await {
-                Ok(Some(at)) => {
-                    let ms = (at - self.clock.now_ms()).max(1) as u64;
-                    Duration::from_millis(ms).min(self.cfg.poll_interval)
-                }
-                _ => self.cfg.poll_interval,
+            let next = if maybe_due {
+                None
+            } else {
+                self.next_due().await
             };
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(idle) => {}
-                _ = stop.cancelled() => return,
+            if let Some(wait) = next.filter(|w| !w.is_zero()) {
+                drop(first);
+                let Some(woken) = self.idle_for(wait, notified, &stop).await else {
+                    return;
+                };
+                maybe_due = woken;
+                continue;
             }
+            let mut permits = vec![first];
+            while let Ok(p) = idle.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            // The lease owner names this claim: a job claimed again later (its lease expired)
+            // has another owner, so a stale attempt can never write over the new one.
+            claims += 1;
+            let owner = format!("{}-c{claims}", self.id_prefix);
+            let want = permits.len() as u32;
+            let got = match self.store.claim(&owner, lease_ms, want).await {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed");
+                    Vec::new()
+                }
+            };
+            maybe_due = got.len() as u32 == want;
+            let none = got.is_empty();
+            for c in got {
+                let Some(permit) = permits.pop() else { break };
+                if tx.send((c, owner.clone(), permit)).await.is_err() {
+                    return;
+                }
+            }
+            drop(permits);
+            if !maybe_due {
+                let mut wait = self.next_due().await.unwrap_or(self.cfg.poll_interval);
+                if none {
+                    // Due but not claimable (another replica is claiming it): not a busy loop.
+                    wait = wait.max(Duration::from_millis(5));
+                }
+                let Some(woken) = self.idle_for(wait, notified, &stop).await else {
+                    return;
+                };
+                maybe_due = woken;
+            }
+        }
+    }
+
+    /// How long until the next queued job is due (zero: one is), at most the poll interval.
+    async fn next_due(&self) -> Option<Duration> {
+        Some(match self.store.next_run_after().await {
+            Ok(Some(at)) => {
+                let ms = (at - self.clock.now_ms()).max(0) as u64;
+                Duration::from_millis(ms).min(self.cfg.poll_interval)
+            }
+            Ok(None) => self.cfg.poll_interval,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read when the next job is due");
+                return None;
+            }
+        })
+    }
+
+    /// Sleeps `wait` or until woken; `Some(true)` when woken by new work, `None` at `stop`.
+    async fn idle_for(
+        &self,
+        wait: Duration,
+        notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        stop: &CancellationToken,
+    ) -> Option<bool> {
+        tokio::select! {
+            _ = notified => Some(true),
+            _ = tokio::time::sleep(wait) => Some(false),
+            _ = stop.cancelled() => None,
+        }
+    }
+
+    /// Runs the jobs the claimer hands over, one at a time, until it has stopped and nothing is
+    /// left for it.
+    async fn worker(
+        self: Arc<Self>,
+        rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Handed>>>,
+        hard: CancellationToken,
+    ) {
+        loop {
+            let next = rx.lock().await.recv().await;
+            let Some((claimed, owner, idle_again)) = next else {
+                return;
+            };
+            self.run_one(&owner, claimed, &hard).await;
+            drop(idle_again);
         }
     }
 

@@ -85,6 +85,11 @@ fn cfg() -> RunnerConfig {
 }
 
 async fn rig(steps: Vec<Step>, cfg: RunnerConfig) -> Rig {
+    rig_with_queued(steps, cfg, 0).await.0
+}
+
+/// A rig whose queue holds `queued` jobs before its runner starts; their ids.
+async fn rig_with_queued(steps: Vec<Step>, cfg: RunnerConfig, queued: usize) -> (Rig, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(
         SqliteStore::open(
@@ -109,16 +114,21 @@ async fn rig(steps: Vec<Step>, cfg: RunnerConfig) -> Rig {
         Arc::new(SystemClock),
         7,
     ));
+    let mut ids = Vec::new();
+    for _ in 0..queued {
+        ids.push(submit(&store, 5, 60_000).await);
+    }
     let stop = CancellationToken::new();
     let handle = Some(runner.start(stop.clone()));
-    Rig {
+    let rig = Rig {
         store,
         runner,
         script,
         stop,
         handle,
         _dir: dir,
-    }
+    };
+    (rig, ids)
 }
 
 async fn submit(store: &SqliteStore, max_attempts: u32, timeout_ms: i64) -> String {
@@ -181,6 +191,32 @@ async fn transient_failures_retry_until_success() {
         2,
         "{kinds:?}"
     );
+}
+
+#[tokio::test]
+async fn idle_workers_share_one_claim() {
+    // Eight idle workers, eight due jobs: one claim takes them all (one lease owner, named in
+    // each job's `started` event), not one claim per worker.
+    let mut c = cfg();
+    c.workers = 8;
+    let (r, ids) = rig_with_queued((0..8).map(|_| Step::Hang).collect(), c, 8).await;
+    let mut owners = std::collections::BTreeSet::new();
+    for id in &ids {
+        wait_state(&r.store, id, JobState::Running).await;
+        let events = r.store.events(id, 0, 100).await.unwrap();
+        let started = events
+            .iter()
+            .find(|e| e.kind == "started")
+            .expect("started event");
+        owners.insert(
+            started.data["worker"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert_eq!(owners.len(), 1, "claims: {owners:?}");
+    assert_eq!(r.runner.running(), 8, "every worker runs one job");
 }
 
 #[tokio::test]
