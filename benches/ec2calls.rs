@@ -444,6 +444,34 @@ async fn paced_daemon(proxy: &FaultProxy) -> (tempfile::TempDir, common::Daemon)
     (tmp, d)
 }
 
+/// The EC2 calls since `t0` (BENCH_TRACE): per operation, how many, when the first and last
+/// arrived after `t0`, and how long they took at the proxy (moto's time and the proxy's) in all and
+/// at most.
+fn calls_since(proxy: &FaultProxy, t0: Instant) {
+    let mut by_op: BTreeMap<String, (usize, Duration, Duration, Duration, Duration)> =
+        BTreeMap::new();
+    for (op, at, took) in proxy.timeline().into_iter().filter(|(_, at, _)| *at >= t0) {
+        let since = at - t0;
+        let e = by_op
+            .entry(op)
+            .or_insert((0, since, since, Duration::ZERO, Duration::ZERO));
+        e.0 += 1;
+        e.1 = e.1.min(since);
+        e.2 = e.2.max(since);
+        e.3 += took;
+        e.4 = e.4.max(took);
+    }
+    for (op, (n, first, last, all, most)) in by_op {
+        eprintln!(
+            "  {n:>4}× {op}: first at {} ms, last at {} ms; {} ms in all, at most {} ms",
+            first.as_millis(),
+            last.as_millis(),
+            all.as_millis(),
+            most.as_millis()
+        );
+    }
+}
+
 /// Where the time of `jobs` went (BENCH_TRACE): for each kind of event (each progress message
 /// by its first words), when the jobs reached it after `t0_ms`: p50 and the last job.
 async fn phases(d: &common::Daemon, jobs: &[String], t0_ms: i64) {
@@ -535,6 +563,7 @@ async fn coalesced_calls(moto: &Moto, n: usize) {
         let secs = t.elapsed().as_secs_f64();
         if std::env::var_os("BENCH_TRACE").is_some() {
             phases(&d, &jobs, t0_ms).await;
+            calls_since(&proxy, t);
         }
         let calls = proxy.calls(op) - calls0;
         let throttles = proxy.injected_total() - throttles0;

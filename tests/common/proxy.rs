@@ -137,6 +137,8 @@ struct Stats {
     max_ids: HashMap<String, usize>,
     ids: HashMap<String, usize>,
     answered: HashMap<String, u64>,
+    /// Per operation: when each call arrived and how long it took to answer.
+    timeline: Vec<(String, Instant, Duration)>,
     arrived: Vec<Instant>,
     /// (operation, the request's `ec2jobd:job-id` tag, the id moto answered) of every
     /// CreateSnapshot/RunInstances/CreateImage that took effect in moto, answered or not.
@@ -311,6 +313,12 @@ impl FaultProxy {
             .unwrap_or_default()
     }
 
+    /// Every call since the proxy started, in order: (operation, when it arrived, how long moto
+    /// and the proxy took to answer it).
+    pub fn timeline(&self) -> Vec<(String, Instant, Duration)> {
+        self.shared.stats.lock().unwrap().timeline.clone()
+    }
+
     /// Most calls of an operation in flight at once.
     pub fn max_in_flight(&self, op: &str) -> usize {
         self.shared
@@ -453,7 +461,13 @@ async fn handle(s: Arc<Shared>, mut sock: TcpStream) -> std::io::Result<()> {
         // A closed semaphore lets everything through.
         let _permit = gate.acquire().await;
     }
+    let began = Instant::now();
     let reply = forward(&s, &op, &path, &headers, body).await;
+    s.stats
+        .lock()
+        .unwrap()
+        .timeline
+        .push((op.clone(), began, began.elapsed()));
     let delay = {
         let f = s.faults.lock().unwrap();
         let applies = f.only.as_ref().is_none_or(|ops| ops.contains(&op));

@@ -105,6 +105,12 @@ impl From<Ec2Error> for ec2jobd_spec::JobError {
 }
 
 impl Ec2Error {
+    /// EC2 does not know an id of the call (`InvalidInstanceID.NotFound`,
+    /// `InvalidSnapshot.NotFound`, …): gone, or made a moment ago and not known everywhere yet.
+    pub fn is_not_found(&self) -> bool {
+        self.code.ends_with(".NotFound")
+    }
+
     fn config(message: impl Into<String>) -> Self {
         Self {
             code: "AccountConfig".into(),
@@ -604,17 +610,50 @@ pub async fn until_known<T, Fut>(
 where
     Fut: std::future::Future<Output = Result<T, Ec2Error>>,
 {
-    let started = tokio::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(500);
+    let mut unknown = Unknown::new(grace);
     loop {
         match call().await {
-            Err(e) if e.code.ends_with(".NotFound") && started.elapsed() + pause < grace => {
-                tracing::debug!(code = %e.code, "EC2 does not know an id it just made; asking again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(5));
-            }
+            Err(e) => match unknown.again(&e) {
+                Some(pause) => {
+                    tracing::debug!(code = %e.code, "EC2 does not know an id it just made; asking again");
+                    tokio::time::sleep(pause).await;
+                }
+                None => return Err(e),
+            },
             r => return r,
         }
+    }
+}
+
+/// When to ask EC2 again about ids it does not know yet (eventual consistency): after 500 ms,
+/// doubling to 5 s, while the next try still falls within the grace. One schedule for every place
+/// that waits for EC2 to know an id ([`until_known`], a job's targets).
+#[derive(Debug)]
+pub struct Unknown {
+    started: tokio::time::Instant,
+    pause: std::time::Duration,
+    grace: std::time::Duration,
+}
+
+impl Unknown {
+    /// A schedule whose grace starts now.
+    pub fn new(grace: std::time::Duration) -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            pause: std::time::Duration::from_millis(500),
+            grace,
+        }
+    }
+
+    /// How long to wait before asking again after `e`; `None`: `e` is not about an unknown id,
+    /// or the grace is spent, and EC2's answer stands.
+    pub fn again(&mut self, e: &Ec2Error) -> Option<std::time::Duration> {
+        if !e.is_not_found() || self.started.elapsed() + self.pause >= self.grace {
+            return None;
+        }
+        let pause = self.pause;
+        self.pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        Some(pause)
     }
 }
 

@@ -381,7 +381,7 @@ impl ReadyJudge {
         self.unknown.clear();
         for id in &pending {
             if let Some(e) = round.resource_errors.get(id) {
-                if e.code.ends_with(".NotFound") && self.since.elapsed() < self.unknown_grace {
+                if e.is_not_found() && self.since.elapsed() < self.unknown_grace {
                     self.unknown.insert(id.clone());
                     continue;
                 }

@@ -326,14 +326,9 @@ async fn describe(
     if n == 0 && !spec.allow_empty {
         return Err(no_targets(results));
     }
-    ctx.progress(
-        "done",
-        &format!("described {n} instances"),
-        Some(n),
-        Some(n),
-    )
-    .await?;
-    results.summary = Some(format!("described {n} instance{}", plural(n)));
+    let summary = format!("described {n} instance{}", plural(n));
+    ctx.progress("done", &summary, Some(n), Some(n)).await?;
+    results.summary = Some(summary);
     Ok(results)
 }
 
@@ -355,8 +350,7 @@ async fn resolve(
         (Some(ids), None, None, Some(c)) => Some((ids.0.clone(), c)),
         _ => None,
     };
-    let started = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(500);
+    let mut unknown = ec2jobd_ec2::Unknown::new(grace);
     let found = loop {
         let describe = async {
             tokio::select! {
@@ -381,8 +375,12 @@ async fn resolve(
             )
             .await?
             .ok_or_else(|| ExecError::Cancelled(results.clone()))?;
-        match r {
-            Err(e) if e.code.ends_with(".NotFound") && started.elapsed() + pause < grace => {
+        let pause = match &r {
+            Err(e) => unknown.again(e),
+            Ok(_) => None,
+        };
+        match (r, pause) {
+            (Err(e), Some(pause)) => {
                 let message = format!("waiting for EC2 to know the targets ({})", e.message);
                 ctx.progress("resolving_targets", &message, None, None)
                     .await?;
@@ -390,9 +388,8 @@ async fn resolve(
                     _ = tokio::time::sleep(pause) => {}
                     _ = ctx.cancelled() => return Err(ExecError::Cancelled(results.clone())),
                 }
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
-            r => break r.map_err(|e| failed(e, JobResults::default()))?,
+            (r, _) => break r.map_err(|e| failed(e, JobResults::default()))?,
         }
     };
     results.request_ids.extend(found.request_ids);

@@ -444,7 +444,19 @@ pub trait Queue: Send + Sync + 'static {
     /// Saves the executor's resume state for a job the worker holds.
     async fn checkpoint(&self, id: &str, worker: &str, state: serde_json::Value) -> Result<()>;
     /// Ends the worker's hold: final state or a scheduled retry.
-    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job>;
+    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job> {
+        self.finish_with(id, worker, outcome, None).await
+    }
+    /// [`finish`](Queue::finish) writing `last` as the job's progress with its final state, in the
+    /// same write (the executor's closing line: "stopped 3 instances"); `None` keeps the last
+    /// progress, its phase set to `done`. A retry writes its own progress and ignores `last`.
+    async fn finish_with(
+        &self,
+        id: &str,
+        worker: &str,
+        outcome: Finish,
+        last: Option<Progress>,
+    ) -> Result<Job>;
     /// Gives a job back untouched (graceful shutdown): queued again, the attempt not counted.
     async fn release(&self, id: &str, worker: &str) -> Result<()>;
     /// Re-queues running jobs whose lease expired (failing those out of attempts). Returns how many.

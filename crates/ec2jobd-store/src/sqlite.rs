@@ -582,8 +582,15 @@ impl Queue for SqliteStore {
         .await
     }
 
-    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job> {
+    async fn finish_with(
+        &self,
+        id: &str,
+        worker: &str,
+        outcome: Finish,
+        last: Option<Progress>,
+    ) -> Result<Job> {
         let (job_id, worker) = (id.to_string(), worker.to_string());
+        let last = last.as_ref().map(encode);
         let clock = self.clock.clone();
         let retry = matches!(outcome, Finish::Retry { .. });
         let job = self
@@ -621,7 +628,7 @@ impl Queue for SqliteStore {
                             sqlx::query(
                                 "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, error = ?, \
                                  results = ?, lease_owner = NULL, lease_expires_at = NULL, \
-                                 progress = json_set(progress, '$.phase', 'done') \
+                                 progress = COALESCE(?, json_set(progress, '$.phase', 'done')) \
                                  WHERE id = ? AND lease_owner = ? AND state = 'running'",
                             )
                             .bind(state)
@@ -629,6 +636,7 @@ impl Queue for SqliteStore {
                             .bind(now)
                             .bind(error)
                             .bind(encode(results))
+                            .bind(&last)
                             .bind(&job_id)
                             .bind(&worker)
                             .execute(&mut *conn)

@@ -121,6 +121,7 @@ on_both_backends!(
     list_pages_newest_first_with_filters,
     concurrent_enqueues_all_land_and_progress_is_fenced,
     release_gives_the_attempt_back,
+    the_closing_progress_is_written_with_the_final_state,
     tokens_are_unique_and_revocable,
     refused_deliveries_are_cut_and_folded,
     prune_deletes_old_finished_jobs_and_deliveries_in_batches,
@@ -652,6 +653,48 @@ async fn release_gives_the_attempt_back(f: Fixture) {
     f.store.release(&job.id, "w").await.unwrap();
     let j = f.store.get(&job.id).await.unwrap().unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
+}
+
+/// The executor's closing line goes in the same write as the final state (no event of its own);
+/// without one the last progress stays, its phase `done`.
+async fn the_closing_progress_is_written_with_the_final_state(f: Fixture) {
+    let a = enqueue(&*f.store, "i-01234567").await;
+    let b = enqueue(&*f.store, "i-0aaaaaaa").await;
+    f.store.claim("w", 60_000, 2).await.unwrap();
+    let closing = Progress {
+        phase: "done".into(),
+        message: "stopped 1 instance".into(),
+        done: Some(1),
+        total: Some(1),
+    };
+    let results = JobResults {
+        summary: Some("stopped 1 instance".into()),
+        ..Default::default()
+    };
+    let events_before = f.store.events(&a.id, 0, 100).await.unwrap().len();
+    let j = f
+        .store
+        .finish_with(
+            &a.id,
+            "w",
+            Finish::Succeeded(results),
+            Some(closing.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(j.progress, closing);
+    let events = f.store.events(&a.id, 0, 100).await.unwrap();
+    assert_eq!(events.len(), events_before + 1, "{events:?}");
+    assert_eq!(events[events.len() - 1].kind, "succeeded");
+    assert_eq!(events[events.len() - 1].message, "stopped 1 instance");
+    let before = f.store.get(&b.id).await.unwrap().unwrap().progress;
+    let j = f
+        .store
+        .finish(&b.id, "w", Finish::Cancelled(JobResults::default()))
+        .await
+        .unwrap();
+    assert_eq!(j.progress.phase, "done");
+    assert_eq!(j.progress.message, before.message);
 }
 
 async fn tokens_are_unique_and_revocable(f: Fixture) {

@@ -464,7 +464,13 @@ impl Queue for PgStore {
         Ok(())
     }
 
-    async fn finish(&self, id: &str, worker: &str, outcome: Finish) -> Result<Job> {
+    async fn finish_with(
+        &self,
+        id: &str,
+        worker: &str,
+        outcome: Finish,
+        last: Option<Progress>,
+    ) -> Result<Job> {
         let now = self.clock.now_ms();
         let retry = matches!(outcome, Finish::Retry { .. });
         let (kind, message, data) = shared::finish_event(&outcome, now);
@@ -488,10 +494,10 @@ impl Queue for PgStore {
                 &format!(
                     "UPDATE jobs SET state = $1, finished_at = $3, updated_at = $3, error = $2, \
                      results = $4, lease_owner = NULL, lease_expires_at = NULL, \
-                     progress = jsonb_set(progress::jsonb, '{{phase}}', '\"done\"')::text \
+                     progress = COALESCE($7, jsonb_set(progress::jsonb, '{{phase}}', '\"done\"')::text) \
                      WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
                 ),
-                7,
+                8,
                 false,
             )
         };
@@ -523,7 +529,13 @@ impl Queue for PgStore {
             }
         }
         .bind(id)
-        .bind(worker)
+        .bind(worker);
+        // $7 of a final state: its closing progress.
+        let row = if retry {
+            row
+        } else {
+            row.bind(last.as_ref().map(encode))
+        }
         .bind(kind)
         .bind(&message)
         .bind(encode(&data))
