@@ -477,17 +477,7 @@ fn calls_since(proxy: &FaultProxy, t0: Instant) {
 async fn phases(d: &common::Daemon, jobs: &[String], t0_ms: i64) {
     let mut seen: BTreeMap<String, Vec<i64>> = BTreeMap::new();
     for id in jobs {
-        let text = d.text(&format!("/v1/jobs/{id}/events")).await;
-        for line in text.lines() {
-            let Some(ev) = line
-                .strip_prefix("data:")
-                .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
-            else {
-                continue;
-            };
-            let at = chrono::DateTime::parse_from_rfc3339(ev["at"].as_str().unwrap_or_default())
-                .map(|t| t.timestamp_millis())
-                .unwrap_or_default();
+        for (at, ev) in job_events(d, id).await {
             let words: Vec<&str> = ev["message"]
                 .as_str()
                 .unwrap_or_default()
@@ -828,16 +818,26 @@ async fn parked_waits(moto: &Moto, parked: usize, in_place: usize) {
 
 /// Milliseconds from `t0_ms` (wall clock) to the first progress event of job `id`.
 async fn first_progress_after(d: &common::Daemon, id: &str, t0_ms: i64) -> i64 {
-    let events = d.text(&format!("/v1/jobs/{id}/events")).await;
-    let at = events
+    let (at, _) = job_events(d, id)
+        .await
+        .into_iter()
+        .find(|(_, e)| e["kind"] == "progress" || e["kind"] == "parked")
+        .expect("a progress or parked event");
+    at - t0_ms
+}
+
+/// The events of job `id` (its event stream read to the end), each with its time in ms.
+async fn job_events(d: &common::Daemon, id: &str) -> Vec<(i64, Value)> {
+    d.text(&format!("/v1/jobs/{id}/events"))
+        .await
         .lines()
         .filter_map(|l| l.strip_prefix("data:"))
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .find(|e| e["kind"] == "progress" || e["kind"] == "parked")
-        .and_then(|e| e["at"].as_str().map(String::from))
-        .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok())
-        .expect("a progress or parked event");
-    at.timestamp_millis() - t0_ms
+        .filter_map(|e| {
+            let at = chrono::DateTime::parse_from_rfc3339(e["at"].as_str()?).ok()?;
+            Some((at.timestamp_millis(), e))
+        })
+        .collect()
 }
 
 async fn sns_priority(moto: &Moto, bulk: usize) {

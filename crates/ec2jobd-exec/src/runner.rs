@@ -678,7 +678,7 @@ impl Runner {
         // the wait saw.
         if job.cancel_requested && claimed.waited.is_none() {
             let cancelled = Finish::Cancelled(job.results.clone());
-            self.record(worker, &job, (cancelled, None), 0.0).await;
+            self.record(worker, &job, cancelled, None, 0.0).await;
             return;
         }
         let cancel = CancellationToken::new();
@@ -804,7 +804,7 @@ impl Runner {
                 }
             }
         };
-        self.record(worker, &job, (finish, closing), secs).await;
+        self.record(worker, &job, finish, closing, secs).await;
     }
 
     /// Parks the job in the store and hands its call and wait to the lot; the worker is free
@@ -868,7 +868,8 @@ impl Runner {
         &self,
         worker: &str,
         job: &Job,
-        (finish, closing): (Finish, Option<Progress>),
+        finish: Finish,
+        closing: Option<Progress>,
         secs: f64,
     ) {
         let outcome = match &finish {
