@@ -19,6 +19,8 @@
 //!    finished jobs that are older than a day, beside the same submissions on the same database
 //!    with retention off; and how fast it prunes (BENCH_ONLY=prune runs only this,
 //!    BENCH_ONLY=tables skips 1 and 7; BENCH_PRUNE_EXTRA adds `[retention]` keys, e.g. `batch = 500`, to compare settings).
+//! 9. Backups (issue 33): submission p50/p99/max while the daemon backs the 1,000,000-job database
+//!    up every second, beside backups off; one backup's time and size (BENCH_ONLY=backup).
 //! 8. Schedules (issue 17): the daemon's CPU at rest with 10,000 schedules loaded (none due while
 //!    measured), beside the same daemon with none; then 1,000 of them firing at the same instant
 //!    twice: how late each firing's job was queued after its firing time, beside one schedule
@@ -438,8 +440,8 @@ async fn big_tables(moto: &Moto, template_dir: &Path, template: &str, big: u64) 
     }
 }
 
-/// p50/p99 of `n` submissions from 8 concurrent clients.
-async fn submit_latency(d: &Daemon, n: usize) -> (Duration, Duration) {
+/// p50/p99/slowest of `n` submissions from 8 concurrent clients.
+async fn submit_latency(d: &Daemon, n: usize) -> (Duration, Duration, Duration) {
     let spec = json!({"action": "describe_instances", "allow_empty": true,
         "targets": {"tags": {"Bench": "none"}}});
     let lat = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
@@ -467,7 +469,7 @@ async fn submit_latency(d: &Daemon, n: usize) -> (Duration, Duration) {
     }
     let mut lat = lat.lock().unwrap().clone();
     lat.sort();
-    (pct(&lat, 0.5), pct(&lat, 0.99))
+    (pct(&lat, 0.5), pct(&lat, 0.99), pct(&lat, 1.0))
 }
 
 /// Submission latency while the pruner works through `rows` old finished jobs, beside the same
@@ -481,7 +483,7 @@ async fn prune_under_load(moto: &Moto, template_dir: &Path, template: &str, rows
     let n = 2_000;
     let keep = "[retention]\njobs = \"0s\"\n";
     let d = bench_daemon_with(dir.path(), &moto.url, 4, keep).await;
-    let (idle50, idle99) = submit_latency(&d, n).await;
+    let (idle50, idle99, _) = submit_latency(&d, n).await;
     drop(d);
     let prune = format!(
         "[retention]\njobs = \"1d\"\ninterval = \"1h\"\n{}",
@@ -489,7 +491,7 @@ async fn prune_under_load(moto: &Moto, template_dir: &Path, template: &str, rows
     );
     let t = Instant::now();
     let d = bench_daemon_with(dir.path(), &moto.url, 4, &prune).await;
-    let (busy50, busy99) = submit_latency(&d, n).await;
+    let (busy50, busy99, _) = submit_latency(&d, n).await;
     let during = d.metric("ec2jobd_pruned_total{what=\"jobs\"}").await;
     let mut pruned = during;
     loop {
@@ -523,6 +525,69 @@ async fn prune_under_load(moto: &Moto, template_dir: &Path, template: &str, rows
     );
 }
 
+/// Submission latency while the daemon backs a database of `rows` finished jobs up every second
+/// (`[backup]`, issue 33), beside the same database with backups off; and how long one backup
+/// (`ec2jobd backup`) of it takes.
+async fn backup_under_load(moto: &Moto, template_dir: &Path, template: &str, rows: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["bench.db", "admin.token"] {
+        std::fs::copy(template_dir.join(f), dir.path().join(f)).expect("copy");
+    }
+    fill(&dir.path().join("bench.db"), template, rows);
+    let n = 2_000;
+    let d = bench_daemon_with(dir.path(), &moto.url, 4, "").await;
+    let (idle50, idle99, idle_max) = submit_latency(&d, n).await;
+    drop(d);
+    let out = dir.path().join("backups");
+    let every = format!(
+        "[backup]\ninterval = \"1s\"\ndir = \"{}\"\nkeep = 2\n",
+        out.display()
+    );
+    let d = bench_daemon_with(dir.path(), &moto.url, 4, &every).await;
+    let (busy50, busy99, busy_max) = submit_latency(&d, n).await;
+    let taken = d.metric("ec2jobd_backups_total{outcome=\"ok\"}").await;
+    drop(d);
+    let one = dir.path().join("one.db");
+    let t = Instant::now();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_ec2jobd"))
+        .args(["backup", "--config"])
+        .arg(dir.path().join("bench.toml"))
+        .arg("--to")
+        .arg(&one)
+        .output()
+        .expect("ec2jobd backup");
+    let took = t.elapsed();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mib = std::fs::metadata(&one).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+    println!(
+        "backups of {rows} jobs every second: {taken} finished during {n} submissions; submit p50/p99/max \
+         {} / {} / {} (backups off: {} / {} / {}); one backup {:.1} s, {mib:.0} MiB",
+        ms(busy50),
+        ms(busy99),
+        ms(busy_max),
+        ms(idle50),
+        ms(idle99),
+        ms(idle_max),
+        took.as_secs_f64()
+    );
+    row(
+        &format!("submit p50 / p99 / max while backing up {rows} jobs every second"),
+        format!(
+            "{} / {} / {} ({taken} backups finished meanwhile; one takes {:.1} s, {mib:.0} MiB)",
+            ms(busy50),
+            ms(busy99),
+            ms(busy_max),
+            took.as_secs_f64()
+        ),
+        format!(
+            "backups off: {} / {} / {}",
+            ms(idle50),
+            ms(idle99),
+            ms(idle_max)
+        ),
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
@@ -549,11 +614,16 @@ fn main() {
             prune_under_load(&moto, dir.path(), &template, big).await;
             return;
         }
+        if only == "backup" {
+            backup_under_load(&moto, dir.path(), &template, big).await;
+            return;
+        }
         big_tables(&moto, dir.path(), &template, big).await;
         if only == "tables" {
             return;
         }
         prune_under_load(&moto, dir.path(), &template, big).await;
+        backup_under_load(&moto, dir.path(), &template, big).await;
         schedules_load(&moto).await;
     });
 }

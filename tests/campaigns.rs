@@ -1738,6 +1738,383 @@ async fn hostile_campaign() {
     report("hostile", &rows, &violations);
 }
 
+/// The job ids a restored database file holds, after SQLite's integrity check passed on it.
+fn restored_ids(db: &std::path::Path) -> Result<BTreeSet<String>, String> {
+    let conn = rusqlite::Connection::open(db).map_err(|e| e.to_string())?;
+    let verdict: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if verdict != "ok" {
+        return Err(format!("integrity_check: {verdict}"));
+    }
+    let mut q = conn
+        .prepare("SELECT id FROM jobs")
+        .map_err(|e| e.to_string())?;
+    let ids = q
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(|e| e.to_string())?
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok(ids)
+}
+
+/// `ec2jobd CMD --config CONFIG FLAG FILE` (`backup --to`, `restore --from`) off the async
+/// runtime; returns (success, stderr).
+async fn cli(cmd: &str, config: &str, flag: &str, file: &std::path::Path) -> (bool, String) {
+    let args = [cmd, "--config", config, flag].map(String::from);
+    let file = file.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let (st, _, err) = common::run_cli(&[&args[0], &args[1], &args[2], &args[3], &file]);
+        (st.success(), err)
+    })
+    .await
+    .expect("cli")
+}
+
+/// Restore drill (issue 33): a write storm (mixed jobs submitted one after another while earlier
+/// ones run and wait) with the daemon's own backups every second (`[backup]`, keep 3) and backups
+/// by hand (`ec2jobd backup`) in between. Each hand backup is restored into a scratch database:
+/// SQLite's integrity check passes and every job acknowledged before the backup began is there.
+/// A restore onto the serving daemon's database is refused. Then the disaster: the daemon is
+/// SIGKILLed, its database restored from the last hand backup (taken while jobs were unfinished)
+/// and the daemon started on it: every job the backup holds ends succeeded with no side effect
+/// made twice (counted at the proxy and in moto); the jobs acknowledged after the backup are the
+/// loss a restore means (printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_drill_campaign() {
+    let campaign = "restore drill";
+    let per = size(4, 20);
+    let drills = size(3, 10);
+    let mut rng = seeded(campaign);
+    let moto = Moto::start().await;
+    let image = moto.image().await;
+    let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
+    proxy.set(|f| {
+        f.latency = Duration::from_millis(5);
+        f.latency_jitter = Duration::from_millis(45);
+        f.checks_after_start = Some(Duration::from_secs(2));
+    });
+    let jobs = mixed_jobs(
+        &moto,
+        &["run", "stop", "start", "snapshot", "tag"],
+        per,
+        &mut rng,
+    )
+    .await;
+    let keep = tempfile::tempdir().expect("tempdir");
+    let periodic = keep.path().join("periodic");
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        workers: 4,
+        env: vec![("EC2JOBD_QUEUE__MAX_ATTEMPTS".into(), "10".into())],
+        extra: format!(
+            "\n[backup]\ninterval = \"1s\"\ndir = \"{}\"\nkeep = 3\n",
+            periodic.display()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let config = d.config.display().to_string();
+    let started = Instant::now();
+    // The storm: one submission after another (random pauses), each id kept once acknowledged.
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let slowest_submit = Arc::new(Mutex::new(Duration::ZERO));
+    let storm = tokio::spawn({
+        let (http, url, admin) = (d.http.clone(), d.url.clone(), d.admin.clone());
+        let specs: Vec<Value> = jobs.iter().map(|j| j.spec(&image, "drill")).collect();
+        let (acked, slowest) = (acked.clone(), slowest_submit.clone());
+        let pauses: Vec<u64> = specs.iter().map(|_| rng.gen_range(0..120)).collect();
+        async move {
+            for (spec, pause) in specs.iter().zip(pauses) {
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/v1/jobs"))
+                    .bearer_auth(&admin)
+                    .json(spec)
+                    .send()
+                    .await
+                    .expect("submit");
+                assert_eq!(r.status(), 202);
+                let v: Value = r.json().await.expect("job");
+                let took = t.elapsed();
+                {
+                    let mut s = slowest.lock().unwrap();
+                    *s = (*s).max(took);
+                }
+                acked
+                    .lock()
+                    .unwrap()
+                    .push(v["id"].as_str().unwrap_or("").to_string());
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+    });
+    let mut violations = Vec::new();
+    let mut drilled = Vec::new();
+    let mut unfinished_in_backups = Vec::new();
+    for k in 0..drills {
+        // The k-th slice of the storm, counted in acknowledged jobs.
+        let at = (k + 1) * jobs.len() / (drills + 1);
+        let deadline = Instant::now() + MINUTE;
+        while acked.lock().unwrap().len() < at {
+            assert!(
+                Instant::now() < deadline,
+                "the storm stalled before {at} jobs"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before: Vec<String> = acked.lock().unwrap().clone();
+        let path = keep.path().join(format!("drill-{k}.db"));
+        let (ok, err) = cli("backup", &config, "--to", &path).await;
+        if !ok {
+            violations.push(format!("backup {k} failed: {err}"));
+            continue;
+        }
+        // Restored into a scratch database of its own, through the CLI.
+        let scratch = keep.path().join(format!("scratch-{k}"));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let scratch_db = scratch.join("ec2jobd.db");
+        let scratch_cfg = scratch.join("ec2jobd.toml");
+        std::fs::write(
+            &scratch_cfg,
+            std::fs::read_to_string(&d.config).unwrap().replace(
+                &d.dir.join("ec2jobd.db").display().to_string(),
+                &scratch_db.display().to_string(),
+            ),
+        )
+        .unwrap();
+        let (ok, err) = cli(
+            "restore",
+            &scratch_cfg.display().to_string(),
+            "--from",
+            &path,
+        )
+        .await;
+        if !ok {
+            violations.push(format!("restore of backup {k} failed: {err}"));
+            continue;
+        }
+        match restored_ids(&scratch_db) {
+            Ok(ids) => {
+                let missing = before.iter().filter(|id| !ids.contains(*id)).count();
+                if missing > 0 {
+                    violations.push(format!(
+                        "backup {k} lacks {missing} of the {} jobs acknowledged before it",
+                        before.len()
+                    ));
+                }
+                let conn = rusqlite::Connection::open(&scratch_db).unwrap();
+                let open: i64 = conn
+                    .query_row(
+                        "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                unfinished_in_backups.push(open);
+            }
+            Err(e) => violations.push(format!("backup {k} restored badly: {e}")),
+        }
+        drilled.push((path, before));
+    }
+    storm.await.expect("storm");
+    // A restore onto the database the daemon serves is refused, and the daemon goes on.
+    let (ok, err) = cli(
+        "restore",
+        &config,
+        "--from",
+        &keep.path().join("drill-0.db"),
+    )
+    .await;
+    if ok || !err.contains("open") {
+        violations.push(format!(
+            "a restore under the running daemon was not refused: {err}"
+        ));
+    }
+    // The daemon's own backups: at least four taken, the newest three kept, each whole.
+    let deadline = Instant::now() + MINUTE;
+    while d.metric("ec2jobd_backups_total{outcome=\"ok\"}").await < 4.0 {
+        assert!(
+            Instant::now() < deadline,
+            "periodic backups did not run\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let periodic_ok = d.metric("ec2jobd_backups_total{outcome=\"ok\"}").await;
+    let kept: Vec<std::path::PathBuf> = std::fs::read_dir(&periodic)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    if kept.len() != 3 {
+        violations.push(format!("[backup] keep = 3 left {kept:?}"));
+    }
+    for p in &kept {
+        if let Err(e) = ec2jobd_store::check_backup(p).await {
+            violations.push(format!("periodic backup {}: {e}", p.display()));
+        }
+    }
+    // The disaster: the daemon dies; its database is restored from the last hand backup.
+    let (chosen, held) = drilled.last().cloned().expect("a backup");
+    let all: Vec<String> = acked.lock().unwrap().clone();
+    d.kill9();
+    let (ok, err) = cli("restore", &config, "--from", &chosen).await;
+    assert!(ok, "restore after the daemon died: {err}");
+    d.spawn().await;
+    let mut check = Checker::new(&moto, &proxy, "drill");
+    for (id, job) in all.iter().zip(&jobs) {
+        if held.contains(id) {
+            let j = d.wait_final(id, 3 * MINUTE).await;
+            check.job(id, job, &j).await;
+        }
+    }
+    let mut lost = 0;
+    for id in all.iter().filter(|id| !held.contains(*id)) {
+        let (st, _) = d.get_json(&format!("/v1/jobs/{id}")).await;
+        if st == 404 {
+            lost += 1;
+        }
+    }
+    violations.extend(check.violations.clone());
+    if unfinished_in_backups.last().is_none_or(|n| *n == 0) {
+        violations.push(format!(
+            "the restored backup held no unfinished job ({unfinished_in_backups:?}): nothing was resumed"
+        ));
+    }
+    report(
+        campaign,
+        &[
+            ("jobs (run/stop/start/snapshot/tag)", jobs.len().to_string()),
+            (
+                "hand backups restored and checked",
+                format!("{} of {drills}", drilled.len()),
+            ),
+            (
+                "unfinished jobs in each hand backup",
+                format!("{unfinished_in_backups:?}"),
+            ),
+            (
+                "periodic backups (ok) / kept",
+                format!("{periodic_ok} / {}", kept.len()),
+            ),
+            (
+                "slowest submission during backups",
+                format!(
+                    "{:.1} ms",
+                    slowest_submit.lock().unwrap().as_secs_f64() * 1e3
+                ),
+            ),
+            (
+                "jobs in the restored backup / after it (lost)",
+                format!("{} / {lost}", held.len()),
+            ),
+            (
+                "final states (restored jobs)",
+                format!("{:?}", check.states),
+            ),
+            (
+                "restored jobs that needed more than one attempt",
+                check.resumed.to_string(),
+            ),
+            (
+                "wall time",
+                format!("{:.1} s", started.elapsed().as_secs_f64()),
+            ),
+        ],
+        &violations,
+    );
+}
+
+/// Hand-off (issue 33): replica A leads and holds parked waits (start jobs whose status checks
+/// stay `initializing`); B runs beside it. Leases and the leader lease are a minute long, so
+/// without a hand-off B would lead only at its next renewal (up to 20 s) and the waits would stall
+/// meanwhile. A is SIGTERMed: B leads and has taken the waits up within a few seconds (printed),
+/// and once the checks pass B's own status rounds finish every job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_hands_its_waits_and_the_lead_over() {
+    let _pg = Backend::Postgres.share().await;
+    let Some(database) = common::postgres_database() else {
+        return;
+    };
+    let moto = Moto::start().await;
+    let proxy = FaultProxy::start(&moto.url, 7).await;
+    proxy.set(|f| f.checks_after_start = Some(10 * MINUTE));
+    let ids = moto.launch(3, &[("Handoff", "yes")]).await;
+    moto.stop(&ids).await;
+    let opts = DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        workers: 4,
+        database_url: Some(database),
+        env: vec![
+            ("EC2JOBD_POSTGRES__LEADER_TTL".into(), "60s".into()),
+            ("EC2JOBD_QUEUE__LEASE".into(), "60s".into()),
+            ("EC2JOBD_QUEUE__HEARTBEAT".into(), "5s".into()),
+        ],
+        ..Default::default()
+    };
+    let mut a = Daemon::start(opts.clone()).await;
+    let mut jobs = Vec::new();
+    for i in &ids {
+        jobs.push(
+            a.submit(
+                &json!({"action": "start_instances", "targets": {"instance_ids": [i]},
+                "wait": {"interval": "200ms", "timeout": "5m"}}),
+            )
+            .await,
+        );
+    }
+    let deadline = Instant::now() + MINUTE;
+    while a.metric("ec2jobd_jobs_parked").await < ids.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "A never parked the waits\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = Daemon::replica(opts.clone(), a.admin.clone()).await;
+    assert_eq!(a.metric("ec2jobd_leader ").await, 1.0, "A leads");
+    assert_eq!(b.metric("ec2jobd_leader ").await, 0.0, "B does not");
+
+    a.terminate(MINUTE);
+    let stopped = Instant::now();
+    let deadline = stopped + Duration::from_secs(15);
+    let mut led = None;
+    let mut resumed = None;
+    while led.is_none() || resumed.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "B took over only partly (leads after {led:?}, waits after {resumed:?}): the hand-off waited for the lease\n{}",
+            b.log()
+        );
+        if led.is_none() && b.metric("ec2jobd_leader ").await == 1.0 {
+            led = Some(stopped.elapsed());
+        }
+        if resumed.is_none() && b.metric("ec2jobd_jobs_parked").await == ids.len() as f64 {
+            resumed = Some(stopped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.set(|f| f.checks_after_start = None);
+    for id in &jobs {
+        let j = b.wait_final(id, MINUTE).await;
+        // A hand-off is not a failed attempt: the count stays.
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"], 1, "{j}");
+    }
+    assert_eq!(
+        proxy.calls("StartInstances"),
+        1,
+        "the resumed jobs did not start again"
+    );
+    eprintln!(
+        "hand-off: B led {:.0} ms and held the {} waits {:.0} ms after A exited (leases of 60 s)",
+        led.unwrap_or_default().as_secs_f64() * 1e3,
+        ids.len(),
+        resumed.unwrap_or_default().as_secs_f64() * 1e3
+    );
+}
+
 /// A job that stays around for SSE floods (a describe that has finished is fine: its stream ends).
 async fn accepted_first(http: &reqwest::Client, url: &str, admin: &str, iid: &str) -> String {
     let r = http

@@ -682,3 +682,80 @@ async fn doctor_names_what_a_deployment_gets_wrong() {
     assert!(proxy.calls("StopInstances") >= 2, "the dry run went to EC2");
     assert!(proxy.last_body("StopInstances").contains("DryRun=true"));
 }
+
+/// A PostgreSQL queue is backed up with PostgreSQL's own tools, as the README says: `ec2jobd
+/// backup` points to pg_dump (without echoing the password); a `pg_dump` taken while a daemon serves,
+/// restored with `pg_restore` into an empty database, gives a daemon that runs the queued jobs
+/// and accepts the tokens of the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_queue_is_backed_up_with_pg_dump() {
+    let Some(first) = common::postgres_database() else {
+        return;
+    };
+    let Some(second) = common::postgres_database() else {
+        return;
+    };
+    let moto = Moto::start().await;
+    let ids = moto.launch(2, &[("Env", "dump")]).await;
+    let d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        workers: 0,
+        database_url: Some(first.clone()),
+        ..Default::default()
+    })
+    .await;
+    let queued: Vec<String> = {
+        let mut v = Vec::new();
+        for i in &ids {
+            v.push(
+                d.submit(&serde_json::json!({"action": "describe_instances",
+                    "targets": {"instance_ids": [i]}}))
+                    .await,
+            );
+        }
+        v
+    };
+    let with_password = first.replacen("postgres@", "postgres:hunter2@", 1);
+    let o = Command::new(bin())
+        .args(["backup", "--config", d.config.to_str().unwrap(), "--to"])
+        .arg(d.dir.join("nope.db"))
+        .env("EC2JOBD_DATABASE", &with_password)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("pg_dump"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(!d.dir.join("nope.db").exists());
+
+    let dump = d.dir.join("queue.dump");
+    let o = Command::new("pg_dump")
+        .args(["--format=custom", "--file"])
+        .arg(&dump)
+        .arg(&first)
+        .output()
+        .expect("pg_dump runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("pg_restore")
+        .args(["--no-owner", "--exit-on-error", "--dbname", &second])
+        .arg(&dump)
+        .output()
+        .expect("pg_restore runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let restored = Daemon::replica(
+        DaemonOpts {
+            moto_url: Some(moto.url.clone()),
+            workers: 2,
+            database_url: Some(second),
+            ..Default::default()
+        },
+        d.admin.clone(),
+    )
+    .await;
+    for id in &queued {
+        let j = restored.wait_final(id, Duration::from_secs(60)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    // The original still has them queued: the two databases are apart.
+    assert_eq!(d.job(&queued[0]).await["state"], "queued");
+}

@@ -329,6 +329,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         clock.clone(),
         cfg.retention.clone(),
         state.metrics.clone(),
+        leading.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::db_backup::run(
+        cfg.database.clone(),
+        cfg.backup.clone(),
+        clock.clone(),
+        state.metrics.clone(),
         leading,
         shutdown.clone(),
     ));

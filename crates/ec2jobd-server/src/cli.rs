@@ -1,4 +1,4 @@
-//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, `store copy`, and
+//! The `ec2jobd` command line: `serve`, `migrate`, `openapi`, `store copy`, `backup`, `restore`, and
 //! `token create|list|revoke` on this host's config and database; `submit` and `jobs …` as an HTTP client of a running daemon
 //! (see [`crate::client`] for their exit codes).
 
@@ -93,6 +93,25 @@ enum Cmd {
         /// action).
         #[arg(long, value_delimiter = ',')]
         actions: Vec<String>,
+    },
+    /// Write a consistent copy of the SQLite database to `--to` while the daemon serves (it goes on
+    /// taking submissions), then check the copy (integrity, schema). PostgreSQL: use pg_dump.
+    Backup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The backup file to write (it must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Replace the SQLite database with a backup: checks it (integrity, a schema this version
+    /// knows), applies migrations, keeps the replaced database as `<database>.replaced-<time>`.
+    /// Refuses while the daemon (or any command) has the database open. PostgreSQL: use pg_restore.
+    Restore {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The backup file (from `ec2jobd backup` or `[backup]`).
+        #[arg(long)]
+        from: PathBuf,
     },
     /// Move a store's contents.
     Store {
@@ -244,6 +263,17 @@ fn parse_scopes(flags: &[String]) -> anyhow::Result<ec2jobd_store::Scopes> {
     Ok(scopes)
 }
 
+/// Backups and restores here are of the embedded database; a PostgreSQL one has its own tools.
+fn postgres_has_its_own(cfg: &Config, tool: &str) -> anyhow::Result<()> {
+    if postgres::is_postgres_url(&cfg.database) {
+        bail!(
+            "`database` is PostgreSQL ({}): use its own tools, e.g. `{tool}` (README \"Backups and restore\")",
+            postgres::redact(&cfg.database)
+        );
+    }
+    Ok(())
+}
+
 /// `--actions a,b` as actions (none given: every action).
 fn parse_actions(names: &[String]) -> anyhow::Result<Vec<ec2jobd_spec::Action>> {
     if names.is_empty() {
@@ -326,6 +356,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("copying {from} into {url}"))?;
             let list: Vec<String> = copied.iter().map(|(t, n)| format!("{n} {t}")).collect();
             eprintln!("copied {} from {from} into {url}", list.join(", "));
+            Ok(())
+        }
+        Cmd::Backup { config, to } => {
+            let cfg = load(&config, &Overrides::default())?;
+            postgres_has_its_own(&cfg, "pg_dump --format=custom --file=PATH")?;
+            let made = ec2jobd_store::backup(&cfg.database, &to)
+                .await
+                .with_context(|| format!("backing up {}", postgres::redact(&cfg.database)))?;
+            let checked = ec2jobd_store::check_backup(&made.path)
+                .await
+                .with_context(|| format!("checking the backup {}", made.path.display()))?;
+            eprintln!(
+                "backed up {} job(s) to {} ({} bytes; integrity ok, schema {} migration(s))",
+                checked.jobs,
+                made.path.display(),
+                made.bytes,
+                checked.applied
+            );
+            Ok(())
+        }
+        Cmd::Restore { config, from } => {
+            let cfg = load(&config, &Overrides::default())?;
+            postgres_has_its_own(&cfg, "pg_restore --clean --if-exists --dbname=URL PATH")?;
+            let done = ec2jobd_store::restore(&cfg.database, &from, chrono::Utc::now())
+                .await
+                .with_context(|| format!("restoring {}", from.display()))?;
+            let aside = done.replaced.map_or_else(
+                || "there was no database before".to_string(),
+                |p| format!("the replaced database is kept as {}", p.display()),
+            );
+            eprintln!(
+                "restored {} job(s) from {} into {} ({} migration(s) applied); {aside}",
+                done.checked.jobs,
+                from.display(),
+                postgres::redact(&cfg.database),
+                done.migrated
+            );
             Ok(())
         }
         Cmd::Prune { config, dry_run } => {

@@ -67,6 +67,8 @@ pub struct Config {
     pub notify: NotifySection,
     /// How long finished jobs and SNS deliveries are kept.
     pub retention: RetentionSection,
+    /// Periodic backups of the SQLite database.
+    pub backup: BackupSection,
     /// The dashboard at `/ui/`.
     pub ui: UiSection,
     /// Schedules by name (`[schedules.<name>]`, read-only over the API).
@@ -171,6 +173,18 @@ pub struct RetentionSection {
     pub interval: Dur,
     /// Rows deleted per transaction.
     pub batch: u32,
+}
+
+/// `[backup]`: periodic online backups of the embedded database (see `crate::db_backup`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSection {
+    /// How often (0: never).
+    pub interval: Dur,
+    /// Where the backups go.
+    pub dir: String,
+    /// How many of the newest are kept.
+    pub keep: u32,
 }
 
 /// `[notify]`: publishing job outcomes to SNS.
@@ -952,6 +966,24 @@ impl Config {
         if self.retention.batch == 0 || self.retention.batch > 10_000 {
             bail!("config key `retention.batch`: 1 to 10000");
         }
+        let b = &self.backup;
+        if !b.interval.0.is_zero() {
+            if is_postgres_url(&self.database) {
+                bail!("config key `backup.interval`: periodic backups are of the embedded SQLite database; back PostgreSQL up with pg_dump (README \"Backups and restore\") and set \"0s\"");
+            }
+            if ec2jobd_store::database_file(&self.database).is_none() {
+                bail!("config key `backup.interval`: `database` names no file to back up");
+            }
+            if b.interval.0 < Duration::from_secs(1) {
+                bail!("config key `backup.interval`: at least 1s (or \"0s\": off)");
+            }
+            if b.dir.trim().is_empty() {
+                bail!("config key `backup.dir`: required when `backup.interval` is set");
+            }
+            if b.keep == 0 {
+                bail!("config key `backup.keep`: at least 1");
+            }
+        }
         if self.ui.session_ttl.0 < std::time::Duration::from_secs(60) {
             bail!("config key `ui.session_ttl`: at least 1m");
         }
@@ -1163,5 +1195,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("queue.lease"), "{e}");
+    }
+
+    /// `[backup]` is off by default; turned on it needs a directory and an SQLite file, and a
+    /// PostgreSQL database is pointed to pg_dump.
+    #[test]
+    fn periodic_backups_are_checked() {
+        let load = |vars: &[(&str, &str)]| Config::load(None, env(vars), &Overrides::default());
+        let c = load(&[]).unwrap();
+        assert!(c.backup.interval.0.is_zero());
+        let on = [("EC2JOBD_BACKUP__INTERVAL", "1h")];
+        let e = load(&on).unwrap_err();
+        assert!(e.to_string().contains("backup.dir"), "{e}");
+        let with_dir = [on[0], ("EC2JOBD_BACKUP__DIR", "/var/backups/ec2jobd")];
+        let c = load(&with_dir).unwrap();
+        assert_eq!(c.backup.keep, 7);
+        let e = load(&[with_dir[0], with_dir[1], ("EC2JOBD_BACKUP__KEEP", "0")]).unwrap_err();
+        assert!(e.to_string().contains("backup.keep"), "{e}");
+        let e = load(&[
+            with_dir[0],
+            with_dir[1],
+            ("EC2JOBD_BACKUP__INTERVAL", "500ms"),
+        ]);
+        assert!(e.unwrap_err().to_string().contains("at least 1s"));
+        let pg = ("EC2JOBD_DATABASE", "postgres://u:secret@db/ec2jobd");
+        let e = load(&[with_dir[0], with_dir[1], pg])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pg_dump") && !e.contains("secret"), "{e}");
+        let e = load(&[
+            with_dir[0],
+            with_dir[1],
+            ("EC2JOBD_DATABASE", "sqlite::memory:"),
+        ]);
+        assert!(e.unwrap_err().to_string().contains("no file"));
     }
 }

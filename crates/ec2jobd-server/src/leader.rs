@@ -3,7 +3,8 @@
 //! (`ec2jobd_exec::share`), firing schedules), runs only in the replica holding the store's
 //! `maintenance` lease. Every replica keeps asking (renewing every
 //! third of the lease's time to live); when the leader dies its lease runs out and another takes
-//! over; a graceful stop gives it up at once. With SQLite the one daemon always leads. Reaping
+//! over; a graceful stop gives it up at once and the store tells the others
+//! (`Leadership::lease_freed`), so one of them leads within moments, not at its next renewal. With SQLite the one daemon always leads. Reaping
 //! expired job leases is not here: any replica may do it (the store's update is idempotent).
 //! Must not: do the maintenance itself.
 
@@ -58,10 +59,18 @@ pub async fn start(
     let first = ask().await;
     metrics.set_leader(first);
     let (tx, rx) = watch::channel(first);
+    let freed = store.lease_freed();
     tokio::spawn(async move {
         loop {
+            let given_up = async {
+                match &freed {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(ttl / 3) => {}
+                _ = given_up => {}
                 _ = shutdown.cancelled() => break,
             }
             let now = ask().await;

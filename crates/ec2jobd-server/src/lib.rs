@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod db_backup;
 pub mod deadline;
 pub mod doctor;
 pub mod error;

@@ -34,6 +34,8 @@ pub struct Metrics {
     sns_refused: Family<Labels, Counter>,
     pruned: Family<Labels, Counter>,
     leader: Gauge,
+    backups: Family<Labels, Counter>,
+    backup_last: Gauge,
     schedules: Gauge,
     schedule_firings: Family<Labels, Counter>,
     sqs_messages: Family<Labels, Counter>,
@@ -178,6 +180,18 @@ impl Metrics {
             "1 while this process holds the maintenance lease (publishes the outbox, prunes); with SQLite always 1",
             leader.clone(),
         );
+        let backups = Family::<Labels, Counter>::default();
+        registry.register(
+            "backups",
+            "Periodic database backups (`[backup]`) by outcome (`ok` or `failed`)",
+            backups.clone(),
+        );
+        let backup_last = Gauge::default();
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When the last periodic backup that succeeded began (Unix time; 0: none yet)",
+            backup_last.clone(),
+        );
         let schedules = Gauge::default();
         registry.register(
             "schedules",
@@ -198,6 +212,8 @@ impl Metrics {
         );
         Self {
             leader,
+            backups,
+            backup_last,
             schedules,
             schedule_firings,
             sqs_messages,
@@ -264,6 +280,17 @@ impl Metrics {
         self.pruned
             .get_or_create(&vec![("what".into(), what.into())])
             .inc_by(n);
+    }
+
+    /// A periodic backup begun at `began_s` (Unix seconds) ended.
+    pub fn backed_up(&self, ok: bool, began_s: i64) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.backups
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc();
+        if ok {
+            self.backup_last.set(began_s);
+        }
     }
 
     /// An SNS delivery was refused.

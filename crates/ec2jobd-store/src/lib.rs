@@ -27,7 +27,10 @@ use tokio::sync::{broadcast, Notify};
 
 pub use postgres::{PgOptions, PgStore};
 pub use shared::SEARCH_SCAN;
-pub use sqlite::{database_file, SqliteOptions, SqliteStore, Synchronous};
+pub use sqlite::{
+    backup, check_backup, database_file, restore, Backup, Checked, Restored, SqliteOptions,
+    SqliteStore, Synchronous,
+};
 
 /// What `ec2jobd doctor` learns about a database without changing it.
 #[derive(Debug)]
@@ -610,6 +613,12 @@ pub trait Leadership: Send + Sync + 'static {
     async fn lead(&self, name: &str, ttl_ms: i64) -> Result<bool>;
     /// Gives the lease `name` up if this process holds it (a graceful stop).
     async fn resign(&self, name: &str) -> Result<()>;
+    /// Notified when another process gave a lease up (or such news may have been missed): ask
+    /// for it now. `None`: nobody else can hold one (SQLite), or news is not heard (`poll_only`
+    /// leaves renewals as the only way).
+    fn lease_freed(&self) -> Option<Arc<Notify>> {
+        None
+    }
     /// What this store shares between processes beyond the queue (replicas on PostgreSQL);
     /// `None` for a store one process owns.
     fn cluster(&self) -> Option<Arc<dyn Cluster>> {

@@ -38,6 +38,9 @@ use crate::{
     NewJob, Page, Result, Scopes, StoreError, TokenInfo,
 };
 
+mod backup;
+pub use backup::{backup, check_backup, restore, Backup, Checked, Restored};
+
 static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 same_sql!(helpers for SqliteConnection, SqliteRow);
@@ -107,6 +110,8 @@ pub struct SqliteStore {
     ids: Ids,
     events_tx: broadcast::Sender<String>,
     notify: Arc<Notify>,
+    /// Held while the store is open, so `ec2jobd restore` cannot replace the file under it.
+    _using: Option<backup::FileLock>,
 }
 
 impl SqliteStore {
@@ -122,9 +127,13 @@ impl SqliteStore {
             })
             .busy_timeout(opts.busy_timeout)
             .foreign_keys(true);
-        if let Some(file) = file_of(&connect) {
-            create_private(file)?;
-        }
+        let using = match file_of(&connect) {
+            Some(file) => {
+                create_private(file)?;
+                Some(backup::FileLock::using(file)?)
+            }
+            None => None,
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .connect_with(connect.clone())
@@ -144,6 +153,7 @@ impl SqliteStore {
             clock,
             events_tx,
             notify: Arc::new(Notify::new()),
+            _using: using,
         })
     }
 

@@ -6,6 +6,9 @@
 //! correctness path, so a lost connection (hints sent meanwhile are lost) is re-made with backoff
 //! and counted as a hint itself, and with `poll_only` (PgBouncer in transaction pooling, which
 //! cannot hold a LISTEN) nobody listens at all.
+//! The same connection hears a second channel: a replica that gives a leader lease up on a graceful
+//! stop says so ([`LEASES_CHANNEL`]), so another replica asks for it at once instead of at its next
+//! renewal (a third of the lease's time to live later).
 //! Must not: decide what a woken worker does.
 
 use std::sync::Arc;
@@ -19,6 +22,9 @@ use crate::Result;
 
 /// The channel job hints go on.
 pub const JOBS_CHANNEL: &str = "ec2jobd_jobs";
+
+/// The channel a freed leader lease is announced on (payload: the lease's name).
+pub const LEASES_CHANNEL: &str = "ec2jobd_leases";
 
 /// Sends a job hint from inside the transaction on `conn`.
 pub async fn hint(conn: &mut PgConnection) -> Result<()> {
@@ -34,8 +40,9 @@ const DEBOUNCE: Duration = Duration::from_millis(5);
 
 /// Listens for job hints on a connection of its own to `url` and wakes `wake` for them (at once
 /// for the first, then at most once per [`DEBOUNCE`] for those that follow), and once whenever the
-/// connection had to be made again. Runs until aborted.
-pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+/// connection had to be made again; and `freed` (one stored permit) when a leader lease was given
+/// up, or hints may have been missed. Runs until aborted.
+pub fn listen(url: String, wake: Arc<Notify>, freed: Arc<Notify>) -> tokio::task::JoinHandle<()> {
     let heard = Arc::new(Notify::new());
     let hear = heard.clone();
     let listener = async move {
@@ -53,11 +60,16 @@ pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
             backoff = Duration::from_millis(100);
             // Hints sent while there was no listener are lost: look once.
             hear.notify_one();
+            freed.notify_one();
             loop {
                 match listener.try_recv().await {
-                    // A hint, or (`None`) the connection dropped and was made again: hints may
-                    // have been missed.
-                    Ok(_) => hear.notify_one(),
+                    Ok(Some(n)) if n.channel() == LEASES_CHANNEL => freed.notify_one(),
+                    Ok(Some(_)) => hear.notify_one(),
+                    // The connection dropped and was made again: hints may have been missed.
+                    Ok(None) => {
+                        hear.notify_one();
+                        freed.notify_one();
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "job hint connection lost; reconnecting");
                         break;
@@ -81,6 +93,6 @@ pub fn listen(url: String, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
 
 async fn connect(url: &str) -> Result<PgListener> {
     let mut l = PgListener::connect(url).await?;
-    l.listen(JOBS_CHANNEL).await?;
+    l.listen_all([JOBS_CHANNEL, LEASES_CHANNEL]).await?;
     Ok(l)
 }

@@ -61,6 +61,8 @@ pub struct PgStore {
     node: Arc<str>,
     events_tx: broadcast::Sender<String>,
     notify: Arc<Notify>,
+    /// Told when another replica gave a leader lease up (none with `poll_only`: nobody listens).
+    lease_freed: Option<Arc<Notify>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -159,8 +161,15 @@ impl PgStore {
         let notify = Arc::new(Notify::new());
         let (events_tx, _) = broadcast::channel(4096);
         let mut tasks = Vec::new();
+        let mut lease_freed = None;
         if !opts.poll_only {
-            tasks.push(hints::listen(opts.url.clone(), notify.clone()));
+            let freed = Arc::new(Notify::new());
+            tasks.push(hints::listen(
+                opts.url.clone(),
+                notify.clone(),
+                freed.clone(),
+            ));
+            lease_freed = Some(freed);
         }
         // Events from here on are watched for: read before the store is handed out.
         let from: Option<i64> = sqlx::query_scalar("SELECT max(seq) FROM job_events")
@@ -180,6 +189,7 @@ impl PgStore {
             node: format!("node-{}", ulid::Ulid::new()).into(),
             events_tx,
             notify,
+            lease_freed,
             tasks,
         })
     }
@@ -993,6 +1003,10 @@ impl Leadership for PgStore {
 
     async fn resign(&self, name: &str) -> Result<()> {
         release_lease(&self.pool, name, &self.node).await
+    }
+
+    fn lease_freed(&self) -> Option<Arc<Notify>> {
+        self.lease_freed.clone()
     }
 
     fn cluster(&self) -> Option<Arc<dyn Cluster>> {

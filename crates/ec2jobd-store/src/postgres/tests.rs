@@ -437,7 +437,8 @@ async fn hints_wake_listeners_and_survive_a_lost_connection() {
         };
     }
     armed!(first);
-    let listener = hints::listen(url, wake.clone());
+    let freed = Arc::new(Notify::new());
+    let listener = hints::listen(url, wake.clone(), freed.clone());
     let waited = |what: &'static str| move |r: Result<(), _>| r.map_err(|_| what).unwrap();
     waited("the first look, once listening")(tokio::time::timeout(bound, first).await);
 
@@ -466,6 +467,21 @@ async fn hints_wake_listeners_and_survive_a_lost_connection() {
     hints::hint(&mut tx).await.unwrap();
     tx.commit().await.unwrap();
     waited("a hint after the reconnect")(tokio::time::timeout(bound, after).await);
+
+    // A lease given up is heard on its own channel (the permit the reconnect left is used first).
+    waited("the look at leases after the reconnect")(
+        tokio::time::timeout(bound, freed.notified()).await,
+    );
+    crate::postgres::migrate(&pool).await.unwrap();
+    assert!(
+        crate::postgres::take_lease(&pool, "maintenance", "a", 0, 60_000)
+            .await
+            .unwrap()
+    );
+    crate::postgres::release_lease(&pool, "maintenance", "a")
+        .await
+        .unwrap();
+    waited("a lease given up")(tokio::time::timeout(bound, freed.notified()).await);
     listener.abort();
 }
 
