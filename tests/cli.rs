@@ -214,6 +214,56 @@ async fn health_checks_readiness_by_exit_code() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("/readyz"));
 }
 
+/// A replica whose PostgreSQL is cut off (packets dropped, no reset) is not ready: `/readyz` answers
+/// 503 promptly instead of hanging, and `ec2jobd health` exits 4; once the link heals it is ready
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_says_503_while_the_database_is_cut_off() {
+    let Some(database) = common::postgres_database() else {
+        return;
+    };
+    let (head, rest) = database.split_once('@').expect("user@host");
+    let (server, name) = rest.split_once('/').expect("host/db");
+    let link = common::TcpCut::start(server).await;
+    let d = Daemon::start(DaemonOpts {
+        workers: 1,
+        database_url: Some(format!("{head}@{}/{name}", link.addr)),
+        ..Default::default()
+    })
+    .await;
+    let ready = || async {
+        let r = reqwest::Client::new()
+            .get(format!("{}/readyz", d.url))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("/readyz answers");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    };
+    assert_eq!(ready().await.0, 200);
+    link.set(true);
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database_unreachable"), "{body}");
+    let o = Command::new(bin())
+        .args(["health", "--url", &d.url])
+        .env_remove("EC2JOBD_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    link.set(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ready().await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after healing\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Client commands trust the system's CA roots plus `--cacert`: against a real TLS server
 /// (`openssl s_server`) whose certificate a private CA signed, `ec2jobd health` fails on the
 /// certificate without the CA, and passes with `--cacert` naming it; a file with no certificate is refused as bad input.

@@ -539,6 +539,78 @@ impl BlackHole {
     }
 }
 
+/// A TCP forwarder to `upstream` that a test can cut off as a network partition does: while cut,
+/// no byte moves either way and new connections are accepted but not forwarded, and nobody is
+/// sent a reset (the peers only see silence); healed, everything carries on where it stopped.
+pub struct TcpCut {
+    /// `host:port` to connect to instead of the upstream.
+    pub addr: String,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpCut {
+    pub async fn start(upstream: &str) -> TcpCut {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let upstream = upstream.to_string();
+        let accept = tokio::spawn(async move {
+            while let Ok((down, _)) = l.accept().await {
+                let (rx, upstream) = (rx.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let mut open = rx.clone();
+                    if open.wait_for(|cut| !cut).await.is_err() {
+                        return;
+                    }
+                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::join!(Self::pipe(dr, uw, rx.clone()), Self::pipe(ur, dw, rx));
+                });
+            }
+        });
+        TcpCut {
+            addr,
+            cut: Arc::new(tx),
+            _accept: accept,
+        }
+    }
+
+    /// Copies one direction, holding still while the link is cut.
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut cut: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if cut.wait_for(|c| !c).await.is_err() {
+                return;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // What was read while the cut began is held until it heals, like a dropped packet
+            // that is sent again.
+            if cut.wait_for(|c| !c).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Cuts the link (`true`) or heals it.
+    pub fn set(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
 impl Moto {
     /// An AMI moto ships.
     pub async fn image(&self) -> String {

@@ -42,11 +42,25 @@ pub async fn healthz() -> Json<Health> {
     })
 }
 
-/// Readiness: the database accepts a write.
+/// How long readiness waits for the database's answer: a database that cannot be reached (a
+/// partition drops packets, no reset) is "not ready", not a probe that hangs.
+pub const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Readiness: the database accepts a write within [`READY_WITHIN`] (2 s); 503 otherwise.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Problem)))]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    state.store.ping().await?;
+    match tokio::time::timeout(READY_WITHIN, state.store.ping()).await {
+        Ok(answer) => answer?,
+        Err(_) => {
+            tracing::warn!(within = ?READY_WITHIN, "not ready: the database did not answer");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unreachable",
+                format!("the database did not answer within {READY_WITHIN:?}"),
+            ));
+        }
+    }
     Ok(Json(Health {
         status: "ready".into(),
     }))
