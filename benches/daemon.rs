@@ -534,7 +534,8 @@ async fn backup_under_load(moto: &Moto, template_dir: &Path, template: &str, row
         std::fs::copy(template_dir.join(f), dir.path().join(f)).expect("copy");
     }
     fill(&dir.path().join("bench.db"), template, rows);
-    let n = 2_000;
+    // Enough submissions that several backups begin and end while they go on.
+    let n = 8_000;
     let d = bench_daemon_with(dir.path(), &moto.url, 4, "").await;
     let (idle50, idle99, idle_max) = submit_latency(&d, n).await;
     drop(d);

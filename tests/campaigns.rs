@@ -2025,6 +2025,154 @@ async fn restore_drill_campaign() {
     );
 }
 
+/// Start jobs for `ids` (stopped instances whose status checks the proxy keeps `initializing`)
+/// submitted to `d`, once all of them are parked there: their ids.
+async fn parked_starts(d: &Daemon, ids: &[String]) -> Vec<String> {
+    let mut jobs = Vec::new();
+    for i in ids {
+        jobs.push(
+            d.submit(
+                &json!({"action": "start_instances", "targets": {"instance_ids": [i]},
+                "wait": {"interval": "200ms", "timeout": "5m"}}),
+            )
+            .await,
+        );
+    }
+    let deadline = Instant::now() + MINUTE;
+    while d.metric("ec2jobd_jobs_parked").await < ids.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "the waits were never parked\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    jobs
+}
+
+/// Partition (issue 33, self-fencing): replica A leads and holds parked waits; its link to
+/// PostgreSQL is cut (packets dropped, no reset) while B runs beside it. A stops acting before B
+/// can take over: no EC2 call reaches A's proxy after B's first one (each replica has a proxy of its
+/// own, so calls are counted per replica); B takes the waits up once A's leases run out, and every
+/// job succeeds with one StartInstances in all. The takeover times are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_its_database_stops_before_another_takes_over() {
+    let _pg = Backend::Postgres.share().await;
+    let Some(database) = common::postgres_database() else {
+        return;
+    };
+    let moto = Moto::start().await;
+    let (proxy_a, proxy_b) = (
+        FaultProxy::start(&moto.url, 1).await,
+        FaultProxy::start(&moto.url, 2).await,
+    );
+    for p in [&proxy_a, &proxy_b] {
+        p.set(|f| f.checks_after_start = Some(10 * MINUTE));
+    }
+    let ids = moto.launch(3, &[("Partition", "yes")]).await;
+    moto.stop(&ids).await;
+    let (head, rest) = database.split_once('@').expect("user@host");
+    let (server, name) = rest.split_once('/').expect("host/db");
+    let link = common::TcpCut::start(server).await;
+    let env = vec![
+        ("EC2JOBD_POSTGRES__LEADER_TTL".to_string(), "6s".to_string()),
+        ("EC2JOBD_QUEUE__LEASE".into(), "6s".into()),
+        ("EC2JOBD_QUEUE__HEARTBEAT".into(), "1s".into()),
+    ];
+    let a = Daemon::start(DaemonOpts {
+        moto_url: Some(proxy_a.url.clone()),
+        workers: 4,
+        database_url: Some(format!("{head}@{}/{name}", link.addr)),
+        env: env.clone(),
+        ..Default::default()
+    })
+    .await;
+    let jobs = parked_starts(&a, &ids).await;
+    let b = Daemon::replica(
+        DaemonOpts {
+            moto_url: Some(proxy_b.url.clone()),
+            workers: 4,
+            database_url: Some(database.clone()),
+            env,
+            ..Default::default()
+        },
+        a.admin.clone(),
+    )
+    .await;
+    assert_eq!(a.metric("ec2jobd_leader ").await, 1.0, "A leads");
+    // A polls for the waits while it leads: the cut lands between its rounds.
+    let polled = proxy_a.calls("DescribeInstanceStatus");
+    let deadline = Instant::now() + MINUTE;
+    while proxy_a.calls("DescribeInstanceStatus") < polled + 2 {
+        assert!(Instant::now() < deadline, "A does not poll");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    link.set(true);
+    let cut = Instant::now();
+    let deadline = cut + 2 * MINUTE;
+    while b.metric("ec2jobd_jobs_parked").await < ids.len() as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "B never took the waits up\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took_over = cut.elapsed();
+    // The link heals while B holds the waits: what A had in flight completes now, and A must not
+    // act on it (the issue saw a status poll from A right after healing).
+    link.set(false);
+    let deadline = Instant::now() + MINUTE;
+    while a.metric("ec2jobd_leader ").await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "A still says it leads\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in [&proxy_a, &proxy_b] {
+        p.set(|f| f.checks_after_start = None);
+    }
+    for id in &jobs {
+        let j = b.wait_final(id, 2 * MINUTE).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    let after_cut = |p: &FaultProxy| -> Vec<(String, Instant)> {
+        p.timeline()
+            .into_iter()
+            .filter(|(_, at, _)| *at > cut)
+            .map(|(op, at, _)| (op, at))
+            .collect()
+    };
+    let (a_calls, b_calls) = (after_cut(&proxy_a), after_cut(&proxy_b));
+    let b_first = b_calls
+        .iter()
+        .map(|(_, at)| *at)
+        .min()
+        .expect("B called EC2");
+    let late: Vec<String> = a_calls
+        .iter()
+        .filter(|(_, at)| *at >= b_first)
+        .map(|(op, at)| format!("{op} at {:?} after the cut", *at - cut))
+        .collect();
+    let a_last = a_calls.iter().map(|(_, at)| *at - cut).max();
+    eprintln!(
+        "partition: A's last EC2 call {a_last:?} after the cut, B's first {:?}, B held the waits after {took_over:?} (leases 6 s)",
+        b_first - cut
+    );
+    assert!(
+        late.is_empty(),
+        "A acted after B took over: {late:?}\n{}",
+        a.log()
+    );
+    assert_eq!(
+        proxy_a.calls("StartInstances") + proxy_b.calls("StartInstances"),
+        1,
+        "the waits were resumed, not started again"
+    );
+}
+
 /// Hand-off (issue 33): replica A leads and holds parked waits (start jobs whose status checks
 /// stay `initializing`); B runs beside it. Leases and the leader lease are a minute long, so
 /// without a hand-off B would lead only at its next renewal (up to 20 s) and the waits would stall
@@ -2053,25 +2201,7 @@ async fn a_stopping_replica_hands_its_waits_and_the_lead_over() {
         ..Default::default()
     };
     let mut a = Daemon::start(opts.clone()).await;
-    let mut jobs = Vec::new();
-    for i in &ids {
-        jobs.push(
-            a.submit(
-                &json!({"action": "start_instances", "targets": {"instance_ids": [i]},
-                "wait": {"interval": "200ms", "timeout": "5m"}}),
-            )
-            .await,
-        );
-    }
-    let deadline = Instant::now() + MINUTE;
-    while a.metric("ec2jobd_jobs_parked").await < ids.len() as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "A never parked the waits\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let jobs = parked_starts(&a, &ids).await;
     let b = Daemon::replica(opts.clone(), a.admin.clone()).await;
     assert_eq!(a.metric("ec2jobd_leader ").await, 1.0, "A leads");
     assert_eq!(b.metric("ec2jobd_leader ").await, 0.0, "B does not");

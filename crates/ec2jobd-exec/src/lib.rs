@@ -8,6 +8,7 @@
 //! through `ec2jobd-ec2`; what it reports for metrics goes through [`RunObserver`].
 
 pub mod executor;
+pub mod fence;
 pub mod parking;
 pub mod runner;
 pub mod share;

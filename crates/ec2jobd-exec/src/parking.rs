@@ -39,6 +39,8 @@ use ec2jobd_store::{NewEvent, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
+
+use crate::fence::Fence;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -256,6 +258,13 @@ enum Cmd {
         outcome: Option<Box<WaitOutcome>>,
     },
     Cancel(String),
+    /// A renewal sent at `sent` found the lot holding `held` (and no other job): a parked wait
+    /// added before it whose job is not among them was taken over (its lease ran out): drop it,
+    /// without a describe or a word to the store.
+    Held {
+        held: std::collections::HashSet<String>,
+        sent: tokio::time::Instant,
+    },
 }
 
 /// One wait being judged.
@@ -273,6 +282,8 @@ struct Entry {
     reported: (usize, u64, usize),
     request_ids: Vec<String>,
     reply: Option<oneshot::Sender<WaitOutcome>>,
+    /// When the lot took the wait on.
+    added: tokio::time::Instant,
     _registration: Registration,
 }
 
@@ -357,6 +368,7 @@ impl Entry {
             reported: (0, 0, 0),
             request_ids: Vec::new(),
             reply,
+            added: tokio::time::Instant::now(),
         }
     }
 
@@ -469,6 +481,9 @@ pub struct Parking {
     /// Jobs this lot has queued again since it started (see [`Parking::returned`]).
     returned: AtomicU64,
     regions: Mutex<HashMap<(String, String), mpsc::UnboundedSender<Cmd>>>,
+    /// Until when the lot's lease on its parked jobs is known held ([`Fence`]): after that it
+    /// makes no EC2 call for them (another process may have them by now).
+    fence: Fence,
 }
 
 impl Parking {
@@ -492,6 +507,7 @@ impl Parking {
             parked: AtomicUsize::new(0),
             returned: AtomicU64::new(0),
             regions: Mutex::new(HashMap::new()),
+            fence: Fence::new(),
         })
     }
 
@@ -557,15 +573,20 @@ impl Parking {
         self.regions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes over a job the store just parked in this lot: its call, if it left one, then its
-    /// wait.
+    /// Takes over a job the store just parked in this lot (the park sent at `sent`): its call, if
+    /// it left one, then its wait.
     pub async fn park(
         self: &Arc<Self>,
         job: &str,
+        sent: tokio::time::Instant,
         wait: Wait,
         call: Option<PlannedCall>,
         label: String,
     ) {
+        if self.parked() == 0 {
+            // The lot's first job: its lease starts the fence (later ones are renewed with it).
+            self.fence.renewed(sent, self.lease);
+        }
         self.set_parked(1);
         let (account, region) = (wait.account.clone(), wait.region.clone());
         let error = match self.region(&account, &region).await {
@@ -705,14 +726,26 @@ impl Parking {
             if self.parked() == 0 {
                 continue;
             }
+            let sent = tokio::time::Instant::now();
             match self
                 .store
                 .renew_lot(&self.id, self.lease.as_millis() as i64)
                 .await
             {
-                Ok(cancels) => {
-                    for id in cancels {
-                        self.cancel(&id);
+                Ok(held) => {
+                    self.fence.renewed(sent, self.lease);
+                    for (id, cancel) in &held {
+                        if *cancel {
+                            self.cancel(id);
+                        }
+                    }
+                    let held: std::collections::HashSet<String> =
+                        held.into_iter().map(|(id, _)| id).collect();
+                    for tx in self.lock().values() {
+                        let _ = tx.send(Cmd::Held {
+                            held: held.clone(),
+                            sent,
+                        });
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "could not renew the parked jobs' leases"),
@@ -793,6 +826,20 @@ impl Parking {
                             self.end(job, e, Ending::Cancelled);
                         } else if let Some(c) = calling.get_mut(&job) {
                             *c = true;
+                        }
+                    }
+                    Some(Cmd::Held { held, sent }) => {
+                        let gone: Vec<String> = waits
+                            .iter()
+                            .filter(|(job, e)| {
+                                e.reply.is_none() && e.added < sent && !held.contains(*job)
+                            })
+                            .map(|(job, _)| job.clone())
+                            .collect();
+                        for job in gone {
+                            waits.remove(&job);
+                            self.set_parked(-1);
+                            tracing::warn!(job, "a parked job's lease ran out and another process has it: its wait here is dropped");
                         }
                     }
                 },
@@ -923,6 +970,17 @@ impl Parking {
         reply: Option<oneshot::Sender<WaitOutcome>>,
         wait: Wait,
     ) {
+        if reply.is_none() && !self.fence.valid() {
+            // The lot's lease is not known held (renewals unanswered): no EC2 call for the job;
+            // the outcome goes to the store, which refuses it if the job is another's by now,
+            // and whoever resumes the job describes it.
+            tracing::debug!(
+                job,
+                "lot lease not known held: ending the wait without a describe"
+            );
+            self.deliver(job, outcome, reply);
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
             let described = match me.pool.coalescer(&wait.account, &wait.region).await {

@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::fence::Fence;
 use crate::parking::{Parked, Parking, PlannedCall, Wait};
 use crate::RunObserver;
 
@@ -349,7 +350,9 @@ pub struct RunnerConfig {
 
 /// A claimed job on its way to an idle worker: the job, its lease owner, and the worker's place
 /// (given back when the job is done).
-type Handed = (Claimed, String, OwnedSemaphorePermit);
+/// A claimed job for a worker: the claim, its lease owner, when the claim was sent (its lease's
+/// fence starts there) and the worker's permit.
+type Handed = (Claimed, String, tokio::time::Instant, OwnedSemaphorePermit);
 
 /// The worker pool of one process.
 pub struct Runner {
@@ -576,6 +579,7 @@ impl Runner {
             claims += 1;
             let owner = format!("{}-c{claims}", self.id_prefix);
             let want = permits.len() as u32;
+            let sent = tokio::time::Instant::now();
             let got = match self.store.claim(&owner, lease_ms, want).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
@@ -587,7 +591,7 @@ impl Runner {
             let none = got.is_empty();
             for c in got {
                 let Some(permit) = permits.pop() else { break };
-                if tx.send((c, owner.clone(), permit)).await.is_err() {
+                if tx.send((c, owner.clone(), sent, permit)).await.is_err() {
                     return;
                 }
             }
@@ -644,15 +648,23 @@ impl Runner {
     ) {
         loop {
             let next = rx.lock().await.recv().await;
-            let Some((claimed, owner, idle_again)) = next else {
+            let Some((claimed, owner, sent, idle_again)) = next else {
                 return;
             };
-            self.run_one(&owner, claimed, &hard).await;
+            let fence = Fence::new();
+            fence.renewed(sent, self.cfg.lease);
+            self.run_one(&owner, claimed, fence, &hard).await;
             drop(idle_again);
         }
     }
 
-    async fn run_one(&self, worker: &str, claimed: Claimed, hard: &CancellationToken) {
+    async fn run_one(
+        &self,
+        worker: &str,
+        claimed: Claimed,
+        fence: Fence,
+        hard: &CancellationToken,
+    ) {
         let job = &claimed.job;
         let span = tracing::info_span!("job", id = %job.id, action = job.action.as_str(), attempt = job.attempts);
         let hook = self
@@ -667,10 +679,23 @@ impl Runner {
         // thread corrupts the span registry's bookkeeping, and tracing-subscriber panics ("tried to
         // clone a span that already closed") inside whatever logs next; the overload campaign hit
         // it as HTTP connections closed mid-answer.
-        self.attempt(worker, claimed, hard).instrument(span).await
+        self.attempt(worker, claimed, fence, hard)
+            .instrument(span)
+            .await
     }
 
-    async fn attempt(&self, worker: &str, claimed: Claimed, hard: &CancellationToken) {
+    /// One attempt under the job's lease, known held until `fence` lapses: the heartbeat moves the
+    /// fence on; an attempt whose heartbeats go unanswered (the database cut off) is stopped when
+    /// the fence lapses, before the lease could have run out and another worker taken the job,
+    /// and makes no EC2 call after that (self-fencing: it writes nothing either; the job is
+    /// resumed from its checkpoint by whoever claims it next).
+    async fn attempt(
+        &self,
+        worker: &str,
+        claimed: Claimed,
+        fence: Fence,
+        hard: &CancellationToken,
+    ) {
         let job = claimed.job.clone();
         let id = job.id.clone();
         let action = job.action.as_str();
@@ -684,18 +709,26 @@ impl Runner {
         let cancel = CancellationToken::new();
         self.lock_active().insert(id.clone(), cancel.clone());
         let lease_lost = Arc::new(AtomicBool::new(false));
+        let fence = Arc::new(fence);
         let heartbeat = {
             let (store, id, worker) = (self.store.clone(), id.clone(), worker.to_string());
-            let (cancel, lost) = (cancel.clone(), lease_lost.clone());
-            let (every, lease_ms) = (self.cfg.heartbeat, self.cfg.lease.as_millis() as i64);
+            let (cancel, lost, fence) = (cancel.clone(), lease_lost.clone(), fence.clone());
+            let (every, lease) = (self.cfg.heartbeat, self.cfg.lease);
+            let lease_ms = lease.as_millis() as i64;
             tokio::spawn(
                 async move {
                     loop {
                         tokio::time::sleep(every).await;
+                        let sent = tokio::time::Instant::now();
                         match store.heartbeat(&id, &worker, lease_ms).await {
-                            Ok(h) if h.cancel_requested => cancel.cancel(),
-                            Ok(_) => {}
+                            Ok(h) => {
+                                fence.renewed(sent, lease);
+                                if h.cancel_requested {
+                                    cancel.cancel();
+                                }
+                            }
                             Err(StoreError::LeaseLost) => {
+                                fence.lost();
                                 lost.store(true, Ordering::SeqCst);
                                 cancel.cancel();
                                 return;
@@ -732,6 +765,16 @@ impl Runner {
                 ))
             })),
             _ = hard.cancelled() => None,
+            _ = fence.lapsed() => {
+                heartbeat.abort();
+                self.lock_active().remove(&id);
+                tracing::warn!(
+                    "the job's lease could not be renewed in time (is the database reachable?): \
+                     stopped acting on it; whoever claims it next resumes it from its checkpoint"
+                );
+                self.metrics.attempt(action, "fenced", started.elapsed().as_secs_f64());
+                return;
+            }
         };
         heartbeat.abort();
         self.lock_active().remove(&id);
@@ -847,6 +890,7 @@ impl Runner {
             total: Some(wait.ids.len() as u64),
         };
         let lease_ms = self.cfg.lease.as_millis() as i64;
+        let sent = tokio::time::Instant::now();
         match self
             .store
             .park(id, worker, lot.id(), lease_ms, checkpoint, progress)
@@ -854,7 +898,7 @@ impl Runner {
         {
             Ok(()) => {
                 tracing::info!(wait = %wait.describe(), "parked");
-                lot.park(id, wait, call, label).await;
+                lot.park(id, sent, wait, call, label).await;
             }
             Err(StoreError::LeaseLost) => tracing::warn!("lease lost before the job was parked"),
             Err(e) => tracing::warn!(

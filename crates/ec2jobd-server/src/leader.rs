@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ec2jobd_exec::fence::Fence;
 use ec2jobd_store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -22,12 +23,14 @@ pub const MAINTENANCE: &str = "maintenance";
 
 /// Whether this process leads now; maintenance loops look before each round.
 #[derive(Clone)]
-pub struct Leading(watch::Receiver<bool>);
+pub struct Leading(watch::Receiver<bool>, Arc<Fence>);
 
 impl Leading {
-    /// True while this process holds the lease.
+    /// True while this process holds the lease *and* knows it: a leader whose renewals go
+    /// unanswered (its database cut off) stops leading when its [`Fence`] lapses, before another
+    /// replica can take the lease, not when a renewal finally fails.
     pub fn now(&self) -> bool {
-        *self.0.borrow()
+        *self.0.borrow() && self.1.valid()
     }
 }
 
@@ -40,16 +43,26 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Leading {
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+    let fence = Arc::new(Fence::new());
     let ask = {
-        let store = store.clone();
+        let (store, fence) = (store.clone(), fence.clone());
         move || {
-            let store = store.clone();
+            let (store, fence) = (store.clone(), fence.clone());
             async move {
+                let sent = tokio::time::Instant::now();
                 match store.lead(MAINTENANCE, ttl_ms).await {
-                    Ok(l) => l,
+                    Ok(true) => {
+                        fence.renewed(sent, ttl);
+                        true
+                    }
+                    Ok(false) => {
+                        fence.lost();
+                        false
+                    }
                     Err(e) => {
                         // Unproven is not held: another replica may have it by now.
                         tracing::warn!(error = %e, "cannot renew the maintenance lease");
+                        fence.lost();
                         false
                     }
                 }
@@ -60,6 +73,7 @@ pub async fn start(
     metrics.set_leader(first);
     let (tx, rx) = watch::channel(first);
     let freed = store.lease_freed();
+    let held = fence.clone();
     tokio::spawn(async move {
         loop {
             let given_up = async {
@@ -80,11 +94,12 @@ pub async fn start(
             metrics.set_leader(now);
             let _ = tx.send(now);
         }
+        held.lost();
         let _ = tx.send(false);
         metrics.set_leader(false);
         if let Err(e) = store.resign(MAINTENANCE).await {
             tracing::warn!(error = %e, "could not give the maintenance lease up");
         }
     });
-    Leading(rx)
+    Leading(rx, fence)
 }

@@ -486,8 +486,9 @@ pub trait Queue: Send + Sync + 'static {
         outcome: serde_json::Value,
         message: &str,
     ) -> Result<()>;
-    /// Renews the lease of every job `lot` holds; returns the ids of those whose cancel was asked.
-    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<String>>;
+    /// Renews the lease of every job `lot` holds; returns each of them (a job not among them is
+    /// no longer the lot's) with whether its cancel was asked.
+    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<(String, bool)>>;
     /// Gives every job `lot` holds back to the queue untouched (graceful shutdown), the attempt not
     /// counted: the next claim parks it again. Returns how many.
     async fn release_lot(&self, lot: &str) -> Result<u64>;

@@ -825,7 +825,7 @@ impl Queue for SqliteStore {
         Ok(())
     }
 
-    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<String>> {
+    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<(String, bool)>> {
         let lot = lot.to_string();
         let clock = self.clock.clone();
         self.write(move |conn| {
@@ -839,13 +839,14 @@ impl Queue for SqliteStore {
                 .bind(&lot)
                 .fetch_all(conn)
                 .await?;
-                let mut cancel = Vec::new();
+                let mut held = Vec::with_capacity(rows.len());
                 for r in rows {
-                    if r.try_get::<i64, _>("cancel_requested")? != 0 {
-                        cancel.push(r.try_get("id")?);
-                    }
+                    held.push((
+                        r.try_get("id")?,
+                        r.try_get::<i64, _>("cancel_requested")? != 0,
+                    ));
                 }
-                Ok(cancel)
+                Ok(held)
             })
         })
         .await

@@ -24,6 +24,17 @@ enum Step {
 struct Script {
     steps: Mutex<VecDeque<Step>>,
     calls: AtomicU32,
+    /// Attempts whose `Hang` was stopped from outside (their future dropped).
+    dropped: Arc<AtomicU32>,
+}
+
+/// Counts a hanging attempt's future being dropped.
+struct Dropped(Arc<AtomicU32>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -47,7 +58,9 @@ impl Executor for Script {
             }),
             Step::Permanent => Err(ExecError::permanent("InvalidInstanceID.NotFound", "gone")),
             Step::Hang => {
+                let _guard = Dropped(self.dropped.clone());
                 tokio::time::sleep(Duration::from_secs(3600)).await;
+                std::mem::forget(_guard);
                 Ok(JobResults::default())
             }
             Step::WaitForCancel => {
@@ -105,6 +118,7 @@ async fn rig_with_queued(steps: Vec<Step>, cfg: RunnerConfig, queued: usize) -> 
     let script = Arc::new(Script {
         steps: Mutex::new(steps.into()),
         calls: AtomicU32::new(0),
+        dropped: Arc::default(),
     });
     let runner = Arc::new(Runner::new(
         store.clone(),
@@ -169,6 +183,45 @@ async fn wait_state(store: &SqliteStore, id: &str, state: JobState) -> Job {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Self-fencing: an attempt whose lease is not renewed in time (heartbeats far apart here, as when
+/// the database does not answer them) is stopped when its fence lapses, a quarter of the lease
+/// before the lease runs out: the executor's future is dropped (no EC2 call after that) and
+/// nothing is written for the attempt; once the lease has run out the job is claimed again.
+#[tokio::test]
+async fn an_attempt_stops_acting_before_its_lease_can_run_out() {
+    let mut c = cfg();
+    c.workers = 1;
+    c.lease = Duration::from_secs(2);
+    c.heartbeat = Duration::from_secs(3600);
+    c.reap_interval = Duration::from_millis(100);
+    let (r, ids) = rig_with_queued(vec![Step::Hang, Step::Ok], c, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.script.dropped.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the hanging attempt was never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Stopped before the lease ran out: the job is still running under the first claim.
+    let j = r.store.get(&ids[0]).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Running, 1), "{j:?}");
+    let j = wait_state(&r.store, &ids[0], JobState::Succeeded).await;
+    assert_eq!(j.attempts, 2);
+    let kinds: Vec<String> = r
+        .store
+        .events(&ids[0], 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        !kinds.iter().any(|k| k.contains("retry") || k == "failed"),
+        "{kinds:?}"
+    );
 }
 
 #[tokio::test]

@@ -682,7 +682,7 @@ impl Queue for PgStore {
         Ok(())
     }
 
-    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<String>> {
+    async fn renew_lot(&self, lot: &str, lease_ms: i64) -> Result<Vec<(String, bool)>> {
         let now = self.clock.now_ms();
         let rows: Vec<(String, bool)> = sqlx::query_as(
             "UPDATE jobs SET lease_expires_at = $1 \
@@ -692,11 +692,7 @@ impl Queue for PgStore {
         .bind(lot)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter(|(_, cancel)| *cancel)
-            .map(|(id, _)| id)
-            .collect())
+        Ok(rows)
     }
 
     async fn release_lot(&self, lot: &str) -> Result<u64> {
