@@ -809,3 +809,65 @@ async fn a_postgres_queue_is_backed_up_with_pg_dump() {
     // The original still has them queued: the two databases are apart.
     assert_eq!(d.job(&queued[0]).await["state"], "queued");
 }
+
+/// Upgrades and rollbacks (issue 33): a daemon goes on working against a database a newer
+/// ec2jobd migrated additively (a table it does not know), and refuses to start, saying what to
+/// do, against one whose newer migration says older daemons cannot use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_runs_on_additive_newer_schemas_and_refuses_incompatible_ones() {
+    let moto = Moto::start().await;
+    let ids = moto.launch(1, &[("Env", "upgrade")]).await;
+    let mut d = Daemon::start(DaemonOpts {
+        moto_url: Some(moto.url.clone()),
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let describe = serde_json::json!({"action": "describe_instances",
+        "targets": {"instance_ids": [ids[0]]}});
+    let first = d.submit(&describe).await;
+    d.wait_final(&first, Duration::from_secs(60)).await;
+    d.terminate(Duration::from_secs(30));
+    let file = d.dir.join("ec2jobd.db");
+    let newer = |version: i64, requires: bool| {
+        let db = rusqlite::Connection::open(&file).unwrap();
+        db.execute_batch(&format!(
+            "CREATE TABLE future_{version} (id INTEGER PRIMARY KEY);
+             INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ({version}, 'from a newer ec2jobd', TRUE, X'00', 0);"
+        ))
+        .unwrap();
+        if requires {
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_requires', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [version.to_string()],
+            )
+            .unwrap();
+        }
+    };
+    newer(29991231000001, false);
+    d.spawn().await;
+    let second = d.submit(&describe).await;
+    assert_eq!(
+        d.wait_final(&second, Duration::from_secs(60)).await["state"],
+        "succeeded"
+    );
+    assert_eq!(d.job(&first).await["state"], "succeeded");
+    d.terminate(Duration::from_secs(30));
+    newer(29991231000002, true);
+    let o = Command::new(bin())
+        .args(["serve", "--config", d.config.to_str().unwrap()])
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("newer ec2jobd")
+            && err.contains("29991231000002")
+            && err.contains("Upgrading"),
+        "{err}"
+    );
+}

@@ -20,7 +20,9 @@
 //!
 //! A lot that dies (kill -9) leaves its leases to expire; the jobs are then claimed like any running
 //! job whose worker died, and the executor parks them again from their checkpoint. At shutdown the
-//! lot gives its jobs back to the queue so the next start parks them again at once.
+//! lot gives its jobs back to the queue so the next start parks them again at once. A lot cut off
+//! from its database fences itself: once its lease is not known held ([`Fence`]) it describes
+//! nothing for its jobs, and a renewal that shows a job taken by another process drops its wait.
 //!
 //! Must not: call EC2 itself (the watcher polls), decide what a job does after its wait (the
 //! executor does), or keep more per job than its wait: memory per parked job is a benchmark figure.
@@ -39,11 +41,10 @@ use ec2jobd_store::{NewEvent, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
-
-use crate::fence::Fence;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::fence::Fence;
 use crate::RunObserver;
 
 /// What a job waits for: saved in its checkpoint while parked, so a restart can park it again.

@@ -76,7 +76,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 /// replicas at once (sqlx holds an advisory lock while it migrates).
 pub async fn migrate(pool: &PgPool) -> Result<usize> {
     let before = applied(pool).await?;
-    MIGRATOR
+    // A newer replica may have migrated the shared database (additively: left alone).
+    let mut migrator = sqlx::migrate!("../../migrations/postgres");
+    migrator.set_ignore_missing(crate::shared::newer_schema(pool, &migrator).await?);
+    migrator
         .run(pool)
         .await
         .map_err(|e| StoreError::Unavailable(format!("migrating: {e}")))?;

@@ -70,6 +70,77 @@ pub(crate) fn id_bound(ms: i64) -> String {
 }
 
 /// A new job's progress.
+/// The `meta` key a migration sets to its own version when daemons that do not know it cannot use
+/// the schema it leaves (the *contract* step of expand/contract: a column dropped or renamed, a
+/// meaning changed). Additive migrations (a table, a nullable column, an index) leave it alone,
+/// so a daemon one release behind keeps working while a newer replica migrates the shared
+/// database, and after a rollback.
+pub(crate) const SCHEMA_REQUIRES: &str = "schema_requires";
+
+/// Whether `migrator` (this build's migrations) must leave newer applied migrations alone on the
+/// database behind `pool` (`set_ignore_missing`), or an error when this build must not use it
+/// ([`schema_verdict`]). A database not migrated yet has neither table: nothing is newer.
+pub(crate) async fn newer_schema<DB>(
+    pool: &sqlx::Pool<DB>,
+    migrator: &sqlx::migrate::Migrator,
+) -> crate::Result<bool>
+where
+    DB: sqlx::Database,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    (i64,): for<'r> sqlx::FromRow<'r, DB::Row>,
+    (String,): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let applied = sqlx::query_scalar::<DB, i64>(
+        "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let requires = sqlx::query_scalar::<DB, String>(&format!(
+        "SELECT value FROM meta WHERE key = '{SCHEMA_REQUIRES}'"
+    ))
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten()
+    .and_then(|v| v.trim().parse().ok());
+    let known: Vec<i64> = migrator.iter().map(|m| m.version).collect();
+    let newer =
+        schema_verdict(&known, &applied, requires).map_err(crate::StoreError::Unavailable)?;
+    if !newer.is_empty() {
+        tracing::info!(
+            ?newer,
+            "the database has newer additive migrations; using it as it is"
+        );
+    }
+    Ok(!newer.is_empty())
+}
+
+/// Whether a build that knows the migrations `known` may use a database with the migrations
+/// `applied` and the [`SCHEMA_REQUIRES`] mark `requires`: the applied migrations it does not know
+/// (newer, additive: left alone), or why it must not start.
+pub(crate) fn schema_verdict(
+    known: &[i64],
+    applied: &[i64],
+    requires: Option<i64>,
+) -> std::result::Result<Vec<i64>, String> {
+    let newest = known.iter().max().copied().unwrap_or(0);
+    if let Some(r) = requires.filter(|r| !known.contains(r)) {
+        return Err(format!(
+            "the database's schema was changed by a newer ec2jobd in a way this one cannot use \
+             (it requires migration {r}; this ec2jobd knows migrations up to {newest}): run that \
+             version or a later one, or restore a backup taken before the upgrade (README \
+             \"Upgrading\")"
+        ));
+    }
+    Ok(applied
+        .iter()
+        .filter(|v| !known.contains(v))
+        .copied()
+        .collect())
+}
+
 pub(crate) fn queued_progress() -> Progress {
     Progress {
         phase: "queued".into(),
@@ -819,3 +890,22 @@ pub(crate) use insert_delivery;
 pub(crate) const DELIVERY_INSERT: &str = "INSERT INTO sns_deliveries (at, hook, message_id, \
      topic_arn, kind, outcome, reason, rule, job_id, code) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *";
+
+#[cfg(test)]
+mod tests {
+    use super::schema_verdict;
+
+    #[test]
+    fn newer_migrations_are_tolerated_unless_required() {
+        let known = [1, 2, 3];
+        assert_eq!(schema_verdict(&known, &[1, 2], None), Ok(vec![]));
+        assert_eq!(schema_verdict(&known, &[1, 2, 3, 4], None), Ok(vec![4]));
+        // A mark this build knows (it made it): fine.
+        assert_eq!(schema_verdict(&known, &[1, 2, 3], Some(3)), Ok(vec![]));
+        let e = schema_verdict(&known, &[1, 2, 3, 4, 5], Some(5)).unwrap_err();
+        assert!(
+            e.contains("requires migration 5") && e.contains("up to 3"),
+            "{e}"
+        );
+    }
+}

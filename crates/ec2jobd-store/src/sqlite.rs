@@ -138,7 +138,9 @@ impl SqliteStore {
             .max_connections(opts.max_connections.max(1))
             .connect_with(connect.clone())
             .await?;
-        MIGRATOR
+        let mut migrator = sqlx::migrate!("../../migrations/sqlite");
+        migrator.set_ignore_missing(shared::newer_schema(&pool, &migrator).await?);
+        migrator
             .run(&pool)
             .await
             .map_err(|e| StoreError::Unavailable(format!("migrations: {e}")))?;

@@ -89,6 +89,26 @@ pub(crate) async fn enqueue(s: &dyn Store, ids: &str) -> Job {
     }
 }
 
+/// A migration from a newer ec2jobd, for the schema compatibility tests: additive (a table of its
+/// own), or (`requires`) one older daemons must not run against. `hex` writes a bytea/blob literal
+/// of the backend (`X'00'` on SQLite, `'\\x00'` on PostgreSQL).
+pub(crate) fn future_migration(version: i64, requires: bool, hex: &str) -> String {
+    let mark = if requires {
+        format!(
+            "INSERT INTO meta (key, value) VALUES ('{}', '{version}') \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
+            crate::shared::SCHEMA_REQUIRES
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "CREATE TABLE future_{version} (id BIGINT PRIMARY KEY); \
+         INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ({version}, 'from a newer ec2jobd', TRUE, {hex}, 0); {mark}"
+    )
+}
+
 /// Each named test of this file, once per backend.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {

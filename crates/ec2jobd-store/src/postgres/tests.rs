@@ -109,6 +109,35 @@ async fn migrations_apply_once_and_make_every_table() {
     }
 }
 
+/// Upgrades with replicas: a database a newer replica migrated additively is used by an older
+/// one as it is (its migration left alone); one marked as needing the newer version is refused.
+#[tokio::test]
+async fn newer_schemas_are_used_when_additive_and_refused_when_not() {
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    migrate(&pool).await.unwrap();
+    let future = |v, requires| crate::suite::future_migration(v, requires, "'\\x00'::bytea");
+    sqlx::raw_sql(&future(29991231000001, false))
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(migrate(&pool).await.unwrap(), 0, "additive: used as it is");
+    sqlx::raw_sql(&future(29991231000002, true))
+        .execute(&pool)
+        .await
+        .unwrap();
+    match migrate(&pool).await {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(
+                m.contains("newer ec2jobd") && m.contains("29991231000002"),
+                "{m}"
+            )
+        }
+        other => panic!("an incompatible newer schema: {other:?}"),
+    }
+}
+
 /// The claim walks the index in claim order (priority, due time, id) instead of sorting the queue.
 #[tokio::test]
 async fn the_claim_order_has_its_index() {

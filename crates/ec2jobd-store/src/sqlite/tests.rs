@@ -286,3 +286,50 @@ async fn restore_refuses_newer_schemas_and_files_that_are_not_databases() {
         .unwrap();
     assert!(store.get(&job.id).await.unwrap().is_some());
 }
+
+/// Upgrades: a database one additive migration ahead (a newer daemon migrated it) is used as it
+/// is; one whose newer migration says older daemons cannot use it is refused with a message that
+/// says what to do, and is left as it was.
+#[tokio::test]
+async fn newer_schemas_are_used_when_additive_and_refused_when_not() {
+    let f = fixture().await;
+    let job = enqueue(&*f.store, "i-0123456789abcdef0").await;
+    let opts = SqliteOptions {
+        url: format!("sqlite://{}", f._dir.path().join("q.db").display()),
+        ..Default::default()
+    };
+    let migrate = |sql: String| {
+        let pool = f.store.pool.clone();
+        async move { sqlx::raw_sql(&sql).execute(&pool).await.unwrap() }
+    };
+    migrate(crate::suite::future_migration(
+        29991231000001,
+        false,
+        "X'00'",
+    ))
+    .await;
+    let store = f.store.clone();
+    drop(store);
+    let clock = || Arc::new(ManualClock::new(1_800_000_000_000));
+    let ahead = SqliteStore::open(opts.clone(), clock())
+        .await
+        .expect("additive: used");
+    assert!(ahead.get(&job.id).await.unwrap().is_some());
+    drop(ahead);
+    migrate(crate::suite::future_migration(
+        29991231000002,
+        true,
+        "X'00'",
+    ))
+    .await;
+    match SqliteStore::open(opts, clock()).await {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(
+                m.contains("newer ec2jobd") && m.contains("29991231000002"),
+                "{m}"
+            )
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("an incompatible newer schema was used"),
+    }
+}
