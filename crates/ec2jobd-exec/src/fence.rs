@@ -19,6 +19,7 @@ const MARGIN_DIVISOR: u32 = 4;
 #[derive(Debug, Default)]
 pub struct Fence {
     until: Mutex<Option<Instant>>,
+    changed: tokio::sync::Notify,
 }
 
 impl Fence {
@@ -33,11 +34,28 @@ impl Fence {
         let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
         // Answers may arrive out of order: a later renewal never shortens the fence.
         *u = Some(u.map_or(until, |old| old.max(until)));
+        drop(u);
+        self.changed.notify_waiters();
     }
 
     /// The lease is known lost (refused, or given up).
     pub fn lost(&self) {
         *self.until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once the lease is known held again (`true`) or known lost (`false`).
+    pub async fn settled(&self) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.until() {
+                None => return false,
+                Some(u) if Instant::now() < u => return true,
+                Some(_) => changed.await,
+            }
+        }
     }
 
     fn until(&self) -> Option<Instant> {
@@ -85,9 +103,19 @@ mod tests {
         });
         let at = woke.await.unwrap();
         assert_eq!(at - t0, Duration::from_secs(10));
-        let g = Fence::new();
+        let g = std::sync::Arc::new(Fence::new());
         g.renewed(Instant::now(), ttl);
+        tokio::time::advance(Duration::from_secs(7)).await;
+        assert!(!g.valid());
+        let back = tokio::spawn({
+            let g = g.clone();
+            async move { g.settled().await }
+        });
+        tokio::task::yield_now().await;
+        g.renewed(Instant::now(), ttl);
+        assert!(back.await.unwrap(), "renewed: held again");
         g.lost();
         assert!(!g.valid());
+        assert!(!g.settled().await, "lost");
     }
 }

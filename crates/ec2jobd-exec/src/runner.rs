@@ -685,10 +685,11 @@ impl Runner {
     }
 
     /// One attempt under the job's lease, known held until `fence` lapses: the heartbeat moves the
-    /// fence on; an attempt whose heartbeats go unanswered (the database cut off) is stopped when
-    /// the fence lapses, before the lease could have run out and another worker taken the job,
-    /// and makes no EC2 call after that (self-fencing: it writes nothing either; the job is
-    /// resumed from its checkpoint by whoever claims it next).
+    /// fence on. An attempt whose heartbeats go unanswered (the database slow or cut off) is
+    /// paused when the fence lapses, before the lease could have run out and another worker taken
+    /// the job: its future is not polled, so it makes no EC2 call (self-fencing). A late answer
+    /// that renews the lease lets it go on; a lease lost, or not renewed within a lease's time,
+    /// ends it without a write (whoever claims the job next resumes it from its checkpoint).
     async fn attempt(
         &self,
         worker: &str,
@@ -757,24 +758,44 @@ impl Runner {
             closing: Mutex::new(None),
         };
         let started = Instant::now();
-        let outcome = tokio::select! {
-            r = tokio::time::timeout(limit, self.executor.execute(&ctx)) => Some(r.unwrap_or_else(|_| {
-                Err(ExecError::permanent(
-                    "JobTimeout",
-                    format!("the attempt exceeded its time limit of {}", humantime::format_duration(limit)),
-                ))
-            })),
-            _ = hard.cancelled() => None,
-            _ = fence.lapsed() => {
-                heartbeat.abort();
-                self.lock_active().remove(&id);
-                tracing::warn!(
-                    "the job's lease could not be renewed in time (is the database reachable?): \
-                     stopped acting on it; whoever claims it next resumes it from its checkpoint"
-                );
-                self.metrics.attempt(action, "fenced", started.elapsed().as_secs_f64());
-                return;
+        let exec = tokio::time::timeout(limit, self.executor.execute(&ctx));
+        tokio::pin!(exec);
+        let outcome = loop {
+            if fence.valid() {
+                tokio::select! {
+                    r = &mut exec => break Some(r.unwrap_or_else(|_| {
+                        Err(ExecError::permanent(
+                            "JobTimeout",
+                            format!("the attempt exceeded its time limit of {}", humantime::format_duration(limit)),
+                        ))
+                    })),
+                    _ = hard.cancelled() => break None,
+                    _ = fence.lapsed() => tracing::warn!(
+                        "the job's lease was not renewed in time (is the database reachable?): \
+                         its work is paused until it is"
+                    ),
+                }
+                continue;
             }
+            // Paused: the attempt's future is not polled, so it starts no EC2 call, until the
+            // lease is known held again; known lost, or not back within a lease, it is dropped.
+            tokio::select! {
+                held = fence.settled() => if held {
+                    tracing::info!("the job's lease was renewed: its work goes on");
+                    continue;
+                },
+                _ = tokio::time::sleep(self.cfg.lease) => {}
+                _ = hard.cancelled() => break None,
+            }
+            heartbeat.abort();
+            self.lock_active().remove(&id);
+            tracing::warn!(
+                "stopped acting on the job: its lease is lost or was not renewed within a lease's \
+                 time; whoever claims it next resumes it from its checkpoint"
+            );
+            self.metrics
+                .attempt(action, "fenced", started.elapsed().as_secs_f64());
+            return;
         };
         heartbeat.abort();
         self.lock_active().remove(&id);
