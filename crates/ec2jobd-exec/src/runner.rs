@@ -348,10 +348,8 @@ pub struct RunnerConfig {
     pub grace: Duration,
 }
 
-/// A claimed job on its way to an idle worker: the job, its lease owner, and the worker's place
-/// (given back when the job is done).
-/// A claimed job for a worker: the claim, its lease owner, when the claim was sent (its lease's
-/// fence starts there) and the worker's permit.
+/// A claimed job on its way to an idle worker: the job, its lease owner, when the claim was sent
+/// (its lease's fence starts there), and the worker's place (given back when the job is done).
 type Handed = (Claimed, String, tokio::time::Instant, OwnedSemaphorePermit);
 
 /// The worker pool of one process.

@@ -4,8 +4,10 @@
 //! `maintenance` lease. Every replica keeps asking (renewing every
 //! third of the lease's time to live); when the leader dies its lease runs out and another takes
 //! over; a graceful stop gives it up at once and the store tells the others
-//! (`Leadership::lease_freed`), so one of them leads within moments, not at its next renewal. With SQLite the one daemon always leads. Reaping
-//! expired job leases is not here: any replica may do it (the store's update is idempotent).
+//! (`Leadership::lease_freed`), so one of them leads within moments, not at its next renewal. A
+//! leader leads only while its lease is known held ([`Fence`]): cut off from its database, it stops
+//! before another replica can take over. With SQLite the one daemon always leads. Reaping expired
+//! job leases is not here: any replica may do it (the store's update is idempotent).
 //! Must not: do the maintenance itself.
 
 use std::sync::Arc;
