@@ -470,6 +470,19 @@ async fn schedule_firings(d: &Daemon, name: &str) -> Vec<chrono::DateTime<chrono
     out
 }
 
+/// A fault proxy in front of `moto` with a little latency, so kills and cuts land inside calls
+/// and waits, not only between them, and status checks that take 2 s after each start, so they
+/// also land while jobs are parked.
+async fn proxy_with_slow_checks(moto: &Moto, seed: u64) -> FaultProxy {
+    let proxy = FaultProxy::start(&moto.url, seed).await;
+    proxy.set(|f| {
+        f.latency = Duration::from_millis(5);
+        f.latency_jitter = Duration::from_millis(45);
+        f.checks_after_start = Some(Duration::from_secs(2));
+    });
+    proxy
+}
+
 /// Crash: mixed jobs against moto, the daemon SIGKILLed at random moments and restarted each time.
 /// Afterwards every accepted job is final, none ran twice (instances and snapshots counted in moto
 /// by the job's tag) and none claims a state moto does not show.
@@ -502,14 +515,7 @@ async fn crash(on: Backend, ec2: Ec2) {
     let mut rng = seeded(&campaign);
     let moto = Moto::start().await;
     let image = moto.image().await;
-    // A little latency so kills land inside calls and waits, not only between them; checks that
-    // take 2 s after each start so kills also land while jobs are parked.
-    let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
-    proxy.set(|f| {
-        f.latency = Duration::from_millis(5);
-        f.latency_jitter = Duration::from_millis(45);
-        f.checks_after_start = Some(Duration::from_secs(2));
-    });
+    let proxy = proxy_with_slow_checks(&moto, rng.gen()).await;
     ec2.apply(&proxy);
     let jobs = mixed_jobs(
         &moto,
@@ -1798,12 +1804,7 @@ async fn restore_drill_campaign() {
     let mut rng = seeded(campaign);
     let moto = Moto::start().await;
     let image = moto.image().await;
-    let proxy = FaultProxy::start(&moto.url, rng.gen()).await;
-    proxy.set(|f| {
-        f.latency = Duration::from_millis(5);
-        f.latency_jitter = Duration::from_millis(45);
-        f.checks_after_start = Some(Duration::from_secs(2));
-    });
+    let proxy = proxy_with_slow_checks(&moto, rng.gen()).await;
     let mut jobs = mixed_jobs(&moto, &["run", "stop", "start", "tag"], per, &mut rng).await;
     // One snapshot job per volume: a generation rotated away after the backup by a later job of
     // its group would take with it the only sign that a restored job already made it (a known gap,
@@ -2081,9 +2082,7 @@ async fn a_replica_cut_off_from_its_database_stops_before_another_takes_over() {
     }
     let ids = moto.launch(3, &[("Partition", "yes")]).await;
     moto.stop(&ids).await;
-    let (head, rest) = database.split_once('@').expect("user@host");
-    let (server, name) = rest.split_once('/').expect("host/db");
-    let link = common::TcpCut::start(server).await;
+    let (link, through_link) = common::TcpCut::before_postgres(&database).await;
     let env = vec![
         ("EC2JOBD_POSTGRES__LEADER_TTL".to_string(), "6s".to_string()),
         ("EC2JOBD_QUEUE__LEASE".into(), "6s".into()),
@@ -2092,7 +2091,7 @@ async fn a_replica_cut_off_from_its_database_stops_before_another_takes_over() {
     let a = Daemon::start(DaemonOpts {
         moto_url: Some(proxy_a.url.clone()),
         workers: 4,
-        database_url: Some(format!("{head}@{}/{name}", link.addr)),
+        database_url: Some(through_link),
         env: env.clone(),
         ..Default::default()
     })

@@ -222,12 +222,10 @@ async fn readiness_says_503_while_the_database_is_cut_off() {
     let Some(database) = common::postgres_database() else {
         return;
     };
-    let (head, rest) = database.split_once('@').expect("user@host");
-    let (server, name) = rest.split_once('/').expect("host/db");
-    let link = common::TcpCut::start(server).await;
+    let (link, through_link) = common::TcpCut::before_postgres(&database).await;
     let d = Daemon::start(DaemonOpts {
         workers: 1,
-        database_url: Some(format!("{head}@{}/{name}", link.addr)),
+        database_url: Some(through_link),
         ..Default::default()
     })
     .await;

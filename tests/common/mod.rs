@@ -605,6 +605,16 @@ impl TcpCut {
         }
     }
 
+    /// A cuttable link in front of the server of the PostgreSQL URL `database`, and the URL that
+    /// goes through it.
+    pub async fn before_postgres(database: &str) -> (TcpCut, String) {
+        let (head, rest) = database.split_once('@').expect("user@host");
+        let (server, name) = rest.split_once('/').expect("host/db");
+        let link = TcpCut::start(server).await;
+        let through = format!("{head}@{}/{name}", link.addr);
+        (link, through)
+    }
+
     /// Cuts the link (`true`) or heals it.
     pub fn set(&self, cut: bool) {
         self.cut.send_replace(cut);
