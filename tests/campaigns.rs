@@ -448,6 +448,22 @@ async fn finished(d: &Daemon) -> u64 {
     n as u64
 }
 
+/// Saves the schedule `tick`: a describe of nothing every second (`schedule_firings` reads them).
+async fn every_second(d: &Daemon) {
+    let r = d
+        .req(reqwest::Method::PUT, "/v1/schedules/tick", &d.admin.clone())
+        .json(&json!({
+            "cron": "* * * * * *",
+            "overlap": "queue",
+            "job": {"action": "describe_instances", "targets": {"tags": {"Tick": "none"}},
+                    "allow_empty": true},
+        }))
+        .send()
+        .await
+        .expect("put schedule");
+    assert_eq!(r.status(), 201);
+}
+
 /// The firing times of a schedule's jobs, oldest first.
 async fn schedule_firings(d: &Daemon, name: &str) -> Vec<chrono::DateTime<chrono::Utc>> {
     let mut out = Vec::new();
@@ -535,18 +551,7 @@ async fn crash(on: Backend, ec2: Ec2) {
     .await;
     // A schedule firing every second through the whole run: each kill lands at a firing instant,
     // while its job is being queued.
-    let r = d
-        .req(reqwest::Method::PUT, "/v1/schedules/tick", &d.admin.clone())
-        .json(&json!({
-            "cron": "* * * * * *",
-            "overlap": "queue",
-            "job": {"action": "describe_instances", "targets": {"tags": {"Campaign": "none"}},
-                    "allow_empty": true},
-        }))
-        .send()
-        .await
-        .expect("put schedule");
-    assert_eq!(r.status(), 201);
+    every_second(&d).await;
     let started = Instant::now();
     let mut ids = Vec::new();
     for job in &jobs {
@@ -2251,6 +2256,168 @@ async fn a_stopping_replica_hands_its_waits_and_the_lead_over() {
         led.unwrap_or_default().as_secs_f64() * 1e3,
         ids.len(),
         resumed.unwrap_or_default().as_secs_f64() * 1e3
+    );
+}
+
+/// Clock skew (issue 33): three replicas on one PostgreSQL queue, A on this machine's clock, B's
+/// clock 30 s ahead and C's 30 s behind (Debian's libfaketime). Leases, leader terms and schedule
+/// firings follow the database's clock, so: while A runs, neither B nor C ever leads; no job is
+/// claimed twice or has its lease swept ("requeued") although B sweeps with a clock 30 s ahead;
+/// a schedule firing every second fires each second once, at its real time, while A leads and
+/// after A stops and a skewed replica leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_skewed_clocks_agree_on_leases_and_schedules() {
+    let _pg = Backend::Postgres.share().await;
+    let Some(database) = common::postgres_database() else {
+        return;
+    };
+    let moto = Moto::start().await;
+    let proxy = proxy_with_slow_checks(&moto, 33).await;
+    let per = size(3, 10);
+    let ids = moto.launch(3 * per as i32, &[("Skew", "yes")]).await;
+    moto.stop(&ids).await;
+    let opts = |skew: Option<&str>| DaemonOpts {
+        moto_url: Some(proxy.url.clone()),
+        workers: 4,
+        database_url: Some(database.clone()),
+        env: [
+            ("EC2JOBD_POSTGRES__LEADER_TTL", "6s"),
+            ("EC2JOBD_QUEUE__LEASE", "6s"),
+            ("EC2JOBD_QUEUE__HEARTBEAT", "1s"),
+            ("EC2JOBD_QUEUE__REAP_INTERVAL", "500ms"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(skew.map(common::faketime).into_iter().flatten())
+        .collect(),
+        ..Default::default()
+    };
+    let mut a = Daemon::start(opts(None)).await;
+    every_second(&a).await;
+    let b = Daemon::replica(opts(Some("+30s")), a.admin.clone()).await;
+    let c = Daemon::replica(opts(Some("-30s")), a.admin.clone()).await;
+    // Start jobs through every replica: each waits ~2 s for its checks, parked, renewed by the
+    // replica that holds it while the others sweep for expired leases.
+    let mut jobs = Vec::new();
+    for (d, chunk) in [&a, &b, &c].into_iter().zip(ids.chunks(per)) {
+        for i in chunk {
+            jobs.push((
+                d.submit(
+                    &json!({"action": "start_instances", "targets": {"instance_ids": [i]},
+                    "wait": {"interval": "200ms", "timeout": "5m"}}),
+                )
+                .await,
+                i.clone(),
+            ));
+        }
+    }
+    let mut violations = Vec::new();
+    // Who leads, sampled every 100 ms for a while (B's clock is past A's lease all the time).
+    let mut seen: Vec<Vec<&str>> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(size(8, 60) as u64);
+    while Instant::now() < until {
+        let mut leaders = Vec::new();
+        for (n, d) in [("A", &a), ("B", &b), ("C", &c)] {
+            if d.metric("ec2jobd_leader ").await == 1.0 {
+                leaders.push(n);
+            }
+        }
+        if !seen.contains(&leaders) {
+            seen.push(leaders);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if seen != vec![vec!["A"]] {
+        violations.push(format!("leaders while A runs: {seen:?} (only A may lead)"));
+    }
+    for (id, _) in &jobs {
+        let j = a.wait_final(id, MINUTE).await;
+        let events = events_of(&a, id).await;
+        let requeued = events.iter().filter(|e| e["kind"] == "requeued").count();
+        if j["state"] != "succeeded" || j["attempts"] != 1 || requeued > 0 {
+            violations.push(format!(
+                "{id}: {} after {} attempt(s), requeued {requeued} time(s)",
+                j["state"], j["attempts"]
+            ));
+        }
+    }
+    if proxy.ids("StartInstances") != jobs.len() {
+        violations.push(format!(
+            "{} instances started by {} jobs",
+            proxy.ids("StartInstances"),
+            jobs.len()
+        ));
+    }
+    let a_fired = schedule_firings(&a, "tick").await;
+    // A stops; a replica with a skewed clock leads and fires from then on.
+    a.terminate(MINUTE);
+    let stopped = Instant::now();
+    let deadline = stopped + MINUTE;
+    let successor = loop {
+        if b.metric("ec2jobd_leader ").await == 1.0 {
+            break &b;
+        }
+        if c.metric("ec2jobd_leader ").await == 1.0 {
+            break &c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica leads after A\n{}",
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let led_after = stopped.elapsed();
+    tokio::time::sleep(Duration::from_secs(size(5, 30) as u64)).await;
+    let real_now = chrono::Utc::now();
+    let fired = schedule_firings(successor, "tick").await;
+    let distinct: BTreeSet<_> = fired.iter().collect();
+    if distinct.len() != fired.len() {
+        violations.push(format!(
+            "{} firing times queued {} jobs",
+            distinct.len(),
+            fired.len()
+        ));
+    }
+    // While A led: every second between its first and last firing, once.
+    let a_secs = a_fired.len() as i64;
+    if let (Some(first), Some(last)) = (a_fired.first(), a_fired.last()) {
+        if (*last - *first).num_seconds() + 1 != a_secs {
+            violations.push(format!(
+                "A fired {a_secs} times between {first} and {last}: slots missed or doubled"
+            ));
+        }
+    }
+    // After: firings at real times (a clock 30 s ahead fires early; one behind, late).
+    let newest = fired.last().copied().unwrap_or_default();
+    let lag = (real_now - newest).num_milliseconds();
+    if !(0..3_000).contains(&lag) {
+        violations.push(format!(
+            "the newest firing ({newest}) is {lag} ms behind the real time ({real_now})"
+        ));
+    }
+    let after: Vec<_> = fired
+        .iter()
+        .filter(|f| a_fired.last().is_none_or(|l| *f > l))
+        .collect();
+    if after.len() < 3 {
+        violations.push(format!("the successor fired {} times", after.len()));
+    }
+    report(
+        "clock skew (replicas at +0 s, +30 s, -30 s)",
+        &[
+            ("jobs (start, parked ~2 s)", format!("{}", jobs.len())),
+            ("firings while A led", format!("{a_secs}")),
+            (
+                "firings after A stopped",
+                format!("{} (newest {lag} ms before the real time)", after.len()),
+            ),
+            (
+                "a skewed replica led after A stopped",
+                format!("{:.0} ms", led_after.as_secs_f64() * 1e3),
+            ),
+        ],
+        &violations,
     );
 }
 

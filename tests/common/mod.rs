@@ -277,6 +277,23 @@ pub fn postgres_database() -> Option<String> {
         .map(|(base, _)| format!("{base}/{name}"))
 }
 
+/// The environment that runs a daemon with its clock `offset` off (`"+30s"`, `"-30s"`): Debian's
+/// libfaketime preloaded, as its `faketime` command does (that command forks, so the daemon would
+/// not be the child the tests signal). `scripts/ensure-clients` installs it and exports
+/// `FAKETIME_LIB`.
+pub fn faketime(offset: &str) -> Vec<(String, String)> {
+    let lib = std::env::var("FAKETIME_LIB")
+        .unwrap_or_else(|_| "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1".into());
+    assert!(
+        Path::new(&lib).exists(),
+        "libfaketime is not at {lib}: install Debian's faketime (scripts/ensure-clients does)"
+    );
+    vec![
+        ("LD_PRELOAD".into(), lib),
+        ("FAKETIME".into(), offset.into()),
+    ]
+}
+
 /// Runs `ec2jobd` with args and returns (status, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let out = Command::new(bin())

@@ -8,9 +8,9 @@
 //! ([`RoundShare::publish`]); if not, it says what it waits on and takes the latest round the
 //! poller published ([`RoundShare::follow`]), cut to its own ids, instead of calling EC2.
 //!
-//! Rounds travel as [`SharedRound`]: the same content with the round's start as wall-clock time,
-//! since a wait judges only rounds that began after it did (hosts must keep their clocks in step,
-//! as NTP does).
+//! Rounds travel as [`SharedRound`]: the same content with the round's start as a time on the
+//! share's clock ([`RoundShare::now_ms`], the clock every process of the queue agrees on: the
+//! database's), since a wait judges only rounds that began after it did.
 //! Must not: know where rounds are kept (the implementation of the share does), or judge waits.
 
 use std::collections::{HashMap, HashSet};
@@ -64,19 +64,12 @@ pub struct SharedRound {
     pub unknown: HashSet<String>,
 }
 
-fn epoch_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl SharedRound {
-    /// `round` for the others.
-    pub fn of(round: &Round) -> Self {
+    /// `round` for the others; `now_ms` is the time on the share's clock.
+    pub fn of(round: &Round, now_ms: i64) -> Self {
         let began_ms = round
             .began
-            .map_or_else(epoch_ms, |b| epoch_ms() - b.elapsed().as_millis() as i64);
+            .map_or(now_ms, |b| now_ms - b.elapsed().as_millis() as i64);
         let mut asked: Vec<String> = round.asked.iter().cloned().collect();
         asked.sort();
         Self {
@@ -91,15 +84,16 @@ impl SharedRound {
         }
     }
 
-    /// This round as this process's round `number`, cut to what `wants` names.
-    pub fn cut(self, number: u64, wants: &Wants) -> Round {
+    /// This round as this process's round `number`, cut to what `wants` names; `now_ms` is the
+    /// time on the share's clock.
+    pub fn cut(self, number: u64, wants: &Wants, now_ms: i64) -> Round {
         let mine: HashSet<&String> = wants
             .instances
             .iter()
             .chain(&wants.snapshots)
             .chain(&wants.images)
             .collect();
-        let ago = Duration::from_millis((epoch_ms() - self.began_ms).max(0) as u64);
+        let ago = Duration::from_millis((now_ms - self.began_ms).max(0) as u64);
         let now = Instant::now();
         Round {
             number,
@@ -139,6 +133,8 @@ impl SharedRound {
 pub trait RoundShare: Send + Sync {
     /// Whether this process polls EC2 (for everyone) now.
     fn polls(&self) -> bool;
+    /// Now on the clock all processes of the share agree on (ms since the epoch).
+    fn now_ms(&self) -> i64;
     /// A process that does not poll: records what it waits on in `scope` and returns the latest
     /// round published there, if any.
     async fn follow(&self, scope: &str, wants: &Wants) -> Result<Option<SharedRound>, String>;
@@ -183,24 +179,26 @@ mod tests {
         round
             .resources
             .insert("snap-1".into(), ("completed".into(), Some("100%".into())));
-        let json = serde_json::to_string(&SharedRound::of(&round)).unwrap();
+        // Sent on a clock 30 s ahead of this process's, read on the same clock later.
+        let json = serde_json::to_string(&SharedRound::of(&round, 1_800_000_030_000)).unwrap();
         let back: SharedRound = serde_json::from_str(&json).unwrap();
         let wants = Wants {
             instances: vec!["i-1".into(), "i-9".into()],
             snapshots: vec!["snap-1".into()],
             ..Default::default()
         };
-        let cut = back.cut(3, &wants);
+        let cut = back.cut(3, &wants, 1_800_000_030_100);
         assert_eq!(cut.number, 3);
         let mut asked: Vec<&String> = cut.asked.iter().collect();
         asked.sort();
         assert_eq!(asked, ["i-1", "snap-1"], "i-2 is another process's");
         assert_eq!(cut.statuses.len(), 1);
         assert_eq!(cut.resources["snap-1"].0, "completed");
-        // It began about 1.5 s ago here too (it was sent through wall-clock time).
+        // It began 1.5 s before it was sent, read 0.1 s after on the share's clock (this
+        // process's wall clock, whatever it says, plays no part).
         let ago = cut.began.unwrap().elapsed();
         assert!(
-            ago >= Duration::from_millis(1400) && ago < Duration::from_secs(30),
+            ago >= Duration::from_millis(1600) && ago < Duration::from_secs(5),
             "{ago:?}"
         );
         assert_eq!(

@@ -832,8 +832,11 @@ impl StatusWatcher {
                 match share.follow(scope, &wants).await {
                     Ok(Some(shared)) if (shared.number, shared.began_ms) != followed => {
                         followed = (shared.number, shared.began_ms);
-                        self.rounds
-                            .send_replace(Arc::new(shared.cut(number, &wants)));
+                        self.rounds.send_replace(Arc::new(shared.cut(
+                            number,
+                            &wants,
+                            share.now_ms(),
+                        )));
                     }
                     Ok(_) => number -= 1,
                     Err(e) => {
@@ -865,7 +868,10 @@ impl StatusWatcher {
             }
             self.ec2.observer.round(ids.len());
             if let Some((share, scope)) = &self.share {
-                if let Err(e) = share.publish(scope, &SharedRound::of(&round)).await {
+                if let Err(e) = share
+                    .publish(scope, &SharedRound::of(&round, share.now_ms()))
+                    .await
+                {
                     tracing::debug!(error = %e, "could not share a status round");
                 }
             }

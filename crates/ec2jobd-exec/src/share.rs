@@ -131,6 +131,10 @@ impl RoundShare for ClusterRounds {
         (self.polls)()
     }
 
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
     async fn follow(&self, scope: &str, wants: &Wants) -> Result<Option<SharedRound>, String> {
         // Renewed every round; kept a few rounds longer so a slow round does not drop it.
         let keep = 3 * wants.interval_ms as i64 + 5_000;

@@ -10,6 +10,7 @@ use axum::middleware;
 use axum::Router;
 use ec2jobd_ec2::{AccountConfig, Ec2Pool};
 use ec2jobd_spec::{Clock, SystemClock};
+use ec2jobd_store::postgres::DbClock;
 use ec2jobd_store::{postgres, PgOptions, PgStore, SqliteOptions, SqliteStore, Store, Synchronous};
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
@@ -58,6 +59,29 @@ pub async fn open_store(cfg: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<A
         .await
         .with_context(|| format!("opening database `{}`", postgres::redact(&cfg.database)))?;
     Ok(Arc::new(store))
+}
+
+/// The clock the daemon decides on: with PostgreSQL the database server's (every replica agrees on
+/// leases, leader terms and schedule firings whatever its own clock says), with SQLite this
+/// machine's (the one node's, which is SQLite's).
+pub async fn daemon_clock(cfg: &Config) -> anyhow::Result<Arc<dyn Clock>> {
+    if !postgres::is_postgres_url(&cfg.database) {
+        return Ok(Arc::new(SystemClock));
+    }
+    let pool = postgres::connect(&cfg.database, 1)
+        .await
+        .with_context(|| format!("opening database `{}`", postgres::redact(&cfg.database)))?;
+    let clock = DbClock::follow(pool)
+        .await
+        .with_context(|| format!("reading the clock of `{}`", postgres::redact(&cfg.database)))?;
+    let off = clock.now_ms() - SystemClock.now_ms();
+    if off.abs() >= 1_000 {
+        tracing::warn!(
+            offset_ms = off,
+            "this machine's clock is off the database's; leases and schedules follow the database's"
+        );
+    }
+    Ok(clock as Arc<dyn Clock>)
 }
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `log.level`.
@@ -222,6 +246,7 @@ pub(crate) fn assemble(
     AppState {
         config: Arc::new(cfg.clone()),
         store: store.clone(),
+        clock: clock.clone(),
         metrics,
         runner: runner.clone(),
         tokens: Default::default(),
@@ -254,7 +279,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock = daemon_clock(&cfg).await?;
     let store = open_store(&cfg, clock.clone()).await?;
     let metrics = Arc::new(Metrics::new());
     let pool = Arc::new(Ec2Pool::new(

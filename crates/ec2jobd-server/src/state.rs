@@ -17,6 +17,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The job queue.
     pub store: Arc<dyn Store>,
+    /// The clock decisions are made on (the database's with PostgreSQL: see `app::daemon_clock`).
+    pub clock: Arc<dyn ec2jobd_spec::Clock>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// This process's runner, so a cancel reaches a local job at once instead of at its next
@@ -39,6 +41,13 @@ pub struct AppState {
     pub schedules_changed: Arc<tokio::sync::Notify>,
     /// Cancelled when the daemon begins to shut down; long-lived responses (event streams) end then.
     pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Now, by [`AppState::clock`].
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        crate::schedules::ticker::at_ms(self.clock.now_ms())
+    }
 }
 
 /// Jobs per state for the dashboard's overview. Counting a large table takes a full index scan

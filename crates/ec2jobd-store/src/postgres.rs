@@ -1,6 +1,7 @@
 //! PostgreSQL, for several daemons sharing one queue: the schema (`migrations/postgres`) and
-//! applying it, leader leases ([`take_lease`]), wake-up hints ([`hints`]), the [`PgStore`] built on
-//! them (`store`), and moving a SQLite history in ([`copy_from_sqlite`], `ec2jobd store copy`).
+//! applying it, leader leases ([`take_lease`]), wake-up hints ([`hints`]), the database's clock
+//! ([`DbClock`]), the [`PgStore`] built on them (`store`), and moving a SQLite history in
+//! ([`copy_from_sqlite`], `ec2jobd store copy`).
 //!
 //! The schema enforces what replicas must agree on without talking to each other: one job per
 //! idempotency key, one accepted SNS delivery per message and hook, one leader per lease name.
@@ -141,9 +142,11 @@ async fn applied(pool: &PgPool) -> Result<usize> {
     Ok(n as usize)
 }
 
+mod clock;
 mod copy;
 pub mod hints;
 mod store;
+pub use clock::DbClock;
 pub use copy::copy_from_sqlite;
 pub use store::{PgOptions, PgStore};
 

@@ -261,7 +261,7 @@ pub async fn verified(
 ) -> Result<SnsMessage> {
     match st
         .sns_certs
-        .verify(body, &h.topics, max_age, chrono::Utc::now())
+        .verify(body, &h.topics, max_age, st.now())
         .await
     {
         Ok(m) => Ok(m),

@@ -196,7 +196,7 @@ async fn shown(
 
 fn info(st: &AppState, name: String, source: Source, schedule: Schedule, n: usize) -> ScheduleInfo {
     let next = match schedule.plan(&st.config.calendars) {
-        Ok(plan) if schedule.enabled => plan.upcoming(Utc::now(), n),
+        Ok(plan) if schedule.enabled => plan.upcoming(st.now(), n),
         _ => Vec::new(),
     };
     ScheduleInfo {
@@ -230,7 +230,7 @@ pub async fn get(st: &AppState, caller: &Caller, name: &str) -> Result<ScheduleI
         state: j.state,
         created_at: j.created_at,
     });
-    let (live, _) = overrides(st, name, Utc::now()).await?;
+    let (live, _) = overrides(st, name, st.now()).await?;
     let schedule = shown(st, caller, schedule, &mut SecretParams::default()).await;
     let mut out = info(st, name.to_string(), source, schedule, 10);
     out.last_job = last;
@@ -292,7 +292,7 @@ pub async fn save(
         return Err(from_config(name));
     }
     let (plan, runs) = check(st, &schedule).await?;
-    let now = Utc::now();
+    let now = st.now();
     if let Some((fires, _)) = plan.firings.iter().find(|(_, t)| t.next(now).is_none()) {
         let field = if *fires == Fires::Job {
             "cron"
@@ -340,7 +340,7 @@ pub async fn set_enabled(
     let (mut schedule, _) = changeable(st, caller, Op::PauseSchedule, name).await?;
     if schedule.enabled != enabled {
         schedule.enabled = enabled;
-        schedule.saved_at = Some(Utc::now());
+        schedule.saved_at = Some(st.now());
         store_schedule(st, caller, name, &schedule).await?;
     }
     get(st, caller, name).await
@@ -402,7 +402,7 @@ pub async fn add_override(
             ))
         }
     }
-    let now = Utc::now();
+    let now = st.now();
     if held.until <= now || held.until > now + chrono::Duration::days(366) {
         return Err(bad("until", "must be in the future, within a year"));
     }
@@ -435,7 +435,7 @@ pub async fn list_overrides(
 ) -> Result<Vec<OverrideInfo>> {
     authorize(caller, Op::ReadSchedules, On::Nothing)?;
     one(st, name).await?;
-    let (live, _) = overrides(st, name, Utc::now()).await?;
+    let (live, _) = overrides(st, name, st.now()).await?;
     Ok(windows::by_id(live)
         .into_iter()
         .map(|(id, held)| OverrideInfo { id, held })

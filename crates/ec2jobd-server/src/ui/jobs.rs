@@ -60,7 +60,7 @@ pub(super) fn job_table(jobs: &[Job], with_error: bool) -> Markup {
 }
 
 /// The list query from the page's filters, or a 400 page naming the bad one.
-fn list_query(p: &[(String, String)]) -> Result<ListQuery, ServiceError> {
+fn list_query(p: &[(String, String)], now_ms: i64) -> Result<ListQuery, ServiceError> {
     let mut q = jobs::newest();
     for key in ["state", "action", "created_by", "cursor"] {
         if let Some(v) = param(p, key) {
@@ -84,7 +84,7 @@ fn list_query(p: &[(String, String)]) -> Result<ListQuery, ServiceError> {
                 .ok_or_else(|| {
                     ServiceError::bad_request("invalid_window", k, "hours ago, 1 to 8784")
                 })?;
-            let at = chrono::Utc::now().timestamp_millis() - hours * 3_600_000;
+            let at = now_ms - hours * 3_600_000;
             if within == 1 {
                 q.since_ms = Some(at);
             } else {
@@ -103,7 +103,7 @@ pub async fn list(
     Extension(csrf): Extension<Csrf>,
     Query(p): Params,
 ) -> Response {
-    let q = match list_query(&p) {
+    let q = match list_query(&p, state.clock.now_ms()) {
         Ok(q) => q,
         Err(e) => return shown(e),
     };

@@ -51,7 +51,7 @@ pub async fn fragment(
 }
 
 async fn body(state: &AppState, caller: &Caller) -> Result<Markup, ServiceError> {
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = state.clock.now_ms();
     let first_hour = (now / HOUR_MS - 23) * HOUR_MS;
     let jobs::Overview {
         counts,

@@ -30,10 +30,6 @@ fn random_hex() -> String {
     hex::encode(b)
 }
 
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 fn cookie_of(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -126,7 +122,7 @@ pub async fn signin(
     }
     let secret = random_hex();
     let ttl = state.config.ui.session_ttl.0;
-    let now = now_ms();
+    let now = state.clock.now_ms();
     state
         .store
         .create_session(&NewSession {
@@ -182,7 +178,11 @@ pub async fn require(State(state): State<AppState>, req: Request, next: Next) ->
     let Some(secret) = cookie_of(req.headers()) else {
         return to_signin(&req);
     };
-    let session = match state.store.session(&hash_token(&secret), now_ms()).await {
+    let session = match state
+        .store
+        .session(&hash_token(&secret), state.clock.now_ms())
+        .await
+    {
         Ok(Some(s)) => s,
         Ok(None) => return to_signin(&req),
         Err(e) => return ApiError::from(e).into_response(),

@@ -50,6 +50,24 @@ async fn fresh_database_at() -> Option<(PgPool, String)> {
     Some((pool, at.expect("the URL names a database")))
 }
 
+#[tokio::test]
+async fn the_database_clock_reads_the_servers_time() {
+    let Some(pool) = fresh_database().await else {
+        return;
+    };
+    let clock = DbClock::follow(pool.clone()).await.unwrap();
+    let server: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let ours = clock.now_ms();
+    assert!(
+        (ours - server).abs() < 1_000,
+        "ours {ours}, server {server}"
+    );
+}
+
 #[test]
 fn passwords_never_reach_messages() {
     assert_eq!(
