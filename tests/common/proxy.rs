@@ -150,6 +150,15 @@ struct Shared {
     faults: Mutex<Faults>,
     stats: Mutex<Stats>,
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// What EC2 remembers, shared by every door of one EC2 ([`FaultProxy::door`]).
+    world: Arc<World>,
+    rng: Mutex<StdRng>,
+    http: reqwest::Client,
+}
+
+/// The EC2 side of the proxy: what it remembers of what passed through, whichever door it came in.
+#[derive(Default)]
+struct World {
     /// RunInstances answers by ClientToken: AWS makes a repeated request with the same token return
     /// the first one's instances; moto ignores the token, so the proxy does what AWS does.
     client_tokens: Mutex<HashMap<String, Reply>>,
@@ -161,8 +170,6 @@ struct Shared {
     made: Mutex<HashMap<String, Instant>>,
     /// EC2's request buckets (`Faults::ec2_buckets`): tokens left and when last refilled.
     buckets: Mutex<HashMap<&'static str, (f64, Instant)>>,
-    rng: Mutex<StdRng>,
-    http: reqwest::Client,
 }
 
 /// The running proxy; stops with the test's runtime.
@@ -173,6 +180,19 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     pub async fn start(upstream: &str, seed: u64) -> FaultProxy {
+        Self::on(upstream, seed, Arc::default()).await
+    }
+
+    /// Another door to the same EC2: its own address, faults and counts (so calls are counted per
+    /// client), the same memory of starts, stops, client tokens and request buckets as this one.
+    /// Its faults start as this door's are now.
+    pub async fn door(&self, seed: u64) -> FaultProxy {
+        let other = Self::on(&self.shared.upstream, seed, self.shared.world.clone()).await;
+        *other.shared.faults.lock().unwrap() = self.shared.faults.lock().unwrap().clone();
+        other
+    }
+
+    async fn on(upstream: &str, seed: u64, world: Arc<World>) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let shared = Arc::new(Shared {
@@ -180,11 +200,7 @@ impl FaultProxy {
             faults: Mutex::new(Faults::default()),
             stats: Mutex::new(Stats::default()),
             in_flight: Mutex::new(HashMap::new()),
-            client_tokens: Mutex::new(HashMap::new()),
-            started: Mutex::new(HashMap::new()),
-            stopped: Mutex::new(HashMap::new()),
-            made: Mutex::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
+            world,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             http: reqwest::Client::new(),
         });
@@ -551,7 +567,7 @@ fn refuse_as_ec2_would(
         ))
     };
     {
-        let made = s.made.lock().unwrap();
+        let made = s.world.made.lock().unwrap();
         for id in named_ids(fields) {
             if within(made.get(&id), r.consistency) {
                 let code = match id.split('-').next() {
@@ -567,7 +583,7 @@ fn refuse_as_ec2_would(
     let ids = instance_ids(fields);
     let (moving, verb) = match op {
         "StartInstances" | "ModifyInstanceAttribute" => {
-            let stopped = s.stopped.lock().unwrap();
+            let stopped = s.world.stopped.lock().unwrap();
             (
                 ids.iter()
                     .find(|id| within(stopped.get(*id), r.stopping))
@@ -576,7 +592,7 @@ fn refuse_as_ec2_would(
             )
         }
         "StopInstances" | "RebootInstances" => {
-            let started = s.started.lock().unwrap();
+            let started = s.world.started.lock().unwrap();
             (
                 ids.iter()
                     .find(|id| within(started.get(*id), r.pending))
@@ -598,8 +614,8 @@ fn refuse_as_ec2_would(
 /// `stopping` is `stopping`. Whether anything changed.
 fn in_transition(s: &Shared, text: &str, r: &Realistic) -> (String, bool) {
     let now = Instant::now();
-    let started = s.started.lock().unwrap().clone();
-    let stopped = s.stopped.lock().unwrap().clone();
+    let started = s.world.started.lock().unwrap().clone();
+    let stopped = s.world.stopped.lock().unwrap().clone();
     let within = |at: Option<&Instant>, d: Duration| at.is_some_and(|t| now.duration_since(*t) < d);
     let mut parts = text.split("<instanceId>");
     let mut out = parts.next().unwrap_or_default().to_string();
@@ -691,7 +707,7 @@ async fn send_upstream(
         .cloned();
     if let Some(r) = token
         .as_ref()
-        .and_then(|t| s.client_tokens.lock().unwrap().get(t).cloned())
+        .and_then(|t| s.world.client_tokens.lock().unwrap().get(t).cloned())
     {
         return Some(r);
     }
@@ -713,7 +729,11 @@ async fn send_upstream(
     }
     if let Some(t) = token {
         if reply.0 == 200 {
-            s.client_tokens.lock().unwrap().insert(t, reply.clone());
+            s.world
+                .client_tokens
+                .lock()
+                .unwrap()
+                .insert(t, reply.clone());
         }
     }
     Some(reply)
@@ -773,7 +793,7 @@ async fn forward(
         let (class, size, refill) = ec2_bucket(op);
         let now = Instant::now();
         let empty = {
-            let mut b = s.buckets.lock().unwrap();
+            let mut b = s.world.buckets.lock().unwrap();
             let (tokens, at) = b.entry(class).or_insert((size, now));
             *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * refill).min(size);
             *at = now;
@@ -879,8 +899,8 @@ async fn forward(
     let (status, mut text, rid) = send_upstream(s, path, headers, body).await?;
     if status == 200 {
         let now = Instant::now();
-        let mut started = s.started.lock().unwrap();
-        let mut stopped = s.stopped.lock().unwrap();
+        let mut started = s.world.started.lock().unwrap();
+        let mut stopped = s.world.stopped.lock().unwrap();
         for id in starts {
             stopped.remove(&id);
             started.insert(id, now);
@@ -900,7 +920,7 @@ async fn forward(
             "CreateSnapshot" | "CreateSnapshots" | "CopySnapshot" => elements(&text, "snapshotId"),
             _ => Vec::new(),
         };
-        let mut m = s.made.lock().unwrap();
+        let mut m = s.world.made.lock().unwrap();
         for id in made {
             m.insert(id, now);
         }
@@ -923,7 +943,7 @@ async fn forward(
     }
     if op == "DescribeInstanceStatus" {
         if let Some(boot) = faults.checks_after_start {
-            let started = s.started.lock().unwrap().clone();
+            let started = s.world.started.lock().unwrap().clone();
             let booting = |id: &str| started.get(id).is_some_and(|t| t.elapsed() < boot);
             // Each instance's part of the answer runs from its <instanceId> to the next one.
             let mut parts = text.split("<instanceId>");

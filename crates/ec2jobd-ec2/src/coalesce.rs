@@ -16,6 +16,11 @@
 //! It reaches EC2 through [`Ec2Api`] (the driver's [`Ec2`] in the daemon; a scripted EC2 in the unit
 //! tests below, which show the batching, splitting and halving with answers moto cannot give).
 //!
+//! A caller acting under a lease says so with [`gated`]: its part of a batch is only sent while its
+//! gate says the lease is known held; at the moment a batch goes, callers whose gate is shut get
+//! [`fenced`] instead and their ids are left out (a batch gathered for a second must not carry the
+//! call of a job whose process has meanwhile lost touch with its database).
+//!
 //! Must not: know jobs, checkpoints or dry runs (callers make dry runs alone, and keep their own
 //! crash safety: they checkpoint before asking and check states after a restart).
 
@@ -28,6 +33,29 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use crate::{CallOutcome, Ec2, Ec2Error};
+
+/// Whether the lease a caller acts under is known held now (see the module doc).
+pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+tokio::task_local! {
+    static GATE: Gate;
+}
+
+/// Runs `f` with every coalesced call it makes sent only while `gate` says so.
+pub async fn gated<F: std::future::Future>(gate: Gate, f: F) -> F::Output {
+    GATE.scope(gate, f).await
+}
+
+/// The answer of a call left out because its caller's gate was shut (transient: whoever holds the
+/// lease next makes it).
+pub fn fenced() -> Ec2Error {
+    Ec2Error {
+        code: "Fenced".into(),
+        message: "not sent: the lease of the job it was for is not known to be held".into(),
+        transient: true,
+        request_id: None,
+    }
+}
 
 /// Most instance ids in one coalesced call.
 pub const MAX_IDS: usize = 500;
@@ -119,6 +147,14 @@ struct Caller {
     /// The caller's span: the shared call is made under the first caller's and linked to the
     /// others' (`follows_from`), so each job's trace shows the EC2 call it shared.
     span: tracing::Span,
+    /// The caller's [`Gate`], if it acts under a lease.
+    gate: Option<Gate>,
+}
+
+impl Caller {
+    fn open(&self) -> bool {
+        self.gate.as_ref().is_none_or(|g| g())
+    }
 }
 
 /// The coalescer of one account+region.
@@ -151,7 +187,11 @@ impl Coalescer {
         what: SharedCall,
         ids: Vec<String>,
     ) -> Result<SharedAnswer, Ec2Error> {
+        let gate = GATE.try_with(|g| g.clone()).ok();
         if self.window.is_zero() || ids.is_empty() {
+            if gate.is_some_and(|g| !g()) {
+                return Err(fenced());
+            }
             return self.ec2.call(&what, &ids).await;
         }
         let (reply, answer) = oneshot::channel();
@@ -162,6 +202,7 @@ impl Coalescer {
                 ids,
                 reply,
                 span: tracing::Span::current(),
+                gate,
             });
             callers.len() == 1
         };
@@ -238,7 +279,16 @@ impl Coalescer {
         mut callers: Vec<Caller>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            while !callers.is_empty() {
+            loop {
+                let (open, shut): (Vec<Caller>, Vec<Caller>) =
+                    callers.into_iter().partition(Caller::open);
+                for c in shut {
+                    let _ = c.reply.send(Err(fenced()));
+                }
+                callers = open;
+                if callers.is_empty() {
+                    return;
+                }
                 let mut ids: Vec<String> = Vec::new();
                 let mut seen = HashSet::new();
                 for id in callers.iter().flat_map(|c| c.ids.iter()) {
@@ -447,6 +497,44 @@ mod tests {
         let answers = gather(ec2.clone(), &[&["i-1"], &["i-2", "i-1"], &["i-3"]]).await;
         assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
         assert_eq!(ids(&ec2.calls), [["i-1", "i-2", "i-3"]]);
+    }
+
+    /// A caller whose lease stops being known held while its call gathers is left out of the batch
+    /// when it goes (answered `Fenced`); the others' call goes without its ids.
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_whose_gate_shut_while_gathering_is_left_out() {
+        let ec2 = Arc::new(Scripted::default());
+        let c = Coalescer::new(
+            ec2.clone(),
+            Duration::from_millis(20),
+            Duration::from_millis(250),
+        );
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let gate: Gate = {
+            let held = held.clone();
+            Arc::new(move || held.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let fenced_one = {
+            let c = c.clone();
+            tokio::spawn(gated(gate, async move {
+                c.call(SharedCall::Start, vec!["i-1".into()]).await
+            }))
+        };
+        let other = {
+            let c = c.clone();
+            tokio::spawn(async move { c.call(SharedCall::Start, vec!["i-2".into()]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        held.store(false, std::sync::atomic::Ordering::SeqCst);
+        let e = fenced_one.await.unwrap().unwrap_err();
+        assert_eq!(e.code, "Fenced");
+        assert!(other.await.unwrap().is_ok());
+        assert_eq!(ids(&ec2.calls), [["i-2"]]);
+        // Gated and shut from the start, alone: nothing is sent.
+        let shut: Gate = Arc::new(|| false);
+        let alone = gated(shut, c.call(SharedCall::Reboot, vec!["i-3".into()])).await;
+        assert_eq!(alone.unwrap_err().code, "Fenced");
+        assert_eq!(ec2.calls.lock().unwrap().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -34,7 +34,7 @@ mod share;
 mod unanswered;
 mod watch;
 
-pub use coalesce::{named_ids, Coalescer, SharedAnswer, SharedCall, MAX_IDS};
+pub use coalesce::{fenced, gated, named_ids, Coalescer, Gate, SharedAnswer, SharedCall, MAX_IDS};
 pub use ebs::{image_result, snapshot_result, CopyOptions, Filters, VolumeInfo};
 pub use pace::{class_of, Pacer, PacingConfig, Rate};
 pub use share::{parse_scope, scope, RoundShare, SharedRound, Wants};

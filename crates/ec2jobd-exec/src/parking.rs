@@ -512,6 +512,13 @@ impl Parking {
         })
     }
 
+    /// Shut while the lot's lease is not known held: the coalesced calls the lot makes for its
+    /// jobs are sent only while it is open.
+    fn gate(self: &Arc<Self>) -> ec2jobd_ec2::Gate {
+        let me = Arc::downgrade(self);
+        Arc::new(move || me.upgrade().is_some_and(|lot| lot.fence.valid()))
+    }
+
     /// The lot's lease-holder id.
     pub fn id(&self) -> &str {
         &self.id
@@ -650,7 +657,7 @@ impl Parking {
             })),
         };
         let answer = match self.pool.coalescer(&wait.account, &wait.region).await {
-            Ok(c) => c.call(call.call, call.ids).await,
+            Ok(c) => ec2jobd_ec2::gated(self.gate(), c.call(call.call, call.ids)).await,
             Err(e) => Err(e),
         };
         let cmd = match answer {
@@ -983,9 +990,18 @@ impl Parking {
             return;
         }
         let me = self.clone();
+        // A parked job's describe is the lot's to make (gated by its lease); a worker waiting in
+        // place holds the lease itself (its attempt is paused when that lapses).
+        let gate = reply.is_none().then(|| self.gate());
         tokio::spawn(async move {
             let described = match me.pool.coalescer(&wait.account, &wait.region).await {
-                Ok(c) => c.call(SharedCall::Describe, wait.ids.clone()).await,
+                Ok(c) => {
+                    let call = c.call(SharedCall::Describe, wait.ids.clone());
+                    match gate {
+                        Some(g) => ec2jobd_ec2::gated(g, call).await,
+                        None => call.await,
+                    }
+                }
                 Err(e) => Err(e),
             };
             match described {

@@ -756,7 +756,13 @@ impl Runner {
             closing: Mutex::new(None),
         };
         let started = Instant::now();
-        let exec = tokio::time::timeout(limit, self.executor.execute(&ctx));
+        // Coalesced calls the attempt joins go only while its lease is known held.
+        let gate: ec2jobd_ec2::Gate = {
+            let fence = fence.clone();
+            Arc::new(move || fence.valid())
+        };
+        let exec =
+            tokio::time::timeout(limit, ec2jobd_ec2::gated(gate, self.executor.execute(&ctx)));
         tokio::pin!(exec);
         let outcome = loop {
             if fence.valid() {

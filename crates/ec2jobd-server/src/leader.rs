@@ -74,6 +74,22 @@ pub async fn start(
     let first = ask().await;
     metrics.set_leader(first);
     let (tx, rx) = watch::channel(first);
+    // The gauge follows the fence: a leader cut off from its database says 0 once its fence
+    // lapses (it has stopped leading then), not when a renewal finally fails.
+    {
+        let (fence, metrics, mut asked) = (fence.clone(), metrics.clone(), rx.clone());
+        tokio::spawn(async move {
+            loop {
+                fence.lapsed().await;
+                metrics.set_leader(false);
+                if fence.settled().await {
+                    metrics.set_leader(*asked.borrow());
+                } else if asked.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let freed = store.lease_freed();
     let held = fence.clone();
     tokio::spawn(async move {
