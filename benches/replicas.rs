@@ -4,7 +4,8 @@
 //!
 //! 1. Ingest: HTTP submissions per second at BENCH_CONNS (64) connections through one replica
 //!    and through three (the connections spread over them; `queue.workers = 0`), beside raw
-//!    single-row INSERT commits of the same row on one connection (pgbench-style).
+//!    single-row INSERT commits of the same row from as many clients, each on its own connection
+//!    (pgbench-style; one client's figure too).
 //! 2. Claim + complete: two replicas' stores with 4 workers each claim and finish BENCH_JOBS
 //!    (20,000) jobs, beside raw SQL doing the same two single-row UPDATE commits per job on one
 //!    connection.
@@ -61,26 +62,39 @@ async fn raw_connection(url: &str) -> sqlx::PgConnection {
         .expect("connect")
 }
 
-/// Sequential single-row INSERT commits of a job row on one connection.
-async fn raw_inserts(url: &str, secs: u64) -> f64 {
-    let mut conn = raw_connection(url).await;
+/// Single-row INSERT commits of a job row, each client on a connection of its own sending one
+/// after the other: commits per second, all clients together.
+async fn raw_inserts(url: &str, secs: u64, clients: usize) -> f64 {
     let start = Instant::now();
-    let mut n: u64 = 0;
-    while start.elapsed() < Duration::from_secs(secs) {
-        let now = chrono::Utc::now().timestamp_millis();
-        sqlx::query(
-            "INSERT INTO jobs (id, state, action, spec, created_at, updated_at, max_attempts, \
-             run_after, timeout_ms) VALUES ($1, 'queued', 'describe_instances', $2, $3, $3, 5, $3, 3600000)",
-        )
-        .bind(format!("{n:026}"))
-        .bind(SPEC)
-        .bind(now)
-        .execute(&mut conn)
-        .await
-        .expect("insert");
-        n += 1;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let mut conn = raw_connection(&url).await;
+                let mut n: u64 = 0;
+                while start.elapsed() < Duration::from_secs(secs) {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    sqlx::query(
+                        "INSERT INTO jobs (id, state, action, spec, created_at, updated_at, max_attempts, \
+                         run_after, timeout_ms) VALUES ($1, 'queued', 'describe_instances', $2, $3, $3, 5, $3, 3600000)",
+                    )
+                    .bind(format!("{c:06}{n:020}"))
+                    .bind(SPEC)
+                    .bind(now)
+                    .execute(&mut conn)
+                    .await
+                    .expect("insert");
+                    n += 1;
+                }
+                let _ = conn.close().await;
+                n
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for t in tasks {
+        n += t.await.expect("client");
     }
-    let _ = conn.close().await;
     n as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -123,8 +137,9 @@ async fn http_ingest(replicas: usize, secs: u64, conns: usize) -> (f64, Duration
 async fn ingest() {
     let secs = env_num("BENCH_SECS", 5);
     let conns = env_num("BENCH_CONNS", 64) as usize;
-    let raw = raw_inserts(&database().await, secs).await;
-    println!("\nIngest on PostgreSQL, {conns} connections, {secs} s per run; raw single-row INSERT commits {raw:.0}/s");
+    let raw_one = raw_inserts(&database().await, secs, 1).await;
+    let raw = raw_inserts(&database().await, secs, conns).await;
+    println!("\nIngest on PostgreSQL, {conns} connections, {secs} s per run; raw single-row INSERT commits {raw:.0}/s from {conns} clients ({raw_one:.0}/s from one)");
     for replicas in [1, 3] {
         let (rate, p99, errors) = http_ingest(replicas, secs, conns).await;
         println!(
@@ -133,7 +148,7 @@ async fn ingest() {
             p99.as_secs_f64() * 1e3
         );
         println!(
-            "| HTTP ingest on PostgreSQL through {replicas} replica(s), {conns} connections | {rate:.0} submits/s ({:.0}% of raw; p99 {:.1} ms, {errors} errors) | raw single-row INSERT commits {raw:.0}/s |",
+            "| HTTP ingest on PostgreSQL through {replicas} replica(s), {conns} connections | {rate:.0} submits/s ({:.0}% of raw; p99 {:.1} ms, {errors} errors) | raw single-row INSERT commits from {conns} clients {raw:.0}/s (one client: {raw_one:.0}/s) |",
             100.0 * rate / raw,
             p99.as_secs_f64() * 1e3
         );

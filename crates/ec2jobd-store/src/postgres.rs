@@ -145,6 +145,7 @@ async fn applied(pool: &PgPool) -> Result<usize> {
 mod clock;
 mod copy;
 pub mod hints;
+mod ingest;
 mod store;
 pub use clock::DbClock;
 pub use copy::copy_from_sqlite;

@@ -140,6 +140,7 @@ on_both_backends!(
     cancel_queued_at_once_and_running_by_flag,
     list_pages_newest_first_with_filters,
     concurrent_enqueues_all_land_and_progress_is_fenced,
+    one_key_submitted_at_once_makes_one_job,
     release_gives_the_attempt_back,
     the_closing_progress_is_written_with_the_final_state,
     tokens_are_unique_and_revocable,
@@ -665,6 +666,68 @@ async fn concurrent_enqueues_all_land_and_progress_is_fenced(f: Fixture) {
             .await,
         Err(StoreError::LeaseLost)
     ));
+}
+
+/// Submissions that arrive together (written in one batch where the backend gathers them) keep
+/// every submission's own answer: of 20 with one key and body, one creates the job and the others
+/// replay it; 10 with that key and another body conflict; 30 without a key all land, each with
+/// its first event.
+async fn one_key_submitted_at_once_makes_one_job(f: Fixture) {
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let s = f.store.clone();
+        tasks.push(tokio::spawn(async move {
+            let new = match i {
+                0..20 => new_job("i-01234567", Some("together")),
+                20..30 => new_job("i-89abcdef", Some("together")),
+                _ => new_job("i-01234567", None),
+            };
+            (i, s.enqueue(new).await)
+        }));
+    }
+    // Per body (0: the first, 1: the other, 2: no key): created, replayed, conflicting.
+    let mut seen = [(0, 0, 0); 3];
+    let (mut created, mut plain) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        let body = if i < 20 {
+            0
+        } else if i < 30 {
+            1
+        } else {
+            2
+        };
+        match r {
+            Ok(Enqueued::Created(j)) if body == 2 => plain.push(j.id),
+            Ok(Enqueued::Created(j)) => {
+                seen[body].0 += 1;
+                created.push(j.id)
+            }
+            Ok(Enqueued::Replayed(j)) => {
+                seen[body].1 += 1;
+                created.push(j.id)
+            }
+            Err(StoreError::IdempotencyConflict { .. }) => seen[body].2 += 1,
+            Err(e) => panic!("submission {i}: {e}"),
+        }
+    }
+    // Whichever body won the key: its submissions made or replayed the job, the other's conflict.
+    let (won, lost) = if seen[0].0 == 1 { (0, 1) } else { (1, 0) };
+    let size = [20, 10];
+    assert_eq!(seen[won], (1, size[won] - 1, 0), "{seen:?}");
+    assert_eq!(seen[lost], (0, 0, size[lost]), "{seen:?}");
+    created.sort();
+    created.dedup();
+    assert_eq!(created.len(), 1, "one job for the key: {created:?}");
+    plain.sort();
+    plain.dedup();
+    assert_eq!(plain.len(), 30);
+    let counts = f.store.counts().await.unwrap();
+    assert!(counts.contains(&(JobState::Queued, 31)), "{counts:?}");
+    for id in plain.iter().chain(&created) {
+        let ev = f.store.events(id, 0, 10).await.unwrap();
+        assert_eq!(ev.len(), 1, "{id}: {ev:?}");
+    }
 }
 
 async fn release_gives_the_attempt_back(f: Fixture) {

@@ -27,6 +27,7 @@ use sqlx::{FromRow, PgConnection, Row};
 use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
 
+use super::ingest::{Ingest, NewRow};
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
 use crate::prelude::*;
 use crate::row::{decode, ClaimedRow, JOB_COLS};
@@ -63,6 +64,8 @@ pub struct PgStore {
     notify: Arc<Notify>,
     /// Told when another replica gave a leader lease up (none with `poll_only`: nobody listens).
     lease_freed: Option<Arc<Notify>>,
+    /// Submissions' group commit.
+    ingest: Ingest,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -181,6 +184,8 @@ impl PgStore {
             opts.watch_interval,
             from.unwrap_or(0),
         )));
+        let (ingest, writers) = Ingest::start(pool.clone());
+        tasks.extend(writers);
         tracing::info!(database = %redact(&opts.url), poll_only = opts.poll_only, "PostgreSQL store open");
         Ok(Self {
             pool,
@@ -190,6 +195,7 @@ impl PgStore {
             events_tx,
             notify,
             lease_freed,
+            ingest,
             tasks,
         })
     }
@@ -270,41 +276,30 @@ impl Queue for PgStore {
         let now = self.clock.now_ms();
         let progress = shared::queued_progress();
         let (kind, message, data) = shared::queued_event(&new);
-        // One statement, so one round trip and its own transaction: the job, its first event and
-        // the wake-up hint (delivered at commit). A key another replica is inserting right now
-        // makes the insert wait for that commit and then do nothing; the row that won is read back.
-        let inserted: Option<String> = sqlx::query_scalar(
-            "WITH job AS ( \
-               INSERT INTO jobs (id, state, action, spec, idempotency_key, request_hash, \
-                 created_at, updated_at, max_attempts, run_after, timeout_ms, progress, priority, \
-                 created_by) \
-               VALUES ($1, 'queued', $2, $3, $4, $5, $6, $6, $7, $6, $8, $9, $10, $15) \
-               ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-               RETURNING id), \
-             event AS ( \
-               INSERT INTO job_events (job_id, at, kind, message, data, actor) \
-               SELECT id, $6, $11, $12, $13, $15 FROM job), \
-             hint AS (SELECT pg_notify($14, '') FROM job) \
-             SELECT job.id FROM job, hint",
-        )
-        .bind(&id)
-        .bind(new.spec.action.as_str())
-        .bind(&spec_json)
-        .bind(&new.idempotency_key)
-        .bind(&hash)
-        .bind(now)
-        .bind(new.max_attempts as i32)
-        .bind(new.timeout_ms)
-        .bind(encode(&progress))
-        .bind(new.spec.priority.unwrap_or(0))
-        .bind(kind)
-        .bind(&message)
-        .bind(encode(&data))
-        .bind(hints::JOBS_CHANNEL)
-        .bind(&new.created_by)
-        .fetch_optional(&self.pool)
-        .await?;
-        if inserted.is_none() {
+        // With the submissions arriving meanwhile, in one statement and transaction: the job, its
+        // first event and the wake-up hint (delivered at commit) — see `ingest`. A key another
+        // replica is inserting right now makes the insert wait for that commit and then do
+        // nothing; the row that won is read back.
+        let inserted = self
+            .ingest
+            .insert(NewRow {
+                id: id.clone(),
+                action: new.spec.action.as_str().to_string(),
+                spec: spec_json,
+                idempotency_key: new.idempotency_key.clone(),
+                request_hash: hash.clone(),
+                now,
+                max_attempts: new.max_attempts as i32,
+                timeout_ms: new.timeout_ms,
+                progress: encode(&progress),
+                priority: new.spec.priority.unwrap_or(0),
+                kind: kind.to_string(),
+                message,
+                data: encode(&data),
+                created_by: new.created_by.clone(),
+            })
+            .await?;
+        if !inserted {
             let key = new.idempotency_key.as_deref().unwrap_or_default();
             let row = sqlx::query("SELECT id, request_hash FROM jobs WHERE idempotency_key = $1")
                 .bind(key)
