@@ -7,8 +7,8 @@
 //!    single-row INSERT commits of the same row from as many clients, each on its own connection
 //!    (pgbench-style; one client's figure too).
 //! 2. Claim + complete: two replicas' stores with 4 workers each claim and finish BENCH_JOBS
-//!    (20,000) jobs, beside raw SQL doing the same two single-row UPDATE commits per job on one
-//!    connection.
+//!    (20,000) jobs, beside raw SQL doing the same two single-row UPDATE commits per job from as
+//!    many clients (8; one client's figure too).
 //! 3. Status polling: BENCH_WAITERS (1,000) one-instance start jobs waiting for status_ok, their
 //!    checks held at `initializing` by the proxy, spread over three replicas: DescribeInstanceStatus
 //!    calls per round for the whole cluster (target ⌈N/100⌉ = 10), and how the waits are spread.
@@ -175,16 +175,18 @@ async fn claim() {
     };
     let stores: [Arc<dyn Store>; 2] = [open().await, open().await];
     let (done, rate) = common::claim_complete_rate(&stores, jobs, 8).await;
-    let raw = raw_claim_complete(&database().await, jobs.min(20_000)).await;
-    println!("\nClaim + complete on PostgreSQL: {done} jobs, {rate:.0} jobs/s (2 replicas x 4 workers); raw {raw:.0} jobs/s");
+    let raw = raw_claim_complete(&database().await, jobs.min(20_000), 8).await;
+    let raw_one = raw_claim_complete(&database().await, jobs.min(20_000), 1).await;
+    println!("\nClaim + complete on PostgreSQL: {done} jobs, {rate:.0} jobs/s (2 replicas x 4 workers); raw {raw:.0} jobs/s from 8 clients ({raw_one:.0} from one)");
     println!(
-        "| claim + complete on PostgreSQL (2 replicas x 4 workers) | {rate:.0} jobs/s ({:.0}% of raw) | raw: 2 single-row UPDATE commits/job on one connection, {raw:.0} jobs/s |",
+        "| claim + complete on PostgreSQL (2 replicas x 4 workers) | {rate:.0} jobs/s ({:.0}% of raw) | raw: 2 single-row UPDATE commits/job from 8 clients, {raw:.0} jobs/s (one client: {raw_one:.0}/s) |",
         100.0 * rate / raw
     );
 }
 
-/// Claim and finish as two sequential single-row UPDATE commits per job on one connection.
-async fn raw_claim_complete(url: &str, jobs: u64) -> f64 {
+/// Claim and finish as two single-row UPDATE commits per job, `clients` connections each working
+/// through their share of the jobs one after the other.
+async fn raw_claim_complete(url: &str, jobs: u64, clients: u64) -> f64 {
     let mut conn = raw_connection(url).await;
     conn.execute("BEGIN").await.expect("begin");
     for n in 0..jobs {
@@ -199,23 +201,34 @@ async fn raw_claim_complete(url: &str, jobs: u64) -> f64 {
     }
     conn.execute("COMMIT").await.expect("commit");
     let start = Instant::now();
-    for n in 0..jobs {
-        let id = format!("{n:026}");
-        sqlx::query(
-            "UPDATE jobs SET state = 'running', lease_owner = 'w', lease_expires_at = 1, \
-             attempts = attempts + 1 WHERE id = $1",
-        )
-        .bind(&id)
-        .execute(&mut conn)
-        .await
-        .expect("claim");
-        sqlx::query(
-            "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, results = '{}' WHERE id = $1",
-        )
-        .bind(&id)
-        .execute(&mut conn)
-        .await
-        .expect("finish");
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let mut conn = raw_connection(&url).await;
+                for n in (c..jobs).step_by(clients as usize) {
+                    let id = format!("{n:026}");
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'running', lease_owner = 'w', lease_expires_at = 1, \
+                         attempts = attempts + 1 WHERE id = $1",
+                    )
+                    .bind(&id)
+                    .execute(&mut conn)
+                    .await
+                    .expect("claim");
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, results = '{}' WHERE id = $1",
+                    )
+                    .bind(&id)
+                    .execute(&mut conn)
+                    .await
+                    .expect("finish");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("client");
     }
     jobs as f64 / start.elapsed().as_secs_f64()
 }
