@@ -134,6 +134,7 @@ on_both_backends!(
     expired_lease_is_requeued_with_attempt_counted,
     lease_expiry_out_of_attempts_fails_the_job,
     fencing_stops_a_stale_worker,
+    finishes_at_once_are_fenced_one_by_one,
     claims_take_the_highest_priority_first,
     retry_is_not_claimable_before_its_time,
     idempotency_key_replays_and_conflicts,
@@ -355,6 +356,62 @@ async fn fencing_stops_a_stale_worker(f: Fixture) {
         .finish(&job.id, "fresh", Finish::Succeeded(JobResults::default()))
         .await
         .is_err());
+}
+
+/// Jobs finished at once (written in one batch where the backend gathers them) are each fenced by
+/// their own lease: of 40 running jobs, the 30 finished by their worker succeed (with the closing
+/// progress given and their final event), the 10 an intruder tries are refused and stay running.
+async fn finishes_at_once_are_fenced_one_by_one(f: Fixture) {
+    for _ in 0..40 {
+        enqueue(&*f.store, "i-01234567").await;
+    }
+    let claimed = f.store.claim("w", 60_000, 40).await.unwrap();
+    assert_eq!(claimed.len(), 40);
+    let mut tasks = Vec::new();
+    for (i, c) in claimed.iter().enumerate() {
+        let (s, id) = (f.store.clone(), c.job.id.clone());
+        let who = if i % 4 == 0 { "intruder" } else { "w" };
+        tasks.push(tokio::spawn(async move {
+            let last = Progress {
+                phase: "done".into(),
+                message: format!("closing {id}"),
+                ..Default::default()
+            };
+            let r = s
+                .finish_with(
+                    &id,
+                    who,
+                    Finish::Succeeded(JobResults::default()),
+                    Some(last),
+                )
+                .await;
+            (id, who, r)
+        }));
+    }
+    let (mut done, mut refused) = (0, 0);
+    for t in tasks {
+        let (id, who, r) = t.await.unwrap();
+        match (who, r) {
+            ("w", Ok(j)) => {
+                assert_eq!(j.state, JobState::Succeeded);
+                assert_eq!(j.progress.message, format!("closing {id}"));
+                let ev = f.store.events(&id, 0, 10).await.unwrap();
+                assert_eq!(
+                    ev.last().map(|e| e.kind.as_str()),
+                    Some("succeeded"),
+                    "{ev:?}"
+                );
+                done += 1;
+            }
+            ("intruder", Err(StoreError::LeaseLost)) => {
+                let j = f.store.get(&id).await.unwrap().unwrap();
+                assert_eq!(j.state, JobState::Running);
+                refused += 1;
+            }
+            (who, r) => panic!("{id} by {who}: {r:?}"),
+        }
+    }
+    assert_eq!((done, refused), (30, 10));
 }
 
 /// Claims take the highest priority first, then the job due first: a later high-priority job
