@@ -142,10 +142,10 @@ async fn applied(pool: &PgPool) -> Result<usize> {
     Ok(n as usize)
 }
 
-mod batch;
 mod clock;
 mod copy;
 pub mod hints;
+mod ingest;
 mod store;
 pub use clock::DbClock;
 pub use copy::copy_from_sqlite;

@@ -27,7 +27,7 @@ use sqlx::{FromRow, PgConnection, Row};
 use tokio::sync::{broadcast, Notify};
 use tokio::task::JoinHandle;
 
-use super::batch::{Batcher, FinalRow, Finishes, Ingest, NewRow};
+use super::ingest::{Ingest, NewRow};
 use super::{connect, hints, migrate, redact, release_lease, take_lease};
 use crate::prelude::*;
 use crate::row::{decode, ClaimedRow, JOB_COLS};
@@ -64,9 +64,8 @@ pub struct PgStore {
     notify: Arc<Notify>,
     /// Told when another replica gave a leader lease up (none with `poll_only`: nobody listens).
     lease_freed: Option<Arc<Notify>>,
-    /// Group commit of submissions and of final states (`batch`).
-    ingest: Batcher<Ingest>,
-    finishes: Batcher<Finishes>,
+    /// Submissions' group commit.
+    ingest: Ingest,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -185,9 +184,7 @@ impl PgStore {
             opts.watch_interval,
             from.unwrap_or(0),
         )));
-        let (ingest, writers) = Batcher::start(pool.clone());
-        tasks.extend(writers);
-        let (finishes, writers) = Batcher::start(pool.clone());
+        let (ingest, writers) = Ingest::start(pool.clone());
         tasks.extend(writers);
         tracing::info!(database = %redact(&opts.url), poll_only = opts.poll_only, "PostgreSQL store open");
         Ok(Self {
@@ -199,7 +196,6 @@ impl PgStore {
             notify,
             lease_freed,
             ingest,
-            finishes,
             tasks,
         })
     }
@@ -286,7 +282,7 @@ impl Queue for PgStore {
         // nothing; the row that won is read back.
         let inserted = self
             .ingest
-            .write(NewRow {
+            .insert(NewRow {
                 id: id.clone(),
                 action: new.spec.action.as_str().to_string(),
                 spec: spec_json,
@@ -481,73 +477,82 @@ impl Queue for PgStore {
         last: Option<Progress>,
     ) -> Result<Job> {
         let now = self.clock.now_ms();
+        let retry = matches!(outcome, Finish::Retry { .. });
         let (kind, message, data) = shared::finish_event(&outcome, now);
+        // One statement: the fenced update (returning the job as it is now), its event, and for a
+        // retry the wake-up hint.
+        let sql = if let Finish::Retry { refund, .. } = &outcome {
+            // The refund is the runner's, never a caller's: written into the statement.
+            let refund = i32::from(*refund);
+            with_event(
+                &format!(
+                    "UPDATE jobs SET state = 'queued', run_after = $1, error = $2, updated_at = $3, \
+                     lease_owner = NULL, lease_expires_at = NULL, progress = $4, \
+                     max_attempts = max_attempts + {refund}, wait_outcome = NULL \
+                     WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
+                ),
+                7,
+                true,
+            )
+        } else {
+            with_event(
+                &format!(
+                    "UPDATE jobs SET state = $1, finished_at = $3, updated_at = $3, error = $2, \
+                     results = $4, lease_owner = NULL, lease_expires_at = NULL, \
+                     progress = COALESCE($7, jsonb_set(progress::jsonb, '{{phase}}', '\"done\"')::text) \
+                     WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
+                ),
+                8,
+                false,
+            )
+        };
         let row = match (&outcome, shared::final_state(&outcome)) {
             (
                 Finish::Retry {
                     error,
                     run_after_ms,
-                    refund,
+                    ..
                 },
                 _,
-            ) => {
-                // One statement: the fenced update (returning the job as it is now), its event
-                // and the wake-up hint. The refund is the runner's, never a caller's: written into
-                // the statement.
-                let refund = i32::from(*refund);
-                sqlx::query(&with_event(
-                    &format!(
-                        "UPDATE jobs SET state = 'queued', run_after = $1, error = $2, updated_at = $3, \
-                         lease_owner = NULL, lease_expires_at = NULL, progress = $4, \
-                         max_attempts = max_attempts + {refund}, wait_outcome = NULL \
-                         WHERE id = $5 AND lease_owner = $6 AND state = 'running' RETURNING {JOB_COLS}, updated_at"
-                    ),
-                    7,
-                    true,
-                ))
+            ) => sqlx::query(&sql)
                 .bind(run_after_ms)
                 .bind(encode(error))
                 .bind(now)
-                .bind(encode(&shared::retry_progress(error, *run_after_ms)))
-                .bind(id)
-                .bind(worker)
-                .bind(kind)
-                .bind(&message)
-                .bind(encode(&data))
-                .fetch_optional(&self.pool)
-                .await?
-            }
+                .bind(encode(&shared::retry_progress(error, *run_after_ms))),
             (
                 Finish::Succeeded(results)
                 | Finish::Failed(_, results)
                 | Finish::Cancelled(results),
                 state,
             ) => {
-                // With the others finishing now, in one statement (`batch`), fenced per job.
                 let (state, error) = state.unwrap_or(("failed", None));
-                self.finishes
-                    .write(FinalRow {
-                        id: id.to_string(),
-                        worker: worker.to_string(),
-                        now,
-                        state: state.to_string(),
-                        error,
-                        results: encode(results),
-                        progress: last.as_ref().map(encode),
-                        kind: kind.to_string(),
-                        message,
-                        data: encode(&data),
-                    })
-                    .await?
+                sqlx::query(&sql)
+                    .bind(state)
+                    .bind(error)
+                    .bind(now)
+                    .bind(encode(results))
             }
-        };
+        }
+        .bind(id)
+        .bind(worker);
+        // $7 of a final state: its closing progress.
+        let row = if retry {
+            row
+        } else {
+            row.bind(last.as_ref().map(encode))
+        }
+        .bind(kind)
+        .bind(&message)
+        .bind(encode(&data))
+        .fetch_optional(&self.pool)
+        .await?;
         let job = row
             .as_ref()
             .map(job_from_row)
             .transpose()?
             .ok_or(StoreError::LeaseLost)?;
         self.announce(id);
-        if matches!(outcome, Finish::Retry { .. }) {
+        if retry {
             self.notify.notify_one();
         }
         Ok(job)
