@@ -789,6 +789,19 @@ async fn a_postgres_queue_is_backed_up_with_pg_dump() {
         .output()
         .expect("pg_restore runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The README's step after a restore: unfinished jobs count a possible attempt.
+    let o = Command::new("psql")
+        .args([
+            second.as_str(),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "UPDATE jobs SET attempts = attempts + 1, max_attempts = max_attempts + 1 \
+             WHERE state IN ('queued', 'running')",
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let restored = Daemon::replica(
         DaemonOpts {
@@ -803,6 +816,7 @@ async fn a_postgres_queue_is_backed_up_with_pg_dump() {
     for id in &queued {
         let j = restored.wait_final(id, Duration::from_secs(60)).await;
         assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"], 2, "resumed after the restore: {j}");
     }
     // The original still has them queued: the two databases are apart.
     assert_eq!(d.job(&queued[0]).await["state"], "queued");

@@ -243,9 +243,13 @@ impl FileLock {
     }
 }
 
+/// The event of every unfinished job a restore brings back.
+pub const RESTORED: &str = "restored from a backup: it may have run on after the backup was \
+    taken, so it looks for what it made before making anything";
+
 /// Replaces the database `url` names with the backup `from`: checks it ([`check_backup`]), refuses
 /// while any process has the database open, copies it beside the database, applies this build's
-/// migrations to the copy, moves the current database (with its `-wal` and `-shm`) aside as
+/// migrations to the copy, marks its unfinished jobs as possibly run on ([`RESTORED`]), moves the current database (with its `-wal` and `-shm`) aside as
 /// `<database>.replaced-<UTC time>` and renames the copy into place. Nothing is changed when a step
 /// before the last rename fails.
 pub async fn restore(
@@ -288,6 +292,25 @@ pub async fn restore(
             .run(&pool)
             .await
             .map_err(|e| unavailable(format!("migrating the restored copy: {e}")))?;
+        // What the backup holds as queued or running may have run on after it was taken: each
+        // such job counts a possible attempt (without using up its retries), so whoever claims it
+        // next resumes it and looks for what it made before making anything.
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO job_events (job_id, at, kind, message, data) \
+             SELECT id, ?1, 'restored', ?2, 'null' FROM jobs WHERE state IN ('queued', 'running')",
+        )
+        .bind(now.timestamp_millis())
+        .bind(RESTORED)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET attempts = attempts + 1, max_attempts = max_attempts + 1 \
+             WHERE state IN ('queued', 'running')",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         let now_applied: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
                 .fetch_one(&pool)

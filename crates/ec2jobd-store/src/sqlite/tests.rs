@@ -223,8 +223,26 @@ async fn restore_replaces_a_closed_database_and_keeps_the_old_one() {
             .expect("open")
     };
     let restored = reopen(dir.join("q.db")).await;
-    assert!(restored.get(&early.id).await.unwrap().is_some());
+    let back = restored
+        .get(&early.id)
+        .await
+        .unwrap()
+        .expect("in the backup");
     assert!(restored.get(&late.id).await.unwrap().is_none());
+    // The queued job may have run on after the backup: it counts an attempt (its retries kept),
+    // so its next claim resumes it and looks for what it made; the event says why.
+    assert_eq!(
+        (back.attempts, back.max_attempts),
+        (early.attempts + 1, early.max_attempts + 1)
+    );
+    let ev = restored.events(&early.id, 0, 10).await.unwrap();
+    assert_eq!(
+        ev.last().map(|e| e.kind.as_str()),
+        Some("restored"),
+        "{ev:?}"
+    );
+    let c = restored.claim("w", 60_000, 1).await.unwrap();
+    assert_eq!(c[0].job.attempts, 2, "resumed, not a first attempt");
     let old = reopen(aside).await;
     assert!(
         old.get(&late.id).await.unwrap().is_some(),
