@@ -2442,6 +2442,16 @@ async fn clock_skew_campaign() {
     every_second(&a).await;
     let b = Daemon::replica(opts(Some("+30s")), a.admin.clone()).await;
     let c = Daemon::replica(opts(Some("-30s")), a.admin.clone()).await;
+    let mut violations = Vec::new();
+    // Each says how far its clock is off the database's.
+    let mut offsets = Vec::new();
+    for (d, want) in [(&a, 0.0), (&b, 30.0), (&c, -30.0)] {
+        let off = d.metric("ec2jobd_clock_offset_seconds").await;
+        if (off - want).abs() > 1.0 {
+            violations.push(format!("clock offset {off} s where {want} s"));
+        }
+        offsets.push(format!("{off:+.1}"));
+    }
     // Start jobs through every replica: each waits ~2 s for its checks, parked, renewed by the
     // replica that holds it while the others sweep for expired leases.
     let mut jobs = Vec::new();
@@ -2457,7 +2467,6 @@ async fn clock_skew_campaign() {
             ));
         }
     }
-    let mut violations = Vec::new();
     // Who leads, sampled every 100 ms for a while (B's clock is past A's lease all the time).
     let mut seen: Vec<Vec<&str>> = Vec::new();
     let until = Instant::now() + Duration::from_secs(size(8, 60) as u64);
@@ -2553,6 +2562,7 @@ async fn clock_skew_campaign() {
         "clock skew (replicas at +0 s, +30 s, -30 s)",
         &[
             ("jobs (start, parked ~2 s)", format!("{}", jobs.len())),
+            ("clock offsets A/B/C (s)", offsets.join(" / ")),
             ("firings while A led", format!("{a_secs}")),
             (
                 "firings after A stopped",

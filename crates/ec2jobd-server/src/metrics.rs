@@ -36,6 +36,7 @@ pub struct Metrics {
     leader: Gauge,
     backups: Family<Labels, Counter>,
     backup_last: Gauge,
+    clock_offset: Gauge<f64, std::sync::atomic::AtomicU64>,
     schedules: Gauge,
     schedule_firings: Family<Labels, Counter>,
     sqs_messages: Family<Labels, Counter>,
@@ -192,6 +193,12 @@ impl Metrics {
             "When the last periodic backup that succeeded began (Unix time; 0: none yet)",
             backup_last.clone(),
         );
+        let clock_offset = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "clock_offset_seconds",
+            "This machine's clock minus the clock the daemon decides on (the database server's with PostgreSQL; 0 with SQLite)",
+            clock_offset.clone(),
+        );
         let schedules = Gauge::default();
         registry.register(
             "schedules",
@@ -214,6 +221,7 @@ impl Metrics {
             leader,
             backups,
             backup_last,
+            clock_offset,
             schedules,
             schedule_firings,
             sqs_messages,
@@ -234,6 +242,11 @@ impl Metrics {
             duration,
             ec2_calls,
         }
+    }
+
+    /// How far this machine's clock is ahead of the one decisions are made on, in seconds.
+    pub fn set_clock_offset(&self, seconds: f64) {
+        self.clock_offset.set(seconds);
     }
 
     /// Whether this process leads maintenance now.

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use crate::error::{ApiError, Problem};
 use crate::metrics::Exposition;
 use crate::state::AppState;
+use ec2jobd_spec::Clock;
 
 /// Routes of this module (no authentication).
 pub fn router() -> Router<AppState> {
@@ -79,6 +80,8 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         Ok(c) => state.metrics.set_counts(&c),
         Err(e) => tracing::warn!(error = %e, "could not count jobs for metrics"),
     }
+    let off = ec2jobd_spec::SystemClock.now_ms() - state.clock.now_ms();
+    state.metrics.set_clock_offset(off as f64 / 1000.0);
     let format = Exposition::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     (
         [
