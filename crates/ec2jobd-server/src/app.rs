@@ -74,7 +74,7 @@ pub async fn daemon_clock(cfg: &Config) -> anyhow::Result<Arc<dyn Clock>> {
     let clock = DbClock::follow(pool)
         .await
         .with_context(|| format!("reading the clock of `{}`", postgres::redact(&cfg.database)))?;
-    let off = clock.now_ms() - SystemClock.now_ms();
+    let off = clock_offset_ms(clock.as_ref());
     if off.abs() >= 1_000 {
         tracing::warn!(
             offset_ms = off,
@@ -82,6 +82,12 @@ pub async fn daemon_clock(cfg: &Config) -> anyhow::Result<Arc<dyn Clock>> {
         );
     }
     Ok(clock as Arc<dyn Clock>)
+}
+
+/// How far this machine's clock is ahead of `clock` (the one decisions are made on), in ms: the
+/// start-up warning and `ec2jobd_clock_offset_seconds` both say it this way round.
+pub fn clock_offset_ms(clock: &dyn Clock) -> i64 {
+    SystemClock.now_ms() - clock.now_ms()
 }
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `log.level`.

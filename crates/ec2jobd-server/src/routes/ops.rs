@@ -13,7 +13,6 @@ use utoipa::ToSchema;
 use crate::error::{ApiError, Problem};
 use crate::metrics::Exposition;
 use crate::state::AppState;
-use ec2jobd_spec::Clock;
 
 /// Routes of this module (no authentication).
 pub fn router() -> Router<AppState> {
@@ -80,7 +79,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         Ok(c) => state.metrics.set_counts(&c),
         Err(e) => tracing::warn!(error = %e, "could not count jobs for metrics"),
     }
-    let off = ec2jobd_spec::SystemClock.now_ms() - state.clock.now_ms();
+    let off = crate::app::clock_offset_ms(state.clock.as_ref());
     state.metrics.set_clock_offset(off as f64 / 1000.0);
     let format = Exposition::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     (
