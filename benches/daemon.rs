@@ -3,7 +3,9 @@
 //!
 //! 1. Store claim + complete throughput: jobs/s through the store's own API (8 workers claiming one
 //!    job at a time, finishing it as succeeded), beside raw SQLite doing the same two single-row
-//!    UPDATE commits per job through the C API.
+//!    UPDATE commits per job through the C API; and through the daemon's own runner (8 and 32
+//!    workers, one claim for all idle workers, an executor that succeeds at once) beside the same
+//!    raw figure (BENCH_ONLY=claim runs only this).
 //! 2. Submit → first EC2 call: p50/p99 from sending `POST /v1/jobs` to the job's first call arriving
 //!    at our proxy in front of moto, one job at a time on an idle daemon; beside the 202 round trip
 //!    of the same submissions.
@@ -33,6 +35,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "shared/queue_run.rs"]
+mod queue_run;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -80,7 +84,7 @@ async fn claim_complete(jobs: u64) {
         .await
         .expect("open store"),
     );
-    let (done, rate) = common::claim_complete_rate(&[store], jobs, 8).await;
+    let (done, rate) = queue_run::claim_complete_rate(std::slice::from_ref(&store), jobs, 8).await;
     let raw = raw_claim_complete(jobs.min(20_000));
     println!(
         "store claim+complete: {done} jobs, {rate:.0} jobs/s (8 workers); raw SQLite {raw:.0} jobs/s"
@@ -90,6 +94,18 @@ async fn claim_complete(jobs: u64) {
         format!("{rate:.0} jobs/s"),
         format!("raw SQLite 2 UPDATE commits/job: {raw:.0} jobs/s"),
     );
+    // The daemon's own path: its runner, one claim for all idle workers. SQLite has one writer,
+    // so the raw baseline is the same at any concurrency.
+    for workers in [8usize, 32] {
+        let (done, rate) =
+            queue_run::runner_rate(std::slice::from_ref(&store), jobs, workers).await;
+        println!("runner claim+complete: {done} jobs, {rate:.0} jobs/s ({workers} workers)");
+        row(
+            &format!("claim + complete through the daemon's runner ({workers} workers, NORMAL)"),
+            format!("{rate:.0} jobs/s ({:.0}% of raw)", 100.0 * rate / raw),
+            format!("raw SQLite 2 UPDATE commits/job: {raw:.0} jobs/s"),
+        );
+    }
 }
 
 /// Claim and finish as two sequential single-row UPDATE commits per job through the C API.
@@ -607,6 +623,9 @@ fn main() {
         }
         if !only_prune && only != "tables" {
             claim_complete(jobs).await;
+        }
+        if only == "claim" {
+            return;
         }
         let moto = Moto::start().await;
         let dir = tempfile::tempdir().expect("tempdir");

@@ -8,7 +8,9 @@
 //!    (pgbench-style; one client's figure too).
 //! 2. Claim + complete: two replicas' stores with 4 workers each claim and finish BENCH_JOBS
 //!    (20,000) jobs, beside raw SQL doing the same two single-row UPDATE commits per job from as
-//!    many clients (8; one client's figure too).
+//!    many clients (8; one client's figure too); and through the daemon's own runner on each
+//!    replica (2 × 4 and 2 × 16 workers, one claim for all idle workers, an executor that
+//!    succeeds at once) beside raw from as many clients as workers.
 //! 3. Status polling: BENCH_WAITERS (1,000) one-instance start jobs waiting for status_ok, their
 //!    checks held at `initializing` by the proxy, spread over three replicas: DescribeInstanceStatus
 //!    calls per round for the whole cluster (target ⌈N/100⌉ = 10), and how the waits are spread.
@@ -18,6 +20,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "shared/queue_run.rs"]
+mod queue_run;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -174,14 +178,25 @@ async fn claim() {
         )
     };
     let stores: [Arc<dyn Store>; 2] = [open().await, open().await];
-    let (done, rate) = common::claim_complete_rate(&stores, jobs, 8).await;
+    let (done, rate) = queue_run::claim_complete_rate(&stores, jobs, 8).await;
     let raw = raw_claim_complete(&database().await, jobs.min(20_000), 8).await;
     let raw_one = raw_claim_complete(&database().await, jobs.min(20_000), 1).await;
     println!("\nClaim + complete on PostgreSQL: {done} jobs, {rate:.0} jobs/s (2 replicas x 4 workers); raw {raw:.0} jobs/s from 8 clients ({raw_one:.0} from one)");
     println!(
-        "| claim + complete on PostgreSQL (2 replicas x 4 workers) | {rate:.0} jobs/s ({:.0}% of raw) | raw: 2 single-row UPDATE commits/job from 8 clients, {raw:.0} jobs/s (one client: {raw_one:.0}/s) |",
+        "| claim + complete on PostgreSQL, store API (2 replicas x 4 workers, one job per claim) | {rate:.0} jobs/s ({:.0}% of raw) | raw: 2 single-row UPDATE commits/job from 8 clients, {raw:.0} jobs/s (one client: {raw_one:.0}/s) |",
         100.0 * rate / raw
     );
+    // The daemon's own path: one runner per replica, its claimer claiming for all idle workers.
+    for per in [4usize, 16] {
+        let clients = per as u64 * 2;
+        let (done, rate) = queue_run::runner_rate(&stores, jobs, per).await;
+        let raw = raw_claim_complete(&database().await, jobs.min(20_000), clients).await;
+        println!("Claim + complete on PostgreSQL through the runner: {done} jobs, {rate:.0} jobs/s (2 replicas x {per} workers); raw {raw:.0} jobs/s from {clients} clients");
+        println!(
+            "| claim + complete on PostgreSQL, the daemon's runner (2 replicas x {per} workers) | {rate:.0} jobs/s ({:.0}% of raw) | raw: 2 single-row UPDATE commits/job from {clients} clients, {raw:.0} jobs/s |",
+            100.0 * rate / raw
+        );
+    }
 }
 
 /// Claim and finish as two single-row UPDATE commits per job, `clients` connections each working

@@ -1133,6 +1133,21 @@ async fn parked_jobs_belong_to_their_lot_until_the_wait_ends(f: Fixture) {
         kinds,
         ["queued", "started", "parked", "wait_ended", "resumed"]
     );
+    // Both backends word a claim's event alike (PostgreSQL writes it in the claim's statement).
+    let events = f.store.events(&job.id, 0, 100).await.unwrap();
+    let said = |kind: &str| {
+        let e = events.iter().find(|e| e.kind == kind).expect("event");
+        (e.kind.clone(), e.message.clone(), e.data.clone())
+    };
+    // The first claim was attempt 1 too, without a wait's outcome.
+    let first = Claimed {
+        waited: None,
+        ..c[0].clone()
+    };
+    for (kind, claim, worker) in [("started", first, "w"), ("resumed", c[0].clone(), "w2")] {
+        let (k, m, d) = crate::shared::claim_event(&claim, worker);
+        assert_eq!(said(kind), (k.to_string(), m, d), "{kind}");
+    }
     // Parking again forgets the last outcome.
     f.store
         .park(&job.id, "w2", "lot", 1_000, cp.clone(), waiting())

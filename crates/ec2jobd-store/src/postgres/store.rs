@@ -84,12 +84,21 @@ pub(super) const PICK: &str =
     "SELECT id AS pick FROM jobs WHERE state = 'queued' AND run_after <= $3 \
      ORDER BY priority DESC, run_after, id LIMIT $4 FOR UPDATE SKIP LOCKED";
 
+/// The claim and each claimed job's `started` (or `resumed`) event in one statement, so a claim
+/// of any size is one round trip and one commit. The event says what [`shared::claim_event`]
+/// says (SQLite writes that one; a suite test checks both backends' events are the same).
 fn claim_sql() -> String {
     format!(
-        "WITH picked AS ({PICK}) \
-         UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
+        "WITH picked AS ({PICK}), \
+         claimed AS (UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
          attempts = attempts + 1, started_at = COALESCE(started_at, $3), updated_at = $3 \
-         FROM picked WHERE jobs.id = picked.pick RETURNING {JOB_COLS}, wait_outcome"
+         FROM picked WHERE jobs.id = picked.pick RETURNING {JOB_COLS}, wait_outcome), \
+         event AS (INSERT INTO job_events (job_id, at, kind, message, data) \
+         SELECT id, $3, CASE WHEN wait_outcome IS NULL THEN 'started' ELSE 'resumed' END, \
+         'attempt ' || attempts || ' of ' || max_attempts || CASE WHEN wait_outcome IS NULL \
+         THEN ' started' ELSE ' resumed after its wait' END, \
+         jsonb_build_object('attempt', attempts, 'worker', $1::text)::text FROM claimed) \
+         SELECT * FROM claimed"
     )
 }
 
@@ -383,25 +392,17 @@ impl Queue for PgStore {
 
     async fn claim(&self, worker: &str, lease_ms: i64, n: u32) -> Result<Vec<Claimed>> {
         let now = self.clock.now_ms();
-        let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(&claim_sql())
             .bind(worker)
             .bind(now + lease_ms)
             .bind(now)
             .bind(n as i64)
-            .fetch_all(&mut *tx)
+            .fetch_all(&self.pool)
             .await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
-            let c = ClaimedRow::from_row(row)?.into_claimed()?;
-            let (kind, message, data) = shared::claim_event(&c, worker);
-            add_event(&mut tx, &c.job.id, now, kind, &message, &data).await?;
-            out.push(c);
+            out.push(ClaimedRow::from_row(row)?.into_claimed()?);
         }
-        tx.commit().await?;
         for c in &out {
             self.announce(&c.job.id);
         }
