@@ -265,6 +265,33 @@ async fn readiness_says_503_while_the_database_is_cut_off() {
 /// Client commands trust the system's CA roots plus `--cacert`: against a real TLS server
 /// (`openssl s_server`) whose certificate a private CA signed, `ec2jobd health` fails on the
 /// certificate without the CA, and passes with `--cacert` naming it; a file with no certificate is refused as bad input.
+/// `ec2jobd iam-policy | head -1`: the reader is gone before the command prints. It ends as Unix
+/// tools do (SIGPIPE), without a panic about a broken pipe.
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: both descriptors were just made by pipe(2) and are owned here alone.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = std::process::Command::new(common::bin())
+        .arg("iam-policy")
+        .stdout(write)
+        .output()
+        .expect("run ec2jobd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn client_commands_trust_the_cacert_given() {
     let dir = tempfile::tempdir().unwrap();

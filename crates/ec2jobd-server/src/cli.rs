@@ -542,6 +542,15 @@ pub fn main() -> ExitCode {
             };
         }
     };
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        // A printing command whose reader went away (`ec2jobd iam-policy | head`) ends quietly
+        // as Unix tools do, not with a panic about a broken pipe. Sockets are unaffected (Rust
+        // sends with MSG_NOSIGNAL); the daemon keeps SIGPIPE ignored.
+        // SAFETY: sets a signal's disposition to the default before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -573,6 +582,28 @@ pub fn main() -> ExitCode {
         Err(crate::client::Fail(code, msg)) => {
             eprintln!("error: {msg}");
             ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn submit_help_names_every_short_action() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("submit")
+            .expect("submit")
+            .render_long_help()
+            .to_string();
+        for (short, _) in crate::client::SHORT_ACTIONS {
+            assert!(
+                help.contains(&format!("`{short}`")),
+                "`{short}` is missing from submit --help:\n{help}"
+            );
         }
     }
 }

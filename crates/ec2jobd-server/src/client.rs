@@ -79,7 +79,8 @@ impl Conn {
 #[derive(Args, Debug)]
 pub struct Submit {
     /// Action: a full name (`start_instances`) or a short one (`start`, `stop`, `reboot`,
-    /// `terminate`, `describe`, `tag`, `untag`, `snapshot`, `image`); not needed with `--spec`.
+    /// `terminate`, `describe`, `run`, `tag`, `untag`, `snapshot`, `image`, `resize` or `modify`,
+    /// `audit`); not needed with `--spec`.
     pub action: Option<String>,
     /// Job spec as JSON from a file, or `-` for stdin; flags below override its fields.
     #[arg(long)]
@@ -281,17 +282,50 @@ pub struct Fail(pub u8, pub String);
 
 type R<T> = Result<T, Fail>;
 
-fn short_action(a: &str) -> String {
-    match a {
-        "start" | "stop" | "reboot" | "terminate" | "describe" | "run" => format!("{a}_instances"),
-        "tag" => "create_tags".into(),
-        "untag" => "delete_tags".into(),
-        "snapshot" => "create_snapshots".into(),
-        "image" => "create_image".into(),
-        "resize" | "modify" => "modify_instance_attribute".into(),
-        "audit" => "audit_tags".into(),
-        other => other.into(),
+/// The CLI's short action names and the actions they stand for (`submit --help` lists them; a
+/// test checks it lists every one).
+pub const SHORT_ACTIONS: &[(&str, &str)] = &[
+    ("start", "start_instances"),
+    ("stop", "stop_instances"),
+    ("reboot", "reboot_instances"),
+    ("terminate", "terminate_instances"),
+    ("describe", "describe_instances"),
+    ("run", "run_instances"),
+    ("tag", "create_tags"),
+    ("untag", "delete_tags"),
+    ("snapshot", "create_snapshots"),
+    ("image", "create_image"),
+    ("resize", "modify_instance_attribute"),
+    ("modify", "modify_instance_attribute"),
+    ("audit", "audit_tags"),
+];
+
+/// The action a short or full name stands for; an unknown name is refused with the closest
+/// names (a did-you-mean) and the short ones.
+fn short_action(a: &str) -> R<&'static str> {
+    if let Some((_, full)) = SHORT_ACTIONS.iter().find(|(short, _)| *short == a) {
+        return Ok(full);
     }
+    if let Some(action) = ec2jobd_spec::Action::parse(a) {
+        return Ok(action.as_str());
+    }
+    let names = SHORT_ACTIONS
+        .iter()
+        .map(|(short, _)| *short)
+        .chain(ec2jobd_spec::Action::ALL.iter().map(|a| a.as_str()));
+    let closest = names
+        .map(|n| (strsim::damerau_levenshtein(a, n), n))
+        .filter(|(d, n)| *d <= 2.max(n.len() / 4))
+        .min();
+    let hint = closest.map_or(String::new(), |(_, n)| format!(" did you mean `{n}`?"));
+    let shorts: Vec<&str> = SHORT_ACTIONS.iter().map(|(s, _)| *s).collect();
+    Err(Fail(
+        exit::REJECTED,
+        format!(
+            "unknown action `{a}`;{hint} Short names: {}; or a full name (`ec2jobd submit --help`)",
+            shorts.join(", ")
+        ),
+    ))
 }
 
 struct Client {
@@ -590,7 +624,7 @@ fn build_spec(s: &Submit) -> R<Value> {
         return Err(bad("--spec: a job spec is a JSON object".into()));
     }
     if let Some(a) = &s.action {
-        spec["action"] = json!(short_action(a));
+        spec["action"] = json!(short_action(a)?);
     }
     if spec.get("action").is_none() {
         return Err(bad(
@@ -902,4 +936,39 @@ pub async fn schedules(cmd: SchedulesCmd) -> R<u8> {
     let info: Value = serde_json::from_str(&t).unwrap_or_default();
     print_schedule(&info, conn.output);
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_names_short_full_and_misspelt() {
+        assert_eq!(short_action("start").ok(), Some("start_instances"));
+        assert_eq!(
+            short_action("resize").ok(),
+            Some("modify_instance_attribute")
+        );
+        assert_eq!(short_action("copy_image").ok(), Some("copy_image"));
+        for (typo, meant) in [
+            ("strat", "start"),
+            ("stpo", "stop"),
+            ("snapshots", "snapshot"),
+            ("start_instance", "start_instances"),
+        ] {
+            let Err(Fail(code, msg)) = short_action(typo) else {
+                panic!("{typo} was taken");
+            };
+            assert_eq!(code, exit::REJECTED);
+            assert!(
+                msg.contains(&format!("did you mean `{meant}`?")),
+                "{typo}: {msg}"
+            );
+            assert!(msg.contains("start, stop, reboot"), "{msg}");
+        }
+        let Err(Fail(_, msg)) = short_action("frobnicate") else {
+            panic!("frobnicate was taken");
+        };
+        assert!(!msg.contains("did you mean"), "{msg}");
+    }
 }
