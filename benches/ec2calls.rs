@@ -44,6 +44,13 @@
 //!    ticker). BENCH_ONLY=writes runs only this; BENCH_WRITES_DUMP=DIR keeps each run's
 //!    statements there.
 //!
+//! 9. Status rounds of a large fleet (issue 32): BENCH_FLEET_WAITS (10,000) instances waited on,
+//!    in jobs of 100, in a region of BENCH_FLEET (12,000) instances, checks held at `initializing`:
+//!    DescribeInstanceStatus calls per round over BENCH_FLEET_WINDOW_SECS (120), against
+//!    ⌈fleet/1000⌉ + 1 (the fleet listed page by page; the proxy pages as EC2 does, moto does not)
+//!    and ⌈waits/100⌉ by id. BENCH_ONLY=fleet runs only this (not part of a whole run: moto takes
+//!    seconds per call over such a fleet).
+//!
 //! Run with `scripts/bench` (it makes sure moto is installed). Settings: BENCH_WAITERS (default
 //! 1000), BENCH_WINDOW_SECS (measuring window, default 10), BENCH_PARKED (default 200),
 //! BENCH_IN_PLACE (default 64), BENCH_BULK (default 300), BENCH_COALESCE (default 500),
@@ -954,6 +961,82 @@ async fn polling(waiters: usize, window: Duration) {
     shared_polling(&moto, &ids, window, "max_waiting = 0\n").await;
 }
 
+/// Part 9: `waits` instances waited on (jobs of 100 instances each, checks held at
+/// `initializing`) in a region whose fleet is `fleet` instances: DescribeInstanceStatus calls per
+/// round, against ⌈fleet/1000⌉ + 1 (the fleet listed page by page, the proxy paging as EC2 does at
+/// the call's `MaxResults`; moto itself does not page) and ⌈waits/100⌉ by id.
+async fn fleet_polling(fleet: usize, waits: usize, window: Duration) {
+    let moto = Moto::start().await;
+    let t = Instant::now();
+    let mut ids = Vec::new();
+    while ids.len() < fleet {
+        let n = (fleet - ids.len()).min(500) as i32;
+        ids.extend(moto.launch(n, &[("Bench", "fleet")]).await);
+    }
+    println!(
+        "\nFleet polling: {waits} waits in a fleet of {fleet} (launched in moto in {:.1}s)",
+        t.elapsed().as_secs_f64()
+    );
+    let proxy = FaultProxy::start(&moto.url, 9).await;
+    proxy.set(|f| {
+        f.instance_status = Some((
+            "initializing".into(),
+            Instant::now() + Duration::from_secs(3600),
+        ))
+    });
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = bench_daemon_with(tmp.path(), &proxy.url, DEFAULT_WORKERS, "").await;
+    let specs: Vec<Value> = ids[..waits]
+        .chunks(100)
+        .map(|chunk| {
+            json!({"action": "start_instances", "targets": {"instance_ids": chunk},
+                "wait": {"interval": "1s", "timeout": "2h"}})
+        })
+        .collect();
+    let t = Instant::now();
+    let jobs = submit_all(&d, &specs).await;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while d.metric("ec2jobd_status_round_instances").await < waits as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "not all waits began:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "  {} jobs, all {waits} waits begun {:.1}s after the first submission",
+        jobs.len(),
+        t.elapsed().as_secs_f64()
+    );
+    // Whole rounds only: the figure is calls per round over a measuring window.
+    let rounds0 = d.metric("ec2jobd_status_rounds_total").await;
+    let calls0 = proxy.calls("DescribeInstanceStatus");
+    let t = Instant::now();
+    tokio::time::sleep(window).await;
+    let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
+    let calls = proxy.calls("DescribeInstanceStatus") - calls0;
+    let per_round = calls as f64 / rounds.max(1.0);
+    let target = fleet.div_ceil(1000) + 1;
+    println!(
+        "  over {:.0}s: {rounds:.0} rounds, {calls} DescribeInstanceStatus calls = {per_round:.1} per round \
+         (target <= {target}: {}; by id {}), RSS {:.0} MiB",
+        t.elapsed().as_secs_f64(),
+        if per_round <= target as f64 { "met" } else { "MISSED" },
+        waits.div_ceil(100),
+        d.rss_kib() as f64 / 1024.0
+    );
+    println!(
+        "| DescribeInstanceStatus calls per round, {waits} waits in a fleet of {fleet} | {per_round:.1} ({rounds:.0} rounds) | ⌈{fleet}/1000⌉ + 1 = {target}; by id ⌈{waits}/100⌉ = {} |",
+        waits.div_ceil(100)
+    );
+    proxy.set(|f| f.instance_status = None);
+    for id in &jobs {
+        let j = d.wait_final(id, Duration::from_secs(1800)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
@@ -966,6 +1049,12 @@ fn main() {
     rt.block_on(async {
         if only == "polling" {
             return polling(waiters, window).await;
+        }
+        if only == "fleet" {
+            let fleet = env_num("BENCH_FLEET", 12_000) as usize;
+            let waits = env_num("BENCH_FLEET_WAITS", 10_000) as usize;
+            let window = Duration::from_secs(env_num("BENCH_FLEET_WINDOW_SECS", 120));
+            return fleet_polling(fleet, waits.min(fleet), window).await;
         }
         if only == "realistic" {
             let moto = Moto::start().await;

@@ -771,6 +771,61 @@ macro_rules! same_sql {
             add_event_by(conn, job_id, at, (kind, message, data), None).await
         }
 
+        /// Events of several jobs at one time `at` as one statement (`(job, kind, message,
+        /// data)`; nothing for none).
+        async fn add_events(
+            conn: &mut $conn,
+            at: i64,
+            events: &[(&str, &str, &str, &serde_json::Value)],
+        ) -> $crate::Result<()> {
+            if events.is_empty() {
+                return Ok(());
+            }
+            let mut b = sqlx::QueryBuilder::<<$conn as sqlx::Connection>::Database>::new(
+                "INSERT INTO job_events (job_id, at, kind, message, data) ",
+            );
+            b.push_values(events, |mut row, (id, kind, message, data)| {
+                row.push_bind(*id)
+                    .push_bind(at)
+                    .push_bind(*kind)
+                    .push_bind(*message)
+                    .push_bind($crate::shared::encode(data));
+            });
+            b.build().execute(conn).await?;
+            Ok(())
+        }
+
+        /// Marks jobs as through the outbox, with the event each brought (two statements for
+        /// any number).
+        async fn mark_outbox_done(
+            conn: &mut $conn,
+            now: i64,
+            done: &[(String, Option<$crate::NewEvent>)],
+        ) -> $crate::Result<()> {
+            if done.is_empty() {
+                return Ok(());
+            }
+            let mut b = sqlx::QueryBuilder::<<$conn as sqlx::Connection>::Database>::new(
+                "UPDATE jobs SET outbox_done_at = ",
+            );
+            b.push_bind(now).push(" WHERE id IN (");
+            let mut ids = b.separated(", ");
+            for (id, _) in done {
+                ids.push_bind(id.as_str());
+            }
+            b.push(")");
+            b.build().execute(&mut *conn).await?;
+            let events: Vec<_> = done
+                .iter()
+                .filter_map(|(id, ev)| {
+                    ev.as_ref().map(|ev| {
+                        (id.as_str(), ev.kind.as_str(), ev.message.as_str(), &ev.data)
+                    })
+                })
+                .collect();
+            add_events(conn, now, &events).await
+        }
+
         /// An event someone caused (`by`: a token's name).
         async fn add_event_by(
             conn: &mut $conn,

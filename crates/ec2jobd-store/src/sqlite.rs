@@ -495,11 +495,21 @@ impl Queue for SqliteStore {
                         .await?;
                     let mut out = Vec::with_capacity(rows.len());
                     for row in &rows {
-                        let c = claimed_from_row(row)?;
-                        let (kind, message, data) = shared::claim_event(&c, &worker);
-                        add_event(conn, &c.job.id, now, kind, &message, &data).await?;
-                        out.push(c);
+                        out.push(claimed_from_row(row)?);
                     }
+                    // The claimed jobs' events in one statement.
+                    let said: Vec<_> = out
+                        .iter()
+                        .map(|c| shared::claim_event(c, &worker))
+                        .collect();
+                    let events: Vec<_> = out
+                        .iter()
+                        .zip(&said)
+                        .map(|(c, (kind, message, data))| {
+                            (c.job.id.as_str(), *kind, message.as_str(), data)
+                        })
+                        .collect();
+                    add_events(conn, now, &events).await?;
                     Ok(out)
                 })
             })
@@ -958,20 +968,7 @@ impl Queue for SqliteStore {
             .map(|(id, _)| id.clone())
             .collect();
         self.write(move |conn| {
-            Box::pin(async move {
-                let now = clock.now_ms();
-                for (id, ev) in done {
-                    sqlx::query("UPDATE jobs SET outbox_done_at = ? WHERE id = ?")
-                        .bind(now)
-                        .bind(&id)
-                        .execute(&mut *conn)
-                        .await?;
-                    if let Some(ev) = ev {
-                        add_event(conn, &id, now, &ev.kind, &ev.message, &ev.data).await?;
-                    }
-                }
-                Ok(())
-            })
+            Box::pin(async move { mark_outbox_done(conn, clock.now_ms(), &done).await })
         })
         .await?;
         for id in noted {

@@ -135,6 +135,7 @@ on_both_backends!(
     lease_expiry_out_of_attempts_fails_the_job,
     fencing_stops_a_stale_worker,
     finishes_at_once_are_fenced_one_by_one,
+    the_outbox_marks_many_jobs_at_once_with_their_events,
     claims_take_the_highest_priority_first,
     retry_is_not_claimable_before_its_time,
     idempotency_key_replays_and_conflicts,
@@ -361,6 +362,65 @@ async fn fencing_stops_a_stale_worker(f: Fixture) {
 /// Jobs finished at once (written in one batch where the backend gathers them) are each fenced by
 /// their own lease: of 40 running jobs, the 30 finished by their worker succeed (with the closing
 /// progress given and their final event), the 10 an intruder tries are refused and stay running.
+async fn the_outbox_marks_many_jobs_at_once_with_their_events(f: Fixture) {
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        enqueue(&*f.store, "i-01234567").await;
+        let c = f.store.claim("w", 60_000, 1).await.unwrap();
+        f.store
+            .finish(&c[0].job.id, "w", Finish::Succeeded(Default::default()))
+            .await
+            .unwrap();
+        ids.push(c[0].job.id.clone());
+    }
+    let untouched = ids.pop().unwrap();
+    let sent = |n: u32| NewEvent {
+        kind: "notified".into(),
+        message: format!("sent {n}"),
+        data: json!({"n": n}),
+    };
+    f.store
+        .outbox_done(vec![
+            (ids[0].clone(), Some(sent(0))),
+            (ids[1].clone(), None),
+        ])
+        .await
+        .unwrap();
+    let due: Vec<String> = f
+        .store
+        .outbox(f.clock.now_ms(), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(j, _)| j.id)
+        .collect();
+    assert_eq!(
+        due,
+        std::slice::from_ref(&untouched),
+        "only the job not marked is left"
+    );
+    let notified = |id: &str| {
+        let store = f.store.clone();
+        let id = id.to_string();
+        async move {
+            store
+                .events(&id, 0, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.kind == "notified")
+                .map(|e| (e.message, e.data))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        notified(&ids[0]).await,
+        [("sent 0".to_string(), json!({"n": 0}))]
+    );
+    assert!(notified(&ids[1]).await.is_empty());
+    assert!(notified(&untouched).await.is_empty());
+}
+
 async fn finishes_at_once_are_fenced_one_by_one(f: Fixture) {
     for _ in 0..40 {
         enqueue(&*f.store, "i-01234567").await;

@@ -781,16 +781,7 @@ impl Queue for PgStore {
         }
         let now = self.clock.now_ms();
         let mut tx = self.pool.begin().await?;
-        for (id, ev) in &done {
-            sqlx::query("UPDATE jobs SET outbox_done_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            if let Some(ev) = ev {
-                add_event(&mut tx, id, now, &ev.kind, &ev.message, &ev.data).await?;
-            }
-        }
+        mark_outbox_done(&mut tx, now, &done).await?;
         tx.commit().await?;
         for (id, ev) in &done {
             if ev.is_some() {
