@@ -193,25 +193,41 @@ async fn health_checks_readiness_by_exit_code() {
         ..Default::default()
     })
     .await;
+    // `--url`, or (a container setting only the daemon's listen address) EC2JOBD_LISTEN.
     let health = |url: &str| {
-        Command::new(bin())
-            .args(["health", "--url", url])
-            .env_remove("EC2JOBD_TOKEN")
-            .output()
-            .unwrap()
+        let mut c = Command::new(bin());
+        c.arg("health").env_remove("EC2JOBD_TOKEN");
+        match url.strip_prefix("listen:") {
+            Some(listen) => c.env_remove("EC2JOBD_URL").env("EC2JOBD_LISTEN", listen),
+            None => c.args(["--url", url]),
+        };
+        c.output().unwrap()
     };
-    let o = health(&d.url);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let url = d.url.clone();
+    let port = d
+        .url
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .trim_end_matches('/');
+    let listen = format!("listen:0.0.0.0:{port}");
+    for url in [d.url.as_str(), &listen] {
+        let o = health(url);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{url}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let (url, local) = (d.url.clone(), format!("127.0.0.1:{port}/readyz"));
     d.kill9();
-    let o = health(&url);
-    assert_eq!(o.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("/readyz"));
+    for url in [url.as_str(), &listen] {
+        let o = health(url);
+        assert_eq!(o.status.code(), Some(4), "{url}");
+        // The address checked is the one given, not the default URL.
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&local), "{url}: {err}");
+    }
 }
 
 /// A replica whose PostgreSQL is cut off (packets dropped, no reset) is not ready: `/readyz` answers

@@ -40,14 +40,33 @@ pub enum Output {
     Id,
 }
 
+/// The daemon's URL when neither `--url` nor `EC2JOBD_URL` says otherwise.
+const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
+/// The local URL of a daemon listening on `listen` (`0.0.0.0:9090` → `http://127.0.0.1:9090`);
+/// `None` for what is not an address and port.
+fn listen_url(listen: &str) -> Option<String> {
+    let addr: std::net::SocketAddr = listen.trim().parse().ok()?;
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    Some(format!(
+        "http://{}",
+        std::net::SocketAddr::new(ip, addr.port())
+    ))
+}
+
 /// Where the daemon is.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// Daemon base URL.
-    #[arg(long, env = "EC2JOBD_URL", default_value = "http://127.0.0.1:8080")]
+    /// Daemon base URL (`ec2jobd health` without it checks `EC2JOBD_LISTEN`'s port when that is
+    /// set).
+    #[arg(long, env = "EC2JOBD_URL", default_value = DEFAULT_URL)]
     pub url: String,
     /// PEM file of CA certificates to trust for an `https://` URL, besides the system's roots
-    /// (a private CA, or the daemon's self-signed certificate).
+    /// (a private CA's, or the certificate a TLS proxy in front of the daemon presents).
     #[arg(long, env = "EC2JOBD_CACERT")]
     pub cacert: Option<std::path::PathBuf>,
     /// How results are printed.
@@ -692,7 +711,17 @@ fn query_value(v: &str) -> String {
 }
 
 /// `ec2jobd health`: the daemon's readiness, without a token (readiness is public).
-pub async fn health(conn: Conn) -> R<u8> {
+pub async fn health(mut conn: Conn) -> R<u8> {
+    // Where only the daemon's own address is set (a container's `EC2JOBD_LISTEN`), check that
+    // address instead of the default URL.
+    if std::env::var_os("EC2JOBD_URL").is_none() && conn.url == DEFAULT_URL {
+        if let Some(url) = std::env::var("EC2JOBD_LISTEN")
+            .ok()
+            .and_then(|l| listen_url(&l))
+        {
+            conn.url = url;
+        }
+    }
     let url = format!("{}/readyz", conn.url.trim_end_matches('/'));
     let http = conn.http(Some(std::time::Duration::from_secs(5)))?;
     match http.get(&url).send().await {
@@ -941,6 +970,23 @@ pub async fn schedules(cmd: SchedulesCmd) -> R<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listen_address_is_checked_locally() {
+        assert_eq!(
+            listen_url("0.0.0.0:9090").as_deref(),
+            Some("http://127.0.0.1:9090")
+        );
+        assert_eq!(
+            listen_url("[::]:8081").as_deref(),
+            Some("http://[::1]:8081")
+        );
+        assert_eq!(
+            listen_url("10.0.0.5:80").as_deref(),
+            Some("http://10.0.0.5:80")
+        );
+        assert_eq!(listen_url("localhost:80"), None);
+    }
 
     #[test]
     fn action_names_short_full_and_misspelt() {
