@@ -759,6 +759,26 @@ async fn doctor_names_what_a_deployment_gets_wrong() {
         !dir.path().join("ec2jobd.db").exists(),
         "doctor created no database"
     );
+    // Without credentials (the README's second shell): the cause on one line, not the SDK's dump.
+    let o = Command::new(bin())
+        .args(["doctor", "--config", config.to_str().unwrap()])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", dir.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("FAIL  account default: credentials"))
+        .unwrap_or_else(|| panic!("no credentials failure in:\n{out}"));
+    assert!(lines[at].contains("no credentials found"), "{out}");
+    assert!(lines[at + 1].trim_start().starts_with("fix: "), "{out}");
+    assert!(!out.contains("DispatchFailure("), "{out}");
 
     let (status, _, err) = common::run_cli(&["migrate", "--config", config.to_str().unwrap()]);
     assert!(status.success(), "{err}");

@@ -280,22 +280,6 @@ pub enum SchedulesCmd {
     },
 }
 
-/// An error with its causes (reqwest's own text says only "error sending request"; the cause says
-/// connection refused, or which certificate was not trusted).
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(c) = next {
-        let c_text = c.to_string();
-        if !out.contains(&c_text) {
-            out.push_str(": ");
-            out.push_str(&c_text);
-        }
-        next = c.source();
-    }
-    out
-}
-
 /// A failure with the exit code it maps to.
 pub struct Fail(pub u8, pub String);
 
@@ -388,7 +372,7 @@ impl Client {
         let r = req.send().await.map_err(|e| {
             Fail(
                 exit::UNREACHABLE,
-                format!("cannot reach {}: {}", self.base, causes(&e)),
+                format!("cannot reach {}: {}", self.base, crate::error::causes(&e)),
             )
         })?;
         let status = r.status().as_u16();
@@ -730,7 +714,10 @@ pub async fn health(mut conn: Conn) -> R<u8> {
             exit::UNREACHABLE,
             format!("{url} answered {}", r.status()),
         )),
-        Err(e) => Err(Fail(exit::UNREACHABLE, format!("{url}: {}", causes(&e)))),
+        Err(e) => Err(Fail(
+            exit::UNREACHABLE,
+            format!("{url}: {}", crate::error::causes(&e)),
+        )),
     }
 }
 

@@ -1,7 +1,8 @@
 //! One error type for the HTTP layer, rendered as an RFC 9457 problem document
 //! (`application/problem+json`) with a stable `code`, a `detail` for people and the offending `field`.
 //! A service's refusal ([`ServiceError`]) becomes one by its kind; internal causes (database
-//! messages, AWS internals) are logged with the request id and never sent.
+//! messages, AWS internals) are logged with the request id and never sent. [`causes`] puts any
+//! error's chain on one line for people (the CLI, `doctor`, logs).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +12,24 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::service::{Kind, ServiceError};
+
+/// An error with its causes, on one line (reqwest's own text says only "error sending request":
+/// the cause says connection refused, or which certificate was not trusted; the AWS SDK's
+/// credentials error lists every provider it tried on lines of its own). A cause already said is
+/// not repeated; never a `Debug` dump.
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let c_text = c.to_string();
+        if !out.contains(&c_text) {
+            out.push_str(": ");
+            out.push_str(&c_text);
+        }
+        next = c.source();
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
 
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -28,6 +28,6 @@ where
             }
             s
         }
-        None => aws_sdk_sns::error::DisplayErrorContext(e).to_string(),
+        None => crate::error::causes(e),
     }
 }
