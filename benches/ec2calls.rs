@@ -246,28 +246,14 @@ async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &s
         jobs.len(),
         t.elapsed().as_secs_f64()
     );
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while d.metric("ec2jobd_status_round_instances").await < waiters as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "not all jobs reached their wait:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    all_waiting(&d, waiters, Duration::from_secs(600)).await;
     println!(
         "  all {} jobs waiting {:.1}s after the first submission",
         waiters,
         t.elapsed().as_secs_f64()
     );
-    let rounds0 = d.metric("ec2jobd_status_rounds_total").await;
-    let calls0 = proxy.calls("DescribeInstanceStatus");
-    // A measuring window, not a synchronisation: the figure is calls per round over it.
-    tokio::time::sleep(window).await;
-    let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
-    let calls = proxy.calls("DescribeInstanceStatus") - calls0;
+    let (rounds, calls, per_round) = status_rounds(&d, &proxy, window).await;
     let waiting_rss = d.rss_kib();
-    let per_round = calls as f64 / rounds.max(1.0);
     println!(
         "  over {:.0}s: {rounds:.0} rounds, {calls} DescribeInstanceStatus calls = {per_round:.1} per round \
          (target {}: {}), at most {} in flight",
@@ -309,6 +295,35 @@ async fn shared_polling(moto: &Moto, ids: &[String], window: Duration, queue: &s
         jobs.len(),
         t.elapsed().as_secs_f64()
     );
+}
+
+/// Until the daemon's status rounds cover `n` instances (every job has reached its wait), at most
+/// `budget`.
+async fn all_waiting(d: &common::Daemon, n: usize, budget: Duration) {
+    let deadline = Instant::now() + budget;
+    while d.metric("ec2jobd_status_round_instances").await < n as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "not all {n} waits began:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Status rounds and DescribeInstanceStatus calls over `window` (a measuring window, not a
+/// synchronisation), and the calls per round.
+async fn status_rounds(
+    d: &common::Daemon,
+    proxy: &FaultProxy,
+    window: Duration,
+) -> (f64, u64, f64) {
+    let rounds0 = d.metric("ec2jobd_status_rounds_total").await;
+    let calls0 = proxy.calls("DescribeInstanceStatus");
+    tokio::time::sleep(window).await;
+    let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
+    let calls = proxy.calls("DescribeInstanceStatus") - calls0;
+    (rounds, calls, calls as f64 / rounds.max(1.0))
 }
 
 /// One run of `n` start jobs (one stopped instance each, checks `initializing` for 8 s after the
@@ -995,33 +1010,18 @@ async fn fleet_polling(fleet: usize, waits: usize, window: Duration) {
         .collect();
     let t = Instant::now();
     let jobs = submit_all(&d, &specs).await;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    while d.metric("ec2jobd_status_round_instances").await < waits as f64 {
-        assert!(
-            Instant::now() < deadline,
-            "not all waits began:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    all_waiting(&d, waits, Duration::from_secs(1800)).await;
     println!(
         "  {} jobs, all {waits} waits begun {:.1}s after the first submission",
         jobs.len(),
         t.elapsed().as_secs_f64()
     );
-    // Whole rounds only: the figure is calls per round over a measuring window.
-    let rounds0 = d.metric("ec2jobd_status_rounds_total").await;
-    let calls0 = proxy.calls("DescribeInstanceStatus");
-    let t = Instant::now();
-    tokio::time::sleep(window).await;
-    let rounds = d.metric("ec2jobd_status_rounds_total").await - rounds0;
-    let calls = proxy.calls("DescribeInstanceStatus") - calls0;
-    let per_round = calls as f64 / rounds.max(1.0);
+    let (rounds, calls, per_round) = status_rounds(&d, &proxy, window).await;
     let target = fleet.div_ceil(1000) + 1;
     println!(
         "  over {:.0}s: {rounds:.0} rounds, {calls} DescribeInstanceStatus calls = {per_round:.1} per round \
          (target <= {target}: {}; by id {}), RSS {:.0} MiB",
-        t.elapsed().as_secs_f64(),
+        window.as_secs_f64(),
         if per_round <= target as f64 { "met" } else { "MISSED" },
         waits.div_ceil(100),
         d.rss_kib() as f64 / 1024.0
